@@ -1,0 +1,196 @@
+/*
+ * backend.h - the internal interface between the core and the backends.
+ *
+ * Seen only by core/ and backends/. A backend is one static table of
+ * operations (moe_backend_ops) plus a per-context opaque state. The core
+ * validates every argument before it calls an operation, so an operation
+ * may assume valid shapes, sizes, non-NULL required handles and buffers of
+ * the right context and size. Operations report failures with a status and
+ * moe_set_error(); they never print.
+ *
+ * Buffers reach the backend as their native handle (void *): a host pointer
+ * for the CPU backend, a device pointer for CUDA, a cl_mem for OpenCL.
+ */
+#ifndef MOE_CORE_BACKEND_H
+#define MOE_CORE_BACKEND_H
+
+#include "moe.h"
+
+#include <stdarg.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+/* Arguments of the routing stage (validated by the core). */
+typedef struct moe_route_args {
+  int64_t num_tokens;
+  const void *logits;          /* fp32 [T][E] */
+  const void *correction_bias; /* fp32 [E] or NULL */
+  void *topk_ids;              /* int32 [T][k] */
+  void *topk_weights;          /* fp32 [T][k] */
+  int32_t num_experts;
+  int32_t top_k;
+  moe_scoring scoring;
+  int32_t renormalize;
+  int32_t num_groups; /* 1 when not grouped */
+  int32_t topk_groups;
+  moe_group_scoring group_scoring;
+  float routed_scaling_factor;
+} moe_route_args;
+
+/* Arguments of the align stage. */
+typedef struct moe_align_args {
+  int64_t num_tokens;
+  int32_t top_k;
+  int32_t num_experts;
+  int32_t num_local_experts;
+  int32_t block_m;
+  int64_t sorted_capacity; /* elements of sorted_token_ids to write */
+  int64_t block_capacity;  /* elements of expert_ids to write */
+  const void *topk_ids;    /* int32 [T][k] */
+  const void *expert_map;  /* int32 [E] or NULL */
+  void *sorted_token_ids;
+  void *expert_ids;
+  void *num_tokens_post_padded;
+} moe_align_args;
+
+/* Arguments of the grouped GEMM stage. */
+typedef struct moe_gemm_args {
+  moe_gemm_desc desc;
+  int64_t sorted_capacity;
+  int64_t block_capacity;
+  const void *a;
+  const void *b;
+  const void *bias; /* fp32 [EL][n] or NULL */
+  const void *sorted_token_ids;
+  const void *expert_ids;
+  const void *num_tokens_post_padded;
+  const void *topk_weights; /* fp32 [T*k] or NULL */
+  void *c;
+} moe_gemm_args;
+
+/* Arguments of the activation stage. */
+typedef struct moe_activation_args {
+  moe_activation activation;
+  float alpha;
+  float limit;
+  int64_t rows;
+  int64_t intermediate_size;
+  const void *in; /* bf16 [rows][2I] */
+  void *out;      /* bf16 [rows][I] */
+} moe_activation_args;
+
+/* Arguments of the reduce stage. */
+typedef struct moe_reduce_args {
+  int64_t num_tokens;
+  int32_t top_k;
+  int64_t hidden_size;
+  const void *y;            /* bf16 [T*k][H] */
+  const void *topk_weights; /* fp32 [T][k] or NULL */
+  const void *topk_ids;     /* int32 [T][k] or NULL (then no slot is skipped) */
+  const void *expert_map;   /* int32 [E] or NULL */
+  int32_t num_experts;
+  int32_t num_local_experts;
+  void *out; /* bf16 [T][H] */
+} moe_reduce_args;
+
+/* A layer as the backend sees it: the validated configuration with
+ * num_local_experts resolved and num_groups >= 1, and host weights. */
+typedef struct moe_layer_desc {
+  moe_config cfg;
+  const moe_weights *weights; /* host pointers, valid during create only */
+} moe_layer_desc;
+
+typedef struct moe_backend_ops {
+  const char *name;   /* "cpu", "cuda", "opencl" */
+  moe_backend kind;
+
+  /* Creates the per-context state on device index `device`; writes the
+   * device name (at most name_size bytes, NUL-terminated). Returns
+   * BACKEND_UNAVAILABLE when the backend has no such device. */
+  moe_status (*context_create)(int device, void **state, char *name, size_t name_size);
+  /* (optional) Nonzero when the backend has a GPU device (for AUTO). */
+  int (*has_gpu)(void);
+  /* Frees the state. */
+  void (*context_destroy)(void *state);
+  /* Waits for all queued work. */
+  moe_status (*synchronize)(void *state);
+
+  /* Allocates device memory; *handle is the buffer's native handle. */
+  moe_status (*buffer_alloc)(void *state, size_t bytes, void **handle);
+  /* Frees memory from buffer_alloc. */
+  void (*buffer_free)(void *state, void *handle);
+  /* Blocking host -> device copy at a byte offset. */
+  moe_status (*buffer_write)(void *state, void *handle, size_t offset, const void *src,
+                             size_t bytes);
+  /* Blocking device -> host copy at a byte offset. */
+  moe_status (*buffer_read)(void *state, const void *handle, size_t offset, void *dst,
+                            size_t bytes);
+
+  /* (optional) Routing; default: the core's host routing through
+   * buffer_read/buffer_write. */
+  moe_status (*route)(void *state, const moe_route_args *args);
+  /* (optional) Align; default: the core's host align, likewise. */
+  moe_status (*align)(void *state, const moe_align_args *args);
+  /* Grouped BF16 GEMM over the align metadata. */
+  moe_status (*grouped_gemm)(void *state, const moe_gemm_args *args);
+  /* Gated activation. */
+  moe_status (*activation)(void *state, const moe_activation_args *args);
+  /* Weighted top-k reduce. */
+  moe_status (*topk_reduce)(void *state, const moe_reduce_args *args);
+
+  /* Creates the backend's layer: repacks and uploads the weights. */
+  moe_status (*layer_create)(void *state, const moe_layer_desc *desc, void **layer);
+  /* Frees a layer and its workspace. */
+  void (*layer_destroy)(void *state, void *layer);
+  /* Grows the workspace to max_tokens; on failure the old one stays. */
+  moe_status (*layer_reserve)(void *state, void *layer, int64_t max_tokens);
+  /* Full forward; num_tokens in [1, reserved]. No allocation, no host wait. */
+  moe_status (*layer_forward)(void *state, void *layer, int64_t num_tokens, const void *x,
+                              const void *logits, void *out);
+} moe_backend_ops;
+
+/* The tables of the compiled backends (defined in backends/<name>/). */
+extern const moe_backend_ops moe_cpu_backend_ops;
+#ifdef MOE_HAVE_CUDA
+extern const moe_backend_ops moe_cuda_backend_ops;
+#endif
+#ifdef MOE_HAVE_OPENCL
+extern const moe_backend_ops moe_opencl_backend_ops;
+#endif
+
+/* Records the message of a failing call for moe_last_error(): on the
+ * current context when the core is inside a call on one, else per thread.
+ * Returns status, so that `return moe_set_error(...)` reads naturally. */
+moe_status moe_set_error(moe_status status, const char *fmt, ...)
+#if defined(__GNUC__)
+    __attribute__((format(printf, 2, 3)))
+#endif
+    ;
+
+/* The table of a backend, or NULL when it is not compiled in. */
+const moe_backend_ops *moe_backend_lookup(moe_backend backend);
+
+/* The core's host implementations, used by the CPU backend directly and as
+ * the default for the optional route/align entries. Pointers are host
+ * memory. */
+void moe_route_host(const moe_route_args *args);
+void moe_align_host(const moe_align_args *args);
+
+/* For interop headers: a context around a backend state that the backend
+ * made itself (for example on the caller's CUDA stream), and a buffer
+ * around a native handle the caller owns (never freed by the library). */
+moe_status moe_context_adopt(const moe_backend_ops *ops, void *state, const char *device_name,
+                             moe_context **ctx);
+moe_status moe_buffer_wrap_native(moe_context *ctx, void *handle, size_t bytes,
+                                  moe_buffer **buffer);
+/* The backend state of a context, and the native handle of a buffer. */
+void *moe_context_backend_state(const moe_context *ctx);
+void *moe_buffer_native_handle(const moe_buffer *buffer);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_CORE_BACKEND_H */

@@ -1,0 +1,69 @@
+/*
+ * internal.h - the core's private object layouts and helpers.
+ *
+ * The public handles of moe.h are defined here; only core/ sees them.
+ * Backends see buffers only as native handles (backend.h), and reach the
+ * core objects through the few accessors declared at the end of backend.h.
+ */
+#ifndef MOE_CORE_INTERNAL_H
+#define MOE_CORE_INTERNAL_H
+
+#include "backend.h"
+
+#include <stdbool.h>
+
+#define MOE_DEVICE_NAME_SIZE 256
+#define MOE_ERROR_MESSAGE_SIZE 512
+
+struct moe_context {
+  const moe_backend_ops *ops;
+  void *state;
+  char device_name[MOE_DEVICE_NAME_SIZE];
+  char last_error[MOE_ERROR_MESSAGE_SIZE];
+};
+
+struct moe_buffer {
+  moe_context *ctx;
+  void *handle; /* the backend's native handle */
+  size_t bytes;
+  bool owned; /* false for wrapped caller memory */
+};
+
+struct moe_layer {
+  moe_context *ctx;
+  moe_config cfg; /* validated; num_local_experts resolved, num_groups >= 1 */
+  void *impl;
+  int64_t reserved_tokens;
+};
+
+/* Routes later moe_set_error() calls of this thread to ctx (NULL: to the
+ * thread's own message). Every public entry point calls it first. */
+void moe_error_scope(moe_context *ctx);
+
+/* size = a * b (* c), false on overflow of size_t. */
+bool moe_mul_size(size_t *size, size_t a, size_t b);
+bool moe_mul_size3(size_t *size, size_t a, size_t b, size_t c);
+
+/* Checks that buf is non-NULL, belongs to ctx and holds at least `bytes`;
+ * `what` names the argument in the message. */
+moe_status moe_check_buffer(const moe_context *ctx, const moe_buffer *buf, size_t bytes,
+                            const char *what);
+/* As moe_check_buffer, for an optional buffer (NULL passes). */
+moe_status moe_check_optional_buffer(const moe_context *ctx, const moe_buffer *buf, size_t bytes,
+                                     const char *what);
+
+/* Validates cfg; on success writes the resolved copy (num_local_experts and
+ * num_groups filled in) to *resolved when it is not NULL. */
+moe_status moe_config_resolve(const moe_config *cfg, moe_config *resolved);
+
+/* Validates the routing subset of a resolved config. */
+moe_status moe_config_check_routing(const moe_config *cfg);
+
+/* The route arguments for a resolved config (buffers left NULL). */
+moe_route_args moe_route_args_from_config(const moe_config *cfg, int64_t num_tokens);
+
+/* Validates align's scalar arguments and computes the capacities. */
+moe_status moe_align_check(int64_t num_tokens, int32_t top_k, int32_t num_local_experts,
+                           int32_t block_m, int64_t *sorted_capacity, int64_t *block_capacity);
+
+#endif /* MOE_CORE_INTERNAL_H */

@@ -1,0 +1,97 @@
+/*
+ * layer.c - the public layer object: validation of the configuration,
+ * weights and forward arguments, then dispatch to the backend's layer
+ * entries, which own repacking, workspace and the fused forward.
+ */
+#include "internal.h"
+
+#include <stdlib.h>
+
+moe_status moe_layer_create(moe_context *ctx, const moe_config *cfg, const moe_weights *weights,
+                            moe_layer **layer) {
+  moe_error_scope(ctx);
+  if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  if (!weights) return moe_set_error(MOE_ERROR_NULL_POINTER, "weights is NULL");
+  moe_config resolved;
+  moe_status st = moe_config_resolve(cfg, &resolved);
+  if (st != MOE_SUCCESS) return st;
+  if (!weights->w13 || !weights->w2)
+    return moe_set_error(MOE_ERROR_NULL_POINTER, "weights->%s is NULL",
+                         !weights->w13 ? "w13" : "w2");
+  if (!weights->expert_map && resolved.num_local_experts != resolved.num_experts)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
+                         "num_local_experts = %d differs from num_experts = %d, which needs an "
+                         "expert map",
+                         (int)resolved.num_local_experts, (int)resolved.num_experts);
+  if (weights->expert_map)
+    for (int32_t e = 0; e < resolved.num_experts; ++e) {
+      int32_t id = weights->expert_map[e];
+      if (id < -1 || id >= resolved.num_local_experts)
+        return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
+                             "expert_map[%d] = %d is not in [-1, %d)", (int)e, (int)id,
+                             (int)resolved.num_local_experts);
+    }
+  size_t bytes;
+  if (!moe_mul_size3(&bytes, (size_t)resolved.num_local_experts,
+                     (size_t)(3 * resolved.hidden_size), (size_t)resolved.intermediate_size) ||
+      !moe_mul_size(&bytes, bytes, 2))
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "the weights' size overflows size_t");
+
+  moe_layer *l = calloc(1, sizeof *l);
+  if (!l) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate a layer");
+  moe_layer_desc desc = {.cfg = resolved, .weights = weights};
+  st = ctx->ops->layer_create(ctx->state, &desc, &l->impl);
+  if (st != MOE_SUCCESS) {
+    free(l);
+    return st;
+  }
+  l->ctx = ctx;
+  l->cfg = resolved;
+  *layer = l;
+  return MOE_SUCCESS;
+}
+
+void moe_layer_destroy(moe_layer *layer) {
+  if (!layer) return;
+  layer->ctx->ops->layer_destroy(layer->ctx->state, layer->impl);
+  free(layer);
+}
+
+moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  if (max_tokens <= 0)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "max_tokens = %lld must be positive",
+                         (long long)max_tokens);
+  if (max_tokens <= layer->reserved_tokens) return MOE_SUCCESS;
+  moe_status st = moe_align_check(max_tokens, layer->cfg.top_k, layer->cfg.num_local_experts,
+                                  MOE_MAX_BLOCK_M, NULL, NULL);
+  if (st != MOE_SUCCESS) return st;
+  st = layer->ctx->ops->layer_reserve(layer->ctx->state, layer->impl, max_tokens);
+  if (st == MOE_SUCCESS) layer->reserved_tokens = max_tokens;
+  return st;
+}
+
+moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                             const moe_buffer *logits, moe_buffer *out) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  if (num_tokens < 0)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
+                         (long long)num_tokens);
+  if (num_tokens > layer->reserved_tokens)
+    return moe_set_error(MOE_ERROR_NOT_RESERVED,
+                         "num_tokens = %lld exceeds the %lld reserved by moe_layer_reserve",
+                         (long long)num_tokens, (long long)layer->reserved_tokens);
+  const moe_config *cfg = &layer->cfg;
+  /* num_tokens <= reserved, which moe_align_check bounded to int32 slots. */
+  const size_t hidden_bytes = (size_t)num_tokens * (size_t)cfg->hidden_size * 2;
+  const size_t logit_bytes = (size_t)num_tokens * (size_t)cfg->num_experts * sizeof(float);
+  moe_status st = moe_check_buffer(layer->ctx, x, hidden_bytes, "x");
+  if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, logits, logit_bytes, "logits");
+  if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, out, hidden_bytes, "out");
+  if (st != MOE_SUCCESS || num_tokens == 0) return st;
+  return layer->ctx->ops->layer_forward(layer->ctx->state, layer->impl, num_tokens, x->handle,
+                                        logits->handle, out->handle);
+}

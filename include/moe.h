@@ -1,0 +1,408 @@
+/*
+ * moe.h - public API of the portable BF16 Mixture-of-Experts library.
+ *
+ * The library computes the MoE feed-forward block of an LLM (Mixtral,
+ * Qwen3-MoE, DeepSeek-V2/V3, ERNIE-4.5, gpt-oss) in BF16 with fp32
+ * accumulation, on CUDA GPUs, on any OpenCL device and on CPUs (OpenMP),
+ * behind one API. This header includes no vendor header; interop with CUDA
+ * streams and OpenCL queues lives in moe_cuda.h and moe_opencl.h.
+ *
+ * Conventions
+ *   - Every call that can fail returns moe_status: 0 on success, a negative
+ *     code on error. Results are written through pointer arguments.
+ *   - Every call validates all of its arguments before it touches any
+ *     output; on error the outputs are left untouched and nothing leaks.
+ *   - moe_last_error(ctx) returns a message that says exactly what was wrong
+ *     with the last failing call on that context (moe_last_error(NULL): the
+ *     last failing call of this thread that had no context to report to).
+ *   - Whoever creates an object destroys it. Memory wrapped from the caller
+ *     (moe_cuda.h, moe_opencl.h) is never freed by the library.
+ *   - Tensors are dense and row-major. bf16 is stored as uint16_t holding
+ *     the upper half of an IEEE binary32.
+ *   - Objects are not thread-safe: use one context per thread, or lock.
+ *
+ * The computation, for T tokens (see README.md and DESIGN notes):
+ *   1. route:      per token, softmax or sigmoid scores of logits[T][E];
+ *                  pick top_k experts -> topk_ids[T][k], topk_weights[T][k]
+ *   2. align:      sort the T*k slots (s = t*k + j) by expert, pad each
+ *                  expert's run to block_m rows -> sorted_token_ids, ...
+ *   3. GEMM1:      gu[s] = x[t] @ w13[e]^T       ([2I] per slot)
+ *   4. activation: h[s] = act(gate) * up         ([I] per slot, bf16)
+ *   5. GEMM2:      y[s] = h[s] @ w2[e]^T         ([H] per slot)
+ *   6. reduce:     out[t] = sum_j w[t][j] * y[t*k + j]
+ */
+#ifndef MOE_H
+#define MOE_H
+
+#include <stddef.h>
+#include <stdint.h>
+
+#ifdef __cplusplus
+extern "C" {
+#endif
+
+#if defined(_WIN32) && defined(MOE_SHARED_BUILD)
+#define MOE_API __declspec(dllexport)
+#elif defined(__GNUC__)
+#define MOE_API __attribute__((visibility("default")))
+#else
+#define MOE_API
+#endif
+
+#define MOE_VERSION_MAJOR 0
+#define MOE_VERSION_MINOR 1
+#define MOE_VERSION_PATCH 0
+
+/* Supported maxima. Larger values are rejected with MOE_ERROR_UNSUPPORTED. */
+#define MOE_MAX_EXPERTS 1024 /* E, router width */
+#define MOE_MAX_TOP_K 32     /* top_k */
+#define MOE_MAX_GROUPS 64    /* num_groups for grouped top-k */
+#define MOE_MAX_BLOCK_M 256  /* align row block; a power of two */
+
+/* ------------------------------------------------------------------------ */
+/* Status codes                                                             */
+/* ------------------------------------------------------------------------ */
+
+typedef enum moe_status {
+  MOE_SUCCESS = 0,
+  MOE_ERROR_INVALID_ARGUMENT = -1,    /* bad size, enum value or combination */
+  MOE_ERROR_NULL_POINTER = -2,        /* a required handle or pointer is NULL */
+  MOE_ERROR_UNSUPPORTED = -3,         /* valid, but beyond what is supported */
+  MOE_ERROR_BUFFER_TOO_SMALL = -4,    /* a buffer is smaller than the shapes need */
+  MOE_ERROR_CONTEXT_MISMATCH = -5,    /* a buffer or layer of another context */
+  MOE_ERROR_NOT_RESERVED = -6,        /* forward with more tokens than reserved */
+  MOE_ERROR_OUT_OF_MEMORY = -7,       /* host or device allocation failed */
+  MOE_ERROR_BACKEND_UNAVAILABLE = -8, /* backend not compiled in, or no device */
+  MOE_ERROR_DEVICE = -9,              /* CUDA/OpenCL failure; see moe_last_error */
+  MOE_ERROR_INTERNAL = -10,           /* a bug in the library; please report */
+} moe_status;
+
+/* A static, never-NULL name for a status code ("MOE_ERROR_NULL_POINTER"). */
+MOE_API const char *moe_status_string(moe_status status);
+
+/* ------------------------------------------------------------------------ */
+/* Contexts                                                                 */
+/* ------------------------------------------------------------------------ */
+
+typedef enum moe_backend {
+  MOE_BACKEND_AUTO = 0, /* $MOE_BACKEND if set, else CUDA, OpenCL GPU, CPU */
+  MOE_BACKEND_CPU = 1,
+  MOE_BACKEND_CUDA = 2,
+  MOE_BACKEND_OPENCL = 3,
+} moe_backend;
+
+typedef struct moe_context moe_context;
+
+/*
+ * Creates a context on one device of a backend.
+ *   backend: MOE_BACKEND_AUTO picks, in order, the backend named by the
+ *            environment variable MOE_BACKEND (cpu|cuda|opencl), else CUDA if
+ *            a CUDA device is present, else an OpenCL GPU, else the CPU.
+ *   device:  device index within the backend (0 = default; ignored by the
+ *            CPU backend). OpenCL also honours MOE_OPENCL_PLATFORM and
+ *            MOE_OPENCL_DEVICE when device is 0.
+ *   ctx:     receives the context; the caller destroys it.
+ * The CPU backend honours MOE_CPU_KERNELS=portable|avx512|auto (default
+ * auto): "portable" forces the plain C kernels.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (bad enum, device < 0),
+ *         BACKEND_UNAVAILABLE (not compiled in, or no such device),
+ *         OUT_OF_MEMORY, DEVICE.
+ */
+MOE_API moe_status moe_context_create(moe_backend backend, int device, moe_context **ctx);
+
+/* Destroys a context. Buffers and layers must be destroyed first. NULL is a
+ * no-op. */
+MOE_API void moe_context_destroy(moe_context *ctx);
+
+/* The backend a context runs on (never AUTO); MOE_BACKEND_AUTO for NULL. */
+MOE_API moe_backend moe_context_backend(const moe_context *ctx);
+
+/* A static name of a backend: "auto", "cpu", "cuda", "opencl". */
+MOE_API const char *moe_backend_name(moe_backend backend);
+
+/* The device's name, e.g. "NVIDIA H100 80GB HBM3" or the CPU model plus the
+ * kernel path ("... [avx512]"). Owned by the context. "" for NULL. */
+MOE_API const char *moe_context_device_name(const moe_context *ctx);
+
+/* Waits until all work queued on the context has finished.
+ * Errors: NULL_POINTER, DEVICE. */
+MOE_API moe_status moe_context_synchronize(moe_context *ctx);
+
+/* The message of the last failing call on ctx, or of this thread when ctx
+ * is NULL. Owned by the library; valid until the next failing call. */
+MOE_API const char *moe_last_error(const moe_context *ctx);
+
+/* ------------------------------------------------------------------------ */
+/* Buffers: memory owned by a context (device memory on GPU backends)       */
+/* ------------------------------------------------------------------------ */
+
+typedef struct moe_buffer moe_buffer;
+
+/* Allocates bytes (> 0) of memory on the context's device. The contents are
+ * undefined. Errors: NULL_POINTER, INVALID_ARGUMENT (bytes == 0),
+ * OUT_OF_MEMORY, DEVICE. */
+MOE_API moe_status moe_buffer_create(moe_context *ctx, size_t bytes, moe_buffer **buffer);
+
+/* Frees a buffer created by moe_buffer_create; for a wrapped buffer only
+ * the handle is freed, never the caller's memory. NULL is a no-op. */
+MOE_API void moe_buffer_destroy(moe_buffer *buffer);
+
+/* Size in bytes; 0 for NULL. */
+MOE_API size_t moe_buffer_size(const moe_buffer *buffer);
+
+/* Copies bytes from host memory src into the buffer at offset, and returns
+ * when the copy is complete (it is ordered after earlier work on the
+ * context). Errors: NULL_POINTER, BUFFER_TOO_SMALL (offset + bytes beyond
+ * the buffer), DEVICE. */
+MOE_API moe_status moe_buffer_write(moe_buffer *buffer, size_t offset, const void *src,
+                                    size_t bytes);
+
+/* Copies bytes at offset into host memory dst; waits for earlier work on
+ * the context. Errors: as moe_buffer_write. */
+MOE_API moe_status moe_buffer_read(const moe_buffer *buffer, size_t offset, void *dst,
+                                   size_t bytes);
+
+/* ------------------------------------------------------------------------ */
+/* Layer configuration                                                      */
+/* ------------------------------------------------------------------------ */
+
+typedef enum moe_scoring {
+  MOE_SCORING_SOFTMAX = 0, /* Mixtral, Qwen3-MoE, DeepSeek-V2, ERNIE */
+  MOE_SCORING_SIGMOID = 1, /* DeepSeek-V3 */
+} moe_scoring;
+
+typedef enum moe_group_scoring {
+  MOE_GROUP_SCORING_MAX = 0,      /* DeepSeek-V2: a group scores its best expert */
+  MOE_GROUP_SCORING_TOP2_SUM = 1, /* DeepSeek-V3: the sum of its best two */
+} moe_group_scoring;
+
+typedef enum moe_activation {
+  MOE_ACTIVATION_SWIGLU = 0,       /* h = silu(gate) * up */
+  MOE_ACTIVATION_GEGLU = 1,        /* h = gelu_tanh(gate) * up */
+  MOE_ACTIVATION_SWIGLU_CLAMP = 2, /* gpt-oss: g = min(gate, limit),
+                                      u = clamp(up, -limit, limit),
+                                      h = g * sigmoid(alpha * g) * (u + 1) */
+} moe_activation;
+
+typedef enum moe_weight_layout {
+  /* w13[E][2I][H] and w2[E][H][I]: the [out][in] layout of PyTorch/vLLM. */
+  MOE_WEIGHT_LAYOUT_OUT_IN = 0,
+  /* w13[E][H][2I] and w2[E][I][H]: the [in][out] layout of PaddlePaddle. */
+  MOE_WEIGHT_LAYOUT_IN_OUT = 1,
+} moe_weight_layout;
+
+typedef enum moe_router_weight {
+  MOE_ROUTER_WEIGHT_ON_OUTPUT = 0, /* out[t] = sum_j w_j * expert_j(x[t]) */
+  MOE_ROUTER_WEIGHT_ON_INPUT = 1,  /* out[t] = sum_j expert_j(w_j * x[t]) (Llama-4) */
+} moe_router_weight;
+
+typedef struct moe_config {
+  int64_t hidden_size;       /* H > 0 */
+  int64_t intermediate_size; /* I > 0, per expert; w13 holds 2I rows */
+  int32_t num_experts;       /* E in [1, MOE_MAX_EXPERTS]: router width */
+  int32_t num_local_experts; /* experts whose weights this layer holds; 0 means
+                                num_experts. With an expert map, ids map into
+                                [0, num_local_experts). */
+  int32_t top_k;             /* in [1, min(E, MOE_MAX_TOP_K)] */
+  moe_scoring scoring;       /* default SOFTMAX */
+  int32_t renormalize;       /* nonzero: the k weights are scaled to sum 1 */
+  int32_t num_groups;        /* grouped top-k: 0 or 1 = off; else divides E */
+  int32_t topk_groups;       /* groups kept, in [1, num_groups] when grouped */
+  moe_group_scoring group_scoring;
+  float routed_scaling_factor; /* multiplies the final weights; default 1 */
+  moe_activation activation;   /* default SWIGLU */
+  float swiglu_alpha;          /* SWIGLU_CLAMP only; default 1.702 */
+  float swiglu_limit;          /* SWIGLU_CLAMP only; default 7.0 */
+  moe_weight_layout weight_layout;
+  moe_router_weight router_weight;
+} moe_config;
+
+/* Fills cfg with defaults: softmax, no renormalize, no groups, scaling 1,
+ * SwiGLU (alpha 1.702, limit 7), OUT_IN layout, weight on output, and zero
+ * sizes that the caller must set. No-op for NULL. */
+MOE_API void moe_config_init(moe_config *cfg);
+
+/* Checks a configuration without creating anything. Errors: NULL_POINTER,
+ * INVALID_ARGUMENT, UNSUPPORTED; the message is in moe_last_error(NULL). */
+MOE_API moe_status moe_config_validate(const moe_config *cfg);
+
+/* Host-side weights, read only during moe_layer_create (the library keeps
+ * its own repacked copy). Shapes follow cfg.weight_layout, with
+ * EL = num_local_experts. Optional pointers may be NULL. */
+typedef struct moe_weights {
+  const uint16_t *w13;            /* bf16 [EL][2I][H] or [EL][H][2I] */
+  const uint16_t *w2;             /* bf16 [EL][H][I] or [EL][I][H] */
+  const float *w13_bias;          /* optional fp32 [EL][2I] */
+  const float *w2_bias;           /* optional fp32 [EL][H] */
+  const float *correction_bias;   /* optional fp32 [E], for selection only */
+  const int32_t *expert_map;      /* optional int32 [E]: router id -> local
+                                     id, or -1 when not local; entries out of
+                                     [-1, EL) are rejected */
+} moe_weights;
+
+/* ------------------------------------------------------------------------ */
+/* Layers                                                                   */
+/* ------------------------------------------------------------------------ */
+
+typedef struct moe_layer moe_layer;
+
+/*
+ * Validates cfg and weights, repacks the weights into the backend's
+ * preferred layout and uploads them.
+ * Errors: NULL_POINTER (ctx, cfg, weights, w13, w2, layer), INVALID_ARGUMENT,
+ *         UNSUPPORTED, OUT_OF_MEMORY, DEVICE.
+ */
+MOE_API moe_status moe_layer_create(moe_context *ctx, const moe_config *cfg,
+                                    const moe_weights *weights, moe_layer **layer);
+
+/* Destroys a layer and its workspace. NULL is a no-op. */
+MOE_API void moe_layer_destroy(moe_layer *layer);
+
+/*
+ * Sizes the workspace for up to max_tokens tokens per forward. After it,
+ * moe_layer_forward with T <= max_tokens allocates nothing and, on GPU
+ * backends, never waits for the host (it can be captured in a CUDA graph).
+ * Reserving less than before keeps the larger workspace. On failure the
+ * previous reservation stays usable.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (max_tokens <= 0), UNSUPPORTED
+ *         (max_tokens * top_k beyond int32 slot indices), OUT_OF_MEMORY, DEVICE.
+ */
+MOE_API moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens);
+
+/*
+ * out[T][H] (bf16) = MoE(x[T][H] (bf16), logits[T][E] (fp32)). Queued on the
+ * context's stream/queue; asynchronous on GPU backends. T = 0 is a no-op.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (T < 0), NOT_RESERVED (T above the
+ *         reservation), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
+ */
+MOE_API moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                                     const moe_buffer *logits, moe_buffer *out);
+
+/* ------------------------------------------------------------------------ */
+/* Stages, for engines that compose their own pipeline                      */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * Routing. Reads logits[T][E] fp32 and, when correction_bias is not NULL,
+ * correction_bias[E] fp32; writes topk_ids[T][k] int32 and
+ * topk_weights[T][k] fp32, in rank order. Uses cfg's num_experts, top_k,
+ * scoring, renormalize, num_groups, topk_groups, group_scoring and
+ * routed_scaling_factor; sizes H and I are ignored here.
+ *
+ * Ranking: experts are ranked by a selection key, higher first, ties to the
+ * lower expert index, NaN below every number. The key is the logit itself
+ * when there is no correction bias and groups (if any) score by MAX (the
+ * same order as the score, without rounding ties); otherwise it is
+ * score + bias. A NaN logit has key NaN and score 0. Softmax treats NaN as
+ * -inf; experts with +inf logits share the mass. A row with no logit above
+ * -inf (all NaN or -inf) gets all scores 0: it routes to the lowest-index
+ * experts with weight 0, so its output is 0. The weights are the scores of
+ * the chosen experts (without bias), renormalized when asked (a zero sum is
+ * left as is), times routed_scaling_factor.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, BUFFER_TOO_SMALL,
+ *         CONTEXT_MISMATCH, DEVICE.
+ */
+MOE_API moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens,
+                             const moe_buffer *logits, const moe_buffer *correction_bias,
+                             moe_buffer *topk_ids, moe_buffer *topk_weights);
+
+/* Sizes of align's outputs, in int32 elements:
+ *   sorted_token_ids: T*k + EL*(block_m - 1)
+ *   expert_ids:       sorted capacity / block_m (rounded up)
+ * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED (beyond int32). */
+MOE_API moe_status moe_align_capacity(int64_t num_tokens, int32_t top_k, int32_t num_local_experts,
+                                      int32_t block_m, int64_t *sorted_capacity,
+                                      int64_t *block_capacity);
+
+/*
+ * Align. Sorts the T*k slots (slot s = t*k + j, expert topk_ids[s]) by local
+ * expert, where the local expert is expert_map[id] when expert_map (int32
+ * [num_experts]) is given, else the id itself. Slots whose local expert is
+ * -1 or outside [0, num_local_experts) are skipped. Writes:
+ *   sorted_token_ids: expert e's run starts at P_e = sum_{e'<e} ceil(c_e'/BM)*BM
+ *                     and lists its slots in ascending order; padding up to
+ *                     the capacity holds the sentinel T*k;
+ *   expert_ids:       the local expert owning each BM-row block, -1 for
+ *                     blocks past num_tokens_post_padded;
+ *   num_tokens_post_padded: one int32, P_E.
+ * block_m is a power of two in [1, MOE_MAX_BLOCK_M].
+ * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, BUFFER_TOO_SMALL,
+ *         CONTEXT_MISMATCH, DEVICE.
+ */
+MOE_API moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k,
+                             int32_t num_experts, int32_t num_local_experts, int32_t block_m,
+                             const moe_buffer *topk_ids, const moe_buffer *expert_map,
+                             moe_buffer *sorted_token_ids, moe_buffer *expert_ids,
+                             moe_buffer *num_tokens_post_padded);
+
+typedef enum moe_gemm_input {
+  MOE_GEMM_INPUT_PER_TOKEN = 0, /* A is [T][K]: slot s reads row s / top_k (GEMM1) */
+  MOE_GEMM_INPUT_PER_SLOT = 1,  /* A is [T*k][K]: slot s reads row s (GEMM2) */
+} moe_gemm_input;
+
+typedef enum moe_gemm_routed_weight {
+  MOE_GEMM_ROUTED_WEIGHT_NONE = 0,
+  MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS = 1, /* c = w * acc + bias (weight on input) */
+  MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS = 2,  /* c = w * (acc + bias) (weight on output) */
+} moe_gemm_routed_weight;
+
+typedef struct moe_gemm_desc {
+  int64_t num_tokens;        /* T */
+  int32_t top_k;             /* k */
+  int32_t num_local_experts; /* EL: experts in b */
+  int64_t n;                 /* output columns */
+  int64_t k;                 /* reduction length */
+  int32_t block_m;           /* the block_m given to moe_align */
+  moe_weight_layout b_layout; /* OUT_IN: b[EL][n][k]; IN_OUT: b[EL][k][n] */
+  moe_gemm_input input;
+  moe_gemm_routed_weight routed_weight; /* uses topk_weights[s] */
+} moe_gemm_desc;
+
+/*
+ * Grouped GEMM over align's metadata: for every real slot s in block b of
+ * sorted_token_ids (s < T*k), with e = expert_ids[b],
+ *   c[s][0:n] = bf16(op(a[row(s)] @ B_e, topk_weights[s], bias[e]))
+ * with a and b bf16, fp32 accumulation, bias fp32 [EL][n] (may be NULL),
+ * topk_weights fp32 [T*k] (needed only when routed_weight is not NONE).
+ * Rows of c of slots that align skipped are not written.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED (a block_m or shape
+ *         the backend cannot run), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
+ */
+MOE_API moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc,
+                                    const moe_buffer *a, const moe_buffer *b,
+                                    const moe_buffer *bias, const moe_buffer *sorted_token_ids,
+                                    const moe_buffer *expert_ids,
+                                    const moe_buffer *num_tokens_post_padded,
+                                    const moe_buffer *topk_weights, moe_buffer *c);
+
+/*
+ * Gated activation: for each of rows rows, with gate = in[r][0:I] and
+ * up = in[r][I:2I] (bf16), out[r][0:I] = bf16(act(gate) * up) computed in
+ * fp32. alpha and limit are used by SWIGLU_CLAMP only.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT, BUFFER_TOO_SMALL, CONTEXT_MISMATCH,
+ *         DEVICE.
+ */
+MOE_API moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, float alpha,
+                                        float limit, int64_t rows, int64_t intermediate_size,
+                                        const moe_buffer *in, moe_buffer *out);
+
+/*
+ * Weighted top-k reduce: out[t][0:H] = bf16(sum_j w[t][j] * y[t*k + j][0:H])
+ * in fp32, j ascending (deterministic). y is bf16 [T*k][H]; topk_weights is
+ * fp32 [T][k] or NULL for weight 1 (weights already applied). When
+ * topk_ids and expert_map are both given, slots whose expert maps to -1 (or
+ * out of range) contribute nothing, so their rows of y are never read.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT, BUFFER_TOO_SMALL, CONTEXT_MISMATCH,
+ *         DEVICE.
+ */
+MOE_API moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k,
+                                   int64_t hidden_size, const moe_buffer *y,
+                                   const moe_buffer *topk_weights, const moe_buffer *topk_ids,
+                                   const moe_buffer *expert_map, int32_t num_experts,
+                                   int32_t num_local_experts, moe_buffer *out);
+
+#ifdef __cplusplus
+}
+#endif
+
+#endif /* MOE_H */

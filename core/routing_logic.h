@@ -175,9 +175,12 @@ MOE_RL_FN void moe_rl_route_token(const MOE_RL_GLOBAL float *logits,
     sum += w;
   }
 
-  float factor = p->scaling;
-  if (p->renormalize && sum > 0.0f) factor = p->scaling / sum;
-  for (int j = 0; j < p->top_k; ++j) weights[j] *= factor;
+  /* Divide first: score / sum is at most 1, so the product stays finite,
+   * whereas scaling / sum overflows for a large scaling or a sum of tiny
+   * sigmoid scores (then inf, or NaN for a zero score). */
+  int renormalize = p->renormalize && sum > 0.0f;
+  for (int j = 0; j < p->top_k; ++j)
+    weights[j] = (renormalize ? weights[j] / sum : weights[j]) * p->scaling;
 }
 
 #endif /* MOE_ROUTING_LOGIC_H */

@@ -1,0 +1,275 @@
+/*
+ * bench_cpu.c - CPU rooflines: a DRAM read kernel and a dot-product peak
+ * kernel, each on every OpenMP thread, dispatched at run time to the best
+ * instruction set the CPU has (AVX-512 BF16, AVX-512F, or plain C).
+ *
+ * The peak kernels keep 16 independent accumulators per thread so that the
+ * FMA latency (4 cycles) times the FMA ports (2) is covered with room.
+ */
+#include "bench_cpu.h"
+
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#if defined(__x86_64__) && defined(__GNUC__)
+#include <immintrin.h>
+#define BENCH_X86 1
+#endif
+
+static volatile uint64_t sink_u64; /* keeps kernel results alive */
+static volatile float sink_f32;
+
+/* ---- DRAM read bandwidth ------------------------------------------------ */
+
+static uint64_t sum_portable(const uint64_t *a, size_t n) {
+  uint64_t s0 = 0, s1 = 0, s2 = 0, s3 = 0;
+  size_t i = 0;
+  for (; i + 4 <= n; i += 4) {
+    s0 += a[i];
+    s1 += a[i + 1];
+    s2 += a[i + 2];
+    s3 += a[i + 3];
+  }
+  for (; i < n; ++i)
+    s0 += a[i];
+  return s0 + s1 + s2 + s3;
+}
+
+#ifdef BENCH_X86
+/* 64-byte aligned a, n a multiple of 32: four cache lines per iteration. */
+__attribute__((target("avx512f"))) static uint64_t sum_avx512(const uint64_t *a, size_t n) {
+  __m512i s0 = _mm512_setzero_si512(), s1 = s0, s2 = s0, s3 = s0;
+  for (size_t i = 0; i < n; i += 32) {
+    s0 = _mm512_add_epi64(s0, _mm512_load_si512((const void *)(a + i)));
+    s1 = _mm512_add_epi64(s1, _mm512_load_si512((const void *)(a + i + 8)));
+    s2 = _mm512_add_epi64(s2, _mm512_load_si512((const void *)(a + i + 16)));
+    s3 = _mm512_add_epi64(s3, _mm512_load_si512((const void *)(a + i + 24)));
+  }
+  s0 = _mm512_add_epi64(_mm512_add_epi64(s0, s1), _mm512_add_epi64(s2, s3));
+  return (uint64_t)_mm512_reduce_add_epi64(s0);
+}
+#endif
+
+static int have_avx512f(void) {
+#ifdef BENCH_X86
+  return __builtin_cpu_supports("avx512f");
+#else
+  return 0;
+#endif
+}
+
+static int have_avx512bf16(void) {
+#ifdef BENCH_X86
+  return __builtin_cpu_supports("avx512bf16");
+#else
+  return 0;
+#endif
+}
+
+/* Best of several passes over the array, each thread summing the part it
+ * first touched (so that its pages are local on NUMA machines). */
+static double read_bandwidth_gbps(uint64_t *a, size_t n, int use_avx512) {
+  const int passes = 5;
+  double best = 0;
+  for (int pass = 0; pass < passes; ++pass) {
+    uint64_t total = 0;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel reduction(+ : total)
+    {
+      const size_t threads = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+      const size_t per = n / threads / 32 * 32;
+      const size_t begin = id * per, count = id + 1 == threads ? n - begin : per;
+#ifdef BENCH_X86
+      if (use_avx512)
+        total += sum_avx512(a + begin, count);
+      else
+#endif
+        total += sum_portable(a + begin, count);
+    }
+    const double seconds = omp_get_wtime() - t0;
+    sink_u64 = total;
+    const double gbps = (double)n * sizeof *a / seconds * 1e-9;
+    if (gbps > best) best = gbps;
+  }
+  (void)use_avx512;
+  return best;
+}
+
+/* ---- dot-product peak --------------------------------------------------- */
+
+/* Each kernel returns the flops it did; iterations per thread. */
+
+static double fma_portable(int64_t iterations) {
+  float acc[16], a = 0.999999f, b = 1e-6f;
+  for (int j = 0; j < 16; ++j)
+    acc[j] = (float)j;
+  for (int64_t i = 0; i < iterations; ++i)
+    for (int j = 0; j < 16; ++j)
+      acc[j] = acc[j] * a + b;
+  float s = 0;
+  for (int j = 0; j < 16; ++j)
+    s += acc[j];
+  sink_f32 = s;
+  return 2.0 * 16 * (double)iterations;
+}
+
+#ifdef BENCH_X86
+#define ACCUMULATORS 16
+
+__attribute__((target("avx512f"))) static double fma_avx512(int64_t iterations) {
+  __m512 acc[ACCUMULATORS];
+  const __m512 a = _mm512_set1_ps(0.999999f), b = _mm512_set1_ps(1e-6f);
+  for (int j = 0; j < ACCUMULATORS; ++j)
+    acc[j] = _mm512_set1_ps((float)j);
+  for (int64_t i = 0; i < iterations; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < ACCUMULATORS; ++j)
+      acc[j] = _mm512_fmadd_ps(acc[j], a, b);
+  }
+  __m512 s = acc[0];
+  for (int j = 1; j < ACCUMULATORS; ++j)
+    s = _mm512_add_ps(s, acc[j]);
+  sink_f32 = _mm512_reduce_add_ps(s);
+  /* 16 lanes, multiply and add. */
+  return 2.0 * 16 * ACCUMULATORS * (double)iterations;
+}
+
+__attribute__((target("avx512f,avx512bf16"))) static double dot_avx512bf16(int64_t iterations) {
+  __m512 acc[ACCUMULATORS];
+  /* bf16 0x3f80 = 1.0 and 0x3380 ~ 6e-8: the sums stay small and normal. */
+  const __m512bh a = (__m512bh)_mm512_set1_epi16(0x3f80);
+  const __m512bh b = (__m512bh)_mm512_set1_epi16(0x3380);
+  for (int j = 0; j < ACCUMULATORS; ++j)
+    acc[j] = _mm512_set1_ps((float)j);
+  for (int64_t i = 0; i < iterations; ++i) {
+#pragma GCC unroll 16
+    for (int j = 0; j < ACCUMULATORS; ++j)
+      acc[j] = _mm512_dpbf16_ps(acc[j], a, b);
+  }
+  __m512 s = acc[0];
+  for (int j = 1; j < ACCUMULATORS; ++j)
+    s = _mm512_add_ps(s, acc[j]);
+  sink_f32 = _mm512_reduce_add_ps(s);
+  /* 16 lanes, each a pair of products and their sum into the lane. */
+  return 4.0 * 16 * ACCUMULATORS * (double)iterations;
+}
+#endif
+
+typedef double (*peak_kernel)(int64_t iterations);
+
+/* Flops per second of kernel on every thread, over about `seconds`. */
+static double peak_flops(peak_kernel kernel, double seconds) {
+  int64_t iterations = 1 << 16;
+  double best = 0;
+  for (int attempt = 0; attempt < 8; ++attempt) {
+    double flops = 0;
+    const double t0 = omp_get_wtime();
+#pragma omp parallel reduction(+ : flops)
+    flops += kernel(iterations);
+    const double elapsed = omp_get_wtime() - t0;
+    if (elapsed > seconds / 4 && flops / elapsed > best) best = flops / elapsed;
+    if (elapsed > seconds) break;
+    /* Grow towards the target duration; the first short runs also bring
+     * the cores to their AVX-512 clock. */
+    const double grow = elapsed > 0 ? seconds / elapsed : 16;
+    iterations = (int64_t)((double)iterations * (grow > 16 ? 16 : grow < 1.5 ? 1.5 : grow));
+  }
+  return best;
+}
+
+/* ---- roofline entry point ---------------------------------------------- */
+
+static void cpu_model_name(char *dst, size_t size) {
+  snprintf(dst, size, "CPU");
+  FILE *f = fopen("/proc/cpuinfo", "r");
+  if (!f) return;
+  char line[512];
+  while (fgets(line, sizeof line, f)) {
+    if (strncmp(line, "model name", 10) != 0) continue;
+    const char *colon = strchr(line, ':');
+    if (!colon) break;
+    colon += 1 + (colon[1] == ' ');
+    snprintf(dst, size, "%s", colon);
+    dst[strcspn(dst, "\n")] = '\0';
+    break;
+  }
+  fclose(f);
+}
+
+int bench_cpu_rooflines(size_t array_bytes, bench_rooflines *r, char *read_what,
+                        size_t read_what_size) {
+  memset(r, 0, sizeof *r);
+  cpu_model_name(r->device, sizeof r->device);
+  const int threads = omp_get_max_threads();
+
+  const size_t n = array_bytes / sizeof(uint64_t) / 32 * 32;
+  uint64_t *a = aligned_alloc(64, n * sizeof *a);
+  if (!a) {
+    fprintf(stderr, "moe_bench: cannot allocate %zu bytes for the bandwidth test\n", array_bytes);
+    return 1;
+  }
+  /* First touch with the same static split as the reads. */
+#pragma omp parallel for schedule(static)
+  for (size_t i = 0; i < n; ++i)
+    a[i] = i;
+  const int use_avx512 = have_avx512f();
+  r->read_gbps = read_bandwidth_gbps(a, n, use_avx512);
+  free(a);
+  snprintf(read_what, read_what_size, "%s sum of %.2f GiB, %d threads",
+           use_avx512 ? "AVX-512" : "plain C", (double)array_bytes / (1 << 30), threads);
+
+  const double seconds = 0.3;
+  const char *what;
+  double flops;
+#ifdef BENCH_X86
+  if (have_avx512bf16()) {
+    flops = peak_flops(dot_avx512bf16, seconds);
+    what = "AVX-512 BF16 vdpbf16ps";
+  } else if (use_avx512) {
+    flops = peak_flops(fma_avx512, seconds);
+    what = "AVX-512 fp32 FMA (no avx512_bf16)";
+  } else
+#endif
+  {
+    flops = peak_flops(fma_portable, seconds);
+    what = "plain C fp32 FMA (no AVX-512)";
+  }
+  r->peak_tflops = flops * 1e-12;
+  snprintf(r->peak_what, sizeof r->peak_what, "%s, %d threads", what, threads);
+  return 0;
+}
+
+/* ---- cache flush -------------------------------------------------------- */
+
+static unsigned char *flush_buffer;
+static size_t flush_bytes;
+
+void bench_cpu_flush_caches(void) {
+  if (!flush_buffer) {
+    long llc = sysconf(_SC_LEVEL3_CACHE_SIZE);
+    if (llc <= 0) llc = sysconf(_SC_LEVEL2_CACHE_SIZE);
+    /* Three times the LLC (non-inclusive LLCs need more than one pass's
+     * worth), and never less than 32 MiB when the size is unknown. */
+    flush_bytes = llc > 0 ? (size_t)llc * 3 : 0;
+    if (flush_bytes < ((size_t)32 << 20)) flush_bytes = (size_t)32 << 20;
+    flush_buffer = malloc(flush_bytes);
+    if (!flush_buffer) return;
+  }
+  static unsigned char value;
+  ++value;
+#pragma omp parallel
+  {
+    const size_t threads = (size_t)omp_get_num_threads(), id = (size_t)omp_get_thread_num();
+    const size_t per = flush_bytes / threads;
+    memset(flush_buffer + id * per, value, id + 1 == threads ? flush_bytes - id * per : per);
+  }
+}
+
+void bench_cpu_flush_free(void) {
+  free(flush_buffer);
+  flush_buffer = NULL;
+}

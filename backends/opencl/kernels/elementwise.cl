@@ -1,0 +1,41 @@
+/*
+ * elementwise.cl - the gated activation and the weighted top-k reduce.
+ * Both are one work-item per output element over a 2-D range (columns,
+ * rows), so no index product is formed in 32 bits.
+ */
+
+/* out[r][i] = bf16(act(in[r][i], in[r][I + i])), fp32 in between. */
+__kernel void moe_activation(int activation, float alpha, float limit, int rows,
+                             int intermediate_size, __global const ushort *in,
+                             __global ushort *out) {
+  const int i = get_global_id(0), r = get_global_id(1);
+  if (i >= intermediate_size || r >= rows) return;
+  __global const ushort *row = in + (long)r * 2 * intermediate_size;
+  const float gate = moe_bf16_to_f32(row[i]);
+  const float up = moe_bf16_to_f32(row[intermediate_size + i]);
+  out[(long)r * intermediate_size + i] =
+      moe_f32_to_bf16(moe_ocl_activate(activation, gate, up, alpha, limit));
+}
+
+/*
+ * out[t][h] = bf16(sum_j w[t][j] * y[t*k + j][h]), j ascending. A slot
+ * whose expert is not local (expert map -1, or an id outside the experts
+ * align keeps) adds nothing and its row of y is never read.
+ */
+__kernel void moe_topk_reduce(int num_tokens, int top_k, int hidden_size, __global const ushort *y,
+                              __global const float *topk_weights, __global const int *topk_ids,
+                              __global const int *expert_map, int num_experts,
+                              int num_local_experts, __global ushort *out) {
+  const int h = get_global_id(0), t = get_global_id(1);
+  if (h >= hidden_size || t >= num_tokens) return;
+  float sum = 0.0f;
+  for (int j = 0; j < top_k; ++j) {
+    const int slot = t * top_k + j;
+    if (topk_ids && expert_map &&
+        moe_local_expert(topk_ids[slot], expert_map, num_experts, num_local_experts) < 0)
+      continue;
+    const float v = moe_bf16_to_f32(y[(long)slot * hidden_size + h]);
+    sum += topk_weights ? topk_weights[slot] * v : v;
+  }
+  out[(long)t * hidden_size + h] = moe_f32_to_bf16(sum);
+}

@@ -1,0 +1,292 @@
+/*
+ * grouped_gemm.cl - the grouped BF16 GEMM over align's metadata, in three
+ * kernels that all compute, for every real slot s of a block b owned by
+ * expert e = expert_ids[b]:
+ *     c[s][col] = bf16(epilogue(sum_k a[row(s)][k] * B_e[col][k]))
+ * with row(s) = s / top_k (per-token input) or s (per-slot input), fp32
+ * accumulation, and the epilogue of moe_gemm_epilogue below. Padding rows
+ * (sentinel ids >= num_slots) are never written.
+ *
+ *   moe_gemm_reference  one work-item per output; any layout, any block_m.
+ *   moe_gemm_skinny_*   decode: few rows per expert, so weight bytes are the
+ *                       cost. A work-group of MOE_SK_WG work-items splits K
+ *                       of MOE_SK_COLS weight rows ([out][in] layout) into
+ *                       8-wide vector loads; each weight vector feeds
+ *                       MOE_SK_ROWS rows of A at once; partial sums meet in
+ *                       local memory. One work-group per (column group,
+ *                       block); it walks all rows of its block.
+ *   moe_gemm_tiled_*    prefill: a TM x TN output tile per work-group of
+ *                       256 work-items, each owning MR x NR outputs held in
+ *                       registers; K advances TK at a time through local
+ *                       memory (fp32), the next slice loaded into registers
+ *                       while the current one is multiplied. The TM rows of
+ *                       a tile lie in one align block (block_m % TM == 0).
+ */
+
+#define MOE_ROUTED_NONE 0
+#define MOE_ROUTED_BEFORE_BIAS 1
+#define MOE_ROUTED_AFTER_BIAS 2
+
+/* bias, then the routed weight, as moe_gemm_routed_weight says. */
+inline float moe_gemm_epilogue(float acc, int slot, int col, int expert, int n,
+                               __global const float *bias, __global const float *topk_weights,
+                               int routed_mode) {
+  float b = bias ? bias[(long)expert * n + col] : 0.0f;
+  if (routed_mode == MOE_ROUTED_BEFORE_BIAS) return topk_weights[slot] * acc + b;
+  if (routed_mode == MOE_ROUTED_AFTER_BIAS) return topk_weights[slot] * (acc + b);
+  return acc + b;
+}
+
+inline long moe_gemm_a_row(int slot, int top_k, int per_slot_input) {
+  return per_slot_input ? (long)slot : (long)(slot / top_k);
+}
+
+__kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, int n, int k,
+                                 int block_m, int routed_mode, int b_in_out,
+                                 __global const ushort *a, __global const ushort *b,
+                                 __global const float *bias, __global const int *sorted_token_ids,
+                                 __global const int *expert_ids,
+                                 __global const int *num_tokens_post_padded,
+                                 __global const float *topk_weights, __global ushort *c) {
+  const int col = get_global_id(0), pos = get_global_id(1);
+  if (col >= n || pos >= *num_tokens_post_padded) return;
+  const int slot = sorted_token_ids[pos];
+  const int expert = expert_ids[pos / block_m];
+  if (slot >= num_slots || expert < 0) return;
+  __global const ushort *x = a + moe_gemm_a_row(slot, top_k, per_slot_input) * k;
+  __global const ushort *w = b + (long)expert * n * k;
+  const long w_col = b_in_out ? col : (long)col * k;
+  const long w_step = b_in_out ? n : 1;
+  float acc = 0.0f;
+  for (int i = 0; i < k; ++i)
+    acc += moe_bf16_to_f32(x[i]) * moe_bf16_to_f32(w[w_col + i * w_step]);
+  c[(long)slot * n + col] = moe_f32_to_bf16(
+      moe_gemm_epilogue(acc, slot, col, expert, n, bias, topk_weights, routed_mode));
+}
+
+/* ------------------------------------------------------------------------ */
+/* Skinny kernel (decode)                                                   */
+/* ------------------------------------------------------------------------ */
+
+#define MOE_SK_WG 64
+#define MOE_SK_COLS 4
+#define MOE_SK_ROWS 4
+
+/* 16-byte loads where rows are 16-byte aligned (k % 8 == 0), else vload8. */
+#define MOE_LOAD8_ALIGNED(p, i) (*(__global const ushort8 *)((p) + (i)))
+#define MOE_LOAD8_ANY(p, i) vload8(0, (p) + (i))
+
+#define MOE_DEFINE_GEMM_SKINNY(NAME, LOAD8)                                                        \
+  __kernel __attribute__((reqd_work_group_size(MOE_SK_WG, 1, 1))) void NAME(                       \
+      int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
+      __global const ushort *a, __global const ushort *b, __global const float *bias,              \
+      __global const int *sorted_token_ids, __global const int *expert_ids,                        \
+      __global const int *num_tokens_post_padded, __global const float *topk_weights,              \
+      __global ushort *c) {                                                                        \
+    __local float partial[MOE_SK_ROWS * MOE_SK_COLS][MOE_SK_WG];                                   \
+    const int lid = get_local_id(0);                                                               \
+    const int col0 = get_group_id(0) * MOE_SK_COLS;                                                \
+    const int block_start = get_group_id(1) * block_m;                                             \
+    if (block_start >= *num_tokens_post_padded) return;                                            \
+    const int expert = expert_ids[get_group_id(1)];                                                \
+    if (expert < 0) return;                                                                        \
+    __global const ushort *w[MOE_SK_COLS];                                                         \
+    for (int j = 0; j < MOE_SK_COLS; ++j)                                                          \
+      w[j] = b + ((long)expert * n + min(col0 + j, n - 1)) * k;                                    \
+    const int k8 = k / 8 * 8;                                                                      \
+    for (int r0 = 0; r0 < block_m; r0 += MOE_SK_ROWS) {                                            \
+      int slot[MOE_SK_ROWS];                                                                       \
+      __global const ushort *x[MOE_SK_ROWS];                                                       \
+      int any_real = 0;                                                                            \
+      for (int i = 0; i < MOE_SK_ROWS; ++i) {                                                      \
+        slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;           \
+        int real = slot[i] < num_slots;                                                            \
+        any_real |= real;                                                                          \
+        /* Padding rows read row 0 (always there) and are never stored. */                         \
+        x[i] = a + (real ? moe_gemm_a_row(slot[i], top_k, per_slot_input) : 0) * k;                \
+      }                                                                                            \
+      if (!any_real) continue;                                                                     \
+      float4 acc[MOE_SK_ROWS][MOE_SK_COLS];                                                        \
+      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
+        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
+          acc[i][j] = (float4)(0.0f);                                                              \
+      for (int kk = lid * 8; kk < k8; kk += MOE_SK_WG * 8) {                                       \
+        float8 wv[MOE_SK_COLS];                                                                    \
+        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
+          wv[j] = moe_bf16x8_to_f32(LOAD8(w[j], kk));                                              \
+        for (int i = 0; i < MOE_SK_ROWS; ++i) {                                                    \
+          float8 xv = moe_bf16x8_to_f32(LOAD8(x[i], kk));                                          \
+          for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
+            acc[i][j] += xv.lo * wv[j].lo + xv.hi * wv[j].hi;                                      \
+        }                                                                                          \
+      }                                                                                            \
+      for (int kk = k8 + lid; kk < k; kk += MOE_SK_WG)                                             \
+        for (int i = 0; i < MOE_SK_ROWS; ++i)                                                      \
+          for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
+            acc[i][j].s0 += moe_bf16_to_f32(x[i][kk]) * moe_bf16_to_f32(w[j][kk]);                 \
+      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
+        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
+          partial[i * MOE_SK_COLS + j][lid] =                                                      \
+              (acc[i][j].s0 + acc[i][j].s1) + (acc[i][j].s2 + acc[i][j].s3);                       \
+      barrier(CLK_LOCAL_MEM_FENCE);                                                                \
+      for (int stride = MOE_SK_WG / 2; stride > 0; stride /= 2) {                                  \
+        if (lid < stride)                                                                          \
+          for (int q = 0; q < MOE_SK_ROWS * MOE_SK_COLS; ++q)                                      \
+            partial[q][lid] += partial[q][lid + stride];                                           \
+        barrier(CLK_LOCAL_MEM_FENCE);                                                              \
+      }                                                                                            \
+      if (lid < MOE_SK_ROWS * MOE_SK_COLS) {                                                       \
+        const int i = lid / MOE_SK_COLS, col = col0 + lid % MOE_SK_COLS;                           \
+        int s = slot[0];                                                                           \
+        for (int q = 1; q < MOE_SK_ROWS; ++q)                                                      \
+          if (q == i) s = slot[q];                                                                 \
+        if (s < num_slots && col < n)                                                              \
+          c[(long)s * n + col] = moe_f32_to_bf16(moe_gemm_epilogue(                                \
+              partial[lid][0], s, col, expert, n, bias, topk_weights, routed_mode));               \
+      }                                                                                            \
+      barrier(CLK_LOCAL_MEM_FENCE);                                                                \
+    }                                                                                              \
+  }
+
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_aligned, MOE_LOAD8_ALIGNED)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_any, MOE_LOAD8_ANY)
+
+/* ------------------------------------------------------------------------ */
+/* Tiled kernel (prefill)                                                   */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * 256 work-items as 16 x 16 (tx, ty). A work-item owns rows
+ * g*64 + ty*4 + {0..3} (g < MR/4) and columns g*64 + tx*4 + {0..3}
+ * (g < NR/4) of the tile, so that its local reads are float4 and a
+ * quarter-warp's reads fall in distinct banks:
+ *
+ *            TN columns: | tx=0 (4) | tx=1 (4) | ... | tx=15 | (repeat NR/4)
+ *   TM rows  ty=0 (4 rows)
+ *            ty=1 ...    (repeat MR/4)
+ *
+ * Loads: each work-item fetches 4 consecutive bf16 of one A row and of one
+ * B row ([out][in]) or B column run ([in][out]) per K slice.
+ */
+#define MOE_TL_THREADS 256
+
+/* Four consecutive bf16 at p as fp32; only the first `valid` (0..4) are
+ * read, the rest are 0. vec4: p is 8-byte aligned, so one load will do. */
+inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
+  if (vec4 && valid == 4) return moe_bf16x4_to_f32(*(__global const ushort4 *)p);
+  float t[4];
+  for (int q = 0; q < 4; ++q)
+    t[q] = q < valid ? moe_bf16_to_f32(p[q]) : 0.0f;
+  return (float4)(t[0], t[1], t[2], t[3]);
+}
+
+/* This work-item's part of the K slice at K0: a_next, b_next. */
+#define MOE_TL_FETCH(K0)                                                                           \
+  do {                                                                                             \
+    const int ka = (K0) + a_kq;                                                                    \
+    a_next = moe_load4(a_ptr + ka, a_real ? clamp(k - ka, 0, 4) : 0, vec4);                        \
+    if (b_in_out) {                                                                                \
+      const int kb = (K0) + b_r, col = n0 + b_q;                                                   \
+      b_next =                                                                                     \
+          moe_load4(w + (long)min(kb, k - 1) * n + col, kb < k ? clamp(n - col, 0, 4) : 0, vec4);  \
+    } else {                                                                                       \
+      const int kb = (K0) + b_q, col = n0 + b_r;                                                   \
+      b_next =                                                                                     \
+          moe_load4(w + (long)min(col, n - 1) * k + kb, col < n ? clamp(k - kb, 0, 4) : 0, vec4);  \
+    }                                                                                              \
+  } while (0)
+
+#define MOE_DEFINE_GEMM_TILED(NAME, TM, TN, TK, MR, NR)                                            \
+  __kernel __attribute__((reqd_work_group_size(MOE_TL_THREADS, 1, 1))) void NAME(                  \
+      int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
+      int b_in_out, __global const ushort *a, __global const ushort *b,                            \
+      __global const float *bias, __global const int *sorted_token_ids,                            \
+      __global const int *expert_ids, __global const int *num_tokens_post_padded,                  \
+      __global const float *topk_weights, __global ushort *c) {                                    \
+    __local float a_tile[TK][TM];                                                                  \
+    __local float b_tile[TK][TN];                                                                  \
+    __local int tile_slot[TM];                                                                     \
+    const int tid = get_local_id(0), tx = tid % 16, ty = tid / 16;                                 \
+    const int n0 = get_group_id(0) * TN;                                                           \
+    const int p0 = get_group_id(1) * TM;                                                           \
+    if (p0 >= *num_tokens_post_padded) return;                                                     \
+    const int expert = expert_ids[p0 / block_m];                                                   \
+    if (expert < 0) return;                                                                        \
+    for (int r = tid; r < TM; r += MOE_TL_THREADS)                                                 \
+      tile_slot[r] = sorted_token_ids[p0 + r];                                                     \
+    barrier(CLK_LOCAL_MEM_FENCE);                                                                  \
+    /* This work-item's loads: A row a_r at k offset a_kq; B likewise. */                          \
+    const int a_r = tid / (TK / 4), a_kq = (tid % (TK / 4)) * 4;                                   \
+    const int a_slot = tile_slot[a_r];                                                             \
+    const int a_real = a_slot < num_slots;                                                         \
+    __global const ushort *a_ptr =                                                                 \
+        a + (a_real ? moe_gemm_a_row(a_slot, top_k, per_slot_input) : 0) * k;                      \
+    __global const ushort *w = b + (long)expert * n * k;                                           \
+    int b_r, b_q; /* [out][in]: row n0+b_r, k offset b_q; [in][out]: k row b_r, column b_q */      \
+    if (b_in_out) {                                                                                \
+      b_r = tid / (TN / 4);                                                                        \
+      b_q = (tid % (TN / 4)) * 4;                                                                  \
+    } else {                                                                                       \
+      b_r = tid / (TK / 4);                                                                        \
+      b_q = (tid % (TK / 4)) * 4;                                                                  \
+    }                                                                                              \
+    const int vec4 = (k % 4 == 0) && (!b_in_out || n % 4 == 0);                                    \
+    float4 a_next, b_next;                                                                         \
+    MOE_TL_FETCH(0);                                                                               \
+    float acc[MR][NR];                                                                             \
+    for (int i = 0; i < MR; ++i)                                                                   \
+      for (int j = 0; j < NR; ++j)                                                                 \
+        acc[i][j] = 0.0f;                                                                          \
+    for (int k0 = 0; k0 < k; k0 += TK) {                                                           \
+      barrier(CLK_LOCAL_MEM_FENCE);                                                                \
+      a_tile[a_kq + 0][a_r] = a_next.s0;                                                           \
+      a_tile[a_kq + 1][a_r] = a_next.s1;                                                           \
+      a_tile[a_kq + 2][a_r] = a_next.s2;                                                           \
+      a_tile[a_kq + 3][a_r] = a_next.s3;                                                           \
+      if (b_in_out) {                                                                              \
+        *(__local float4 *)&b_tile[b_r][b_q] = b_next;                                             \
+      } else {                                                                                     \
+        b_tile[b_q + 0][b_r] = b_next.s0;                                                          \
+        b_tile[b_q + 1][b_r] = b_next.s1;                                                          \
+        b_tile[b_q + 2][b_r] = b_next.s2;                                                          \
+        b_tile[b_q + 3][b_r] = b_next.s3;                                                          \
+      }                                                                                            \
+      barrier(CLK_LOCAL_MEM_FENCE);                                                                \
+      /* The next slice travels while this one is multiplied. */                                   \
+      if (k0 + TK < k) MOE_TL_FETCH(k0 + TK);                                                      \
+      for (int kk = 0; kk < TK; ++kk) {                                                            \
+        float av[MR], bv[NR];                                                                      \
+        for (int g = 0; g < MR / 4; ++g) {                                                         \
+          float4 v = *(__local const float4 *)&a_tile[kk][g * 64 + ty * 4];                        \
+          av[g * 4 + 0] = v.s0;                                                                    \
+          av[g * 4 + 1] = v.s1;                                                                    \
+          av[g * 4 + 2] = v.s2;                                                                    \
+          av[g * 4 + 3] = v.s3;                                                                    \
+        }                                                                                          \
+        for (int g = 0; g < NR / 4; ++g) {                                                         \
+          float4 v = *(__local const float4 *)&b_tile[kk][g * 64 + tx * 4];                        \
+          bv[g * 4 + 0] = v.s0;                                                                    \
+          bv[g * 4 + 1] = v.s1;                                                                    \
+          bv[g * 4 + 2] = v.s2;                                                                    \
+          bv[g * 4 + 3] = v.s3;                                                                    \
+        }                                                                                          \
+        for (int i = 0; i < MR; ++i)                                                               \
+          for (int j = 0; j < NR; ++j)                                                             \
+            acc[i][j] += av[i] * bv[j];                                                            \
+      }                                                                                            \
+    }                                                                                              \
+    for (int i = 0; i < MR; ++i) {                                                                 \
+      const int slot = tile_slot[(i / 4) * 64 + ty * 4 + i % 4];                                   \
+      if (slot >= num_slots) continue;                                                             \
+      __global ushort *c_row = c + (long)slot * n;                                                 \
+      for (int j = 0; j < NR; ++j) {                                                               \
+        const int col = n0 + (j / 4) * 64 + tx * 4 + j % 4;                                        \
+        if (col < n)                                                                               \
+          c_row[col] = moe_f32_to_bf16(moe_gemm_epilogue(acc[i][j], slot, col, expert, n, bias,    \
+                                                         topk_weights, routed_mode));              \
+      }                                                                                            \
+    }                                                                                              \
+  }
+
+MOE_DEFINE_GEMM_TILED(moe_gemm_tiled_64x64, 64, 64, 16, 4, 4)
+MOE_DEFINE_GEMM_TILED(moe_gemm_tiled_128x128, 128, 128, 8, 8, 8)

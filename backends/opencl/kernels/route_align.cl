@@ -1,0 +1,118 @@
+/*
+ * route_align.cl - routing and align on the device, so that a forward never
+ * waits for the host.
+ *
+ * moe_route: one work-item per token runs moe_rl_route_token, the rule of
+ * core/routing_logic.h (embedded above this file), exactly as the core does.
+ *
+ * moe_align: one work-group of MOE_ALIGN_WG work-items writes the bytes of
+ * moe_align_host (core/align.c): a counting sort whose runs keep ascending
+ * slot order. Slots are scattered in chunks of MOE_ALIGN_WG; a slot's place
+ * in its run is the cursor of its expert plus the number of earlier slots of
+ * the same expert in the chunk, so the order never depends on timing.
+ */
+
+__kernel void moe_route(int num_tokens, __global const float *logits,
+                        __global const float *correction_bias, __global int *topk_ids,
+                        __global float *topk_weights, int num_experts, int top_k,
+                        int scoring_sigmoid, int renormalize, int num_groups, int topk_groups,
+                        int group_top2_sum, float routed_scaling_factor) {
+  int t = get_global_id(0);
+  if (t >= num_tokens) return;
+  moe_rl_params p;
+  p.num_experts = num_experts;
+  p.top_k = top_k;
+  p.scoring_sigmoid = scoring_sigmoid;
+  p.renormalize = renormalize;
+  p.num_groups = num_groups;
+  p.topk_groups = topk_groups;
+  p.group_top2_sum = group_top2_sum;
+  p.has_bias = correction_bias != 0;
+  p.scaling = routed_scaling_factor;
+  moe_rl_route_token(logits + (long)t * num_experts, correction_bias, &p,
+                     topk_ids + (long)t * top_k, topk_weights + (long)t * top_k);
+}
+
+#define MOE_ALIGN_WG 256
+#define MOE_ALIGN_MAX_EXPERTS 1024 /* MOE_MAX_EXPERTS of moe.h */
+
+/* The local expert of a slot's id, or -1 when align skips it (as core/align.c). */
+inline int moe_local_expert(int id, __global const int *expert_map, int num_experts,
+                            int num_local_experts) {
+  if (expert_map) {
+    if (id < 0 || id >= num_experts) return -1;
+    id = expert_map[id];
+  }
+  return (id >= 0 && id < num_local_experts) ? id : -1;
+}
+
+__kernel __attribute__((reqd_work_group_size(MOE_ALIGN_WG, 1, 1))) void
+moe_align(int num_slots, __global const int *topk_ids, __global const int *expert_map,
+          int num_experts, int num_local_experts, int block_m, int sorted_capacity,
+          int block_capacity, __global int *sorted_token_ids, __global int *expert_ids,
+          __global int *num_tokens_post_padded) {
+  __local int run_start[MOE_ALIGN_MAX_EXPERTS + 1];
+  __local int cursor[MOE_ALIGN_MAX_EXPERTS];
+  __local int chunk_expert[MOE_ALIGN_WG];
+  const int lid = get_local_id(0);
+  const int EL = num_local_experts;
+
+  for (int e = lid; e < EL; e += MOE_ALIGN_WG)
+    cursor[e] = 0;
+  barrier(CLK_LOCAL_MEM_FENCE);
+  for (int s = lid; s < num_slots; s += MOE_ALIGN_WG) {
+    int e = moe_local_expert(topk_ids[s], expert_map, num_experts, EL);
+    if (e >= 0) atomic_inc(&cursor[e]);
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  if (lid == 0) {
+    int start = 0;
+    for (int e = 0; e < EL; ++e) {
+      run_start[e] = start;
+      start += (cursor[e] + block_m - 1) / block_m * block_m;
+    }
+    run_start[EL] = start;
+    *num_tokens_post_padded = start;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  const int padded = run_start[EL];
+  for (int e = lid; e < EL; e += MOE_ALIGN_WG)
+    cursor[e] = run_start[e];
+
+  /* A block's owner is the last expert whose run starts at or before it
+   * (empty runs share their start with the next expert). */
+  for (int b = lid; b < block_capacity; b += MOE_ALIGN_WG) {
+    int pos = b * block_m, owner = -1;
+    if (pos < padded) {
+      int lo = 0, hi = EL - 1;
+      while (lo < hi) {
+        int mid = (lo + hi + 1) / 2;
+        if (run_start[mid] <= pos)
+          lo = mid;
+        else
+          hi = mid - 1;
+      }
+      owner = lo;
+    }
+    expert_ids[b] = owner;
+  }
+  for (int i = lid; i < sorted_capacity; i += MOE_ALIGN_WG)
+    sorted_token_ids[i] = num_slots;
+  barrier(CLK_LOCAL_MEM_FENCE | CLK_GLOBAL_MEM_FENCE);
+
+  for (int base = 0; base < num_slots; base += MOE_ALIGN_WG) {
+    int s = base + lid;
+    int e = s < num_slots ? moe_local_expert(topk_ids[s], expert_map, num_experts, EL) : -1;
+    chunk_expert[lid] = e;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (e >= 0) {
+      int rank = 0;
+      for (int j = 0; j < lid; ++j)
+        rank += chunk_expert[j] == e;
+      sorted_token_ids[cursor[e] + rank] = s;
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+    if (e >= 0) atomic_inc(&cursor[e]);
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+}

@@ -1,0 +1,524 @@
+/*
+ * opencl_backend.c - the OpenCL backend's operation table: buffers as
+ * cl_mem, the stages as kernels of the one program (kernels/), and the
+ * layer: weights repacked to the [out][in] layout at create, a workspace
+ * sized at reserve, and a forward that only enqueues (route, align, GEMM1,
+ * activation, GEMM2 with the routed weight, reduce).
+ *
+ * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
+ * skinny kernel while the average rows per expert T*k/EL is at most
+ * MOE_OCL_SKINNY_MAX_ROWS (env MOE_OPENCL_SKINNY_MAX_ROWS overrides), the
+ * 128x128 tile from MOE_OCL_TILE128_MIN_ROWS on, else the 64x64 tile.
+ */
+#include "opencl_internal.h"
+
+#include <stdlib.h>
+#include <string.h>
+
+#define MOE_OCL_SKINNY_MAX_ROWS 16
+#define MOE_OCL_TILE128_MIN_ROWS 512
+
+#define TRY(expr)                                                                                  \
+  do {                                                                                             \
+    moe_status try_status_ = (expr);                                                               \
+    if (try_status_ != MOE_SUCCESS) return try_status_;                                            \
+  } while (0)
+
+/* ------------------------------------------------------------------------ */
+/* Kernel launch helpers                                                    */
+/* ------------------------------------------------------------------------ */
+
+typedef struct kernel_args {
+  cl_kernel kernel;
+  cl_uint index;
+  cl_int err;
+} kernel_args;
+
+static kernel_args args_begin(const moe_ocl_state *s, moe_ocl_kernel_id id) {
+  return (kernel_args){s->kernels[id], 0, CL_SUCCESS};
+}
+
+static void arg_raw(kernel_args *a, size_t size, const void *value) {
+  if (a->err == CL_SUCCESS) a->err = clSetKernelArg(a->kernel, a->index, size, value);
+  a->index++;
+}
+
+/* A buffer argument; NULL becomes a NULL __global pointer. */
+static void arg_mem(kernel_args *a, const void *handle) {
+  cl_mem mem = (cl_mem)handle;
+  arg_raw(a, sizeof mem, handle ? &mem : NULL);
+}
+
+static void arg_int(kernel_args *a, int64_t value) {
+  cl_int v = (cl_int)value;
+  arg_raw(a, sizeof v, &v);
+}
+
+static void arg_float(kernel_args *a, float value) {
+  arg_raw(a, sizeof value, &value);
+}
+
+static size_t round_up(size_t x, size_t m) {
+  return (x + m - 1) / m * m;
+}
+
+/* Enqueues a->kernel over global (rounded up to local) work-items. */
+static moe_status launch(moe_ocl_state *s, kernel_args *a, cl_uint dims, const size_t *global,
+                         const size_t *local, const char *what) {
+  if (a->err != CL_SUCCESS) return moe_ocl_fail(a->err, "clSetKernelArg");
+  size_t rounded[2];
+  for (cl_uint d = 0; d < dims; ++d) {
+    if (global[d] == 0) return MOE_SUCCESS;
+    rounded[d] = round_up(global[d], local[d]);
+  }
+  cl_int err =
+      clEnqueueNDRangeKernel(s->queue, a->kernel, dims, NULL, rounded, local, 0, NULL, NULL);
+  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, what);
+}
+
+/* ------------------------------------------------------------------------ */
+/* Context and buffers                                                      */
+/* ------------------------------------------------------------------------ */
+
+static void ocl_context_destroy(void *state) {
+  moe_ocl_state *s = state;
+  if (s && s->queue) clFinish(s->queue);
+  moe_ocl_state_free(s);
+}
+
+static moe_status ocl_synchronize(void *state) {
+  cl_int err = clFinish(((moe_ocl_state *)state)->queue);
+  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, "clFinish");
+}
+
+static moe_status ocl_buffer_alloc(void *state, size_t bytes, void **handle) {
+  cl_int err;
+  cl_mem mem =
+      clCreateBuffer(((moe_ocl_state *)state)->context, CL_MEM_READ_WRITE, bytes, NULL, &err);
+  if (err != CL_SUCCESS) return moe_ocl_fail(err, "clCreateBuffer");
+  *handle = mem;
+  return MOE_SUCCESS;
+}
+
+static void ocl_buffer_free(void *state, void *handle) {
+  (void)state;
+  if (handle) clReleaseMemObject((cl_mem)handle);
+}
+
+static moe_status ocl_buffer_write(void *state, void *handle, size_t offset, const void *src,
+                                   size_t bytes) {
+  if (bytes == 0) return MOE_SUCCESS;
+  cl_int err = clEnqueueWriteBuffer(((moe_ocl_state *)state)->queue, (cl_mem)handle, CL_TRUE,
+                                    offset, bytes, src, 0, NULL, NULL);
+  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, "clEnqueueWriteBuffer");
+}
+
+static moe_status ocl_buffer_read(void *state, const void *handle, size_t offset, void *dst,
+                                  size_t bytes) {
+  if (bytes == 0) return MOE_SUCCESS;
+  cl_int err = clEnqueueReadBuffer(((moe_ocl_state *)state)->queue, (cl_mem)handle, CL_TRUE, offset,
+                                   bytes, dst, 0, NULL, NULL);
+  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, "clEnqueueReadBuffer");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Stages                                                                   */
+/* ------------------------------------------------------------------------ */
+
+static moe_status ocl_route(void *state, const moe_route_args *r) {
+  moe_ocl_state *s = state;
+  kernel_args a = args_begin(s, MOE_OCL_ROUTE);
+  arg_int(&a, r->num_tokens);
+  arg_mem(&a, r->logits);
+  arg_mem(&a, r->correction_bias);
+  arg_mem(&a, r->topk_ids);
+  arg_mem(&a, r->topk_weights);
+  arg_int(&a, r->num_experts);
+  arg_int(&a, r->top_k);
+  arg_int(&a, r->scoring == MOE_SCORING_SIGMOID);
+  arg_int(&a, r->renormalize != 0);
+  arg_int(&a, r->num_groups);
+  arg_int(&a, r->topk_groups);
+  arg_int(&a, r->group_scoring == MOE_GROUP_SCORING_TOP2_SUM);
+  arg_float(&a, r->routed_scaling_factor);
+  const size_t global[1] = {(size_t)r->num_tokens}, local[1] = {64};
+  return launch(s, &a, 1, global, local, "route kernel");
+}
+
+static moe_status ocl_align(void *state, const moe_align_args *al) {
+  moe_ocl_state *s = state;
+  kernel_args a = args_begin(s, MOE_OCL_ALIGN);
+  arg_int(&a, al->num_tokens * al->top_k);
+  arg_mem(&a, al->topk_ids);
+  arg_mem(&a, al->expert_map);
+  arg_int(&a, al->num_experts);
+  arg_int(&a, al->num_local_experts);
+  arg_int(&a, al->block_m);
+  arg_int(&a, al->sorted_capacity);
+  arg_int(&a, al->block_capacity);
+  arg_mem(&a, al->sorted_token_ids);
+  arg_mem(&a, al->expert_ids);
+  arg_mem(&a, al->num_tokens_post_padded);
+  const size_t global[1] = {256}, local[1] = {256};
+  return launch(s, &a, 1, global, local, "align kernel");
+}
+
+typedef enum gemm_kernel { GEMM_REFERENCE, GEMM_SKINNY, GEMM_TILED_64, GEMM_TILED_128 } gemm_kernel;
+
+static int64_t skinny_max_rows(void) {
+  const char *text = getenv("MOE_OPENCL_SKINNY_MAX_ROWS");
+  return text && *text ? strtoll(text, NULL, 10) : MOE_OCL_SKINNY_MAX_ROWS;
+}
+
+/* The kernel for a GEMM: by the average rows per expert, within what the
+ * layout and block_m allow (the tiles need block_m % TM == 0). */
+static gemm_kernel choose_gemm(const moe_gemm_desc *d) {
+  const int64_t rows = d->num_tokens * d->top_k / d->num_local_experts;
+  const int out_in = d->b_layout == MOE_WEIGHT_LAYOUT_OUT_IN;
+  if (out_in && rows <= skinny_max_rows()) return GEMM_SKINNY;
+  if (d->block_m % 128 == 0 && rows >= MOE_OCL_TILE128_MIN_ROWS) return GEMM_TILED_128;
+  if (d->block_m % 64 == 0) return GEMM_TILED_64;
+  return out_in ? GEMM_SKINNY : GEMM_REFERENCE;
+}
+
+static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
+  const moe_gemm_desc *d = &g->desc;
+  const int64_t num_slots = d->num_tokens * d->top_k;
+  const gemm_kernel kind = choose_gemm(d);
+  moe_ocl_kernel_id id;
+  size_t global[2], local[2];
+  switch (kind) {
+  case GEMM_SKINNY:
+    id = d->k % 8 == 0 ? MOE_OCL_GEMM_SKINNY_ALIGNED : MOE_OCL_GEMM_SKINNY_ANY;
+    local[0] = 64;
+    local[1] = 1;
+    /* One column group per 4 outputs; a block with work holds a real slot. */
+    global[0] = (size_t)(d->n + 3) / 4 * 64;
+    global[1] = (size_t)(g->block_capacity < num_slots ? g->block_capacity : num_slots);
+    break;
+  case GEMM_TILED_64:
+  case GEMM_TILED_128: {
+    const int64_t tile = kind == GEMM_TILED_64 ? 64 : 128;
+    id = kind == GEMM_TILED_64 ? MOE_OCL_GEMM_TILED_64 : MOE_OCL_GEMM_TILED_128;
+    local[0] = 256;
+    local[1] = 1;
+    global[0] = (size_t)(d->n + tile - 1) / tile * 256;
+    global[1] = (size_t)(g->sorted_capacity / tile);
+    break;
+  }
+  default:
+    id = MOE_OCL_GEMM_REFERENCE;
+    local[0] = 64;
+    local[1] = 1;
+    global[0] = (size_t)d->n;
+    global[1] = (size_t)g->sorted_capacity;
+    break;
+  }
+  kernel_args a = args_begin(s, id);
+  arg_int(&a, num_slots);
+  arg_int(&a, d->top_k);
+  arg_int(&a, d->input == MOE_GEMM_INPUT_PER_SLOT);
+  arg_int(&a, d->n);
+  arg_int(&a, d->k);
+  arg_int(&a, d->block_m);
+  arg_int(&a, d->routed_weight);
+  if (kind != GEMM_SKINNY) arg_int(&a, d->b_layout == MOE_WEIGHT_LAYOUT_IN_OUT);
+  arg_mem(&a, g->a);
+  arg_mem(&a, g->b);
+  arg_mem(&a, g->bias);
+  arg_mem(&a, g->sorted_token_ids);
+  arg_mem(&a, g->expert_ids);
+  arg_mem(&a, g->num_tokens_post_padded);
+  arg_mem(&a, g->topk_weights);
+  arg_mem(&a, g->c);
+  return launch(s, &a, 2, global, local, "grouped GEMM kernel");
+}
+
+static moe_status ocl_grouped_gemm(void *state, const moe_gemm_args *g) {
+  return enqueue_gemm(state, g);
+}
+
+static moe_status ocl_activation(void *state, const moe_activation_args *act) {
+  moe_ocl_state *s = state;
+  kernel_args a = args_begin(s, MOE_OCL_ACTIVATION);
+  arg_int(&a, act->activation);
+  arg_float(&a, act->alpha);
+  arg_float(&a, act->limit);
+  arg_int(&a, act->rows);
+  arg_int(&a, act->intermediate_size);
+  arg_mem(&a, act->in);
+  arg_mem(&a, act->out);
+  const size_t global[2] = {(size_t)act->intermediate_size, (size_t)act->rows};
+  const size_t local[2] = {64, 1};
+  return launch(s, &a, 2, global, local, "activation kernel");
+}
+
+static moe_status ocl_topk_reduce(void *state, const moe_reduce_args *r) {
+  moe_ocl_state *s = state;
+  kernel_args a = args_begin(s, MOE_OCL_TOPK_REDUCE);
+  arg_int(&a, r->num_tokens);
+  arg_int(&a, r->top_k);
+  arg_int(&a, r->hidden_size);
+  arg_mem(&a, r->y);
+  arg_mem(&a, r->topk_weights);
+  arg_mem(&a, r->topk_ids);
+  arg_mem(&a, r->expert_map);
+  arg_int(&a, r->num_experts);
+  arg_int(&a, r->num_local_experts);
+  arg_mem(&a, r->out);
+  const size_t global[2] = {(size_t)r->hidden_size, (size_t)r->num_tokens};
+  const size_t local[2] = {64, 1};
+  return launch(s, &a, 2, global, local, "top-k reduce kernel");
+}
+
+/* ------------------------------------------------------------------------ */
+/* Layer                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* The workspace of a forward of up to reserved tokens. */
+typedef struct ocl_workspace {
+  cl_mem topk_ids, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded;
+  cl_mem gate_up, hidden, expert_out;
+} ocl_workspace;
+
+#define WORKSPACE_BUFFERS 8
+
+typedef struct ocl_layer {
+  moe_config cfg;
+  cl_mem w13, w2;                     /* bf16 [EL][2I][H], [EL][H][I] */
+  cl_mem w13_bias, w2_bias;           /* fp32 or NULL */
+  cl_mem correction_bias, expert_map; /* or NULL */
+  int64_t reserved;
+  ocl_workspace ws;
+} ocl_layer;
+
+static void workspace_free(ocl_workspace *ws) {
+  cl_mem *mems = (cl_mem *)ws;
+  for (int i = 0; i < WORKSPACE_BUFFERS; ++i)
+    if (mems[i]) clReleaseMemObject(mems[i]);
+  memset(ws, 0, sizeof *ws);
+}
+
+static void ocl_layer_destroy(void *state, void *layer) {
+  ocl_layer *l = layer;
+  if (!l) return;
+  clFinish(((moe_ocl_state *)state)->queue);
+  cl_mem weights[] = {l->w13, l->w2, l->w13_bias, l->w2_bias, l->correction_bias, l->expert_map};
+  for (size_t i = 0; i < sizeof weights / sizeof weights[0]; ++i)
+    if (weights[i]) clReleaseMemObject(weights[i]);
+  workspace_free(&l->ws);
+  free(l);
+}
+
+/* A device copy of host data (NULL host data: *mem stays NULL). */
+static moe_status upload(moe_ocl_state *s, cl_mem *mem, const void *host, size_t bytes) {
+  if (!host) return MOE_SUCCESS;
+  TRY(ocl_buffer_alloc(s, bytes, (void **)mem));
+  return ocl_buffer_write(s, *mem, 0, host, bytes);
+}
+
+/* Uploads experts weights of `rows x cols` per expert as [EL][rows][cols]
+ * ([out][in]); in_out: the host holds [EL][cols][rows] and each expert is
+ * transposed on the way. */
+static moe_status upload_out_in(moe_ocl_state *s, cl_mem *mem, const uint16_t *host, int64_t EL,
+                                int64_t rows, int64_t cols, int in_out) {
+  const size_t expert_elems = (size_t)rows * (size_t)cols;
+  const size_t expert_bytes = expert_elems * sizeof(uint16_t);
+  if (!in_out) return upload(s, mem, host, expert_bytes * (size_t)EL);
+  TRY(ocl_buffer_alloc(s, expert_bytes * (size_t)EL, (void **)mem));
+  uint16_t *packed = malloc(expert_bytes);
+  if (!packed) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate repacking space");
+  moe_status st = MOE_SUCCESS;
+  for (int64_t e = 0; e < EL && st == MOE_SUCCESS; ++e) {
+    const uint16_t *src = host + (size_t)e * expert_elems;
+    for (int64_t r = 0; r < rows; ++r)
+      for (int64_t c = 0; c < cols; ++c)
+        packed[(size_t)r * (size_t)cols + (size_t)c] = src[(size_t)c * (size_t)rows + (size_t)r];
+    st = ocl_buffer_write(s, *mem, (size_t)e * expert_bytes, packed, expert_bytes);
+  }
+  free(packed);
+  return st;
+}
+
+static moe_status layer_upload(moe_ocl_state *s, ocl_layer *l, const moe_weights *w) {
+  const moe_config *c = &l->cfg;
+  const int64_t EL = c->num_local_experts, H = c->hidden_size, I = c->intermediate_size;
+  const int in_out = c->weight_layout == MOE_WEIGHT_LAYOUT_IN_OUT;
+  TRY(upload_out_in(s, &l->w13, w->w13, EL, 2 * I, H, in_out));
+  TRY(upload_out_in(s, &l->w2, w->w2, EL, H, I, in_out));
+  TRY(upload(s, &l->w13_bias, w->w13_bias, (size_t)(EL * 2 * I) * sizeof(float)));
+  TRY(upload(s, &l->w2_bias, w->w2_bias, (size_t)(EL * H) * sizeof(float)));
+  TRY(upload(s, &l->correction_bias, w->correction_bias, (size_t)c->num_experts * sizeof(float)));
+  return upload(s, &l->expert_map, w->expert_map, (size_t)c->num_experts * sizeof(int32_t));
+}
+
+static moe_status ocl_layer_create(void *state, const moe_layer_desc *desc, void **layer) {
+  ocl_layer *l = calloc(1, sizeof *l);
+  if (!l) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate an OpenCL layer");
+  l->cfg = desc->cfg;
+  moe_status st = layer_upload(state, l, desc->weights);
+  if (st != MOE_SUCCESS) {
+    ocl_layer_destroy(state, l);
+    return st;
+  }
+  *layer = l;
+  return MOE_SUCCESS;
+}
+
+/* The row block of align in a forward of T tokens: 128 where the 128-row
+ * tile runs, else 64 (both serve the skinny kernel, whose cost does not
+ * grow with padding). */
+static int32_t forward_block_m(const moe_config *c, int64_t num_tokens) {
+  return num_tokens * c->top_k / c->num_local_experts >= MOE_OCL_TILE128_MIN_ROWS ? 128 : 64;
+}
+
+static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens) {
+  moe_ocl_state *s = state;
+  ocl_layer *l = layer;
+  const moe_config *c = &l->cfg;
+  const size_t slots = (size_t)(max_tokens * c->top_k), EL = (size_t)c->num_local_experts;
+  const size_t H = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
+  /* Capacities for the smallest (most blocks) and largest (most padding)
+   * block_m a forward uses. */
+  const size_t sorted_capacity = slots + EL * 127, block_capacity = (slots + EL * 63 + 63) / 64;
+  const size_t bytes[WORKSPACE_BUFFERS] = {
+      slots * 4, slots * 4,         sorted_capacity * 4, block_capacity * 4,
+      4,         slots * 2 * I * 2, slots * I * 2,       slots * H * 2};
+  ocl_workspace ws = {0};
+  cl_mem *mems = (cl_mem *)&ws;
+  for (int i = 0; i < WORKSPACE_BUFFERS; ++i) {
+    moe_status st = ocl_buffer_alloc(s, bytes[i], (void **)&mems[i]);
+    if (st != MOE_SUCCESS) {
+      workspace_free(&ws);
+      return st;
+    }
+  }
+  /* Earlier forwards may still use the old workspace: release it only after
+   * them (clReleaseMemObject defers the free until queued work is done). */
+  workspace_free(&l->ws);
+  l->ws = ws;
+  l->reserved = max_tokens;
+  return MOE_SUCCESS;
+}
+
+static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens, const void *x,
+                                    const void *logits, void *out) {
+  moe_ocl_state *s = state;
+  ocl_layer *l = layer;
+  const moe_config *c = &l->cfg;
+  const ocl_workspace *ws = &l->ws;
+  const int64_t slots = num_tokens * c->top_k;
+  const int32_t EL = c->num_local_experts, BM = forward_block_m(c, num_tokens);
+  const int64_t sorted_capacity = slots + (int64_t)EL * (BM - 1);
+  const int64_t block_capacity = (sorted_capacity + BM - 1) / BM;
+  const int weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+
+  const moe_route_args route = {.num_tokens = num_tokens,
+                                .logits = logits,
+                                .correction_bias = l->correction_bias,
+                                .topk_ids = ws->topk_ids,
+                                .topk_weights = ws->topk_weights,
+                                .num_experts = c->num_experts,
+                                .top_k = c->top_k,
+                                .scoring = c->scoring,
+                                .renormalize = c->renormalize,
+                                .num_groups = c->num_groups,
+                                .topk_groups = c->topk_groups,
+                                .group_scoring = c->group_scoring,
+                                .routed_scaling_factor = c->routed_scaling_factor};
+  TRY(ocl_route(s, &route));
+
+  const moe_align_args align = {
+      .num_tokens = num_tokens,
+      .top_k = c->top_k,
+      .num_experts = c->num_experts,
+      .num_local_experts = EL,
+      .block_m = BM,
+      .sorted_capacity = sorted_capacity,
+      .block_capacity = block_capacity,
+      .topk_ids = ws->topk_ids,
+      .expert_map = l->expert_map,
+      .sorted_token_ids = ws->sorted_token_ids,
+      .expert_ids = ws->expert_ids,
+      .num_tokens_post_padded = ws->num_tokens_post_padded,
+  };
+  TRY(ocl_align(s, &align));
+
+  moe_gemm_args gemm = {
+      .desc = {.num_tokens = num_tokens,
+               .top_k = c->top_k,
+               .num_local_experts = EL,
+               .n = 2 * c->intermediate_size,
+               .k = c->hidden_size,
+               .block_m = BM,
+               .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN,
+               .input = MOE_GEMM_INPUT_PER_TOKEN,
+               .routed_weight = weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS
+                                                : MOE_GEMM_ROUTED_WEIGHT_NONE},
+      .sorted_capacity = sorted_capacity,
+      .block_capacity = block_capacity,
+      .a = x,
+      .b = l->w13,
+      .bias = l->w13_bias,
+      .sorted_token_ids = ws->sorted_token_ids,
+      .expert_ids = ws->expert_ids,
+      .num_tokens_post_padded = ws->num_tokens_post_padded,
+      .topk_weights = ws->topk_weights,
+      .c = ws->gate_up,
+  };
+  TRY(enqueue_gemm(s, &gemm));
+
+  const moe_activation_args act = {.activation = c->activation,
+                                   .alpha = c->swiglu_alpha,
+                                   .limit = c->swiglu_limit,
+                                   .rows = slots,
+                                   .intermediate_size = c->intermediate_size,
+                                   .in = ws->gate_up,
+                                   .out = ws->hidden};
+  TRY(ocl_activation(s, &act));
+
+  gemm.desc.n = c->hidden_size;
+  gemm.desc.k = c->intermediate_size;
+  gemm.desc.input = MOE_GEMM_INPUT_PER_SLOT;
+  gemm.desc.routed_weight =
+      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
+  gemm.a = ws->hidden;
+  gemm.b = l->w2;
+  gemm.bias = l->w2_bias;
+  gemm.c = ws->expert_out;
+  TRY(enqueue_gemm(s, &gemm));
+
+  const moe_reduce_args reduce = {.num_tokens = num_tokens,
+                                  .top_k = c->top_k,
+                                  .hidden_size = c->hidden_size,
+                                  .y = ws->expert_out,
+                                  .topk_weights = NULL,
+                                  .topk_ids = ws->topk_ids,
+                                  .expert_map = l->expert_map,
+                                  .num_experts = c->num_experts,
+                                  .num_local_experts = EL,
+                                  .out = out};
+  return ocl_topk_reduce(s, &reduce);
+}
+
+const moe_backend_ops moe_opencl_backend_ops = {
+    .name = "opencl",
+    .kind = MOE_BACKEND_OPENCL,
+    .context_create = moe_ocl_context_create,
+    .has_gpu = moe_ocl_has_gpu,
+    .context_destroy = ocl_context_destroy,
+    .synchronize = ocl_synchronize,
+    .buffer_alloc = ocl_buffer_alloc,
+    .buffer_free = ocl_buffer_free,
+    .buffer_write = ocl_buffer_write,
+    .buffer_read = ocl_buffer_read,
+    .route = ocl_route,
+    .align = ocl_align,
+    .grouped_gemm = ocl_grouped_gemm,
+    .activation = ocl_activation,
+    .topk_reduce = ocl_topk_reduce,
+    .layer_create = ocl_layer_create,
+    .layer_destroy = ocl_layer_destroy,
+    .layer_reserve = ocl_layer_reserve,
+    .layer_forward = ocl_layer_forward,
+};

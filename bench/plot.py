@@ -1,0 +1,80 @@
+#!/usr/bin/env python3
+"""plot.py - draws moe_bench results: fraction of the roofline vs tokens.
+
+Reads one or more JSON files written by `moe_bench --json FILE` and draws,
+per (model, backend, kernel path, device), the measured time as a percentage
+of the roofline time max(bytes/read_bw, flops/peak) against the token count
+(log x). Writes bench/results.png unless -o says otherwise.
+
+    python3 bench/plot.py bench/results-cpu.json bench/results-cuda.json
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use("Agg")  # files only, no display needed
+import matplotlib.pyplot as plt  # noqa: E402
+import matplotlib.ticker  # noqa: E402
+
+
+def series_of(run):
+    """Yields (model, label, tokens, percent) for each model in one run."""
+    by_model = {}
+    for row in run.get("rows", []):
+        if "of_roofline" in row:
+            by_model.setdefault(row["model"], []).append(row)
+    device = run.get("device", "?")
+    for model, rows in by_model.items():
+        rows.sort(key=lambda r: r["tokens"])
+        label = f"{model} - {run.get('backend', '?')} [{run.get('kernels', '?')}] on {device}"
+        yield model, label, [r["tokens"] for r in rows], [100 * r["of_roofline"] for r in rows]
+
+
+def main():
+    here = os.path.dirname(os.path.abspath(__file__))
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("json", nargs="+", help="moe_bench --json outputs")
+    parser.add_argument("-o", "--output", default=os.path.join(here, "results.png"))
+    parser.add_argument("--title", default="moe_bench: fraction of roofline")
+    args = parser.parse_args()
+
+    fig, ax = plt.subplots(figsize=(11, 6.5))
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    styles = ["-", "--", ":", "-."]
+    markers = ["o", "s", "^", "D", "v"]
+    model_color, run_style = {}, {}
+    drawn = 0
+    for path in args.json:
+        with open(path) as f:
+            run = json.load(f)
+        # One colour per model, one line style and marker per run (backend,
+        # kernels, device), so the same model on two devices is easy to compare.
+        key = (run.get("backend"), run.get("kernels"), run.get("device"), path)
+        run_index = run_style.setdefault(key, len(run_style))
+        for model, label, tokens, percent in series_of(run):
+            color = colors[model_color.setdefault(model, len(model_color)) % len(colors)]
+            ax.plot(tokens, percent, color=color, linestyle=styles[run_index % len(styles)],
+                    marker=markers[run_index % len(markers)], label=label)
+            drawn += 1
+    if not drawn:
+        sys.exit("plot.py: no rows with rooflines in " + ", ".join(args.json))
+
+    ax.set_xscale("log", base=2)
+    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+    ax.set_xlabel("tokens per forward")
+    ax.set_ylabel("% of roofline  (max(bytes/read BW, flops/peak) / measured)")
+    ax.set_ylim(bottom=0)
+    ax.axhline(100, color="gray", linewidth=0.8, linestyle="--")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.set_title(args.title)
+    ax.legend(fontsize="small", loc="best")
+    fig.tight_layout()
+    fig.savefig(args.output, dpi=120)
+    print(f"plot.py: wrote {args.output} ({drawn} series)")
+
+
+if __name__ == "__main__":
+    main()

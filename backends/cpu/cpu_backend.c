@@ -1,41 +1,675 @@
-/* cpu_backend.c - placeholder table; replaced by the CPU backend work. */
+/*
+ * cpu_backend.c - the CPU backend's table: contexts (kernel path chosen at
+ * creation), host buffers, the stages, and the layer (weights repacked at
+ * creation, workspace at reserve, fused forward without allocation).
+ *
+ * Kernel paths (MOE_CPU_KERNELS=portable|avx512|avx512bf16|auto, default
+ * auto = the best the CPU supports): "avx512bf16" (vdpbf16ps), "avx512"
+ * (AVX-512F, bf16 widened by shifts, fp32 FMA), "portable" (plain C). All
+ * share the packed layouts and the driver of cpu_gemm.c.
+ *
+ * Determinism: every output element of every stage and of the layer is
+ * computed by one fixed sequence of fp32 operations that depends only on
+ * the shapes of the layer (the K-reduction order of cpu_kernels.h, the
+ * element-wise epilogues, and the reduce over j = 0..k-1 in order). It does
+ * not depend on T, on the thread count, on how work is split, or on the
+ * other tokens of the batch: reruns are bitwise identical and a token's
+ * output is the same whatever batch it is in. The portable and avx512
+ * paths also agree bit for bit with each other.
+ *
+ * Layer forward: host route (core) -> host align (core) with block_m 1, so
+ * no padding rows exist -> GEMM1 with the gated activation fused in its
+ * epilogue (w13 interleaved: each 32-column panel holds 16 gate and the
+ * matching 16 up columns) -> h (bf16) -> GEMM2 with bias and the routed
+ * weight fused (y, bf16) -> reduce. The router weight multiplies the
+ * accumulator before the bias in GEMM1 (ON_INPUT) or after the bias in
+ * GEMM2 (ON_OUTPUT); the reduce then sums with weight 1.
+ */
 #include "backend.h"
+#include "cpu_gemm.h"
+#include "cpu_kernels.h"
 
+#include "../common/activation_logic.h"
+#include "../common/bf16_logic.h"
+
+#include <omp.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
+#if defined(__x86_64__) || defined(__i386__)
+#include <cpuid.h>
+#endif
+
+_Static_assert(MOE_ACT_SWIGLU == (int)MOE_ACTIVATION_SWIGLU &&
+                   MOE_ACT_GEGLU == (int)MOE_ACTIVATION_GEGLU &&
+                   MOE_ACT_SWIGLU_CLAMP == (int)MOE_ACTIVATION_SWIGLU_CLAMP,
+               "activation_logic.h must mirror moe_activation");
+
+#define ALIGNMENT 64
+
+typedef struct cpu_state {
+  const cpu_kernel_path *path;
+  int threads;
+} cpu_state;
+
+static size_t align_up(size_t n) {
+  return (n + ALIGNMENT - 1) / ALIGNMENT * ALIGNMENT;
+}
+static int64_t div_up(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+
+static void *aligned_malloc(size_t bytes) {
+  void *p = NULL;
+  if (posix_memalign(&p, ALIGNMENT, bytes ? bytes : 1) != 0) return NULL;
+  return p;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Context                                                                  */
+/* ------------------------------------------------------------------------ */
+
+/* What the CPU can run: 0 portable, 1 avx512, 2 avx512bf16. */
+static int cpu_best_level(void) {
+  int level = 0;
+#if defined(MOE_CPU_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
+  __builtin_cpu_init();
+  /* avx512f here also means the OS saves the zmm state. */
+  if (__builtin_cpu_supports("avx512f")) level = 1;
+#if defined(MOE_CPU_HAVE_AVX512BF16)
+  unsigned eax, ebx, ecx, edx;
+  if (level == 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5))) level = 2;
+#endif
+#endif
+  return level;
+}
+
+static const cpu_kernel_path *path_of_level(int level) {
+#ifdef MOE_CPU_HAVE_AVX512BF16
+  if (level == 2) return &cpu_path_avx512bf16;
+#endif
+#ifdef MOE_CPU_HAVE_AVX512
+  if (level >= 1) return &cpu_path_avx512;
+#endif
+  (void)level;
+  return &cpu_path_portable;
+}
+
+static void cpu_model_name(char *name, size_t size) {
+  snprintf(name, size, "cpu");
+  FILE *f = fopen("/proc/cpuinfo", "r");
+  if (!f) return;
+  char line[512];
+  while (fgets(line, sizeof line, f)) {
+    if (strncmp(line, "model name", 10) != 0) continue;
+    const char *value = strchr(line, ':');
+    if (!value) break;
+    value++;
+    while (*value == ' ' || *value == '\t')
+      value++;
+    size_t len = strcspn(value, "\n");
+    if (len > 0) snprintf(name, size, "%.*s", (int)len, value);
+    break;
+  }
+  fclose(f);
+}
+
 static moe_status cpu_context_create(int device, void **state, char *name, size_t name_size) {
   (void)device;
-  *state = NULL;
-  strncpy(name, "cpu", name_size - 1);
+  const int best = cpu_best_level();
+  int level = best;
+  const char *env = getenv("MOE_CPU_KERNELS");
+  if (env && *env && strcmp(env, "auto") != 0) {
+    static const char *const names[] = {"portable", "avx512", "avx512bf16"};
+    level = -1;
+    for (int i = 0; i < 3; ++i)
+      if (strcmp(env, names[i]) == 0) level = i;
+    if (level < 0)
+      return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
+                           "MOE_CPU_KERNELS = \"%s\" is not one of portable, avx512, avx512bf16, "
+                           "auto",
+                           env);
+    if (level > best)
+      return moe_set_error(MOE_ERROR_BACKEND_UNAVAILABLE,
+                           "MOE_CPU_KERNELS = %s, but this CPU (or build) supports only %s", env,
+                           names[best]);
+  }
+  cpu_state *st = malloc(sizeof *st);
+  if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CPU state");
+  st->path = path_of_level(level);
+  st->threads = omp_get_max_threads();
+  char model[192];
+  cpu_model_name(model, sizeof model);
+  snprintf(name, name_size, "%s [%s] %d thread%s", model, st->path->name, st->threads,
+           st->threads == 1 ? "" : "s");
+  *state = st;
   return MOE_SUCCESS;
 }
-static void cpu_context_destroy(void *state) { (void)state; }
-static moe_status cpu_synchronize(void *state) { (void)state; return MOE_SUCCESS; }
+
+static void cpu_context_destroy(void *state) {
+  free(state);
+}
+
+static moe_status cpu_synchronize(void *state) {
+  (void)state;
+  return MOE_SUCCESS;
+}
+
+/* Threads for a call: the current OpenMP setting, capped by a reservation. */
+static int call_threads(int cap) {
+  int n = omp_get_max_threads();
+  return cap > 0 && n > cap ? cap : n;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Buffers: 64-byte aligned host memory                                     */
+/* ------------------------------------------------------------------------ */
+
 static moe_status cpu_buffer_alloc(void *state, size_t bytes, void **handle) {
   (void)state;
-  *handle = malloc(bytes);
-  return *handle ? MOE_SUCCESS : moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "malloc(%zu) failed", bytes);
+  *handle = aligned_malloc(bytes);
+  if (!*handle) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate %zu bytes", bytes);
+  return MOE_SUCCESS;
 }
-static void cpu_buffer_free(void *state, void *handle) { (void)state; free(handle); }
-static moe_status cpu_buffer_write(void *state, void *handle, size_t offset, const void *src, size_t bytes) {
+
+static void cpu_buffer_free(void *state, void *handle) {
+  (void)state;
+  free(handle);
+}
+
+static moe_status cpu_buffer_write(void *state, void *handle, size_t offset, const void *src,
+                                   size_t bytes) {
   (void)state;
   memcpy((char *)handle + offset, src, bytes);
   return MOE_SUCCESS;
 }
-static moe_status cpu_buffer_read(void *state, const void *handle, size_t offset, void *dst, size_t bytes) {
+
+static moe_status cpu_buffer_read(void *state, const void *handle, size_t offset, void *dst,
+                                  size_t bytes) {
   (void)state;
   memcpy(dst, (const char *)handle + offset, bytes);
   return MOE_SUCCESS;
 }
+
+/* ------------------------------------------------------------------------ */
+/* Stages                                                                   */
+/* ------------------------------------------------------------------------ */
+
+static moe_status cpu_route(void *state, const moe_route_args *args) {
+  (void)state;
+  moe_route_host(args);
+  return MOE_SUCCESS;
+}
+
+static moe_status cpu_align(void *state, const moe_align_args *args) {
+  (void)state;
+  moe_align_host(args);
+  return MOE_SUCCESS;
+}
+
+/* Turns align metadata into runs of valid slots, one per maximal sequence
+ * of consecutive blocks of one expert. Anything the metadata holds is
+ * tolerated: experts outside [0, EL) and slots outside [0, T*k) are skipped,
+ * num_tokens_post_padded is clamped to the capacity. */
+static int64_t collect_runs(const moe_gemm_args *args, int32_t *slots, cpu_gemm_run *runs) {
+  const moe_gemm_desc *d = &args->desc;
+  const int32_t *sorted = args->sorted_token_ids;
+  const int32_t *expert_ids = args->expert_ids;
+  const int64_t num_slots = d->num_tokens * d->top_k, BM = d->block_m;
+  int64_t padded = *(const int32_t *)args->num_tokens_post_padded;
+  if (padded < 0) padded = 0;
+  if (padded > args->sorted_capacity) padded = args->sorted_capacity;
+  int64_t blocks = div_up(padded, BM);
+  if (blocks > args->block_capacity) blocks = args->block_capacity;
+
+  int64_t num_runs = 0, used = 0, last_block = -2;
+  for (int64_t b = 0; b < blocks; ++b) {
+    const int32_t e = expert_ids[b];
+    if (e < 0 || e >= d->num_local_experts) continue;
+    if (!(num_runs > 0 && last_block == b - 1 && runs[num_runs - 1].expert == e)) {
+      runs[num_runs] = (cpu_gemm_run){.expert = e, .rows = 0, .slots = slots + used};
+      num_runs++;
+    }
+    last_block = b;
+    for (int64_t i = b * BM; i < (b + 1) * BM && i < args->sorted_capacity; ++i) {
+      const int32_t s = sorted[i];
+      if (s < 0 || s >= num_slots) continue;
+      slots[used++] = s;
+      runs[num_runs - 1].rows++;
+    }
+    if (runs[num_runs - 1].rows == 0) num_runs--, last_block = -2;
+  }
+  return num_runs;
+}
+
+static moe_status cpu_grouped_gemm(void *state, const moe_gemm_args *args) {
+  const cpu_state *st = state;
+  const moe_gemm_desc *d = &args->desc;
+  const int threads = call_threads(0);
+  const size_t stride = align_up(cpu_gemm_scratch_bytes(0));
+  int32_t *slots = malloc((size_t)args->sorted_capacity * sizeof *slots + 1);
+  cpu_gemm_run *runs = malloc((size_t)args->block_capacity * sizeof *runs + 1);
+  unsigned char *scratch = aligned_malloc(stride * (size_t)threads);
+  if (!slots || !runs || !scratch) {
+    free(slots), free(runs), free(scratch);
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the grouped GEMM workspace");
+  }
+  const int64_t num_runs = collect_runs(args, slots, runs);
+  cpu_gemm_problem pb = {
+      .path = st->path,
+      .a = args->a,
+      .lda = d->k,
+      .a_row_div = d->input == MOE_GEMM_INPUT_PER_TOKEN ? d->top_k : 1,
+      .b_source = {.layout = d->b_layout, .n = d->n, .k = d->k, .gated_half = 0},
+      .b_raw = args->b,
+      .b_raw_expert_stride = d->n * d->k,
+      .epi =
+          {
+              .gated = 0,
+              .n_out = d->n,
+              .out = args->c,
+              .ld_out = d->n,
+              .bias = args->bias,
+              .bias_stride = d->n,
+              .weight_mode = d->routed_weight,
+              .slot_weights = args->topk_weights,
+          },
+  };
+  cpu_gemm_execute(&pb, runs, num_runs, threads, scratch, stride);
+  free(slots), free(runs), free(scratch);
+  return MOE_SUCCESS;
+}
+
+static moe_status cpu_activation(void *state, const moe_activation_args *args) {
+  (void)state;
+  const int64_t I = args->intermediate_size;
+  const uint16_t *in = args->in;
+  uint16_t *out = args->out;
+  const int kind = (int)args->activation;
+#pragma omp parallel for schedule(static) if (args->rows * I > (1 << 14))
+  for (int64_t r = 0; r < args->rows; ++r) {
+    const uint16_t *gate = in + r * 2 * I, *up = gate + I;
+    for (int64_t c = 0; c < I; ++c)
+      out[r * I + c] = moe_bf16_from_float(moe_act_apply(
+          kind, moe_bf16_to_float(gate[c]), moe_bf16_to_float(up[c]), args->alpha, args->limit));
+  }
+  return MOE_SUCCESS;
+}
+
+/* out[t] = bf16(sum_j w[t][j] * y[t*k + j]), j ascending, skipping slots
+ * whose expert is not local when topk_ids and expert_map are given. */
+static void reduce_tokens(const moe_reduce_args *args, int threads) {
+  enum { CHUNK = 512 };
+  const int64_t k = args->top_k, H = args->hidden_size;
+  const uint16_t *y = args->y;
+  const float *weights = args->topk_weights;
+  const int32_t *ids = args->topk_ids, *map = args->expert_map;
+  uint16_t *out = args->out;
+  const int64_t chunks = div_up(H, CHUNK);
+  const int64_t work = args->num_tokens * chunks;
+#pragma omp parallel for schedule(static)                                                          \
+    num_threads(threads) if (work > 1 && args->num_tokens * H * k > (1 << 15))
+  for (int64_t i = 0; i < work; ++i) {
+    const int64_t t = i / chunks, h0 = (i % chunks) * CHUNK;
+    const int64_t len = H - h0 < CHUNK ? H - h0 : CHUNK;
+    float acc[CHUNK];
+    for (int64_t h = 0; h < len; ++h)
+      acc[h] = 0.0f;
+    for (int64_t j = 0; j < k; ++j) {
+      const int64_t s = t * k + j;
+      if (ids && map) {
+        const int32_t id = ids[s];
+        const int32_t local = (id >= 0 && id < args->num_experts) ? map[id] : -1;
+        if (local < 0 || local >= args->num_local_experts) continue;
+      }
+      const uint16_t *row = y + s * H + h0;
+      if (weights) {
+        const float w = weights[s];
+        for (int64_t h = 0; h < len; ++h)
+          acc[h] += w * moe_bf16_to_float(row[h]);
+      } else {
+        for (int64_t h = 0; h < len; ++h)
+          acc[h] += moe_bf16_to_float(row[h]);
+      }
+    }
+    for (int64_t h = 0; h < len; ++h)
+      out[t * H + h0 + h] = moe_bf16_from_float(acc[h]);
+  }
+}
+
+static moe_status cpu_topk_reduce(void *state, const moe_reduce_args *args) {
+  (void)state;
+  reduce_tokens(args, call_threads(0));
+  return MOE_SUCCESS;
+}
+
+/* ------------------------------------------------------------------------ */
+/* Layer                                                                    */
+/* ------------------------------------------------------------------------ */
+
+/* Everything a forward of up to max_tokens tokens touches, carved out of
+ * one allocation. */
+typedef struct cpu_workspace {
+  int64_t max_tokens;
+  int threads;
+  void *block;
+  int32_t *topk_ids;
+  float *topk_weights;
+  int32_t *sorted_token_ids;
+  int32_t *expert_ids; /* block_m = 1: one per sorted row */
+  int32_t *num_tokens_post_padded;
+  cpu_gemm_run *runs; /* <= EL */
+  uint16_t *h;        /* bf16 [T*k][I] */
+  uint16_t *y;        /* bf16 [T*k][H] */
+  unsigned char *scratch;
+  size_t scratch_stride;
+} cpu_workspace;
+
+/* A packed weight matrix: expert e, panel p at data + e*expert_stride +
+ * p*panel_stride. */
+typedef struct cpu_packed {
+  uint16_t *data;
+  cpu_b_source source;
+  int64_t panels, panel_stride, expert_stride;
+} cpu_packed;
+
+typedef struct cpu_layer {
+  moe_config cfg;
+  cpu_packed w13, w2;
+  float *w13_bias;        /* [EL][2I] or NULL */
+  float *w2_bias;         /* [EL][H] or NULL */
+  float *correction_bias; /* [E] or NULL */
+  int32_t *expert_map;    /* [E] or NULL */
+  cpu_workspace ws;
+} cpu_layer;
+
+static void *copy_of(const void *src, size_t bytes, int *failed) {
+  if (!src) return NULL;
+  void *dst = malloc(bytes);
+  if (!dst) {
+    *failed = 1;
+    return NULL;
+  }
+  memcpy(dst, src, bytes);
+  return dst;
+}
+
+static void cpu_layer_destroy(void *state, void *impl) {
+  (void)state;
+  cpu_layer *l = impl;
+  if (!l) return;
+  free(l->w13.data);
+  free(l->w2.data);
+  free(l->w13_bias);
+  free(l->w2_bias);
+  free(l->correction_bias);
+  free(l->expert_map);
+  free(l->ws.block);
+  free(l);
+}
+
+/* Sizes the packed matrix for `experts` experts; 0 on size_t overflow. */
+static int plan_packed(cpu_packed *p, cpu_b_source source, int64_t experts, size_t *bytes) {
+  p->source = source;
+  p->panels = cpu_b_panels(&source);
+  p->panel_stride = div_up(source.k, 2) * CPU_PANEL_PAIR;
+  p->expert_stride = p->panels * p->panel_stride;
+  const double estimate = (double)experts * (double)p->expert_stride * 2.0;
+  if (estimate > (double)(SIZE_MAX / 2)) return 0;
+  *bytes = (size_t)experts * (size_t)p->expert_stride * sizeof(uint16_t);
+  return 1;
+}
+
+static void pack_all(cpu_packed *p, const uint16_t *raw, int64_t experts) {
+  const int64_t raw_stride = p->source.n * p->source.k;
+  const int64_t kpairs = div_up(p->source.k, 2);
+  const int64_t jobs = experts * p->panels;
+#pragma omp parallel for schedule(dynamic, 4)
+  for (int64_t job = 0; job < jobs; ++job) {
+    const int64_t e = job / p->panels, panel = job % p->panels;
+    cpu_pack_b_panel(&p->source, raw + e * raw_stride, panel, 0, kpairs,
+                     p->data + e * p->expert_stride + panel * p->panel_stride);
+  }
+}
+
+static moe_status cpu_layer_create(void *state, const moe_layer_desc *desc, void **impl) {
+  (void)state;
+  const moe_config *cfg = &desc->cfg;
+  const moe_weights *w = desc->weights;
+  const int64_t H = cfg->hidden_size, I = cfg->intermediate_size;
+  const int64_t E = cfg->num_experts, EL = cfg->num_local_experts;
+  cpu_layer *l = calloc(1, sizeof *l);
+  if (!l) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CPU layer");
+  l->cfg = *cfg;
+
+  const moe_weight_layout layout = cfg->weight_layout;
+  size_t w13_bytes, w2_bytes;
+  if (!plan_packed(&l->w13, (cpu_b_source){layout, 2 * I, H, I}, EL, &w13_bytes) ||
+      !plan_packed(&l->w2, (cpu_b_source){layout, H, I, 0}, EL, &w2_bytes)) {
+    free(l);
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "the packed weights' size overflows size_t");
+  }
+  l->w13.data = aligned_malloc(w13_bytes);
+  l->w2.data = aligned_malloc(w2_bytes);
+  int failed = !l->w13.data || !l->w2.data;
+  l->w13_bias = copy_of(w->w13_bias, (size_t)(EL * 2 * I) * sizeof(float), &failed);
+  l->w2_bias = copy_of(w->w2_bias, (size_t)(EL * H) * sizeof(float), &failed);
+  l->correction_bias = copy_of(w->correction_bias, (size_t)E * sizeof(float), &failed);
+  l->expert_map = copy_of(w->expert_map, (size_t)E * sizeof(int32_t), &failed);
+  if (failed) {
+    cpu_layer_destroy(state, l);
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate %zu bytes of packed weights",
+                         w13_bytes + w2_bytes);
+  }
+  pack_all(&l->w13, w->w13, EL);
+  pack_all(&l->w2, w->w2, EL);
+  *impl = l;
+  return MOE_SUCCESS;
+}
+
+static moe_status cpu_layer_reserve(void *state, void *impl, int64_t max_tokens) {
+  (void)state;
+  cpu_layer *l = impl;
+  const moe_config *cfg = &l->cfg;
+  const size_t slots = (size_t)max_tokens * (size_t)cfg->top_k; /* int32-bounded by the core */
+  const int threads = omp_get_max_threads();
+  const size_t scratch_stride = align_up(cpu_gemm_scratch_bytes(1));
+
+  size_t parts[9] = {
+      align_up(slots * sizeof(int32_t)),                               /* topk_ids */
+      align_up(slots * sizeof(float)),                                 /* weights */
+      align_up(slots * sizeof(int32_t)),                               /* sorted */
+      align_up(slots * sizeof(int32_t)),                               /* expert_ids */
+      align_up(sizeof(int32_t)),                                       /* post padded */
+      align_up((size_t)cfg->num_local_experts * sizeof(cpu_gemm_run)), /* runs */
+      0,                                                               /* h */
+      0,                                                               /* y */
+      scratch_stride * (size_t)threads,                                /* scratch */
+  };
+  const double big = (double)slots * (double)(cfg->intermediate_size + cfg->hidden_size) * 2.0;
+  if (big > (double)(SIZE_MAX / 4))
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "the workspace for %lld tokens is too large",
+                         (long long)max_tokens);
+  parts[6] = align_up(slots * (size_t)cfg->intermediate_size * sizeof(uint16_t));
+  parts[7] = align_up(slots * (size_t)cfg->hidden_size * sizeof(uint16_t));
+  size_t total = 0;
+  for (int i = 0; i < 9; ++i)
+    total += parts[i];
+  unsigned char *block = aligned_malloc(total);
+  if (!block)
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY,
+                         "cannot allocate %zu bytes of workspace for %lld tokens", total,
+                         (long long)max_tokens);
+  unsigned char *p[9];
+  p[0] = block;
+  for (int i = 1; i < 9; ++i)
+    p[i] = p[i - 1] + parts[i - 1];
+  free(l->ws.block);
+  l->ws = (cpu_workspace){
+      .max_tokens = max_tokens,
+      .threads = threads,
+      .block = block,
+      .topk_ids = (int32_t *)p[0],
+      .topk_weights = (float *)p[1],
+      .sorted_token_ids = (int32_t *)p[2],
+      .expert_ids = (int32_t *)p[3],
+      .num_tokens_post_padded = (int32_t *)p[4],
+      .runs = (cpu_gemm_run *)p[5],
+      .h = (uint16_t *)p[6],
+      .y = (uint16_t *)p[7],
+      .scratch = p[8],
+      .scratch_stride = scratch_stride,
+  };
+  return MOE_SUCCESS;
+}
+
+/* The expert runs of align's output with block_m = 1 (no padding rows). */
+static int64_t layer_runs(const cpu_workspace *ws) {
+  const int64_t rows = *ws->num_tokens_post_padded;
+  int64_t num_runs = 0;
+  for (int64_t i = 0; i < rows; ++i) {
+    const int32_t e = ws->expert_ids[i];
+    if (num_runs == 0 || ws->runs[num_runs - 1].expert != e) {
+      ws->runs[num_runs] =
+          (cpu_gemm_run){.expert = e, .rows = 0, .slots = ws->sorted_token_ids + i};
+      num_runs++;
+    }
+    ws->runs[num_runs - 1].rows++;
+  }
+  return num_runs;
+}
+
+static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens, const void *x,
+                                    const void *logits, void *out) {
+  const cpu_state *st = state;
+  cpu_layer *l = impl;
+  const moe_config *cfg = &l->cfg;
+  cpu_workspace *ws = &l->ws;
+  const int64_t H = cfg->hidden_size, I = cfg->intermediate_size;
+  const int64_t num_slots = num_tokens * cfg->top_k;
+  const int threads = call_threads(ws->threads);
+
+  moe_route_args route = {
+      .num_tokens = num_tokens,
+      .logits = logits,
+      .correction_bias = l->correction_bias,
+      .topk_ids = ws->topk_ids,
+      .topk_weights = ws->topk_weights,
+      .num_experts = cfg->num_experts,
+      .top_k = cfg->top_k,
+      .scoring = cfg->scoring,
+      .renormalize = cfg->renormalize,
+      .num_groups = cfg->num_groups,
+      .topk_groups = cfg->topk_groups,
+      .group_scoring = cfg->group_scoring,
+      .routed_scaling_factor = cfg->routed_scaling_factor,
+  };
+  moe_route_host(&route);
+
+  moe_align_args align = {
+      .num_tokens = num_tokens,
+      .top_k = cfg->top_k,
+      .num_experts = cfg->num_experts,
+      .num_local_experts = cfg->num_local_experts,
+      .block_m = 1,
+      .sorted_capacity = num_slots,
+      .block_capacity = num_slots,
+      .topk_ids = ws->topk_ids,
+      .expert_map = l->expert_map,
+      .sorted_token_ids = ws->sorted_token_ids,
+      .expert_ids = ws->expert_ids,
+      .num_tokens_post_padded = ws->num_tokens_post_padded,
+  };
+  moe_align_host(&align);
+  const int64_t num_runs = layer_runs(ws);
+  const int on_input = cfg->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+
+  cpu_gemm_problem gemm1 = {
+      .path = st->path,
+      .a = x,
+      .lda = H,
+      .a_row_div = cfg->top_k,
+      .b_source = l->w13.source,
+      .b_packed = l->w13.data,
+      .b_expert_stride = l->w13.expert_stride,
+      .b_panel_stride = l->w13.panel_stride,
+      .epi =
+          {
+              .gated = 1,
+              .activation = (int)cfg->activation,
+              .alpha = cfg->swiglu_alpha,
+              .limit = cfg->swiglu_limit,
+              .n_out = I,
+              .out = ws->h,
+              .ld_out = I,
+              .bias = l->w13_bias,
+              .bias_stride = 2 * I,
+              .weight_mode =
+                  on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE,
+              .slot_weights = ws->topk_weights,
+          },
+  };
+  cpu_gemm_execute(&gemm1, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
+
+  cpu_gemm_problem gemm2 = {
+      .path = st->path,
+      .a = ws->h,
+      .lda = I,
+      .a_row_div = 1,
+      .b_source = l->w2.source,
+      .b_packed = l->w2.data,
+      .b_expert_stride = l->w2.expert_stride,
+      .b_panel_stride = l->w2.panel_stride,
+      .epi =
+          {
+              .gated = 0,
+              .n_out = H,
+              .out = ws->y,
+              .ld_out = H,
+              .bias = l->w2_bias,
+              .bias_stride = H,
+              .weight_mode =
+                  on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS,
+              .slot_weights = ws->topk_weights,
+          },
+  };
+  cpu_gemm_execute(&gemm2, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
+
+  moe_reduce_args reduce = {
+      .num_tokens = num_tokens,
+      .top_k = cfg->top_k,
+      .hidden_size = H,
+      .y = ws->y,
+      .topk_weights = NULL,
+      .topk_ids = l->expert_map ? ws->topk_ids : NULL,
+      .expert_map = l->expert_map,
+      .num_experts = cfg->num_experts,
+      .num_local_experts = cfg->num_local_experts,
+      .out = out,
+  };
+  reduce_tokens(&reduce, threads);
+  return MOE_SUCCESS;
+}
+
 const moe_backend_ops moe_cpu_backend_ops = {
     .name = "cpu",
     .kind = MOE_BACKEND_CPU,
     .context_create = cpu_context_create,
+    .has_gpu = NULL,
     .context_destroy = cpu_context_destroy,
     .synchronize = cpu_synchronize,
     .buffer_alloc = cpu_buffer_alloc,
     .buffer_free = cpu_buffer_free,
     .buffer_write = cpu_buffer_write,
     .buffer_read = cpu_buffer_read,
+    .route = cpu_route,
+    .align = cpu_align,
+    .grouped_gemm = cpu_grouped_gemm,
+    .activation = cpu_activation,
+    .topk_reduce = cpu_topk_reduce,
+    .layer_create = cpu_layer_create,
+    .layer_destroy = cpu_layer_destroy,
+    .layer_reserve = cpu_layer_reserve,
+    .layer_forward = cpu_layer_forward,
 };

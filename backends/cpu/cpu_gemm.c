@@ -1,0 +1,245 @@
+/*
+ * cpu_gemm.c - the grouped GEMM driver of the CPU backend (see cpu_gemm.h).
+ *
+ * Work item = (expert run chunk of <= CPU_MC_ROWS rows, group of
+ * <= CPU_GROUP_PANELS panels of 32 output columns). Items are handed out
+ * dynamically to the OpenMP threads; within an expert the chunks of one
+ * panel group are consecutive, so threads working on the same expert share
+ * its weights in the last-level cache. Decode (one row per expert) still
+ * has experts x groups items, so every core streams weights. An expert with
+ * no rows has no run and costs nothing.
+ *
+ * Inside an item: for each K block of CPU_KC_PAIRS k-pairs, each tile of
+ * <= CPU_MR_MAX rows is gathered and packed (A, L1-resident) and the
+ * kernel sweeps the group's panels (B slices, L2-resident), accumulating
+ * into an fp32 C tile; the epilogue then rounds to bf16. Splitting K into
+ * blocks stores and reloads the fp32 accumulator exactly, so the
+ * per-element reduction order of cpu_kernels.h is kept.
+ */
+#include "cpu_gemm.h"
+
+#include "../common/activation_logic.h"
+#include "../common/bf16_logic.h"
+
+#include <omp.h>
+
+#define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS)
+#define A_TILE_BYTES ((size_t)CPU_MR_MAX * 2 * CPU_KC_PAIRS * sizeof(float))
+#define C_TILE_BYTES ((size_t)CPU_MC_ROWS * C_TILE_LD * sizeof(float))
+#define B_GROUP_BYTES ((size_t)CPU_GROUP_PANELS * CPU_KC_PAIRS * CPU_PANEL_PAIR * sizeof(uint16_t))
+
+static int64_t div_up(int64_t a, int64_t b) {
+  return (a + b - 1) / b;
+}
+static int64_t min64(int64_t a, int64_t b) {
+  return a < b ? a : b;
+}
+
+int64_t cpu_b_panels(const cpu_b_source *src) {
+  return src->gated_half > 0 ? div_up(src->gated_half, CPU_PANEL_COLS / 2)
+                             : div_up(src->n, CPU_PANEL_COLS);
+}
+
+/* The raw row (out index n) feeding packed column j of a panel, or -1. */
+static int64_t source_row(const cpu_b_source *src, int64_t panel, int j) {
+  if (src->gated_half > 0) {
+    const int half = CPU_PANEL_COLS / 2;
+    int64_t col = panel * half + (j % half);
+    if (col >= src->gated_half) return -1;
+    return j < half ? col : src->gated_half + col;
+  }
+  int64_t n = panel * CPU_PANEL_COLS + j;
+  return n < src->n ? n : -1;
+}
+
+void cpu_pack_b_panel(const cpu_b_source *src, const uint16_t *b_expert, int64_t panel, int64_t kp0,
+                      int64_t kpairs, uint16_t *dst) {
+  int64_t rows[CPU_PANEL_COLS];
+  for (int j = 0; j < CPU_PANEL_COLS; ++j)
+    rows[j] = source_row(src, panel, j);
+  const int64_t K = src->k, N = src->n;
+  if (src->layout == MOE_WEIGHT_LAYOUT_OUT_IN) {
+    /* Rows of b are contiguous in k: walk each column's row. */
+    for (int j = 0; j < CPU_PANEL_COLS; ++j) {
+      const uint16_t *row = rows[j] >= 0 ? b_expert + rows[j] * K : NULL;
+      for (int64_t kp = 0; kp < kpairs; ++kp)
+        for (int h = 0; h < 2; ++h) {
+          int64_t k = 2 * (kp0 + kp) + h;
+          dst[kp * CPU_PANEL_PAIR + 2 * j + h] = (row && k < K) ? row[k] : 0;
+        }
+    }
+  } else {
+    /* Rows of b are contiguous in n: walk k, gather the panel's columns. */
+    for (int64_t kp = 0; kp < kpairs; ++kp)
+      for (int h = 0; h < 2; ++h) {
+        int64_t k = 2 * (kp0 + kp) + h;
+        const uint16_t *krow = k < K ? b_expert + k * N : NULL;
+        for (int j = 0; j < CPU_PANEL_COLS; ++j)
+          dst[kp * CPU_PANEL_PAIR + 2 * j + h] = (krow && rows[j] >= 0) ? krow[rows[j]] : 0;
+      }
+  }
+}
+
+size_t cpu_gemm_scratch_bytes(int b_packed) {
+  return A_TILE_BYTES + C_TILE_BYTES + (b_packed ? 0 : B_GROUP_BYTES);
+}
+
+/* Gathers the A rows of `rows` slots, k-pairs [kp0, kp0 + kpairs), into the
+ * path's packed format (cpu_kernels.h), zero beyond K. */
+static void pack_a(const cpu_gemm_problem *pb, const int32_t *slots, int rows, int64_t kp0,
+                   int64_t kpairs, void *dst) {
+  const int64_t K = pb->b_source.k;
+  for (int r = 0; r < rows; ++r) {
+    const uint16_t *row = pb->a + (int64_t)(slots[r] / pb->a_row_div) * pb->lda;
+    const int64_t k_begin = 2 * kp0;
+    const int64_t full = min64(kpairs, (K - k_begin) / 2); /* pairs fully inside K */
+    if (pb->path->a_format == CPU_A_FP32) {
+      float *d = dst;
+      for (int64_t kp = 0; kp < full; ++kp) {
+        d[(2 * kp) * rows + r] = moe_bf16_to_float(row[k_begin + 2 * kp]);
+        d[(2 * kp + 1) * rows + r] = moe_bf16_to_float(row[k_begin + 2 * kp + 1]);
+      }
+      for (int64_t kp = full; kp < kpairs; ++kp)
+        for (int h = 0; h < 2; ++h) {
+          int64_t k = k_begin + 2 * kp + h;
+          d[(2 * kp + h) * rows + r] = k < K ? moe_bf16_to_float(row[k]) : 0.0f;
+        }
+    } else {
+      uint32_t *d = dst;
+      for (int64_t kp = 0; kp < full; ++kp)
+        d[kp * rows + r] = (uint32_t)row[k_begin + 2 * kp] | (uint32_t)row[k_begin + 2 * kp + 1]
+                                                                 << 16;
+      for (int64_t kp = full; kp < kpairs; ++kp) {
+        int64_t k = k_begin + 2 * kp;
+        uint32_t lo = k < K ? row[k] : 0, hi = k + 1 < K ? row[k + 1] : 0;
+        d[kp * rows + r] = lo | hi << 16;
+      }
+    }
+  }
+}
+
+/* One output value through bias and routed weight (fp32, fixed order). */
+static inline float finish_value(const cpu_epilogue *ep, float acc, float bias, float weight) {
+  switch (ep->weight_mode) {
+  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
+    return weight * acc + bias;
+  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
+    return weight * (acc + bias);
+  default:
+    return acc + bias;
+  }
+}
+
+/* Rounds a finished C tile (rows x panels) into the output rows. */
+static void apply_epilogue(const cpu_epilogue *ep, int32_t expert, const int32_t *slots, int rows,
+                           int64_t panel0, int panels, const float *c) {
+  const float *bias = ep->bias ? ep->bias + (int64_t)expert * ep->bias_stride : NULL;
+  for (int r = 0; r < rows; ++r) {
+    const int64_t s = slots[r];
+    const float w = ep->weight_mode != MOE_GEMM_ROUTED_WEIGHT_NONE ? ep->slot_weights[s] : 1.0f;
+    uint16_t *out = ep->out + s * ep->ld_out;
+    const float *c_row = c + (int64_t)r * C_TILE_LD;
+    if (ep->gated) {
+      const int half = CPU_PANEL_COLS / 2;
+      for (int p = 0; p < panels; ++p) {
+        const int64_t col0 = (panel0 + p) * half;
+        const int count = (int)min64(half, ep->n_out - col0);
+        for (int j = 0; j < count; ++j) {
+          const int64_t col = col0 + j;
+          float g = c_row[p * CPU_PANEL_COLS + j], u = c_row[p * CPU_PANEL_COLS + half + j];
+          if (bias || ep->weight_mode != MOE_GEMM_ROUTED_WEIGHT_NONE) {
+            g = finish_value(ep, g, bias ? bias[col] : 0.0f, w);
+            u = finish_value(ep, u, bias ? bias[ep->n_out + col] : 0.0f, w);
+          }
+          out[col] = moe_bf16_from_float(moe_act_apply(ep->activation, g, u, ep->alpha, ep->limit));
+        }
+      }
+    } else {
+      const int64_t col0 = panel0 * CPU_PANEL_COLS;
+      const int count = (int)min64((int64_t)panels * CPU_PANEL_COLS, ep->n_out - col0);
+      if (!bias && ep->weight_mode == MOE_GEMM_ROUTED_WEIGHT_NONE) {
+        for (int j = 0; j < count; ++j)
+          out[col0 + j] = moe_bf16_from_float(c_row[j]);
+      } else {
+        for (int j = 0; j < count; ++j)
+          out[col0 + j] =
+              moe_bf16_from_float(finish_value(ep, c_row[j], bias ? bias[col0 + j] : 0.0f, w));
+      }
+    }
+  }
+}
+
+static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
+                     unsigned char *scratch) {
+  void *a_tile = scratch;
+  float *c_tile = (float *)(scratch + A_TILE_BYTES);
+  uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
+
+  const int64_t chunks = div_up(run->rows, CPU_MC_ROWS);
+  const int64_t chunk = local % chunks, group = local / chunks;
+  const int32_t *slots = run->slots + chunk * CPU_MC_ROWS;
+  const int rows = (int)min64(CPU_MC_ROWS, run->rows - chunk * CPU_MC_ROWS);
+  const int64_t panels_total = cpu_b_panels(&pb->b_source);
+  const int64_t panel0 = group * CPU_GROUP_PANELS;
+  const int panels = (int)min64(CPU_GROUP_PANELS, panels_total - panel0);
+  const int64_t kpairs_total = div_up(pb->b_source.k, 2);
+  /* Balanced tiles: 13 rows run as 7 + 6, not 12 + 1. */
+  const int tiles = (int)div_up(rows, CPU_MR_MAX);
+  const int tile_rows = (int)div_up(rows, tiles);
+
+  for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += CPU_KC_PAIRS) {
+    const int64_t kpairs = min64(CPU_KC_PAIRS, kpairs_total - kp0);
+    const uint16_t *b;
+    int64_t panel_stride;
+    if (pb->b_packed) {
+      b = pb->b_packed + run->expert * pb->b_expert_stride + panel0 * pb->b_panel_stride +
+          kp0 * CPU_PANEL_PAIR;
+      panel_stride = pb->b_panel_stride;
+    } else {
+      const uint16_t *raw = pb->b_raw + run->expert * pb->b_raw_expert_stride;
+      panel_stride = kpairs * CPU_PANEL_PAIR;
+      for (int p = 0; p < panels; ++p)
+        cpu_pack_b_panel(&pb->b_source, raw, panel0 + p, kp0, kpairs, b_group + p * panel_stride);
+      b = b_group;
+    }
+    for (int r0 = 0; r0 < rows; r0 += tile_rows) {
+      const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
+      pack_a(pb, slots + r0, tr, kp0, kpairs, a_tile);
+      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c_tile + (int64_t)r0 * C_TILE_LD,
+                     C_TILE_LD, kp0 > 0);
+    }
+  }
+  apply_epilogue(&pb->epi, run->expert, slots, rows, panel0, panels, c_tile);
+}
+
+void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t num_runs, int threads,
+                      unsigned char *scratch, size_t scratch_stride) {
+  const int64_t groups = div_up(cpu_b_panels(&pb->b_source), CPU_GROUP_PANELS);
+  int64_t items = 0;
+  for (int64_t i = 0; i < num_runs; ++i) {
+    runs[i].first_item = items;
+    items += div_up(runs[i].rows, CPU_MC_ROWS) * groups;
+  }
+  if (items == 0) return;
+  if (threads > items) threads = (int)items;
+#pragma omp parallel num_threads(threads)
+  {
+    unsigned char *mine = scratch + (size_t)omp_get_thread_num() * scratch_stride;
+    int64_t run = 0;
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      /* Items arrive in increasing order per thread: advance, else search. */
+      if (item < runs[run].first_item) run = 0;
+      int64_t lo = run, hi = num_runs - 1;
+      while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (runs[mid].first_item <= item)
+          lo = mid;
+        else
+          hi = mid - 1;
+      }
+      run = lo;
+      run_item(pb, &runs[run], item - runs[run].first_item, mine);
+    }
+  }
+}

@@ -1,0 +1,71 @@
+/*
+ * cpu_kernels.h - the contract of the CPU backend's GEMM tile kernels, and
+ * the kernel paths (portable C, AVX-512F, AVX-512 BF16) that implement it.
+ *
+ * Packed B panel (weights; built by cpu_pack_b_panel): 32 output columns,
+ * K taken in pairs. Element (k-pair kp, column j, half h) is at
+ * b[kp*64 + j*2 + h], holding B[column j][k = 2*kp + h] as bf16:
+ *
+ *     k-pair 0: | c0:k0 c0:k1 | c1:k0 c1:k1 | ... | c31:k0 c31:k1 |  (128 bytes)
+ *     k-pair 1: | c0:k2 c0:k3 | ...
+ *
+ * so one 512-bit load holds 16 columns x 2 k values: the operand layout of
+ * vdpbf16ps, and two shifts away from two fp32 vectors for AVX-512F.
+ * Columns or k beyond the real matrix are zero.
+ *
+ * Packed A tile (the gathered activation rows, built by the driver):
+ *   CPU_A_FP32:       float a[(2*kp + h) * rows + r]   (k-major, rows inner)
+ *   CPU_A_BF16_PAIRS: uint32 a[kp * rows + r] = bf16(k even) | bf16(k odd) << 16
+ * with zeros for k beyond the real K.
+ *
+ * A tile kernel computes, for r < rows (<= CPU_MR_MAX), panel p < panels
+ * (<= CPU_GROUP_PANELS) and j < 32,
+ *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
+ * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
+ *
+ * Reduction order (the determinism contract): every C element has ONE
+ * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair
+ * the odd k first, then the even k (the order vdpbf16ps documents). Each
+ * product of two bf16 values is exact in fp32, so an FMA and a separate
+ * multiply-add round identically. The order depends on nothing but K: not
+ * on rows, panels, the tile a row lands in, T or the thread count. Hence
+ * bitwise-identical reruns and batch invariance, and the portable and
+ * AVX-512F paths agree bit for bit (AVX-512 BF16 too, except that
+ * vdpbf16ps flushes denormals).
+ */
+#ifndef MOE_CPU_KERNELS_H
+#define MOE_CPU_KERNELS_H
+
+#include <stdint.h>
+
+#define CPU_PANEL_COLS 32  /* output columns per packed panel */
+#define CPU_PANEL_PAIR 64  /* uint16 elements per k-pair of a panel */
+#define CPU_MR_MAX 12      /* rows per tile kernel call */
+#define CPU_GROUP_PANELS 8 /* panels per work item */
+#define CPU_KC_PAIRS 256   /* k-pairs per K block (A tile fits L1, B slices L2) */
+#define CPU_MC_ROWS 48     /* rows per work item */
+
+typedef enum cpu_a_format {
+  CPU_A_FP32 = 0,
+  CPU_A_BF16_PAIRS = 1,
+} cpu_a_format;
+
+typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
+                            int64_t panel_stride, float *c, int64_t ldc, int accumulate);
+
+/* One kernel path: how A is packed for it and its tile kernel. */
+typedef struct cpu_kernel_path {
+  const char *name; /* "portable", "avx512", "avx512bf16" */
+  cpu_a_format a_format;
+  cpu_tile_fn tile;
+} cpu_kernel_path;
+
+extern const cpu_kernel_path cpu_path_portable;
+#ifdef MOE_CPU_HAVE_AVX512
+extern const cpu_kernel_path cpu_path_avx512;
+#endif
+#ifdef MOE_CPU_HAVE_AVX512BF16
+extern const cpu_kernel_path cpu_path_avx512bf16;
+#endif
+
+#endif /* MOE_CPU_KERNELS_H */

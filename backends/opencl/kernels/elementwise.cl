@@ -11,10 +11,10 @@ __kernel void moe_activation(int activation, float alpha, float limit, int rows,
   const int i = get_global_id(0), r = get_global_id(1);
   if (i >= intermediate_size || r >= rows) return;
   __global const ushort *row = in + (long)r * 2 * intermediate_size;
-  const float gate = moe_bf16_to_f32(row[i]);
-  const float up = moe_bf16_to_f32(row[intermediate_size + i]);
+  const float gate = moe_bf16_to_float(row[i]);
+  const float up = moe_bf16_to_float(row[intermediate_size + i]);
   out[(long)r * intermediate_size + i] =
-      moe_f32_to_bf16(moe_ocl_activate(activation, gate, up, alpha, limit));
+      moe_bf16_from_float(moe_act_apply(activation, gate, up, alpha, limit));
 }
 
 /*
@@ -34,8 +34,8 @@ __kernel void moe_topk_reduce(int num_tokens, int top_k, int hidden_size, __glob
     if (topk_ids && expert_map &&
         moe_local_expert(topk_ids[slot], expert_map, num_experts, num_local_experts) < 0)
       continue;
-    const float v = moe_bf16_to_f32(y[(long)slot * hidden_size + h]);
+    const float v = moe_bf16_to_float(y[(long)slot * hidden_size + h]);
     sum += topk_weights ? topk_weights[slot] * v : v;
   }
-  out[(long)t * hidden_size + h] = moe_f32_to_bf16(sum);
+  out[(long)t * hidden_size + h] = moe_bf16_from_float(sum);
 }

@@ -59,8 +59,8 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
   const long w_step = b_in_out ? n : 1;
   float acc = 0.0f;
   for (int i = 0; i < k; ++i)
-    acc += moe_bf16_to_f32(x[i]) * moe_bf16_to_f32(w[w_col + i * w_step]);
-  c[(long)slot * n + col] = moe_f32_to_bf16(
+    acc += moe_bf16_to_float(x[i]) * moe_bf16_to_float(w[w_col + i * w_step]);
+  c[(long)slot * n + col] = moe_bf16_from_float(
       moe_gemm_epilogue(acc, slot, col, expert, n, bias, topk_weights, routed_mode));
 }
 
@@ -123,7 +123,7 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
       for (int kk = k8 + lid; kk < k; kk += MOE_SK_WG)                                             \
         for (int i = 0; i < MOE_SK_ROWS; ++i)                                                      \
           for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
-            acc[i][j].s0 += moe_bf16_to_f32(x[i][kk]) * moe_bf16_to_f32(w[j][kk]);                 \
+            acc[i][j].s0 += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);                 \
       for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
         for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
           partial[i * MOE_SK_COLS + j][lid] =                                                      \
@@ -141,7 +141,7 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
         for (int q = 1; q < MOE_SK_ROWS; ++q)                                                      \
           if (q == i) s = slot[q];                                                                 \
         if (s < num_slots && col < n)                                                              \
-          c[(long)s * n + col] = moe_f32_to_bf16(moe_gemm_epilogue(                                \
+          c[(long)s * n + col] = moe_bf16_from_float(moe_gemm_epilogue(                                \
               partial[lid][0], s, col, expert, n, bias, topk_weights, routed_mode));               \
       }                                                                                            \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
@@ -176,7 +176,7 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
   if (vec4 && valid == 4) return moe_bf16x4_to_f32(*(__global const ushort4 *)p);
   float t[4];
   for (int q = 0; q < 4; ++q)
-    t[q] = q < valid ? moe_bf16_to_f32(p[q]) : 0.0f;
+    t[q] = q < valid ? moe_bf16_to_float(p[q]) : 0.0f;
   return (float4)(t[0], t[1], t[2], t[3]);
 }
 
@@ -282,7 +282,7 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
       for (int j = 0; j < NR; ++j) {                                                               \
         const int col = n0 + (j / 4) * 64 + tx * 4 + j % 4;                                        \
         if (col < n)                                                                               \
-          c_row[col] = moe_f32_to_bf16(moe_gemm_epilogue(acc[i][j], slot, col, expert, n, bias,    \
+          c_row[col] = moe_bf16_from_float(moe_gemm_epilogue(acc[i][j], slot, col, expert, n, bias,    \
                                                          topk_weights, routed_mode));              \
       }                                                                                            \
     }                                                                                              \

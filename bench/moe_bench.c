@@ -473,22 +473,30 @@ static bool device_is_cpu(moe_backend backend, const char *device) {
          strcasestr(device, "core(tm)");
 }
 
+static bool measure_cpu_rooflines(bench_run *run) {
+  return bench_cpu_rooflines((size_t)1 << 30, &run->roof, run->read_what, sizeof run->read_what) ==
+         0;
+}
+
 /* Measures the rooflines of the context's device; false when this build
- * has no roofline code for that backend. */
-static bool measure_rooflines(moe_context *ctx, bench_run *run) {
+ * has no roofline code for it. OpenCL on the host CPU (PoCL) without
+ * bench_opencl.c gets the CPU's own rooflines. */
+static bool measure_rooflines(moe_context *ctx, bool on_cpu, bench_run *run) {
   switch (moe_context_backend(ctx)) {
   case MOE_BACKEND_CPU:
-    return bench_cpu_rooflines((size_t)1 << 30, &run->roof, run->read_what,
-                               sizeof run->read_what) == 0;
+    return measure_cpu_rooflines(run);
 #ifdef MOE_BENCH_HAVE_CUDA
   case MOE_BACKEND_CUDA:
     snprintf(run->read_what, sizeof run->read_what, "bench_cuda read kernel");
     return bench_cuda_rooflines(ctx, &run->roof) == 0;
 #endif
-#ifdef MOE_BENCH_HAVE_OPENCL
   case MOE_BACKEND_OPENCL:
+#ifdef MOE_BENCH_HAVE_OPENCL
+    (void)on_cpu;
     snprintf(run->read_what, sizeof run->read_what, "bench_opencl read kernel");
     return bench_opencl_rooflines(ctx, &run->roof) == 0;
+#else
+    return on_cpu && measure_cpu_rooflines(run);
 #endif
   default:
     return false;
@@ -545,7 +553,7 @@ int main(int argc, char **argv) {
     snprintf(timing, sizeof timing, "host clock around forward + synchronize, median, %d warm-up%s",
              target.warmup, target.flush ? ", caches flushed before each forward" : "");
 
-  run.have_rooflines = measure_rooflines(ctx, &run);
+  run.have_rooflines = measure_rooflines(ctx, on_cpu, &run);
   bench_print_header(stdout, &run);
 
   const int64_t *tokens = opt.tokens;

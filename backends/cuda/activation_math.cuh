@@ -1,0 +1,35 @@
+/*
+ * activation_math.cuh - the gated activations in fp32 for device code.
+ * One place for the CUDA kernels (the activation stage and GEMM1's fused
+ * epilogue); the formulas are those documented at moe_activation in
+ * include/moe.h. When backends/common/ gains a shared scalar header that
+ * CUDA can compile, this file should include it instead.
+ */
+#ifndef MOE_CUDA_ACTIVATION_MATH_CUH
+#define MOE_CUDA_ACTIVATION_MATH_CUH
+
+#include "moe.h"
+
+__device__ __forceinline__ float cuda_sigmoid(float x) {
+  return 1.0f / (1.0f + expf(-x));
+}
+
+/* h = act(gate) * up, per include/moe.h. */
+__device__ __forceinline__ float cuda_gated_activation(moe_activation act, float alpha, float limit,
+                                                       float gate, float up) {
+  switch (act) {
+  case MOE_ACTIVATION_GEGLU: {
+    const float inner = 0.7978845608028654f * (gate + 0.044715f * gate * gate * gate);
+    return 0.5f * gate * (1.0f + tanhf(inner)) * up;
+  }
+  case MOE_ACTIVATION_SWIGLU_CLAMP: {
+    const float g = fminf(gate, limit);
+    const float u = fminf(fmaxf(up, -limit), limit);
+    return g * cuda_sigmoid(alpha * g) * (u + 1.0f);
+  }
+  default:
+    return gate * cuda_sigmoid(gate) * up;
+  }
+}
+
+#endif /* MOE_CUDA_ACTIVATION_MATH_CUH */

@@ -1,0 +1,120 @@
+/*
+ * cuda_internal.cuh - what the CUDA backend's translation units share: the
+ * per-context state, error mapping, and the launchers of each kernel family
+ * (route/align, grouped GEMM, elementwise). Seen only by backends/cuda/.
+ */
+#ifndef MOE_CUDA_INTERNAL_CUH
+#define MOE_CUDA_INTERNAL_CUH
+
+#include "backend.h"
+
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+#include <stdint.h>
+
+/* Per-context state: one device, one stream (ours or the caller's). */
+struct cuda_state {
+  int device;
+  cudaStream_t stream;
+  bool owns_stream;
+  int sm_count;
+};
+
+/* Maps a CUDA error to a status and a message naming what failed. */
+moe_status cuda_status(cudaError_t err, const char *what);
+
+/* Checks the launch that was just queued. */
+static inline moe_status cuda_launch_status(const char *kernel) {
+  return cuda_status(cudaGetLastError(), kernel);
+}
+
+#define CUDA_TRY(expr)                                                                             \
+  do {                                                                                             \
+    moe_status cuda_try_status_ = (expr);                                                          \
+    if (cuda_try_status_ != MOE_SUCCESS) return cuda_try_status_;                                  \
+  } while (0)
+
+/* ---- route and align (route_align.cu) ---------------------------------- */
+
+/* Scratch int32 elements the multi-block align needs for n slots and EL
+ * experts (0 when the one-block path takes it). */
+int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts);
+
+/* Routing through core/routing_logic.h, one thread per token. */
+moe_status cuda_route(const cuda_state *st, const moe_route_args *args);
+
+/*
+ * Align (and, when route is not NULL, routing first, fused into the same
+ * launch when the slots fit one block). scratch holds
+ * cuda_align_scratch_elems() int32 elements; when it is NULL and scratch is
+ * needed, it is taken stream-ordered from the device's pool.
+ */
+moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
+                            const moe_align_args *align, int32_t *scratch);
+
+/* ---- grouped GEMM (grouped_gemm.cu) ------------------------------------- */
+
+enum cuda_epilogue {
+  CUDA_EPILOGUE_STORE = 0, /* c[s][n] = bf16(op(acc)) */
+  CUDA_EPILOGUE_GLU = 1,   /* b's rows interleave gate/up: c[s][n/2] = act(g, u) */
+};
+
+/* One grouped GEMM as the kernels see it (element strides, 64-bit). */
+struct cuda_gemm {
+  const __nv_bfloat16 *a;
+  int64_t lda;
+  const __nv_bfloat16 *b;
+  int64_t b_expert_stride;
+  int64_t ldb; /* OUT_IN: stride between n rows; IN_OUT: between k rows */
+  bool b_kn;   /* IN_OUT layout: b[e][k][n] */
+  const float *bias;
+  int64_t bias_stride;
+  const int32_t *sorted_token_ids;
+  const int32_t *expert_ids;
+  const int32_t *num_tokens_post_padded;
+  const float *topk_weights;
+  __nv_bfloat16 *c;
+  int64_t ldc;
+  int64_t num_tokens;
+  int32_t top_k;
+  int32_t num_local_experts;
+  int32_t n, k;
+  int32_t block_m;
+  bool input_per_slot;
+  moe_gemm_routed_weight routed_weight;
+  cuda_epilogue epilogue;
+  moe_activation activation;
+  float alpha, limit;
+};
+
+/* Sets the shared-memory limits of the GEMM kernels on the current device. */
+moe_status cuda_gemm_init(void);
+
+/* Queues the grouped GEMM on st's stream: the tensor-core path when the
+ * shape allows it, else the plain reference kernel. */
+moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g);
+
+/* The largest row block the tile table may pick; align's capacity for the
+ * layer's workspace is sized with it. */
+#define CUDA_GEMM_MAX_BLOCK_M 128
+#define CUDA_GEMM_MIN_BLOCK_M 16
+
+/* The row block the tile table picks for slots spread over experts. */
+int32_t cuda_gemm_pick_block_m(const cuda_state *st, int64_t num_slots, int32_t num_local_experts,
+                               int64_t n, int64_t k);
+
+/* ---- activation and reduce (elementwise.cu) ----------------------------- */
+
+moe_status cuda_activation(const cuda_state *st, const moe_activation_args *args);
+moe_status cuda_topk_reduce(const cuda_state *st, const moe_reduce_args *args);
+
+/* Repacks one expert's w13 (on the device, as given) into rows that
+ * interleave gate and up: packed[2i] = gate row i, packed[2i+1] = up row i,
+ * each of H elements. */
+moe_status cuda_repack_w13(const cuda_state *st, const __nv_bfloat16 *src, __nv_bfloat16 *dst,
+                           int64_t hidden, int64_t inter, moe_weight_layout layout);
+/* Transposes an [rows][cols] bf16 matrix into [cols][rows]. */
+moe_status cuda_transpose(const cuda_state *st, const __nv_bfloat16 *src, __nv_bfloat16 *dst,
+                          int64_t rows, int64_t cols);
+
+#endif /* MOE_CUDA_INTERNAL_CUH */

@@ -1,0 +1,431 @@
+/*
+ * grouped_gemm.cu - the grouped BF16 GEMM over align's metadata, on tensor
+ * cores (mma.sync m16n8k16, fp32 accumulation), plus a plain reference
+ * kernel for the shapes the fast path declines.
+ *
+ * Tensor-core kernel contract (gemm_mma_kernel<Tile, B_KN, EPILOGUE>):
+ *   - One CTA owns a BM x BN tile of c: BM consecutive entries of
+ *     sorted_token_ids (inside one align block, so one expert) times BN
+ *     output columns. BM divides align's block_m.
+ *   - Rows are gathered: row r reads a[slot / top_k] (per token) or a[slot]
+ *     (per slot); sentinel rows are zero-filled and never stored.
+ *   - K advances in BK steps through a STAGES-deep cp.async ring (16-byte
+ *     copies, zero-fill past the edges), so STAGES-1 tiles are in flight
+ *     while the tensor cores work on one.
+ *   - Warps form WARPS_M x WARPS_N; each owns (BM/WARPS_M) x (BN/WARPS_N)
+ *     of the tile as m16n8 accumulators, fed by ldmatrix (.trans for the
+ *     IN_OUT layout, whose tiles are stored k-major).
+ *   - Shared rows are padded by 16 bytes, so the 8 rows an ldmatrix reads
+ *     fall in distinct banks.
+ *   - Epilogue: bias, routed weight (before or after the bias) and either a
+ *     bf16 store or the gated activation of interleaved gate/up columns
+ *     (GLU: columns 2i and 2i+1 are gate i and up i, written as h[i]).
+ *   - CTAs are rasterized in groups of 8 row tiles, so that a wave of CTAs
+ *     shares both its A rows and its B tiles in L2.
+ * Needs n, k, and the row strides to be multiples of 8 elements and the
+ * pointers 16-byte aligned; otherwise the reference kernel runs.
+ *
+ * Tile choice is data: tile_rules below maps rows per expert to a tile, and
+ * a narrower tile is taken when the grid would not fill the GPU twice.
+ */
+#include "activation_math.cuh"
+#include "cuda_internal.cuh"
+
+#include <limits.h>
+
+typedef __nv_bfloat16 bf16;
+
+/* ---- PTX wrappers ------------------------------------------------------- */
+
+__device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
+  const unsigned dst = (unsigned)__cvta_generic_to_shared(smem);
+  const int bytes = valid ? 16 : 0;
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(gmem), "r"(bytes));
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::);
+}
+template <int N> __device__ __forceinline__ void cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N));
+}
+__device__ __forceinline__ void ldmatrix_x4(unsigned (&r)[4], const void *smem) {
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void ldmatrix_x4_trans(unsigned (&r)[4], const void *smem) {
+  const unsigned addr = (unsigned)__cvta_generic_to_shared(smem);
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+__device__ __forceinline__ void mma_bf16_16816(float (&d)[4], const unsigned (&a)[4], unsigned b0,
+                                               unsigned b1) {
+  asm volatile("mma.sync.aligned.m16n8k16.row.col.f32.bf16.bf16.f32 {%0,%1,%2,%3}, "
+               "{%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3])
+               : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+/* ---- tiles ------------------------------------------------------------- */
+
+template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> struct tile {
+  static constexpr int BM = BM_, BN = BN_, BK = BK_, STAGES = STAGES_;
+  static constexpr int WARPS_M = WARPS_M_, WARPS_N = WARPS_N_;
+  static constexpr int THREADS = 32 * WARPS_M * WARPS_N;
+  static constexpr int WM = BM / WARPS_M, WN = BN / WARPS_N;
+  static constexpr int MI = WM / 16, NI = WN / 8;
+  static_assert(WM % 16 == 0 && WN % 16 == 0, "a warp owns whole m16 rows and n16 pairs");
+  static constexpr int A_LD = BK + 8;
+  static constexpr int A_STAGE = BM * A_LD;
+  template <bool KN> __host__ __device__ static constexpr int b_ld() { return (KN ? BN : BK) + 8; }
+  template <bool KN> __host__ __device__ static constexpr int b_stage() {
+    return (KN ? BK : BN) * b_ld<KN>();
+  }
+  template <bool KN> __host__ __device__ static constexpr int smem_bytes() {
+    return STAGES * (A_STAGE + b_stage<KN>()) * (int)sizeof(bf16);
+  }
+};
+
+enum tile_id { TILE_16x32, TILE_16x64, TILE_32x64, TILE_64x128, TILE_128x128, TILE_COUNT };
+typedef tile<16, 32, 128, 1, 2, 4> tile_16x32;    /* decode, few CTAs */
+typedef tile<16, 64, 128, 1, 4, 4> tile_16x64;    /* decode: streams B */
+typedef tile<32, 64, 64, 1, 4, 4> tile_32x64;     /* small batches */
+typedef tile<64, 128, 64, 2, 4, 3> tile_64x128;   /* medium */
+typedef tile<128, 128, 32, 2, 4, 4> tile_128x128; /* prefill */
+
+static const int tile_block_m[TILE_COUNT] = {16, 16, 32, 64, 128};
+
+/* Rows per expert (average over touched experts) -> tile. First match. */
+struct tile_rule {
+  int64_t max_rows_per_expert;
+  tile_id id;
+};
+static const tile_rule tile_rules[] = {
+    {16, TILE_16x64},
+    {40, TILE_32x64},
+    {96, TILE_64x128},
+    {INT64_MAX, TILE_128x128},
+};
+
+/* ---- epilogue helpers -------------------------------------------------- */
+
+__device__ __forceinline__ float apply_routed(float acc, float bias, float weight,
+                                              moe_gemm_routed_weight mode) {
+  switch (mode) {
+  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
+    return weight * acc + bias;
+  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
+    return weight * (acc + bias);
+  default:
+    return acc + bias;
+  }
+}
+
+/* ---- the tensor-core kernel -------------------------------------------- */
+
+template <class T, bool B_KN, int EPILOGUE>
+__global__ void __launch_bounds__(T::THREADS)
+    gemm_mma_kernel(const cuda_gemm g, int m_tiles, int n_tiles) {
+  constexpr int BM = T::BM, BN = T::BN, BK = T::BK, STAGES = T::STAGES, THREADS = T::THREADS;
+  constexpr int MI = T::MI, NI = T::NI, WM = T::WM, WN = T::WN, A_LD = T::A_LD;
+  constexpr int B_LD = T::template b_ld<B_KN>();
+  constexpr int A_STAGE = T::A_STAGE, B_STAGE = T::template b_stage<B_KN>();
+  extern __shared__ __align__(16) unsigned char smem_raw[];
+  bf16 *const a_smem = (bf16 *)smem_raw;
+  bf16 *const b_smem = a_smem + STAGES * A_STAGE;
+  __shared__ int64_t a_row[BM];  /* element offset of the row in a, or -1 */
+  __shared__ int32_t c_slot[BM]; /* slot written by the row, or -1 */
+
+  /* Grouped raster: GROUP_M row tiles share each column tile in turn. */
+  constexpr int GROUP_M = 8;
+  const int64_t tile_index = blockIdx.x;
+  const int64_t group_tiles = (int64_t)GROUP_M * n_tiles;
+  const int first_m = (int)(tile_index / group_tiles) * GROUP_M;
+  const int group_m = min(m_tiles - first_m, GROUP_M);
+  const int64_t in_group = tile_index % group_tiles;
+  const int m_tile = first_m + (int)(in_group % group_m);
+  const int n_tile = (int)(in_group / group_m);
+  const int64_t m0 = (int64_t)m_tile * BM;
+  const int n0 = n_tile * BN;
+  if (m0 >= *g.num_tokens_post_padded) return;
+  const int expert = g.expert_ids[m0 / g.block_m];
+  if (expert < 0 || expert >= g.num_local_experts) return;
+
+  const int64_t num_slots = g.num_tokens * g.top_k;
+  for (int r = threadIdx.x; r < BM; r += THREADS) {
+    const int32_t slot = g.sorted_token_ids[m0 + r];
+    const bool real = slot >= 0 && slot < num_slots;
+    c_slot[r] = real ? slot : -1;
+    a_row[r] = real ? (g.input_per_slot ? (int64_t)slot : (int64_t)(slot / g.top_k)) * g.lda : -1;
+  }
+  __syncthreads();
+
+  const bf16 *const b_expert = g.b + (int64_t)expert * g.b_expert_stride;
+  auto load_stage = [&](int stage, int k0) {
+    bf16 *as = a_smem + stage * A_STAGE;
+    bf16 *bs = b_smem + stage * B_STAGE;
+    constexpr int A_CHUNKS = BM * BK / 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < A_CHUNKS; i += THREADS) {
+      const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
+      const int64_t off = a_row[r];
+      const bool ok = off >= 0 && k0 + c < g.k;
+      cp_async16(as + r * A_LD + c, ok ? g.a + off + k0 + c : g.a, ok);
+    }
+    constexpr int B_CHUNKS = BN * BK / 8;
+#pragma unroll
+    for (int i = threadIdx.x; i < B_CHUNKS; i += THREADS) {
+      if (!B_KN) { /* rows are n, 16-byte chunks along k */
+        const int r = i / (BK / 8), c = (i % (BK / 8)) * 8;
+        const bool ok = n0 + r < g.n && k0 + c < g.k;
+        cp_async16(bs + r * B_LD + c, ok ? b_expert + (int64_t)(n0 + r) * g.ldb + k0 + c : g.b, ok);
+      } else { /* rows are k, chunks along n */
+        const int r = i / (BN / 8), c = (i % (BN / 8)) * 8;
+        const bool ok = k0 + r < g.k && n0 + c < g.n;
+        cp_async16(bs + r * B_LD + c, ok ? b_expert + (int64_t)(k0 + r) * g.ldb + n0 + c : g.b, ok);
+      }
+    }
+  };
+
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int warp_m = warp % T::WARPS_M, warp_n = warp / T::WARPS_M;
+  float acc[MI][NI][4];
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int ni = 0; ni < NI; ++ni)
+#pragma unroll
+      for (int q = 0; q < 4; ++q)
+        acc[mi][ni][q] = 0.0f;
+
+  const int k_tiles = (g.k + BK - 1) / BK;
+#pragma unroll
+  for (int s = 0; s < STAGES - 1; ++s) {
+    if (s < k_tiles) load_stage(s, s * BK);
+    cp_async_commit();
+  }
+  for (int kt = 0; kt < k_tiles; ++kt) {
+    cp_async_wait<STAGES - 2>();
+    __syncthreads(); /* tile kt landed; everyone is done with tile kt - 1 */
+    const int next = kt + STAGES - 1;
+    if (next < k_tiles) load_stage(next % STAGES, next * BK);
+    cp_async_commit();
+
+    const bf16 *as = a_smem + (kt % STAGES) * A_STAGE;
+    const bf16 *bs = b_smem + (kt % STAGES) * B_STAGE;
+#pragma unroll
+    for (int kk = 0; kk < BK; kk += 16) {
+      unsigned af[MI][4], bfrag[NI][2];
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+        ldmatrix_x4(af[mi],
+                    as + (warp_m * WM + mi * 16 + (lane & 15)) * A_LD + kk + (lane >> 4) * 8);
+#pragma unroll
+      for (int np = 0; np < NI / 2; ++np) {
+        unsigned r[4];
+        if (!B_KN)
+          ldmatrix_x4(r, bs + (warp_n * WN + np * 16 + (lane & 7) + ((lane >> 4) << 3)) * B_LD +
+                             kk + ((lane >> 3) & 1) * 8);
+        else
+          ldmatrix_x4_trans(r, bs + (kk + (lane & 7) + ((lane >> 3) & 1) * 8) * B_LD + warp_n * WN +
+                                   np * 16 + (lane >> 4) * 8);
+        bfrag[2 * np][0] = r[0];
+        bfrag[2 * np][1] = r[1];
+        bfrag[2 * np + 1][0] = r[2];
+        bfrag[2 * np + 1][1] = r[3];
+      }
+#pragma unroll
+      for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+        for (int ni = 0; ni < NI; ++ni)
+          mma_bf16_16816(acc[mi][ni], af[mi], bfrag[ni][0], bfrag[ni][1]);
+    }
+  }
+  cp_async_wait<0>();
+
+  const float *bias = g.bias ? g.bias + (int64_t)expert * g.bias_stride : NULL;
+#pragma unroll
+  for (int mi = 0; mi < MI; ++mi)
+#pragma unroll
+    for (int half = 0; half < 2; ++half) {
+      const int r = warp_m * WM + mi * 16 + (lane >> 2) + half * 8;
+      const int32_t slot = c_slot[r];
+      if (slot < 0) continue;
+      const float weight =
+          g.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE ? g.topk_weights[slot] : 1.0f;
+      bf16 *c_row = g.c + (int64_t)slot * g.ldc;
+#pragma unroll
+      for (int ni = 0; ni < NI; ++ni) {
+        const int col = n0 + warp_n * WN + ni * 8 + (lane & 3) * 2;
+        if (col >= g.n) continue; /* n % 8 == 0, so col + 1 < n too */
+        const float v0 =
+            apply_routed(acc[mi][ni][2 * half], bias ? bias[col] : 0.0f, weight, g.routed_weight);
+        const float v1 = apply_routed(acc[mi][ni][2 * half + 1], bias ? bias[col + 1] : 0.0f,
+                                      weight, g.routed_weight);
+        if (EPILOGUE == CUDA_EPILOGUE_GLU)
+          c_row[col / 2] =
+              __float2bfloat16_rn(cuda_gated_activation(g.activation, g.alpha, g.limit, v0, v1));
+        else
+          *(__nv_bfloat162 *)(c_row + col) = __floats2bfloat162_rn(v0, v1);
+      }
+    }
+}
+
+/* ---- the reference kernel ---------------------------------------------- */
+
+/* One CTA per sorted position, threads over output columns: plain fp32
+ * dot products, any shape, any layout, any alignment. */
+__global__ void gemm_reference_kernel(const cuda_gemm g) {
+  const int64_t p = blockIdx.x;
+  if (p >= *g.num_tokens_post_padded) return;
+  const int32_t slot = g.sorted_token_ids[p];
+  if (slot < 0 || slot >= g.num_tokens * g.top_k) return;
+  const int expert = g.expert_ids[p / g.block_m];
+  if (expert < 0 || expert >= g.num_local_experts) return;
+  const bf16 *a = g.a + (g.input_per_slot ? (int64_t)slot : (int64_t)(slot / g.top_k)) * g.lda;
+  const bf16 *b = g.b + (int64_t)expert * g.b_expert_stride;
+  const float *bias = g.bias ? g.bias + (int64_t)expert * g.bias_stride : NULL;
+  const float weight = g.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE ? g.topk_weights[slot] : 1.0f;
+  const bool glu = g.epilogue == CUDA_EPILOGUE_GLU;
+  const int64_t outputs = glu ? g.n / 2 : g.n;
+  bf16 *c_row = g.c + (int64_t)slot * g.ldc;
+  auto column = [&](int64_t col) {
+    float acc = 0.0f;
+    for (int64_t kk = 0; kk < g.k; ++kk) {
+      const bf16 w = g.b_kn ? b[kk * g.ldb + col] : b[col * g.ldb + kk];
+      acc += __bfloat162float(a[kk]) * __bfloat162float(w);
+    }
+    return apply_routed(acc, bias ? bias[col] : 0.0f, weight, g.routed_weight);
+  };
+  for (int64_t o = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; o < outputs;
+       o += (int64_t)gridDim.y * blockDim.x) {
+    const float v = glu ? cuda_gated_activation(g.activation, g.alpha, g.limit, column(2 * o),
+                                                column(2 * o + 1))
+                        : column(o);
+    c_row[o] = __float2bfloat16_rn(v);
+  }
+}
+
+/* ---- dispatch ---------------------------------------------------------- */
+
+template <class T, bool B_KN, int EPILOGUE> static moe_status set_smem_limit() {
+  return cuda_status(cudaFuncSetAttribute(gemm_mma_kernel<T, B_KN, EPILOGUE>,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          T::template smem_bytes<B_KN>()),
+                     "cudaFuncSetAttribute");
+}
+
+template <class T> static moe_status set_smem_limits() {
+  CUDA_TRY((set_smem_limit<T, false, CUDA_EPILOGUE_STORE>()));
+  CUDA_TRY((set_smem_limit<T, false, CUDA_EPILOGUE_GLU>()));
+  return set_smem_limit<T, true, CUDA_EPILOGUE_STORE>();
+}
+
+moe_status cuda_gemm_init(void) {
+  CUDA_TRY(set_smem_limits<tile_16x32>());
+  CUDA_TRY(set_smem_limits<tile_16x64>());
+  CUDA_TRY(set_smem_limits<tile_32x64>());
+  CUDA_TRY(set_smem_limits<tile_64x128>());
+  return set_smem_limits<tile_128x128>();
+}
+
+template <class T>
+static moe_status launch_tile(const cuda_state *st, const cuda_gemm *g, int64_t m_tiles) {
+  const int64_t n_tiles = (g->n + T::BN - 1) / T::BN;
+  const int64_t ctas = m_tiles * n_tiles;
+  if (ctas > INT_MAX)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "grouped GEMM grid of %lld tiles is too large",
+                         (long long)ctas);
+  const dim3 grid((unsigned)ctas), block(T::THREADS);
+  if (g->b_kn) {
+    if (g->epilogue == CUDA_EPILOGUE_GLU)
+      return moe_set_error(MOE_ERROR_INTERNAL, "GLU epilogue needs OUT_IN weights");
+    gemm_mma_kernel<T, true, CUDA_EPILOGUE_STORE>
+        <<<grid, block, T::template smem_bytes<true>(), st->stream>>>(*g, (int)m_tiles,
+                                                                      (int)n_tiles);
+  } else if (g->epilogue == CUDA_EPILOGUE_GLU) {
+    gemm_mma_kernel<T, false, CUDA_EPILOGUE_GLU>
+        <<<grid, block, T::template smem_bytes<false>(), st->stream>>>(*g, (int)m_tiles,
+                                                                       (int)n_tiles);
+  } else {
+    gemm_mma_kernel<T, false, CUDA_EPILOGUE_STORE>
+        <<<grid, block, T::template smem_bytes<false>(), st->stream>>>(*g, (int)m_tiles,
+                                                                       (int)n_tiles);
+  }
+  return cuda_launch_status("gemm_mma_kernel");
+}
+
+/* Upper bound of num_tokens_post_padded: every touched expert pads at most
+ * block_m - 1 rows, and at most min(EL, slots) experts are touched. */
+static int64_t padded_rows_bound(const cuda_gemm *g) {
+  const int64_t slots = g->num_tokens * g->top_k;
+  const int64_t touched = slots < g->num_local_experts ? slots : g->num_local_experts;
+  return slots + (int64_t)(g->block_m - 1) * touched;
+}
+
+static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local_experts,
+                          int64_t n) {
+  const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
+  const int64_t rows_per_expert = (slots + touched - 1) / (touched > 0 ? touched : 1);
+  tile_id id = TILE_128x128;
+  for (const tile_rule &rule : tile_rules)
+    if (rows_per_expert <= rule.max_rows_per_expert) {
+      id = rule.id;
+      break;
+    }
+  /* Decode: when BN = 64 would not give every SM two CTAs, halve BN. */
+  if (id == TILE_16x64) {
+    const int64_t ctas = touched * ((n + 63) / 64);
+    if (ctas < 2 * (int64_t)st->sm_count) id = TILE_16x32;
+  }
+  return id;
+}
+
+int32_t cuda_gemm_pick_block_m(const cuda_state *st, int64_t num_slots, int32_t num_local_experts,
+                               int64_t n, int64_t k) {
+  (void)k;
+  return tile_block_m[table_tile(st, num_slots, num_local_experts, n)];
+}
+
+static bool aligned16(const void *p) {
+  return ((uintptr_t)p & 15u) == 0;
+}
+
+moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
+  const int64_t slots = g->num_tokens * g->top_k;
+  const int64_t rows = padded_rows_bound(g);
+  tile_id id = table_tile(st, slots, g->num_local_experts, g->n);
+  while (id > TILE_16x32 && tile_block_m[id] > g->block_m)
+    id = (tile_id)(id - 1);
+  const bool fast = tile_block_m[id] <= g->block_m && g->n % 8 == 0 && g->k % 8 == 0 &&
+                    g->lda % 8 == 0 && g->ldb % 8 == 0 && g->ldc % 8 == 0 &&
+                    g->b_expert_stride % 8 == 0 && aligned16(g->a) && aligned16(g->b) &&
+                    aligned16(g->c);
+  if (fast) {
+    const int bm = tile_block_m[id];
+    const int64_t m_tiles = (rows + bm - 1) / bm;
+    switch (id) {
+    case TILE_16x32:
+      return launch_tile<tile_16x32>(st, g, m_tiles);
+    case TILE_16x64:
+      return launch_tile<tile_16x64>(st, g, m_tiles);
+    case TILE_32x64:
+      return launch_tile<tile_32x64>(st, g, m_tiles);
+    case TILE_64x128:
+      return launch_tile<tile_64x128>(st, g, m_tiles);
+    default:
+      return launch_tile<tile_128x128>(st, g, m_tiles);
+    }
+  }
+  const int threads = 128;
+  const int64_t outputs = g->epilogue == CUDA_EPILOGUE_GLU ? g->n / 2 : g->n;
+  int64_t col_blocks = (outputs + threads - 1) / threads;
+  if (col_blocks > 65535) col_blocks = 65535;
+  if (rows > INT_MAX)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "grouped GEMM of %lld rows is too large",
+                         (long long)rows);
+  gemm_reference_kernel<<<dim3((unsigned)rows, (unsigned)col_blocks), threads, 0, st->stream>>>(*g);
+  return cuda_launch_status("gemm_reference_kernel");
+}

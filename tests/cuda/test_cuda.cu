@@ -1,0 +1,428 @@
+/*
+ * test_cuda.cu - CUDA-only tests of the moe_tests suite: a forward captured
+ * into a CUDA graph and replayed on new inputs, interop with the caller's
+ * stream and memory (moe_cuda.h), and layer and GEMM shapes aligned so that
+ * every tensor-core tile of the backend's tile table runs (the shared
+ * suite's odd sizes mostly take the reference kernel). Each test skips
+ * unless MOE_TEST_BACKEND=cuda.
+ */
+#include <criterion/criterion.h>
+
+extern "C" {
+#include "harness.h"
+}
+#include "moe_cuda.h"
+
+#include <cuda_runtime.h>
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define CUDA_LAYER_BOUND 1e-2
+
+static void require_cuda(void) {
+  if (strcmp(th_backend_name(), "cuda") != 0)
+    cr_skip_test("CUDA-only test; MOE_TEST_BACKEND=%s", th_backend_name());
+}
+
+#define CUDA_OK(call)                                                                              \
+  do {                                                                                             \
+    cudaError_t err_ = (call);                                                                     \
+    TH_ASSERT(err_ == cudaSuccess, "%s failed: %s", #call, cudaGetErrorString(err_));              \
+  } while (0)
+
+static th_layer_spec mixtral_like(int64_t T, int64_t H, int64_t I, int32_t E, int32_t k,
+                                  uint64_t seed) {
+  th_layer_spec s;
+  memset(&s, 0, sizeof s);
+  s.num_tokens = T;
+  s.seed = seed;
+  s.cfg = th_config(H, I, E, k);
+  s.cfg.renormalize = 1;
+  return s;
+}
+
+/* Relative error of out [T][H] against the float64 reference of d. */
+static double layer_error(const th_layer_data *d, const uint16_t *out) {
+  const int64_t n = d->num_tokens * d->cfg.hidden_size;
+  double *ref = (double *)th_malloc((size_t)n * sizeof(double));
+  ref_layer_forward(&d->cfg, &d->weights, d->num_tokens, d->x, d->logits, true, ref);
+  for (int64_t i = 0; i < n; ++i)
+    TH_ASSERT(isfinite(th_bf16_to_float(out[i])), "out[%lld] is not finite", (long long)i);
+  const double err = th_rel_error(out, ref, (size_t)n);
+  free(ref);
+  return err;
+}
+
+/* Forward of all of d's tokens on ctx through the public API. */
+static void forward_plain(moe_context *ctx, const th_layer_data *d, uint16_t *out) {
+  const int64_t T = d->num_tokens, H = d->cfg.hidden_size, E = d->cfg.num_experts;
+  moe_layer *layer = NULL;
+  TH_OK(moe_layer_create(ctx, &d->cfg, &d->weights, &layer));
+  TH_OK(moe_layer_reserve(layer, T));
+  moe_buffer *x = th_upload(ctx, d->x, (size_t)(T * H) * 2);
+  moe_buffer *logits = th_upload(ctx, d->logits, (size_t)(T * E) * sizeof(float));
+  moe_buffer *b_out = th_output(ctx, (size_t)(T * H) * 2);
+  TH_OK(moe_layer_forward(layer, T, x, logits, b_out));
+  th_download(b_out, out, (size_t)(T * H) * 2);
+  th_check_guard(b_out, (size_t)(T * H) * 2, "out");
+  moe_buffer_destroy(x);
+  moe_buffer_destroy(logits);
+  moe_buffer_destroy(b_out);
+  moe_layer_destroy(layer);
+}
+
+static void layer_case(const th_layer_spec *spec) {
+  th_layer_data d;
+  th_layer_data_make(&d, spec);
+  const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+  uint16_t *out = (uint16_t *)th_malloc(n * 2);
+  forward_plain(th_ctx(), &d, out);
+  const double err = layer_error(&d, out);
+  TH_ASSERT(err <= CUDA_LAYER_BOUND, "relative error %.3g vs float64 > %g", err, CUDA_LAYER_BOUND);
+  cr_log_info("T=%lld relative error %.3g", (long long)d.num_tokens, err);
+  free(out);
+  th_layer_data_free(&d);
+}
+
+/* ---- CUDA graphs ------------------------------------------------------- */
+
+Test(cuda, graph_capture_replays_on_new_inputs) {
+  require_cuda();
+  moe_context *ctx = th_ctx();
+  const int64_t T = 48, H = 256, I = 384;
+  const int32_t E = 16, k = 4;
+  th_layer_spec spec = mixtral_like(T, H, I, E, k, 0xc001);
+  th_layer_data d;
+  th_layer_data_make(&d, &spec);
+  moe_layer *layer = NULL;
+  TH_OK(moe_layer_create(ctx, &d.cfg, &d.weights, &layer));
+  TH_OK(moe_layer_reserve(layer, T));
+  const size_t x_bytes = (size_t)(T * H) * 2, logit_bytes = (size_t)(T * E) * sizeof(float);
+  moe_buffer *x = th_upload(ctx, d.x, x_bytes);
+  moe_buffer *logits = th_upload(ctx, d.logits, logit_bytes);
+  moe_buffer *out = th_output(ctx, x_bytes);
+
+  void *stream_handle = NULL;
+  TH_OK(moe_cuda_context_stream(ctx, &stream_handle));
+  cudaStream_t stream = (cudaStream_t)stream_handle;
+  cudaGraph_t graph;
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const moe_status captured = moe_layer_forward(layer, T, x, logits, out);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  TH_OK(captured);
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+
+  uint16_t *got = (uint16_t *)th_malloc(x_bytes), *again = (uint16_t *)th_malloc(x_bytes);
+  for (int round = 0; round < 3; ++round) {
+    if (round > 0) { /* new inputs in the same buffers */
+      th_rng rng = th_rng_make(0xc0de + (uint64_t)round);
+      th_fill_bf16(&rng, d.x, (size_t)(T * H), 1.0);
+      th_fill_logits(&rng, d.logits, T, E, k, TH_LOGITS_NORMAL);
+      TH_OK(moe_buffer_write(x, 0, d.x, x_bytes));
+      TH_OK(moe_buffer_write(logits, 0, d.logits, logit_bytes));
+    }
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    th_download(out, got, x_bytes);
+    const double err = layer_error(&d, got);
+    TH_ASSERT(err <= CUDA_LAYER_BOUND, "replay %d: relative error %.3g > %g", round, err,
+              CUDA_LAYER_BOUND);
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    th_download(out, again, x_bytes);
+    TH_ASSERT(memcmp(got, again, x_bytes) == 0, "replay %d is not bitwise identical", round);
+    if (round == 2 && th_cpu_ctx()) { /* the CPU backend on the same inputs */
+      uint16_t *cpu = (uint16_t *)th_malloc(x_bytes);
+      forward_plain(th_cpu_ctx(), &d, cpu);
+      th_check_agree(got, cpu, (size_t)(T * H), CUDA_LAYER_BOUND, "graph replay vs cpu");
+      free(cpu);
+    }
+  }
+  th_check_guard(out, x_bytes, "out");
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  CUDA_OK(cudaGraphDestroy(graph));
+  free(got);
+  free(again);
+  moe_buffer_destroy(x);
+  moe_buffer_destroy(logits);
+  moe_buffer_destroy(out);
+  moe_layer_destroy(layer);
+  th_layer_data_free(&d);
+}
+
+/* ---- interop ------------------------------------------------------------ */
+
+Test(cuda, interop_user_stream_and_wrapped_memory) {
+  require_cuda();
+  cudaStream_t stream;
+  CUDA_OK(cudaStreamCreateWithFlags(&stream, cudaStreamNonBlocking));
+  moe_context *ctx = NULL;
+  TH_OK(moe_cuda_context_create_on_stream(0, stream, &ctx));
+  void *got_stream = NULL;
+  TH_OK(moe_cuda_context_stream(ctx, &got_stream));
+  TH_ASSERT(got_stream == (void *)stream, "the context does not run on the caller's stream");
+
+  const int64_t T = 5, H = 128, I = 256;
+  const int32_t E = 8, k = 2;
+  th_layer_spec spec = mixtral_like(T, H, I, E, k, 0xc002);
+  th_layer_data d;
+  th_layer_data_make(&d, &spec);
+  const size_t x_bytes = (size_t)(T * H) * 2, logit_bytes = (size_t)(T * E) * sizeof(float);
+  void *dx, *dlogits, *dout;
+  CUDA_OK(cudaMalloc(&dx, x_bytes));
+  CUDA_OK(cudaMalloc(&dlogits, logit_bytes));
+  CUDA_OK(cudaMalloc(&dout, x_bytes));
+  CUDA_OK(cudaMemcpy(dx, d.x, x_bytes, cudaMemcpyHostToDevice));
+  CUDA_OK(cudaMemcpy(dlogits, d.logits, logit_bytes, cudaMemcpyHostToDevice));
+  moe_buffer *x = NULL, *logits = NULL, *out = NULL;
+  TH_OK(moe_cuda_buffer_wrap(ctx, dx, x_bytes, &x));
+  TH_OK(moe_cuda_buffer_wrap(ctx, dlogits, logit_bytes, &logits));
+  TH_OK(moe_cuda_buffer_wrap(ctx, dout, x_bytes, &out));
+  TH_ASSERT(moe_buffer_size(x) == x_bytes, "wrapped size %zu", moe_buffer_size(x));
+
+  moe_layer *layer = NULL;
+  TH_OK(moe_layer_create(ctx, &d.cfg, &d.weights, &layer));
+  TH_OK(moe_layer_reserve(layer, T));
+  TH_OK(moe_layer_forward(layer, T, x, logits, out));
+  CUDA_OK(cudaStreamSynchronize(stream));
+  uint16_t *got = (uint16_t *)th_malloc(x_bytes);
+  CUDA_OK(cudaMemcpy(got, dout, x_bytes, cudaMemcpyDeviceToHost));
+  const double err = layer_error(&d, got);
+  TH_ASSERT(err <= CUDA_LAYER_BOUND, "relative error %.3g > %g", err, CUDA_LAYER_BOUND);
+
+  /* Wrapping a CPU context's buffer or a NULL pointer is refused. */
+  moe_buffer *bad = NULL;
+  TH_ASSERT(moe_cuda_buffer_wrap(ctx, NULL, 16, &bad) == MOE_ERROR_NULL_POINTER, "NULL wrapped");
+  if (th_cpu_ctx())
+    TH_ASSERT(moe_cuda_buffer_wrap(th_cpu_ctx(), dx, 16, &bad) == MOE_ERROR_INVALID_ARGUMENT,
+              "a CPU context wrapped device memory");
+
+  moe_layer_destroy(layer);
+  moe_buffer_destroy(x);
+  moe_buffer_destroy(logits);
+  moe_buffer_destroy(out);
+  moe_context_destroy(ctx);
+  /* Neither the memory nor the stream was freed by the library. */
+  CUDA_OK(cudaFree(dx));
+  CUDA_OK(cudaFree(dlogits));
+  CUDA_OK(cudaFree(dout));
+  CUDA_OK(cudaStreamQuery(stream));
+  CUDA_OK(cudaStreamDestroy(stream));
+  free(got);
+  th_layer_data_free(&d);
+}
+
+/* ---- every tensor-core tile through the layer -------------------------- */
+
+/* Sizes are multiples of 8, so the tensor-core kernels run; T sweeps the
+ * tile table (rows per expert 1, 6, 25, 75, 262) and T*k > 4096 takes the
+ * multi-block align. */
+Test(cuda, layer_tile_sweep) {
+  require_cuda();
+  const int64_t tokens[] = {1, 3, 16, 100, 300, 2100};
+  for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
+    th_layer_spec s = mixtral_like(tokens[i], 256, 384, 8, 2, 0xc100 + i);
+    layer_case(&s);
+  }
+}
+
+Test(cuda, layer_many_experts_decode) {
+  require_cuda();
+  const int64_t tokens[] = {1, 4, 64, 600};
+  for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
+    th_layer_spec s = mixtral_like(tokens[i], 512, 128, 128, 8, 0xc200 + i);
+    layer_case(&s);
+  }
+}
+
+Test(cuda, layer_variants_on_tensor_cores) {
+  require_cuda();
+  for (int variant = 0; variant < 7; ++variant) {
+    for (int64_t T : {2, 200}) {
+      th_layer_spec s = mixtral_like(T, 256, 256, 16, 4, 0xc300 + 16 * variant + T);
+      switch (variant) {
+      case 0: /* DeepSeek-V3 routing */
+        s.cfg.scoring = MOE_SCORING_SIGMOID;
+        s.cfg.num_groups = 4;
+        s.cfg.topk_groups = 2;
+        s.cfg.group_scoring = MOE_GROUP_SCORING_TOP2_SUM;
+        s.cfg.routed_scaling_factor = 2.5f;
+        s.correction_bias = true;
+        break;
+      case 1: /* expert parallelism */
+        s.cfg.num_local_experts = 8;
+        s.map = TH_MAP_PARTIAL;
+        break;
+      case 2: /* gpt-oss */
+        s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 3:
+        s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+        s.w13_bias = true;
+        break;
+      case 4:
+        s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
+        break;
+      case 5:
+        s.cfg.activation = MOE_ACTIVATION_GEGLU;
+        break;
+      default:
+        s.logits = TH_LOGITS_SPECIAL;
+        break;
+      }
+      layer_case(&s);
+    }
+  }
+}
+
+/* ---- the grouped GEMM stage on tensor cores ---------------------------- */
+
+static void gemm_stage_case(int64_t T, int32_t k, int32_t E, int64_t n, int64_t K, int32_t block_m,
+                            moe_weight_layout layout, moe_gemm_input input,
+                            moe_gemm_routed_weight rw, bool bias, uint64_t seed) {
+  moe_context *ctx = th_ctx();
+  th_case("gemm T=%lld k=%d E=%d n=%lld K=%lld block_m=%d layout=%d input=%d rw=%d bias=%d "
+          "seed=%#llx",
+          (long long)T, k, E, (long long)n, (long long)K, block_m, (int)layout, (int)input, (int)rw,
+          (int)bias, (unsigned long long)seed);
+  th_rng rng = th_rng_make(seed);
+  const int64_t slots = T * k, a_rows = input == MOE_GEMM_INPUT_PER_SLOT ? slots : T;
+  uint16_t *a = (uint16_t *)th_malloc((size_t)(a_rows * K) * 2);
+  uint16_t *b = (uint16_t *)th_malloc((size_t)(E * n * K) * 2);
+  float *bias_h = (float *)th_malloc((size_t)(E * n) * sizeof(float));
+  float *w = (float *)th_malloc((size_t)slots * sizeof(float));
+  int32_t *ids = (int32_t *)th_malloc((size_t)slots * sizeof(int32_t));
+  th_fill_bf16(&rng, a, (size_t)(a_rows * K), 1.0);
+  th_fill_bf16(&rng, b, (size_t)(E * n * K), 1.0 / sqrt((double)K));
+  th_fill_f32(&rng, bias_h, (size_t)(E * n), 0.5);
+  for (int64_t s = 0; s < slots; ++s) {
+    w[s] = (float)th_rng_uniform(&rng);
+    ids[s] = (int32_t)((s / k * 7 + (s % k) * 3 + th_rng_below(&rng, 2)) % E);
+  }
+  int64_t sorted_cap, block_cap;
+  TH_OK(moe_align_capacity(T, k, E, block_m, &sorted_cap, &block_cap));
+  moe_buffer *b_ids = th_upload(ctx, ids, (size_t)slots * 4);
+  moe_buffer *b_sorted = th_output(ctx, (size_t)sorted_cap * 4);
+  moe_buffer *b_eids = th_output(ctx, (size_t)block_cap * 4);
+  moe_buffer *b_ntpp = th_output(ctx, 4);
+  TH_OK(moe_align(ctx, T, k, E, E, block_m, b_ids, NULL, b_sorted, b_eids, b_ntpp));
+  moe_buffer *b_a = th_upload(ctx, a, (size_t)(a_rows * K) * 2);
+  moe_buffer *b_b = th_upload(ctx, b, (size_t)(E * n * K) * 2);
+  moe_buffer *b_bias = bias ? th_upload(ctx, bias_h, (size_t)(E * n) * sizeof(float)) : NULL;
+  moe_buffer *b_w = th_upload(ctx, w, (size_t)slots * sizeof(float));
+  moe_buffer *b_c = th_output(ctx, (size_t)(slots * n) * 2);
+  moe_gemm_desc desc;
+  memset(&desc, 0, sizeof desc);
+  desc.num_tokens = T;
+  desc.top_k = k;
+  desc.num_local_experts = E;
+  desc.n = n;
+  desc.k = K;
+  desc.block_m = block_m;
+  desc.b_layout = layout;
+  desc.input = input;
+  desc.routed_weight = rw;
+  TH_OK(moe_grouped_gemm(ctx, &desc, b_a, b_b, b_bias, b_sorted, b_eids, b_ntpp, b_w, b_c));
+  uint16_t *c = (uint16_t *)th_malloc((size_t)(slots * n) * 2);
+  th_download(b_c, c, (size_t)(slots * n) * 2);
+  th_check_guard(b_c, (size_t)(slots * n) * 2, "c");
+  double *ref = (double *)th_malloc((size_t)(slots * n) * sizeof(double));
+  double *mag = (double *)th_malloc((size_t)(slots * n) * sizeof(double));
+  ref_grouped_gemm(&desc, a, b, bias ? bias_h : NULL, ids, w, ref, mag);
+  th_check_bf16_close(c, ref, mag, slots, n, K, "c");
+  free(a);
+  free(b);
+  free(bias_h);
+  free(w);
+  free(ids);
+  free(c);
+  free(ref);
+  free(mag);
+  moe_buffer *bufs[] = {b_ids, b_sorted, b_eids, b_ntpp, b_a, b_b, b_bias, b_w, b_c};
+  for (moe_buffer *buf : bufs)
+    moe_buffer_destroy(buf);
+}
+
+Test(cuda, gemm_stage_tiles_and_layouts) {
+  require_cuda();
+  const moe_weight_layout layouts[] = {MOE_WEIGHT_LAYOUT_OUT_IN, MOE_WEIGHT_LAYOUT_IN_OUT};
+  uint64_t seed = 0xc400;
+  for (moe_weight_layout layout : layouts) {
+    /* decode tiles, block_m 16 */
+    gemm_stage_case(3, 2, 8, 136, 264, 16, layout, MOE_GEMM_INPUT_PER_TOKEN,
+                    MOE_GEMM_ROUTED_WEIGHT_NONE, false, seed++);
+    /* 32x64 under block_m 64 */
+    gemm_stage_case(100, 2, 8, 200, 96, 64, layout, MOE_GEMM_INPUT_PER_SLOT,
+                    MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS, true, seed++);
+    /* 64x128 */
+    gemm_stage_case(300, 2, 8, 264, 136, 128, layout, MOE_GEMM_INPUT_PER_TOKEN,
+                    MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS, true, seed++);
+    /* 128x128, block_m 256 */
+    gemm_stage_case(1200, 2, 4, 392, 200, 256, layout, MOE_GEMM_INPUT_PER_SLOT,
+                    MOE_GEMM_ROUTED_WEIGHT_NONE, true, seed++);
+  }
+}
+
+/* ---- align, one block and several, against the reference -------------- */
+
+Test(cuda, align_one_and_multi_block_match_reference) {
+  require_cuda();
+  moe_context *ctx = th_ctx();
+  const struct {
+    int64_t T;
+    int32_t k, E, EL, block_m;
+  } cases[] = {{1, 8, 128, 128, 16},
+               {500, 8, 256, 256, 16},
+               {3000, 8, 256, 256, 128},
+               {4000, 6, 64, 40, 64},
+               {70000, 2, 8, 8, 256}};
+  for (const auto &c : cases) {
+    th_case("align T=%lld k=%d E=%d EL=%d block_m=%d", (long long)c.T, c.k, c.E, c.EL, c.block_m);
+    th_rng rng = th_rng_make(0xc500 + (uint64_t)c.T);
+    const int64_t slots = c.T * c.k;
+    int32_t *ids = (int32_t *)th_malloc((size_t)slots * 4);
+    for (int64_t s = 0; s < slots; ++s)
+      ids[s] = (int32_t)th_rng_below(&rng, c.E);
+    int32_t *map = NULL;
+    if (c.EL != c.E) {
+      map = (int32_t *)th_malloc((size_t)c.E * 4);
+      th_fill_expert_map(&rng, map, c.E, c.EL, TH_MAP_PARTIAL);
+    }
+    int64_t sorted_cap, block_cap;
+    TH_OK(moe_align_capacity(c.T, c.k, c.EL, c.block_m, &sorted_cap, &block_cap));
+    moe_buffer *b_ids = th_upload(ctx, ids, (size_t)slots * 4);
+    moe_buffer *b_map = map ? th_upload(ctx, map, (size_t)c.E * 4) : NULL;
+    moe_buffer *b_sorted = th_output(ctx, (size_t)sorted_cap * 4);
+    moe_buffer *b_eids = th_output(ctx, (size_t)block_cap * 4);
+    moe_buffer *b_ntpp = th_output(ctx, 4);
+    TH_OK(moe_align(ctx, c.T, c.k, c.E, c.EL, c.block_m, b_ids, b_map, b_sorted, b_eids, b_ntpp));
+    int32_t *sorted = (int32_t *)th_malloc((size_t)sorted_cap * 4);
+    int32_t *eids = (int32_t *)th_malloc((size_t)block_cap * 4);
+    int32_t *ref_sorted = (int32_t *)th_malloc((size_t)sorted_cap * 4);
+    int32_t *ref_eids = (int32_t *)th_malloc((size_t)block_cap * 4);
+    int32_t ntpp, ref_ntpp;
+    th_download(b_sorted, sorted, (size_t)sorted_cap * 4);
+    th_download(b_eids, eids, (size_t)block_cap * 4);
+    th_download(b_ntpp, &ntpp, 4);
+    ref_align(c.T, c.k, c.E, c.EL, c.block_m, ids, map, ref_sorted, ref_eids, &ref_ntpp);
+    TH_ASSERT(ntpp == ref_ntpp, "num_tokens_post_padded %d, reference %d", ntpp, ref_ntpp);
+    TH_ASSERT(memcmp(sorted, ref_sorted, (size_t)sorted_cap * 4) == 0,
+              "sorted_token_ids differ from the reference");
+    TH_ASSERT(memcmp(eids, ref_eids, (size_t)block_cap * 4) == 0,
+              "expert_ids differ from the reference");
+    th_check_guard(b_sorted, (size_t)sorted_cap * 4, "sorted_token_ids");
+    th_check_guard(b_eids, (size_t)block_cap * 4, "expert_ids");
+    free(ids);
+    free(map);
+    free(sorted);
+    free(eids);
+    free(ref_sorted);
+    free(ref_eids);
+    moe_buffer *bufs[] = {b_ids, b_map, b_sorted, b_eids, b_ntpp};
+    for (moe_buffer *buf : bufs)
+      moe_buffer_destroy(buf);
+  }
+}

@@ -350,8 +350,12 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
   const moe_config *c = &l->cfg;
   const int64_t slots = max_tokens * c->top_k, EL = c->num_local_experts;
   const int64_t sorted_cap = slots + EL * (CUDA_GEMM_MAX_BLOCK_M - 1);
-  const int64_t block_cap = (slots + EL * (CUDA_GEMM_MIN_BLOCK_M - 1) + CUDA_GEMM_MIN_BLOCK_M - 1) /
-                            CUDA_GEMM_MIN_BLOCK_M;
+  /* expert_ids for the row block that needs the most blocks. */
+  int64_t block_cap = 0;
+  for (int64_t bm = CUDA_GEMM_MIN_BLOCK_M; bm <= CUDA_GEMM_MAX_BLOCK_M; bm *= 2) {
+    const int64_t blocks = (slots + EL * (bm - 1) + bm - 1) / bm;
+    if (blocks > block_cap) block_cap = blocks;
+  }
   int64_t chunks = (slots + 1023) / 1024;
   if (chunks > 2048) chunks = 2048;
   const int64_t scratch = chunks * EL;

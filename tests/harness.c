@@ -202,6 +202,13 @@ moe_buffer *th_output(moe_context *ctx, size_t bytes) {
   return buffer;
 }
 
+moe_buffer *th_output_exact(moe_context *ctx, size_t bytes) {
+  moe_buffer *buffer = NULL;
+  TH_OK(moe_buffer_create(ctx, bytes, &buffer));
+  th_refill(buffer);
+  return buffer;
+}
+
 void th_download(const moe_buffer *buffer, void *dst, size_t bytes) {
   if (bytes) TH_OK(moe_buffer_read(buffer, 0, dst, bytes));
 }

@@ -97,6 +97,9 @@ void *th_calloc(size_t count, size_t size);
 moe_buffer *th_upload(moe_context *ctx, const void *data, size_t bytes);
 /* An output buffer of bytes plus TH_GUARD_BYTES, every byte TH_FILL_BYTE. */
 moe_buffer *th_output(moe_context *ctx, size_t bytes);
+/* An output buffer of exactly bytes (no guard), every byte TH_FILL_BYTE:
+ * for buffers that must be too small. */
+moe_buffer *th_output_exact(moe_context *ctx, size_t bytes);
 /* Fills a whole buffer with TH_FILL_BYTE again. */
 void th_refill(moe_buffer *buffer);
 /* Reads bytes from offset 0. */

@@ -46,11 +46,12 @@ MOE_BF16_FN float moe_bf16_to_float(moe_bf16_t v) {
   return MOE_BF16_FLOAT((moe_bf16_u32)v << 16);
 }
 
+/* Branch-free, so that loops of it vectorize. */
 MOE_BF16_FN moe_bf16_t moe_bf16_from_float(float f) {
   moe_bf16_u32 u = MOE_BF16_BITS(f);
-  if ((u & 0x7fffffffu) > 0x7f800000u) return (moe_bf16_t)((u >> 16) | 0x0040u);
-  u += 0x7fffu + ((u >> 16) & 1u);
-  return (moe_bf16_t)(u >> 16);
+  moe_bf16_u32 rounded = (u + 0x7fffu + ((u >> 16) & 1u)) >> 16;
+  moe_bf16_u32 quiet_nan = (u >> 16) | 0x0040u;
+  return (moe_bf16_t)((u & 0x7fffffffu) > 0x7f800000u ? quiet_nan : rounded);
 }
 
 #endif /* MOE_BF16_LOGIC_H */

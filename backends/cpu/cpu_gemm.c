@@ -22,9 +22,10 @@
 #include "../common/bf16_logic.h"
 
 #include <omp.h>
+#include <string.h>
 
 #define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS)
-#define A_TILE_BYTES ((size_t)CPU_MR_MAX * 2 * CPU_KC_PAIRS * sizeof(float))
+#define A_TILE_BYTES ((size_t)CPU_MR_MAX * CPU_A_STRIDE_F32 * sizeof(float))
 #define C_TILE_BYTES ((size_t)CPU_MC_ROWS * C_TILE_LD * sizeof(float))
 #define B_GROUP_BYTES ((size_t)CPU_GROUP_PANELS * CPU_KC_PAIRS * CPU_PANEL_PAIR * sizeof(uint16_t))
 
@@ -88,83 +89,77 @@ size_t cpu_gemm_scratch_bytes(int b_packed) {
  * path's packed format (cpu_kernels.h), zero beyond K. */
 static void pack_a(const cpu_gemm_problem *pb, const int32_t *slots, int rows, int64_t kp0,
                    int64_t kpairs, void *dst) {
-  const int64_t K = pb->b_source.k;
+  const int64_t K = pb->b_source.k, k_begin = 2 * kp0;
+  const int64_t width = 2 * kpairs, real = min64(width, K - k_begin);
   for (int r = 0; r < rows; ++r) {
-    const uint16_t *row = pb->a + (int64_t)(slots[r] / pb->a_row_div) * pb->lda;
-    const int64_t k_begin = 2 * kp0;
-    const int64_t full = min64(kpairs, (K - k_begin) / 2); /* pairs fully inside K */
+    const uint16_t *row = pb->a + (int64_t)(slots[r] / pb->a_row_div) * pb->lda + k_begin;
     if (pb->path->a_format == CPU_A_FP32) {
-      float *d = dst;
-      for (int64_t kp = 0; kp < full; ++kp) {
-        d[(2 * kp) * rows + r] = moe_bf16_to_float(row[k_begin + 2 * kp]);
-        d[(2 * kp + 1) * rows + r] = moe_bf16_to_float(row[k_begin + 2 * kp + 1]);
-      }
-      for (int64_t kp = full; kp < kpairs; ++kp)
-        for (int h = 0; h < 2; ++h) {
-          int64_t k = k_begin + 2 * kp + h;
-          d[(2 * kp + h) * rows + r] = k < K ? moe_bf16_to_float(row[k]) : 0.0f;
-        }
+      float *d = (float *)dst + (int64_t)r * CPU_A_STRIDE_F32;
+      for (int64_t i = 0; i < real; ++i)
+        d[i] = moe_bf16_to_float(row[i]);
+      for (int64_t i = real; i < width; ++i)
+        d[i] = 0.0f;
     } else {
-      uint32_t *d = dst;
-      for (int64_t kp = 0; kp < full; ++kp)
-        d[kp * rows + r] = (uint32_t)row[k_begin + 2 * kp] | (uint32_t)row[k_begin + 2 * kp + 1]
-                                                                 << 16;
-      for (int64_t kp = full; kp < kpairs; ++kp) {
-        int64_t k = k_begin + 2 * kp;
-        uint32_t lo = k < K ? row[k] : 0, hi = k + 1 < K ? row[k + 1] : 0;
-        d[kp * rows + r] = lo | hi << 16;
-      }
+      uint16_t *d = (uint16_t *)((uint32_t *)dst + (int64_t)r * CPU_A_STRIDE_U32);
+      memcpy(d, row, (size_t)real * sizeof *d);
+      for (int64_t i = real; i < width; ++i)
+        d[i] = 0;
     }
   }
 }
 
-/* One output value through bias and routed weight (fp32, fixed order). */
-static inline float finish_value(const cpu_epilogue *ep, float acc, float bias, float weight) {
-  switch (ep->weight_mode) {
-  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
-    return weight * acc + bias;
-  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
-    return weight * (acc + bias);
-  default:
-    return acc + bias;
+/* Finishes n accumulators in place: bias (may be NULL) and routed weight,
+ * in the order the weight mode fixes. Plain loops, so they vectorize. */
+static void finish_values(moe_gemm_routed_weight mode, float *v, const float *bias, float w,
+                          int n) {
+  if (mode == MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS) {
+    for (int j = 0; j < n; ++j)
+      v[j] = w * v[j];
+    if (bias)
+      for (int j = 0; j < n; ++j)
+        v[j] = v[j] + bias[j];
+  } else {
+    if (bias)
+      for (int j = 0; j < n; ++j)
+        v[j] = v[j] + bias[j];
+    if (mode == MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS)
+      for (int j = 0; j < n; ++j)
+        v[j] = w * v[j];
   }
 }
 
-/* Rounds a finished C tile (rows x panels) into the output rows. */
+static void store_bf16(uint16_t *dst, const float *src, int n) {
+  for (int j = 0; j < n; ++j)
+    dst[j] = moe_bf16_from_float(src[j]);
+}
+
+/* Rounds a finished C tile (rows x panels) into the output rows; the tile
+ * is overwritten on the way. */
 static void apply_epilogue(const cpu_epilogue *ep, int32_t expert, const int32_t *slots, int rows,
-                           int64_t panel0, int panels, const float *c) {
+                           int64_t panel0, int panels, float *c) {
   const float *bias = ep->bias ? ep->bias + (int64_t)expert * ep->bias_stride : NULL;
+  const int half = CPU_PANEL_COLS / 2;
   for (int r = 0; r < rows; ++r) {
     const int64_t s = slots[r];
     const float w = ep->weight_mode != MOE_GEMM_ROUTED_WEIGHT_NONE ? ep->slot_weights[s] : 1.0f;
     uint16_t *out = ep->out + s * ep->ld_out;
-    const float *c_row = c + (int64_t)r * C_TILE_LD;
+    float *c_row = c + (int64_t)r * C_TILE_LD;
     if (ep->gated) {
-      const int half = CPU_PANEL_COLS / 2;
       for (int p = 0; p < panels; ++p) {
         const int64_t col0 = (panel0 + p) * half;
         const int count = (int)min64(half, ep->n_out - col0);
-        for (int j = 0; j < count; ++j) {
-          const int64_t col = col0 + j;
-          float g = c_row[p * CPU_PANEL_COLS + j], u = c_row[p * CPU_PANEL_COLS + half + j];
-          if (bias || ep->weight_mode != MOE_GEMM_ROUTED_WEIGHT_NONE) {
-            g = finish_value(ep, g, bias ? bias[col] : 0.0f, w);
-            u = finish_value(ep, u, bias ? bias[ep->n_out + col] : 0.0f, w);
-          }
-          out[col] = moe_bf16_from_float(moe_act_apply(ep->activation, g, u, ep->alpha, ep->limit));
-        }
+        float *g = c_row + p * CPU_PANEL_COLS, *u = g + half;
+        finish_values(ep->weight_mode, g, bias ? bias + col0 : NULL, w, count);
+        finish_values(ep->weight_mode, u, bias ? bias + ep->n_out + col0 : NULL, w, count);
+        for (int j = 0; j < count; ++j)
+          g[j] = moe_act_apply(ep->activation, g[j], u[j], ep->alpha, ep->limit);
+        store_bf16(out + col0, g, count);
       }
     } else {
       const int64_t col0 = panel0 * CPU_PANEL_COLS;
       const int count = (int)min64((int64_t)panels * CPU_PANEL_COLS, ep->n_out - col0);
-      if (!bias && ep->weight_mode == MOE_GEMM_ROUTED_WEIGHT_NONE) {
-        for (int j = 0; j < count; ++j)
-          out[col0 + j] = moe_bf16_from_float(c_row[j]);
-      } else {
-        for (int j = 0; j < count; ++j)
-          out[col0 + j] =
-              moe_bf16_from_float(finish_value(ep, c_row[j], bias ? bias[col0 + j] : 0.0f, w));
-      }
+      finish_values(ep->weight_mode, c_row, bias ? bias + col0 : NULL, w, count);
+      store_bf16(out + col0, c_row, count);
     }
   }
 }

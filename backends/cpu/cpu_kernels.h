@@ -13,10 +13,14 @@
  * vdpbf16ps, and two shifts away from two fp32 vectors for AVX-512F.
  * Columns or k beyond the real matrix are zero.
  *
- * Packed A tile (the gathered activation rows, built by the driver):
- *   CPU_A_FP32:       float a[(2*kp + h) * rows + r]   (k-major, rows inner)
- *   CPU_A_BF16_PAIRS: uint32 a[kp * rows + r] = bf16(k even) | bf16(k odd) << 16
- * with zeros for k beyond the real K.
+ * Packed A tile (the gathered activation rows of one K block, built by the
+ * driver): row r starts at a fixed stride, so the kernel addresses every
+ * row with a constant displacement and packing is a plain row conversion:
+ *   CPU_A_FP32:       float a[r * CPU_A_STRIDE_F32 + 2*kp + h]
+ *   CPU_A_BF16_PAIRS: uint32 a[r * CPU_A_STRIDE_U32 + kp] = bf16(k even) | bf16(k odd) << 16
+ *                     (that is, the bf16 row itself)
+ * with zeros for k beyond the real K. The strides are padded past a power
+ * of two so that the rows do not collide in the same L1 sets.
  *
  * A tile kernel computes, for r < rows (<= CPU_MR_MAX), panel p < panels
  * (<= CPU_GROUP_PANELS) and j < 32,
@@ -44,6 +48,8 @@
 #define CPU_GROUP_PANELS 8 /* panels per work item */
 #define CPU_KC_PAIRS 256   /* k-pairs per K block (A tile fits L1, B slices L2) */
 #define CPU_MC_ROWS 48     /* rows per work item */
+#define CPU_A_STRIDE_F32 (2 * CPU_KC_PAIRS + 16) /* floats between packed A rows */
+#define CPU_A_STRIDE_U32 (CPU_KC_PAIRS + 16)     /* uint32 between packed A rows */
 
 typedef enum cpu_a_format {
   CPU_A_FP32 = 0,

@@ -33,8 +33,8 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const float *a, const ui
       acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * 16) : _mm512_setzero_ps();
 
   for (int64_t kp = 0; kp < kpairs; ++kp) {
-    const float *a_even = a + (2 * kp) * MR;
-    const float *a_odd = a_even + MR;
+    const float *a_even = a + 2 * kp;
+    const float *a_odd = a_even + 1;
     if (NP == 1) {
       /* Many rows: convert the panel's two vectors once, then sweep rows. */
       __m512 odd[2], even[2];
@@ -46,13 +46,13 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const float *a, const ui
       }
 #pragma GCC unroll 12
       for (int r = 0; r < MR; ++r) {
-        __m512 x = _mm512_set1_ps(a_odd[r]);
+        __m512 x = _mm512_set1_ps(a_odd[r * CPU_A_STRIDE_F32]);
         acc[r][0] = _mm512_fmadd_ps(x, odd[0], acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(x, odd[1], acc[r][1]);
       }
 #pragma GCC unroll 12
       for (int r = 0; r < MR; ++r) {
-        __m512 x = _mm512_set1_ps(a_even[r]);
+        __m512 x = _mm512_set1_ps(a_even[r * CPU_A_STRIDE_F32]);
         acc[r][0] = _mm512_fmadd_ps(x, even[0], acc[r][0]);
         acc[r][1] = _mm512_fmadd_ps(x, even[1], acc[r][1]);
       }
@@ -61,8 +61,8 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const float *a, const ui
       __m512 x_odd[CPU_MR_MAX], x_even[CPU_MR_MAX];
 #pragma GCC unroll 12
       for (int r = 0; r < MR; ++r) {
-        x_odd[r] = _mm512_set1_ps(a_odd[r]);
-        x_even[r] = _mm512_set1_ps(a_even[r]);
+        x_odd[r] = _mm512_set1_ps(a_odd[r * CPU_A_STRIDE_F32]);
+        x_even[r] = _mm512_set1_ps(a_even[r * CPU_A_STRIDE_F32]);
       }
 #pragma GCC unroll 8
       for (int v = 0; v < 2 * NP; ++v) {

@@ -38,7 +38,7 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const
     }
 #pragma GCC unroll 12
     for (int r = 0; r < MR; ++r) {
-      __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[kp * MR + r]);
+      __m512bh x = (__m512bh)_mm512_set1_epi32((int)a[r * CPU_A_STRIDE_U32 + kp]);
 #pragma GCC unroll 8
       for (int v = 0; v < 2 * NP; ++v)
         acc[r][v] = _mm512_dpbf16_ps(acc[r][v], x, w[v]);

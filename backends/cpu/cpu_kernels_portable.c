@@ -21,8 +21,8 @@ static void portable_tile(int rows, int panels, int64_t kpairs, const void *a_pa
       for (int j = 0; j < CPU_PANEL_COLS; ++j)
         acc[j] = accumulate ? c_row[j] : 0.0f;
       for (int64_t kp = 0; kp < kpairs; ++kp) {
-        const float a_even = a[(2 * kp) * rows + r];
-        const float a_odd = a[(2 * kp + 1) * rows + r];
+        const float a_even = a[r * CPU_A_STRIDE_F32 + 2 * kp];
+        const float a_odd = a[r * CPU_A_STRIDE_F32 + 2 * kp + 1];
         const uint16_t *pair = panel + kp * CPU_PANEL_PAIR;
         for (int j = 0; j < CPU_PANEL_COLS; ++j) {
           acc[j] += a_odd * moe_bf16_to_float(pair[2 * j + 1]);

@@ -112,7 +112,10 @@ const char *moe_ocl_error_name(cl_int err) {
 }
 
 moe_status moe_ocl_fail(cl_int err, const char *what) {
-  moe_status st = (err == CL_MEM_OBJECT_ALLOCATION_FAILURE || err == CL_OUT_OF_HOST_MEMORY)
+  /* CL_INVALID_BUFFER_SIZE: more than CL_DEVICE_MAX_MEM_ALLOC_SIZE, i.e. a
+   * request the device cannot hold. */
+  moe_status st = (err == CL_MEM_OBJECT_ALLOCATION_FAILURE || err == CL_OUT_OF_HOST_MEMORY ||
+                   err == CL_INVALID_BUFFER_SIZE)
                       ? MOE_ERROR_OUT_OF_MEMORY
                       : MOE_ERROR_DEVICE;
   return moe_set_error(st, "OpenCL: %s failed: %s (%d)", what, moe_ocl_error_name(err), (int)err);

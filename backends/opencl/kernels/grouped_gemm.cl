@@ -91,14 +91,14 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
     const int expert = expert_ids[get_group_id(1)];                                                \
     if (expert < 0) return;                                                                        \
     __global const ushort *w[MOE_SK_COLS];                                                         \
-    for (int j = 0; j < MOE_SK_COLS; ++j)                                                          \
-      w[j] = b + ((long)expert * n + min(col0 + j, n - 1)) * k;                                    \
+    _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) w[j] =                                 \
+        b + ((long)expert * n + min(col0 + j, n - 1)) * k;                                         \
     const int k8 = k / 8 * 8;                                                                      \
     for (int r0 = 0; r0 < block_m; r0 += MOE_SK_ROWS) {                                            \
       int slot[MOE_SK_ROWS];                                                                       \
       __global const ushort *x[MOE_SK_ROWS];                                                       \
       int any_real = 0;                                                                            \
-      for (int i = 0; i < MOE_SK_ROWS; ++i) {                                                      \
+      _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i) {                                    \
         slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;           \
         int real = slot[i] < num_slots;                                                            \
         any_real |= real;                                                                          \
@@ -107,32 +107,31 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
       }                                                                                            \
       if (!any_real) continue;                                                                     \
       float4 acc[MOE_SK_ROWS][MOE_SK_COLS];                                                        \
-      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
-        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
-          acc[i][j] = (float4)(0.0f);                                                              \
+      _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i)                                      \
+          _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) acc[i][j] = (float4)(0.0f);      \
       for (int kk = lid * 8; kk < k8; kk += MOE_SK_WG * 8) {                                       \
         float8 wv[MOE_SK_COLS];                                                                    \
-        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
-          wv[j] = moe_bf16x8_to_f32(LOAD8(w[j], kk));                                              \
-        for (int i = 0; i < MOE_SK_ROWS; ++i) {                                                    \
+        _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) wv[j] =                            \
+            moe_bf16x8_to_f32(LOAD8(w[j], kk));                                                    \
+        _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i) {                                  \
           float8 xv = moe_bf16x8_to_f32(LOAD8(x[i], kk));                                          \
-          for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
-            acc[i][j] += xv.lo * wv[j].lo + xv.hi * wv[j].hi;                                      \
+          _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) acc[i][j] +=                     \
+              xv.lo * wv[j].lo + xv.hi * wv[j].hi;                                                 \
         }                                                                                          \
       }                                                                                            \
       for (int kk = k8 + lid; kk < k; kk += MOE_SK_WG)                                             \
-        for (int i = 0; i < MOE_SK_ROWS; ++i)                                                      \
-          for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
-            acc[i][j].s0 += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);                 \
-      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
-        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
-          partial[i * MOE_SK_COLS + j][lid] =                                                      \
-              (acc[i][j].s0 + acc[i][j].s1) + (acc[i][j].s2 + acc[i][j].s3);                       \
+        _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i)                                    \
+            _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) acc[i][j]                      \
+                .s0 += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);                  \
+      _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i)                                      \
+          _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j)                                  \
+              partial[i * MOE_SK_COLS + j][lid] =                                                  \
+                  (acc[i][j].s0 + acc[i][j].s1) + (acc[i][j].s2 + acc[i][j].s3);                   \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
       for (int stride = MOE_SK_WG / 2; stride > 0; stride /= 2) {                                  \
         if (lid < stride)                                                                          \
-          for (int q = 0; q < MOE_SK_ROWS * MOE_SK_COLS; ++q)                                      \
-            partial[q][lid] += partial[q][lid + stride];                                           \
+          _Pragma("unroll") for (int q = 0; q < MOE_SK_ROWS * MOE_SK_COLS; ++q) partial[q][lid] += \
+              partial[q][lid + stride];                                                            \
         barrier(CLK_LOCAL_MEM_FENCE);                                                              \
       }                                                                                            \
       if (lid < MOE_SK_ROWS * MOE_SK_COLS) {                                                       \
@@ -141,7 +140,7 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
         for (int q = 1; q < MOE_SK_ROWS; ++q)                                                      \
           if (q == i) s = slot[q];                                                                 \
         if (s < num_slots && col < n)                                                              \
-          c[(long)s * n + col] = moe_bf16_from_float(moe_gemm_epilogue(                                \
+          c[(long)s * n + col] = moe_bf16_from_float(moe_gemm_epilogue(                            \
               partial[lid][0], s, col, expert, n, bias, topk_weights, routed_mode));               \
       }                                                                                            \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
@@ -203,8 +202,8 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
       __global const float *bias, __global const int *sorted_token_ids,                            \
       __global const int *expert_ids, __global const int *num_tokens_post_padded,                  \
       __global const float *topk_weights, __global ushort *c) {                                    \
-    __local float a_tile[TK][TM];                                                                  \
-    __local float b_tile[TK][TN];                                                                  \
+    __local float a_tile[TK][TM] __attribute__((aligned(16)));                                     \
+    __local float b_tile[TK][TN] __attribute__((aligned(16)));                                     \
     __local int tile_slot[TM];                                                                     \
     const int tid = get_local_id(0), tx = tid % 16, ty = tid / 16;                                 \
     const int n0 = get_group_id(0) * TN;                                                           \
@@ -234,8 +233,7 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
     float4 a_next, b_next;                                                                         \
     MOE_TL_FETCH(0);                                                                               \
     float acc[MR][NR];                                                                             \
-    for (int i = 0; i < MR; ++i)                                                                   \
-      for (int j = 0; j < NR; ++j)                                                                 \
+    _Pragma("unroll") for (int i = 0; i < MR; ++i) _Pragma("unroll") for (int j = 0; j < NR; ++j)  \
         acc[i][j] = 0.0f;                                                                          \
     for (int k0 = 0; k0 < k; k0 += TK) {                                                           \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
@@ -254,36 +252,35 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
       /* The next slice travels while this one is multiplied. */                                   \
       if (k0 + TK < k) MOE_TL_FETCH(k0 + TK);                                                      \
-      for (int kk = 0; kk < TK; ++kk) {                                                            \
+      _Pragma("unroll") for (int kk = 0; kk < TK; ++kk) {                                          \
         float av[MR], bv[NR];                                                                      \
-        for (int g = 0; g < MR / 4; ++g) {                                                         \
+        _Pragma("unroll") for (int g = 0; g < MR / 4; ++g) {                                       \
           float4 v = *(__local const float4 *)&a_tile[kk][g * 64 + ty * 4];                        \
           av[g * 4 + 0] = v.s0;                                                                    \
           av[g * 4 + 1] = v.s1;                                                                    \
           av[g * 4 + 2] = v.s2;                                                                    \
           av[g * 4 + 3] = v.s3;                                                                    \
         }                                                                                          \
-        for (int g = 0; g < NR / 4; ++g) {                                                         \
+        _Pragma("unroll") for (int g = 0; g < NR / 4; ++g) {                                       \
           float4 v = *(__local const float4 *)&b_tile[kk][g * 64 + tx * 4];                        \
           bv[g * 4 + 0] = v.s0;                                                                    \
           bv[g * 4 + 1] = v.s1;                                                                    \
           bv[g * 4 + 2] = v.s2;                                                                    \
           bv[g * 4 + 3] = v.s3;                                                                    \
         }                                                                                          \
-        for (int i = 0; i < MR; ++i)                                                               \
-          for (int j = 0; j < NR; ++j)                                                             \
-            acc[i][j] += av[i] * bv[j];                                                            \
+        _Pragma("unroll") for (int i = 0; i < MR; ++i)                                             \
+            _Pragma("unroll") for (int j = 0; j < NR; ++j) acc[i][j] += av[i] * bv[j];             \
       }                                                                                            \
     }                                                                                              \
-    for (int i = 0; i < MR; ++i) {                                                                 \
+    _Pragma("unroll") for (int i = 0; i < MR; ++i) {                                               \
       const int slot = tile_slot[(i / 4) * 64 + ty * 4 + i % 4];                                   \
       if (slot >= num_slots) continue;                                                             \
       __global ushort *c_row = c + (long)slot * n;                                                 \
-      for (int j = 0; j < NR; ++j) {                                                               \
+      _Pragma("unroll") for (int j = 0; j < NR; ++j) {                                             \
         const int col = n0 + (j / 4) * 64 + tx * 4 + j % 4;                                        \
         if (col < n)                                                                               \
-          c_row[col] = moe_bf16_from_float(moe_gemm_epilogue(acc[i][j], slot, col, expert, n, bias,    \
-                                                         topk_weights, routed_mode));              \
+          c_row[col] = moe_bf16_from_float(moe_gemm_epilogue(acc[i][j], slot, col, expert, n,      \
+                                                             bias, topk_weights, routed_mode));    \
       }                                                                                            \
     }                                                                                              \
   }

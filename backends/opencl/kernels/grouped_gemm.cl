@@ -91,14 +91,14 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
     const int expert = expert_ids[get_group_id(1)];                                                \
     if (expert < 0) return;                                                                        \
     __global const ushort *w[MOE_SK_COLS];                                                         \
-    _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) w[j] =                                 \
-        b + ((long)expert * n + min(col0 + j, n - 1)) * k;                                         \
+    for (int j = 0; j < MOE_SK_COLS; ++j)                                                          \
+      w[j] = b + ((long)expert * n + min(col0 + j, n - 1)) * k;                                    \
     const int k8 = k / 8 * 8;                                                                      \
     for (int r0 = 0; r0 < block_m; r0 += MOE_SK_ROWS) {                                            \
       int slot[MOE_SK_ROWS];                                                                       \
       __global const ushort *x[MOE_SK_ROWS];                                                       \
       int any_real = 0;                                                                            \
-      _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i) {                                    \
+      for (int i = 0; i < MOE_SK_ROWS; ++i) {                                                      \
         slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;           \
         int real = slot[i] < num_slots;                                                            \
         any_real |= real;                                                                          \
@@ -107,8 +107,9 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
       }                                                                                            \
       if (!any_real) continue;                                                                     \
       float4 acc[MOE_SK_ROWS][MOE_SK_COLS];                                                        \
-      _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i)                                      \
-          _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) acc[i][j] = (float4)(0.0f);      \
+      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
+        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
+          acc[i][j] = (float4)(0.0f);                                                              \
       for (int kk = lid * 8; kk < k8; kk += MOE_SK_WG * 8) {                                       \
         float8 wv[MOE_SK_COLS];                                                                    \
         _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) wv[j] =                            \
@@ -120,18 +121,18 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
         }                                                                                          \
       }                                                                                            \
       for (int kk = k8 + lid; kk < k; kk += MOE_SK_WG)                                             \
-        _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i)                                    \
-            _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) acc[i][j]                      \
-                .s0 += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);                  \
-      _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i)                                      \
-          _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j)                                  \
-              partial[i * MOE_SK_COLS + j][lid] =                                                  \
-                  (acc[i][j].s0 + acc[i][j].s1) + (acc[i][j].s2 + acc[i][j].s3);                   \
+        for (int i = 0; i < MOE_SK_ROWS; ++i)                                                      \
+          for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
+            acc[i][j].s0 += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);             \
+      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
+        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
+          partial[i * MOE_SK_COLS + j][lid] =                                                      \
+              (acc[i][j].s0 + acc[i][j].s1) + (acc[i][j].s2 + acc[i][j].s3);                       \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
       for (int stride = MOE_SK_WG / 2; stride > 0; stride /= 2) {                                  \
         if (lid < stride)                                                                          \
-          _Pragma("unroll") for (int q = 0; q < MOE_SK_ROWS * MOE_SK_COLS; ++q) partial[q][lid] += \
-              partial[q][lid + stride];                                                            \
+          for (int q = 0; q < MOE_SK_ROWS * MOE_SK_COLS; ++q)                                      \
+            partial[q][lid] += partial[q][lid + stride];                                           \
         barrier(CLK_LOCAL_MEM_FENCE);                                                              \
       }                                                                                            \
       if (lid < MOE_SK_ROWS * MOE_SK_COLS) {                                                       \
@@ -233,7 +234,8 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
     float4 a_next, b_next;                                                                         \
     MOE_TL_FETCH(0);                                                                               \
     float acc[MR][NR];                                                                             \
-    _Pragma("unroll") for (int i = 0; i < MR; ++i) _Pragma("unroll") for (int j = 0; j < NR; ++j)  \
+    for (int i = 0; i < MR; ++i)                                                                   \
+      for (int j = 0; j < NR; ++j)                                                                 \
         acc[i][j] = 0.0f;                                                                          \
     for (int k0 = 0; k0 < k; k0 += TK) {                                                           \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
@@ -272,11 +274,11 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
             _Pragma("unroll") for (int j = 0; j < NR; ++j) acc[i][j] += av[i] * bv[j];             \
       }                                                                                            \
     }                                                                                              \
-    _Pragma("unroll") for (int i = 0; i < MR; ++i) {                                               \
+    for (int i = 0; i < MR; ++i) {                                                                 \
       const int slot = tile_slot[(i / 4) * 64 + ty * 4 + i % 4];                                   \
       if (slot >= num_slots) continue;                                                             \
       __global ushort *c_row = c + (long)slot * n;                                                 \
-      _Pragma("unroll") for (int j = 0; j < NR; ++j) {                                             \
+      for (int j = 0; j < NR; ++j) {                                                               \
         const int col = n0 + (j / 4) * 64 + tx * 4 + j % 4;                                        \
         if (col < n)                                                                               \
           c_row[col] = moe_bf16_from_float(moe_gemm_epilogue(acc[i][j], slot, col, expert, n,      \

@@ -505,6 +505,35 @@ void th_layer_data_free(th_layer_data *d) {
   memset(d, 0, sizeof *d);
 }
 
+/* ---- Reporting -------------------------------------------------------- */
+
+/* Criterion shows skipped tests only when verbose; a case a backend cannot
+ * run must never look like a pass, so every skip is printed with its
+ * reason (tests left out by --filter are not skips). Runs in the runner. */
+static size_t skipped_count;
+
+static bool filtered_out(const struct criterion_test_stats *stats) {
+  return stats->test->data->disabled ||
+         (stats->message && strcmp(stats->message, "Test is disabled") == 0);
+}
+
+ReportHook(POST_TEST)(struct criterion_test_stats *stats) {
+  if (stats->test_status != CR_STATUS_SKIPPED || filtered_out(stats)) return;
+  ++skipped_count;
+  printf("[SKIP] %s::%s: %s\n", stats->test->category, stats->test->name,
+         stats->message ? stats->message : "(no reason given)");
+  fflush(stdout);
+}
+
+ReportHook(POST_ALL)(struct criterion_global_stats *stats) {
+  const char *name = "?";
+  moe_backend backend;
+  th_backend_from_env(&backend, &name);
+  printf("moe_tests (%s): %zu passed, %zu failed, %zu crashed, %zu skipped\n", name,
+         stats->tests_passed, stats->tests_failed, stats->tests_crashed, skipped_count);
+  fflush(stdout);
+}
+
 /* ---- main ------------------------------------------------------------- */
 
 /* Criterion's workers find main by its symbol to run a single test: it must

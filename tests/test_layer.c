@@ -468,3 +468,40 @@ Test(layer, workspace_reuse_across_token_counts) {
   free(out);
   th_layer_data_free(&d);
 }
+
+/* The CPU backend promises that its portable and AVX-512F kernel paths
+ * agree bit for bit (backends/cpu/cpu_kernels.h). */
+Test(layer, cpu_kernel_paths_agree_bitwise) {
+  if (moe_context_backend(th_ctx()) != MOE_BACKEND_CPU)
+    cr_skip_test("cpu only: compares the CPU backend's kernel paths");
+  th_layer_spec s = spec(65, 129, 67, 16, 4, 0x671);
+  s.w13_bias = s.w2_bias = true;
+  th_layer_data d;
+  th_layer_data_make(&d, &s);
+  const size_t bytes = (size_t)(65 * 129) * 2;
+  uint16_t *out[2] = {th_malloc(bytes), th_malloc(bytes)};
+  const char *paths[2] = {"portable", "avx512"};
+  char *saved = getenv("MOE_CPU_KERNELS") ? strdup(getenv("MOE_CPU_KERNELS")) : NULL;
+  for (int p = 0; p < 2; ++p) {
+    setenv("MOE_CPU_KERNELS", paths[p], 1);
+    moe_context *ctx = NULL;
+    moe_status st = moe_context_create(MOE_BACKEND_CPU, 0, &ctx);
+    if (st != MOE_SUCCESS || !strstr(moe_context_device_name(ctx), paths[p])) {
+      const char *name = ctx ? moe_context_device_name(ctx) : moe_last_error(NULL);
+      moe_context_destroy(ctx);
+      cr_skip_test("not supported on this machine: no %s kernel path (%s)", paths[p], name);
+    }
+    layer_run_on(ctx, &d, out[p]);
+    moe_context_destroy(ctx);
+  }
+  if (saved)
+    setenv("MOE_CPU_KERNELS", saved, 1);
+  else
+    unsetenv("MOE_CPU_KERNELS");
+  free(saved);
+  check_layer_output(&d, out[0]);
+  TH_ASSERT(memcmp(out[0], out[1], bytes) == 0, "the portable and avx512 paths differ");
+  free(out[0]);
+  free(out[1]);
+  th_layer_data_free(&d);
+}

@@ -36,17 +36,22 @@ void bench_print_header(FILE *out, const bench_run *run) {
   } else {
     fprintf(out, "rooflines  not measured for this backend in this build: no percentages\n");
   }
-  fprintf(out, "\n%-18s %5s %6s %4s %3s %6s %7s %11s %9s %8s %7s %6s %6s  %s\n", "model", "H", "I",
-          "E", "k", "tokens", "experts", "median_us", "TFLOP/s", "GB/s", "%roof", "%bw", "%peak",
-          "bound");
+  fprintf(out, "\n%-18s %5s %6s %4s %3s %6s %7s %11s %11s %9s %8s %7s %6s %6s  %s\n", "model", "H",
+          "I", "E", "k", "tokens", "experts", "median_us", "min_us", "TFLOP/s", "GB/s", "%roof",
+          "%bw", "%peak", "bound");
   fflush(out);
 }
 
 void bench_print_row(FILE *out, const bench_run *run, const bench_row *row) {
   const bench_derived d = bench_derive(run, row);
-  fprintf(out, "%-18s %5lld %6lld %4d %3d %6lld %7d %11.1f %9.4f %8.1f", row->model,
-          (long long)row->hidden, (long long)row->intermediate, row->experts, row->top_k,
-          (long long)row->tokens, row->experts_touched, row->median_us, d.tflops, d.gbps);
+  fprintf(out, "%-18s %5lld %6lld %4d %3d %6lld %7d %11.1f", row->model, (long long)row->hidden,
+          (long long)row->intermediate, row->experts, row->top_k, (long long)row->tokens,
+          row->experts_touched, row->median_us);
+  if (row->min_us > 0)
+    fprintf(out, " %11.1f", row->min_us);
+  else
+    fprintf(out, " %11s", "-");
+  fprintf(out, " %9.4f %8.1f", d.tflops, d.gbps);
   if (run->have_rooflines)
     fprintf(out, " %6.1f%% %5.1f%% %5.1f%%  %s\n", 100 * d.of_roofline, 100 * d.of_read_bw,
             100 * d.of_peak, d.bound);
@@ -111,10 +116,11 @@ int bench_write_json(const char *path, const bench_run *run, const bench_row *ro
     fprintf(f,
             ", \"hidden\": %lld, \"intermediate\": %lld, \"experts\": %d, \"top_k\": %d, "
             "\"tokens\": %lld, \"experts_touched\": %d, \"flops\": %.6g, \"bytes\": %.6g, "
-            "\"median_us\": %.3f, \"reps\": %d, \"tflops\": %.6f, \"gbps\": %.3f",
+            "\"median_us\": %.3f, \"min_us\": %.3f, \"reps\": %d, \"tflops\": %.6f, "
+            "\"gbps\": %.3f",
             (long long)r->hidden, (long long)r->intermediate, r->experts, r->top_k,
-            (long long)r->tokens, r->experts_touched, r->flops, r->bytes, r->median_us, r->reps,
-            d.tflops, d.gbps);
+            (long long)r->tokens, r->experts_touched, r->flops, r->bytes, r->median_us, r->min_us,
+            r->reps, d.tflops, d.gbps);
     if (run->have_rooflines)
       fprintf(f,
               ", \"roofline_us\": %.3f, \"of_roofline\": %.5f, \"of_read_bw\": %.5f, "

@@ -34,6 +34,7 @@ typedef struct bench_row {
   double flops;            /* 2*T*k*3*H*I */
   double bytes;            /* experts_touched * 3*H*I*2 */
   double median_us;
+  double min_us; /* the fastest rep; 0 when the timer reports only a median */
   int reps;
 } bench_row;
 

@@ -242,9 +242,10 @@ static moe_status host_forward_seconds(const bench_target *t, moe_layer *layer, 
   return st;
 }
 
-/* The median forward time in microseconds, and the reps it took. */
+/* The median and fastest forward times in microseconds (min 0: not known),
+ * and the reps it took. */
 static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
-                        const layer_buffers *b, double *median_us, int *reps_done) {
+                        const layer_buffers *b, double *median_us, double *min_us, int *reps_done) {
   if (t->use_cuda_timer) {
 #ifdef MOE_BENCH_HAVE_CUDA
     double ms = 0;
@@ -253,6 +254,7 @@ static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
                                 &ms) != 0)
       return 1;
     *median_us = ms * 1e3;
+    *min_us = 0;
     *reps_done = reps;
     return 0;
 #endif
@@ -286,6 +288,7 @@ static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
   }
   qsort(times, (size_t)reps, sizeof *times, compare_double);
   *median_us = 1e6 * (reps % 2 ? times[reps / 2] : 0.5 * (times[reps / 2 - 1] + times[reps / 2]));
+  *min_us = 1e6 * times[0];
   *reps_done = reps;
   free(times);
   return 0;
@@ -424,7 +427,7 @@ static int run_model(const bench_target *t, const bench_run *run, const bench_mo
                      .tokens = tokens[i],
                      .flops = bench_model_flops(cfg, tokens[i])};
     if (count_touched_experts(t->ctx, cfg, correction_buf, tokens[i], &b, &row.experts_touched) ||
-        time_forward(t, layer, tokens[i], &b, &row.median_us, &row.reps)) {
+        time_forward(t, layer, tokens[i], &b, &row.median_us, &row.min_us, &row.reps)) {
       failed = 1;
       break;
     }

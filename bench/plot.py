@@ -4,9 +4,11 @@
 Reads one or more JSON files written by `moe_bench --json FILE` and draws,
 per (model, backend, kernel path, device), the measured time as a percentage
 of the roofline time max(bytes/read_bw, flops/peak) against the token count
-(log x). Writes bench/results.png unless -o says otherwise.
+(log x). Writes bench/results.png unless -o says otherwise. With --markdown,
+prints each run as a markdown table (for bench/results.md) instead.
 
-    python3 bench/plot.py bench/results-cpu.json bench/results-cuda.json
+    python3 bench/plot.py bench/results/*.json
+    python3 bench/plot.py --markdown bench/results/h200-cuda.json
 """
 import argparse
 import json
@@ -33,13 +35,40 @@ def series_of(run):
         yield model, label, [r["tokens"] for r in rows], [100 * r["of_roofline"] for r in rows]
 
 
+def markdown(run):
+    """One run as markdown: where and how it ran, the rooflines, the rows."""
+    roof = run.get("rooflines")
+    lines = [f"- device: {run['device']} ({run['backend']}, kernels {run['kernels']})",
+             f"- date: {run['date']}; command: `{run['command']}`",
+             f"- timing: {run['timing']}"]
+    if roof:
+        lines.append(f"- rooflines: read {roof['read_gbps']:.1f} GB/s ({roof['read_what']}); "
+                     f"peak {roof['peak_tflops']:.3f} TFLOP/s ({roof['peak_what']})")
+    lines += ["", "| model | tokens | experts | median us | TFLOP/s | GB/s | % roofline | % read BW "
+              "| % peak | bound |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|---|"]
+    for r in run["rows"]:
+        pct = (lambda key: f"{100 * r[key]:.1f}" if key in r else "-")
+        lines.append(f"| {r['model']} | {r['tokens']} | {r['experts_touched']} | "
+                     f"{r['median_us']:.1f} | {r['tflops']:.4f} | {r['gbps']:.1f} | "
+                     f"{pct('of_roofline')} | {pct('of_read_bw')} | {pct('of_peak')} | "
+                     f"{r.get('bound', '-')} |")
+    return "\n".join(lines)
+
+
 def main():
     here = os.path.dirname(os.path.abspath(__file__))
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("json", nargs="+", help="moe_bench --json outputs")
     parser.add_argument("-o", "--output", default=os.path.join(here, "results.png"))
     parser.add_argument("--title", default="moe_bench: fraction of roofline")
+    parser.add_argument("--markdown", action="store_true", help="print tables, draw nothing")
     args = parser.parse_args()
+
+    if args.markdown:
+        for path in args.json:
+            with open(path) as f:
+                print(markdown(json.load(f)) + "\n")
+        return
 
     fig, ax = plt.subplots(figsize=(11, 6.5))
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]

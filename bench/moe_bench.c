@@ -367,7 +367,10 @@ static int run_model(const bench_target *t, const bench_run *run, const bench_mo
   uint16_t *x = NULL;
   float *logits = NULL;
   int failed = 1;
+  /* On failure: step says where; host_oom tells our own allocations (no
+   * library message) from library calls (message in moe_last_error). */
   const char *step = "allocating host weights";
+  bool host_oom = true;
   st = MOE_ERROR_OUT_OF_MEMORY;
   if (!w13 || !w2) goto done;
   bench_random_bf16(w13, w13_count, 1.0f / sqrtf((float)H), seed + 1);
@@ -390,6 +393,7 @@ static int run_model(const bench_target *t, const bench_run *run, const bench_mo
   }
 
   step = "moe_layer_create";
+  host_oom = false;
   st = moe_layer_create(t->ctx, cfg, &weights, &layer);
   /* The layer keeps its own copy: free ours before the workspace grows. */
   free(w13), w13 = NULL;
@@ -399,10 +403,12 @@ static int run_model(const bench_target *t, const bench_run *run, const bench_mo
   if ((st = moe_layer_reserve(layer, max_tokens)) != MOE_SUCCESS) goto done;
 
   step = "creating the input buffers";
-  st = MOE_ERROR_OUT_OF_MEMORY;
   x = malloc((size_t)max_tokens * (size_t)H * sizeof *x);
   logits = malloc((size_t)max_tokens * (size_t)E * sizeof *logits);
-  if (!x || !logits) goto done;
+  if (!x || !logits) {
+    st = MOE_ERROR_OUT_OF_MEMORY, host_oom = true;
+    goto done;
+  }
   bench_random_bf16(x, (size_t)max_tokens * (size_t)H, 1.0f, seed + 6);
   bench_random_f32(logits, (size_t)max_tokens * (size_t)E, 1.0f, seed + 7);
   const size_t slots = (size_t)max_tokens * (size_t)k;
@@ -439,7 +445,7 @@ static int run_model(const bench_target *t, const bench_run *run, const bench_mo
 done:
   if (st != MOE_SUCCESS) {
     snprintf(why, sizeof why, "%s: %s (%s)", step, moe_status_string(st),
-             moe_last_error(layer || st != MOE_ERROR_OUT_OF_MEMORY ? t->ctx : NULL));
+             host_oom ? "out of host memory" : moe_last_error(t->ctx));
     bench_print_skip(stdout, model->name, why);
   }
   moe_buffer_destroy(b.x);

@@ -28,7 +28,8 @@ def series_of(run):
     for row in run.get("rows", []):
         if "of_roofline" in row:
             by_model.setdefault(row["model"], []).append(row)
-    device = run.get("device", "?")
+    # The CPU backend's device name repeats the kernel path: "... [avx512] 2 threads".
+    device = run.get("device", "?").split(" [")[0]
     for model, rows in by_model.items():
         rows.sort(key=lambda r: r["tokens"])
         label = f"{model} - {run.get('backend', '?')} [{run.get('kernels', '?')}] on {device}"

@@ -231,15 +231,18 @@ typedef struct layer_buffers {
   moe_buffer *x, *logits, *out, *topk_ids, *topk_weights;
 } layer_buffers;
 
-/* One timed forward on the host clock: forward + synchronize. */
-static moe_status host_forward_seconds(const bench_target *t, moe_layer *layer, int64_t tokens,
-                                       const layer_buffers *b, double *seconds) {
+/* One timed forward on the host clock: forward + synchronize. Returns 0,
+ * or nonzero after printing the library's message. */
+static int host_forward_seconds(const bench_target *t, moe_layer *layer, int64_t tokens,
+                                const layer_buffers *b, double *seconds) {
   if (t->flush) bench_cpu_flush_caches();
   const double t0 = now_seconds();
   moe_status st = moe_layer_forward(layer, tokens, b->x, b->logits, b->out);
   if (st == MOE_SUCCESS) st = moe_context_synchronize(t->ctx);
   *seconds = now_seconds() - t0;
-  return st;
+  if (st != MOE_SUCCESS)
+    fprintf(stderr, "moe_bench: forward: %s (%s)\n", moe_status_string(st), moe_last_error(t->ctx));
+  return st != MOE_SUCCESS;
 }
 
 /* The median and fastest forward times in microseconds (min 0: not known),
@@ -260,14 +263,8 @@ static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
 #endif
   }
   double seconds = 0;
-  for (int i = 0; i < t->warmup; ++i) {
-    const moe_status st = host_forward_seconds(t, layer, tokens, b, &seconds);
-    if (st != MOE_SUCCESS) {
-      fprintf(stderr, "moe_bench: forward: %s (%s)\n", moe_status_string(st),
-              moe_last_error(t->ctx));
-      return 1;
-    }
-  }
+  for (int i = 0; i < t->warmup; ++i)
+    if (host_forward_seconds(t, layer, tokens, b, &seconds)) return 1;
   int reps = t->reps;
   if (reps <= 0) {
     /* About one second of timed forwards, from the last warm-up's time. */
@@ -277,15 +274,11 @@ static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
   }
   double *times = malloc(sizeof *times * (size_t)reps);
   if (!times) return 1;
-  for (int i = 0; i < reps; ++i) {
-    const moe_status st = host_forward_seconds(t, layer, tokens, b, &times[i]);
-    if (st != MOE_SUCCESS) {
-      fprintf(stderr, "moe_bench: forward: %s (%s)\n", moe_status_string(st),
-              moe_last_error(t->ctx));
+  for (int i = 0; i < reps; ++i)
+    if (host_forward_seconds(t, layer, tokens, b, &times[i])) {
       free(times);
       return 1;
     }
-  }
   qsort(times, (size_t)reps, sizeof *times, compare_double);
   *median_us = 1e6 * (reps % 2 ? times[reps / 2] : 0.5 * (times[reps / 2 - 1] + times[reps / 2]));
   *min_us = 1e6 * times[0];

@@ -356,9 +356,7 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
     const int64_t blocks = (slots + EL * (bm - 1) + bm - 1) / bm;
     if (blocks > block_cap) block_cap = blocks;
   }
-  int64_t chunks = (slots + 1023) / 1024;
-  if (chunks > 2048) chunks = 2048;
-  const int64_t scratch = chunks * EL;
+  const int64_t scratch = cuda_align_scratch_elems(slots, (int32_t)EL);
   const size_t sizes[8] = {
       (size_t)slots * 4,
       (size_t)slots * 4,

@@ -32,6 +32,8 @@
 #include "cuda_internal.cuh"
 
 #include <limits.h>
+#include <stdlib.h>
+#include <string.h>
 
 typedef __nv_bfloat16 bf16;
 
@@ -88,14 +90,28 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
   }
 };
 
-enum tile_id { TILE_16x32, TILE_16x64, TILE_32x64, TILE_64x128, TILE_128x128, TILE_COUNT };
-typedef tile<16, 32, 128, 1, 2, 4> tile_16x32;    /* decode, few CTAs */
-typedef tile<16, 64, 128, 1, 4, 4> tile_16x64;    /* decode: streams B */
-typedef tile<32, 64, 64, 1, 4, 4> tile_32x64;     /* small batches */
-typedef tile<64, 128, 64, 2, 4, 3> tile_64x128;   /* medium */
-typedef tile<128, 128, 32, 2, 4, 4> tile_128x128; /* prefill */
+/* The tiles: name, BM, BN, BK, WARPS_M, WARPS_N, STAGES. */
+#define CUDA_TILES(X)                                                                              \
+  X(16x32, 16, 32, 128, 1, 2, 4)       /* decode, few CTAs */                                      \
+  X(16x64, 16, 64, 128, 1, 4, 4)       /* decode: streams B */                                     \
+  X(16x64k64, 16, 64, 64, 1, 4, 6)     /* decode, more CTAs per SM */                              \
+  X(16x128, 16, 128, 64, 1, 8, 4)      /* decode, 8 warps */                                       \
+  X(16x32k256, 16, 32, 256, 1, 2, 3)   /* decode, long rows per stage */                           \
+  X(32x64, 32, 64, 64, 1, 4, 4)        /* small batches */                                         \
+  X(64x128, 64, 128, 64, 2, 4, 3)      /* medium */                                                \
+  X(128x128, 128, 128, 32, 2, 4, 4)    /* prefill */                                               \
+  X(128x128k64, 128, 128, 64, 2, 4, 3) /* prefill, fewer barriers */                               \
+  X(128x256, 128, 256, 32, 2, 4, 3)    /* prefill, 64x64 per warp */
 
-static const int tile_block_m[TILE_COUNT] = {16, 16, 32, 64, 128};
+#define CUDA_TILE_TYPEDEF(name, bm, bn, bk, wm, wn, stages)                                        \
+  typedef tile<bm, bn, bk, wm, wn, stages> tile_##name;
+CUDA_TILES(CUDA_TILE_TYPEDEF)
+#define CUDA_TILE_ENUM(name, ...) TILE_##name,
+enum tile_id { CUDA_TILES(CUDA_TILE_ENUM) TILE_COUNT };
+#define CUDA_TILE_NAME(name, ...) #name,
+static const char *const tile_names[TILE_COUNT] = {CUDA_TILES(CUDA_TILE_NAME)};
+#define CUDA_TILE_BM(name, bm, ...) bm,
+static const int tile_block_m[TILE_COUNT] = {CUDA_TILES(CUDA_TILE_BM)};
 
 /* Rows per expert (average over touched experts) -> tile. First match. */
 struct tile_rule {
@@ -324,11 +340,9 @@ template <class T> static moe_status set_smem_limits() {
 }
 
 moe_status cuda_gemm_init(void) {
-  CUDA_TRY(set_smem_limits<tile_16x32>());
-  CUDA_TRY(set_smem_limits<tile_16x64>());
-  CUDA_TRY(set_smem_limits<tile_32x64>());
-  CUDA_TRY(set_smem_limits<tile_64x128>());
-  return set_smem_limits<tile_128x128>();
+#define CUDA_TILE_INIT(name, ...) CUDA_TRY(set_smem_limits<tile_##name>());
+  CUDA_TILES(CUDA_TILE_INIT)
+  return MOE_SUCCESS;
 }
 
 template <class T>
@@ -365,8 +379,19 @@ static int64_t padded_rows_bound(const cuda_gemm *g) {
   return slots + (int64_t)(g->block_m - 1) * touched;
 }
 
+/* MOE_CUDA_TILE=<name> forces a tile (for sweeps), else TILE_COUNT. */
+static tile_id forced_tile(void) {
+  const char *env = getenv("MOE_CUDA_TILE");
+  if (!env || !*env) return TILE_COUNT;
+  for (int i = 0; i < TILE_COUNT; ++i)
+    if (strcmp(env, tile_names[i]) == 0) return (tile_id)i;
+  return TILE_COUNT;
+}
+
 static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local_experts,
                           int64_t n) {
+  const tile_id forced = forced_tile();
+  if (forced != TILE_COUNT) return forced;
   const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
   const int64_t rows_per_expert = (slots + touched - 1) / (touched > 0 ? touched : 1);
   tile_id id = TILE_128x128;
@@ -397,8 +422,10 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
   const int64_t slots = g->num_tokens * g->top_k;
   const int64_t rows = padded_rows_bound(g);
   tile_id id = table_tile(st, slots, g->num_local_experts, g->n);
-  while (id > TILE_16x32 && tile_block_m[id] > g->block_m)
-    id = (tile_id)(id - 1);
+  /* A row block above align's: the largest rule's tile that fits in it. */
+  for (int r = (int)(sizeof tile_rules / sizeof tile_rules[0]) - 1;
+       r >= 0 && tile_block_m[id] > g->block_m; --r)
+    id = tile_rules[r].id;
   const bool fast = tile_block_m[id] <= g->block_m && g->n % 8 == 0 && g->k % 8 == 0 &&
                     g->lda % 8 == 0 && g->ldb % 8 == 0 && g->ldc % 8 == 0 &&
                     g->b_expert_stride % 8 == 0 && aligned16(g->a) && aligned16(g->b) &&
@@ -407,16 +434,12 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
     const int bm = tile_block_m[id];
     const int64_t m_tiles = (rows + bm - 1) / bm;
     switch (id) {
-    case TILE_16x32:
-      return launch_tile<tile_16x32>(st, g, m_tiles);
-    case TILE_16x64:
-      return launch_tile<tile_16x64>(st, g, m_tiles);
-    case TILE_32x64:
-      return launch_tile<tile_32x64>(st, g, m_tiles);
-    case TILE_64x128:
-      return launch_tile<tile_64x128>(st, g, m_tiles);
+#define CUDA_TILE_CASE(name, ...)                                                                  \
+  case TILE_##name:                                                                                \
+    return launch_tile<tile_##name>(st, g, m_tiles);
+      CUDA_TILES(CUDA_TILE_CASE)
     default:
-      return launch_tile<tile_128x128>(st, g, m_tiles);
+      break;
     }
   }
   const int threads = 128;

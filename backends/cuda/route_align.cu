@@ -1,14 +1,24 @@
 /*
- * route_align.cu - routing and align on the device, producing exactly the
- * bytes of the core's host code (core/routing.c, core/align.c).
+ * route_align.cu - routing and align on the device, producing the bytes of
+ * the core's host code (core/routing.c, core/align.c).
  *
- * Routing runs core/routing_logic.h's moe_rl_route_token, one thread per
- * token: the same rule as the host, compiled for the device, not a copy.
+ * Routing follows core/routing_logic.h in two kernels:
+ *   - the reference: moe_rl_route_token itself, one thread per token (the
+ *     host's code compiled for the device), chosen by MOE_CUDA_ROUTING=
+ *     reference;
+ *   - the default: one warp per token. It calls the header's key, ranking
+ *     and score functions (moe_rl_key, moe_rl_better, moe_rl_score) in the
+ *     header's pick order (group scores, then k picks, each the best expert
+ *     ranked strictly below the previous one); lanes scan E/32 experts each
+ *     and a butterfly of moe_rl_better agrees on the winner. Only the
+ *     softmax denominator is summed in another order, so weights may differ
+ *     from the host in the last bit. One thread needs O(k*E) dependent
+ *     steps (250 us for E=128, k=8 on an H200); the warp O(k*(E/32 + 5)).
  *
  * Align has two shapes:
- *   - one block (slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS, tokens <= 1024):
- *     route (optional), count, scan, place, all in one launch, which is
- *     the whole metadata pipeline of a decode step;
+ *   - one block (slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS): count, scan, place,
+ *     in one launch, fused with the routing of up to
+ *     CUDA_FUSED_ROUTE_TOKENS tokens: the whole metadata of a decode step;
  *   - three launches for more slots: per-chunk counts, one block that scans
  *     them into each chunk's start inside each expert's run, and per-chunk
  *     placement.
@@ -21,12 +31,19 @@
 
 #include "routing.h"
 
+#include <stdlib.h>
+#include <string.h>
+
 #define CUDA_ALIGN_THREADS 1024
 #define CUDA_ALIGN_ONE_BLOCK_SLOTS 4096
+/* Tokens routed inside the one-block kernel (two per warp at most). */
+#define CUDA_FUSED_ROUTE_TOKENS 64
 #define CUDA_ALIGN_CHUNK_MIN 1024
 #define CUDA_ALIGN_MAX_CHUNKS 2048
 /* Logits staged in shared memory by the one-block kernel (floats). */
 #define CUDA_ROUTE_STAGE_FLOATS 8192
+/* Slot ids a placing lane loads ahead (registers). */
+#define CUDA_PLACE_AHEAD 8
 
 /* The local expert of a slot's id, or -1 when align skips it (as
  * core/align.c's local_expert). */
@@ -38,6 +55,151 @@ __device__ __forceinline__ int local_expert(int32_t id, const int32_t *map, int3
   }
   return (id >= 0 && id < num_local) ? id : -1;
 }
+
+/* ---- routing ------------------------------------------------------------ */
+
+/* (key, index) of the better of the lanes' candidates, on every lane;
+ * index -1 means no candidate. moe_rl_better is a strict total order, so
+ * the butterfly agrees on one winner. */
+__device__ __forceinline__ void warp_best(float &key, int &index) {
+  for (int offset = 16; offset > 0; offset >>= 1) {
+    const float other_key = __shfl_xor_sync(0xffffffffu, key, offset);
+    const int other = __shfl_xor_sync(0xffffffffu, index, offset);
+    if (other >= 0 && (index < 0 || moe_rl_better(other_key, other, key, index))) {
+      key = other_key;
+      index = other;
+    }
+  }
+}
+
+/* Routes one token with the 32 lanes of a warp (see the file comment);
+ * lane 0 writes ids[k] and weights[k]. */
+__device__ void route_token_warp(const float *logits, const float *bias, const moe_rl_params &p,
+                                 int32_t *ids, float *weights) {
+  const int lane = threadIdx.x & 31, E = p.num_experts;
+  moe_rl_row row;
+  row.max = -INFINITY;
+  row.inv_sum = 0.0f;
+  if (!p.scoring_sigmoid) {
+    float m = -INFINITY;
+    for (int e = lane; e < E; e += 32)
+      if (logits[e] > m) m = logits[e];
+    for (int offset = 16; offset > 0; offset >>= 1) {
+      const float other = __shfl_xor_sync(0xffffffffu, m, offset);
+      if (other > m) m = other;
+    }
+    if (m != -INFINITY) {
+      float sum = 0.0f;
+      for (int e = lane; e < E; e += 32) {
+        const float l = logits[e];
+        if (l == l) sum += MOE_RL_EXP(l == m ? 0.0f : l - m);
+      }
+      for (int offset = 16; offset > 0; offset >>= 1)
+        sum += __shfl_xor_sync(0xffffffffu, sum, offset);
+      row.max = m;
+      row.inv_sum = 1.0f / sum;
+    }
+  }
+
+  /* Groups: lane g scores groups g and g + 32 as the header does, then the
+   * warp picks topk_groups of them. */
+  const int group_size = E / p.num_groups;
+  unsigned long long allowed = ~0ull;
+  if (p.num_groups > 1) {
+    float group_key[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int g = lane + 32 * h;
+      group_key[h] = NAN;
+      if (g >= p.num_groups) continue;
+      float best = NAN, second = NAN;
+      int best_e = -1, second_e = -1;
+      for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
+        const float key = moe_rl_key(logits, bias, e, row, &p);
+        if (best_e < 0 || moe_rl_better(key, e, best, best_e)) {
+          second = best;
+          second_e = best_e;
+          best = key;
+          best_e = e;
+        } else if (second_e < 0 || moe_rl_better(key, e, second, second_e)) {
+          second = key;
+          second_e = e;
+        }
+      }
+      group_key[h] = (p.group_top2_sum && second_e >= 0) ? best + second : best;
+    }
+    allowed = 0;
+    for (int pick = 0; pick < p.topk_groups; ++pick) {
+      float key = 0.0f;
+      int index = -1;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const int g = lane + 32 * h;
+        if (g < p.num_groups && !((allowed >> g) & 1ull) &&
+            (index < 0 || moe_rl_better(group_key[h], g, key, index))) {
+          key = group_key[h];
+          index = g;
+        }
+      }
+      warp_best(key, index);
+      allowed |= 1ull << index;
+    }
+  }
+
+  float prev_key = 0.0f, sum = 0.0f, picked[MOE_MAX_TOP_K];
+  int prev_e = -1;
+  for (int j = 0; j < p.top_k; ++j) {
+    float best_key = 0.0f;
+    int best_e = -1;
+    for (int e = lane; e < E; e += 32) {
+      if (!((allowed >> (e / group_size)) & 1ull)) continue;
+      const float key = moe_rl_key(logits, bias, e, row, &p);
+      if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, key, e)) continue;
+      if (best_e < 0 || moe_rl_better(key, e, best_key, best_e)) {
+        best_key = key;
+        best_e = e;
+      }
+    }
+    warp_best(best_key, best_e);
+    prev_key = best_key;
+    prev_e = best_e;
+    const float w = best_e >= 0 ? moe_rl_score(logits[best_e], row, &p) : 0.0f;
+    picked[j] = w;
+    sum += w;
+    if (lane == 0) ids[j] = best_e;
+  }
+  float factor = p.scaling;
+  if (p.renormalize && sum > 0.0f) factor = p.scaling / sum;
+  if (lane == 0)
+    for (int j = 0; j < p.top_k; ++j)
+      weights[j] = picked[j] * factor;
+}
+
+/* Routes tokens first, first + stride, ... below num_tokens: a warp per
+ * token (first and stride count warps), or for the reference a thread per
+ * token through moe_rl_route_token. Every lane of a warp must call it. */
+__device__ void route_tokens(const moe_rl_params &rl, const float *logits, const float *bias,
+                             int64_t first, int64_t stride, int64_t num_tokens, bool reference,
+                             int32_t *ids, float *weights) {
+  const int64_t E = rl.num_experts, k = rl.top_k;
+  if (reference) {
+    for (int64_t t = first * 32 + (threadIdx.x & 31); t < num_tokens; t += stride * 32)
+      moe_rl_route_token(logits + t * E, bias, &rl, (int *)ids + t * k, weights + t * k);
+  } else {
+    for (int64_t t = first; t < num_tokens; t += stride)
+      route_token_warp(logits + t * E, bias, rl, ids + t * k, weights + t * k);
+  }
+}
+
+/* Routing alone, on many blocks. */
+__global__ void route_kernel(moe_rl_params rl, const float *logits, const float *bias,
+                             int64_t num_tokens, bool reference, int32_t *ids, float *weights) {
+  const int64_t warps = blockDim.x >> 5;
+  route_tokens(rl, logits, bias, blockIdx.x * warps + (threadIdx.x >> 5),
+               (int64_t)gridDim.x * warps, num_tokens, reference, ids, weights);
+}
+
+/* ---- align ---------------------------------------------------------------- */
 
 /* Exclusive scan over the block (blockDim.x a multiple of 32, <= 1024);
  * returns this thread's prefix, and the total in *total. */
@@ -129,52 +291,56 @@ __device__ void align_layout(const align_params &p, const int *count, int64_t *s
   if (threadIdx.x == 0) *p.ntpp = (int32_t)padded_total;
 }
 
-/* One warp places slots [begin, end) in ascending order at cursor[e]. */
+/* One warp places slots [begin, end) in ascending order at cursor[e];
+ * each lane loads CUDA_PLACE_AHEAD rounds of ids before placing them, so
+ * the loads overlap instead of each round waiting for its own. */
 __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t end,
                                  int64_t *cursor) {
   const int lane = threadIdx.x & 31;
   const unsigned lower = (1u << lane) - 1u;
-  for (int64_t s0 = begin; s0 < end; s0 += 32) {
-    const int64_t s = s0 + lane;
-    const int e =
-        s < end ? local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local) : -1;
-    const unsigned same = __match_any_sync(0xffffffffu, e);
-    int64_t pos = 0;
-    if (e >= 0) {
-      pos = cursor[e] + __popc(same & lower);
-      p.sorted[pos] = (int32_t)s;
+  for (int64_t base = begin; base < end; base += 32 * CUDA_PLACE_AHEAD) {
+    int experts[CUDA_PLACE_AHEAD];
+#pragma unroll
+    for (int r = 0; r < CUDA_PLACE_AHEAD; ++r) {
+      const int64_t s = base + 32 * r + lane;
+      experts[r] =
+          s < end ? local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local) : -1;
     }
-    __syncwarp();
-    if (e >= 0 && (same & lower) == 0) cursor[e] += __popc(same);
-    __syncwarp();
+#pragma unroll
+    for (int r = 0; r < CUDA_PLACE_AHEAD; ++r) {
+      const int e = experts[r];
+      const unsigned same = __match_any_sync(0xffffffffu, e);
+      if (e >= 0) p.sorted[cursor[e] + __popc(same & lower)] = (int32_t)(base + 32 * r + lane);
+      __syncwarp();
+      if (e >= 0 && (same & lower) == 0) cursor[e] += __popc(same);
+      __syncwarp();
+    }
   }
 }
 
 /*
- * The whole metadata pipeline in one block: optional routing of every token
- * (thread t routes token t, logits staged in shared memory when they fit),
- * then count, layout and a one-warp stable placement.
+ * The whole metadata pipeline in one block: optional routing (a warp per
+ * token, logits staged in shared memory when they fit), then count, layout
+ * and a one-warp stable placement.
  */
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
     route_align_one_block_kernel(align_params p, bool do_route, moe_rl_params rl,
                                  const float *logits, const float *bias, int32_t num_tokens,
-                                 float *topk_weights, bool stage_logits) {
+                                 float *topk_weights, bool stage_logits, bool reference) {
   extern __shared__ float staged_logits[];
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
 
   if (do_route) {
-    const int E = rl.num_experts, k = rl.top_k;
     const float *src = logits;
     if (stage_logits) {
-      for (int i = threadIdx.x; i < num_tokens * E; i += blockDim.x)
+      for (int i = threadIdx.x; i < num_tokens * rl.num_experts; i += blockDim.x)
         staged_logits[i] = logits[i];
       __syncthreads();
       src = staged_logits;
     }
-    for (int t = threadIdx.x; t < num_tokens; t += blockDim.x)
-      moe_rl_route_token(src + (int64_t)t * E, bias, &rl, (int *)p.topk_ids + (int64_t)t * k,
-                         topk_weights + (int64_t)t * k);
+    route_tokens(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5, num_tokens, reference,
+                 (int32_t *)p.topk_ids, topk_weights);
     __syncthreads(); /* the ids written above are read below by other threads */
   }
 
@@ -209,29 +375,33 @@ __global__ void align_count_kernel(align_params p, int64_t chunk, int32_t *count
     counts[(int64_t)blockIdx.x * p.num_local + e] = count[e];
 }
 
-/* Step 2 (one block): each chunk's cursor start per expert, written over
- * counts, plus the layout (expert_ids, padding, num_tokens_post_padded). */
+/* Step 2 (one block): the layout (expert_ids, padding, num_tokens_post_
+ * padded) and starts[chunk][e], where chunk's slots of expert e begin.
+ * counts and starts are distinct arrays, so the loads of one pass do not
+ * wait for the stores of the other. */
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
-    align_scan_kernel(align_params p, int64_t num_chunks, int32_t *counts) {
+    align_scan_kernel(align_params p, int64_t num_chunks, const int32_t *__restrict__ counts,
+                      int32_t *__restrict__ starts) {
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
-    int running = 0; /* slots per expert fit int32: reserve bounds T*k */
-    for (int64_t c = 0; c < num_chunks; ++c) {
-      const int32_t here = counts[c * p.num_local + e];
-      counts[c * p.num_local + e] = running;
-      running += here;
-    }
-    count[e] = running;
+    int total = 0; /* slots per expert fit int32: reserve bounds T*k */
+    for (int64_t c = 0; c < num_chunks; ++c)
+      total += counts[c * p.num_local + e];
+    count[e] = total;
   }
   __syncthreads();
   align_layout(p, count, start);
-  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x)
-    for (int64_t c = 0; c < num_chunks; ++c)
-      counts[c * p.num_local + e] += (int32_t)start[e];
+  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
+    int64_t running = start[e];
+    for (int64_t c = 0; c < num_chunks; ++c) {
+      starts[c * p.num_local + e] = (int32_t)running;
+      running += counts[c * p.num_local + e];
+    }
+  }
 }
 
-/* Step 3: one warp per chunk places its slots from the chunk's cursors. */
+/* Step 3: one warp per chunk places its slots from the chunk's starts. */
 __global__ void align_place_kernel(align_params p, int64_t chunk, const int32_t *starts) {
   __shared__ int64_t cursor[MOE_MAX_EXPERTS];
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x)
@@ -241,14 +411,7 @@ __global__ void align_place_kernel(align_params p, int64_t chunk, const int32_t 
   align_place_warp(p, begin, min(begin + chunk, p.num_slots), cursor);
 }
 
-/* Routing alone: one thread per token. */
-__global__ void route_kernel(moe_rl_params rl, const float *logits, const float *bias,
-                             int64_t num_tokens, int32_t *ids, float *weights) {
-  const int64_t t = blockIdx.x * (int64_t)blockDim.x + threadIdx.x;
-  if (t >= num_tokens) return;
-  moe_rl_route_token(logits + t * rl.num_experts, bias, &rl, (int *)ids + t * rl.top_k,
-                     weights + t * rl.top_k);
-}
+/* ---- launchers ---------------------------------------------------------- */
 
 static void align_chunking(int64_t num_slots, int64_t *chunk, int64_t *num_chunks) {
   int64_t c = CUDA_ALIGN_CHUNK_MIN;
@@ -258,41 +421,49 @@ static void align_chunking(int64_t num_slots, int64_t *chunk, int64_t *num_chunk
   *num_chunks = (num_slots + c - 1) / c;
 }
 
-static bool align_fits_one_block(int64_t num_slots, int64_t num_tokens) {
-  return num_slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS && num_tokens <= CUDA_ALIGN_THREADS;
+int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts) {
+  /* counts and starts; monotone in num_slots, so a reservation covers less. */
+  int64_t chunks = (num_slots + CUDA_ALIGN_CHUNK_MIN - 1) / CUDA_ALIGN_CHUNK_MIN;
+  if (chunks > CUDA_ALIGN_MAX_CHUNKS) chunks = CUDA_ALIGN_MAX_CHUNKS;
+  return 2 * chunks * num_local_experts;
 }
 
-int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts) {
-  int64_t chunk, num_chunks;
-  align_chunking(num_slots, &chunk, &num_chunks);
-  return num_chunks * num_local_experts;
+/* MOE_CUDA_ROUTING=reference runs moe_rl_route_token itself (read at every
+ * call, so a test can compare both in one process). */
+static bool reference_routing(void) {
+  const char *env = getenv("MOE_CUDA_ROUTING");
+  return env && strcmp(env, "reference") == 0;
 }
 
 moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const moe_rl_params rl = moe_rl_params_from_args(args);
-  const int threads = 128;
-  const int64_t blocks = (args->num_tokens + threads - 1) / threads;
+  const int threads = 128, tokens_per_block = reference_routing() ? threads : threads / 32;
+  int64_t blocks = (args->num_tokens + tokens_per_block - 1) / tokens_per_block;
+  if (blocks > 65536) blocks = 65536;
   route_kernel<<<(unsigned)blocks, threads, 0, st->stream>>>(
       rl, (const float *)args->logits, (const float *)args->correction_bias, args->num_tokens,
-      (int32_t *)args->topk_ids, (float *)args->topk_weights);
+      reference_routing(), (int32_t *)args->topk_ids, (float *)args->topk_weights);
   return cuda_launch_status("route_kernel");
 }
 
 moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
                             const moe_align_args *align, int32_t *scratch) {
   const align_params p = align_params_from(align);
-  if (align_fits_one_block(p.num_slots, align->num_tokens)) {
-    moe_rl_params rl = {};
+  if (p.num_slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS) {
+    const bool fuse = route && route->num_tokens <= CUDA_FUSED_ROUTE_TOKENS;
+    if (route && !fuse) CUDA_TRY(cuda_route(st, route));
+    moe_rl_params rl;
+    memset(&rl, 0, sizeof rl);
     size_t stage_bytes = 0;
-    if (route) {
+    if (fuse) {
       rl = moe_rl_params_from_args(route);
       const int64_t floats = route->num_tokens * route->num_experts;
       if (floats <= CUDA_ROUTE_STAGE_FLOATS) stage_bytes = (size_t)floats * sizeof(float);
     }
     route_align_one_block_kernel<<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
-        p, route != NULL, rl, route ? (const float *)route->logits : NULL,
-        route ? (const float *)route->correction_bias : NULL, (int32_t)align->num_tokens,
-        route ? (float *)route->topk_weights : NULL, stage_bytes > 0);
+        p, fuse, rl, fuse ? (const float *)route->logits : NULL,
+        fuse ? (const float *)route->correction_bias : NULL, (int32_t)align->num_tokens,
+        fuse ? (float *)route->topk_weights : NULL, stage_bytes > 0, reference_routing());
     return cuda_launch_status("route_align_one_block_kernel");
   }
   if (route) CUDA_TRY(cuda_route(st, route));
@@ -300,18 +471,19 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
   align_chunking(p.num_slots, &chunk, &num_chunks);
   int32_t *counts = scratch;
   if (!counts) {
-    const size_t bytes = (size_t)(num_chunks * p.num_local) * sizeof(int32_t);
+    const size_t bytes = (size_t)cuda_align_scratch_elems(p.num_slots, p.num_local) * 4;
     CUDA_TRY(cuda_status(cudaMallocAsync((void **)&counts, bytes, st->stream),
                          "cudaMallocAsync of align scratch"));
   }
+  int32_t *starts = counts + num_chunks * p.num_local;
   align_count_kernel<<<(unsigned)num_chunks, 256, 0, st->stream>>>(p, chunk, counts);
   moe_status status = cuda_launch_status("align_count_kernel");
   if (status == MOE_SUCCESS) {
-    align_scan_kernel<<<1, CUDA_ALIGN_THREADS, 0, st->stream>>>(p, num_chunks, counts);
+    align_scan_kernel<<<1, CUDA_ALIGN_THREADS, 0, st->stream>>>(p, num_chunks, counts, starts);
     status = cuda_launch_status("align_scan_kernel");
   }
   if (status == MOE_SUCCESS) {
-    align_place_kernel<<<(unsigned)num_chunks, 32, 0, st->stream>>>(p, chunk, counts);
+    align_place_kernel<<<(unsigned)num_chunks, 32, 0, st->stream>>>(p, chunk, starts);
     status = cuda_launch_status("align_place_kernel");
   }
   if (!scratch) {

@@ -426,3 +426,81 @@ Test(cuda, align_one_and_multi_block_match_reference) {
       moe_buffer_destroy(buf);
   }
 }
+
+/* ---- the warp routing against the host rule and the reference kernel --- */
+
+static void route_on(moe_context *ctx, const moe_config *cfg, int64_t T, const float *logits,
+                     const float *bias, int32_t *ids, float *weights) {
+  const size_t slot_bytes = (size_t)(T * cfg->top_k) * 4;
+  moe_buffer *b_logits = th_upload(ctx, logits, (size_t)(T * cfg->num_experts) * 4);
+  moe_buffer *b_bias = bias ? th_upload(ctx, bias, (size_t)cfg->num_experts * 4) : NULL;
+  moe_buffer *b_ids = th_output(ctx, slot_bytes), *b_w = th_output(ctx, slot_bytes);
+  TH_OK(moe_route(ctx, cfg, T, b_logits, b_bias, b_ids, b_w));
+  th_download(b_ids, ids, slot_bytes);
+  th_download(b_w, weights, slot_bytes);
+  moe_buffer *bufs[] = {b_logits, b_bias, b_ids, b_w};
+  for (moe_buffer *buf : bufs)
+    moe_buffer_destroy(buf);
+}
+
+Test(cuda, warp_routing_matches_host_and_reference_kernel) {
+  require_cuda();
+  for (int variant = 0; variant < 5; ++variant) {
+    moe_config cfg = th_config(8, 8, 128, 8);
+    cfg.renormalize = 1;
+    bool with_bias = false;
+    th_logits_kind kind = TH_LOGITS_NORMAL;
+    switch (variant) {
+    case 1: /* DeepSeek-V3 */
+      cfg.num_experts = 256;
+      cfg.scoring = MOE_SCORING_SIGMOID;
+      cfg.num_groups = 8;
+      cfg.topk_groups = 4;
+      cfg.group_scoring = MOE_GROUP_SCORING_TOP2_SUM;
+      cfg.routed_scaling_factor = 2.5f;
+      with_bias = true;
+      break;
+    case 2: /* E = 1024, top 32, DeepSeek-V2 groups */
+      cfg.num_experts = 1024;
+      cfg.top_k = 32;
+      cfg.num_groups = 64;
+      cfg.topk_groups = 8;
+      break;
+    case 3:
+      cfg.num_experts = 8, cfg.top_k = 2, kind = TH_LOGITS_TIES;
+      break;
+    case 4:
+      cfg.num_experts = 60, cfg.top_k = 4, kind = TH_LOGITS_SPECIAL;
+      break;
+    default:
+      break;
+    }
+    const int64_t T = 77;
+    th_case("routing variant %d %s", variant, th_config_text(&cfg));
+    th_rng rng = th_rng_make(0xc600 + (uint64_t)variant);
+    float *logits = (float *)th_malloc((size_t)(T * cfg.num_experts) * 4);
+    float *bias = (float *)th_malloc((size_t)cfg.num_experts * 4);
+    th_fill_logits(&rng, logits, T, cfg.num_experts, cfg.top_k, kind);
+    th_fill_f32(&rng, bias, (size_t)cfg.num_experts, 0.1);
+    const size_t slots = (size_t)(T * cfg.top_k);
+    int32_t *ids = (int32_t *)th_malloc(slots * 4), *ids_ref = (int32_t *)th_malloc(slots * 4);
+    float *w = (float *)th_malloc(slots * 4), *w_ref = (float *)th_malloc(slots * 4);
+    route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids, w);
+    th_check_route(&cfg, T, logits, with_bias ? bias : NULL, ids, w);
+    setenv("MOE_CUDA_ROUTING", "reference", 1);
+    route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids_ref, w_ref);
+    unsetenv("MOE_CUDA_ROUTING");
+    for (size_t i = 0; i < slots; ++i) {
+      TH_ASSERT(ids[i] == ids_ref[i], "slot %zu: warp routing picked %d, moe_rl_route_token %d", i,
+                ids[i], ids_ref[i]);
+      TH_ASSERT(fabsf(w[i] - w_ref[i]) <= 1e-6f * fabsf(w_ref[i]) + 1e-30f,
+                "slot %zu: weight %.9g vs %.9g", i, (double)w[i], (double)w_ref[i]);
+    }
+    free(logits);
+    free(bias);
+    free(ids);
+    free(ids_ref);
+    free(w);
+    free(w_ref);
+  }
+}

@@ -21,76 +21,115 @@
 /* Software prefetch distance for the weight streams, in k-pairs. */
 #define PREFETCH_PAIRS 16
 
-static inline __attribute__((always_inline)) void
-tile_kernel(const int MR, const int NP, int64_t kpairs, const float *a, const uint16_t *b,
-            int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
-  __m512 acc[CPU_MR_MAX][8];
+/* The kernels are written with named accumulators and conditions on the
+ * constant MR rather than arrays and loops, so that every compiler keeps
+ * them in registers and none splits the k loop per row. */
+#define ROWS_12(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7) X(8) X(9) X(10) X(11)
+#define ROWS_3(X, v) X(0, v) X(1, v) X(2, v)
+#define VECS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
+
+/* MR (<= 12) rows x 1 panel: 2*MR accumulators, the panel's two vectors
+ * widened once per k-pair and reused by every row. */
+static inline __attribute__((always_inline)) void tile_rows_1panel(const int MR, int64_t kpairs,
+                                                                   const float *a,
+                                                                   const uint16_t *b, float *c,
+                                                                   int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < 2 * NP; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * 16) : _mm512_setzero_ps();
-
-  for (int64_t kp = 0; kp < kpairs; ++kp) {
-    const float *a_even = a + 2 * kp;
-    const float *a_odd = a_even + 1;
-    if (NP == 1) {
-      /* Many rows: convert the panel's two vectors once, then sweep rows. */
-      __m512 odd[2], even[2];
-#pragma GCC unroll 2
-      for (int v = 0; v < 2; ++v) {
-        __m512i w = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR + v * 16 * 2));
-        odd[v] = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));
-        even[v] = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-      }
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        __m512 x = _mm512_set1_ps(a_odd[r * CPU_A_STRIDE_F32]);
-        acc[r][0] = _mm512_fmadd_ps(x, odd[0], acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(x, odd[1], acc[r][1]);
-      }
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        __m512 x = _mm512_set1_ps(a_even[r * CPU_A_STRIDE_F32]);
-        acc[r][0] = _mm512_fmadd_ps(x, even[0], acc[r][0]);
-        acc[r][1] = _mm512_fmadd_ps(x, even[1], acc[r][1]);
-      }
-    } else {
-      /* Few rows, many columns: keep the row broadcasts, stream vectors. */
-      __m512 x_odd[CPU_MR_MAX], x_even[CPU_MR_MAX];
-#pragma GCC unroll 12
-      for (int r = 0; r < MR; ++r) {
-        x_odd[r] = _mm512_set1_ps(a_odd[r * CPU_A_STRIDE_F32]);
-        x_even[r] = _mm512_set1_ps(a_even[r * CPU_A_STRIDE_F32]);
-      }
-#pragma GCC unroll 8
-      for (int v = 0; v < 2 * NP; ++v) {
-        const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;
-        _mm_prefetch((const char *)(src + PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);
-        __m512i w = _mm512_loadu_si512((const void *)src);
-        __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));
-        __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));
-#pragma GCC unroll 12
-        for (int r = 0; r < MR; ++r) {
-          acc[r][v] = _mm512_fmadd_ps(x_odd[r], odd, acc[r][v]);
-          acc[r][v] = _mm512_fmadd_ps(x_even[r], even, acc[r][v]);
-        }
-      }
-    }
+#define DECLARE(r)                                                                                 \
+  __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
+  if (MR > r && accumulate) {                                                                      \
+    acc##r##_lo = _mm512_loadu_ps(c + r * ldc);                                                    \
+    acc##r##_hi = _mm512_loadu_ps(c + r * ldc + 16);                                               \
   }
+  ROWS_12(DECLARE)
+#undef DECLARE
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const __m512i w_lo = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR));
+    const __m512i w_hi = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR + 32));
+    const __m512 odd_lo = _mm512_castsi512_ps(_mm512_and_si512(w_lo, odd_mask));
+    const __m512 odd_hi = _mm512_castsi512_ps(_mm512_and_si512(w_hi, odd_mask));
+    const __m512 even_lo = _mm512_castsi512_ps(_mm512_slli_epi32(w_lo, 16));
+    const __m512 even_hi = _mm512_castsi512_ps(_mm512_slli_epi32(w_hi, 16));
+    const float *a_k = a + 2 * kp;
+#define STEP_ODD(r)                                                                                \
+  if (MR > r) {                                                                                    \
+    const __m512 x = _mm512_set1_ps(a_k[r * CPU_A_STRIDE_F32 + 1]);                                \
+    acc##r##_lo = _mm512_fmadd_ps(x, odd_lo, acc##r##_lo);                                         \
+    acc##r##_hi = _mm512_fmadd_ps(x, odd_hi, acc##r##_hi);                                         \
+  }
+#define STEP_EVEN(r)                                                                               \
+  if (MR > r) {                                                                                    \
+    const __m512 x = _mm512_set1_ps(a_k[r * CPU_A_STRIDE_F32]);                                    \
+    acc##r##_lo = _mm512_fmadd_ps(x, even_lo, acc##r##_lo);                                        \
+    acc##r##_hi = _mm512_fmadd_ps(x, even_hi, acc##r##_hi);                                        \
+  }
+    ROWS_12(STEP_ODD)
+    ROWS_12(STEP_EVEN)
+#undef STEP_ODD
+#undef STEP_EVEN
+  }
+#define STORE(r)                                                                                   \
+  if (MR > r) {                                                                                    \
+    _mm512_storeu_ps(c + r * ldc, acc##r##_lo);                                                    \
+    _mm512_storeu_ps(c + r * ldc + 16, acc##r##_hi);                                               \
+  }
+  ROWS_12(STORE)
+#undef STORE
+}
 
-#pragma GCC unroll 12
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < 2 * NP; ++v)
-      _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+/* MR (<= 3) rows x 4 panels: 8*MR accumulators, so that even one row has 8
+ * independent FMA chains while four weight streams flow (decode). */
+static inline __attribute__((always_inline)) void
+tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
+                  int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
+  const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
+#define DECLARE_RV(r, v)                                                                           \
+  __m512 acc##r##_##v = _mm512_setzero_ps();                                                       \
+  if (MR > r && accumulate) acc##r##_##v = _mm512_loadu_ps(c + r * ldc + v * 16);
+#define DECLARE(v) ROWS_3(DECLARE_RV, v)
+  VECS_8(DECLARE)
+#undef DECLARE
+#undef DECLARE_RV
+  for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const float *a_k = a + 2 * kp;
+    const __m512 x0_odd = _mm512_set1_ps(a_k[1]), x0_even = _mm512_set1_ps(a_k[0]);
+    const __m512 x1_odd = _mm512_set1_ps(a_k[MR > 1 ? CPU_A_STRIDE_F32 + 1 : 1]);
+    const __m512 x1_even = _mm512_set1_ps(a_k[MR > 1 ? CPU_A_STRIDE_F32 : 0]);
+    const __m512 x2_odd = _mm512_set1_ps(a_k[MR > 2 ? 2 * CPU_A_STRIDE_F32 + 1 : 1]);
+    const __m512 x2_even = _mm512_set1_ps(a_k[MR > 2 ? 2 * CPU_A_STRIDE_F32 : 0]);
+#define STEP_RV(r, v)                                                                              \
+  if (MR > r) {                                                                                    \
+    acc##r##_##v = _mm512_fmadd_ps(x##r##_odd, odd, acc##r##_##v);                                 \
+    acc##r##_##v = _mm512_fmadd_ps(x##r##_even, even, acc##r##_##v);                               \
+  }
+#define STEP(v)                                                                                    \
+  {                                                                                                \
+    const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;         \
+    _mm_prefetch((const char *)(src + PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);              \
+    const __m512i w = _mm512_loadu_si512((const void *)src);                                       \
+    const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));                         \
+    const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));                             \
+    ROWS_3(STEP_RV, v)                                                                             \
+  }
+    VECS_8(STEP)
+#undef STEP
+#undef STEP_RV
+  }
+#define STORE_RV(r, v)                                                                             \
+  if (MR > r) _mm512_storeu_ps(c + r * ldc + v * 16, acc##r##_##v);
+#define STORE(v) ROWS_3(STORE_RV, v)
+  VECS_8(STORE)
+#undef STORE
+#undef STORE_RV
 }
 
 #define DEFINE_TILE(MR, NP)                                                                        \
   static void tile_##MR##x##NP(int64_t kpairs, const float *a, const uint16_t *b,                  \
                                int64_t panel_stride, float *c, int64_t ldc, int accumulate) {      \
-    tile_kernel(MR, NP, kpairs, a, b, panel_stride, c, ldc, accumulate);                           \
+    if (NP == 1)                                                                                   \
+      tile_rows_1panel(MR, kpairs, a, b, c, ldc, accumulate);                                      \
+    else                                                                                           \
+      tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                       \
   }
 
 typedef void (*fixed_tile_fn)(int64_t, const float *, const uint16_t *, int64_t, float *, int64_t,

@@ -188,10 +188,12 @@ moe_buffer *th_upload(moe_context *ctx, const void *data, size_t bytes) {
 }
 
 void th_refill(moe_buffer *buffer) {
-  const size_t bytes = moe_buffer_size(buffer);
-  void *fill = th_malloc(bytes);
-  memset(fill, TH_FILL_BYTE, bytes);
-  TH_OK(moe_buffer_write(buffer, 0, fill, bytes));
+  /* In chunks, so that multi-GB outputs need no host copy of their size. */
+  const size_t bytes = moe_buffer_size(buffer), chunk = (size_t)1 << 24;
+  void *fill = th_malloc(bytes < chunk ? bytes : chunk);
+  memset(fill, TH_FILL_BYTE, bytes < chunk ? bytes : chunk);
+  for (size_t offset = 0; offset < bytes; offset += chunk)
+    TH_OK(moe_buffer_write(buffer, offset, fill, bytes - offset < chunk ? bytes - offset : chunk));
   free(fill);
 }
 

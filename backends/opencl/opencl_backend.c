@@ -91,7 +91,23 @@ static moe_status ocl_synchronize(void *state) {
   return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, "clFinish");
 }
 
+/* The device's largest single allocation (CL_DEVICE_MAX_MEM_ALLOC_SIZE) or
+ * its whole memory (CL_DEVICE_GLOBAL_MEM_SIZE). */
+static cl_ulong device_limit(const moe_ocl_state *s, cl_device_info what) {
+  cl_ulong value = 0;
+  if (clGetDeviceInfo(s->device, what, sizeof value, &value, NULL) != CL_SUCCESS) return ~0ULL;
+  return value;
+}
+
 static moe_status ocl_buffer_alloc(void *state, size_t bytes, void **handle) {
+  /* Drivers that allocate lazily (NVIDIA) accept sizes they cannot back;
+   * refuse those here, so the failure is an OUT_OF_MEMORY now and not a
+   * failed kernel later. */
+  const cl_ulong max_alloc = device_limit(state, CL_DEVICE_MAX_MEM_ALLOC_SIZE);
+  if ((cl_ulong)bytes > max_alloc)
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY,
+                         "OpenCL: %zu bytes exceed the device's largest allocation (%llu bytes)",
+                         bytes, (unsigned long long)max_alloc);
   cl_int err;
   cl_mem mem =
       clCreateBuffer(((moe_ocl_state *)state)->context, CL_MEM_READ_WRITE, bytes, NULL, &err);
@@ -165,6 +181,31 @@ static moe_status ocl_align(void *state, const moe_align_args *al) {
 
 typedef enum gemm_kernel { GEMM_REFERENCE, GEMM_SKINNY, GEMM_TILED_64, GEMM_TILED_128 } gemm_kernel;
 
+/* The skinny variants (kernels/grouped_gemm.cl): work-group size and
+ * output columns per work-group. The first is the default for rows of
+ * 16-byte aligned length; "any" serves every other K. */
+typedef struct skinny_variant {
+  const char *name; /* for MOE_OPENCL_SKINNY */
+  moe_ocl_kernel_id id;
+  int work_group, cols;
+} skinny_variant;
+
+static const skinny_variant skinny_variants[] = {
+    {"64x4x4", MOE_OCL_GEMM_SKINNY_64X4X4, 64, 4},
+    {"256x4x4u2", MOE_OCL_GEMM_SKINNY_256X4X4U2, 256, 4},
+    {"128x4x8", MOE_OCL_GEMM_SKINNY_128X4X8, 128, 4},
+    {"128x8x4u2", MOE_OCL_GEMM_SKINNY_128X8X4U2, 128, 8},
+};
+static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4};
+
+static const skinny_variant *choose_skinny(int64_t k) {
+  if (k % 8 != 0) return &skinny_any;
+  const char *name = getenv("MOE_OPENCL_SKINNY");
+  for (size_t i = 0; name && i < sizeof skinny_variants / sizeof skinny_variants[0]; ++i)
+    if (strcmp(name, skinny_variants[i].name) == 0) return &skinny_variants[i];
+  return &skinny_variants[0];
+}
+
 static int64_t skinny_max_rows(void) {
   const char *text = getenv("MOE_OPENCL_SKINNY_MAX_ROWS");
   return text && *text ? strtoll(text, NULL, 10) : MOE_OCL_SKINNY_MAX_ROWS;
@@ -188,14 +229,16 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
   moe_ocl_kernel_id id;
   size_t global[2], local[2];
   switch (kind) {
-  case GEMM_SKINNY:
-    id = d->k % 8 == 0 ? MOE_OCL_GEMM_SKINNY_ALIGNED : MOE_OCL_GEMM_SKINNY_ANY;
-    local[0] = 64;
+  case GEMM_SKINNY: {
+    const skinny_variant *v = choose_skinny(d->k);
+    id = v->id;
+    local[0] = (size_t)v->work_group;
     local[1] = 1;
-    /* One column group per 4 outputs; a block with work holds a real slot. */
-    global[0] = (size_t)(d->n + 3) / 4 * 64;
+    /* One work-group per column group; a block with work holds a real slot. */
+    global[0] = (size_t)((d->n + v->cols - 1) / v->cols) * local[0];
     global[1] = (size_t)(g->block_capacity < num_slots ? g->block_capacity : num_slots);
     break;
+  }
   case GEMM_TILED_64:
   case GEMM_TILED_128: {
     const int64_t tile = kind == GEMM_TILED_64 ? 64 : 128;
@@ -384,6 +427,15 @@ static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens
   const size_t bytes[WORKSPACE_BUFFERS] = {
       slots * 4, slots * 4,         sorted_capacity * 4, block_capacity * 4,
       4,         slots * 2 * I * 2, slots * I * 2,       slots * H * 2};
+  size_t total = 0;
+  for (int i = 0; i < WORKSPACE_BUFFERS; ++i)
+    total += bytes[i];
+  const cl_ulong global_mem = device_limit(s, CL_DEVICE_GLOBAL_MEM_SIZE);
+  if ((cl_ulong)total > global_mem)
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY,
+                         "OpenCL: a workspace of %zu bytes for %lld tokens exceeds the device's "
+                         "%llu bytes",
+                         total, (long long)max_tokens, (unsigned long long)global_mem);
   ocl_workspace ws = {0};
   cl_mem *mems = (cl_mem *)&ws;
   for (int i = 0; i < WORKSPACE_BUFFERS; ++i) {
@@ -392,6 +444,15 @@ static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens
       workspace_free(&ws);
       return st;
     }
+  }
+  /* Back the buffers now (lazy drivers allocate at first use), so that a
+   * shortage shows here and never in a forward. */
+  cl_int err = clEnqueueMigrateMemObjects(s->queue, WORKSPACE_BUFFERS, mems,
+                                          CL_MIGRATE_MEM_OBJECT_CONTENT_UNDEFINED, 0, NULL, NULL);
+  if (err == CL_SUCCESS) err = clFinish(s->queue);
+  if (err != CL_SUCCESS) {
+    workspace_free(&ws);
+    return moe_ocl_fail(err, "backing the workspace");
   }
   /* Earlier forwards may still use the old workspace: release it only after
    * them (clReleaseMemObject defers the free until queued work is done). */

@@ -9,12 +9,12 @@
  *
  *   moe_gemm_reference  one work-item per output; any layout, any block_m.
  *   moe_gemm_skinny_*   decode: few rows per expert, so weight bytes are the
- *                       cost. A work-group of MOE_SK_WG work-items splits K
- *                       of MOE_SK_COLS weight rows ([out][in] layout) into
- *                       8-wide vector loads; each weight vector feeds
- *                       MOE_SK_ROWS rows of A at once; partial sums meet in
- *                       local memory. One work-group per (column group,
- *                       block); it walks all rows of its block.
+ *                       cost. A work-group splits K of COLS weight rows
+ *                       ([out][in] layout) into 8-wide vector loads; each
+ *                       weight vector feeds ROWS rows of A at once; partial
+ *                       sums meet in local memory. One work-group per
+ *                       (column group, block); it walks all rows of its
+ *                       block.
  *   moe_gemm_tiled_*    prefill: a TM x TN output tile per work-group of
  *                       256 work-items, each owning MR x NR outputs held in
  *                       registers; K advances TK at a time through local
@@ -68,37 +68,41 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
 /* Skinny kernel (decode)                                                   */
 /* ------------------------------------------------------------------------ */
 
-#define MOE_SK_WG 64
-#define MOE_SK_COLS 4
-#define MOE_SK_ROWS 4
-
 /* 16-byte loads where rows are 16-byte aligned (k % 8 == 0), else vload8. */
 #define MOE_LOAD8_ALIGNED(p, i) (*(__global const ushort8 *)((p) + (i)))
 #define MOE_LOAD8_ANY(p, i) vload8(0, (p) + (i))
 
-#define MOE_DEFINE_GEMM_SKINNY(NAME, LOAD8)                                                        \
-  __kernel __attribute__((reqd_work_group_size(MOE_SK_WG, 1, 1))) void NAME(                       \
+/*
+ * WG work-items split K; each owns COLS x ROWS fp32 sums. A pass over K
+ * reads UNROLL 8-element chunks per column per step (chunk u of step kk at
+ * kk + u * WG * 8, so each chunk is one coalesced run across the group),
+ * which keeps UNROLL * COLS 16-byte weight loads in flight per work-item.
+ * The sums meet in local memory in two levels: WG/16 groups of 16 lanes,
+ * then 16 partials per output.
+ */
+#define MOE_DEFINE_GEMM_SKINNY(NAME, LOAD8, WG, COLS, ROWS, UNROLL)                                \
+  __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void NAME(                              \
       int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
       __global const ushort *a, __global const ushort *b, __global const float *bias,              \
       __global const int *sorted_token_ids, __global const int *expert_ids,                        \
       __global const int *num_tokens_post_padded, __global const float *topk_weights,              \
       __global ushort *c) {                                                                        \
-    __local float partial[MOE_SK_ROWS * MOE_SK_COLS][MOE_SK_WG];                                   \
+    __local float partial[ROWS * COLS][WG + 1];                                                    \
     const int lid = get_local_id(0);                                                               \
-    const int col0 = get_group_id(0) * MOE_SK_COLS;                                                \
+    const int col0 = get_group_id(0) * COLS;                                                       \
     const int block_start = get_group_id(1) * block_m;                                             \
     if (block_start >= *num_tokens_post_padded) return;                                            \
     const int expert = expert_ids[get_group_id(1)];                                                \
     if (expert < 0) return;                                                                        \
-    __global const ushort *w[MOE_SK_COLS];                                                         \
-    for (int j = 0; j < MOE_SK_COLS; ++j)                                                          \
+    __global const ushort *w[COLS];                                                                \
+    for (int j = 0; j < COLS; ++j)                                                                 \
       w[j] = b + ((long)expert * n + min(col0 + j, n - 1)) * k;                                    \
-    const int k8 = k / 8 * 8;                                                                      \
-    for (int r0 = 0; r0 < block_m; r0 += MOE_SK_ROWS) {                                            \
-      int slot[MOE_SK_ROWS];                                                                       \
-      __global const ushort *x[MOE_SK_ROWS];                                                       \
+    const int k_main = k / (WG * 8 * UNROLL) * (WG * 8 * UNROLL);                                  \
+    for (int r0 = 0; r0 < block_m; r0 += ROWS) {                                                   \
+      int slot[ROWS];                                                                              \
+      __global const ushort *x[ROWS];                                                              \
       int any_real = 0;                                                                            \
-      for (int i = 0; i < MOE_SK_ROWS; ++i) {                                                      \
+      for (int i = 0; i < ROWS; ++i) {                                                             \
         slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;           \
         int real = slot[i] < num_slots;                                                            \
         any_real |= real;                                                                          \
@@ -106,50 +110,74 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
         x[i] = a + (real ? moe_gemm_a_row(slot[i], top_k, per_slot_input) : 0) * k;                \
       }                                                                                            \
       if (!any_real) continue;                                                                     \
-      float4 acc[MOE_SK_ROWS][MOE_SK_COLS];                                                        \
-      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
-        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
-          acc[i][j] = (float4)(0.0f);                                                              \
-      for (int kk = lid * 8; kk < k8; kk += MOE_SK_WG * 8) {                                       \
-        float8 wv[MOE_SK_COLS];                                                                    \
-        _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) wv[j] =                            \
-            moe_bf16x8_to_f32(LOAD8(w[j], kk));                                                    \
-        _Pragma("unroll") for (int i = 0; i < MOE_SK_ROWS; ++i) {                                  \
-          float8 xv = moe_bf16x8_to_f32(LOAD8(x[i], kk));                                          \
-          _Pragma("unroll") for (int j = 0; j < MOE_SK_COLS; ++j) acc[i][j] +=                     \
-              xv.lo * wv[j].lo + xv.hi * wv[j].hi;                                                 \
+      float acc[ROWS][COLS];                                                                       \
+      for (int i = 0; i < ROWS; ++i)                                                               \
+        for (int j = 0; j < COLS; ++j)                                                             \
+          acc[i][j] = 0.0f;                                                                        \
+      for (int kk = lid * 8; kk < k_main; kk += WG * 8 * UNROLL) {                                 \
+        ushort8 wv[UNROLL][COLS];                                                                  \
+        _Pragma("unroll") for (int u = 0; u < UNROLL; ++u)                                         \
+            _Pragma("unroll") for (int j = 0; j < COLS; ++j) wv[u][j] =                            \
+                LOAD8(w[j], kk + u * WG * 8);                                                      \
+        _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                                       \
+          _Pragma("unroll") for (int i = 0; i < ROWS; ++i) {                                       \
+            const float8 xv = moe_bf16x8_to_f32(LOAD8(x[i], kk + u * WG * 8));                     \
+            _Pragma("unroll") for (int j = 0; j < COLS; ++j) {                                     \
+              const float8 p = xv * moe_bf16x8_to_f32(wv[u][j]);                                   \
+              acc[i][j] += ((p.s0 + p.s1) + (p.s2 + p.s3)) + ((p.s4 + p.s5) + (p.s6 + p.s7));      \
+            }                                                                                      \
+          }                                                                                        \
         }                                                                                          \
       }                                                                                            \
-      for (int kk = k8 + lid; kk < k; kk += MOE_SK_WG)                                             \
-        for (int i = 0; i < MOE_SK_ROWS; ++i)                                                      \
-          for (int j = 0; j < MOE_SK_COLS; ++j)                                                    \
-            acc[i][j].s0 += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);             \
-      for (int i = 0; i < MOE_SK_ROWS; ++i)                                                        \
-        for (int j = 0; j < MOE_SK_COLS; ++j)                                                      \
-          partial[i * MOE_SK_COLS + j][lid] =                                                      \
-              (acc[i][j].s0 + acc[i][j].s1) + (acc[i][j].s2 + acc[i][j].s3);                       \
+      /* The rest of K, 8 at a time, then one by one. */                                           \
+      const int k8 = k / 8 * 8;                                                                    \
+      for (int kk = k_main + lid * 8; kk < k8; kk += WG * 8)                                       \
+        for (int i = 0; i < ROWS; ++i) {                                                           \
+          const float8 xv = moe_bf16x8_to_f32(LOAD8(x[i], kk));                                    \
+          for (int j = 0; j < COLS; ++j) {                                                         \
+            const float8 p = xv * moe_bf16x8_to_f32(LOAD8(w[j], kk));                              \
+            acc[i][j] += ((p.s0 + p.s1) + (p.s2 + p.s3)) + ((p.s4 + p.s5) + (p.s6 + p.s7));        \
+          }                                                                                        \
+        }                                                                                          \
+      for (int kk = k8 + lid; kk < k; kk += WG)                                                    \
+        for (int i = 0; i < ROWS; ++i)                                                             \
+          for (int j = 0; j < COLS; ++j)                                                           \
+            acc[i][j] += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[j][kk]);                \
+      for (int i = 0; i < ROWS; ++i)                                                               \
+        for (int j = 0; j < COLS; ++j)                                                             \
+          partial[i * COLS + j][lid] = acc[i][j];                                                  \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
-      for (int stride = MOE_SK_WG / 2; stride > 0; stride /= 2) {                                  \
-        if (lid < stride)                                                                          \
-          for (int q = 0; q < MOE_SK_ROWS * MOE_SK_COLS; ++q)                                      \
-            partial[q][lid] += partial[q][lid + stride];                                           \
-        barrier(CLK_LOCAL_MEM_FENCE);                                                              \
+      /* Level 1: work-item q*G + g sums lanes g*16 .. g*16+15 of output q. */                     \
+      for (int t = lid; t < ROWS * COLS * (WG / 16); t += WG) {                                    \
+        const int q = t / (WG / 16), g = t % (WG / 16);                                            \
+        float sum = 0.0f;                                                                          \
+        for (int l = 0; l < 16; ++l)                                                               \
+          sum += partial[q][g * 16 + l];                                                           \
+        partial[q][g * 16] = sum; /* only this work-item reads lane g*16 of q again */             \
       }                                                                                            \
-      if (lid < MOE_SK_ROWS * MOE_SK_COLS) {                                                       \
-        const int i = lid / MOE_SK_COLS, col = col0 + lid % MOE_SK_COLS;                           \
+      barrier(CLK_LOCAL_MEM_FENCE);                                                                \
+      for (int q = lid; q < ROWS * COLS; q += WG) {                                                \
+        const int i = q / COLS, col = col0 + q % COLS;                                             \
+        float sum = 0.0f;                                                                          \
+        for (int g = 0; g < WG / 16; ++g)                                                          \
+          sum += partial[q][g * 16];                                                               \
         int s = slot[0];                                                                           \
-        for (int q = 1; q < MOE_SK_ROWS; ++q)                                                      \
-          if (q == i) s = slot[q];                                                                 \
+        for (int r = 1; r < ROWS; ++r)                                                             \
+          if (r == i) s = slot[r];                                                                 \
         if (s < num_slots && col < n)                                                              \
-          c[(long)s * n + col] = moe_bf16_from_float(moe_gemm_epilogue(                            \
-              partial[lid][0], s, col, expert, n, bias, topk_weights, routed_mode));               \
+          c[(long)s * n + col] = moe_bf16_from_float(                                              \
+              moe_gemm_epilogue(sum, s, col, expert, n, bias, topk_weights, routed_mode));         \
       }                                                                                            \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
     }                                                                                              \
   }
 
-MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_aligned, MOE_LOAD8_ALIGNED)
-MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_any, MOE_LOAD8_ANY)
+/* Variants chosen by the host (opencl_backend.c): WG, COLS, ROWS, UNROLL. */
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_any, MOE_LOAD8_ANY, 64, 4, 4, 1)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_64x4x4, MOE_LOAD8_ALIGNED, 64, 4, 4, 1)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_256x4x4u2, MOE_LOAD8_ALIGNED, 256, 4, 4, 2)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_128x4x8, MOE_LOAD8_ALIGNED, 128, 4, 8, 1)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_128x8x4u2, MOE_LOAD8_ALIGNED, 128, 8, 4, 2)
 
 /* ------------------------------------------------------------------------ */
 /* Tiled kernel (prefill)                                                   */

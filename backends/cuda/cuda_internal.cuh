@@ -18,6 +18,7 @@ struct cuda_state {
   cudaStream_t stream;
   bool owns_stream;
   int sm_count;
+  bool pdl; /* programmatic dependent launch (Hopper; MOE_CUDA_PDL=0 turns it off) */
 };
 
 /* Maps a CUDA error to a status and a message naming what failed. */
@@ -26,6 +27,48 @@ moe_status cuda_status(cudaError_t err, const char *what);
 /* Checks the launch that was just queued. */
 static inline moe_status cuda_launch_status(const char *kernel) {
   return cuda_status(cudaGetLastError(), kernel);
+}
+
+/*
+ * Queues kernel<<<grid, block, smem, st's stream>>>(args...). A dependent
+ * launch (Hopper) may start before the previous kernel on the stream ends:
+ * its CTAs get resident during the previous kernel's tail and wait in
+ * cuda_grid_dependency_wait() until that kernel has finished and its
+ * writes are visible. Every kernel launched this way calls the wait before
+ * touching global memory, so the order of results is that of a plain
+ * launch; only the launch latency is hidden.
+ */
+template <typename... Params, typename... Args>
+static inline cudaError_t cuda_launch(const cuda_state *st, bool dependent,
+                                      void (*kernel)(Params...), dim3 grid, dim3 block, size_t smem,
+                                      Args... args) {
+  cudaLaunchConfig_t config = {};
+  config.gridDim = grid;
+  config.blockDim = block;
+  config.dynamicSmemBytes = smem;
+  config.stream = st->stream;
+  cudaLaunchAttribute attribute[1];
+  attribute[0].id = cudaLaunchAttributeProgrammaticStreamSerialization;
+  attribute[0].val.programmaticStreamSerializationAllowed = 1;
+  config.attrs = attribute;
+  config.numAttrs = dependent && st->pdl ? 1 : 0;
+  return cudaLaunchKernelEx(&config, kernel, args...);
+}
+
+/* In a dependent kernel: waits for the previous kernel (a no-op when the
+ * launch was plain). */
+__device__ __forceinline__ void cuda_grid_dependency_wait() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+
+/* Lets the next dependent kernel get scheduled once every CTA of this one
+ * has called it (or exited). */
+__device__ __forceinline__ void cuda_allow_dependents() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+  asm volatile("griddepcontrol.launch_dependents;\n" ::);
+#endif
 }
 
 #define CUDA_TRY(expr)                                                                             \

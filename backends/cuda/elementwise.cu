@@ -65,6 +65,8 @@ __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t sl
 /* Each thread owns VEC consecutive columns of one token and sums its k
  * slots in ascending j, in fp32: the same order every run. */
 template <int VEC> __global__ void topk_reduce_kernel(const reduce_params p) {
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
   const int64_t units = (p.hidden + VEC - 1) / VEC;
   const int64_t total = p.num_tokens * units;
   for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;

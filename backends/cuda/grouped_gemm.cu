@@ -122,7 +122,7 @@ static const tile_rule tile_rules[] = {
     {16, TILE_16x64},
     {40, TILE_32x64},
     {96, TILE_64x128},
-    {INT64_MAX, TILE_128x128},
+    {INT64_MAX, TILE_128x128k64},
 };
 
 /* ---- epilogue helpers -------------------------------------------------- */
@@ -153,6 +153,8 @@ __global__ void __launch_bounds__(T::THREADS)
   bf16 *const b_smem = a_smem + STAGES * A_STAGE;
   __shared__ int64_t a_row[BM];  /* element offset of the row in a, or -1 */
   __shared__ int32_t c_slot[BM]; /* slot written by the row, or -1 */
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
 
   /* Grouped raster: GROUP_M row tiles share each column tile in turn. */
   constexpr int GROUP_M = 8;
@@ -294,6 +296,8 @@ __global__ void __launch_bounds__(T::THREADS)
 /* One CTA per sorted position, threads over output columns: plain fp32
  * dot products, any shape, any layout, any alignment. */
 __global__ void gemm_reference_kernel(const cuda_gemm g) {
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
   const int64_t p = blockIdx.x;
   if (p >= *g.num_tokens_post_padded) return;
   const int32_t slot = g.sorted_token_ids[p];
@@ -353,21 +357,21 @@ static moe_status launch_tile(const cuda_state *st, const cuda_gemm *g, int64_t 
     return moe_set_error(MOE_ERROR_UNSUPPORTED, "grouped GEMM grid of %lld tiles is too large",
                          (long long)ctas);
   const dim3 grid((unsigned)ctas), block(T::THREADS);
+  const int m = (int)m_tiles, n = (int)n_tiles;
+  cudaError_t err;
   if (g->b_kn) {
     if (g->epilogue == CUDA_EPILOGUE_GLU)
       return moe_set_error(MOE_ERROR_INTERNAL, "GLU epilogue needs OUT_IN weights");
-    gemm_mma_kernel<T, true, CUDA_EPILOGUE_STORE>
-        <<<grid, block, T::template smem_bytes<true>(), st->stream>>>(*g, (int)m_tiles,
-                                                                      (int)n_tiles);
+    err = cuda_launch(st, true, gemm_mma_kernel<T, true, CUDA_EPILOGUE_STORE>, grid, block,
+                      T::template smem_bytes<true>(), *g, m, n);
   } else if (g->epilogue == CUDA_EPILOGUE_GLU) {
-    gemm_mma_kernel<T, false, CUDA_EPILOGUE_GLU>
-        <<<grid, block, T::template smem_bytes<false>(), st->stream>>>(*g, (int)m_tiles,
-                                                                       (int)n_tiles);
+    err = cuda_launch(st, true, gemm_mma_kernel<T, false, CUDA_EPILOGUE_GLU>, grid, block,
+                      T::template smem_bytes<false>(), *g, m, n);
   } else {
-    gemm_mma_kernel<T, false, CUDA_EPILOGUE_STORE>
-        <<<grid, block, T::template smem_bytes<false>(), st->stream>>>(*g, (int)m_tiles,
-                                                                       (int)n_tiles);
+    err = cuda_launch(st, true, gemm_mma_kernel<T, false, CUDA_EPILOGUE_STORE>, grid, block,
+                      T::template smem_bytes<false>(), *g, m, n);
   }
+  if (err != cudaSuccess) return cuda_status(err, "gemm_mma_kernel launch");
   return cuda_launch_status("gemm_mma_kernel");
 }
 
@@ -400,10 +404,14 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
       id = rule.id;
       break;
     }
-  /* Decode: when BN = 64 would not give every SM two CTAs, halve BN. */
+  /* Decode: the widest tile that still gives every SM two CTAs (BN = 128
+   * streamed 13% faster than 64 for Mixtral at 16 tokens on an H200). */
   if (id == TILE_16x64) {
-    const int64_t ctas = touched * ((n + 63) / 64);
-    if (ctas < 2 * (int64_t)st->sm_count) id = TILE_16x32;
+    const int64_t enough = 2 * (int64_t)st->sm_count;
+    if (touched * ((n + 127) / 128) >= enough)
+      id = TILE_16x128;
+    else if (touched * ((n + 63) / 64) < enough)
+      id = TILE_16x32;
   }
   return id;
 }
@@ -449,6 +457,9 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
   if (rows > INT_MAX)
     return moe_set_error(MOE_ERROR_UNSUPPORTED, "grouped GEMM of %lld rows is too large",
                          (long long)rows);
-  gemm_reference_kernel<<<dim3((unsigned)rows, (unsigned)col_blocks), threads, 0, st->stream>>>(*g);
+  const cudaError_t err =
+      cuda_launch(st, true, gemm_reference_kernel, dim3((unsigned)rows, (unsigned)col_blocks),
+                  dim3(threads), 0, *g);
+  if (err != cudaSuccess) return cuda_status(err, "gemm_reference_kernel launch");
   return cuda_launch_status("gemm_reference_kernel");
 }

@@ -330,6 +330,7 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
   extern __shared__ float staged_logits[];
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
+  cuda_allow_dependents(); /* GEMM1 may get resident; it waits for us */
 
   if (do_route) {
     const float *src = logits;
@@ -404,6 +405,7 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
 /* Step 3: one warp per chunk places its slots from the chunk's starts. */
 __global__ void align_place_kernel(align_params p, int64_t chunk, const int32_t *starts) {
   __shared__ int64_t cursor[MOE_MAX_EXPERTS];
+  cuda_allow_dependents(); /* GEMM1 may get resident; it waits for us */
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x)
     cursor[e] = starts[(int64_t)blockIdx.x * p.num_local + e];
   __syncthreads();

@@ -29,11 +29,12 @@
 #define VECS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
 /* MR (<= 12) rows x 1 panel: 2*MR accumulators, the panel's two vectors
- * widened once per k-pair and reused by every row. */
-static inline __attribute__((always_inline)) void tile_rows_1panel(const int MR, int64_t kpairs,
-                                                                   const float *a,
-                                                                   const uint16_t *b, float *c,
-                                                                   int64_t ldc, int accumulate) {
+ * widened once per k-pair and reused by every row. While it computes, it
+ * prefetches the next panel (into L2) at the same pace, so that the first
+ * tile of a K block streams weights from DRAM under the FMAs. */
+static inline __attribute__((always_inline)) void
+tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
+                 int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
 #define DECLARE(r)                                                                                 \
   __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
@@ -44,6 +45,9 @@ static inline __attribute__((always_inline)) void tile_rows_1panel(const int MR,
   ROWS_12(DECLARE)
 #undef DECLARE
   for (int64_t kp = 0; kp < kpairs; ++kp) {
+    const uint16_t *next = b + panel_stride + kp * CPU_PANEL_PAIR;
+    _mm_prefetch((const char *)next, _MM_HINT_T1);
+    _mm_prefetch((const char *)(next + 32), _MM_HINT_T1);
     const __m512i w_lo = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR));
     const __m512i w_hi = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR + 32));
     const __m512 odd_lo = _mm512_castsi512_ps(_mm512_and_si512(w_lo, odd_mask));
@@ -127,7 +131,7 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
   static void tile_##MR##x##NP(int64_t kpairs, const float *a, const uint16_t *b,                  \
                                int64_t panel_stride, float *c, int64_t ldc, int accumulate) {      \
     if (NP == 1)                                                                                   \
-      tile_rows_1panel(MR, kpairs, a, b, c, ldc, accumulate);                                      \
+      tile_rows_1panel(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                        \
     else                                                                                           \
       tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                       \
   }

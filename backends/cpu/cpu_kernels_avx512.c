@@ -7,8 +7,8 @@
  * Register blocking: MR rows x NP panels, each panel two zmm of 16 columns,
  * so MR*2*NP accumulators stay in registers. Per k-pair the kernel loads
  * each panel's two vectors once, splits them into the odd-k (mask) and
- * even-k (shift) fp32 vectors, and feeds every row with a broadcast of its
- * packed fp32 A value (an FMA memory operand). Prefill uses 12 rows x 1
+ * even-k (shift) fp32 vectors, and feeds every row with a broadcast load
+ * of its packed fp32 A value. Prefill uses 12 rows x 1
  * panel (24 FMAs per 4 conversions); decode (<= 3 rows) uses 4 panels, so
  * that at least 8 independent accumulators hide the FMA latency while the
  * weights stream through. The order of the FMAs into each accumulator is

@@ -6,11 +6,23 @@
  */
 #include "harness.h"
 
+#if defined(__SANITIZE_ADDRESS__)
+#define TH_LEAK_CHECK 1
+#elif defined(__has_feature)
+#if __has_feature(address_sanitizer)
+#define TH_LEAK_CHECK 1
+#endif
+#endif
+#ifdef TH_LEAK_CHECK
+#include <sanitizer/lsan_interface.h>
+#endif
+
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <unistd.h>
 
 /* ---- Backend under test --------------------------------------------------- */
 
@@ -66,6 +78,23 @@ moe_context *th_cpu_ctx(void) {
   if (moe_context_backend(th_ctx()) == MOE_BACKEND_CPU) return NULL;
   if (!cpu_ctx) cpu_ctx = create_context(MOE_BACKEND_CPU);
   return cpu_ctx;
+}
+
+void th_suite_fini(void) {
+  destroy_contexts();
+#ifdef TH_LEAK_CHECK
+  /* LeakSanitizer's own check runs after Criterion has recorded the
+   * result, and an assertion in .fini does not fail the test either: end
+   * the worker, so that Criterion reports the test as crashed. */
+  if (__lsan_do_recoverable_leak_check() != 0) {
+    fprintf(stderr,
+            "moe_tests: the test leaked memory (LeakSanitizer's report above)\n"
+            "    reproduce: %s\n",
+            th_repro());
+    fflush(stderr);
+    _exit(70);
+  }
+#endif
 }
 
 const char *th_backend_name(void) {
@@ -519,20 +548,43 @@ static bool filtered_out(const struct criterion_test_stats *stats) {
          (stats->message && strcmp(stats->message, "Test is disabled") == 0);
 }
 
+/* Tests that finished their body but not their teardown: a worker that
+ * ends in th_suite_fini (a leak) has no POST_FINI event, and Criterion
+ * counts it as passed; main() fails the run for it. */
+#define TH_MAX_TESTS 1024
+static const struct criterion_test *teardown_pending[TH_MAX_TESTS];
+static size_t teardown_pending_count, teardown_failures;
+
 ReportHook(POST_TEST)(struct criterion_test_stats *stats) {
-  if (stats->test_status != CR_STATUS_SKIPPED || filtered_out(stats)) return;
+  if (filtered_out(stats)) return;
+  if (teardown_pending_count < TH_MAX_TESTS)
+    teardown_pending[teardown_pending_count++] = stats->test;
+  if (stats->test_status != CR_STATUS_SKIPPED) return;
   ++skipped_count;
   printf("[SKIP] %s::%s: %s\n", stats->test->category, stats->test->name,
          stats->message ? stats->message : "(no reason given)");
   fflush(stdout);
 }
 
+ReportHook(POST_FINI)(struct criterion_test_stats *stats) {
+  for (size_t i = 0; i < teardown_pending_count; ++i)
+    if (teardown_pending[i] == stats->test) teardown_pending[i] = NULL;
+}
+
 ReportHook(POST_ALL)(struct criterion_global_stats *stats) {
+  for (size_t i = 0; i < teardown_pending_count; ++i)
+    if (teardown_pending[i]) {
+      ++teardown_failures;
+      printf("[FAIL] %s::%s: the test ended in its teardown (under AddressSanitizer: a leak, "
+             "see the report above)\n",
+             teardown_pending[i]->category, teardown_pending[i]->name);
+    }
   const char *name = "?";
   moe_backend backend;
   th_backend_from_env(&backend, &name);
   printf("moe_tests (%s): %zu passed, %zu failed, %zu crashed, %zu skipped\n", name,
-         stats->tests_passed, stats->tests_failed, stats->tests_crashed, skipped_count);
+         stats->tests_passed - teardown_failures, stats->tests_failed + teardown_failures,
+         stats->tests_crashed, skipped_count);
   fflush(stdout);
 }
 
@@ -565,6 +617,7 @@ __attribute__((visibility("default"))) int main(int argc, char *argv[]) {
   struct criterion_test_set *tests = criterion_initialize();
   int result = 0;
   if (criterion_handle_args(argc, argv, true)) result = !criterion_run_all_tests(tests);
+  if (teardown_failures) result = 1;
   criterion_finalize(tests);
   return result;
 }

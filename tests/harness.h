@@ -33,6 +33,9 @@ moe_context *th_other_ctx(void);
 /* A CPU context to compare results with, or NULL when the CPU backend is
  * the one under test. */
 moe_context *th_cpu_ctx(void);
+/* Runs after every test (each suite's .fini): destroys the contexts and,
+ * in an AddressSanitizer build, fails the test if it leaked anything. */
+void th_suite_fini(void);
 /* "cpu", "cuda" or "opencl". */
 const char *th_backend_name(void);
 

@@ -5,6 +5,8 @@
  */
 #include "harness.h"
 
+TestSuite(activation, .fini = th_suite_fini);
+
 #include <math.h>
 #include <stdlib.h>
 

@@ -6,6 +6,8 @@
  */
 #include "harness.h"
 
+TestSuite(align, .fini = th_suite_fini);
+
 #include <stdlib.h>
 #include <string.h>
 

@@ -15,6 +15,8 @@
  */
 #include "harness.h"
 
+TestSuite(errors, .fini = th_suite_fini);
+
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>

@@ -7,6 +7,8 @@
  */
 #include "harness.h"
 
+TestSuite(gemm, .fini = th_suite_fini);
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

@@ -13,6 +13,8 @@
  */
 #include "harness.h"
 
+TestSuite(huge, .fini = th_suite_fini);
+
 #include <stdlib.h>
 #include <string.h>
 

@@ -9,6 +9,8 @@
  */
 #include "harness.h"
 
+TestSuite(layer, .fini = th_suite_fini);
+
 #include <math.h>
 #include <stdio.h>
 #include <stdlib.h>

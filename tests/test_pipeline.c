@@ -6,6 +6,8 @@
  */
 #include "harness.h"
 
+TestSuite(pipeline, .fini = th_suite_fini);
+
 #include <stdlib.h>
 
 static void pipeline_case(const th_layer_spec *spec, int32_t block_m) {

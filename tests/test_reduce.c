@@ -6,6 +6,8 @@
  */
 #include "harness.h"
 
+TestSuite(reduce, .fini = th_suite_fini);
+
 #include <math.h>
 #include <stdlib.h>
 

@@ -6,9 +6,10 @@
  */
 #include "harness.h"
 
-TestSuite(pipeline, .fini = th_suite_fini);
-
 #include <stdlib.h>
+
+/* Every test ends by releasing its contexts; leaks fail it (ASan builds). */
+TestSuite(pipeline, .fini = th_suite_fini);
 
 static void pipeline_case(const th_layer_spec *spec, int32_t block_m) {
   th_layer_data d;

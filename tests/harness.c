@@ -359,6 +359,15 @@ void th_check_route(const moe_config *cfg, int64_t num_tokens, const float *logi
     for (int32_t j = 0; j < k; ++j)
       seen[row_ids[j]] = false;
     if (!same) {
+      /* Keys that are the logits themselves involve no rounding at all. */
+      const bool exact_keys =
+          !correction_bias &&
+          !(cfg->num_groups > 1 && cfg->group_scoring == MOE_GROUP_SCORING_TOP2_SUM);
+      for (int32_t j = 0; j < k; ++j)
+        TH_ASSERT(!exact_keys || row_ids[j] == ref_ids[j],
+                  "token %lld: topk_ids[%d] = %d, reference %d (the keys are the logits: no "
+                  "rounding can excuse it)",
+                  (long long)t, (int)j, (int)row_ids[j], (int)ref_ids[j]);
       for (int32_t j = 0; j < k; ++j)
         TH_ASSERT(near_tie(keys[row_ids[j]], keys[ref_ids[j]]),
                   "token %lld: topk_ids[%d] = %d (key %.9g), reference %d (key %.9g)", (long long)t,

@@ -12,10 +12,11 @@
  */
 #include "opencl_internal.h"
 
+#include <stdint.h>
 #include <stdlib.h>
 #include <string.h>
 
-#define MOE_OCL_SKINNY_MAX_ROWS 16
+#define MOE_OCL_SKINNY_MAX_ROWS 32
 #define MOE_OCL_TILE128_MIN_ROWS 512
 
 #define TRY(expr)                                                                                  \
@@ -181,36 +182,41 @@ static moe_status ocl_align(void *state, const moe_align_args *al) {
 
 typedef enum gemm_kernel { GEMM_REFERENCE, GEMM_SKINNY, GEMM_TILED_64, GEMM_TILED_128 } gemm_kernel;
 
-/* The skinny variants (kernels/grouped_gemm.cl): work-group size and
- * output columns per work-group. The first is the default for rows of
- * 16-byte aligned length; "any" serves every other K. */
+/* The skinny variants (kernels/grouped_gemm.cl): work-group size, output
+ * columns and rows per pass, and the average rows per expert up to which
+ * each is the default (measured: bench/opencl_notes.md). "any" serves the
+ * K that are not a multiple of 8 (rows not 16-byte aligned). */
 typedef struct skinny_variant {
   const char *name; /* for MOE_OPENCL_SKINNY */
   moe_ocl_kernel_id id;
   int work_group, cols;
+  int64_t max_rows; /* default up to this many rows per expert */
 } skinny_variant;
 
 static const skinny_variant skinny_variants[] = {
-    {"64x4x4", MOE_OCL_GEMM_SKINNY_64X4X4, 64, 4},
-    {"256x4x4u2", MOE_OCL_GEMM_SKINNY_256X4X4U2, 256, 4},
-    {"128x4x8", MOE_OCL_GEMM_SKINNY_128X4X8, 128, 4},
-    {"128x8x4u2", MOE_OCL_GEMM_SKINNY_128X8X4U2, 128, 8},
+    {"64x4x1u2", MOE_OCL_GEMM_SKINNY_64X4X1U2, 64, 4, 1},
+    {"64x4x4", MOE_OCL_GEMM_SKINNY_64X4X4, 64, 4, 6},
+    {"64x4x4u2", MOE_OCL_GEMM_SKINNY_64X4X4U2, 64, 4, 0},
+    {"64x8x4", MOE_OCL_GEMM_SKINNY_64X8X4, 64, 8, 0},
+    {"128x4x8", MOE_OCL_GEMM_SKINNY_128X4X8, 128, 4, INT64_MAX},
 };
-static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4};
+static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4, 0};
 
-static const skinny_variant *choose_skinny(int64_t k) {
+static const skinny_variant *choose_skinny(int64_t k, int64_t rows) {
   if (k % 8 != 0) return &skinny_any;
+  const size_t count = sizeof skinny_variants / sizeof skinny_variants[0];
   const char *name = getenv("MOE_OPENCL_SKINNY");
-  for (size_t i = 0; name && i < sizeof skinny_variants / sizeof skinny_variants[0]; ++i)
+  for (size_t i = 0; name && i < count; ++i)
     if (strcmp(name, skinny_variants[i].name) == 0) return &skinny_variants[i];
-  return &skinny_variants[0];
+  for (size_t i = 0; i < count; ++i)
+    if (rows <= skinny_variants[i].max_rows) return &skinny_variants[i];
+  return &skinny_variants[count - 1];
 }
 
 static int64_t skinny_max_rows(void) {
   const char *text = getenv("MOE_OPENCL_SKINNY_MAX_ROWS");
   return text && *text ? strtoll(text, NULL, 10) : MOE_OCL_SKINNY_MAX_ROWS;
 }
-
 /* The kernel for a GEMM: by the average rows per expert, within what the
  * layout and block_m allow (the tiles need block_m % TM == 0). */
 static gemm_kernel choose_gemm(const moe_gemm_desc *d) {
@@ -230,7 +236,7 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
   size_t global[2], local[2];
   switch (kind) {
   case GEMM_SKINNY: {
-    const skinny_variant *v = choose_skinny(d->k);
+    const skinny_variant *v = choose_skinny(d->k, d->num_tokens * d->top_k / d->num_local_experts);
     id = v->id;
     local[0] = (size_t)v->work_group;
     local[1] = 1;

@@ -72,6 +72,23 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
 #define MOE_LOAD8_ALIGNED(p, i) (*(__global const ushort8 *)((p) + (i)))
 #define MOE_LOAD8_ANY(p, i) vload8(0, (p) + (i))
 
+/* acc + dot(x, w) of 8 bf16 pairs packed in uint4s: the even elements are
+ * the low halves (shifted up), the odd ones the high halves (masked), one
+ * integer operation per element and one FMA per pair. */
+inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
+  const float4 xe = as_float4(x << 16), xo = as_float4(x & 0xffff0000u);
+  const float4 we = as_float4(w << 16), wo = as_float4(w & 0xffff0000u);
+  acc += xe.s0 * we.s0;
+  acc += xo.s0 * wo.s0;
+  acc += xe.s1 * we.s1;
+  acc += xo.s1 * wo.s1;
+  acc += xe.s2 * we.s2;
+  acc += xo.s2 * wo.s2;
+  acc += xe.s3 * we.s3;
+  acc += xo.s3 * wo.s3;
+  return acc;
+}
+
 /*
  * WG work-items split K; each owns COLS x ROWS fp32 sums. A pass over K
  * reads UNROLL 8-element chunks per column per step (chunk u of step kk at
@@ -115,17 +132,15 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
         for (int j = 0; j < COLS; ++j)                                                             \
           acc[i][j] = 0.0f;                                                                        \
       for (int kk = lid * 8; kk < k_main; kk += WG * 8 * UNROLL) {                                 \
-        ushort8 wv[UNROLL][COLS];                                                                  \
+        uint4 wv[UNROLL][COLS];                                                                    \
         _Pragma("unroll") for (int u = 0; u < UNROLL; ++u)                                         \
             _Pragma("unroll") for (int j = 0; j < COLS; ++j) wv[u][j] =                            \
-                LOAD8(w[j], kk + u * WG * 8);                                                      \
+                as_uint4(LOAD8(w[j], kk + u * WG * 8));                                            \
         _Pragma("unroll") for (int u = 0; u < UNROLL; ++u) {                                       \
           _Pragma("unroll") for (int i = 0; i < ROWS; ++i) {                                       \
-            const float8 xv = moe_bf16x8_to_f32(LOAD8(x[i], kk + u * WG * 8));                     \
-            _Pragma("unroll") for (int j = 0; j < COLS; ++j) {                                     \
-              const float8 p = xv * moe_bf16x8_to_f32(wv[u][j]);                                   \
-              acc[i][j] += ((p.s0 + p.s1) + (p.s2 + p.s3)) + ((p.s4 + p.s5) + (p.s6 + p.s7));      \
-            }                                                                                      \
+            const uint4 xv = as_uint4(LOAD8(x[i], kk + u * WG * 8));                               \
+            _Pragma("unroll") for (int j = 0; j < COLS; ++j) acc[i][j] =                           \
+                moe_dot8_bf16(xv, wv[u][j], acc[i][j]);                                            \
           }                                                                                        \
         }                                                                                          \
       }                                                                                            \
@@ -174,10 +189,11 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
 
 /* Variants chosen by the host (opencl_backend.c): WG, COLS, ROWS, UNROLL. */
 MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_any, MOE_LOAD8_ANY, 64, 4, 4, 1)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_64x4x1u2, MOE_LOAD8_ALIGNED, 64, 4, 1, 2)
 MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_64x4x4, MOE_LOAD8_ALIGNED, 64, 4, 4, 1)
-MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_256x4x4u2, MOE_LOAD8_ALIGNED, 256, 4, 4, 2)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_64x4x4u2, MOE_LOAD8_ALIGNED, 64, 4, 4, 2)
+MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_64x8x4, MOE_LOAD8_ALIGNED, 64, 8, 4, 1)
 MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_128x4x8, MOE_LOAD8_ALIGNED, 128, 4, 8, 1)
-MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_128x8x4u2, MOE_LOAD8_ALIGNED, 128, 8, 4, 2)
 
 /* ------------------------------------------------------------------------ */
 /* Tiled kernel (prefill)                                                   */

@@ -98,6 +98,7 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
   X(16x128, 16, 128, 64, 1, 8, 4)      /* decode, 8 warps */                                       \
   X(16x32k256, 16, 32, 256, 1, 2, 3)   /* decode, long rows per stage */                           \
   X(32x64, 32, 64, 64, 1, 4, 4)        /* small batches */                                         \
+  X(32x128, 32, 128, 64, 2, 4, 4)      /* small batches, streams B */                              \
   X(64x128, 64, 128, 64, 2, 4, 3)      /* medium */                                                \
   X(128x128, 128, 128, 32, 2, 4, 4)    /* prefill */                                               \
   X(128x128k64, 128, 128, 64, 2, 4, 3) /* prefill, fewer barriers */                               \

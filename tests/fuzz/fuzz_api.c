@@ -206,8 +206,8 @@ static bool break_config(fuzz_input *in, moe_config *cfg) {
   case 12:
     cfg->num_local_experts = (int32_t)(pick % 2 ? -1 : MOE_MAX_EXPERTS + 1);
     return false;
-  case 13:
-    cfg->activation = (moe_activation)bad_enum[pick % 6];
+  case 13: /* bad_enum without 2, a valid activation */
+    cfg->activation = (moe_activation)(bad_enum[pick % 6] == 2 ? 3 : bad_enum[pick % 6]);
     return false;
   case 14:
     cfg->activation = MOE_ACTIVATION_SWIGLU_CLAMP;

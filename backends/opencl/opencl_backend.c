@@ -16,7 +16,7 @@
 #include <stdlib.h>
 #include <string.h>
 
-#define MOE_OCL_SKINNY_MAX_ROWS 32
+#define MOE_OCL_SKINNY_MAX_ROWS 64
 #define MOE_OCL_TILE128_MIN_ROWS 512
 
 #define TRY(expr)                                                                                  \
@@ -182,35 +182,47 @@ static moe_status ocl_align(void *state, const moe_align_args *al) {
 
 typedef enum gemm_kernel { GEMM_REFERENCE, GEMM_SKINNY, GEMM_TILED_64, GEMM_TILED_128 } gemm_kernel;
 
-/* The skinny variants (kernels/grouped_gemm.cl): work-group size, output
- * columns and rows per pass, and the average rows per expert up to which
- * each is the default (measured: bench/opencl_notes.md). "any" serves the
- * K that are not a multiple of 8 (rows not 16-byte aligned). */
+/* The skinny variants (kernels/grouped_gemm.cl): "WGxCOLSxROWS[uUNROLL]"
+ * names work-group size, output columns and rows per pass, and K chunks in
+ * flight. "any" serves the K that are not a multiple of 8. */
 typedef struct skinny_variant {
   const char *name; /* for MOE_OPENCL_SKINNY */
   moe_ocl_kernel_id id;
   int work_group, cols;
-  int64_t max_rows; /* default up to this many rows per expert */
 } skinny_variant;
 
-static const skinny_variant skinny_variants[] = {
-    {"64x4x1u2", MOE_OCL_GEMM_SKINNY_64X4X1U2, 64, 4, 1},
-    {"64x4x4", MOE_OCL_GEMM_SKINNY_64X4X4, 64, 4, 6},
-    {"64x4x4u2", MOE_OCL_GEMM_SKINNY_64X4X4U2, 64, 4, 0},
-    {"64x8x4", MOE_OCL_GEMM_SKINNY_64X8X4, 64, 8, 0},
-    {"128x4x8", MOE_OCL_GEMM_SKINNY_128X4X8, 128, 4, INT64_MAX},
+enum { SKINNY_4X1U2, SKINNY_4X4, SKINNY_4X4U2, SKINNY_8X4, SKINNY_128_4X8, SKINNY_COUNT };
+static const skinny_variant skinny_variants[SKINNY_COUNT] = {
+    [SKINNY_4X1U2] = {"64x4x1u2", MOE_OCL_GEMM_SKINNY_64X4X1U2, 64, 4},
+    [SKINNY_4X4] = {"64x4x4", MOE_OCL_GEMM_SKINNY_64X4X4, 64, 4},
+    [SKINNY_4X4U2] = {"64x4x4u2", MOE_OCL_GEMM_SKINNY_64X4X4U2, 64, 4},
+    [SKINNY_8X4] = {"64x8x4", MOE_OCL_GEMM_SKINNY_64X8X4, 64, 8},
+    [SKINNY_128_4X8] = {"128x4x8", MOE_OCL_GEMM_SKINNY_128X4X8, 128, 4},
 };
-static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4, 0};
+static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4};
 
-static const skinny_variant *choose_skinny(int64_t k, int64_t rows) {
-  if (k % 8 != 0) return &skinny_any;
-  const size_t count = sizeof skinny_variants / sizeof skinny_variants[0];
+/* The default by average rows per expert, and by shape: "wide" GEMMs
+ * (n > 4k, as Mixtral's GEMM1) prefer fewer columns per work-group. Chosen
+ * from the per-stage profile on an H200 (bench/opencl_notes.md). */
+static const struct {
+  int64_t max_rows;
+  int wide, narrow;
+} skinny_table[] = {
+    {1, SKINNY_4X1U2, SKINNY_4X1U2},
+    {6, SKINNY_4X4, SKINNY_8X4},
+    {INT64_MAX, SKINNY_4X4U2, SKINNY_128_4X8},
+};
+
+static const skinny_variant *choose_skinny(const moe_gemm_desc *d) {
+  if (d->k % 8 != 0) return &skinny_any;
   const char *name = getenv("MOE_OPENCL_SKINNY");
-  for (size_t i = 0; name && i < count; ++i)
+  for (int i = 0; name && i < SKINNY_COUNT; ++i)
     if (strcmp(name, skinny_variants[i].name) == 0) return &skinny_variants[i];
-  for (size_t i = 0; i < count; ++i)
-    if (rows <= skinny_variants[i].max_rows) return &skinny_variants[i];
-  return &skinny_variants[count - 1];
+  const int64_t rows = d->num_tokens * d->top_k / d->num_local_experts;
+  size_t row = 0;
+  while (rows > skinny_table[row].max_rows)
+    ++row;
+  return &skinny_variants[d->n > 4 * d->k ? skinny_table[row].wide : skinny_table[row].narrow];
 }
 
 static int64_t skinny_max_rows(void) {
@@ -236,7 +248,7 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
   size_t global[2], local[2];
   switch (kind) {
   case GEMM_SKINNY: {
-    const skinny_variant *v = choose_skinny(d->k, d->num_tokens * d->top_k / d->num_local_experts);
+    const skinny_variant *v = choose_skinny(d);
     id = v->id;
     local[0] = (size_t)v->work_group;
     local[1] = 1;

@@ -119,9 +119,15 @@ struct tile_rule {
   int64_t max_rows_per_expert;
   tile_id id;
 };
+/* From the H200 sweeps (bench/cuda_notes.md): 16-row tiles while experts
+ * rarely get more than 16 rows (else the weights stream twice), 32x128 up to
+ * 20 rows per expert (mixtral 64 tokens: 853 vs 1106 us), 32x64 around 24
+ * (ernie 256 tokens), 64x128 from 32 (gpt-oss 256 tokens: 613 vs 695 us),
+ * 128x128 when prefill is compute-bound. */
 static const tile_rule tile_rules[] = {
-    {16, TILE_16x64},
-    {40, TILE_32x64},
+    {10, TILE_16x64},
+    {20, TILE_32x128},
+    {28, TILE_32x64},
     {96, TILE_64x128},
     {INT64_MAX, TILE_128x128k64},
 };

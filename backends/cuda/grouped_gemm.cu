@@ -25,8 +25,11 @@
  * Needs n, k, and the row strides to be multiples of 8 elements and the
  * pointers 16-byte aligned; otherwise the reference kernel runs.
  *
- * Tile choice is data: tile_rules below maps rows per expert to a tile, and
- * a narrower tile is taken when the grid would not fill the GPU twice.
+ * Tile choice is data: tile_rules below maps rows per expert to a tile (the
+ * H200 sweeps behind it are in bench/cuda_notes.md); for 16-row tiles the
+ * widest BN that still gives every SM two CTAs is taken. MOE_CUDA_TILE=<name>
+ * forces one tile, so that a sweep can rerun without rebuilding.
+ * Not here yet: the sm_90a path (wgmma fed by TMA) that prefill needs.
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"
@@ -405,7 +408,7 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
   if (forced != TILE_COUNT) return forced;
   const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
   const int64_t rows_per_expert = (slots + touched - 1) / (touched > 0 ? touched : 1);
-  tile_id id = TILE_128x128;
+  tile_id id = TILE_128x128k64;
   for (const tile_rule &rule : tile_rules)
     if (rows_per_expert <= rule.max_rows_per_expert) {
       id = rule.id;

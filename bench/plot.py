@@ -71,40 +71,48 @@ def main():
                 print(markdown(json.load(f)) + "\n")
         return
 
-    fig, ax = plt.subplots(figsize=(11, 6.5))
-    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
-    styles = ["-", "--", ":", "-."]
-    markers = ["o", "s", "^", "D", "v"]
-    model_color, run_style = {}, {}
-    drawn = 0
+    runs = []
     for path in args.json:
         with open(path) as f:
-            run = json.load(f)
-        # One colour per model, one line style and marker per run (backend,
-        # kernels, device), so the same model on two devices is easy to compare.
-        key = (run.get("backend"), run.get("kernels"), run.get("device"), path)
-        run_index = run_style.setdefault(key, len(run_style))
+            runs.append(json.load(f))
+    # One panel per run (backend, kernels, device), one colour per model in
+    # every panel, so models compare within a panel and devices across them.
+    cols = 1 if len(runs) == 1 else 2
+    rows = (len(runs) + cols - 1) // cols
+    fig, axes = plt.subplots(rows, cols, figsize=(7 * cols, 4.2 * rows), sharey=True,
+                             squeeze=False)
+    colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
+    model_color, handles = {}, {}
+    drawn = 0
+    for ax, run in zip(axes.flat, runs):
+        title = None
         for model, label, tokens, percent in series_of(run):
             color = colors[model_color.setdefault(model, len(model_color)) % len(colors)]
-            ax.plot(tokens, percent, color=color, linestyle=styles[run_index % len(styles)],
-                    marker=markers[run_index % len(markers)], label=label)
+            (line,) = ax.plot(tokens, percent, color=color, marker="o", label=model)
+            handles.setdefault(model, line)
+            title = label.split(" - ", 1)[1]
             drawn += 1
+        threads = f", {run['threads']} threads" if run.get("threads") else ""
+        ax.set_title((title or run.get("device", "?")) + threads, fontsize="medium")
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
+        ax.set_xlabel("tokens per forward")
+        ax.axhline(100, color="gray", linewidth=0.8, linestyle="--")
+        ax.grid(True, which="both", alpha=0.3)
+    for ax in axes.flat[len(runs):]:
+        ax.set_visible(False)
     if not drawn:
         sys.exit("plot.py: no rows with rooflines in " + ", ".join(args.json))
-
-    ax.set_xscale("log", base=2)
-    ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}"))
-    ax.set_xlabel("tokens per forward")
-    ax.set_ylabel("% of roofline  (max(bytes/read BW, flops/peak) / measured)")
-    ax.set_ylim(bottom=0)
-    ax.axhline(100, color="gray", linewidth=0.8, linestyle="--")
-    ax.grid(True, which="both", alpha=0.3)
-    ax.set_title(args.title)
-    ax.legend(fontsize="small", loc="best")
-    fig.tight_layout()
-    fig.savefig(args.output, dpi=120)
-    print(f"plot.py: wrote {args.output} ({drawn} series)")
-
+    for ax in axes[:, 0]:
+        ax.set_ylabel("% of roofline")
+        ax.set_ylim(bottom=0)
+    fig.suptitle(f"{args.title}  (roofline = max(bytes / read BW, flops / peak), "
+                 "measured in the same run)")
+    fig.legend(handles.values(), handles.keys(), loc="lower center", ncol=len(handles),
+               fontsize="small")
+    fig.tight_layout(rect=(0, 0.04, 1, 0.97))
+    fig.savefig(args.output, dpi=110)
+    print(f"plot.py: wrote {args.output} ({drawn} series in {len(runs)} panels)")
 
 if __name__ == "__main__":
     main()

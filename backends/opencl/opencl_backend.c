@@ -8,7 +8,9 @@
  * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
  * skinny kernel while the average rows per expert T*k/EL is at most
  * MOE_OCL_SKINNY_MAX_ROWS (env MOE_OPENCL_SKINNY_MAX_ROWS overrides), the
- * 128x128 tile from MOE_OCL_TILE128_MIN_ROWS on, else the 64x64 tile.
+ * 128x128 tile from MOE_OCL_TILE128_MIN_ROWS on, else the 64x64 tile. On
+ * CPU devices the row kernel serves every [out][in] GEMM. MOE_OPENCL_SKINNY
+ * forces a skinny variant by name (also on CPU devices, for tests).
  */
 #include "opencl_internal.h"
 
@@ -180,7 +182,13 @@ static moe_status ocl_align(void *state, const moe_align_args *al) {
   return launch(s, &a, 1, global, local, "align kernel");
 }
 
-typedef enum gemm_kernel { GEMM_REFERENCE, GEMM_SKINNY, GEMM_TILED_64, GEMM_TILED_128 } gemm_kernel;
+typedef enum gemm_kernel {
+  GEMM_REFERENCE,
+  GEMM_SKINNY,
+  GEMM_ROWS_CPU,
+  GEMM_TILED_64,
+  GEMM_TILED_128
+} gemm_kernel;
 
 /* The skinny variants (kernels/grouped_gemm.cl): "WGxCOLSxROWS[uUNROLL]"
  * names work-group size, output columns and rows per pass, and K chunks in
@@ -231,9 +239,12 @@ static int64_t skinny_max_rows(void) {
 }
 /* The kernel for a GEMM: by the average rows per expert, within what the
  * layout and block_m allow (the tiles need block_m % TM == 0). */
-static gemm_kernel choose_gemm(const moe_gemm_desc *d) {
+static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
   const int64_t rows = d->num_tokens * d->top_k / d->num_local_experts;
   const int out_in = d->b_layout == MOE_WEIGHT_LAYOUT_OUT_IN;
+  /* CPU devices: the barrier-free row kernel, whatever the rows (measured
+   * on PoCL: bench/opencl_notes.md). */
+  if (out_in && !s->is_gpu && !getenv("MOE_OPENCL_SKINNY")) return GEMM_ROWS_CPU;
   if (out_in && rows <= skinny_max_rows()) return GEMM_SKINNY;
   if (d->block_m % 128 == 0 && rows >= MOE_OCL_TILE128_MIN_ROWS) return GEMM_TILED_128;
   if (d->block_m % 64 == 0) return GEMM_TILED_64;
@@ -243,7 +254,7 @@ static gemm_kernel choose_gemm(const moe_gemm_desc *d) {
 static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
   const moe_gemm_desc *d = &g->desc;
   const int64_t num_slots = d->num_tokens * d->top_k;
-  const gemm_kernel kind = choose_gemm(d);
+  const gemm_kernel kind = choose_gemm(s, d);
   moe_ocl_kernel_id id;
   size_t global[2], local[2];
   switch (kind) {
@@ -257,6 +268,13 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
     global[1] = (size_t)(g->block_capacity < num_slots ? g->block_capacity : num_slots);
     break;
   }
+  case GEMM_ROWS_CPU:
+    id = MOE_OCL_GEMM_ROWS_CPU;
+    local[0] = 16;
+    local[1] = 1;
+    global[0] = (size_t)d->n;
+    global[1] = (size_t)(g->block_capacity < num_slots ? g->block_capacity : num_slots);
+    break;
   case GEMM_TILED_64:
   case GEMM_TILED_128: {
     const int64_t tile = kind == GEMM_TILED_64 ? 64 : 128;
@@ -283,7 +301,8 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
   arg_int(&a, d->k);
   arg_int(&a, d->block_m);
   arg_int(&a, d->routed_weight);
-  if (kind != GEMM_SKINNY) arg_int(&a, d->b_layout == MOE_WEIGHT_LAYOUT_IN_OUT);
+  if (kind != GEMM_SKINNY && kind != GEMM_ROWS_CPU)
+    arg_int(&a, d->b_layout == MOE_WEIGHT_LAYOUT_IN_OUT);
   arg_mem(&a, g->a);
   arg_mem(&a, g->b);
   arg_mem(&a, g->bias);

@@ -37,6 +37,7 @@ static const char *const kernel_names[MOE_OCL_KERNEL_COUNT] = {
     [MOE_OCL_GEMM_SKINNY_64X4X4U2] = "moe_gemm_skinny_64x4x4u2",
     [MOE_OCL_GEMM_SKINNY_64X8X4] = "moe_gemm_skinny_64x8x4",
     [MOE_OCL_GEMM_SKINNY_128X4X8] = "moe_gemm_skinny_128x4x8",
+    [MOE_OCL_GEMM_ROWS_CPU] = "moe_gemm_rows_cpu",
     [MOE_OCL_GEMM_TILED_64] = "moe_gemm_tiled_64x64",
     [MOE_OCL_GEMM_TILED_128] = "moe_gemm_tiled_128x128",
     [MOE_OCL_ACTIVATION] = "moe_activation",

@@ -196,6 +196,64 @@ MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_64x8x4, MOE_LOAD8_ALIGNED, 64, 8, 4, 1)
 MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_128x4x8, MOE_LOAD8_ALIGNED, 128, 4, 8, 1)
 
 /* ------------------------------------------------------------------------ */
+/* Row kernel for CPU devices                                               */
+/* ------------------------------------------------------------------------ */
+
+/*
+ * moe_gemm_rows_cpu: for CPU OpenCL devices (PoCL), where a work-group is a
+ * task and barriers split it into loops. No local memory, no barriers: a
+ * work-item owns one output column of one block and streams its weight row
+ * ([out][in]) over all of K with 8-wide loads, MOE_CPU_ROWS rows of A at a
+ * time, so a row of weights is reused from the core's cache.
+ */
+#define MOE_CPU_ROWS 4
+
+__kernel void moe_gemm_rows_cpu(int num_slots, int top_k, int per_slot_input, int n, int k,
+                                int block_m, int routed_mode, __global const ushort *a,
+                                __global const ushort *b, __global const float *bias,
+                                __global const int *sorted_token_ids,
+                                __global const int *expert_ids,
+                                __global const int *num_tokens_post_padded,
+                                __global const float *topk_weights, __global ushort *c) {
+  const int col = get_global_id(0), block = get_global_id(1);
+  const int block_start = block * block_m;
+  if (col >= n || block_start >= *num_tokens_post_padded) return;
+  const int expert = expert_ids[block];
+  if (expert < 0) return;
+  __global const ushort *w = b + ((long)expert * n + col) * k;
+  const int k8 = k / 8 * 8;
+  for (int r0 = 0; r0 < block_m; r0 += MOE_CPU_ROWS) {
+    int slot[MOE_CPU_ROWS];
+    __global const ushort *x[MOE_CPU_ROWS];
+    int any_real = 0;
+    for (int i = 0; i < MOE_CPU_ROWS; ++i) {
+      slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;
+      const int real = slot[i] < num_slots;
+      any_real |= real;
+      x[i] = a + (real ? moe_gemm_a_row(slot[i], top_k, per_slot_input) : 0) * k;
+    }
+    if (!any_real) continue;
+    float8 acc[MOE_CPU_ROWS];
+    for (int i = 0; i < MOE_CPU_ROWS; ++i)
+      acc[i] = (float8)(0.0f);
+    for (int kk = 0; kk < k8; kk += 8) {
+      const float8 wv = moe_bf16x8_to_f32(vload8(0, w + kk));
+      for (int i = 0; i < MOE_CPU_ROWS; ++i)
+        acc[i] += moe_bf16x8_to_f32(vload8(0, x[i] + kk)) * wv;
+    }
+    for (int i = 0; i < MOE_CPU_ROWS; ++i) {
+      if (slot[i] >= num_slots) continue;
+      const float8 v = acc[i];
+      float sum = ((v.s0 + v.s1) + (v.s2 + v.s3)) + ((v.s4 + v.s5) + (v.s6 + v.s7));
+      for (int kk = k8; kk < k; ++kk)
+        sum += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[kk]);
+      c[(long)slot[i] * n + col] = moe_bf16_from_float(
+          moe_gemm_epilogue(sum, slot[i], col, expert, n, bias, topk_weights, routed_mode));
+    }
+  }
+}
+
+/* ------------------------------------------------------------------------ */
 /* Tiled kernel (prefill)                                                   */
 /* ------------------------------------------------------------------------ */
 

@@ -197,11 +197,15 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
         cpu_pack_b_panel(&pb->b_source, raw, panel0 + p, kp0, kpairs, b_group + p * panel_stride);
       b = b_group;
     }
+    /* Packed weights: the group's first panel in the next K block follows
+     * this block's slice of it. */
+    const uint16_t *next_block =
+        pb->b_packed && kp0 + kpairs < kpairs_total ? b + kpairs * CPU_PANEL_PAIR : NULL;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       pack_a(pb, slots + r0, tr, kp0, kpairs, a_tile);
       pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c_tile + (int64_t)r0 * C_TILE_LD,
-                     C_TILE_LD, kp0 > 0);
+                     C_TILE_LD, kp0 > 0, next_block);
     }
   }
   apply_epilogue(&pb->epi, run->expert, slots, rows, panel0, panels, c_tile);

@@ -26,6 +26,10 @@
  * (<= CPU_GROUP_PANELS) and j < 32,
  *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
+ * prefetch_after (may be NULL) is where the caller reads weights next; a
+ * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
+ * prefetch_after (may be NULL) is where the caller reads weights next; a
+ * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
  *
  * Reduction order (the determinism contract): every C element has ONE
  * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair
@@ -57,7 +61,8 @@ typedef enum cpu_a_format {
 } cpu_a_format;
 
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
-                            int64_t panel_stride, float *c, int64_t ldc, int accumulate);
+                            int64_t panel_stride, float *c, int64_t ldc, int accumulate,
+                            const uint16_t *prefetch_after);
 
 /* One kernel path: how A is packed for it and its tile kernel. */
 typedef struct cpu_kernel_path {

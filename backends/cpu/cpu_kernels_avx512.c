@@ -30,11 +30,12 @@
 
 /* MR (<= 12) rows x 1 panel: 2*MR accumulators, the panel's two vectors
  * widened once per k-pair and reused by every row. While it computes, it
- * prefetches the next panel (into L2) at the same pace, so that the first
- * tile of a K block streams weights from DRAM under the FMAs. */
+ * prefetches the weights the caller reads next (the next panel, or the
+ * next K block) into L2 at the same pace, so that the first tile of a K
+ * block streams weights from DRAM under the FMAs. */
 static inline __attribute__((always_inline)) void
 tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
-                 int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
+                 const uint16_t *next_panel, float *c, int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
 #define DECLARE(r)                                                                                 \
   __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
@@ -45,7 +46,7 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
   ROWS_12(DECLARE)
 #undef DECLARE
   for (int64_t kp = 0; kp < kpairs; ++kp) {
-    const uint16_t *next = b + panel_stride + kp * CPU_PANEL_PAIR;
+    const uint16_t *next = next_panel + kp * CPU_PANEL_PAIR;
     _mm_prefetch((const char *)next, _MM_HINT_T1);
     _mm_prefetch((const char *)(next + 32), _MM_HINT_T1);
     const __m512i w_lo = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR));
@@ -127,51 +128,58 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
 #undef STORE_RV
 }
 
-#define DEFINE_TILE(MR, NP)                                                                        \
-  static void tile_##MR##x##NP(int64_t kpairs, const float *a, const uint16_t *b,                  \
-                               int64_t panel_stride, float *c, int64_t ldc, int accumulate) {      \
-    if (NP == 1)                                                                                   \
-      tile_rows_1panel(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                        \
-    else                                                                                           \
-      tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                       \
+#define DEFINE_ONE_PANEL(MR)                                                                       \
+  static void tile_##MR##x1(int64_t kpairs, const float *a, const uint16_t *b,                     \
+                            const uint16_t *next, float *c, int64_t ldc, int accumulate) {         \
+    tile_rows_1panel(MR, kpairs, a, b, next, c, ldc, accumulate);                                  \
+  }
+#define DEFINE_FOUR_PANELS(MR)                                                                     \
+  static void tile_##MR##x4(int64_t kpairs, const float *a, const uint16_t *b,                     \
+                            int64_t panel_stride, float *c, int64_t ldc, int accumulate) {         \
+    tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                         \
   }
 
-typedef void (*fixed_tile_fn)(int64_t, const float *, const uint16_t *, int64_t, float *, int64_t,
-                              int);
+typedef void (*one_panel_fn)(int64_t, const float *, const uint16_t *, const uint16_t *, float *,
+                             int64_t, int);
+typedef void (*four_panels_fn)(int64_t, const float *, const uint16_t *, int64_t, float *, int64_t,
+                               int);
 
-DEFINE_TILE(1, 1)
-DEFINE_TILE(2, 1)
-DEFINE_TILE(3, 1)
-DEFINE_TILE(4, 1)
-DEFINE_TILE(5, 1)
-DEFINE_TILE(6, 1)
-DEFINE_TILE(7, 1)
-DEFINE_TILE(8, 1)
-DEFINE_TILE(9, 1)
-DEFINE_TILE(10, 1)
-DEFINE_TILE(11, 1)
-DEFINE_TILE(12, 1)
-DEFINE_TILE(1, 4)
-DEFINE_TILE(2, 4)
-DEFINE_TILE(3, 4)
+DEFINE_ONE_PANEL(1)
+DEFINE_ONE_PANEL(2)
+DEFINE_ONE_PANEL(3)
+DEFINE_ONE_PANEL(4)
+DEFINE_ONE_PANEL(5)
+DEFINE_ONE_PANEL(6)
+DEFINE_ONE_PANEL(7)
+DEFINE_ONE_PANEL(8)
+DEFINE_ONE_PANEL(9)
+DEFINE_ONE_PANEL(10)
+DEFINE_ONE_PANEL(11)
+DEFINE_ONE_PANEL(12)
+DEFINE_FOUR_PANELS(1)
+DEFINE_FOUR_PANELS(2)
+DEFINE_FOUR_PANELS(3)
 
-static const fixed_tile_fn one_panel[CPU_MR_MAX + 1] = {
+static const one_panel_fn one_panel[CPU_MR_MAX + 1] = {
     NULL,     tile_1x1, tile_2x1, tile_3x1,  tile_4x1,  tile_5x1, tile_6x1,
     tile_7x1, tile_8x1, tile_9x1, tile_10x1, tile_11x1, tile_12x1};
-static const fixed_tile_fn four_panels[4] = {NULL, tile_1x4, tile_2x4, tile_3x4};
+static const four_panels_fn four_panels[4] = {NULL, tile_1x4, tile_2x4, tile_3x4};
 
 static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                         const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                        int accumulate) {
+                        int accumulate, const uint16_t *prefetch_after) {
   const float *a = a_packed;
   int p = 0;
   if (rows <= 3)
     for (; p + 4 <= panels; p += 4)
       four_panels[rows](kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc,
                         accumulate);
-  for (; p < panels; ++p)
-    one_panel[rows](kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc,
-                    accumulate);
+  for (; p < panels; ++p) {
+    const uint16_t *panel = b + p * panel_stride;
+    const uint16_t *next =
+        p + 1 < panels ? panel + panel_stride : (prefetch_after ? prefetch_after : panel);
+    one_panel[rows](kpairs, a, panel, next, c + p * CPU_PANEL_COLS, ldc, accumulate);
+  }
 }
 
 const cpu_kernel_path cpu_path_avx512 = {

@@ -84,7 +84,8 @@ static const fixed_tile_fn four_panels[4] = {NULL, tile_1x4, tile_2x4, tile_3x4}
 
 static void avx512bf16_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                             const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                            int accumulate) {
+                            int accumulate, const uint16_t *prefetch_after) {
+  (void)prefetch_after;
   const uint32_t *a = a_packed;
   int p = 0;
   if (rows <= 3)

@@ -27,6 +27,7 @@
 
 #define MAX_TOKEN_COUNTS 64
 #define MAX_ROWS 1024
+#define MAX_MODELS 16
 
 static const int64_t cpu_tokens[] = {1, 16, 512};
 static const int64_t gpu_tokens[] = {1, 4, 16, 64, 256, 1024, 4096, 16384};
@@ -34,7 +35,8 @@ static const int64_t gpu_tokens[] = {1, 4, 16, 64, 256, 1024, 4096, 16384};
 typedef struct bench_options {
   moe_backend backend;
   int device;
-  const char *model; /* a name, "all", or NULL: qwen3-30b-a3b or custom */
+  int model_index[MAX_MODELS]; /* indices into the model table */
+  int model_count;             /* 0: qwen3-30b-a3b, or custom with sizes given */
   int64_t hidden, intermediate;
   int32_t experts, top_k; /* 0: the model's own */
   int64_t tokens[MAX_TOKEN_COUNTS];
@@ -51,7 +53,7 @@ static void usage(FILE *out) {
                "  --backend auto|cpu|cuda|opencl  backend (default auto: $MOE_BACKEND, else CUDA,\n"
                "                                  else an OpenCL GPU, else the CPU)\n"
                "  --device N                      device index within the backend (default 0)\n"
-               "  --model NAME|all                a named shape (default qwen3-30b-a3b):\n");
+               "  --model NAME[,NAME...]|all      named shapes (default qwen3-30b-a3b):\n");
   for (int i = 0; i < bench_model_count(); ++i) {
     const moe_config *c = &bench_model_at(i)->cfg;
     fprintf(out, "                                    %-18s H=%lld I=%lld E=%d k=%d\n",
@@ -96,6 +98,28 @@ static bool parse_tokens(const char *s, bench_options *o) {
   return ok && o->token_count > 0;
 }
 
+/* "all", or a comma-separated list of model names. */
+static bool parse_models(const char *s, bench_options *o) {
+  o->model_count = 0;
+  if (strcmp(s, "all") == 0) {
+    for (int i = 0; i < bench_model_count(); ++i)
+      o->model_index[o->model_count++] = i;
+    return true;
+  }
+  char *copy = strdup(s), *save = NULL;
+  bool ok = copy != NULL;
+  for (char *name = copy ? strtok_r(copy, ",", &save) : NULL; ok && name;
+       name = strtok_r(NULL, ",", &save)) {
+    int found = -1;
+    for (int i = 0; i < bench_model_count(); ++i)
+      if (strcmp(bench_model_at(i)->name, name) == 0) found = i;
+    ok = found >= 0 && o->model_count < MAX_MODELS;
+    if (ok) o->model_index[o->model_count++] = found;
+  }
+  free(copy);
+  return ok && o->model_count > 0;
+}
+
 /* Returns 0 to run, 1 after --help, 2 on a bad option (message printed). */
 static int parse_options(int argc, char **argv, bench_options *o) {
   *o = (bench_options){.backend = MOE_BACKEND_AUTO, .warmup = -1, .flush = true, .seed = 1};
@@ -127,8 +151,7 @@ static int parse_options(int argc, char **argv, bench_options *o) {
       ok = parse_int64(value, 0, &v) && v <= 1024;
       o->device = (int)v;
     } else if (strcmp(arg, "--model") == 0) {
-      ok = strcmp(value, "all") == 0 || bench_model_find(value) != NULL;
-      o->model = value;
+      ok = parse_models(value, o);
     } else if (strcmp(arg, "--hidden") == 0) {
       ok = parse_int64(value, 1, &o->hidden);
     } else if (strcmp(arg, "--intermediate") == 0) {
@@ -165,22 +188,18 @@ static int parse_options(int argc, char **argv, bench_options *o) {
   return 0;
 }
 
-/* The models to run: one named, all, or custom sizes over a base model. */
+/* The models to run: those named, or custom sizes over a base model. */
 static int select_models(const bench_options *o, bench_model *models) {
   const bool resized = o->hidden || o->intermediate || o->experts || o->top_k;
   int count = 0;
-  if (o->model && strcmp(o->model, "all") == 0) {
-    for (int i = 0; i < bench_model_count(); ++i)
-      models[count++] = *bench_model_at(i);
-  } else if (o->model) {
-    models[count++] = *bench_model_find(o->model);
-  } else if (resized) {
-    const moe_config *q = &bench_model_find("qwen3-30b-a3b")->cfg;
-    models[count++] =
-        bench_model_custom(q->hidden_size, q->intermediate_size, q->num_experts, q->top_k);
-  } else {
-    models[count++] = *bench_model_find("qwen3-30b-a3b");
-  }
+  for (int i = 0; i < o->model_count; ++i)
+    models[count++] = *bench_model_at(o->model_index[i]);
+  const bench_model *qwen3 = bench_model_find("qwen3-30b-a3b");
+  if (count == 0 && resized)
+    models[count++] = bench_model_custom(qwen3->cfg.hidden_size, qwen3->cfg.intermediate_size,
+                                         qwen3->cfg.num_experts, qwen3->cfg.top_k);
+  else if (count == 0)
+    models[count++] = *qwen3;
   for (int i = 0; i < count && resized; ++i) {
     moe_config *c = &models[i].cfg;
     if (o->hidden) c->hidden_size = o->hidden;
@@ -566,7 +585,7 @@ int main(int argc, char **argv) {
                          : (int)(sizeof gpu_tokens / sizeof gpu_tokens[0]);
   }
 
-  bench_model models[16];
+  bench_model models[MAX_MODELS];
   const int model_count = select_models(&opt, models);
   static bench_row rows[MAX_ROWS];
   int row_count = 0, failures = 0;

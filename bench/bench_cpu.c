@@ -258,8 +258,8 @@ int bench_cpu_rooflines(size_t array_bytes, bench_rooflines *r, char *read_what,
   const double seconds = 0.1; /* per run */
   const char *what;
   double flops;
-  char both[64];
 #ifdef BENCH_X86
+  char both[64];
   if (have_avx512bf16()) {
     /* Both, and the faster is the peak: some CPUs (Sapphire Rapids) issue
      * vdpbf16ps at half the FMA rate, so kernels may prefer fp32 FMA. */

@@ -77,7 +77,7 @@ typedef enum fuzz_buffer_mode {
 
 /* Buffers are capped so that a huge shape cannot exhaust memory; a shape
  * that needs more gets a capped, hence too small, buffer. */
-#define FUZZ_MAX_BUFFER_BYTES ((size_t)1 << 20)
+#define FUZZ_MAX_BUFFER_BYTES ((size_t)4 << 20) /* > align capacity at the maxima */
 
 typedef struct fuzz_buffer {
   moe_buffer *buffer; /* NULL in mode NULL */

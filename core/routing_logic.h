@@ -108,6 +108,19 @@ MOE_RL_FN float moe_rl_key(const MOE_RL_GLOBAL float *logits, const MOE_RL_GLOBA
   return moe_rl_score(l, row, p) + (p->has_bias ? bias[e] : 0.0f);
 }
 
+/* The last step of routing: weights[k] hold the chosen experts' scores,
+ * summing to sum; renormalize when asked, then scale. (Also called by
+ * device kernels that pick the experts in parallel.) */
+MOE_RL_FN void moe_rl_finish_weights(MOE_RL_GLOBAL float *weights, float sum,
+                                     const moe_rl_params *p) {
+  /* Divide first: score / sum is at most 1, so the product stays finite,
+   * whereas scaling / sum overflows for a large scaling or a sum of tiny
+   * sigmoid scores (then inf, or NaN for a zero score). */
+  int renormalize = p->renormalize && sum > 0.0f;
+  for (int j = 0; j < p->top_k; ++j)
+    weights[j] = (renormalize ? weights[j] / sum : weights[j]) * p->scaling;
+}
+
 /*
  * Routes one token: reads logits[E] (and bias[E] when p->has_bias), writes
  * ids[k] and weights[k] in rank order.
@@ -175,12 +188,7 @@ MOE_RL_FN void moe_rl_route_token(const MOE_RL_GLOBAL float *logits,
     sum += w;
   }
 
-  /* Divide first: score / sum is at most 1, so the product stays finite,
-   * whereas scaling / sum overflows for a large scaling or a sum of tiny
-   * sigmoid scores (then inf, or NaN for a zero score). */
-  int renormalize = p->renormalize && sum > 0.0f;
-  for (int j = 0; j < p->top_k; ++j)
-    weights[j] = (renormalize ? weights[j] / sum : weights[j]) * p->scaling;
+  moe_rl_finish_weights(weights, sum, p);
 }
 
 #endif /* MOE_ROUTING_LOGIC_H */

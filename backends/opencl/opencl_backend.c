@@ -20,6 +20,7 @@
 
 #define MOE_OCL_SKINNY_MAX_ROWS 64
 #define MOE_OCL_TILE128_MIN_ROWS 512
+#define MOE_OCL_ROUTE_PARALLEL_MIN_EXPERTS 32
 
 #define TRY(expr)                                                                                  \
   do {                                                                                             \
@@ -146,7 +147,10 @@ static moe_status ocl_buffer_read(void *state, const void *handle, size_t offset
 
 static moe_status ocl_route(void *state, const moe_route_args *r) {
   moe_ocl_state *s = state;
-  kernel_args a = args_begin(s, MOE_OCL_ROUTE);
+  /* A work-group per token where there are many experts and no groups
+   * (grouped routing stays on the serial shared routine). */
+  const int parallel = r->num_groups <= 1 && r->num_experts >= MOE_OCL_ROUTE_PARALLEL_MIN_EXPERTS;
+  kernel_args a = args_begin(s, parallel ? MOE_OCL_ROUTE_PARALLEL : MOE_OCL_ROUTE);
   arg_int(&a, r->num_tokens);
   arg_mem(&a, r->logits);
   arg_mem(&a, r->correction_bias);
@@ -160,7 +164,8 @@ static moe_status ocl_route(void *state, const moe_route_args *r) {
   arg_int(&a, r->topk_groups);
   arg_int(&a, r->group_scoring == MOE_GROUP_SCORING_TOP2_SUM);
   arg_float(&a, r->routed_scaling_factor);
-  const size_t global[1] = {(size_t)r->num_tokens}, local[1] = {64};
+  const size_t local[1] = {parallel ? 128 : 64};
+  const size_t global[1] = {(size_t)r->num_tokens * (parallel ? 128 : 1)};
   return launch(s, &a, 1, global, local, "route kernel");
 }
 

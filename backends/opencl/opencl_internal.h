@@ -13,6 +13,7 @@
 /* The kernels of the one program every context builds. */
 typedef enum moe_ocl_kernel_id {
   MOE_OCL_ROUTE,
+  MOE_OCL_ROUTE_PARALLEL,
   MOE_OCL_ALIGN,
   MOE_OCL_GEMM_REFERENCE,
   MOE_OCL_GEMM_SKINNY_ANY,

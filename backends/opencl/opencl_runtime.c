@@ -29,6 +29,7 @@ static const char build_options[] = "";
 
 static const char *const kernel_names[MOE_OCL_KERNEL_COUNT] = {
     [MOE_OCL_ROUTE] = "moe_route",
+    [MOE_OCL_ROUTE_PARALLEL] = "moe_route_parallel",
     [MOE_OCL_ALIGN] = "moe_align",
     [MOE_OCL_GEMM_REFERENCE] = "moe_gemm_reference",
     [MOE_OCL_GEMM_SKINNY_ANY] = "moe_gemm_skinny_any",

@@ -4,6 +4,7 @@
  *
  * moe_route: one work-item per token runs moe_rl_route_token, the rule of
  * core/routing_logic.h (embedded above this file), exactly as the core does.
+ * moe_route_parallel: the same rule, one work-group per token (ungrouped).
  *
  * moe_align: one work-group of MOE_ALIGN_WG work-items writes the bytes of
  * moe_align_host (core/align.c): a counting sort whose runs keep ascending
@@ -33,6 +34,93 @@ __kernel void moe_route(int num_tokens, __global const float *restrict logits,
   p.scaling = routed_scaling_factor;
   moe_rl_route_token(logits + (long)t * num_experts, correction_bias, &p,
                      topk_ids + (long)t * top_k, topk_weights + (long)t * top_k);
+}
+
+#define MOE_ROUTE_WG 128
+#define MOE_ROUTE_MAX_EXPERTS 1024 /* MOE_MAX_EXPERTS of moe.h */
+
+/* (key, index) a ranks above b; index -1 means "none" and ranks last. */
+inline int moe_route_above(float ka, int ia, float kb, int ib) {
+  if (ia < 0) return 0;
+  if (ib < 0) return 1;
+  return moe_rl_better(ka, ia, kb, ib);
+}
+
+/*
+ * moe_route_parallel: ungrouped routing with one work-group per token, for
+ * many experts (a single work-item walks k * E keys one after another,
+ * ~240 us for E = 128, k = 8 on an H200). The same rule from the same
+ * shared functions: keys by moe_rl_key, ranks by moe_rl_better (a strict
+ * order, so the j-th pick is the j-th of the order, as in
+ * moe_rl_route_token), weights by moe_rl_score and moe_rl_finish_weights.
+ * Each of the k picks is an argmax over the experts not yet taken: a strided
+ * scan per work-item, then a tree over the work-group.
+ */
+__kernel __attribute__((reqd_work_group_size(MOE_ROUTE_WG, 1, 1))) void
+moe_route_parallel(int num_tokens, __global const float *restrict logits,
+                   __global const float *restrict correction_bias, __global int *topk_ids,
+                   __global float *topk_weights, int num_experts, int top_k, int scoring_sigmoid,
+                   int renormalize, int num_groups, int topk_groups, int group_top2_sum,
+                   float routed_scaling_factor) {
+  __local float keys[MOE_ROUTE_MAX_EXPERTS];
+  __local uchar taken[MOE_ROUTE_MAX_EXPERTS];
+  __local float best_key[MOE_ROUTE_WG];
+  __local int best_index[MOE_ROUTE_WG];
+  const int t = get_group_id(0), lid = get_local_id(0);
+  if (t >= num_tokens) return;
+  moe_rl_params p;
+  p.num_experts = num_experts;
+  p.top_k = top_k;
+  p.scoring_sigmoid = scoring_sigmoid;
+  p.renormalize = renormalize;
+  p.num_groups = num_groups;
+  p.topk_groups = topk_groups;
+  p.group_top2_sum = group_top2_sum;
+  p.has_bias = correction_bias != 0;
+  p.scaling = routed_scaling_factor;
+  __global const float *row_logits = logits + (long)t * num_experts;
+  const moe_rl_row row = moe_rl_row_stats(row_logits, &p);
+  for (int e = lid; e < num_experts; e += MOE_ROUTE_WG) {
+    keys[e] = moe_rl_key(row_logits, correction_bias, e, row, &p);
+    taken[e] = 0;
+  }
+  barrier(CLK_LOCAL_MEM_FENCE);
+  __global int *ids = topk_ids + (long)t * top_k;
+  __global float *weights = topk_weights + (long)t * top_k;
+  for (int j = 0; j < top_k; ++j) {
+    float k_best = 0.0f;
+    int i_best = -1;
+    for (int e = lid; e < num_experts; e += MOE_ROUTE_WG)
+      if (!taken[e] && moe_route_above(keys[e], e, k_best, i_best)) {
+        k_best = keys[e];
+        i_best = e;
+      }
+    best_key[lid] = k_best;
+    best_index[lid] = i_best;
+    barrier(CLK_LOCAL_MEM_FENCE);
+    for (int stride = MOE_ROUTE_WG / 2; stride > 0; stride /= 2) {
+      if (lid < stride && moe_route_above(best_key[lid + stride], best_index[lid + stride],
+                                          best_key[lid], best_index[lid])) {
+        best_key[lid] = best_key[lid + stride];
+        best_index[lid] = best_index[lid + stride];
+      }
+      barrier(CLK_LOCAL_MEM_FENCE);
+    }
+    const int pick = best_index[0];
+    if (lid == 0) {
+      taken[pick] = 1;
+      ids[j] = pick;
+      weights[j] = moe_rl_score(row_logits[pick], row, &p);
+    }
+    barrier(CLK_LOCAL_MEM_FENCE);
+  }
+  if (lid == 0) {
+    /* The sum in pick order, as moe_rl_route_token adds it. */
+    float sum = 0.0f;
+    for (int j = 0; j < top_k; ++j)
+      sum += weights[j];
+    moe_rl_finish_weights(weights, sum, &p);
+  }
 }
 
 #define MOE_ALIGN_WG 256

@@ -94,3 +94,49 @@ Test(opencl_kernels, skinny_variants_match_reference) {
   free(c);
   free(want);
 }
+
+/* The work-group-per-token routing kernel (the GPU default for many
+ * experts), forced on any device, against the float64 reference. */
+Test(opencl_kernels, parallel_route_matches_reference) {
+  const char *backend = getenv("MOE_TEST_BACKEND");
+  if (!backend || strcmp(backend, "opencl") != 0)
+    cr_skip_test("OpenCL kernel variants run only with MOE_TEST_BACKEND=opencl");
+  setenv("MOE_OPENCL_ROUTE", "parallel", 1);
+  moe_context *ctx = th_ctx();
+  enum { T = 37, E = 160, K = 8 };
+  for (int variant = 0; variant < 2; ++variant) {
+    moe_config cfg = th_config(64, 64, E, K);
+    cfg.renormalize = 1;
+    const int with_bias = variant == 1;
+    if (with_bias) {
+      cfg.scoring = MOE_SCORING_SIGMOID;
+      cfg.routed_scaling_factor = 2.5f;
+    }
+    th_case("parallel route T=%d E=%d k=%d %s", T, E, K, with_bias ? "sigmoid+bias" : "softmax");
+    th_rng rng = th_rng_make(0x77 + (uint64_t)variant);
+    float *logits = th_malloc(sizeof(float) * T * E), bias[E];
+    th_fill_f32(&rng, logits, (size_t)T * E, 1.0);
+    th_fill_f32(&rng, bias, E, 0.1);
+    moe_buffer *b_logits = th_upload(ctx, logits, sizeof(float) * T * E);
+    moe_buffer *b_bias = th_upload(ctx, bias, sizeof bias);
+    moe_buffer *b_ids = th_output(ctx, 4 * T * K), *b_weights = th_output(ctx, 4 * T * K);
+    TH_OK(moe_route(ctx, &cfg, T, b_logits, with_bias ? b_bias : NULL, b_ids, b_weights));
+    int32_t ids[T * K], want_ids[T * K];
+    float weights[T * K];
+    double want_weights[T * K];
+    th_download(b_ids, ids, sizeof ids);
+    th_download(b_weights, weights, sizeof weights);
+    th_check_guard(b_ids, sizeof ids, "topk_ids");
+    ref_route(&cfg, T, logits, with_bias ? bias : NULL, want_ids, want_weights);
+    for (int s = 0; s < T * K; ++s) {
+      TH_ASSERT(ids[s] == want_ids[s], "slot %d: id %d, want %d", s, ids[s], want_ids[s]);
+      TH_ASSERT(fabs(weights[s] - want_weights[s]) <= 1e-5 * (1 + fabs(want_weights[s])),
+                "slot %d: weight %g, want %g", s, weights[s], want_weights[s]);
+    }
+    moe_buffer *buffers[] = {b_logits, b_bias, b_ids, b_weights};
+    for (size_t i = 0; i < 4; ++i)
+      moe_buffer_destroy(buffers[i]);
+    free(logits);
+  }
+  unsetenv("MOE_OPENCL_ROUTE");
+}

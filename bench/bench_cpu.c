@@ -1,7 +1,7 @@
 /*
  * bench_cpu.c - CPU rooflines: a DRAM read kernel and a dot-product peak
- * kernel, each on every OpenMP thread, dispatched at run time to the best
- * instruction set the CPU has (AVX-512 BF16, AVX-512F, or plain C).
+ * kernel, each on every OpenMP thread, dispatched at run time on the
+ * instruction sets the CPU has (AVX-512 BF16, AVX-512F, or plain C).
  *
  * The peak kernels keep 16 independent accumulators per thread so that the
  * FMA latency (4 cycles) times the FMA ports (2) is covered with room.

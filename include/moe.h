@@ -102,8 +102,9 @@ typedef struct moe_context moe_context;
  *            CPU backend). OpenCL also honours MOE_OPENCL_PLATFORM and
  *            MOE_OPENCL_DEVICE when device is 0.
  *   ctx:     receives the context; the caller destroys it.
- * The CPU backend honours MOE_CPU_KERNELS=portable|avx512|auto (default
- * auto): "portable" forces the plain C kernels.
+ * The CPU backend honours MOE_CPU_KERNELS=portable|avx512|avx512bf16|auto
+ * (default auto): "portable" forces the plain C kernels; a path the CPU
+ * lacks gives BACKEND_UNAVAILABLE, an unknown value INVALID_ARGUMENT.
  * Errors: NULL_POINTER, INVALID_ARGUMENT (bad enum, device < 0),
  *         BACKEND_UNAVAILABLE (not compiled in, or no such device),
  *         OUT_OF_MEMORY, DEVICE.

@@ -27,7 +27,15 @@ void moe_route_host(const moe_route_args *args) {
   int32_t *ids = args->topk_ids;
   float *weights = args->topk_weights;
   const int64_t E = args->num_experts, k = args->top_k;
-#pragma omp parallel for schedule(static) if (args->num_tokens > 64)
+  /* Small batches stay serial. An explicit branch, not an if() clause: a
+   * serialized parallel region still allocates inside the OpenMP runtime,
+   * and a reserved forward must allocate nothing. */
+  if (args->num_tokens <= 64) {
+    for (int64_t t = 0; t < args->num_tokens; ++t)
+      moe_rl_route_token(logits + t * E, bias, &params, ids + t * k, weights + t * k);
+    return;
+  }
+#pragma omp parallel for schedule(static)
   for (int64_t t = 0; t < args->num_tokens; ++t)
     moe_rl_route_token(logits + t * E, bias, &params, ids + t * k, weights + t * k);
 }

@@ -296,8 +296,9 @@ MOE_API moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const
  * same order as the score, without rounding ties); otherwise it is
  * score + bias. A NaN logit has key NaN and score 0. Softmax treats NaN as
  * -inf; experts with +inf logits share the mass. A row with no logit above
- * -inf (all NaN or -inf) gets all scores 0: it routes to the lowest-index
- * experts with weight 0, so its output is 0. The weights are the scores of
+ * -inf (all NaN or -inf) gets all scores 0: it routes by the same ranking
+ * (without a correction bias and with all logits NaN, or all -inf, that is
+ * experts 0..k-1) with weight 0, so its output is 0. The weights are the scores of
  * the chosen experts (without bias), renormalized when asked (a zero sum is
  * left as is), times routed_scaling_factor.
  * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, BUFFER_TOO_SMALL,

@@ -14,5 +14,8 @@ write_basic_package_version_file(${CMAKE_CURRENT_BINARY_DIR}/moeConfigVersion.cm
   COMPATIBILITY SameMinorVersion)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/moeConfig.cmake
   ${CMAKE_CURRENT_BINARY_DIR}/moeConfigVersion.cmake DESTINATION ${CMAKE_INSTALL_LIBDIR}/cmake/moe)
+# moe.pc finds its prefix from its own location, so `cmake --install
+# --prefix DIR` gives a working file wherever DIR is.
+file(RELATIVE_PATH MOE_PC_TO_PREFIX "/prefix/${CMAKE_INSTALL_LIBDIR}/pkgconfig" "/prefix")
 configure_file(cmake/moe.pc.in ${CMAKE_CURRENT_BINARY_DIR}/moe.pc @ONLY)
 install(FILES ${CMAKE_CURRENT_BINARY_DIR}/moe.pc DESTINATION ${CMAKE_INSTALL_LIBDIR}/pkgconfig)

@@ -50,11 +50,11 @@
 typedef struct moe_rl_params {
   int num_experts;
   int top_k;
-  int scoring_sigmoid;   /* 0: softmax, 1: sigmoid */
+  int scoring_sigmoid; /* 0: softmax, 1: sigmoid */
   int renormalize;
-  int num_groups;        /* >= 1; 1 means not grouped */
+  int num_groups; /* >= 1; 1 means not grouped */
   int topk_groups;
-  int group_top2_sum;    /* 0: MAX, 1: TOP2_SUM */
+  int group_top2_sum; /* 0: MAX, 1: TOP2_SUM */
   int has_bias;
   float scaling;
 } moe_rl_params;
@@ -73,8 +73,7 @@ typedef struct moe_rl_row {
   float inv_sum;
 } moe_rl_row;
 
-MOE_RL_FN moe_rl_row moe_rl_row_stats(const MOE_RL_GLOBAL float *logits,
-                                      const moe_rl_params *p) {
+MOE_RL_FN moe_rl_row moe_rl_row_stats(const MOE_RL_GLOBAL float *logits, const moe_rl_params *p) {
   moe_rl_row row;
   row.max = -INFINITY;
   row.inv_sum = 0.0f;
@@ -108,6 +107,27 @@ MOE_RL_FN float moe_rl_key(const MOE_RL_GLOBAL float *logits, const MOE_RL_GLOBA
   return moe_rl_score(l, row, p) + (p->has_bias ? bias[e] : 0.0f);
 }
 
+/* The score of group g (experts [g*size, (g+1)*size)): its best key (MAX)
+ * or the sum of its best two (TOP2_SUM); NaN when the best key is NaN. */
+MOE_RL_FN float moe_rl_group_key(const MOE_RL_GLOBAL float *logits, const MOE_RL_GLOBAL float *bias,
+                                 int g, int group_size, moe_rl_row row, const moe_rl_params *p) {
+  float best = NAN, second = NAN;
+  int best_e = -1, second_e = -1;
+  for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
+    float key = moe_rl_key(logits, bias, e, row, p);
+    if (best_e < 0 || moe_rl_better(key, e, best, best_e)) {
+      second = best;
+      second_e = best_e;
+      best = key;
+      best_e = e;
+    } else if (second_e < 0 || moe_rl_better(key, e, second, second_e)) {
+      second = key;
+      second_e = e;
+    }
+  }
+  return (p->group_top2_sum && second_e >= 0) ? best + second : best;
+}
+
 /* The last step of routing: weights[k] hold the chosen experts' scores,
  * summing to sum; renormalize when asked, then scale. (Also called by
  * device kernels that pick the experts in parallel.) */
@@ -135,21 +155,7 @@ MOE_RL_FN void moe_rl_route_token(const MOE_RL_GLOBAL float *logits,
   if (p->num_groups > 1) {
     float group_key[MOE_RL_MAX_GROUPS];
     for (int g = 0; g < p->num_groups; ++g) {
-      float best = NAN, second = NAN;
-      int best_e = -1, second_e = -1;
-      for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
-        float key = moe_rl_key(logits, bias, e, row, p);
-        if (best_e < 0 || moe_rl_better(key, e, best, best_e)) {
-          second = best;
-          second_e = best_e;
-          best = key;
-          best_e = e;
-        } else if (second_e < 0 || moe_rl_better(key, e, second, second_e)) {
-          second = key;
-          second_e = e;
-        }
-      }
-      group_key[g] = (p->group_top2_sum && second_e >= 0) ? best + second : best;
+      group_key[g] = moe_rl_group_key(logits, bias, g, group_size, row, p);
       group_allowed[g] = 0;
     }
     for (int pick = 0; pick < p->topk_groups; ++pick) {

@@ -112,21 +112,7 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
       const int g = lane + 32 * h;
       group_key[h] = NAN;
       if (g >= p.num_groups) continue;
-      float best = NAN, second = NAN;
-      int best_e = -1, second_e = -1;
-      for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
-        const float key = moe_rl_key(logits, bias, e, row, &p);
-        if (best_e < 0 || moe_rl_better(key, e, best, best_e)) {
-          second = best;
-          second_e = best_e;
-          best = key;
-          best_e = e;
-        } else if (second_e < 0 || moe_rl_better(key, e, second, second_e)) {
-          second = key;
-          second_e = e;
-        }
-      }
-      group_key[h] = (p.group_top2_sum && second_e >= 0) ? best + second : best;
+      group_key[h] = moe_rl_group_key(logits, bias, g, group_size, row, &p);
     }
     allowed = 0;
     for (int pick = 0; pick < p.topk_groups; ++pick) {

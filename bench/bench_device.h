@@ -17,10 +17,10 @@ extern "C" {
 #endif
 
 typedef struct bench_rooflines {
-  double read_gbps;      /* device read bandwidth, own kernel, GB/s (1e9) */
-  double peak_tflops;    /* dense GEMM rate, TFLOP/s (1e12) */
-  char peak_what[64];    /* what peak_tflops measured, e.g. "cuBLAS BF16 GEMM" */
-  char device[128];      /* the device's name */
+  double read_gbps;   /* device read bandwidth, own kernel, GB/s (1e9) */
+  double peak_tflops; /* dense GEMM rate, TFLOP/s (1e12) */
+  char peak_what[64]; /* what peak_tflops measured, e.g. "cuBLAS BF16 GEMM" */
+  char device[128];   /* the device's name */
 } bench_rooflines;
 
 /* CUDA: read bandwidth with the bench's own kernel, dense BF16 GEMM rate

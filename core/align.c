@@ -30,15 +30,19 @@ void moe_align_host(const moe_align_args *args) {
     if (e >= 0) cursor[e + 1]++;
   }
   /* cursor[e] becomes P_e, the start of expert e's padded run. */
-  for (int32_t e = 0; e < EL; ++e) cursor[e + 1] = cursor[e] + (cursor[e + 1] + BM - 1) / BM * BM;
+  for (int32_t e = 0; e < EL; ++e)
+    cursor[e + 1] = cursor[e] + (cursor[e + 1] + BM - 1) / BM * BM;
   const int64_t padded = cursor[EL];
 
   int64_t block = 0;
   for (int32_t e = 0; e < EL; ++e)
-    for (int64_t b = cursor[e] / BM; b < cursor[e + 1] / BM; ++b) expert_ids[block++] = e;
-  for (; block < args->block_capacity; ++block) expert_ids[block] = -1;
+    for (int64_t b = cursor[e] / BM; b < cursor[e + 1] / BM; ++b)
+      expert_ids[block++] = e;
+  for (; block < args->block_capacity; ++block)
+    expert_ids[block] = -1;
 
-  for (int64_t i = 0; i < args->sorted_capacity; ++i) sorted[i] = (int32_t)num_slots;
+  for (int64_t i = 0; i < args->sorted_capacity; ++i)
+    sorted[i] = (int32_t)num_slots;
   for (int64_t s = 0; s < num_slots; ++s) {
     int32_t e = local_expert(ids[s], map, args->num_experts, EL);
     if (e >= 0) sorted[cursor[e]++] = (int32_t)s;

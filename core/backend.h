@@ -103,7 +103,7 @@ typedef struct moe_layer_desc {
 } moe_layer_desc;
 
 typedef struct moe_backend_ops {
-  const char *name;   /* "cpu", "cuda", "opencl" */
+  const char *name; /* "cpu", "cuda", "opencl" */
   moe_backend kind;
 
   /* Creates the per-context state on device index `device`; writes the

@@ -57,8 +57,8 @@ moe_status moe_config_check_routing(const moe_config *cfg) {
                            (int)cfg->num_groups, MOE_MAX_GROUPS);
     if (cfg->num_experts % cfg->num_groups != 0)
       return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
-                           "num_groups = %d does not divide num_experts = %d",
-                           (int)cfg->num_groups, (int)cfg->num_experts);
+                           "num_groups = %d does not divide num_experts = %d", (int)cfg->num_groups,
+                           (int)cfg->num_experts);
     if (cfg->topk_groups < 1 || cfg->topk_groups > cfg->num_groups)
       return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "topk_groups = %d is not in [1, %d]",
                            (int)cfg->topk_groups, (int)cfg->num_groups);
@@ -85,13 +85,12 @@ moe_status moe_config_resolve(const moe_config *cfg, moe_config *resolved) {
   moe_status st = moe_config_check_routing(cfg);
   if (st != MOE_SUCCESS) return st;
   if (cfg->num_local_experts < 0 || cfg->num_local_experts > MOE_MAX_EXPERTS)
-    return moe_set_error(cfg->num_local_experts < 0 ? MOE_ERROR_INVALID_ARGUMENT
-                                                    : MOE_ERROR_UNSUPPORTED,
-                         "num_local_experts = %d is not in [0, %d]",
-                         (int)cfg->num_local_experts, MOE_MAX_EXPERTS);
+    return moe_set_error(
+        cfg->num_local_experts < 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
+        "num_local_experts = %d is not in [0, %d]", (int)cfg->num_local_experts, MOE_MAX_EXPERTS);
   if ((unsigned)cfg->activation > MOE_ACTIVATION_SWIGLU_CLAMP)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "activation = %d is not a moe_activation value",
-                         (int)cfg->activation);
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
+                         "activation = %d is not a moe_activation value", (int)cfg->activation);
   if (cfg->activation == MOE_ACTIVATION_SWIGLU_CLAMP &&
       (!isfinite(cfg->swiglu_alpha) || !(cfg->swiglu_limit > 0.0f)))
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
@@ -144,10 +143,9 @@ moe_status moe_align_check(int64_t num_tokens, int32_t top_k, int32_t num_local_
     return moe_set_error(top_k <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
                          "top_k = %d is not in [1, %d]", (int)top_k, MOE_MAX_TOP_K);
   if (num_local_experts <= 0 || num_local_experts > MOE_MAX_EXPERTS)
-    return moe_set_error(num_local_experts <= 0 ? MOE_ERROR_INVALID_ARGUMENT
-                                                : MOE_ERROR_UNSUPPORTED,
-                         "num_local_experts = %d is not in [1, %d]", (int)num_local_experts,
-                         MOE_MAX_EXPERTS);
+    return moe_set_error(
+        num_local_experts <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
+        "num_local_experts = %d is not in [1, %d]", (int)num_local_experts, MOE_MAX_EXPERTS);
   if (block_m <= 0 || block_m > MOE_MAX_BLOCK_M || (block_m & (block_m - 1)) != 0)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "block_m = %d is not a power of two in [1, %d]", (int)block_m,

@@ -12,22 +12,35 @@ static _Thread_local char thread_error[MOE_ERROR_MESSAGE_SIZE];
 
 const char *moe_status_string(moe_status status) {
   switch (status) {
-  case MOE_SUCCESS: return "MOE_SUCCESS";
-  case MOE_ERROR_INVALID_ARGUMENT: return "MOE_ERROR_INVALID_ARGUMENT";
-  case MOE_ERROR_NULL_POINTER: return "MOE_ERROR_NULL_POINTER";
-  case MOE_ERROR_UNSUPPORTED: return "MOE_ERROR_UNSUPPORTED";
-  case MOE_ERROR_BUFFER_TOO_SMALL: return "MOE_ERROR_BUFFER_TOO_SMALL";
-  case MOE_ERROR_CONTEXT_MISMATCH: return "MOE_ERROR_CONTEXT_MISMATCH";
-  case MOE_ERROR_NOT_RESERVED: return "MOE_ERROR_NOT_RESERVED";
-  case MOE_ERROR_OUT_OF_MEMORY: return "MOE_ERROR_OUT_OF_MEMORY";
-  case MOE_ERROR_BACKEND_UNAVAILABLE: return "MOE_ERROR_BACKEND_UNAVAILABLE";
-  case MOE_ERROR_DEVICE: return "MOE_ERROR_DEVICE";
-  case MOE_ERROR_INTERNAL: return "MOE_ERROR_INTERNAL";
+  case MOE_SUCCESS:
+    return "MOE_SUCCESS";
+  case MOE_ERROR_INVALID_ARGUMENT:
+    return "MOE_ERROR_INVALID_ARGUMENT";
+  case MOE_ERROR_NULL_POINTER:
+    return "MOE_ERROR_NULL_POINTER";
+  case MOE_ERROR_UNSUPPORTED:
+    return "MOE_ERROR_UNSUPPORTED";
+  case MOE_ERROR_BUFFER_TOO_SMALL:
+    return "MOE_ERROR_BUFFER_TOO_SMALL";
+  case MOE_ERROR_CONTEXT_MISMATCH:
+    return "MOE_ERROR_CONTEXT_MISMATCH";
+  case MOE_ERROR_NOT_RESERVED:
+    return "MOE_ERROR_NOT_RESERVED";
+  case MOE_ERROR_OUT_OF_MEMORY:
+    return "MOE_ERROR_OUT_OF_MEMORY";
+  case MOE_ERROR_BACKEND_UNAVAILABLE:
+    return "MOE_ERROR_BACKEND_UNAVAILABLE";
+  case MOE_ERROR_DEVICE:
+    return "MOE_ERROR_DEVICE";
+  case MOE_ERROR_INTERNAL:
+    return "MOE_ERROR_INTERNAL";
   }
   return "MOE_ERROR_UNKNOWN";
 }
 
-void moe_error_scope(moe_context *ctx) { error_ctx = ctx; }
+void moe_error_scope(moe_context *ctx) {
+  error_ctx = ctx;
+}
 
 moe_status moe_set_error(moe_status status, const char *fmt, ...) {
   char *dst = error_ctx ? error_ctx->last_error : thread_error;
@@ -42,7 +55,9 @@ const char *moe_last_error(const moe_context *ctx) {
   return ctx ? ctx->last_error : thread_error;
 }
 
-bool moe_mul_size(size_t *size, size_t a, size_t b) { return !__builtin_mul_overflow(a, b, size); }
+bool moe_mul_size(size_t *size, size_t a, size_t b) {
+  return !__builtin_mul_overflow(a, b, size);
+}
 
 bool moe_mul_size3(size_t *size, size_t a, size_t b, size_t c) {
   size_t ab;

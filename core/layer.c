@@ -28,13 +28,12 @@ moe_status moe_layer_create(moe_context *ctx, const moe_config *cfg, const moe_w
     for (int32_t e = 0; e < resolved.num_experts; ++e) {
       int32_t id = weights->expert_map[e];
       if (id < -1 || id >= resolved.num_local_experts)
-        return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
-                             "expert_map[%d] = %d is not in [-1, %d)", (int)e, (int)id,
-                             (int)resolved.num_local_experts);
+        return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "expert_map[%d] = %d is not in [-1, %d)",
+                             (int)e, (int)id, (int)resolved.num_local_experts);
     }
   size_t bytes;
-  if (!moe_mul_size3(&bytes, (size_t)resolved.num_local_experts,
-                     (size_t)(3 * resolved.hidden_size), (size_t)resolved.intermediate_size) ||
+  if (!moe_mul_size3(&bytes, (size_t)resolved.num_local_experts, (size_t)(3 * resolved.hidden_size),
+                     (size_t)resolved.intermediate_size) ||
       !moe_mul_size(&bytes, bytes, 2))
     return moe_set_error(MOE_ERROR_UNSUPPORTED, "the weights' size overflows size_t");
 

@@ -10,23 +10,31 @@
 
 const moe_backend_ops *moe_backend_lookup(moe_backend backend) {
   switch (backend) {
-  case MOE_BACKEND_CPU: return &moe_cpu_backend_ops;
+  case MOE_BACKEND_CPU:
+    return &moe_cpu_backend_ops;
 #ifdef MOE_HAVE_CUDA
-  case MOE_BACKEND_CUDA: return &moe_cuda_backend_ops;
+  case MOE_BACKEND_CUDA:
+    return &moe_cuda_backend_ops;
 #endif
 #ifdef MOE_HAVE_OPENCL
-  case MOE_BACKEND_OPENCL: return &moe_opencl_backend_ops;
+  case MOE_BACKEND_OPENCL:
+    return &moe_opencl_backend_ops;
 #endif
-  default: return NULL;
+  default:
+    return NULL;
   }
 }
 
 const char *moe_backend_name(moe_backend backend) {
   switch (backend) {
-  case MOE_BACKEND_AUTO: return "auto";
-  case MOE_BACKEND_CPU: return "cpu";
-  case MOE_BACKEND_CUDA: return "cuda";
-  case MOE_BACKEND_OPENCL: return "opencl";
+  case MOE_BACKEND_AUTO:
+    return "auto";
+  case MOE_BACKEND_CPU:
+    return "cpu";
+  case MOE_BACKEND_CUDA:
+    return "cuda";
+  case MOE_BACKEND_OPENCL:
+    return "opencl";
   }
   return "unknown";
 }
@@ -114,7 +122,9 @@ moe_status moe_context_synchronize(moe_context *ctx) {
   return ctx->ops->synchronize(ctx->state);
 }
 
-void *moe_context_backend_state(const moe_context *ctx) { return ctx ? ctx->state : NULL; }
+void *moe_context_backend_state(const moe_context *ctx) {
+  return ctx ? ctx->state : NULL;
+}
 
 void *moe_buffer_native_handle(const moe_buffer *buffer) {
   return buffer ? buffer->handle : NULL;
@@ -125,7 +135,9 @@ moe_status moe_buffer_wrap_native(moe_context *ctx, void *handle, size_t bytes,
   moe_error_scope(ctx);
   if (!ctx || !handle || !buffer)
     return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL",
-                         !ctx ? "ctx" : !handle ? "the memory to wrap" : "buffer");
+                         !ctx      ? "ctx"
+                         : !handle ? "the memory to wrap"
+                                   : "buffer");
   if (bytes == 0) return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "cannot wrap 0 bytes");
   moe_buffer *b = calloc(1, sizeof *b);
   if (!b) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate a buffer handle");
@@ -136,7 +148,8 @@ moe_status moe_buffer_wrap_native(moe_context *ctx, void *handle, size_t bytes,
 
 moe_status moe_buffer_create(moe_context *ctx, size_t bytes, moe_buffer **buffer) {
   moe_error_scope(ctx);
-  if (!ctx || !buffer) return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL", !ctx ? "ctx" : "buffer");
+  if (!ctx || !buffer)
+    return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL", !ctx ? "ctx" : "buffer");
   if (bytes == 0) return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "a buffer needs bytes > 0");
   moe_buffer *b = calloc(1, sizeof *b);
   if (!b) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate a buffer handle");
@@ -158,7 +171,9 @@ void moe_buffer_destroy(moe_buffer *buffer) {
   free(buffer);
 }
 
-size_t moe_buffer_size(const moe_buffer *buffer) { return buffer ? buffer->bytes : 0; }
+size_t moe_buffer_size(const moe_buffer *buffer) {
+  return buffer ? buffer->bytes : 0;
+}
 
 static moe_status check_range(const moe_buffer *buffer, size_t offset, const void *host,
                               size_t bytes) {

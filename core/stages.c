@@ -32,12 +32,14 @@ typedef struct staging {
 } staging;
 
 static moe_status stage_in(moe_context *ctx, staging *s, int n) {
-  for (int i = 0; i < n; ++i) s[i].host = NULL;
+  for (int i = 0; i < n; ++i)
+    s[i].host = NULL;
   for (int i = 0; i < n; ++i) {
     if (!s[i].buffer) continue;
     s[i].host = malloc(s[i].bytes ? s[i].bytes : 1);
     if (!s[i].host) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate host staging");
-    if (s[i].read) TRY(ctx->ops->buffer_read(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes));
+    if (s[i].read)
+      TRY(ctx->ops->buffer_read(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes));
   }
   return MOE_SUCCESS;
 }
@@ -47,7 +49,8 @@ static moe_status stage_out(moe_context *ctx, staging *s, int n, moe_status st) 
     if (st == MOE_SUCCESS && s[i].write)
       st = ctx->ops->buffer_write(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes);
   }
-  for (int i = 0; i < n; ++i) free(s[i].host);
+  for (int i = 0; i < n; ++i)
+    free(s[i].host);
   return st;
 }
 
@@ -104,8 +107,7 @@ moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k, int32_
                       &block_capacity));
   if (num_experts <= 0 || num_experts > MOE_MAX_EXPERTS)
     return moe_set_error(num_experts <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
-                         "num_experts = %d is not in [1, %d]", (int)num_experts,
-                         MOE_MAX_EXPERTS);
+                         "num_experts = %d is not in [1, %d]", (int)num_experts, MOE_MAX_EXPERTS);
   if (!expert_map && num_local_experts != num_experts)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "without an expert map, num_local_experts (%d) must equal num_experts "
@@ -207,8 +209,8 @@ moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc, const m
       .sorted_token_ids = sorted_token_ids->handle,
       .expert_ids = expert_ids->handle,
       .num_tokens_post_padded = num_tokens_post_padded->handle,
-      .topk_weights = desc->routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE ? topk_weights->handle
-                                                                         : NULL,
+      .topk_weights =
+          desc->routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE ? topk_weights->handle : NULL,
       .c = c->handle,
   };
   return ctx->ops->grouped_gemm(ctx->state, &args);
@@ -236,16 +238,15 @@ moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, flo
   TRY(moe_check_buffer(ctx, in, in_bytes, "in"));
   TRY(moe_check_buffer(ctx, out, out_bytes, "out"));
   if (rows == 0) return MOE_SUCCESS;
-  moe_activation_args args = {activation, alpha, limit, rows, intermediate_size, in->handle,
-                              out->handle};
+  moe_activation_args args = {activation,        alpha,      limit,      rows,
+                              intermediate_size, in->handle, out->handle};
   return ctx->ops->activation(ctx->state, &args);
 }
 
-moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k,
-                           int64_t hidden_size, const moe_buffer *y,
-                           const moe_buffer *topk_weights, const moe_buffer *topk_ids,
-                           const moe_buffer *expert_map, int32_t num_experts,
-                           int32_t num_local_experts, moe_buffer *out) {
+moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k, int64_t hidden_size,
+                           const moe_buffer *y, const moe_buffer *topk_weights,
+                           const moe_buffer *topk_ids, const moe_buffer *expert_map,
+                           int32_t num_experts, int32_t num_local_experts, moe_buffer *out) {
   moe_error_scope(ctx);
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
   if (num_tokens < 0)
@@ -263,8 +264,7 @@ moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k,
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "num_experts = %d and num_local_experts = %d must be in [1, %d]",
                          (int)num_experts, (int)num_local_experts, MOE_MAX_EXPERTS);
-  if (num_tokens > INT32_MAX)
-    return moe_set_error(MOE_ERROR_UNSUPPORTED, "num_tokens above int32");
+  if (num_tokens > INT32_MAX) return moe_set_error(MOE_ERROR_UNSUPPORTED, "num_tokens above int32");
   size_t y_bytes, out_bytes, slot_bytes = (size_t)(num_tokens * top_k) * 4;
   TRY(tensor_bytes(&y_bytes, num_tokens * top_k, hidden_size, 2, "y"));
   TRY(tensor_bytes(&out_bytes, num_tokens, hidden_size, 2, "out"));

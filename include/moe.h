@@ -231,14 +231,14 @@ MOE_API moe_status moe_config_validate(const moe_config *cfg);
  * its own repacked copy). Shapes follow cfg.weight_layout, with
  * EL = num_local_experts. Optional pointers may be NULL. */
 typedef struct moe_weights {
-  const uint16_t *w13;            /* bf16 [EL][2I][H] or [EL][H][2I] */
-  const uint16_t *w2;             /* bf16 [EL][H][I] or [EL][I][H] */
-  const float *w13_bias;          /* optional fp32 [EL][2I] */
-  const float *w2_bias;           /* optional fp32 [EL][H] */
-  const float *correction_bias;   /* optional fp32 [E], for selection only */
-  const int32_t *expert_map;      /* optional int32 [E]: router id -> local
-                                     id, or -1 when not local; entries out of
-                                     [-1, EL) are rejected */
+  const uint16_t *w13;          /* bf16 [EL][2I][H] or [EL][H][2I] */
+  const uint16_t *w2;           /* bf16 [EL][H][I] or [EL][I][H] */
+  const float *w13_bias;        /* optional fp32 [EL][2I] */
+  const float *w2_bias;         /* optional fp32 [EL][H] */
+  const float *correction_bias; /* optional fp32 [E], for selection only */
+  const int32_t *expert_map;    /* optional int32 [E]: router id -> local
+                                   id, or -1 when not local; entries out of
+                                   [-1, EL) are rejected */
 } moe_weights;
 
 /* ------------------------------------------------------------------------ */
@@ -349,12 +349,12 @@ typedef enum moe_gemm_routed_weight {
 } moe_gemm_routed_weight;
 
 typedef struct moe_gemm_desc {
-  int64_t num_tokens;        /* T */
-  int32_t top_k;             /* k */
-  int32_t num_local_experts; /* EL: experts in b */
-  int64_t n;                 /* output columns */
-  int64_t k;                 /* reduction length */
-  int32_t block_m;           /* the block_m given to moe_align */
+  int64_t num_tokens;         /* T */
+  int32_t top_k;              /* k */
+  int32_t num_local_experts;  /* EL: experts in b */
+  int64_t n;                  /* output columns */
+  int64_t k;                  /* reduction length */
+  int32_t block_m;            /* the block_m given to moe_align */
   moe_weight_layout b_layout; /* OUT_IN: b[EL][n][k]; IN_OUT: b[EL][k][n] */
   moe_gemm_input input;
   moe_gemm_routed_weight routed_weight; /* uses topk_weights[s] */

@@ -37,10 +37,14 @@ int main(void) {
   static uint16_t w13[E * 2 * I * H], w2[E * H * I], x[T * H], out[T * H];
   static float logits[T * E];
   srand(1);
-  for (size_t i = 0; i < sizeof w13 / 2; ++i) w13[i] = to_bf16((rand() / (float)RAND_MAX - 0.5f) / 4);
-  for (size_t i = 0; i < sizeof w2 / 2; ++i) w2[i] = to_bf16((rand() / (float)RAND_MAX - 0.5f) / 3);
-  for (size_t i = 0; i < sizeof x / 2; ++i) x[i] = to_bf16(rand() / (float)RAND_MAX - 0.5f);
-  for (size_t i = 0; i < T * E; ++i) logits[i] = rand() / (float)RAND_MAX;
+  for (size_t i = 0; i < sizeof w13 / 2; ++i)
+    w13[i] = to_bf16((rand() / (float)RAND_MAX - 0.5f) / 4);
+  for (size_t i = 0; i < sizeof w2 / 2; ++i)
+    w2[i] = to_bf16((rand() / (float)RAND_MAX - 0.5f) / 3);
+  for (size_t i = 0; i < sizeof x / 2; ++i)
+    x[i] = to_bf16(rand() / (float)RAND_MAX - 0.5f);
+  for (size_t i = 0; i < T * E; ++i)
+    logits[i] = rand() / (float)RAND_MAX;
   moe_config cfg;
   moe_config_init(&cfg);
   cfg.hidden_size = H;
@@ -60,7 +64,8 @@ int main(void) {
   CHECK(moe_layer_forward(layer, T, bx, bl, bo));
   CHECK(moe_buffer_read(bo, 0, out, sizeof out));
   double norm = 0;
-  for (int i = 0; i < T * H; ++i) norm += from_bf16(out[i]) * (double)from_bf16(out[i]);
+  for (int i = 0; i < T * H; ++i)
+    norm += from_bf16(out[i]) * (double)from_bf16(out[i]);
   moe_buffer_destroy(bx);
   moe_buffer_destroy(bl);
   moe_buffer_destroy(bo);

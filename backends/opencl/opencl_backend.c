@@ -150,9 +150,8 @@ static moe_status ocl_route(void *state, const moe_route_args *r) {
    * it is the one verified on NVIDIA's OpenCL and on PoCL.
    * MOE_OPENCL_ROUTE=parallel opts into the experimental work-group-per-token
    * kernel for ungrouped routing (aimed at the ~240 us of E = 128, k = 8 on
-   * an H200). It is not the default because it was never run on a GPU, and
-   * on PoCL it gives wrong weights with a scaling factor and no renormalize
-   * (route/scaling_without_renormalize), a fault not yet explained. */
+   * an H200). It passes the whole suite on PoCL, but it is not the default
+   * until it has run on a GPU driver. */
   const char *route_env = getenv("MOE_OPENCL_ROUTE");
   const int parallel = r->num_groups <= 1 && route_env && strcmp(route_env, "parallel") == 0;
   kernel_args a = args_begin(s, parallel ? MOE_OCL_ROUTE_PARALLEL : MOE_OCL_ROUTE);

@@ -76,8 +76,10 @@ moe_route_parallel(int num_tokens, __global const float *restrict logits,
   __local uchar taken[MOE_ROUTE_MAX_EXPERTS];
   __local float best_key[MOE_ROUTE_WG];
   __local int best_index[MOE_ROUTE_WG];
+  /* No early return: the host launches exactly one work-group per token, and
+   * PoCL (5.x) mis-scheduled the regions between barriers after one (the
+   * final block ran on every work-item). */
   const int t = get_group_id(0), lid = get_local_id(0);
-  if (t >= num_tokens) return;
   const moe_rl_params p =
       moe_route_params(num_experts, top_k, scoring_sigmoid, renormalize, num_groups, topk_groups,
                        group_top2_sum, correction_bias != 0, routed_scaling_factor);

@@ -197,6 +197,30 @@ static int32_t *spread_ids(int64_t T, int32_t k, int32_t EL) {
   return ids;
 }
 
+/* Checks the sampled rows of the grouped GEMM output c[T*k][n] exactly
+ * against the generated patterns: a row is checked when it lies past 2^31
+ * elements of the huge tensor (c for per-token input, a for per-slot input,
+ * whose rows hold K elements) or is every 97th. Slot s reads a's row s / k
+ * (pattern 0) per token, or row s (pattern 1) per slot. */
+static void check_gemm_rows(const moe_buffer *c, const int32_t *ids, int64_t T, int32_t k,
+                            int64_t n, int64_t K, moe_gemm_input input) {
+  const int per_slot = input == MOE_GEMM_INPUT_PER_SLOT;
+  uint16_t *row = th_malloc((size_t)n * 2);
+  for (int64_t s = 0; s < T * k; ++s) {
+    if (!row_checked(s, per_slot ? K : n)) continue;
+    read_row(c, s, n, row);
+    const int64_t a_row = per_slot ? s : s / k, e = ids[s];
+    for (int64_t j = 0; j < n; ++j) {
+      double sum = 0.0;
+      for (int64_t i = 0; i < K; ++i)
+        sum += pattern_value(a_row, i, per_slot, 2) * pattern_value(e, j, i, 2);
+      TH_ASSERT(row[j] == ref_double_to_bf16(sum), "c[%lld][%lld] = %g, want %g (exact)",
+                (long long)s, (long long)j, (double)th_bf16_to_float(row[j]), sum);
+    }
+  }
+  free(row);
+}
+
 Test(huge, gemm_output_rows_past_2_31, .timeout = 900) {
   require_huge();
   const int64_t T = 65536, n = 16400, K = 16;
@@ -218,20 +242,7 @@ Test(huge, gemm_output_rows_past_2_31, .timeout = 900) {
                               .input = MOE_GEMM_INPUT_PER_TOKEN};
   gemm_any_block_m(ctx, desc, ids, a, b, c);
   th_check_guard(c, (size_t)(T * k * n) * 2, "c");
-  uint16_t *row = th_malloc((size_t)n * 2);
-  for (int64_t s = 0; s < T * k; ++s) {
-    if (!row_checked(s, n)) continue;
-    read_row(c, s, n, row);
-    const int64_t t = s / k, e = ids[s];
-    for (int64_t j = 0; j < n; ++j) {
-      double sum = 0.0;
-      for (int64_t i = 0; i < K; ++i)
-        sum += pattern_value(t, i, 0, 2) * pattern_value(e, j, i, 2);
-      TH_ASSERT(row[j] == ref_double_to_bf16(sum), "c[%lld][%lld] = %g, want %g (exact)",
-                (long long)s, (long long)j, (double)th_bf16_to_float(row[j]), sum);
-    }
-  }
-  free(row);
+  check_gemm_rows(c, ids, T, k, n, K, MOE_GEMM_INPUT_PER_TOKEN);
   free(ids);
   moe_buffer_destroy(a);
   moe_buffer_destroy(b);
@@ -259,20 +270,7 @@ Test(huge, gemm_input_rows_past_2_31, .timeout = 900) {
                               .input = MOE_GEMM_INPUT_PER_SLOT};
   gemm_any_block_m(ctx, desc, ids, a, b, c);
   th_check_guard(c, (size_t)(T * k * n) * 2, "c");
-  uint16_t *row = th_malloc((size_t)n * 2);
-  for (int64_t s = 0; s < T * k; ++s) {
-    if (!row_checked(s, K)) continue;
-    read_row(c, s, n, row);
-    const int64_t e = ids[s];
-    for (int64_t j = 0; j < n; ++j) {
-      double sum = 0.0;
-      for (int64_t i = 0; i < K; ++i)
-        sum += pattern_value(s, i, 1, 2) * pattern_value(e, j, i, 2);
-      TH_ASSERT(row[j] == ref_double_to_bf16(sum), "c[%lld][%lld] = %g, want %g (exact)",
-                (long long)s, (long long)j, (double)th_bf16_to_float(row[j]), sum);
-    }
-  }
-  free(row);
+  check_gemm_rows(c, ids, T, k, n, K, MOE_GEMM_INPUT_PER_SLOT);
   free(ids);
   moe_buffer_destroy(a);
   moe_buffer_destroy(b);

@@ -186,3 +186,72 @@ int bench_opencl_rooflines(moe_context *ctx, bench_rooflines *r) {
   clReleaseCommandQueue(queue);
   return r->read_gbps > 0 && r->peak_tflops > 0 ? 0 : 1;
 }
+
+int bench_opencl_profiling_context(moe_context *ctx, moe_context **out) {
+  cl_command_queue user_queue = (cl_command_queue)moe_opencl_context_queue(ctx);
+  cl_context context = NULL;
+  cl_device_id device = NULL;
+  *out = NULL;
+  if (!user_queue) return 1;
+  clGetCommandQueueInfo(user_queue, CL_QUEUE_CONTEXT, sizeof context, &context, NULL);
+  clGetCommandQueueInfo(user_queue, CL_QUEUE_DEVICE, sizeof device, &device, NULL);
+  cl_int err;
+  cl_command_queue queue = clCreateCommandQueue(context, device, CL_QUEUE_PROFILING_ENABLE, &err);
+  if (err != CL_SUCCESS) {
+    fprintf(stderr, "bench_opencl: clCreateCommandQueue failed (%d)\n", (int)err);
+    return 1;
+  }
+  const moe_status st = moe_opencl_context_create_on_queue(queue, out);
+  clReleaseCommandQueue(queue); /* the new context holds its own reference */
+  if (st != MOE_SUCCESS) {
+    fprintf(stderr, "bench_opencl: context on a profiling queue: %s (%s)\n", moe_status_string(st),
+            moe_last_error(NULL));
+    return 1;
+  }
+  return 0;
+}
+
+/* Markers complete when everything queued before them has, so the time
+ * from the first marker's end to the second's is the forward's time on
+ * the device, without the host's round trip. */
+int bench_opencl_time_forward(moe_context *ctx, moe_layer *layer, int64_t num_tokens,
+                              const moe_buffer *x, const moe_buffer *logits, moe_buffer *out,
+                              int warmup, int reps, double *median_ms) {
+  cl_command_queue queue = (cl_command_queue)moe_opencl_context_queue(ctx);
+  double *times = malloc(sizeof *times * (size_t)reps);
+  if (!queue || !times) {
+    free(times);
+    return 1;
+  }
+  int failed = 0;
+  for (int i = 0; i < warmup + reps && !failed; ++i) {
+    cl_event before = NULL, after = NULL;
+    failed = clEnqueueMarkerWithWaitList(queue, 0, NULL, &before) != CL_SUCCESS;
+    moe_status st = MOE_SUCCESS;
+    if (!failed) st = moe_layer_forward(layer, num_tokens, x, logits, out);
+    if (!failed && st == MOE_SUCCESS)
+      failed = clEnqueueMarkerWithWaitList(queue, 0, NULL, &after) != CL_SUCCESS ||
+               clWaitForEvents(1, &after) != CL_SUCCESS;
+    if (st != MOE_SUCCESS) {
+      fprintf(stderr, "bench_opencl: forward: %s (%s)\n", moe_status_string(st),
+              moe_last_error(ctx));
+      failed = 1;
+    }
+    if (!failed && i >= warmup) {
+      cl_ulong start = 0, end = 0;
+      failed = clGetEventProfilingInfo(before, CL_PROFILING_COMMAND_END, sizeof start, &start,
+                                       NULL) != CL_SUCCESS ||
+               clGetEventProfilingInfo(after, CL_PROFILING_COMMAND_END, sizeof end, &end, NULL) !=
+                   CL_SUCCESS;
+      times[i - warmup] = (double)(end - start) * 1e-6;
+    }
+    if (before) clReleaseEvent(before);
+    if (after) clReleaseEvent(after);
+  }
+  if (failed)
+    fprintf(stderr, "bench_opencl: timing with profiling markers failed\n");
+  else
+    *median_ms = median(times, reps);
+  free(times);
+  return failed;
+}

@@ -68,7 +68,7 @@ static void usage(FILE *out) {
           "                                  GPU: 1,4,16,64,256,1024,4096,16384)\n"
           "  --reps N                        timed forwards per point (default: about 1 s of\n"
           "                                  them, 3..30, on host timing; 50 with CUDA graphs)\n"
-          "  --warmup N                      untimed forwards first (default 1; CUDA 10)\n"
+          "  --warmup N                      untimed forwards first (default 1; GPUs 10)\n"
           "  --no-flush                      keep the CPU caches warm between forwards\n"
           "                                  (default: flush, as a real layer's weights are cold)\n"
           "  --seed N                        random seed (default 1)\n"
@@ -240,10 +240,11 @@ static double host_memory_available(void) {
 /* Everything the timing loop needs. */
 typedef struct bench_target {
   moe_context *ctx;
-  bool use_cuda_timer; /* CUDA events around graph replays */
-  bool on_cpu;         /* the device is the host CPU: its memory is ours */
-  bool flush;          /* flush the host caches before each timed forward */
-  int warmup, reps;    /* reps 0: automatic */
+  bool use_cuda_timer;   /* CUDA events around graph replays */
+  bool use_opencl_timer; /* profiling markers around each forward */
+  bool on_cpu;           /* the device is the host CPU: its memory is ours */
+  bool flush;            /* flush the host caches before each timed forward */
+  int warmup, reps;      /* reps 0: automatic */
 } bench_target;
 
 typedef struct layer_buffers {
@@ -274,6 +275,19 @@ static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
     const int reps = t->reps > 0 ? t->reps : 50;
     if (bench_cuda_time_forward(t->ctx, layer, tokens, b->x, b->logits, b->out, t->warmup, reps,
                                 &ms) != 0)
+      return 1;
+    *median_us = ms * 1e3;
+    *min_us = 0;
+    *reps_done = reps;
+    return 0;
+#endif
+  }
+  if (t->use_opencl_timer) {
+#ifdef MOE_BENCH_HAVE_OPENCL
+    double ms = 0;
+    const int reps = t->reps > 0 ? t->reps : 30;
+    if (bench_opencl_time_forward(t->ctx, layer, tokens, b->x, b->logits, b->out, t->warmup, reps,
+                                  &ms) != 0)
       return 1;
     *median_us = ms * 1e3;
     *min_us = 0;
@@ -547,6 +561,18 @@ int main(int argc, char **argv) {
     return 1;
   }
   const moe_backend backend = moe_context_backend(ctx);
+  bool opencl_timer = false;
+#ifdef MOE_BENCH_HAVE_OPENCL
+  /* OpenCL GPUs are timed on the device, as CUDA is: the layer runs on a
+   * context over a profiling queue of the same device. */
+  moe_context *profiled = NULL;
+  if (backend == MOE_BACKEND_OPENCL && !device_is_cpu(backend, moe_context_device_name(ctx)) &&
+      bench_opencl_profiling_context(ctx, &profiled) == 0) {
+    moe_context_destroy(ctx);
+    ctx = profiled;
+    opencl_timer = true;
+  }
+#endif
   const char *device = moe_context_device_name(ctx);
   const bool on_cpu = device_is_cpu(backend, device);
 
@@ -566,9 +592,16 @@ int main(int argc, char **argv) {
 #ifdef MOE_BENCH_HAVE_CUDA
   target.use_cuda_timer = backend == MOE_BACKEND_CUDA;
 #endif
-  target.warmup = opt.warmup >= 0 ? opt.warmup : target.use_cuda_timer ? 10 : 1;
+  target.use_opencl_timer = opencl_timer;
+  target.warmup = opt.warmup >= 0                                    ? opt.warmup
+                  : target.use_cuda_timer || target.use_opencl_timer ? 10
+                                                                     : 1;
   if (target.use_cuda_timer)
     snprintf(timing, sizeof timing, "CUDA events around CUDA-graph replays, median, %d warm-up",
+             target.warmup);
+  else if (target.use_opencl_timer)
+    snprintf(timing, sizeof timing,
+             "OpenCL profiling markers around each forward (device time), median, %d warm-up",
              target.warmup);
   else
     snprintf(timing, sizeof timing, "host clock around forward + synchronize, median, %d warm-up%s",

@@ -25,10 +25,15 @@
  * Needs n, k, and the row strides to be multiples of 8 elements and the
  * pointers 16-byte aligned; otherwise the reference kernel runs.
  *
+ * Decode (at most GEMV_MAX_ROWS_PER_EXPERT rows per expert on average, OUT_IN
+ * weights) takes gemm_gemv_kernel instead: weight streaming on the CUDA
+ * cores with more bytes in flight (see its comment).
+ *
  * Tile choice is data: tile_rules below maps rows per expert to a tile (the
  * H200 sweeps behind it are in bench/cuda_notes.md); for 16-row tiles the
  * widest BN that still gives every SM two CTAs is taken. MOE_CUDA_TILE=<name>
- * forces one tile, so that a sweep can rerun without rebuilding.
+ * forces one tile (MOE_CUDA_TILE=gemv the decode kernel), so that a sweep
+ * can rerun without rebuilding.
  * Not here yet: the sm_90a path (wgmma fed by TMA) that prefill needs.
  */
 #include "activation_math.cuh"
@@ -301,6 +306,134 @@ __global__ void __launch_bounds__(T::THREADS)
     }
 }
 
+/* ---- the decode kernel: weight streaming on the CUDA cores ------------- */
+
+/*
+ * With one or two rows per expert a tensor-core tile multiplies mostly
+ * padding, and its cp.async ring keeps too few weight bytes in flight for
+ * the few CTAs a decode step has (qwen3 at 1 token streamed at ~1.7 TB/s).
+ * Here each warp owns GEMV_N_PER_WARP weight rows (a gate/up pair for the
+ * GLU epilogue) and streams them with GEMV_UNROLL 16-byte loads per row in
+ * flight per lane, evict-first, so that a resident SM has ~256 KB of
+ * weights in flight. Each weight vector feeds up to GEMV_ROWS token rows;
+ * a block with more real rows takes another pass (its re-reads mostly hit
+ * L2). Partial sums meet in a butterfly; lane 0 runs the epilogue, the
+ * same as the tensor-core kernel's. Needs what the tensor-core path needs
+ * (k, n, strides multiples of 8, 16-byte aligned pointers), OUT_IN weights.
+ */
+constexpr int GEMV_WARPS = 8;
+constexpr int GEMV_N_PER_WARP = 2;
+constexpr int GEMV_ROWS = 4;
+constexpr int GEMV_UNROLL = 4;
+constexpr int GEMV_K_STEP = 32 * 8; /* elements a warp covers with one 16-byte load per lane */
+/* Average rows per expert up to which decode streams on the CUDA cores
+ * (four FMAs per weight element keep well under the fp32 rate). */
+constexpr int64_t GEMV_MAX_ROWS_PER_EXPERT = 2;
+
+__device__ __forceinline__ float dot8_bf16(const uint4 &w, const uint4 &a) {
+  const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&w;
+  const __nv_bfloat162 *a2 = (const __nv_bfloat162 *)&a;
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 wf = __bfloat1622float2(w2[i]), af = __bfloat1622float2(a2[i]);
+    sum = fmaf(wf.x, af.x, sum);
+    sum = fmaf(wf.y, af.y, sum);
+  }
+  return sum;
+}
+
+template <bool GLU>
+__global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemm_gemv_kernel(const cuda_gemm g) {
+  constexpr int NW = GEMV_N_PER_WARP, R = GEMV_ROWS, U = GEMV_UNROLL;
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
+  const int64_t m0 = (int64_t)blockIdx.y * g.block_m;
+  if (m0 >= *g.num_tokens_post_padded) return;
+  const int expert = g.expert_ids[blockIdx.y];
+  if (expert < 0 || expert >= g.num_local_experts) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * NW;
+  if (n0 >= g.n) return; /* no barriers below */
+
+  const int64_t num_slots = g.num_tokens * g.top_k;
+  const bf16 *w = g.b + (int64_t)expert * g.b_expert_stride + n0 * g.ldb;
+  const float *bias = g.bias ? g.bias + (int64_t)expert * g.bias_stride : NULL;
+  for (int r0 = 0; r0 < g.block_m; r0 += R) {
+    int32_t slot[R];
+    const bf16 *a_row[R];
+    bool any = false;
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      const int32_t s = r0 + r < g.block_m ? g.sorted_token_ids[m0 + r0 + r] : -1;
+      const bool real = s >= 0 && s < num_slots;
+      slot[r] = real ? s : -1;
+      a_row[r] =
+          real ? g.a + (g.input_per_slot ? (int64_t)s : (int64_t)(s / g.top_k)) * g.lda : NULL;
+      any |= real;
+    }
+    if (!any) continue; /* the same on every lane */
+
+    float acc[NW][R];
+#pragma unroll
+    for (int j = 0; j < NW; ++j)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+        acc[j][r] = 0.0f;
+    for (int64_t k0 = lane * 8; k0 < g.k; k0 += (int64_t)GEMV_K_STEP * U) {
+      uint4 wv[NW][U];
+#pragma unroll
+      for (int j = 0; j < NW; ++j)
+#pragma unroll
+        for (int u = 0; u < U; ++u) {
+          const int64_t kk = k0 + u * GEMV_K_STEP;
+          wv[j][u] = (kk < g.k && n0 + j < g.n) ? __ldcs((const uint4 *)(w + j * g.ldb + kk))
+                                                : make_uint4(0, 0, 0, 0);
+        }
+#pragma unroll
+      for (int u = 0; u < U; ++u) {
+        const int64_t kk = k0 + u * GEMV_K_STEP;
+        if (kk >= g.k) break;
+#pragma unroll
+        for (int r = 0; r < R; ++r) {
+          if (!a_row[r]) continue;
+          const uint4 av = __ldg((const uint4 *)(a_row[r] + kk));
+#pragma unroll
+          for (int j = 0; j < NW; ++j)
+            acc[j][r] += dot8_bf16(wv[j][u], av);
+        }
+      }
+    }
+#pragma unroll
+    for (int j = 0; j < NW; ++j)
+#pragma unroll
+      for (int r = 0; r < R; ++r)
+#pragma unroll
+        for (int offset = 16; offset > 0; offset >>= 1)
+          acc[j][r] += __shfl_xor_sync(0xffffffffu, acc[j][r], offset);
+#pragma unroll
+    for (int r = 0; r < R; ++r) {
+      if (lane != 0 || slot[r] < 0) continue;
+      const float weight =
+          g.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE ? g.topk_weights[slot[r]] : 1.0f;
+      bf16 *c_row = g.c + (int64_t)slot[r] * g.ldc;
+      float v[NW];
+#pragma unroll
+      for (int j = 0; j < NW; ++j)
+        v[j] = apply_routed(acc[j][r], bias && n0 + j < g.n ? bias[n0 + j] : 0.0f, weight,
+                            g.routed_weight);
+      if (GLU) {
+        c_row[n0 / 2] =
+            __float2bfloat16_rn(cuda_gated_activation(g.activation, g.alpha, g.limit, v[0], v[1]));
+      } else {
+#pragma unroll
+        for (int j = 0; j < NW; ++j)
+          if (n0 + j < g.n) c_row[n0 + j] = __float2bfloat16_rn(v[j]);
+      }
+    }
+  }
+}
+
 /* ---- the reference kernel ---------------------------------------------- */
 
 /* One CTA per sorted position, threads over output columns: plain fp32
@@ -402,6 +535,21 @@ static tile_id forced_tile(void) {
   return TILE_COUNT;
 }
 
+/* MOE_CUDA_TILE=gemv forces the decode kernel wherever it can run. */
+static bool forced_gemv(void) {
+  const char *env = getenv("MOE_CUDA_TILE");
+  return env && strcmp(env, "gemv") == 0;
+}
+
+/* The decode kernel while experts average at most
+ * GEMV_MAX_ROWS_PER_EXPERT rows, unless a tile is forced. */
+static bool gemv_wanted(int64_t slots, int32_t num_local_experts) {
+  if (forced_gemv()) return true;
+  if (forced_tile() != TILE_COUNT) return false;
+  const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
+  return slots <= GEMV_MAX_ROWS_PER_EXPERT * (touched > 0 ? touched : 1);
+}
+
 static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local_experts,
                           int64_t n) {
   const tile_id forced = forced_tile();
@@ -429,6 +577,7 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
 int32_t cuda_gemm_pick_block_m(const cuda_state *st, int64_t num_slots, int32_t num_local_experts,
                                int64_t n, int64_t k) {
   (void)k;
+  if (forced_gemv()) return CUDA_GEMM_MIN_BLOCK_M;
   return tile_block_m[table_tile(st, num_slots, num_local_experts, n)];
 }
 
@@ -444,10 +593,21 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
   for (int r = (int)(sizeof tile_rules / sizeof tile_rules[0]) - 1;
        r >= 0 && tile_block_m[id] > g->block_m; --r)
     id = tile_rules[r].id;
-  const bool fast = tile_block_m[id] <= g->block_m && g->n % 8 == 0 && g->k % 8 == 0 &&
-                    g->lda % 8 == 0 && g->ldb % 8 == 0 && g->ldc % 8 == 0 &&
-                    g->b_expert_stride % 8 == 0 && aligned16(g->a) && aligned16(g->b) &&
-                    aligned16(g->c);
+  const bool vectors = g->n % 8 == 0 && g->k % 8 == 0 && g->lda % 8 == 0 && g->ldb % 8 == 0 &&
+                       g->ldc % 8 == 0 && g->b_expert_stride % 8 == 0 && aligned16(g->a) &&
+                       aligned16(g->b) && aligned16(g->c);
+  const bool fast = vectors && tile_block_m[id] <= g->block_m;
+  const int64_t gemv_blocks = (rows + g->block_m - 1) / g->block_m;
+  if (vectors && !g->b_kn && gemv_blocks <= 65535 && gemv_wanted(slots, g->num_local_experts)) {
+    const int64_t n_per_cta = (int64_t)GEMV_WARPS * GEMV_N_PER_WARP;
+    const dim3 grid((unsigned)((g->n + n_per_cta - 1) / n_per_cta), (unsigned)gemv_blocks);
+    const cudaError_t err =
+        g->epilogue == CUDA_EPILOGUE_GLU
+            ? cuda_launch(st, true, gemm_gemv_kernel<true>, grid, dim3(GEMV_WARPS * 32), 0, *g)
+            : cuda_launch(st, true, gemm_gemv_kernel<false>, grid, dim3(GEMV_WARPS * 32), 0, *g);
+    if (err != cudaSuccess) return cuda_status(err, "gemm_gemv_kernel launch");
+    return cuda_launch_status("gemm_gemv_kernel");
+  }
   if (fast) {
     const int bm = tile_block_m[id];
     const int64_t m_tiles = (rows + bm - 1) / bm;

@@ -542,12 +542,15 @@ static bool forced_gemv(void) {
 }
 
 /* The decode kernel while experts average at most
- * GEMV_MAX_ROWS_PER_EXPERT rows, unless a tile is forced. */
+ * GEMV_MAX_ROWS_PER_EXPERT rows (MOE_CUDA_GEMV_MAX_ROWS overrides it; 0
+ * turns the kernel off, for A/B runs), unless a tile is forced. */
 static bool gemv_wanted(int64_t slots, int32_t num_local_experts) {
   if (forced_gemv()) return true;
   if (forced_tile() != TILE_COUNT) return false;
+  const char *env = getenv("MOE_CUDA_GEMV_MAX_ROWS");
+  const int64_t max_rows = env && *env ? strtoll(env, NULL, 10) : GEMV_MAX_ROWS_PER_EXPERT;
   const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
-  return slots <= GEMV_MAX_ROWS_PER_EXPERT * (touched > 0 ? touched : 1);
+  return slots <= max_rows * (touched > 0 ? touched : 1);
 }
 
 static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local_experts,

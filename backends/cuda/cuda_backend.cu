@@ -7,9 +7,14 @@
  * keeps w2 as [EL][H][I], and runs a forward of four launches for decode:
  *   route+align (one block) -> GEMM1 + activation -> GEMM2 + routed weight
  *   -> reduce,
- * with more align launches when the slots outgrow one block. The forward
- * allocates nothing and never waits for the host, so it can be captured
- * into a CUDA graph on the context's stream.
+ * with more align launches when the slots outgrow one block. Prefill on a
+ * Hopper GPU (sm_90a code, enough rows per expert) takes the wgmma path of
+ * gemm_wgmma.cu instead: align with 128-row blocks -> permute the token rows
+ * into sorted order -> GEMM1 -> GEMM2 -> the same reduce; its TMA maps are
+ * encoded at layer creation (weights) and at reserve (workspace).
+ * MOE_CUDA_PREFILL=wgmma forces that path wherever it can run, =mma keeps it
+ * off. The forward allocates nothing and never waits for the host, so it can
+ * be captured into a CUDA graph on the context's stream.
  */
 #include "cuda_context.h"
 #include "cuda_internal.cuh"
@@ -19,6 +24,9 @@
 #include <string.h>
 
 typedef __nv_bfloat16 bf16;
+
+static_assert(CUDA_WGMMA_BLOCK_M == CUDA_GEMM_MAX_BLOCK_M,
+              "the workspace's align capacity is sized for CUDA_GEMM_MAX_BLOCK_M");
 
 moe_status cuda_status(cudaError_t err, const char *what) {
   if (err == cudaSuccess) return MOE_SUCCESS;
@@ -57,10 +65,16 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
                          "8.0 or newer (bf16 tensor cores)",
                          device, prop.name, prop.major, prop.minor);
   CUDA_TRY(cuda_gemm_init());
+  /* The wgmma path only where its sm_90a code runs and its kernels accept
+   * their shared-memory size; otherwise the mma.sync path does everything. */
+  const bool wgmma = cuda_wgmma_available(prop.major, prop.minor) && cuda_wgmma_init();
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
   if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CUDA state");
   st->device = device;
   st->sm_count = prop.multiProcessorCount;
+  st->cc_major = prop.major;
+  st->cc_minor = prop.minor;
+  st->wgmma = wgmma;
   const char *pdl = getenv("MOE_CUDA_PDL");
   st->pdl = prop.major >= 9 && pdl && strcmp(pdl, "1") == 0;
   if (own_stream) {
@@ -232,6 +246,19 @@ struct cuda_layer {
   int32_t *align_scratch;
   bf16 *h; /* [T*k][I] */
   bf16 *y; /* [T*k][H], routed weight applied */
+
+  /* The wgmma path (gemm_wgmma.cu). Its operands live in the regions of h
+   * and y, which then hold sorted_rows rows: h_sorted [sorted_rows][I] in
+   * h's (the two paths never run in one forward), xs [sorted_rows][H] in
+   * y's (GEMM1 has read xs before GEMM2 writes y). TMA maps over the
+   * weights have boxes of 128 or 256 rows ([0], [1]: the column tile). */
+  bool wgmma_weights; /* the weight maps are valid: sm_90a device, shapes qualify */
+  bool wgmma_ready;   /* and the workspace maps too */
+  cuda_tma_map w13_map[2], w2_map[2];
+  cuda_tma_map xs_map, h_sorted_map;
+  int64_t sorted_rows;
+  bf16 *xs;
+  bf16 *h_sorted;
 };
 
 static void layer_free(cuda_layer *l) {
@@ -290,6 +317,30 @@ static moe_status upload_weights(const cuda_state *st, cuda_layer *l, const moe_
   return s != MOE_SUCCESS ? s : synced;
 }
 
+/* Shapes the wgmma path takes: TMA needs 16-byte row strides (H and I
+ * multiples of 8); a K of at least one 64-wide box and B row coordinates
+ * (expert * n + n0, int32) in range keep every box inside what the encoder
+ * and the kernels were written for. */
+static bool wgmma_shapes_qualify(const moe_config *c) {
+  const int64_t H = c->hidden_size, I = c->intermediate_size, EL = c->num_local_experts;
+  return H % 8 == 0 && I % 8 == 0 && H >= 64 && I >= 64 && EL * 2 * I + 256 <= INT32_MAX &&
+         EL * H + 256 <= INT32_MAX;
+}
+
+/* Encodes the TMA maps over w13 ([EL*2I][H]) and w2 ([EL*H][I]); false
+ * leaves the layer on the mma.sync path. */
+static bool wgmma_encode_weights(const cuda_state *st, cuda_layer *l) {
+  const moe_config *c = &l->cfg;
+  if (!st->wgmma || !wgmma_shapes_qualify(c)) return false;
+  const int64_t H = c->hidden_size, I = c->intermediate_size, EL = c->num_local_experts;
+  const int boxes[2] = {128, 256};
+  for (int i = 0; i < 2; ++i)
+    if (!cuda_tma_map_bf16(&l->w13_map[i], l->w13, EL * 2 * I, H, boxes[i]) ||
+        !cuda_tma_map_bf16(&l->w2_map[i], l->w2, EL * H, I, boxes[i]))
+      return false;
+  return true;
+}
+
 static moe_status cuda_layer_create(void *state, const moe_layer_desc *desc, void **out) {
   const cuda_state *st = (const cuda_state *)state;
   CUDA_TRY(use_device(st));
@@ -330,6 +381,7 @@ static moe_status cuda_layer_create(void *state, const moe_layer_desc *desc, voi
     layer_free(l);
     return s;
   }
+  l->wgmma_weights = wgmma_encode_weights(st, l);
   *out = l;
   return MOE_SUCCESS;
 }
@@ -359,6 +411,10 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
     if (blocks > block_cap) block_cap = blocks;
   }
   const int64_t scratch = cuda_align_scratch_elems(slots, (int32_t)EL);
+  /* The wgmma path needs h and y to hold every sorted row (padding too):
+   * EL * 127 rows more than the slots. Only where the path can run. */
+  const bool wgmma = l->wgmma_weights && sorted_cap + CUDA_WGMMA_BLOCK_M <= INT32_MAX;
+  const int64_t act_rows = wgmma ? sorted_cap : slots;
   const size_t sizes[8] = {
       (size_t)slots * 4,
       (size_t)slots * 4,
@@ -366,8 +422,8 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
       (size_t)block_cap * 4,
       4,
       (size_t)scratch * 4,
-      (size_t)(slots * c->intermediate_size) * sizeof(bf16),
-      (size_t)(slots * c->hidden_size) * sizeof(bf16),
+      (size_t)(act_rows * c->intermediate_size) * sizeof(bf16),
+      (size_t)(act_rows * c->hidden_size) * sizeof(bf16),
   };
   size_t offsets[8], total = 0;
   for (int i = 0; i < 8; ++i) {
@@ -389,7 +445,107 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
   l->align_scratch = (int32_t *)(base + offsets[5]);
   l->h = (bf16 *)(base + offsets[6]);
   l->y = (bf16 *)(base + offsets[7]);
+  /* A maps over the new workspace (box: 64 columns x one 128-row block). */
+  l->sorted_rows = act_rows;
+  l->h_sorted = l->h;
+  l->xs = l->y;
+  l->wgmma_ready =
+      wgmma && cuda_tma_map_bf16(&l->xs_map, l->xs, act_rows, c->hidden_size, CUDA_WGMMA_BLOCK_M) &&
+      cuda_tma_map_bf16(&l->h_sorted_map, l->h_sorted, act_rows, c->intermediate_size,
+                        CUDA_WGMMA_BLOCK_M);
   return MOE_SUCCESS;
+}
+
+/* Rows per expert from which a forward takes the wgmma path (by default):
+ * one full 128-row block per touched expert on average, below which most of
+ * a 128-row tile multiplies padding. A first guess, to be tuned on the GPU
+ * (bench/cuda_notes.md). */
+#define CUDA_WGMMA_MIN_ROWS_PER_EXPERT 128
+
+/* MOE_CUDA_PREFILL: "wgmma" forces the path wherever it can run, "mma"
+ * keeps it off; read at every forward, so that a test or sweep can switch
+ * it in one process. */
+static bool take_wgmma(const cuda_layer *l, int64_t slots, const void *x) {
+  if (!l->wgmma_ready || ((uintptr_t)x & 15u) != 0) return false;
+  const char *env = getenv("MOE_CUDA_PREFILL");
+  if (env && strcmp(env, "mma") == 0) return false;
+  if (env && strcmp(env, "wgmma") == 0) return true;
+  const int64_t EL = l->cfg.num_local_experts;
+  const int64_t touched = slots < EL ? slots : EL;
+  const int64_t rows_per_expert = (slots + touched - 1) / (touched > 0 ? touched : 1);
+  return rows_per_expert >= CUDA_WGMMA_MIN_ROWS_PER_EXPERT;
+}
+
+/* Permute, GEMM1 and GEMM2 of the wgmma path, after align ran with
+ * CUDA_WGMMA_BLOCK_M; leaves y as the mma.sync path does. */
+static moe_status wgmma_forward(const cuda_state *st, const cuda_layer *l, int64_t T,
+                                const void *x) {
+  const moe_config *c = &l->cfg;
+  const int64_t H = c->hidden_size, I = c->intermediate_size, slots = T * c->top_k;
+  const int32_t EL = c->num_local_experts;
+  const int64_t touched = slots < EL ? slots : EL;
+  /* >= num_tokens_post_padded (as padded_rows_bound in grouped_gemm.cu). */
+  const int64_t rows_bound = slots + (int64_t)(CUDA_WGMMA_BLOCK_M - 1) * touched;
+  CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
+                              l->num_tokens_post_padded, slots, c->top_k, rows_bound));
+  const bool weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+  cuda_wgmma_gemm g1;
+  memset(&g1, 0, sizeof g1);
+  g1.a_map = &l->xs_map;
+  g1.bn = cuda_wgmma_pick_bn(st, rows_bound, 2 * I);
+  g1.b_map = &l->w13_map[g1.bn == 256 ? 1 : 0];
+  g1.sorted_token_ids = l->sorted_token_ids;
+  g1.expert_ids = l->expert_ids;
+  g1.num_tokens_post_padded = l->num_tokens_post_padded;
+  g1.topk_weights = l->topk_weights;
+  g1.bias = l->w13_bias;
+  g1.c = l->h_sorted;
+  g1.ldc = I;
+  g1.num_slots = slots;
+  g1.rows_bound = rows_bound;
+  g1.num_local_experts = EL;
+  g1.n = (int32_t)(2 * I);
+  g1.k = (int32_t)H;
+  g1.block_m = CUDA_WGMMA_BLOCK_M;
+  g1.routed_weight =
+      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
+  g1.epilogue = CUDA_EPILOGUE_GLU;
+  g1.activation = c->activation;
+  g1.alpha = c->swiglu_alpha;
+  g1.limit = c->swiglu_limit;
+  CUDA_TRY(cuda_wgmma_gemm_run(st, &g1));
+
+  cuda_wgmma_gemm g2 = g1;
+  g2.a_map = &l->h_sorted_map;
+  g2.bn = cuda_wgmma_pick_bn(st, rows_bound, H);
+  g2.b_map = &l->w2_map[g2.bn == 256 ? 1 : 0];
+  g2.bias = l->w2_bias;
+  g2.c = l->y;
+  g2.ldc = H;
+  g2.n = (int32_t)H;
+  g2.k = (int32_t)I;
+  g2.routed_weight =
+      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
+  g2.epilogue = CUDA_EPILOGUE_STORE;
+  return cuda_wgmma_gemm_run(st, &g2);
+}
+
+/* out[t] = sum over t's local slots of y[slot] (weights already applied). */
+static moe_status reduce_y(const cuda_state *st, const cuda_layer *l, int64_t T, void *out) {
+  const moe_config *c = &l->cfg;
+  moe_reduce_args reduce;
+  memset(&reduce, 0, sizeof reduce);
+  reduce.num_tokens = T;
+  reduce.top_k = c->top_k;
+  reduce.hidden_size = c->hidden_size;
+  reduce.y = l->y;
+  reduce.topk_weights = NULL; /* applied in GEMM2 (or on the input) */
+  reduce.topk_ids = l->expert_map ? l->topk_ids : NULL;
+  reduce.expert_map = l->expert_map;
+  reduce.num_experts = c->num_experts;
+  reduce.num_local_experts = c->num_local_experts;
+  reduce.out = out;
+  return cuda_topk_reduce(st, &reduce);
 }
 
 static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const void *x,
@@ -401,7 +557,8 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   const int64_t H = c->hidden_size, I = c->intermediate_size;
   const int32_t k = c->top_k, EL = c->num_local_experts;
   const int64_t slots = T * k;
-  const int32_t BM = cuda_gemm_pick_block_m(st, slots, EL, 2 * I, H);
+  const bool wgmma = take_wgmma(l, slots, x);
+  const int32_t BM = wgmma ? CUDA_WGMMA_BLOCK_M : cuda_gemm_pick_block_m(st, slots, EL, 2 * I, H);
 
   moe_route_args route;
   memset(&route, 0, sizeof route);
@@ -434,6 +591,11 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   align.expert_ids = l->expert_ids;
   align.num_tokens_post_padded = l->num_tokens_post_padded;
   CUDA_TRY(cuda_route_align(st, &route, &align, l->align_scratch));
+
+  if (wgmma) {
+    CUDA_TRY(wgmma_forward(st, l, T, x));
+    return reduce_y(st, l, T, out);
+  }
 
   const bool weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
   cuda_gemm g1;
@@ -483,20 +645,7 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
       weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
   g2.epilogue = CUDA_EPILOGUE_STORE;
   CUDA_TRY(cuda_gemm_run(st, &g2));
-
-  moe_reduce_args reduce;
-  memset(&reduce, 0, sizeof reduce);
-  reduce.num_tokens = T;
-  reduce.top_k = k;
-  reduce.hidden_size = H;
-  reduce.y = l->y;
-  reduce.topk_weights = NULL; /* applied in GEMM2 (or on the input) */
-  reduce.topk_ids = l->expert_map ? l->topk_ids : NULL;
-  reduce.expert_map = l->expert_map;
-  reduce.num_experts = c->num_experts;
-  reduce.num_local_experts = EL;
-  reduce.out = out;
-  return cuda_topk_reduce(st, &reduce);
+  return reduce_y(st, l, T, out);
 }
 
 /* ---- the table ---------------------------------------------------------- */

@@ -20,6 +20,10 @@ struct cuda_state {
   int sm_count;
   bool pdl; /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
                (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
+  /* Compute capability, and whether the sm_90a prefill path (gemm_wgmma.cu)
+   * can run here. */
+  int cc_major, cc_minor;
+  bool wgmma;
 };
 
 /* Maps a CUDA error to a status and a message naming what failed. */
@@ -160,5 +164,71 @@ moe_status cuda_repack_w13(const cuda_state *st, const __nv_bfloat16 *src, __nv_
 /* Transposes an [rows][cols] bf16 matrix into [cols][rows]. */
 moe_status cuda_transpose(const cuda_state *st, const __nv_bfloat16 *src, __nv_bfloat16 *dst,
                           int64_t rows, int64_t cols);
+
+/* ---- Hopper prefill: wgmma fed by TMA (gemm_wgmma.cu) ------------------ */
+
+/* Rows of one CTA of the wgmma GEMMs; align runs with this block_m on that
+ * path (== CUDA_GEMM_MAX_BLOCK_M, so the workspace's align capacity holds). */
+#define CUDA_WGMMA_BLOCK_M 128
+
+/* The 128 opaque bytes of a CUtensorMap, as plain words: a struct holding
+ * one then needs no 64-byte alignment (the launch passes a copy). */
+struct cuda_tma_map {
+  uint64_t words[16];
+};
+
+/* Whether this build holds sm_90a code for a device of this compute
+ * capability (only 9.0 runs sm_90a code). */
+bool cuda_wgmma_available(int cc_major, int cc_minor);
+
+/* Raises the shared-memory limit of the wgmma kernels on the current device;
+ * false (errors cleared) when the device refuses. */
+bool cuda_wgmma_init(void);
+
+/* Encodes a TMA map over a row-major bf16 matrix [rows][cols]: boxes of 64
+ * columns (128 bytes, 128-byte swizzle) by box_rows rows, zeros outside.
+ * false when the driver has no encoder or refuses the shape (cols must be a
+ * multiple of 8, base 16-byte aligned); nothing is reported as an error. */
+bool cuda_tma_map_bf16(cuda_tma_map *map, const void *base, int64_t rows, int64_t cols,
+                       int box_rows);
+
+/* The column tile (128 or 256; MOE_CUDA_WGMMA_BN forces one) for a GEMM of
+ * at most rows_bound sorted rows and n columns. B maps are encoded with
+ * this many rows per box. */
+int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n);
+
+/* xs[p] = x[sorted_token_ids[p] / top_k] for p < *ntpp (at most
+ * rows_bound), zeros for padding rows. hidden % 8 == 0, 16-byte aligned. */
+moe_status cuda_wgmma_permute(const cuda_state *st, const __nv_bfloat16 *x, __nv_bfloat16 *xs,
+                              int64_t hidden, const int32_t *sorted_token_ids, const int32_t *ntpp,
+                              int64_t num_slots, int32_t top_k, int64_t rows_bound);
+
+/* One grouped GEMM of the wgmma path: A rows in sorted order (a_map, box
+ * 64 x 128), B = [EL][n][k] (b_map, box 64 x bn). GLU writes
+ * c[p][col / 2] for every sorted row p of a local block (zeros for padding
+ * rows); STORE writes c[slot][col] for real rows only. */
+struct cuda_wgmma_gemm {
+  const cuda_tma_map *a_map;
+  const cuda_tma_map *b_map;
+  int bn;
+  const int32_t *sorted_token_ids;
+  const int32_t *expert_ids;
+  const int32_t *num_tokens_post_padded;
+  const float *topk_weights;
+  const float *bias; /* [EL][n] or NULL */
+  __nv_bfloat16 *c;
+  int64_t ldc;
+  int64_t num_slots;
+  int64_t rows_bound; /* >= *num_tokens_post_padded */
+  int32_t num_local_experts;
+  int32_t n, k;
+  int32_t block_m; /* align's; must be CUDA_WGMMA_BLOCK_M */
+  moe_gemm_routed_weight routed_weight;
+  cuda_epilogue epilogue;
+  moe_activation activation;
+  float alpha, limit;
+};
+
+moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g);
 
 #endif /* MOE_CUDA_INTERNAL_CUH */

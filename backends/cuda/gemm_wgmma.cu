@@ -1,0 +1,637 @@
+/*
+ * gemm_wgmma.cu - the Hopper (sm_90a) prefill path of the layer forward:
+ * token rows permuted once into expert-sorted order, then both grouped BF16
+ * GEMMs on warpgroup MMA (wgmma) fed by the tensor memory accelerator (TMA).
+ *
+ * Data flow (cuda_backend.cu's forward, when it takes this path):
+ *   align with block_m 128
+ *   -> permute: xs[p] = x[sorted[p] / top_k] for p < *num_tokens_post_padded,
+ *      zeros for padding rows;
+ *   -> GEMM1: h_sorted[p][i] = act(gate, up) of xs[p] @ w13[e]^T (w13 rows
+ *      interleave gate/up), bias and the input-side routed weight first;
+ *   -> GEMM2: y[slot] = h_sorted[p] @ w2[e]^T + bias, routed weight, stored
+ *      by slot for real rows only;
+ *   -> the reduce of the mma.sync path, unchanged.
+ * Both operands of both GEMMs are then plain row-major tiles that TMA loads.
+ *
+ * GEMM kernel (wgmma_gemm_kernel<BN, STAGES, EPILOGUE>):
+ *   - One CTA per (128-row block, BN-column tile). A 128-row block is one
+ *     align block, so one expert: expert_ids[m_tile]. CTAs whose block starts
+ *     at or past *num_tokens_post_padded, or whose expert is not local, exit
+ *     at once: the grid is sized on the host by a bound, and the real count
+ *     is read only on the device (no host synchronization).
+ *   - 384 threads in three warpgroups. Warpgroup 0 produces: one thread
+ *     issues the TMA loads, and the warpgroup hands registers back
+ *     (setmaxnreg.dec). Warpgroups 1 and 2 consume: each owns 64 rows x BN of
+ *     the tile as m64nBNk16 fp32 accumulators in registers (setmaxnreg.inc).
+ *   - K advances in 64-element (128-byte) tiles through a ring of STAGES
+ *     shared-memory stages, each holding A (128 x 64) and B (BN x 64) as TMA
+ *     wrote them with the 128-byte swizzle that the wgmma descriptors read.
+ *     full[s] completes when both loads of stage s have landed (expect_tx);
+ *     empty[s] when all 8 consumer warps have finished the wgmmas reading
+ *     it (after wgmma.wait_group), so the producer may overwrite it. Each
+ *     consumer keeps one k-tile of wgmmas in flight while it waits for the
+ *     next stage.
+ *   - TMA zero-fills outside each tensor: K past its end contributes 0 (K
+ *     needs only be a multiple of 8, for 16-byte row strides), B rows past
+ *     the last expert are 0. A tile's B rows that run past one expert's n
+ *     rows into the next expert's only produce columns >= n, never stored.
+ *   - The epilogue works straight from the accumulator registers: a thread
+ *     holds column pairs (2c, 2c+1) of two rows, which is exactly a gate/up
+ *     pair of the interleaved w13. GLU: bias, routed weight, activation into
+ *     h_sorted[p][c]; padding rows get zeros, so GEMM2 never reads
+ *     uninitialized memory. STORE: bias, routed weight, a bf16 pair into
+ *     y[slot][2c] for real rows only.
+ *   - CTAs are rasterized in groups of 8 row blocks per column tile (as in
+ *     grouped_gemm.cu), so that CTAs running together share B tiles in L2.
+ *
+ * Not done yet, for when the GPU numbers say where the time goes: a
+ * persistent grid walking (block, tile) pairs, so that one tile's epilogue
+ * and the next tile's first loads overlap (the launch-per-tile grid here
+ * exposes both once per tile); an epilogue staged through shared memory
+ * (wider stores, or TMA stores); consumer warpgroups on alternating tiles
+ * (ping-pong); 2-CTA clusters multicasting B.
+ *
+ * Tensor maps (CUtensorMap) are encoded on the host by the driver's
+ * cuTensorMapEncodeTiled, reached through cudaGetDriverEntryPointByVersion:
+ * the library links the static runtime and never libcuda, so that it still
+ * loads on a machine without a driver. <cuda.h> is included for types only.
+ *
+ * The device code exists only in the sm_90a compilation (wgmma and
+ * setmaxnreg are sm_90a instructions); other targets compile a kernel body
+ * that traps. The host takes the path only when the build holds sm_90a code
+ * (MOE_CUDA_SM90A, set by CMake) and the device is compute capability 9.0.
+ */
+#include "activation_math.cuh"
+#include "cuda_internal.cuh"
+
+#include <cuda.h>
+#include <cudaTypedefs.h>
+
+#include <limits.h>
+#include <stdlib.h>
+#include <string.h>
+
+typedef __nv_bfloat16 bf16;
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900) && defined(__CUDA_ARCH_FEAT_SM90_ALL)
+#define MOE_WGMMA_DEVICE 1
+#endif
+
+static_assert(sizeof(cuda_tma_map) == sizeof(CUtensorMap), "cuda_tma_map holds one CUtensorMap");
+
+/* ---- shape -------------------------------------------------------------- */
+
+#define WG_BM CUDA_WGMMA_BLOCK_M /* rows per CTA == align's block_m */
+#define WG_BK 64                 /* K per stage: 128 bytes, one swizzle row */
+#define WG_THREADS 384           /* producer + 2 consumer warpgroups */
+#define WG_CONSUMER_WARPS 8      /* arrivals that free a stage */
+/* Registers per thread after setmaxnreg: 128 * 40 + 256 * 232 = 64512 of
+ * the 65536 of an SM (one CTA per SM). Multiples of 8, as setmaxnreg needs. */
+#define WG_PRODUCER_REGS 40
+#define WG_CONSUMER_REGS 232
+
+template <int BN, int STAGES> struct wg_shape {
+  static constexpr int A_BYTES = WG_BM * WG_BK * 2;
+  static constexpr int B_BYTES = BN * WG_BK * 2;
+  static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
+  /* + 1024: the dynamic shared memory base is aligned up to 1024 bytes in
+   * the kernel (the 128-byte swizzle repeats every 8 rows = 1024 bytes, and
+   * TMA and the descriptors assume stages start on that period). */
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+  static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "stages keep 1024-byte alignment");
+  static_assert(BN == 128 || BN == 256, "wgmma n of the instantiated wrappers");
+  static_assert(BN <= 256, "a TMA box has at most 256 rows");
+};
+
+/* The two tiles: BN 256 with 4 stages (48 KB each), BN 128 with 6 (32 KB
+ * each): 192 KB of the 227 KB an H100/H200 block may take either way. */
+#define WG_STAGES_256 4
+#define WG_STAGES_128 6
+
+/* ---- kernel parameters -------------------------------------------------- */
+
+struct wgmma_params {
+  const int32_t *sorted_token_ids;
+  const int32_t *expert_ids; /* one per 128-row block */
+  const int32_t *num_tokens_post_padded;
+  const float *topk_weights;
+  const float *bias; /* [EL][n] or NULL */
+  bf16 *c;
+  int64_t ldc;
+  int64_t num_slots;
+  int32_t num_local_experts;
+  int32_t n; /* B rows per expert = output columns */
+  int32_t k;
+  int32_t m_tiles, n_tiles;
+  moe_gemm_routed_weight routed_weight;
+  moe_activation activation;
+  float alpha, limit;
+};
+
+__device__ __forceinline__ float wg_apply_routed(float acc, float bias, float weight,
+                                                 moe_gemm_routed_weight mode) {
+  switch (mode) {
+  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
+    return weight * acc + bias;
+  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
+    return weight * (acc + bias);
+  default:
+    return acc + bias;
+  }
+}
+
+#ifdef MOE_WGMMA_DEVICE
+/* ---- PTX wrappers (sm_90a) ---------------------------------------------- */
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+
+/* Makes the initialized barriers visible to the async proxy (TMA) too. */
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+/* One arrival, and bytes of TMA traffic the phase must also wait for. */
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+/* Waits until the phase of the given parity has completed. A fresh barrier
+ * is in phase 0, so waiting for parity 1 returns at once: the producer's
+ * first pass over the ring does not wait for empty stages. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n"
+                 "}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  } while (!done);
+}
+
+/* TMA: the box at (c0 = column, c1 = row) of map into shared memory at dst,
+ * completing bytes on bar. */
+__device__ __forceinline__ void tma_load_2d(uint32_t dst, const CUtensorMap *map, uint32_t bar,
+                                            int32_t c0, int32_t c1) {
+  asm volatile("cp.async.bulk.tensor.2d.shared::cluster.global.tile.mbarrier::complete_tx::bytes"
+               " [%0], [%1, {%3, %4}], [%2];\n" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(map)), "r"(bar), "r"(c0), "r"(c1)
+               : "memory");
+}
+
+__device__ __forceinline__ void tma_prefetch_map(const CUtensorMap *map) {
+  asm volatile("prefetch.tensormap [%0];\n" ::"l"(reinterpret_cast<uint64_t>(map)) : "memory");
+}
+
+template <int REGS> __device__ __forceinline__ void setmaxnreg_dec() {
+  asm volatile("setmaxnreg.dec.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+template <int REGS> __device__ __forceinline__ void setmaxnreg_inc() {
+  asm volatile("setmaxnreg.inc.sync.aligned.u32 %0;\n" ::"n"(REGS));
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory");
+}
+template <int PENDING> __device__ __forceinline__ void wgmma_wait() {
+  asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(PENDING) : "memory");
+}
+
+/* Keeps the compiler from moving accumulator reads or writes across the
+ * point where the asynchronous wgmmas are known complete. */
+template <int N> __device__ __forceinline__ void fence_registers(float (&r)[N]) {
+#pragma unroll
+  for (int i = 0; i < N; ++i)
+    asm volatile("" : "+f"(r[i])::"memory");
+}
+
+/*
+ * Shared-memory matrix descriptor of a K-major tile that TMA wrote with the
+ * 128-byte swizzle (PTX ISA, "matrix descriptor format"):
+ *   bits  0-13  start address >> 4
+ *   bits 16-29  leading byte offset >> 4: unused for swizzled K-major
+ *               layouts (the K extent of one wgmma, 16 elements = 32 bytes,
+ *               lies inside one 128-byte row); 1 by convention
+ *   bits 32-45  stride byte offset >> 4: 8-row groups are 1024 bytes apart
+ *   bits 49-51  base offset: 0, stages are 1024-byte aligned
+ *   bits 62-63  layout type: 1 = 128-byte swizzle
+ * A k16 step inside the 64-wide tile advances the start address by 32
+ * bytes (2 in the field); the swizzle is applied on the absolute address
+ * bits, the same way TMA applied it.
+ */
+__device__ __forceinline__ uint64_t smem_desc(uint32_t addr) {
+  return (uint64_t)((addr & 0x3FFFFu) >> 4) | ((uint64_t)1 << 16) | ((uint64_t)(1024 >> 4) << 32) |
+         ((uint64_t)1 << 62);
+}
+
+/*
+ * D[64 x N] += A[64 x 16] * B[N x 16]^T, A and B K-major in shared memory
+ * (descriptors), D fp32 in registers. Register j of a thread (warp w of the
+ * warpgroup, lane l) holds row 16 w + l / 4 + 8 ((j / 2) % 2), column
+ * 8 (j / 4) + 2 (l % 4) + j % 2. The predicate scale-d is 1: accumulate.
+ */
+// clang-format off
+__device__ __forceinline__ void wgmma_m64n128k16(float (&d)[64], uint64_t a, uint64_t b) {
+  asm volatile("{\n"
+               ".reg .pred p;\n"
+               "setp.ne.b32 p, %66, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 "
+               "{"
+               "%0, %1, %2, %3, %4, %5, %6, %7, "
+               "%8, %9, %10, %11, %12, %13, %14, %15, "
+               "%16, %17, %18, %19, %20, %21, %22, %23, "
+               "%24, %25, %26, %27, %28, %29, %30, %31, "
+               "%32, %33, %34, %35, %36, %37, %38, %39, "
+               "%40, %41, %42, %43, %44, %45, %46, %47, "
+               "%48, %49, %50, %51, %52, %53, %54, %55, "
+               "%56, %57, %58, %59, %60, %61, %62, %63"
+               "}, %64, %65, p, 1, 1, 0, 0;\n"
+               "}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                 "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                 "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                 "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                 "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                 "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                 "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                 "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+               : "l"(a), "l"(b), "r"(1));
+}
+
+__device__ __forceinline__ void wgmma_m64n256k16(float (&d)[128], uint64_t a, uint64_t b) {
+  asm volatile("{\n"
+               ".reg .pred p;\n"
+               "setp.ne.b32 p, %130, 0;\n"
+               "wgmma.mma_async.sync.aligned.m64n256k16.f32.bf16.bf16 "
+               "{"
+               "%0, %1, %2, %3, %4, %5, %6, %7, "
+               "%8, %9, %10, %11, %12, %13, %14, %15, "
+               "%16, %17, %18, %19, %20, %21, %22, %23, "
+               "%24, %25, %26, %27, %28, %29, %30, %31, "
+               "%32, %33, %34, %35, %36, %37, %38, %39, "
+               "%40, %41, %42, %43, %44, %45, %46, %47, "
+               "%48, %49, %50, %51, %52, %53, %54, %55, "
+               "%56, %57, %58, %59, %60, %61, %62, %63, "
+               "%64, %65, %66, %67, %68, %69, %70, %71, "
+               "%72, %73, %74, %75, %76, %77, %78, %79, "
+               "%80, %81, %82, %83, %84, %85, %86, %87, "
+               "%88, %89, %90, %91, %92, %93, %94, %95, "
+               "%96, %97, %98, %99, %100, %101, %102, %103, "
+               "%104, %105, %106, %107, %108, %109, %110, %111, "
+               "%112, %113, %114, %115, %116, %117, %118, %119, "
+               "%120, %121, %122, %123, %124, %125, %126, %127"
+               "}, %128, %129, p, 1, 1, 0, 0;\n"
+               "}\n"
+               : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]),
+                 "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]),
+                 "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]),
+                 "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]),
+                 "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]),
+                 "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]),
+                 "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]),
+                 "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]),
+                 "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]),
+                 "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]),
+                 "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63]), "+f"(d[64]), "+f"(d[65]),
+                 "+f"(d[66]), "+f"(d[67]), "+f"(d[68]), "+f"(d[69]), "+f"(d[70]), "+f"(d[71]),
+                 "+f"(d[72]), "+f"(d[73]), "+f"(d[74]), "+f"(d[75]), "+f"(d[76]), "+f"(d[77]),
+                 "+f"(d[78]), "+f"(d[79]), "+f"(d[80]), "+f"(d[81]), "+f"(d[82]), "+f"(d[83]),
+                 "+f"(d[84]), "+f"(d[85]), "+f"(d[86]), "+f"(d[87]), "+f"(d[88]), "+f"(d[89]),
+                 "+f"(d[90]), "+f"(d[91]), "+f"(d[92]), "+f"(d[93]), "+f"(d[94]), "+f"(d[95]),
+                 "+f"(d[96]), "+f"(d[97]), "+f"(d[98]), "+f"(d[99]), "+f"(d[100]), "+f"(d[101]),
+                 "+f"(d[102]), "+f"(d[103]), "+f"(d[104]), "+f"(d[105]), "+f"(d[106]), "+f"(d[107]),
+                 "+f"(d[108]), "+f"(d[109]), "+f"(d[110]), "+f"(d[111]), "+f"(d[112]), "+f"(d[113]),
+                 "+f"(d[114]), "+f"(d[115]), "+f"(d[116]), "+f"(d[117]), "+f"(d[118]), "+f"(d[119]),
+                 "+f"(d[120]), "+f"(d[121]), "+f"(d[122]), "+f"(d[123]), "+f"(d[124]), "+f"(d[125]),
+                 "+f"(d[126]), "+f"(d[127])
+               : "l"(a), "l"(b), "r"(1));
+}
+// clang-format on
+
+template <int BN>
+__device__ __forceinline__ void wgmma_k16(float (&d)[BN / 2], uint64_t a, uint64_t b) {
+  if constexpr (BN == 256)
+    wgmma_m64n256k16(d, a, b);
+  else
+    wgmma_m64n128k16(d, a, b);
+}
+#endif /* MOE_WGMMA_DEVICE */
+
+/* ---- the GEMM kernel ---------------------------------------------------- */
+
+template <int BN, int STAGES, int EPILOGUE>
+__global__ void __launch_bounds__(WG_THREADS, 1)
+    wgmma_gemm_kernel(const __grid_constant__ CUtensorMap a_map,
+                      const __grid_constant__ CUtensorMap b_map, const wgmma_params p) {
+#ifdef MOE_WGMMA_DEVICE
+  typedef wg_shape<BN, STAGES> S;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[STAGES];
+  __shared__ __align__(8) uint64_t empty_bar[STAGES];
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
+
+  /* Grouped raster: GROUP_M row blocks take each column tile in turn. */
+  constexpr int GROUP_M = 8;
+  const int64_t tile_index = blockIdx.x;
+  const int64_t group_tiles = (int64_t)GROUP_M * p.n_tiles;
+  const int first_m = (int)(tile_index / group_tiles) * GROUP_M;
+  const int group_m = min(p.m_tiles - first_m, GROUP_M);
+  const int64_t in_group = tile_index % group_tiles;
+  const int m_tile = first_m + (int)(in_group % group_m);
+  const int n_tile = (int)(in_group / group_m);
+  const int64_t m0 = (int64_t)m_tile * WG_BM;
+  const int n0 = n_tile * BN;
+  /* Uniform over the CTA, so the early exits come before any barrier. */
+  if (m0 >= *p.num_tokens_post_padded) return;
+  const int expert = p.expert_ids[m_tile];
+  if (expert < 0 || expert >= p.num_local_experts) return;
+
+  const uint32_t smem = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < STAGES; ++s) {
+      mbar_init(smem_addr(&full_bar[s]), 1);
+      mbar_init(smem_addr(&empty_bar[s]), WG_CONSUMER_WARPS);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+
+  const int k_tiles = (p.k + WG_BK - 1) / WG_BK;
+  const int warpgroup = threadIdx.x / 128;
+  if (warpgroup == 0) {
+    /* Producer. No barrier involving the whole CTA follows, so the other
+     * 127 threads may simply finish. */
+    setmaxnreg_dec<WG_PRODUCER_REGS>();
+    if (threadIdx.x == 0) {
+      tma_prefetch_map(&a_map);
+      tma_prefetch_map(&b_map);
+      const int32_t b_row = expert * p.n + n0; /* host checked EL * n + BN < 2^31 */
+      int s = 0;
+      uint32_t phase = 0;
+      for (int kt = 0; kt < k_tiles; ++kt) {
+        mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
+        const uint32_t full = smem_addr(&full_bar[s]);
+        const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
+        mbar_arrive_expect_tx(full, S::STAGE_BYTES);
+        tma_load_2d(stage, &a_map, full, kt * WG_BK, (int32_t)m0);
+        tma_load_2d(stage + S::A_BYTES, &b_map, full, kt * WG_BK, b_row);
+        if (++s == STAGES) {
+          s = 0;
+          phase ^= 1u;
+        }
+      }
+    }
+  } else {
+    setmaxnreg_inc<WG_CONSUMER_REGS>();
+    const int wg = warpgroup - 1; /* rows 64 wg .. 64 wg + 63 of the tile */
+    const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
+    float acc[BN / 2];
+#pragma unroll
+    for (int i = 0; i < BN / 2; ++i)
+      acc[i] = 0.0f;
+    const uint64_t desc_a = smem_desc(smem + (uint32_t)(wg * 64 * WG_BK * 2));
+    const uint64_t desc_b = smem_desc(smem + (uint32_t)S::A_BYTES);
+    int s = 0, prev = 0;
+    uint32_t phase = 0;
+    for (int kt = 0; kt < k_tiles; ++kt) {
+      mbar_wait(smem_addr(&full_bar[s]), phase);
+      const uint64_t stage = (uint64_t)((s * S::STAGE_BYTES) >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < WG_BK / 16; ++kk)
+        wgmma_k16<BN>(acc, desc_a + stage + 2 * kk, desc_b + stage + 2 * kk);
+      wgmma_commit();
+      /* The previous k-tile's wgmmas are done: its stage may be refilled. */
+      wgmma_wait<1>();
+      if (kt > 0 && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
+      prev = s;
+      if (++s == STAGES) {
+        s = 0;
+        phase ^= 1u;
+      }
+    }
+    wgmma_wait<0>();
+    fence_registers(acc);
+
+    /* Epilogue: this thread's rows are r and r + 8 of the tile. */
+    const int r = wg * 64 + warp * 16 + (lane >> 2);
+    int64_t pos[2];
+    int32_t slot[2];
+    bool real[2];
+    float weight[2];
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      pos[h] = m0 + r + 8 * h;
+      slot[h] = p.sorted_token_ids[pos[h]];
+      real[h] = slot[h] >= 0 && slot[h] < p.num_slots;
+      weight[h] = real[h] && p.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE
+                      ? p.topk_weights[slot[h]]
+                      : 1.0f;
+    }
+    const float *bias = p.bias ? p.bias + (int64_t)expert * p.n : NULL;
+#pragma unroll
+    for (int j = 0; j < BN / 8; ++j) {
+      const int col = n0 + 8 * j + 2 * (lane & 3);
+      if (col >= p.n) continue; /* n % 8 == 0: col + 1 < n too */
+      const float b0 = bias ? bias[col] : 0.0f, b1 = bias ? bias[col + 1] : 0.0f;
+#pragma unroll
+      for (int h = 0; h < 2; ++h) {
+        const float v0 = wg_apply_routed(acc[4 * j + 2 * h], b0, weight[h], p.routed_weight);
+        const float v1 = wg_apply_routed(acc[4 * j + 2 * h + 1], b1, weight[h], p.routed_weight);
+        if (EPILOGUE == CUDA_EPILOGUE_GLU) {
+          /* Columns 2c, 2c+1 are gate c and up c: h_sorted[p][c]. */
+          const float v =
+              real[h] ? cuda_gated_activation(p.activation, p.alpha, p.limit, v0, v1) : 0.0f;
+          p.c[pos[h] * p.ldc + col / 2] = __float2bfloat16_rn(v);
+        } else if (real[h]) {
+          *(__nv_bfloat162 *)(p.c + (int64_t)slot[h] * p.ldc + col) = __floats2bfloat162_rn(v0, v1);
+        }
+      }
+    }
+  }
+#else
+  __trap(); /* the host launches this only where sm_90a code runs */
+#endif
+}
+
+/* ---- the row permute ---------------------------------------------------- */
+
+/* xs[p] = x[sorted[p] / top_k] for p < min(*ntpp, rows_cap), zeros for
+ * padding rows; a block per row at a time, 16-byte chunks over the row. */
+__global__ void wgmma_permute_kernel(const bf16 *x, bf16 *xs, int64_t hidden,
+                                     const int32_t *sorted_token_ids, const int32_t *ntpp,
+                                     int64_t num_slots, int32_t top_k, int64_t rows_cap) {
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
+  const int64_t rows = min((int64_t)*ntpp, rows_cap);
+  const int64_t chunks = hidden / 8;
+  for (int64_t p = blockIdx.x; p < rows; p += gridDim.x) {
+    const int32_t slot = sorted_token_ids[p];
+    const bool real = slot >= 0 && slot < num_slots;
+    const uint4 *src = (const uint4 *)(x + (real ? (int64_t)(slot / top_k) : 0) * hidden);
+    uint4 *dst = (uint4 *)(xs + p * hidden);
+    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x)
+      dst[c] = real ? __ldg(src + c) : make_uint4(0u, 0u, 0u, 0u);
+  }
+}
+
+/* ---- host side ---------------------------------------------------------- */
+
+bool cuda_wgmma_available(int cc_major, int cc_minor) {
+#if defined(MOE_CUDA_SM90A)
+  return cc_major == 9 && cc_minor == 0;
+#else
+  (void)cc_major;
+  (void)cc_minor;
+  return false;
+#endif
+}
+
+template <int BN, int STAGES, int EPILOGUE> static bool set_smem_limit() {
+  const cudaError_t err = cudaFuncSetAttribute(wgmma_gemm_kernel<BN, STAGES, EPILOGUE>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               wg_shape<BN, STAGES>::SMEM_BYTES);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err == cudaSuccess;
+}
+
+bool cuda_wgmma_init(void) {
+  return set_smem_limit<256, WG_STAGES_256, CUDA_EPILOGUE_GLU>() &&
+         set_smem_limit<256, WG_STAGES_256, CUDA_EPILOGUE_STORE>() &&
+         set_smem_limit<128, WG_STAGES_128, CUDA_EPILOGUE_GLU>() &&
+         set_smem_limit<128, WG_STAGES_128, CUDA_EPILOGUE_STORE>();
+}
+
+/* cuTensorMapEncodeTiled from the driver, or NULL (no driver, or one older
+ * than CUDA 12.0). Looked up once. */
+static PFN_cuTensorMapEncodeTiled_v12000 encode_tiled(void) {
+  static const PFN_cuTensorMapEncodeTiled_v12000 fn = [] {
+    void *entry = NULL;
+    cudaDriverEntryPointQueryResult found = cudaDriverEntryPointSymbolNotFound;
+    const cudaError_t err = cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &entry,
+                                                             12000, cudaEnableDefault, &found);
+    if (err != cudaSuccess || found != cudaDriverEntryPointSuccess) {
+      cudaGetLastError();
+      entry = NULL;
+    }
+    return (PFN_cuTensorMapEncodeTiled_v12000)entry;
+  }();
+  return fn;
+}
+
+bool cuda_tma_map_bf16(cuda_tma_map *out, const void *base, int64_t rows, int64_t cols,
+                       int box_rows) {
+  const PFN_cuTensorMapEncodeTiled_v12000 encode = encode_tiled();
+  if (!encode || !base || ((uintptr_t)base & 15u) != 0 || rows <= 0 || cols <= 0 || cols % 8 != 0 ||
+      rows > ((int64_t)1 << 32) || cols > ((int64_t)1 << 32) || box_rows <= 0 || box_rows > 256)
+    return false;
+  CUtensorMap map; /* the type is 64-byte aligned, as the encoder needs */
+  const cuuint64_t dims[2] = {(cuuint64_t)cols, (cuuint64_t)rows};
+  const cuuint64_t strides[1] = {(cuuint64_t)cols * sizeof(bf16)}; /* bytes, multiple of 16 */
+  const cuuint32_t box[2] = {WG_BK, (cuuint32_t)box_rows};
+  const cuuint32_t element_strides[2] = {1, 1};
+  const CUresult r =
+      encode(&map, CU_TENSOR_MAP_DATA_TYPE_BFLOAT16, 2, const_cast<void *>(base), dims, strides,
+             box, element_strides, CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
+             CU_TENSOR_MAP_L2_PROMOTION_L2_256B, CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE /* zeros */);
+  if (r != CUDA_SUCCESS) return false;
+  memcpy(out, &map, sizeof map);
+  return true;
+}
+
+int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n) {
+  const char *env = getenv("MOE_CUDA_WGMMA_BN");
+  if (env && strcmp(env, "128") == 0) return 128;
+  if (env && strcmp(env, "256") == 0) return 256;
+  /* The wide tile (twice the arithmetic intensity per shared-memory byte)
+   * unless it would leave SMs without a CTA. */
+  const int64_t m_tiles = (rows_bound + WG_BM - 1) / WG_BM;
+  return m_tiles * ((n + 255) / 256) >= st->sm_count ? 256 : 128;
+}
+
+moe_status cuda_wgmma_permute(const cuda_state *st, const bf16 *x, bf16 *xs, int64_t hidden,
+                              const int32_t *sorted_token_ids, const int32_t *ntpp,
+                              int64_t num_slots, int32_t top_k, int64_t rows_bound) {
+  const int64_t blocks = rows_bound < 65536 ? (rows_bound > 0 ? rows_bound : 1) : 65536;
+  const cudaError_t err =
+      cuda_launch(st, true, wgmma_permute_kernel, dim3((unsigned)blocks), dim3(256), 0, x, xs,
+                  hidden, sorted_token_ids, ntpp, num_slots, top_k, rows_bound);
+  if (err != cudaSuccess) return cuda_status(err, "wgmma_permute_kernel launch");
+  return cuda_launch_status("wgmma_permute_kernel");
+}
+
+template <int BN, int STAGES, int EPILOGUE>
+static cudaError_t launch_gemm(const cuda_state *st, unsigned ctas, const CUtensorMap &a,
+                               const CUtensorMap &b, const wgmma_params &p) {
+  return cuda_launch(st, true, wgmma_gemm_kernel<BN, STAGES, EPILOGUE>, dim3(ctas),
+                     dim3(WG_THREADS), (size_t)wg_shape<BN, STAGES>::SMEM_BYTES, a, b, p);
+}
+
+moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
+  if ((g->bn != 128 && g->bn != 256) || g->n <= 0 || g->k <= 0 || g->n % 8 != 0 || g->k % 8 != 0 ||
+      g->block_m != WG_BM)
+    return moe_set_error(MOE_ERROR_INTERNAL, "wgmma GEMM with bn %d, n %d, k %d, block_m %d", g->bn,
+                         g->n, g->k, g->block_m);
+  const int64_t m_tiles = (g->rows_bound + WG_BM - 1) / WG_BM;
+  const int64_t n_tiles = (g->n + g->bn - 1) / g->bn;
+  if (m_tiles <= 0) return MOE_SUCCESS;
+  if (m_tiles * n_tiles > INT_MAX)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "wgmma GEMM grid of %lld tiles is too large",
+                         (long long)(m_tiles * n_tiles));
+  wgmma_params p;
+  memset(&p, 0, sizeof p);
+  p.sorted_token_ids = g->sorted_token_ids;
+  p.expert_ids = g->expert_ids;
+  p.num_tokens_post_padded = g->num_tokens_post_padded;
+  p.topk_weights = g->topk_weights;
+  p.bias = g->bias;
+  p.c = g->c;
+  p.ldc = g->ldc;
+  p.num_slots = g->num_slots;
+  p.num_local_experts = g->num_local_experts;
+  p.n = g->n;
+  p.k = g->k;
+  p.m_tiles = (int32_t)m_tiles;
+  p.n_tiles = (int32_t)n_tiles;
+  p.routed_weight = g->routed_weight;
+  p.activation = g->activation;
+  p.alpha = g->alpha;
+  p.limit = g->limit;
+  CUtensorMap a, b;
+  memcpy(&a, g->a_map, sizeof a);
+  memcpy(&b, g->b_map, sizeof b);
+  const unsigned ctas = (unsigned)(m_tiles * n_tiles);
+  const bool glu = g->epilogue == CUDA_EPILOGUE_GLU;
+  cudaError_t err;
+  if (g->bn == 256)
+    err = glu ? launch_gemm<256, WG_STAGES_256, CUDA_EPILOGUE_GLU>(st, ctas, a, b, p)
+              : launch_gemm<256, WG_STAGES_256, CUDA_EPILOGUE_STORE>(st, ctas, a, b, p);
+  else
+    err = glu ? launch_gemm<128, WG_STAGES_128, CUDA_EPILOGUE_GLU>(st, ctas, a, b, p)
+              : launch_gemm<128, WG_STAGES_128, CUDA_EPILOGUE_STORE>(st, ctas, a, b, p);
+  if (err != cudaSuccess) return cuda_status(err, "wgmma_gemm_kernel launch");
+  return cuda_launch_status("wgmma_gemm_kernel");
+}

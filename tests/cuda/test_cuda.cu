@@ -504,3 +504,297 @@ Test(cuda, warp_routing_matches_host_and_reference_kernel) {
     free(w_ref);
   }
 }
+
+/* ---- the Hopper prefill path: wgmma fed by TMA ------------------------- */
+
+/* 1 where this binary's sm_90a code runs on the current device. The library
+ * is compiled for the same CUDA architectures as this file, so its wgmma
+ * kernels can run exactly where this probe reports 1. */
+__global__ void sm90a_probe_kernel(int *out) {
+#if defined(__CUDA_ARCH_FEAT_SM90_ALL)
+  *out = 1;
+#else
+  *out = 0;
+#endif
+}
+
+static bool sm90a_code_runs(void) {
+  th_ctx(); /* the context under test selects the device */
+  int *d_flag = NULL, flag = 0;
+  CUDA_OK(cudaMalloc(&d_flag, sizeof(int)));
+  sm90a_probe_kernel<<<1, 1>>>(d_flag);
+  CUDA_OK(cudaGetLastError());
+  CUDA_OK(cudaMemcpy(&flag, d_flag, sizeof flag, cudaMemcpyDeviceToHost));
+  CUDA_OK(cudaFree(d_flag));
+  return flag == 1;
+}
+
+static void require_sm90a(void) {
+  require_cuda();
+  if (!sm90a_code_runs()) {
+    cudaDeviceProp prop;
+    CUDA_OK(cudaGetDeviceProperties(&prop, 0));
+    cr_skip_test("the wgmma path needs a compute capability 9.0 device and sm_90a code in the "
+                 "build; device 0 (%s) is %d.%d",
+                 prop.name, prop.major, prop.minor);
+  }
+}
+
+/* Sets (value) or unsets (NULL) an environment variable until the end of
+ * the scope. */
+struct env_override {
+  const char *name;
+  char *saved;
+  env_override(const char *n, const char *value) : name(n), saved(NULL) {
+    const char *old = getenv(n);
+    if (old) saved = strdup(old);
+    if (value)
+      setenv(n, value, 1);
+    else
+      unsetenv(n);
+  }
+  ~env_override() {
+    if (saved)
+      setenv(name, saved, 1);
+    else
+      unsetenv(name);
+    free(saved);
+  }
+};
+
+/* A layer of d's data with its buffers, reserved for d's tokens. */
+struct layer_run {
+  moe_layer *layer;
+  moe_buffer *x, *logits, *out;
+  size_t out_bytes;
+};
+
+static layer_run layer_run_make(const th_layer_data *d) {
+  moe_context *ctx = th_ctx();
+  const int64_t T = d->num_tokens, H = d->cfg.hidden_size, E = d->cfg.num_experts;
+  layer_run r;
+  r.layer = NULL;
+  TH_OK(moe_layer_create(ctx, &d->cfg, &d->weights, &r.layer));
+  TH_OK(moe_layer_reserve(r.layer, T));
+  r.out_bytes = (size_t)(T * H) * 2;
+  r.x = th_upload(ctx, d->x, r.out_bytes);
+  r.logits = th_upload(ctx, d->logits, (size_t)(T * E) * sizeof(float));
+  r.out = th_output(ctx, r.out_bytes);
+  return r;
+}
+
+static void layer_run_free(layer_run *r) {
+  moe_buffer_destroy(r->x);
+  moe_buffer_destroy(r->logits);
+  moe_buffer_destroy(r->out);
+  moe_layer_destroy(r->layer);
+}
+
+/* Captures one forward into a CUDA graph (which also shows that it neither
+ * waits for the host nor allocates) and returns it; *wgmma tells whether a
+ * wgmma GEMM kernel is among its launches. */
+static cudaGraphExec_t capture_forward(layer_run *r, int64_t T, bool *wgmma) {
+  void *handle = NULL;
+  TH_OK(moe_cuda_context_stream(th_ctx(), &handle));
+  cudaStream_t stream = (cudaStream_t)handle;
+  cudaGraph_t graph;
+  CUDA_OK(cudaStreamBeginCapture(stream, cudaStreamCaptureModeThreadLocal));
+  const moe_status captured = moe_layer_forward(r->layer, T, r->x, r->logits, r->out);
+  CUDA_OK(cudaStreamEndCapture(stream, &graph));
+  TH_OK(captured);
+  size_t count = 0;
+  CUDA_OK(cudaGraphGetNodes(graph, NULL, &count));
+  cudaGraphNode_t *nodes = (cudaGraphNode_t *)th_malloc((count ? count : 1) * sizeof *nodes);
+  CUDA_OK(cudaGraphGetNodes(graph, nodes, &count));
+  *wgmma = false;
+  for (size_t i = 0; i < count; ++i) {
+    cudaGraphNodeType type;
+    CUDA_OK(cudaGraphNodeGetType(nodes[i], &type));
+    TH_ASSERT(type != cudaGraphNodeTypeMemAlloc && type != cudaGraphNodeTypeMemFree,
+              "a reserved forward allocates (graph node type %d)", (int)type);
+    if (type != cudaGraphNodeTypeKernel) continue;
+    cudaKernelNodeParams params;
+    CUDA_OK(cudaGraphKernelNodeGetParams(nodes[i], &params));
+    const char *name = NULL;
+    CUDA_OK(cudaFuncGetName(&name, params.func));
+    if (name && strstr(name, "wgmma_gemm_kernel")) *wgmma = true;
+  }
+  free(nodes);
+  cudaGraphExec_t exec;
+  CUDA_OK(cudaGraphInstantiate(&exec, graph, 0));
+  CUDA_OK(cudaGraphDestroy(graph));
+  return exec;
+}
+
+/* Whether a forward of d's tokens takes the wgmma path under the current
+ * environment. */
+static bool forward_takes_wgmma(const th_layer_data *d) {
+  layer_run r = layer_run_make(d);
+  bool wgmma = false;
+  cudaGraphExec_t exec = capture_forward(&r, d->num_tokens, &wgmma);
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  layer_run_free(&r);
+  return wgmma;
+}
+
+/* Runs a forward of spec's data with the wgmma path forced: checks that the
+ * path ran, the output against float64 (and the guard), and that replays
+ * are bitwise identical (a pipeline race would rarely be). */
+static void wgmma_layer_case(const th_layer_spec *spec) {
+  env_override force("MOE_CUDA_PREFILL", "wgmma");
+  th_layer_data d;
+  th_layer_data_make(&d, spec);
+  layer_run r = layer_run_make(&d);
+  bool wgmma = false;
+  cudaGraphExec_t exec = capture_forward(&r, d.num_tokens, &wgmma);
+  TH_ASSERT(wgmma, "MOE_CUDA_PREFILL=wgmma did not take the wgmma path");
+  void *handle = NULL;
+  TH_OK(moe_cuda_context_stream(th_ctx(), &handle));
+  cudaStream_t stream = (cudaStream_t)handle;
+  uint16_t *got = (uint16_t *)th_malloc(r.out_bytes), *again = (uint16_t *)th_malloc(r.out_bytes);
+  for (int replay = 0; replay < 3; ++replay) {
+    CUDA_OK(cudaGraphLaunch(exec, stream));
+    CUDA_OK(cudaStreamSynchronize(stream));
+    th_download(r.out, replay == 0 ? got : again, r.out_bytes);
+    if (replay > 0)
+      TH_ASSERT(memcmp(got, again, r.out_bytes) == 0, "replay %d is not bitwise identical", replay);
+  }
+  th_check_guard(r.out, r.out_bytes, "out");
+  const double err = layer_error(&d, got);
+  TH_ASSERT(err <= CUDA_LAYER_BOUND, "wgmma path: relative error %.3g vs float64 > %g", err,
+            CUDA_LAYER_BOUND);
+  cr_log_info("wgmma T=%lld H=%lld I=%lld E=%d k=%d: relative error %.3g", (long long)d.num_tokens,
+              (long long)d.cfg.hidden_size, (long long)d.cfg.intermediate_size, d.cfg.num_experts,
+              d.cfg.top_k, err);
+  CUDA_OK(cudaGraphExecDestroy(exec));
+  free(got);
+  free(again);
+  layer_run_free(&r);
+  th_layer_data_free(&d);
+}
+
+/* Forced on, the path runs exactly where sm_90a code runs; forced off, or
+ * for shapes TMA cannot take, never; by default for many rows per expert
+ * only. On a device that is not 9.0 this checks that it is never taken. */
+Test(cuda, wgmma_path_taken_only_where_it_can_run) {
+  require_cuda();
+  const bool can = sm90a_code_runs();
+  cr_log_info("sm_90a code %s on device 0", can ? "runs" : "does not run");
+  struct {
+    int64_t T, H, I;
+    const char *prefill; /* MOE_CUDA_PREFILL, or NULL */
+    bool expect;         /* where sm_90a code runs */
+  } cases[] = {
+      {300, 264, 200, "wgmma", true},  {300, 264, 200, "mma", false},
+      {3000, 264, 200, NULL, true},    /* 750 rows per expert */
+      {4, 264, 200, NULL, false},      /* decode */
+      {300, 36, 200, "wgmma", false},  /* H below one 64-wide K box */
+      {300, 260, 200, "wgmma", false}, /* H not a multiple of 8 */
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i) {
+    env_override prefill("MOE_CUDA_PREFILL", cases[i].prefill);
+    th_layer_spec s = mixtral_like(cases[i].T, cases[i].H, cases[i].I, 8, 2, 0xc700 + i);
+    th_layer_data d;
+    th_layer_data_make(&d, &s);
+    const bool taken = forward_takes_wgmma(&d);
+    TH_ASSERT(taken == (can && cases[i].expect),
+              "MOE_CUDA_PREFILL=%s T=%lld H=%lld I=%lld: wgmma path %s",
+              cases[i].prefill ? cases[i].prefill : "(unset)", (long long)cases[i].T,
+              (long long)cases[i].H, (long long)cases[i].I, taken ? "taken" : "not taken");
+    th_layer_data_free(&d);
+  }
+}
+
+/* Token counts from 1 (a block of mostly padding) to 1500, H and I
+ * multiples of 8 but not of 64 (TMA's zero fill past K, columns past n in
+ * the last tile), few and many experts. */
+Test(cuda, wgmma_layer_shapes) {
+  require_sm90a();
+  const int64_t tokens[] = {1, 37, 300, 1500};
+  for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
+    th_layer_spec s = mixtral_like(tokens[i], 264, 200, 8, 2, 0xc800 + i);
+    wgmma_layer_case(&s);
+    th_layer_spec many = mixtral_like(tokens[i], 264, 200, 64, 6, 0xc810 + i);
+    many.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+    many.w13_bias = many.w2_bias = true;
+    wgmma_layer_case(&many);
+  }
+}
+
+/* Long K (17 and 9 k-tiles: the stage ring wraps several times) with both
+ * column tiles forced. */
+Test(cuda, wgmma_layer_long_k_both_tiles) {
+  require_sm90a();
+  const char *tiles[] = {"128", "256"};
+  for (size_t i = 0; i < 2; ++i) {
+    env_override bn("MOE_CUDA_WGMMA_BN", tiles[i]);
+    th_layer_spec s = mixtral_like(600, 1032, 520, 8, 2, 0xc900 + i);
+    s.w13_bias = s.w2_bias = true;
+    wgmma_layer_case(&s);
+    th_layer_spec wide = mixtral_like(1500, 264, 200, 8, 2, 0xc910 + i);
+    wgmma_layer_case(&wide);
+  }
+}
+
+Test(cuda, wgmma_layer_variants) {
+  require_sm90a();
+  for (int variant = 0; variant < 5; ++variant) {
+    for (int64_t T : {37, 700}) {
+      th_layer_spec s = mixtral_like(T, 264, 200, 16, 4, 0xca00 + 16 * variant + T);
+      switch (variant) {
+      case 0: /* gpt-oss */
+        s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 1: /* expert parallelism: ids mapped to -1 are skipped */
+        s.cfg.num_local_experts = 8;
+        s.map = TH_MAP_PARTIAL;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 2: /* Llama-4: router weight on the input */
+        s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 3:
+        s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
+        break;
+      default:
+        s.cfg.activation = MOE_ACTIVATION_GEGLU;
+        break;
+      }
+      wgmma_layer_case(&s);
+    }
+  }
+}
+
+/* The same data through both prefill paths: each within the bound of
+ * float64, and within it of each other. */
+Test(cuda, wgmma_agrees_with_mma) {
+  require_sm90a();
+  th_layer_spec s = mixtral_like(700, 264, 200, 8, 2, 0xcb00);
+  s.w13_bias = s.w2_bias = true;
+  th_layer_data d;
+  th_layer_data_make(&d, &s);
+  const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+  uint16_t *wg = (uint16_t *)th_malloc(n * 2), *mma = (uint16_t *)th_malloc(n * 2);
+  {
+    env_override force("MOE_CUDA_PREFILL", "wgmma");
+    TH_ASSERT(forward_takes_wgmma(&d), "MOE_CUDA_PREFILL=wgmma did not take the wgmma path");
+    forward_plain(th_ctx(), &d, wg);
+  }
+  {
+    env_override off("MOE_CUDA_PREFILL", "mma");
+    TH_ASSERT(!forward_takes_wgmma(&d), "MOE_CUDA_PREFILL=mma took the wgmma path");
+    forward_plain(th_ctx(), &d, mma);
+  }
+  const double err_wg = layer_error(&d, wg), err_mma = layer_error(&d, mma);
+  TH_ASSERT(err_wg <= CUDA_LAYER_BOUND, "wgmma: relative error %.3g > %g", err_wg,
+            CUDA_LAYER_BOUND);
+  TH_ASSERT(err_mma <= CUDA_LAYER_BOUND, "mma: relative error %.3g > %g", err_mma,
+            CUDA_LAYER_BOUND);
+  th_check_agree(wg, mma, n, CUDA_LAYER_BOUND, "wgmma vs mma");
+  cr_log_info("relative error vs float64: wgmma %.3g, mma %.3g", err_wg, err_mma);
+  free(wg);
+  free(mma);
+  th_layer_data_free(&d);
+}

@@ -164,11 +164,12 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
 /* Routes tokens first, first + stride, ... below num_tokens: a warp per
  * token (first and stride count warps), or for the reference a thread per
  * token through moe_rl_route_token. Every lane of a warp must call it. */
+template <bool REFERENCE>
 __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const float *bias,
-                             int64_t first, int64_t stride, int64_t num_tokens, bool reference,
-                             int32_t *ids, float *weights) {
+                             int64_t first, int64_t stride, int64_t num_tokens, int32_t *ids,
+                             float *weights) {
   const int64_t E = rl.num_experts, k = rl.top_k;
-  if (reference) {
+  if (REFERENCE) {
     for (int64_t t = first * 32 + (threadIdx.x & 31); t < num_tokens; t += stride * 32)
       moe_rl_route_token(logits + t * E, bias, &rl, (int *)ids + t * k, weights + t * k);
   } else {
@@ -178,11 +179,12 @@ __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const
 }
 
 /* Routing alone, on many blocks. */
+template <bool REFERENCE>
 __global__ void route_kernel(moe_rl_params rl, const float *logits, const float *bias,
-                             int64_t num_tokens, bool reference, int32_t *ids, float *weights) {
+                             int64_t num_tokens, int32_t *ids, float *weights) {
   const int64_t warps = blockDim.x >> 5;
-  route_tokens(rl, logits, bias, blockIdx.x * warps + (threadIdx.x >> 5),
-               (int64_t)gridDim.x * warps, num_tokens, reference, ids, weights);
+  route_tokens<REFERENCE>(rl, logits, bias, blockIdx.x * warps + (threadIdx.x >> 5),
+                          (int64_t)gridDim.x * warps, num_tokens, ids, weights);
 }
 
 /* ---- align ---------------------------------------------------------------- */
@@ -309,10 +311,11 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
  * token, logits staged in shared memory when they fit), then count, layout
  * and a one-warp stable placement.
  */
+template <bool REFERENCE>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
     route_align_one_block_kernel(align_params p, bool do_route, moe_rl_params rl,
                                  const float *logits, const float *bias, int32_t num_tokens,
-                                 float *topk_weights, bool stage_logits, bool reference) {
+                                 float *topk_weights, bool stage_logits) {
   extern __shared__ float staged_logits[];
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
@@ -326,8 +329,8 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
       __syncthreads();
       src = staged_logits;
     }
-    route_tokens(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5, num_tokens, reference,
-                 (int32_t *)p.topk_ids, topk_weights);
+    route_tokens<REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5, num_tokens,
+                            (int32_t *)p.topk_ids, topk_weights);
     __syncthreads(); /* the ids written above are read below by other threads */
   }
 
@@ -428,9 +431,10 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const int threads = 128, tokens_per_block = reference_routing() ? threads : threads / 32;
   int64_t blocks = (args->num_tokens + tokens_per_block - 1) / tokens_per_block;
   if (blocks > 65536) blocks = 65536;
-  route_kernel<<<(unsigned)blocks, threads, 0, st->stream>>>(
+  (reference_routing() ? route_kernel<true>
+                       : route_kernel<false>)<<<(unsigned)blocks, threads, 0, st->stream>>>(
       rl, (const float *)args->logits, (const float *)args->correction_bias, args->num_tokens,
-      reference_routing(), (int32_t *)args->topk_ids, (float *)args->topk_weights);
+      (int32_t *)args->topk_ids, (float *)args->topk_weights);
   return cuda_launch_status("route_kernel");
 }
 
@@ -448,10 +452,12 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
       const int64_t floats = route->num_tokens * route->num_experts;
       if (floats <= CUDA_ROUTE_STAGE_FLOATS) stage_bytes = (size_t)floats * sizeof(float);
     }
-    route_align_one_block_kernel<<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
+    (reference_routing()
+         ? route_align_one_block_kernel<true>
+         : route_align_one_block_kernel<false>)<<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
         p, fuse, rl, fuse ? (const float *)route->logits : NULL,
         fuse ? (const float *)route->correction_bias : NULL, (int32_t)align->num_tokens,
-        fuse ? (float *)route->topk_weights : NULL, stage_bytes > 0, reference_routing());
+        fuse ? (float *)route->topk_weights : NULL, stage_bytes > 0);
     return cuda_launch_status("route_align_one_block_kernel");
   }
   if (route) CUDA_TRY(cuda_route(st, route));

@@ -14,7 +14,7 @@
  *   -> the reduce of the mma.sync path, unchanged.
  * Both operands of both GEMMs are then plain row-major tiles that TMA loads.
  *
- * GEMM kernel (wgmma_gemm_kernel<BN, STAGES, EPILOGUE>):
+ * GEMM kernel (wgmma_gemm_kernel<BN, STAGES, EPI>):
  *   - One CTA per (128-row block, BN-column tile). A 128-row block is one
  *     align block, so one expert: expert_ids[m_tile]. CTAs whose block starts
  *     at or past *num_tokens_post_padded, or whose expert is not local, exit
@@ -104,6 +104,17 @@ template <int BN, int STAGES> struct wg_shape {
   static_assert(BN <= 256, "a TMA box has at most 256 rows");
 };
 
+/* Epilogues: a plain store (GEMM2), or the GLU (GEMM1) of one activation
+ * each. The activation is a template parameter because the epilogue is
+ * unrolled over the thread's 2 x BN/2 accumulators (registers take only
+ * compile-time indices): one formula per kernel keeps the code that each
+ * tile runs once to a third. */
+enum wg_epilogue { WG_STORE = 0, WG_GLU_SWIGLU, WG_GLU_GEGLU, WG_GLU_SWIGLU_CLAMP };
+static_assert(WG_GLU_SWIGLU - 1 == MOE_ACTIVATION_SWIGLU &&
+                  WG_GLU_GEGLU - 1 == MOE_ACTIVATION_GEGLU &&
+                  WG_GLU_SWIGLU_CLAMP - 1 == MOE_ACTIVATION_SWIGLU_CLAMP,
+              "WG_GLU_* = 1 + the activation");
+
 /* The two tiles: BN 256 with 4 stages (48 KB each), BN 128 with 6 (32 KB
  * each): 192 KB of the 227 KB an H100/H200 block may take either way. */
 #define WG_STAGES_256 4
@@ -125,8 +136,7 @@ struct wgmma_params {
   int32_t k;
   int32_t m_tiles, n_tiles;
   moe_gemm_routed_weight routed_weight;
-  moe_activation activation;
-  float alpha, limit;
+  float alpha, limit; /* of the activation */
 };
 
 __device__ __forceinline__ float wg_apply_routed(float acc, float bias, float weight,
@@ -340,7 +350,7 @@ __device__ __forceinline__ void wgmma_k16(float (&d)[BN / 2], uint64_t a, uint64
 
 /* ---- the GEMM kernel ---------------------------------------------------- */
 
-template <int BN, int STAGES, int EPILOGUE>
+template <int BN, int STAGES, int EPI>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     wgmma_gemm_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const wgmma_params p) {
@@ -461,10 +471,11 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
       for (int h = 0; h < 2; ++h) {
         const float v0 = wg_apply_routed(acc[4 * j + 2 * h], b0, weight[h], p.routed_weight);
         const float v1 = wg_apply_routed(acc[4 * j + 2 * h + 1], b1, weight[h], p.routed_weight);
-        if (EPILOGUE == CUDA_EPILOGUE_GLU) {
+        if (EPI != WG_STORE) {
           /* Columns 2c, 2c+1 are gate c and up c: h_sorted[p][c]. */
           const float v =
-              real[h] ? cuda_gated_activation(p.activation, p.alpha, p.limit, v0, v1) : 0.0f;
+              real[h] ? cuda_gated_activation((moe_activation)(EPI - 1), p.alpha, p.limit, v0, v1)
+                      : 0.0f;
           p.c[pos[h] * p.ldc + col / 2] = __float2bfloat16_rn(v);
         } else if (real[h]) {
           *(__nv_bfloat162 *)(p.c + (int64_t)slot[h] * p.ldc + col) = __floats2bfloat162_rn(v0, v1);
@@ -510,19 +521,22 @@ bool cuda_wgmma_available(int cc_major, int cc_minor) {
 #endif
 }
 
-template <int BN, int STAGES, int EPILOGUE> static bool set_smem_limit() {
-  const cudaError_t err = cudaFuncSetAttribute(wgmma_gemm_kernel<BN, STAGES, EPILOGUE>,
+template <int BN, int STAGES, int EPI> static bool set_smem_limit() {
+  const cudaError_t err = cudaFuncSetAttribute(wgmma_gemm_kernel<BN, STAGES, EPI>,
                                                cudaFuncAttributeMaxDynamicSharedMemorySize,
                                                wg_shape<BN, STAGES>::SMEM_BYTES);
   if (err != cudaSuccess) cudaGetLastError();
   return err == cudaSuccess;
 }
 
+template <int BN, int STAGES> static bool set_smem_limits() {
+  return set_smem_limit<BN, STAGES, WG_STORE>() && set_smem_limit<BN, STAGES, WG_GLU_SWIGLU>() &&
+         set_smem_limit<BN, STAGES, WG_GLU_GEGLU>() &&
+         set_smem_limit<BN, STAGES, WG_GLU_SWIGLU_CLAMP>();
+}
+
 bool cuda_wgmma_init(void) {
-  return set_smem_limit<256, WG_STAGES_256, CUDA_EPILOGUE_GLU>() &&
-         set_smem_limit<256, WG_STAGES_256, CUDA_EPILOGUE_STORE>() &&
-         set_smem_limit<128, WG_STAGES_128, CUDA_EPILOGUE_GLU>() &&
-         set_smem_limit<128, WG_STAGES_128, CUDA_EPILOGUE_STORE>();
+  return set_smem_limits<256, WG_STAGES_256>() && set_smem_limits<128, WG_STAGES_128>();
 }
 
 /* cuTensorMapEncodeTiled from the driver, or NULL (no driver, or one older
@@ -583,11 +597,11 @@ moe_status cuda_wgmma_permute(const cuda_state *st, const bf16 *x, bf16 *xs, int
   return cuda_launch_status("wgmma_permute_kernel");
 }
 
-template <int BN, int STAGES, int EPILOGUE>
+template <int BN, int STAGES, int EPI>
 static cudaError_t launch_gemm(const cuda_state *st, unsigned ctas, const CUtensorMap &a,
                                const CUtensorMap &b, const wgmma_params &p) {
-  return cuda_launch(st, true, wgmma_gemm_kernel<BN, STAGES, EPILOGUE>, dim3(ctas),
-                     dim3(WG_THREADS), (size_t)wg_shape<BN, STAGES>::SMEM_BYTES, a, b, p);
+  return cuda_launch(st, true, wgmma_gemm_kernel<BN, STAGES, EPI>, dim3(ctas), dim3(WG_THREADS),
+                     (size_t)wg_shape<BN, STAGES>::SMEM_BYTES, a, b, p);
 }
 
 moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
@@ -617,21 +631,40 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
   p.m_tiles = (int32_t)m_tiles;
   p.n_tiles = (int32_t)n_tiles;
   p.routed_weight = g->routed_weight;
-  p.activation = g->activation;
   p.alpha = g->alpha;
   p.limit = g->limit;
   CUtensorMap a, b;
   memcpy(&a, g->a_map, sizeof a);
   memcpy(&b, g->b_map, sizeof b);
   const unsigned ctas = (unsigned)(m_tiles * n_tiles);
-  const bool glu = g->epilogue == CUDA_EPILOGUE_GLU;
-  cudaError_t err;
-  if (g->bn == 256)
-    err = glu ? launch_gemm<256, WG_STAGES_256, CUDA_EPILOGUE_GLU>(st, ctas, a, b, p)
-              : launch_gemm<256, WG_STAGES_256, CUDA_EPILOGUE_STORE>(st, ctas, a, b, p);
-  else
-    err = glu ? launch_gemm<128, WG_STAGES_128, CUDA_EPILOGUE_GLU>(st, ctas, a, b, p)
-              : launch_gemm<128, WG_STAGES_128, CUDA_EPILOGUE_STORE>(st, ctas, a, b, p);
+  typedef cudaError_t (*launcher)(const cuda_state *, unsigned, const CUtensorMap &,
+                                  const CUtensorMap &, const wgmma_params &);
+  /* [bn == 256][epilogue] */
+  static const launcher launchers[2][4] = {
+      {launch_gemm<128, WG_STAGES_128, WG_STORE>, launch_gemm<128, WG_STAGES_128, WG_GLU_SWIGLU>,
+       launch_gemm<128, WG_STAGES_128, WG_GLU_GEGLU>,
+       launch_gemm<128, WG_STAGES_128, WG_GLU_SWIGLU_CLAMP>},
+      {launch_gemm<256, WG_STAGES_256, WG_STORE>, launch_gemm<256, WG_STAGES_256, WG_GLU_SWIGLU>,
+       launch_gemm<256, WG_STAGES_256, WG_GLU_GEGLU>,
+       launch_gemm<256, WG_STAGES_256, WG_GLU_SWIGLU_CLAMP>},
+  };
+  int epi = WG_STORE;
+  if (g->epilogue == CUDA_EPILOGUE_GLU) {
+    switch (g->activation) {
+    case MOE_ACTIVATION_SWIGLU:
+      epi = WG_GLU_SWIGLU;
+      break;
+    case MOE_ACTIVATION_GEGLU:
+      epi = WG_GLU_GEGLU;
+      break;
+    case MOE_ACTIVATION_SWIGLU_CLAMP:
+      epi = WG_GLU_SWIGLU_CLAMP;
+      break;
+    default:
+      return moe_set_error(MOE_ERROR_INTERNAL, "wgmma GEMM: activation %d", (int)g->activation);
+    }
+  }
+  const cudaError_t err = launchers[g->bn == 256 ? 1 : 0][epi](st, ctas, a, b, p);
   if (err != cudaSuccess) return cuda_status(err, "wgmma_gemm_kernel launch");
   return cuda_launch_status("wgmma_gemm_kernel");
 }

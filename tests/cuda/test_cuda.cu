@@ -802,3 +802,16 @@ Test(cuda, wgmma_agrees_with_mma) {
   free(mma);
   th_layer_data_free(&d);
 }
+
+/* On Hopper the default now takes the wgmma path for the tile sweep's
+ * prefill sizes: the same sizes with MOE_CUDA_PREFILL=mma keep the mma.sync
+ * prefill tiles covered there. */
+Test(cuda, layer_tile_sweep_mma_prefill) {
+  require_cuda();
+  env_override off("MOE_CUDA_PREFILL", "mma");
+  const int64_t tokens[] = {300, 2100};
+  for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
+    th_layer_spec s = mixtral_like(tokens[i], 256, 384, 8, 2, 0xcc00 + i);
+    layer_case(&s);
+  }
+}

@@ -25,8 +25,8 @@
  * Needs n, k, and the row strides to be multiples of 8 elements and the
  * pointers 16-byte aligned; otherwise the reference kernel runs.
  *
- * Decode (at most GEMV_MAX_ROWS_PER_EXPERT rows per expert on average, OUT_IN
- * weights) takes gemm_gemv_kernel instead: weight streaming on the CUDA
+ * Decode (at most GEMV_MAX_ROWS_PER_EXPERT rows per expert on average, long
+ * weight rows, OUT_IN weights) takes gemm_gemv_kernel instead: weight streaming on the CUDA
  * cores with more bytes in flight (see its comment).
  *
  * Tile choice is data: tile_rules below maps rows per expert to a tile (the
@@ -325,14 +325,16 @@ constexpr int GEMV_WARPS = 8;
 constexpr int GEMV_N_PER_WARP = 2;
 constexpr int GEMV_ROWS = 4;
 constexpr int GEMV_UNROLL = 4;
-/* The grid is one wave of resident CTAs (the register bound allows three
- * per SM), whose warps walk the items: a second wave would start only
- * after the first one's loads came back. */
-constexpr int GEMV_CTAS_PER_SM = 3;
 constexpr int GEMV_K_STEP = 32 * 8; /* elements a warp covers with one 16-byte load per lane */
-/* Average rows per expert up to which decode streams on the CUDA cores
- * (four FMAs per weight element keep well under the fp32 rate). */
-constexpr int64_t GEMV_MAX_ROWS_PER_EXPERT = 2;
+/* Where the decode kernel beat the tensor-core tiles on an H200
+ * (bench/cuda_notes.md): at most one row per expert on average (slots <=
+ * local experts), and weight rows of at least GEMV_MIN_K elements; with
+ * short rows (Qwen3's K = 2048 and 768) or two rows per expert each warp's
+ * stream is too short to hide the load latency. A grid of one wave whose
+ * warps walk items measured slower than this grid (one CTA per column
+ * group and row block): Mixtral at 4 tokens 688 vs 652 us. */
+constexpr int64_t GEMV_MAX_ROWS_PER_EXPERT = 1;
+constexpr int64_t GEMV_MIN_K = 2560;
 
 __device__ __forceinline__ float dot8_bf16(const uint4 &w, const uint4 &a) {
   const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&w;
@@ -347,13 +349,22 @@ __device__ __forceinline__ float dot8_bf16(const uint4 &w, const uint4 &a) {
   return sum;
 }
 
-/* One warp's item: GEMV_N_PER_WARP columns from n0 of the rows of the block
- * at m0, in passes of GEMV_ROWS rows. */
 template <bool GLU>
-__device__ __forceinline__ void gemv_item(const cuda_gemm &g, int64_t m0, int64_t n0,
-                                          int64_t num_slots, const bf16 *w, const float *bias,
-                                          int lane) {
+__global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemm_gemv_kernel(const cuda_gemm g) {
   constexpr int NW = GEMV_N_PER_WARP, R = GEMV_ROWS, U = GEMV_UNROLL;
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
+  const int64_t m0 = (int64_t)blockIdx.y * g.block_m;
+  if (m0 >= *g.num_tokens_post_padded) return;
+  const int expert = g.expert_ids[blockIdx.y];
+  if (expert < 0 || expert >= g.num_local_experts) return;
+  const int lane = threadIdx.x & 31;
+  const int64_t n0 = ((int64_t)blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5)) * NW;
+  if (n0 >= g.n) return; /* no barriers below */
+
+  const int64_t num_slots = g.num_tokens * g.top_k;
+  const bf16 *w = g.b + (int64_t)expert * g.b_expert_stride + n0 * g.ldb;
+  const float *bias = g.bias ? g.bias + (int64_t)expert * g.bias_stride : NULL;
   for (int r0 = 0; r0 < g.block_m; r0 += R) {
     int32_t slot[R];
     const bf16 *a_row[R];
@@ -426,30 +437,6 @@ __device__ __forceinline__ void gemv_item(const cuda_gemm &g, int64_t m0, int64_
           if (n0 + j < g.n) c_row[n0 + j] = __float2bfloat16_rn(v[j]);
       }
     }
-  }
-}
-
-template <bool GLU>
-__global__ void __launch_bounds__(GEMV_WARPS * 32, GEMV_CTAS_PER_SM)
-    gemm_gemv_kernel(const cuda_gemm g, int64_t n_groups, int64_t items) {
-  constexpr int NW = GEMV_N_PER_WARP;
-  cuda_grid_dependency_wait();
-  cuda_allow_dependents();
-  const int lane = threadIdx.x & 31;
-  const int64_t padded_rows = *g.num_tokens_post_padded;
-  const int64_t num_slots = g.num_tokens * g.top_k;
-  const int64_t warps = (int64_t)gridDim.x * GEMV_WARPS;
-  /* Items (row block, column group) in block-major order, so a warp's
-   * later items are never in an earlier block. */
-  for (int64_t item = blockIdx.x * GEMV_WARPS + (threadIdx.x >> 5); item < items; item += warps) {
-    const int64_t block = item / n_groups, n0 = item % n_groups * NW;
-    const int64_t m0 = block * g.block_m;
-    if (m0 >= padded_rows) break;
-    const int expert = g.expert_ids[block];
-    if (expert < 0 || expert >= g.num_local_experts) continue;
-    const bf16 *w = g.b + (int64_t)expert * g.b_expert_stride + n0 * g.ldb;
-    const float *bias = g.bias ? g.bias + (int64_t)expert * g.bias_stride : NULL;
-    gemv_item<GLU>(g, m0, n0, num_slots, w, bias, lane);
   }
 }
 
@@ -561,11 +548,12 @@ static bool forced_gemv(void) {
 }
 
 /* The decode kernel while experts average at most
- * GEMV_MAX_ROWS_PER_EXPERT rows (MOE_CUDA_GEMV_MAX_ROWS overrides it; 0
- * turns the kernel off, for A/B runs), unless a tile is forced. */
-static bool gemv_wanted(int64_t slots, int32_t num_local_experts) {
+ * GEMV_MAX_ROWS_PER_EXPERT rows of at least GEMV_MIN_K (MOE_CUDA_GEMV_MAX_ROWS
+ * overrides the rows; 0 turns the kernel off, for A/B runs), unless a tile
+ * is forced. */
+static bool gemv_wanted(int64_t slots, int32_t num_local_experts, int64_t k) {
   if (forced_gemv()) return true;
-  if (forced_tile() != TILE_COUNT) return false;
+  if (forced_tile() != TILE_COUNT || k < GEMV_MIN_K) return false;
   const char *env = getenv("MOE_CUDA_GEMV_MAX_ROWS");
   const int64_t max_rows = env && *env ? strtoll(env, NULL, 10) : GEMV_MAX_ROWS_PER_EXPERT;
   const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
@@ -620,17 +608,14 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
                        aligned16(g->b) && aligned16(g->c);
   const bool fast = vectors && tile_block_m[id] <= g->block_m;
   const int64_t gemv_blocks = (rows + g->block_m - 1) / g->block_m;
-  if (vectors && !g->b_kn && gemv_wanted(slots, g->num_local_experts)) {
-    const int64_t n_groups = (g->n + GEMV_N_PER_WARP - 1) / GEMV_N_PER_WARP;
-    const int64_t items = gemv_blocks * n_groups;
-    int64_t ctas = (items + GEMV_WARPS - 1) / GEMV_WARPS;
-    if (ctas > (int64_t)st->sm_count * GEMV_CTAS_PER_SM)
-      ctas = (int64_t)st->sm_count * GEMV_CTAS_PER_SM;
-    const dim3 grid((unsigned)ctas), block(GEMV_WARPS * 32);
+  if (vectors && !g->b_kn && gemv_blocks <= 65535 &&
+      gemv_wanted(slots, g->num_local_experts, g->k)) {
+    const int64_t n_per_cta = (int64_t)GEMV_WARPS * GEMV_N_PER_WARP;
+    const dim3 grid((unsigned)((g->n + n_per_cta - 1) / n_per_cta), (unsigned)gemv_blocks);
     const cudaError_t err =
         g->epilogue == CUDA_EPILOGUE_GLU
-            ? cuda_launch(st, true, gemm_gemv_kernel<true>, grid, block, 0, *g, n_groups, items)
-            : cuda_launch(st, true, gemm_gemv_kernel<false>, grid, block, 0, *g, n_groups, items);
+            ? cuda_launch(st, true, gemm_gemv_kernel<true>, grid, dim3(GEMV_WARPS * 32), 0, *g)
+            : cuda_launch(st, true, gemm_gemv_kernel<false>, grid, dim3(GEMV_WARPS * 32), 0, *g);
     if (err != cudaSuccess) return cuda_status(err, "gemm_gemv_kernel launch");
     return cuda_launch_status("gemm_gemv_kernel");
   }

@@ -2,18 +2,21 @@
  * route_align.cu - routing and align on the device, producing the bytes of
  * the core's host code (core/routing.c, core/align.c).
  *
- * Routing follows core/routing_logic.h in two kernels:
+ * Routing follows core/routing_logic.h in three kernels:
  *   - the reference: moe_rl_route_token itself, one thread per token (the
  *     host's code compiled for the device), chosen by MOE_CUDA_ROUTING=
  *     reference;
- *   - the default: one warp per token. It calls the header's key, ranking
- *     and score functions (moe_rl_key, moe_rl_better, moe_rl_score) in the
- *     header's pick order (group scores, then k picks, each the best expert
- *     ranked strictly below the previous one); lanes scan E/32 experts each
- *     and a butterfly of moe_rl_better agrees on the winner. Only the
- *     softmax denominator is summed in another order, so weights may differ
- *     from the host in the last bit. One thread needs O(k*E) dependent
- *     steps (250 us for E=128, k=8 on an H200); the warp O(k*(E/32 + 5)).
+ *   - for few tokens (route_tokens_by_rank): the whole block, each expert's
+ *     pick number counted as its rank among the token's experts;
+ *   - otherwise one warp per token (MOE_CUDA_ROUTING=warp forces it). It
+ *     calls the header's key, ranking and score functions (moe_rl_key,
+ *     moe_rl_better, moe_rl_score) in the header's pick order (group
+ *     scores, then k picks, each the best expert ranked strictly below the
+ *     previous one); lanes scan E/32 experts each and a butterfly of
+ *     moe_rl_better agrees on the winner.
+ * Only the softmax denominator is summed in another order, so weights may
+ * differ from the host in the last bit. One thread needs O(k*E) dependent
+ * steps (250 us for E=128, k=8 on an H200); the warp O(k*(E/32 + 5)).
  *
  * Align has two shapes:
  *   - one block (slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS): count, scan, place,
@@ -72,10 +75,9 @@ __device__ __forceinline__ void warp_best(float &key, int &index) {
   }
 }
 
-/* Routes one token with the 32 lanes of a warp (see the file comment);
- * lane 0 writes ids[k] and weights[k]. */
-__device__ void route_token_warp(const float *logits, const float *bias, const moe_rl_params &p,
-                                 int32_t *ids, float *weights) {
+/* The softmax statistics of one token's logits (moe_rl_row_stats) with the
+ * 32 lanes of a warp: the same max, the sum in another order. */
+__device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p) {
   const int lane = threadIdx.x & 31, E = p.num_experts;
   moe_rl_row row;
   row.max = -INFINITY;
@@ -100,6 +102,15 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
       row.inv_sum = 1.0f / sum;
     }
   }
+  return row;
+}
+
+/* Routes one token with the 32 lanes of a warp (see the file comment);
+ * lane 0 writes ids[k] and weights[k]. */
+__device__ void route_token_warp(const float *logits, const float *bias, const moe_rl_params &p,
+                                 int32_t *ids, float *weights) {
+  const int lane = threadIdx.x & 31, E = p.num_experts;
+  const moe_rl_row row = warp_row_stats(logits, p);
 
   /* Groups: lane g scores groups g and g + 32 as the header does, then the
    * warp picks topk_groups of them. */
@@ -154,11 +165,11 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
     sum += w;
     if (lane == 0) ids[j] = best_e;
   }
-  float factor = p.scaling;
-  if (p.renormalize && sum > 0.0f) factor = p.scaling / sum;
-  if (lane == 0)
+  if (lane == 0) {
     for (int j = 0; j < p.top_k; ++j)
-      weights[j] = picked[j] * factor;
+      weights[j] = picked[j];
+    moe_rl_finish_weights(weights, sum, &p); /* the host's order: no overflow */
+  }
 }
 
 /* Routes tokens first, first + stride, ... below num_tokens: a warp per
@@ -307,15 +318,115 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
 }
 
 /*
- * The whole metadata pipeline in one block: optional routing (a warp per
- * token, logits staged in shared memory when they fit), then count, layout
- * and a one-warp stable placement.
+ * Routing of a few tokens by the whole block, by ranks: expert e of token t
+ * is pick number rank(e) = |{allowed e' : moe_rl_better(key e', key e)}|,
+ * which is the header's pick order (picks are the best expert ranked
+ * strictly below the previous pick; moe_rl_better is a strict total order,
+ * so ranks are distinct). Every comparison is independent, so the T*E*E of
+ * them spread over the block's threads, where one warp per token would walk
+ * k dependent picks: on an H200 that single warp took ~20 us for Qwen3's
+ * one decode token (E = 128, k = 8), now a few short passes separated by
+ * barriers. Groups first get their keys (moe_rl_group_key) and ranks the
+ * same way. Weights are moe_rl_score of the picks, summed in pick order
+ * into moe_rl_finish_weights, as the host does.
+ *   smem: logits [T][E] (staged), keys [T][E], group keys [T][G].
+ */
+#define CUDA_RANK_ROUTE_COMPARISONS (256 * CUDA_ALIGN_THREADS)
+#define CUDA_RANK_ROUTE_MAX_GROUP_KEYS 1024
+
+__device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logits,
+                                     const float *bias, int T, float *keys, float *group_keys,
+                                     int32_t *ids, float *weights) {
+  __shared__ moe_rl_row rows[CUDA_FUSED_ROUTE_TOKENS];
+  __shared__ unsigned long long allowed[CUDA_FUSED_ROUTE_TOKENS];
+  const int E = rl.num_experts, k = rl.top_k, G = rl.num_groups, group_size = E / G;
+  const int tid = threadIdx.x, threads = blockDim.x, warp = tid >> 5, lane = tid & 31;
+  for (int t = warp; t < T; t += threads >> 5) {
+    const moe_rl_row row = warp_row_stats(logits + t * E, rl);
+    if (lane == 0) {
+      rows[t] = row;
+      allowed[t] = G > 1 ? 0ull : ~0ull;
+    }
+  }
+  for (int i = tid; i < T * k; i += threads) {
+    ids[i] = -1;
+    weights[i] = 0.0f;
+  }
+  __syncthreads();
+  for (int i = tid; i < T * E; i += threads)
+    keys[i] = moe_rl_key(logits + i / E * E, bias, i % E, rows[i / E], &rl);
+  for (int i = tid; G > 1 && i < T * G; i += threads)
+    group_keys[i] = moe_rl_group_key(logits + i / G * E, bias, i % G, group_size, rows[i / G], &rl);
+  __syncthreads();
+  for (int i = tid; G > 1 && i < T * G; i += threads) {
+    const float *gk = group_keys + i / G * G;
+    int rank = 0;
+    for (int g = 0; g < G; ++g)
+      rank += moe_rl_better(gk[g], g, group_keys[i], i % G);
+    if (rank < rl.topk_groups) atomicOr(&allowed[i / G], 1ull << (i % G));
+  }
+  __syncthreads();
+  /* S lanes share one (token, expert): each counts E / S rivals, then the
+   * S partial counts meet in a butterfly inside the S-lane group. */
+  int S = 32;
+  while (S > 1 && (threads / S) < T * E)
+    S >>= 1;
+  const int items = T * E, per_round = threads / S, rounds = (items + per_round - 1) / per_round;
+  for (int round = 0; round < rounds; ++round) { /* uniform trip count: full-warp shuffles */
+    const int item = round * per_round + tid / S;
+    const bool valid = item < items;
+    const int t = valid ? item / E : 0, e = item % E;
+    const unsigned long long mask = allowed[t];
+    const float *tk = keys + t * E;
+    int count = 0;
+    for (int rival = tid % S; valid && rival < E; rival += S)
+      count += ((mask >> (rival / group_size)) & 1ull) && moe_rl_better(tk[rival], rival, tk[e], e);
+    for (int offset = S / 2; offset > 0; offset >>= 1)
+      count += __shfl_xor_sync(0xffffffffu, count, offset);
+    if (valid && tid % S == 0 && ((mask >> (e / group_size)) & 1ull) && count < k) {
+      ids[t * k + count] = e;
+      weights[t * k + count] = moe_rl_score(logits[t * E + e], rows[t], &rl);
+    }
+  }
+  __syncthreads();
+  for (int t = tid; t < T; t += threads) {
+    float sum = 0.0f;
+    for (int j = 0; j < k; ++j)
+      sum += weights[t * k + j];
+    moe_rl_finish_weights(weights + t * k, sum, &rl);
+  }
+}
+
+/* Whether route_tokens_by_rank takes T tokens (its comparisons stay a few
+ * hundred per thread, its shared memory under 48 KB). */
+static bool rank_routing_fits(int64_t T, int32_t E, int32_t G) {
+  return T <= CUDA_FUSED_ROUTE_TOKENS && T * E <= CUDA_ROUTE_STAGE_FLOATS / 2 &&
+         T * E * E <= CUDA_RANK_ROUTE_COMPARISONS && T * G <= CUDA_RANK_ROUTE_MAX_GROUP_KEYS;
+}
+
+/* Rank routing alone (the route stage for few tokens): one block. */
+__global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
+    route_rank_kernel(moe_rl_params rl, const float *logits, const float *bias, int32_t num_tokens,
+                      int32_t *ids, float *weights) {
+  extern __shared__ float staged[];
+  const int floats = num_tokens * rl.num_experts;
+  for (int i = threadIdx.x; i < floats; i += blockDim.x)
+    staged[i] = logits[i];
+  __syncthreads();
+  route_tokens_by_rank(rl, staged, bias, num_tokens, staged + floats, staged + 2 * floats, ids,
+                       weights);
+}
+
+/*
+ * The whole metadata pipeline in one block: optional routing (by ranks, or
+ * a warp per token; logits staged in shared memory when they fit), then
+ * count, layout and a one-warp stable placement.
  */
 template <bool REFERENCE>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
     route_align_one_block_kernel(align_params p, bool do_route, moe_rl_params rl,
                                  const float *logits, const float *bias, int32_t num_tokens,
-                                 float *topk_weights, bool stage_logits) {
+                                 float *topk_weights, bool stage_logits, bool by_rank) {
   extern __shared__ float staged_logits[];
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
@@ -329,8 +440,14 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
       __syncthreads();
       src = staged_logits;
     }
-    route_tokens<REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5, num_tokens,
-                            (int32_t *)p.topk_ids, topk_weights);
+    if (!REFERENCE && by_rank) {
+      float *keys = staged_logits + num_tokens * rl.num_experts;
+      route_tokens_by_rank(rl, src, bias, num_tokens, keys, keys + num_tokens * rl.num_experts,
+                           (int32_t *)p.topk_ids, topk_weights);
+    } else {
+      route_tokens<REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5, num_tokens,
+                              (int32_t *)p.topk_ids, topk_weights);
+    }
     __syncthreads(); /* the ids written above are read below by other threads */
   }
 
@@ -419,15 +536,34 @@ int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts) {
   return 2 * chunks * num_local_experts;
 }
 
-/* MOE_CUDA_ROUTING=reference runs moe_rl_route_token itself (read at every
- * call, so a test can compare both in one process). */
+/* MOE_CUDA_ROUTING=reference runs moe_rl_route_token itself, =warp the
+ * warp per token where the rank routing would run (read at every call, so
+ * a test can compare them in one process). */
 static bool reference_routing(void) {
   const char *env = getenv("MOE_CUDA_ROUTING");
   return env && strcmp(env, "reference") == 0;
 }
+static bool warp_routing_forced(void) {
+  const char *env = getenv("MOE_CUDA_ROUTING");
+  return env && strcmp(env, "warp") == 0;
+}
+
+/* Shared memory of the rank routing of T tokens: logits, keys, group keys. */
+static size_t rank_routing_smem(int64_t T, int32_t E, int32_t G) {
+  return (size_t)(2 * T * E + T * G) * sizeof(float);
+}
 
 moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const moe_rl_params rl = moe_rl_params_from_args(args);
+  if (!reference_routing() && !warp_routing_forced() &&
+      rank_routing_fits(args->num_tokens, args->num_experts, rl.num_groups)) {
+    route_rank_kernel<<<1, CUDA_ALIGN_THREADS,
+                        rank_routing_smem(args->num_tokens, args->num_experts, rl.num_groups),
+                        st->stream>>>(
+        rl, (const float *)args->logits, (const float *)args->correction_bias,
+        (int32_t)args->num_tokens, (int32_t *)args->topk_ids, (float *)args->topk_weights);
+    return cuda_launch_status("route_rank_kernel");
+  }
   const int threads = 128, tokens_per_block = reference_routing() ? threads : threads / 32;
   int64_t blocks = (args->num_tokens + tokens_per_block - 1) / tokens_per_block;
   if (blocks > 65536) blocks = 65536;
@@ -447,17 +583,22 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
     moe_rl_params rl;
     memset(&rl, 0, sizeof rl);
     size_t stage_bytes = 0;
+    bool by_rank = false;
     if (fuse) {
       rl = moe_rl_params_from_args(route);
       const int64_t floats = route->num_tokens * route->num_experts;
       if (floats <= CUDA_ROUTE_STAGE_FLOATS) stage_bytes = (size_t)floats * sizeof(float);
+      by_rank = !reference_routing() && !warp_routing_forced() &&
+                rank_routing_fits(route->num_tokens, route->num_experts, rl.num_groups);
+      if (by_rank)
+        stage_bytes = rank_routing_smem(route->num_tokens, route->num_experts, rl.num_groups);
     }
     (reference_routing()
          ? route_align_one_block_kernel<true>
          : route_align_one_block_kernel<false>)<<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
         p, fuse, rl, fuse ? (const float *)route->logits : NULL,
         fuse ? (const float *)route->correction_bias : NULL, (int32_t)align->num_tokens,
-        fuse ? (float *)route->topk_weights : NULL, stage_bytes > 0);
+        fuse ? (float *)route->topk_weights : NULL, stage_bytes > 0, by_rank);
     return cuda_launch_status("route_align_one_block_kernel");
   }
   if (route) CUDA_TRY(cuda_route(st, route));

@@ -475,33 +475,38 @@ Test(cuda, warp_routing_matches_host_and_reference_kernel) {
     default:
       break;
     }
-    const int64_t T = 77;
-    th_case("routing variant %d %s", variant, th_config_text(&cfg));
-    th_rng rng = th_rng_make(0xc600 + (uint64_t)variant);
-    float *logits = (float *)th_malloc((size_t)(T * cfg.num_experts) * 4);
-    float *bias = (float *)th_malloc((size_t)cfg.num_experts * 4);
-    th_fill_logits(&rng, logits, T, cfg.num_experts, cfg.top_k, kind);
-    th_fill_f32(&rng, bias, (size_t)cfg.num_experts, 0.1);
-    const size_t slots = (size_t)(T * cfg.top_k);
-    int32_t *ids = (int32_t *)th_malloc(slots * 4), *ids_ref = (int32_t *)th_malloc(slots * 4);
-    float *w = (float *)th_malloc(slots * 4), *w_ref = (float *)th_malloc(slots * 4);
-    route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids, w);
-    th_check_route(&cfg, T, logits, with_bias ? bias : NULL, ids, w);
-    setenv("MOE_CUDA_ROUTING", "reference", 1);
-    route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids_ref, w_ref);
-    unsetenv("MOE_CUDA_ROUTING");
-    for (size_t i = 0; i < slots; ++i) {
-      TH_ASSERT(ids[i] == ids_ref[i], "slot %zu: warp routing picked %d, moe_rl_route_token %d", i,
-                ids[i], ids_ref[i]);
-      TH_ASSERT(fabsf(w[i] - w_ref[i]) <= 1e-6f * fabsf(w_ref[i]) + 1e-30f,
-                "slot %zu: weight %.9g vs %.9g", i, (double)w[i], (double)w_ref[i]);
+    /* 3 tokens take the block-wide rank routing where it fits (E <= 256),
+     * 77 the warp per token; both against the one-thread reference. */
+    for (int64_t T : {77, 3}) {
+      th_case("routing variant %d T=%lld %s", variant, (long long)T, th_config_text(&cfg));
+      th_rng rng = th_rng_make(0xc600 + (uint64_t)variant);
+      float *logits = (float *)th_malloc((size_t)(T * cfg.num_experts) * 4);
+      float *bias = (float *)th_malloc((size_t)cfg.num_experts * 4);
+      th_fill_logits(&rng, logits, T, cfg.num_experts, cfg.top_k, kind);
+      th_fill_f32(&rng, bias, (size_t)cfg.num_experts, 0.1);
+      const size_t slots = (size_t)(T * cfg.top_k);
+      int32_t *ids = (int32_t *)th_malloc(slots * 4), *ids_ref = (int32_t *)th_malloc(slots * 4);
+      float *w = (float *)th_malloc(slots * 4), *w_ref = (float *)th_malloc(slots * 4);
+      route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids, w);
+      th_check_route(&cfg, T, logits, with_bias ? bias : NULL, ids, w);
+      for (const char *mode : {"reference", "warp"}) {
+        setenv("MOE_CUDA_ROUTING", mode, 1);
+        route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids_ref, w_ref);
+        unsetenv("MOE_CUDA_ROUTING");
+        for (size_t i = 0; i < slots; ++i) {
+          TH_ASSERT(ids[i] == ids_ref[i], "slot %zu: default routing picked %d, %s routing %d", i,
+                    ids[i], mode, ids_ref[i]);
+          TH_ASSERT(fabsf(w[i] - w_ref[i]) <= 1e-6f * fabsf(w_ref[i]) + 1e-30f,
+                    "slot %zu: weight %.9g vs %s %.9g", i, (double)w[i], mode, (double)w_ref[i]);
+        }
+      }
+      free(logits);
+      free(bias);
+      free(ids);
+      free(ids_ref);
+      free(w);
+      free(w_ref);
     }
-    free(logits);
-    free(bias);
-    free(ids);
-    free(ids_ref);
-    free(w);
-    free(w_ref);
   }
 }
 

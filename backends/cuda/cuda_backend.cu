@@ -456,11 +456,11 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
   return MOE_SUCCESS;
 }
 
-/* Rows per expert from which a forward takes the wgmma path (by default):
- * one full 128-row block per touched expert on average, below which most of
- * a 128-row tile multiplies padding. A first guess, to be tuned on the GPU
- * (bench/cuda_notes.md). */
-#define CUDA_WGMMA_MIN_ROWS_PER_EXPERT 128
+/* Rows per expert from which a forward takes the wgmma path (by default).
+ * H200 sweep, wgmma vs mma.sync (bench/cuda_notes.md): 32 rows gpt-oss 591
+ * vs 607 us, 64 rows mixtral 816 vs 1483, qwen3 509 vs 712; below, 24 rows
+ * ernie 534 vs 514, 16 rows qwen3 503 vs 437 (mostly padding per tile). */
+#define CUDA_WGMMA_MIN_ROWS_PER_EXPERT 32
 
 /* MOE_CUDA_PREFILL: "wgmma" forces the path wherever it can run, "mma"
  * keeps it off; read at every forward, so that a test or sweep can switch

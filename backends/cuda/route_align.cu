@@ -331,7 +331,10 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
  * into moe_rl_finish_weights, as the host does.
  *   smem: logits [T][E] (staged), keys [T][E], group keys [T][G].
  */
-#define CUDA_RANK_ROUTE_COMPARISONS (256 * CUDA_ALIGN_THREADS)
+/* H200: ranks beat the warp per token for Qwen3 at 1 token (57.8 vs 69.1
+ * us) and DeepSeek at 1 (246 vs 257), lost at 16 (313 vs 271) and 4 (636 vs
+ * 610): 64 comparisons per thread is about where they cross. */
+#define CUDA_RANK_ROUTE_COMPARISONS (64 * CUDA_ALIGN_THREADS)
 #define CUDA_RANK_ROUTE_MAX_GROUP_KEYS 1024
 
 __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logits,

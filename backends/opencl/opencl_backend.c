@@ -234,13 +234,14 @@ static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4}
 
 /* The default by average rows per expert, and by shape: "wide" GEMMs
  * (n > 4k, as Mixtral's GEMM1) prefer fewer columns per work-group. Chosen
- * from the per-stage profile on an H200 (bench/opencl_notes.md). */
+ * from the per-stage profile and the Mixtral 16-token sweep on an H200
+ * (bench/opencl_notes.md: 64x4x4u2 1085 us, 64x4x4u4 1226, 64x4x8u2 1351). */
 static const struct {
   int64_t max_rows;
   int wide, narrow;
 } skinny_table[] = {
     {1, SKINNY_4X1U2, SKINNY_4X1U2},
-    {6, SKINNY_4X4, SKINNY_8X4},
+    {6, SKINNY_4X4U2, SKINNY_4X4U2},
     {INT64_MAX, SKINNY_4X4U2, SKINNY_128_4X8},
 };
 

@@ -105,6 +105,9 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
   X(16x64k64, 16, 64, 64, 1, 4, 6)     /* decode, more CTAs per SM */                              \
   X(16x128, 16, 128, 64, 1, 8, 4)      /* decode, 8 warps */                                       \
   X(16x32k256, 16, 32, 256, 1, 2, 3)   /* decode, long rows per stage */                           \
+  X(16x64k256, 16, 64, 256, 1, 4, 3)   /* decode, 32 KB of weights per stage */                    \
+  X(16x128k128, 16, 128, 128, 1, 8, 3) /* decode, 32 KB of weights per stage */                    \
+  X(32x128k128, 32, 128, 128, 2, 4, 3) /* small batches, 32 KB of weights per stage */             \
   X(32x64, 32, 64, 64, 1, 4, 4)        /* small batches */                                         \
   X(32x128, 32, 128, 64, 2, 4, 4)      /* small batches, streams B */                              \
   X(64x128, 64, 128, 64, 2, 4, 3)      /* medium */                                                \

@@ -2,7 +2,12 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|all]... Each step prints one summary line; the logs hold the rest.
+# opencl|huge|sanitize|bench|all]... Each step prints one summary line; the
+# logs hold the rest. sanitize runs compute-sanitizer's four tools over the
+# whole CUDA suite side by side (memcheck and initcheck with the huge-index
+# cases); bench times the
+# CUDA layer and the Triton peer (bench/triton_peer.py) in the same run, then
+# the OpenCL layer on NVIDIA's OpenCL.
 set -u
 out=${OUT:-out}
 mkdir -p "$out"
@@ -30,11 +35,50 @@ suite() { # name env... (runs moe_tests with the environment given)
   summary "$name" "$out/$name.log" $?
 }
 
+# compute-sanitizer over the whole suite: one tool per process, all four at
+# once (correctness only: never time anything while they run).
+step_sanitize() {
+  local tool pids=()
+  for tool in memcheck racecheck initcheck synccheck; do
+    # The huge-index cases (4.4 GB each) under the memory tools only: the
+    # race and sync tools check shared memory and barriers, which the huge
+    # cases run the same way as the others.
+    local huge=0
+    [ "$tool" = memcheck ] || [ "$tool" = initcheck ] && huge=1
+    ( MOE_TEST_BACKEND=cuda MOE_TEST_HUGE=$huge timeout "${SANITIZE_TIMEOUT:-240}" \
+        compute-sanitizer --tool "$tool" --error-exitcode 3 \
+        "./$build/tests/moe_tests" --verbose=0 --jobs 4 >"$out/sanitize-$tool.log" 2>&1
+      echo $? >"$out/sanitize-$tool.rc" ) &
+    pids+=($!)
+  done
+  wait "${pids[@]}"
+  for tool in memcheck racecheck initcheck synccheck; do
+    printf '%-28s rc=%s  %s | %s\n' "sanitize-$tool" "$(cat "$out/sanitize-$tool.rc")" \
+      "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize-$tool.log" | tail -1)" \
+      "$(grep -E 'Synthesis' "$out/sanitize-$tool.log" | tail -1)"
+  done
+}
+
+step_bench() {
+  local tokens=1,4,16,64,256,1024,4096,16384
+  "./$build/bench/moe_bench" --backend cuda --model all --tokens $tokens \
+    --json "$out/bench-cuda.json" >"$out/bench-cuda.log" 2>&1
+  echo "bench-cuda rc=$?"
+  python3 bench/triton_peer.py --model all --tokens $tokens --json "$out/bench-peer.json" \
+    >"$out/bench-peer.log" 2>&1
+  echo "bench-peer rc=$?"
+  "./$build/bench/moe_bench" --backend opencl --model mixtral-8x7b,qwen3-30b-a3b \
+    --tokens 1,16,64,256,1024,4096 --json "$out/bench-opencl.json" >"$out/bench-opencl.log" 2>&1
+  echo "bench-opencl rc=$?"
+}
+
 for step in "${@:-all}"; do
   case $step in
   build) step_build || exit 1 ;;
   cuda) suite cuda-suite MOE_TEST_BACKEND=cuda ;;
   huge) suite cuda-huge MOE_TEST_BACKEND=cuda MOE_TEST_HUGE=1 ;;
+  sanitize) step_sanitize ;;
+  bench) step_bench ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl
     suite opencl-suite-parallel-route MOE_TEST_BACKEND=opencl MOE_OPENCL_ROUTE=parallel

@@ -1,8 +1,9 @@
 /*
- * activation_math.cuh - the gated activations in fp32 for device code.
- * One place for the CUDA kernels (the activation stage and GEMM1's fused
- * epilogue); the formulas are those documented at moe_activation in
- * include/moe.h. When backends/common/ gains a shared scalar header that
+ * activation_math.cuh - the epilogue math of device code in fp32: the gated
+ * activations and the routed weight. One place for the CUDA kernels (the
+ * activation stage and the GEMM epilogues of grouped_gemm.cu and
+ * gemm_wgmma.cu); the formulas are those documented at moe_activation and
+ * moe_gemm_routed_weight in include/moe.h. When backends/common/ gains a shared scalar header that
  * CUDA can compile, this file should include it instead.
  */
 #ifndef MOE_CUDA_ACTIVATION_MATH_CUH
@@ -29,6 +30,20 @@ __device__ __forceinline__ float cuda_gated_activation(moe_activation act, float
   }
   default:
     return gate * cuda_sigmoid(gate) * up;
+  }
+}
+
+/* The accumulator with its bias and the routed weight, in the order the
+ * mode names. */
+__device__ __forceinline__ float cuda_apply_routed(float acc, float bias, float weight,
+                                                   moe_gemm_routed_weight mode) {
+  switch (mode) {
+  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
+    return weight * acc + bias;
+  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
+    return weight * (acc + bias);
+  default:
+    return acc + bias;
   }
 }
 

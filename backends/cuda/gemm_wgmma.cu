@@ -139,18 +139,6 @@ struct wgmma_params {
   float alpha, limit; /* of the activation */
 };
 
-__device__ __forceinline__ float wg_apply_routed(float acc, float bias, float weight,
-                                                 moe_gemm_routed_weight mode) {
-  switch (mode) {
-  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
-    return weight * acc + bias;
-  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
-    return weight * (acc + bias);
-  default:
-    return acc + bias;
-  }
-}
-
 #ifdef MOE_WGMMA_DEVICE
 /* ---- PTX wrappers (sm_90a) ---------------------------------------------- */
 
@@ -469,8 +457,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
       const float b0 = bias ? bias[col] : 0.0f, b1 = bias ? bias[col + 1] : 0.0f;
 #pragma unroll
       for (int h = 0; h < 2; ++h) {
-        const float v0 = wg_apply_routed(acc[4 * j + 2 * h], b0, weight[h], p.routed_weight);
-        const float v1 = wg_apply_routed(acc[4 * j + 2 * h + 1], b1, weight[h], p.routed_weight);
+        const float v0 = cuda_apply_routed(acc[4 * j + 2 * h], b0, weight[h], p.routed_weight);
+        const float v1 = cuda_apply_routed(acc[4 * j + 2 * h + 1], b1, weight[h], p.routed_weight);
         if (EPI != WG_STORE) {
           /* Columns 2c, 2c+1 are gate c and up c: h_sorted[p][c]. */
           const float v =

@@ -143,20 +143,6 @@ static const tile_rule tile_rules[] = {
     {INT64_MAX, TILE_128x128k64},
 };
 
-/* ---- epilogue helpers -------------------------------------------------- */
-
-__device__ __forceinline__ float apply_routed(float acc, float bias, float weight,
-                                              moe_gemm_routed_weight mode) {
-  switch (mode) {
-  case MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS:
-    return weight * acc + bias;
-  case MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS:
-    return weight * (acc + bias);
-  default:
-    return acc + bias;
-  }
-}
-
 /* ---- the tensor-core kernel -------------------------------------------- */
 
 template <class T, bool B_KN, int EPILOGUE>
@@ -296,10 +282,10 @@ __global__ void __launch_bounds__(T::THREADS)
       for (int ni = 0; ni < NI; ++ni) {
         const int col = n0 + warp_n * WN + ni * 8 + (lane & 3) * 2;
         if (col >= g.n) continue; /* n % 8 == 0, so col + 1 < n too */
-        const float v0 =
-            apply_routed(acc[mi][ni][2 * half], bias ? bias[col] : 0.0f, weight, g.routed_weight);
-        const float v1 = apply_routed(acc[mi][ni][2 * half + 1], bias ? bias[col + 1] : 0.0f,
-                                      weight, g.routed_weight);
+        const float v0 = cuda_apply_routed(acc[mi][ni][2 * half], bias ? bias[col] : 0.0f, weight,
+                                           g.routed_weight);
+        const float v1 = cuda_apply_routed(acc[mi][ni][2 * half + 1], bias ? bias[col + 1] : 0.0f,
+                                           weight, g.routed_weight);
         if (EPILOGUE == CUDA_EPILOGUE_GLU)
           c_row[col / 2] =
               __float2bfloat16_rn(cuda_gated_activation(g.activation, g.alpha, g.limit, v0, v1));
@@ -429,8 +415,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemm_gemv_kernel(const cud
       float v[NW];
 #pragma unroll
       for (int j = 0; j < NW; ++j)
-        v[j] = apply_routed(acc[j][r], bias && n0 + j < g.n ? bias[n0 + j] : 0.0f, weight,
-                            g.routed_weight);
+        v[j] = cuda_apply_routed(acc[j][r], bias && n0 + j < g.n ? bias[n0 + j] : 0.0f, weight,
+                                 g.routed_weight);
       if (GLU) {
         c_row[n0 / 2] =
             __float2bfloat16_rn(cuda_gated_activation(g.activation, g.alpha, g.limit, v[0], v[1]));
@@ -469,7 +455,7 @@ __global__ void gemm_reference_kernel(const cuda_gemm g) {
       const bf16 w = g.b_kn ? b[kk * g.ldb + col] : b[col * g.ldb + kk];
       acc += __bfloat162float(a[kk]) * __bfloat162float(w);
     }
-    return apply_routed(acc, bias ? bias[col] : 0.0f, weight, g.routed_weight);
+    return cuda_apply_routed(acc, bias ? bias[col] : 0.0f, weight, g.routed_weight);
   };
   for (int64_t o = (int64_t)blockIdx.y * blockDim.x + threadIdx.x; o < outputs;
        o += (int64_t)gridDim.y * blockDim.x) {

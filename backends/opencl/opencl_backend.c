@@ -211,22 +211,11 @@ typedef struct skinny_variant {
   int work_group, cols;
 } skinny_variant;
 
-enum {
-  SKINNY_4X1U2,
-  SKINNY_4X4,
-  SKINNY_4X4U2,
-  SKINNY_4X4U4,
-  SKINNY_4X8U2,
-  SKINNY_8X4,
-  SKINNY_128_4X8,
-  SKINNY_COUNT
-};
+enum { SKINNY_4X1U2, SKINNY_4X4, SKINNY_4X4U2, SKINNY_8X4, SKINNY_128_4X8, SKINNY_COUNT };
 static const skinny_variant skinny_variants[SKINNY_COUNT] = {
     [SKINNY_4X1U2] = {"64x4x1u2", MOE_OCL_GEMM_SKINNY_64X4X1U2, 64, 4},
     [SKINNY_4X4] = {"64x4x4", MOE_OCL_GEMM_SKINNY_64X4X4, 64, 4},
     [SKINNY_4X4U2] = {"64x4x4u2", MOE_OCL_GEMM_SKINNY_64X4X4U2, 64, 4},
-    [SKINNY_4X4U4] = {"64x4x4u4", MOE_OCL_GEMM_SKINNY_64X4X4U4, 64, 4},
-    [SKINNY_4X8U2] = {"64x4x8u2", MOE_OCL_GEMM_SKINNY_64X4X8U2, 64, 4},
     [SKINNY_8X4] = {"64x8x4", MOE_OCL_GEMM_SKINNY_64X8X4, 64, 8},
     [SKINNY_128_4X8] = {"128x4x8", MOE_OCL_GEMM_SKINNY_128X4X8, 128, 4},
 };
@@ -235,7 +224,8 @@ static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4}
 /* The default by average rows per expert, and by shape: "wide" GEMMs
  * (n > 4k, as Mixtral's GEMM1) prefer fewer columns per work-group. Chosen
  * from the per-stage profile and the Mixtral 16-token sweep on an H200
- * (bench/opencl_notes.md: 64x4x4u2 1085 us, 64x4x4u4 1226, 64x4x8u2 1351). */
+ * (bench/opencl_notes.md: 64x4x4u2 1085 us; 64x4x4u4 1226 and 64x4x8u2
+ * 1351 were tried and removed). */
 static const struct {
   int64_t max_rows;
   int wide, narrow;

@@ -237,44 +237,68 @@ Test(cuda, layer_many_experts_decode) {
   }
 }
 
+/* Layer variant `variant` (0..6) of the 16-expert, top-4 test layer. */
+static th_layer_spec variant_spec(int variant, int64_t T, uint64_t seed) {
+  th_layer_spec s = mixtral_like(T, 256, 256, 16, 4, seed);
+  switch (variant) {
+  case 0: /* DeepSeek-V3 routing */
+    s.cfg.scoring = MOE_SCORING_SIGMOID;
+    s.cfg.num_groups = 4;
+    s.cfg.topk_groups = 2;
+    s.cfg.group_scoring = MOE_GROUP_SCORING_TOP2_SUM;
+    s.cfg.routed_scaling_factor = 2.5f;
+    s.correction_bias = true;
+    break;
+  case 1: /* expert parallelism */
+    s.cfg.num_local_experts = 8;
+    s.map = TH_MAP_PARTIAL;
+    break;
+  case 2: /* gpt-oss */
+    s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
+    s.w13_bias = s.w2_bias = true;
+    break;
+  case 3:
+    s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+    s.w13_bias = true;
+    break;
+  case 4:
+    s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
+    break;
+  case 5:
+    s.cfg.activation = MOE_ACTIVATION_GEGLU;
+    break;
+  default:
+    s.logits = TH_LOGITS_SPECIAL;
+    break;
+  }
+  return s;
+}
+
 Test(cuda, layer_variants_on_tensor_cores) {
   require_cuda();
-  for (int variant = 0; variant < 7; ++variant) {
+  for (int variant = 0; variant < 7; ++variant)
     for (int64_t T : {2, 200}) {
-      th_layer_spec s = mixtral_like(T, 256, 256, 16, 4, 0xc300 + 16 * variant + T);
-      switch (variant) {
-      case 0: /* DeepSeek-V3 routing */
-        s.cfg.scoring = MOE_SCORING_SIGMOID;
-        s.cfg.num_groups = 4;
-        s.cfg.topk_groups = 2;
-        s.cfg.group_scoring = MOE_GROUP_SCORING_TOP2_SUM;
-        s.cfg.routed_scaling_factor = 2.5f;
-        s.correction_bias = true;
-        break;
-      case 1: /* expert parallelism */
-        s.cfg.num_local_experts = 8;
-        s.map = TH_MAP_PARTIAL;
-        break;
-      case 2: /* gpt-oss */
-        s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 3:
-        s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
-        s.w13_bias = true;
-        break;
-      case 4:
-        s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
-        break;
-      case 5:
-        s.cfg.activation = MOE_ACTIVATION_GEGLU;
-        break;
-      default:
-        s.logits = TH_LOGITS_SPECIAL;
-        break;
-      }
+      th_layer_spec s = variant_spec(variant, T, 0xc300 + 16 * variant + T);
       layer_case(&s);
     }
+}
+
+/* The decode kernel (weights streamed on the CUDA cores): forced over every
+ * variant, at 2 tokens (one pass per block) and 200 (about 50 rows per
+ * expert, so up to 4 passes of GEMV_ROWS per 16-row block); and taken by
+ * the default rule where it applies (one row per expert, K >= 2560). */
+Test(cuda, decode_kernel_variants) {
+  require_cuda();
+  setenv("MOE_CUDA_TILE", "gemv", 1);
+  for (int variant = 0; variant < 7; ++variant)
+    for (int64_t T : {2, 200}) {
+      th_layer_spec s = variant_spec(variant, T, 0xc900 + 16 * variant + T);
+      layer_case(&s);
+    }
+  unsetenv("MOE_CUDA_TILE");
+  for (int64_t T : {1, 3}) {
+    th_layer_spec s = mixtral_like(T, 2560, 264, 8, 2, 0xca00 + T);
+    layer_case(&s);
   }
 }
 

@@ -72,8 +72,6 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CUDA state");
   st->device = device;
   st->sm_count = prop.multiProcessorCount;
-  st->cc_major = prop.major;
-  st->cc_minor = prop.minor;
   st->wgmma = wgmma;
   const char *pdl = getenv("MOE_CUDA_PDL");
   st->pdl = prop.major >= 9 && pdl && strcmp(pdl, "1") == 0;
@@ -470,10 +468,7 @@ static bool take_wgmma(const cuda_layer *l, int64_t slots, const void *x) {
   const char *env = getenv("MOE_CUDA_PREFILL");
   if (env && strcmp(env, "mma") == 0) return false;
   if (env && strcmp(env, "wgmma") == 0) return true;
-  const int64_t EL = l->cfg.num_local_experts;
-  const int64_t touched = slots < EL ? slots : EL;
-  const int64_t rows_per_expert = (slots + touched - 1) / (touched > 0 ? touched : 1);
-  return rows_per_expert >= CUDA_WGMMA_MIN_ROWS_PER_EXPERT;
+  return cuda_rows_per_expert(slots, l->cfg.num_local_experts) >= CUDA_WGMMA_MIN_ROWS_PER_EXPERT;
 }
 
 /* Permute, GEMM1 and GEMM2 of the wgmma path, after align ran with
@@ -483,9 +478,7 @@ static moe_status wgmma_forward(const cuda_state *st, const cuda_layer *l, int64
   const moe_config *c = &l->cfg;
   const int64_t H = c->hidden_size, I = c->intermediate_size, slots = T * c->top_k;
   const int32_t EL = c->num_local_experts;
-  const int64_t touched = slots < EL ? slots : EL;
-  /* >= num_tokens_post_padded (as padded_rows_bound in grouped_gemm.cu). */
-  const int64_t rows_bound = slots + (int64_t)(CUDA_WGMMA_BLOCK_M - 1) * touched;
+  const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, CUDA_WGMMA_BLOCK_M);
   CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
                               l->num_tokens_post_padded, slots, c->top_k, rows_bound));
   const bool weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;

@@ -18,12 +18,9 @@ struct cuda_state {
   cudaStream_t stream;
   bool owns_stream;
   int sm_count;
-  bool pdl; /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
-               (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
-  /* Compute capability, and whether the sm_90a prefill path (gemm_wgmma.cu)
-   * can run here. */
-  int cc_major, cc_minor;
-  bool wgmma;
+  bool pdl;   /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
+                 (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
+  bool wgmma; /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
 };
 
 /* Maps a CUDA error to a status and a message naming what failed. */
@@ -74,6 +71,28 @@ __device__ __forceinline__ void cuda_allow_dependents() {
 #if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
   asm volatile("griddepcontrol.launch_dependents;\n" ::);
 #endif
+}
+
+/* ---- sizes of a batch over the experts (host) --------------------------- */
+
+/* The most experts `slots` (token, expert) pairs can touch among EL. */
+static inline int64_t cuda_touched_bound(int64_t slots, int64_t num_local_experts) {
+  return slots < num_local_experts ? slots : num_local_experts;
+}
+
+/* Rows per touched expert on average, rounded up; what the GEMM choices
+ * (tile table, decode kernel, wgmma path) are keyed by. */
+static inline int64_t cuda_rows_per_expert(int64_t slots, int64_t num_local_experts) {
+  const int64_t touched = cuda_touched_bound(slots, num_local_experts);
+  return touched > 0 ? (slots + touched - 1) / touched : 0;
+}
+
+/* Upper bound of num_tokens_post_padded, which only the device knows:
+ * every touched expert pads at most block_m - 1 rows. Grids are sized by
+ * it. */
+static inline int64_t cuda_padded_rows_bound(int64_t slots, int64_t num_local_experts,
+                                             int64_t block_m) {
+  return slots + (block_m - 1) * cuda_touched_bound(slots, num_local_experts);
 }
 
 #define CUDA_TRY(expr)                                                                             \

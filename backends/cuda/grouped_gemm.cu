@@ -105,9 +105,6 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
   X(16x64k64, 16, 64, 64, 1, 4, 6)     /* decode, more CTAs per SM */                              \
   X(16x128, 16, 128, 64, 1, 8, 4)      /* decode, 8 warps */                                       \
   X(16x32k256, 16, 32, 256, 1, 2, 3)   /* decode, long rows per stage */                           \
-  X(16x64k256, 16, 64, 256, 1, 4, 3)   /* decode, 32 KB of weights per stage */                    \
-  X(16x128k128, 16, 128, 128, 1, 8, 3) /* decode, 32 KB of weights per stage */                    \
-  X(32x128k128, 32, 128, 128, 2, 4, 3) /* small batches, 32 KB of weights per stage */             \
   X(32x64, 32, 64, 64, 1, 4, 4)        /* small batches */                                         \
   X(32x128, 32, 128, 64, 2, 4, 4)      /* small batches, streams B */                              \
   X(64x128, 64, 128, 64, 2, 4, 3)      /* medium */                                                \
@@ -513,14 +510,6 @@ static moe_status launch_tile(const cuda_state *st, const cuda_gemm *g, int64_t 
   return cuda_launch_status("gemm_mma_kernel");
 }
 
-/* Upper bound of num_tokens_post_padded: every touched expert pads at most
- * block_m - 1 rows, and at most min(EL, slots) experts are touched. */
-static int64_t padded_rows_bound(const cuda_gemm *g) {
-  const int64_t slots = g->num_tokens * g->top_k;
-  const int64_t touched = slots < g->num_local_experts ? slots : g->num_local_experts;
-  return slots + (int64_t)(g->block_m - 1) * touched;
-}
-
 /* MOE_CUDA_TILE=<name> forces a tile (for sweeps), else TILE_COUNT. */
 static tile_id forced_tile(void) {
   const char *env = getenv("MOE_CUDA_TILE");
@@ -545,16 +534,15 @@ static bool gemv_wanted(int64_t slots, int32_t num_local_experts, int64_t k) {
   if (forced_tile() != TILE_COUNT || k < GEMV_MIN_K) return false;
   const char *env = getenv("MOE_CUDA_GEMV_MAX_ROWS");
   const int64_t max_rows = env && *env ? strtoll(env, NULL, 10) : GEMV_MAX_ROWS_PER_EXPERT;
-  const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
-  return slots <= max_rows * (touched > 0 ? touched : 1);
+  return cuda_rows_per_expert(slots, num_local_experts) <= max_rows;
 }
 
 static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local_experts,
                           int64_t n) {
   const tile_id forced = forced_tile();
   if (forced != TILE_COUNT) return forced;
-  const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
-  const int64_t rows_per_expert = (slots + touched - 1) / (touched > 0 ? touched : 1);
+  const int64_t touched = cuda_touched_bound(slots, num_local_experts);
+  const int64_t rows_per_expert = cuda_rows_per_expert(slots, num_local_experts);
   tile_id id = TILE_128x128k64;
   for (const tile_rule &rule : tile_rules)
     if (rows_per_expert <= rule.max_rows_per_expert) {
@@ -586,7 +574,7 @@ static bool aligned16(const void *p) {
 
 moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
   const int64_t slots = g->num_tokens * g->top_k;
-  const int64_t rows = padded_rows_bound(g);
+  const int64_t rows = cuda_padded_rows_bound(slots, g->num_local_experts, g->block_m);
   tile_id id = table_tile(st, slots, g->num_local_experts, g->n);
   /* A row block above align's: the largest rule's tile that fits in it. */
   for (int r = (int)(sizeof tile_rules / sizeof tile_rules[0]) - 1;

@@ -542,13 +542,12 @@ int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts) {
 /* MOE_CUDA_ROUTING=reference runs moe_rl_route_token itself, =warp the
  * warp per token where the rank routing would run (read at every call, so
  * a test can compare them in one process). */
-static bool reference_routing(void) {
+enum routing_kind { ROUTING_DEFAULT, ROUTING_WARP, ROUTING_REFERENCE };
+static routing_kind routing_from_env(void) {
   const char *env = getenv("MOE_CUDA_ROUTING");
-  return env && strcmp(env, "reference") == 0;
-}
-static bool warp_routing_forced(void) {
-  const char *env = getenv("MOE_CUDA_ROUTING");
-  return env && strcmp(env, "warp") == 0;
+  if (env && strcmp(env, "reference") == 0) return ROUTING_REFERENCE;
+  if (env && strcmp(env, "warp") == 0) return ROUTING_WARP;
+  return ROUTING_DEFAULT;
 }
 
 /* Shared memory of the rank routing of T tokens: logits, keys, group keys. */
@@ -558,7 +557,8 @@ static size_t rank_routing_smem(int64_t T, int32_t E, int32_t G) {
 
 moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const moe_rl_params rl = moe_rl_params_from_args(args);
-  if (!reference_routing() && !warp_routing_forced() &&
+  const routing_kind kind = routing_from_env();
+  if (kind == ROUTING_DEFAULT &&
       rank_routing_fits(args->num_tokens, args->num_experts, rl.num_groups)) {
     route_rank_kernel<<<1, CUDA_ALIGN_THREADS,
                         rank_routing_smem(args->num_tokens, args->num_experts, rl.num_groups),
@@ -567,11 +567,12 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
         (int32_t)args->num_tokens, (int32_t *)args->topk_ids, (float *)args->topk_weights);
     return cuda_launch_status("route_rank_kernel");
   }
-  const int threads = 128, tokens_per_block = reference_routing() ? threads : threads / 32;
+  const bool reference = kind == ROUTING_REFERENCE;
+  const int threads = 128, tokens_per_block = reference ? threads : threads / 32;
   int64_t blocks = (args->num_tokens + tokens_per_block - 1) / tokens_per_block;
   if (blocks > 65536) blocks = 65536;
-  (reference_routing() ? route_kernel<true>
-                       : route_kernel<false>)<<<(unsigned)blocks, threads, 0, st->stream>>>(
+  (reference ? route_kernel<true>
+             : route_kernel<false>)<<<(unsigned)blocks, threads, 0, st->stream>>>(
       rl, (const float *)args->logits, (const float *)args->correction_bias, args->num_tokens,
       (int32_t *)args->topk_ids, (float *)args->topk_weights);
   return cuda_launch_status("route_kernel");
@@ -582,6 +583,7 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
   const align_params p = align_params_from(align);
   if (p.num_slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS) {
     const bool fuse = route && route->num_tokens <= CUDA_FUSED_ROUTE_TOKENS;
+    const routing_kind kind = routing_from_env();
     if (route && !fuse) CUDA_TRY(cuda_route(st, route));
     moe_rl_params rl;
     memset(&rl, 0, sizeof rl);
@@ -591,12 +593,12 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
       rl = moe_rl_params_from_args(route);
       const int64_t floats = route->num_tokens * route->num_experts;
       if (floats <= CUDA_ROUTE_STAGE_FLOATS) stage_bytes = (size_t)floats * sizeof(float);
-      by_rank = !reference_routing() && !warp_routing_forced() &&
+      by_rank = kind == ROUTING_DEFAULT &&
                 rank_routing_fits(route->num_tokens, route->num_experts, rl.num_groups);
       if (by_rank)
         stage_bytes = rank_routing_smem(route->num_tokens, route->num_experts, rl.num_groups);
     }
-    (reference_routing()
+    (kind == ROUTING_REFERENCE
          ? route_align_one_block_kernel<true>
          : route_align_one_block_kernel<false>)<<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
         p, fuse, rl, fuse ? (const float *)route->logits : NULL,

@@ -2,12 +2,15 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|all]... Each step prints one summary line; the
-# logs hold the rest. sanitize runs compute-sanitizer's four tools over the
-# whole CUDA suite side by side (memcheck and initcheck with the huge-index
-# cases); bench times the
-# CUDA layer and the Triton peer (bench/triton_peer.py) in the same run, then
-# the OpenCL layer on NVIDIA's OpenCL.
+# opencl|huge|sanitize|bench|profile|all]... Each step prints one summary
+# line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
+# the CUDA suite side by side (memcheck and initcheck with the huge-index
+# cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
+# as '@(route|reduce)/*', SANITIZE_TIMEOUT the limit per tool); bench times
+# the CUDA layer and the Triton peer (bench/triton_peer.py) in the same run,
+# then the OpenCL layer on NVIDIA's OpenCL; profile runs ncu over the
+# kernels of one forward of ours and of the peer at each of PROFILE_POINTS
+# (model:tokens ...), one CSV row per kernel.
 set -u
 out=${OUT:-out}
 mkdir -p "$out"
@@ -38,8 +41,10 @@ suite() { # name env... (runs moe_tests with the environment given)
 # compute-sanitizer over the whole suite: one tool per process, all four at
 # once (correctness only: never time anything while they run).
 step_sanitize() {
-  local tool pids=()
-  for tool in memcheck racecheck initcheck synccheck; do
+  local tool pids=() tools=${SANITIZE_TOOLS:-memcheck racecheck initcheck synccheck}
+  local filter=()
+  [ -n "${SANITIZE_FILTER:-}" ] && filter=(--filter "$SANITIZE_FILTER")
+  for tool in $tools; do
     # The huge-index cases (4.4 GB each) under the memory tools only: the
     # race and sync tools check shared memory and barriers, which the huge
     # cases run the same way as the others.
@@ -47,12 +52,12 @@ step_sanitize() {
     [ "$tool" = memcheck ] || [ "$tool" = initcheck ] && huge=1
     ( MOE_TEST_BACKEND=cuda MOE_TEST_HUGE=$huge timeout "${SANITIZE_TIMEOUT:-240}" \
         compute-sanitizer --tool "$tool" --error-exitcode 3 \
-        "./$build/tests/moe_tests" --verbose=0 --jobs 4 >"$out/sanitize-$tool.log" 2>&1
+        "./$build/tests/moe_tests" --verbose=0 --jobs 4 "${filter[@]}" >"$out/sanitize-$tool.log" 2>&1
       echo $? >"$out/sanitize-$tool.rc" ) &
     pids+=($!)
   done
   wait "${pids[@]}"
-  for tool in memcheck racecheck initcheck synccheck; do
+  for tool in $tools; do
     printf '%-28s rc=%s  %s | %s\n' "sanitize-$tool" "$(cat "$out/sanitize-$tool.rc")" \
       "$(grep -E 'ERROR SUMMARY|RACECHECK SUMMARY' "$out/sanitize-$tool.log" | tail -1)" \
       "$(grep -E 'Synthesis' "$out/sanitize-$tool.log" | tail -1)"
@@ -72,6 +77,28 @@ step_bench() {
   echo "bench-opencl rc=$?"
 }
 
+# ncu over one forward per point: duration, DRAM bytes and throughput,
+# grid, registers and occupancy of every kernel of ours and of the peer.
+step_profile() {
+  local metrics=gpu__time_duration.sum,dram__bytes_read.sum
+  metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size
+  metrics+=,launch__block_size,launch__registers_per_thread
+  metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
+  local kernels='regex:^(route|align|gemm|topk|wgmma|reduce_kernel)'
+  local point model tokens
+  for point in ${PROFILE_POINTS:-qwen3-30b-a3b:1 mixtral-8x7b:16}; do
+    model=${point%:*} tokens=${point#*:}
+    ncu --csv --metrics "$metrics" -k "$kernels" --launch-skip 40 --launch-count 12 \
+      "./$build/bench/moe_bench" --backend cuda --model "$model" --tokens "$tokens" \
+      --reps 10 --warmup 10 >"$out/profile-ours-$model-$tokens.csv" 2>&1
+    echo "profile ours $point rc=$?"
+    ncu --csv --metrics "$metrics" -k "$kernels" --launch-skip 40 --launch-count 12 \
+      python3 bench/triton_peer.py --quick --model "$model" --tokens "$tokens" \
+      >"$out/profile-peer-$model-$tokens.csv" 2>&1
+    echo "profile peer $point rc=$?"
+  done
+}
+
 for step in "${@:-all}"; do
   case $step in
   build) step_build || exit 1 ;;
@@ -79,6 +106,7 @@ for step in "${@:-all}"; do
   huge) suite cuda-huge MOE_TEST_BACKEND=cuda MOE_TEST_HUGE=1 ;;
   sanitize) step_sanitize ;;
   bench) step_bench ;;
+  profile) step_profile ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl
     suite opencl-suite-parallel-route MOE_TEST_BACKEND=opencl MOE_OPENCL_ROUTE=parallel

@@ -11,6 +11,8 @@
 
 #include "moe.h"
 
+#include <cuda_bf16.h>
+
 __device__ __forceinline__ float cuda_sigmoid(float x) {
   return 1.0f / (1.0f + expf(-x));
 }
@@ -45,6 +47,21 @@ __device__ __forceinline__ float cuda_apply_routed(float acc, float bias, float 
   default:
     return acc + bias;
   }
+}
+
+/* Dot product of 8 bf16 pairs (16-byte vectors) in fp32, in index order:
+ * the weight-streaming kernels' inner step. */
+__device__ __forceinline__ float dot8_bf16(const uint4 &w, const uint4 &a) {
+  const __nv_bfloat162 *w2 = (const __nv_bfloat162 *)&w;
+  const __nv_bfloat162 *a2 = (const __nv_bfloat162 *)&a;
+  float sum = 0.0f;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const float2 wf = __bfloat1622float2(w2[i]), af = __bfloat1622float2(a2[i]);
+    sum = fmaf(wf.x, af.x, sum);
+    sum = fmaf(wf.y, af.y, sum);
+  }
+  return sum;
 }
 
 #endif /* MOE_CUDA_ACTIVATION_MATH_CUH */

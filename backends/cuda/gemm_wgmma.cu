@@ -64,6 +64,7 @@
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"
+#include "hopper_ptx.cuh"
 
 #include <cuda.h>
 #include <cudaTypedefs.h>
@@ -141,46 +142,6 @@ struct wgmma_params {
 
 #ifdef MOE_WGMMA_DEVICE
 /* ---- PTX wrappers (sm_90a) ---------------------------------------------- */
-
-__device__ __forceinline__ uint32_t smem_addr(const void *p) {
-  return (uint32_t)__cvta_generic_to_shared(p);
-}
-
-__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
-  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
-}
-
-/* Makes the initialized barriers visible to the async proxy (TMA) too. */
-__device__ __forceinline__ void mbar_init_fence() {
-  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
-}
-
-/* One arrival, and bytes of TMA traffic the phase must also wait for. */
-__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
-  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
-               : "memory");
-}
-
-__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
-  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
-}
-
-/* Waits until the phase of the given parity has completed. A fresh barrier
- * is in phase 0, so waiting for parity 1 returns at once: the producer's
- * first pass over the ring does not wait for empty stages. */
-__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
-  uint32_t done;
-  do {
-    asm volatile("{\n"
-                 ".reg .pred p;\n"
-                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
-                 "selp.u32 %0, 1, 0, p;\n"
-                 "}\n"
-                 : "=r"(done)
-                 : "r"(bar), "r"(parity)
-                 : "memory");
-  } while (!done);
-}
 
 /* TMA: the box at (c0 = column, c1 = row) of map into shared memory at dst,
  * completing bytes on bar. */

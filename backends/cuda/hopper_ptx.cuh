@@ -1,0 +1,69 @@
+/*
+ * hopper_ptx.cuh - the sm_90 PTX that more than one kernel file uses:
+ * shared-memory addresses, mbarriers (init, arrive with expected
+ * transaction bytes, parity wait) and the one-dimensional bulk copy from
+ * global to shared memory that completes on an mbarrier. The wgmma path
+ * (gemm_wgmma.cu) and the decode streaming kernel (gemm_stream.cu) use
+ * them. Defined only in device passes for compute capability 9.0 and up;
+ * callers guard their kernel bodies the same way.
+ */
+#ifndef MOE_CUDA_HOPPER_PTX_CUH
+#define MOE_CUDA_HOPPER_PTX_CUH
+
+#include <stdint.h>
+
+#if defined(__CUDA_ARCH__) && (__CUDA_ARCH__ >= 900)
+#define MOE_HOPPER_DEVICE 1
+
+__device__ __forceinline__ uint32_t smem_addr(const void *p) {
+  return (uint32_t)__cvta_generic_to_shared(p);
+}
+
+__device__ __forceinline__ void mbar_init(uint32_t bar, uint32_t arrivals) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;\n" ::"r"(bar), "r"(arrivals) : "memory");
+}
+
+/* Makes the initialized barriers visible to the async proxy (TMA) too. */
+__device__ __forceinline__ void mbar_init_fence() {
+  asm volatile("fence.mbarrier_init.release.cluster;\n" ::: "memory");
+}
+
+/* One arrival, and bytes of TMA traffic the phase must also wait for. */
+__device__ __forceinline__ void mbar_arrive_expect_tx(uint32_t bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;\n" ::"r"(bar), "r"(bytes)
+               : "memory");
+}
+
+__device__ __forceinline__ void mbar_arrive(uint32_t bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];\n" ::"r"(bar) : "memory");
+}
+
+/* Waits until the phase of the given parity has completed. A fresh barrier
+ * is in phase 0, so waiting for parity 1 returns at once: the producer's
+ * first pass over the ring does not wait for empty stages. */
+__device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
+  uint32_t done;
+  do {
+    asm volatile("{\n"
+                 ".reg .pred p;\n"
+                 "mbarrier.try_wait.parity.shared::cta.b64 p, [%1], %2;\n"
+                 "selp.u32 %0, 1, 0, p;\n"
+                 "}\n"
+                 : "=r"(done)
+                 : "r"(bar), "r"(parity)
+                 : "memory");
+  } while (!done);
+}
+
+/* Bulk copy of bytes (a multiple of 16; both addresses 16-byte aligned)
+ * from global memory to shared memory at dst, completing on bar. */
+__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void *src, uint32_t bytes,
+                                              uint32_t bar) {
+  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
+               " [%0], [%1], %2, [%3];\n" ::"r"(dst),
+               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
+               : "memory");
+}
+
+#endif /* __CUDA_ARCH__ >= 900 */
+#endif /* MOE_CUDA_HOPPER_PTX_CUH */

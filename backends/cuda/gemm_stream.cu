@@ -14,15 +14,16 @@
  *     warp for GEMM1's interleaved w13) of one align block's expert, over
  *     the whole K, against the block's token rows (at most block_m = 16);
  *   - its weights arrive as stages of ST_ROWS row pieces of ST_KS elements
- *     (one 1 KB bulk copy per row piece, 8 KB per stage), so each copy is
- *     a long contiguous DRAM read and one thread keeps a whole ring of
- *     ST_STAGES stages (64 KB) in flight per CTA;
+ *     (one 2 KB bulk copy per row piece, 16 KB per stage), so each copy is
+ *     a long contiguous DRAM read; a producer warp (one lane) keeps a ring
+ *     of ST_STAGES stages (64 KB) in flight per CTA, refilling a stage as
+ *     soon as the four consumer warps have arrived on its empty barrier,
+ *     and reads each unit's expert once;
  *   - the grid is persistent (3 CTAs per SM); CTA c takes units c, c + grid,
  *     ... up to the count that only the device knows (from
- *     num_tokens_post_padded), so neighbouring CTAs read neighbouring rows
- *     and no CTA waits on another's metadata at start-up. The ring runs on
- *     across unit boundaries.
- * Each warp owns two weight rows of the unit: lanes take 8 elements of K
+ *     num_tokens_post_padded), so neighbouring CTAs read neighbouring rows.
+ *     The ring runs on across unit boundaries.
+ * Each consumer warp owns two weight rows of the unit: lanes take 8 elements of K
  * each per step from shared memory (conflict-free: a warp reads 512
  * contiguous bytes), token rows come through the read-only cache (every
  * unit of a block reads the same few rows), fp32 accumulation, one warp
@@ -42,11 +43,11 @@
 
 typedef __nv_bfloat16 bf16;
 
-constexpr int ST_WARPS = 4;
-constexpr int ST_THREADS = 32 * ST_WARPS;
-constexpr int ST_ROWS = 2 * ST_WARPS; /* weight rows per unit: two per warp */
-constexpr int ST_KS = 512;            /* K elements of each row per stage (1 KB) */
-constexpr int ST_STAGES = 8;
+constexpr int ST_WARPS = 4; /* consumer warps; one producer warp more */
+constexpr int ST_THREADS = 32 * (ST_WARPS + 1);
+constexpr int ST_ROWS = 2 * ST_WARPS; /* weight rows per unit: two per consumer warp */
+constexpr int ST_KS = 1024;           /* K elements of each row per stage (2 KB) */
+constexpr int ST_STAGES = 4;
 constexpr int ST_STAGE_ELEMS = ST_ROWS * ST_KS;
 constexpr int ST_SMEM_BYTES = ST_STAGES * ST_STAGE_ELEMS * (int)sizeof(bf16); /* 64 KB */
 constexpr int ST_CTAS_PER_SM = 3;
@@ -59,44 +60,55 @@ __global__ void __launch_bounds__(ST_THREADS, ST_CTAS_PER_SM)
 #ifdef MOE_HOPPER_DEVICE
   extern __shared__ __align__(128) unsigned char smem_raw[];
   bf16 *const ring = (bf16 *)smem_raw;
-  __shared__ __align__(8) uint64_t full[ST_STAGES];
+  __shared__ __align__(8) uint64_t full[ST_STAGES], empty[ST_STAGES];
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
 
   const int64_t units = (int64_t)(*g.num_tokens_post_padded / g.block_m) * groups;
   const int64_t my_units = units > blockIdx.x ? (units - 1 - blockIdx.x) / gridDim.x + 1 : 0;
   const int64_t stages = my_units * slices;
-  if (stages == 0) return; /* uniform over the CTA: no barrier below is skipped by some */
+  if (stages == 0) return; /* uniform over the CTA: the barrier below is reached by all */
 
   if (threadIdx.x == 0) {
-    for (int s = 0; s < ST_STAGES; ++s)
+    for (int s = 0; s < ST_STAGES; ++s) {
       mbar_init(smem_addr(&full[s]), 1);
+      mbar_init(smem_addr(&empty[s]), ST_WARPS);
+    }
     mbar_init_fence();
   }
   __syncthreads();
-
-  /* Thread 0 queues stage j: ST_ROWS row pieces of its unit's expert. */
-  auto issue = [&](int64_t j) {
-    const int64_t unit = blockIdx.x + (j / slices) * (int64_t)gridDim.x;
-    const int slice = (int)(j % slices);
-    const int expert = g.expert_ids[unit / groups];
-    const int64_t n0 = (unit % groups) * ST_ROWS;
-    const int k0 = slice * ST_KS, ks = min(ST_KS, g.k - k0);
-    const uint32_t bar = smem_addr(&full[j % ST_STAGES]);
-    const bool local = expert >= 0 && expert < g.num_local_experts;
-    mbar_arrive_expect_tx(bar, local ? (uint32_t)(ST_ROWS * ks * sizeof(bf16)) : 0u);
-    if (!local) return;
-    const bf16 *src = g.b + (int64_t)expert * g.b_expert_stride + n0 * g.ldb + k0;
-    const uint32_t dst = smem_addr(ring + (j % ST_STAGES) * ST_STAGE_ELEMS);
-    for (int r = 0; r < ST_ROWS; ++r)
-      bulk_copy_g2s(dst + r * ST_KS * (uint32_t)sizeof(bf16), src + r * g.ldb,
-                    (uint32_t)(ks * sizeof(bf16)), bar);
-  };
-  if (threadIdx.x == 0)
-    for (int64_t j = 0; j < stages && j < ST_STAGES; ++j)
-      issue(j);
-
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+
+  if (warp == ST_WARPS) { /* the producer: one lane queues every stage */
+    if (lane != 0) return;
+    int64_t unit_of_expert = -1;
+    int expert = -1;
+    for (int64_t j = 0; j < stages; ++j) {
+      const int64_t unit = blockIdx.x + (j / slices) * (int64_t)gridDim.x;
+      const int slice = (int)(j % slices);
+      if (unit != unit_of_expert) { /* once per unit */
+        expert = g.expert_ids[unit / groups];
+        unit_of_expert = unit;
+      }
+      const int64_t n0 = (unit % groups) * ST_ROWS;
+      const int k0 = slice * ST_KS, ks = min(ST_KS, g.k - k0);
+      const int stage = (int)(j % ST_STAGES);
+      /* A fresh barrier passes a wait for parity 1: the first pass over
+       * the ring does not wait. */
+      mbar_wait(smem_addr(&empty[stage]), (uint32_t)(((j / ST_STAGES) & 1) ^ 1));
+      const uint32_t bar = smem_addr(&full[stage]);
+      const bool local = expert >= 0 && expert < g.num_local_experts;
+      mbar_arrive_expect_tx(bar, local ? (uint32_t)(ST_ROWS * ks * sizeof(bf16)) : 0u);
+      if (!local) continue;
+      const bf16 *src = g.b + (int64_t)expert * g.b_expert_stride + n0 * g.ldb + k0;
+      const uint32_t dst = smem_addr(ring + stage * ST_STAGE_ELEMS);
+      for (int r = 0; r < ST_ROWS; ++r)
+        bulk_copy_g2s(dst + r * ST_KS * (uint32_t)sizeof(bf16), src + r * g.ldb,
+                      (uint32_t)(ks * sizeof(bf16)), bar);
+    }
+    return;
+  }
+
   const int64_t num_slots = g.num_tokens * g.top_k;
   float acc[2][ST_TOKENS];
   int32_t lane_slot = -1; /* lane t: the slot of the block's token row t */
@@ -120,22 +132,34 @@ __global__ void __launch_bounds__(ST_THREADS, ST_CTAS_PER_SM)
         acc[0][t] = acc[1][t] = 0.0f;
     }
     const bool local = expert >= 0 && expert < g.num_local_experts;
-    mbar_wait(smem_addr(&full[j % ST_STAGES]), (uint32_t)((j / ST_STAGES) & 1));
+    const int stage = (int)(j % ST_STAGES);
+    mbar_wait(smem_addr(&full[stage]), (uint32_t)((j / ST_STAGES) & 1));
     if (local) {
-      const bf16 *w0 = ring + (j % ST_STAGES) * ST_STAGE_ELEMS + 2 * warp * ST_KS;
+      const bf16 *w0 = ring + stage * ST_STAGE_ELEMS + 2 * warp * ST_KS;
       const int k0 = slice * ST_KS, ks = min(ST_KS, g.k - k0);
-      for (int kk = lane * 8; kk < ks; kk += 32 * 8) {
-        const uint4 wa = *(const uint4 *)(w0 + kk), wb = *(const uint4 *)(w0 + ST_KS + kk);
+      /* The trip count is the same on every lane (the shuffles need the
+       * whole warp); lanes past ks skip their loads. */
+      for (int base = 0; base < ks; base += 32 * 8) {
+        const int kk = base + lane * 8;
+        const bool in_k = kk < ks;
+        uint4 wa = make_uint4(0, 0, 0, 0), wb = wa;
+        if (in_k) {
+          wa = *(const uint4 *)(w0 + kk);
+          wb = *(const uint4 *)(w0 + ST_KS + kk);
+        }
 #pragma unroll
         for (int t = 0; t < ST_TOKENS; ++t) {
           if (t >= rows) break; /* warp-uniform */
           const int64_t a_off = __shfl_sync(0xffffffffu, lane_a, t);
+          if (!in_k) continue;
           const uint4 av = __ldg((const uint4 *)(g.a + a_off + k0 + kk));
           acc[0][t] += dot8_bf16(wa, av);
           acc[1][t] += dot8_bf16(wb, av);
         }
       }
     }
+    __syncwarp();
+    if (lane == 0) mbar_arrive(smem_addr(&empty[stage])); /* this warp is done with it */
     if (slice == slices - 1 && local) { /* the unit's outputs */
       const int64_t col = n0 + 2 * warp; /* rows col (gate) and col + 1 (up) */
       const float *bias = g.bias ? g.bias + (int64_t)expert * g.bias_stride : NULL;
@@ -162,8 +186,6 @@ __global__ void __launch_bounds__(ST_THREADS, ST_CTAS_PER_SM)
           *(__nv_bfloat162 *)(c_row + col) = __floats2bfloat162_rn(v0, v1);
       }
     }
-    __syncthreads(); /* every warp is done with stage j: refill it */
-    if (threadIdx.x == 0 && j + ST_STAGES < stages) issue(j + ST_STAGES);
   }
 #endif
 }

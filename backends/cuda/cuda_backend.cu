@@ -68,15 +68,11 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   /* The wgmma path only where its sm_90a code runs and its kernels accept
    * their shared-memory size; otherwise the mma.sync path does everything. */
   const bool wgmma = cuda_wgmma_available(prop.major, prop.minor) && cuda_wgmma_init();
-  /* The decode streaming kernel needs the same sm_90a code. */
-  const bool bulk_copy = cuda_wgmma_available(prop.major, prop.minor);
-  if (bulk_copy) CUDA_TRY(cuda_gemm_stream_init());
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
   if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CUDA state");
   st->device = device;
   st->sm_count = prop.multiProcessorCount;
   st->wgmma = wgmma;
-  st->bulk_copy = bulk_copy;
   const char *pdl = getenv("MOE_CUDA_PDL");
   st->pdl = prop.major >= 9 && pdl && strcmp(pdl, "1") == 0;
   if (own_stream) {

@@ -21,8 +21,6 @@ struct cuda_state {
   bool pdl;   /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
                  (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
   bool wgmma; /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
-  bool bulk_copy; /* the build's sm_90a code runs here: the decode streaming
-                     kernel (gemm_stream.cu) can */
 };
 
 /* Maps a CUDA error to a status and a message naming what failed. */
@@ -171,18 +169,6 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g);
 /* The row block the tile table picks for slots spread over experts. */
 int32_t cuda_gemm_pick_block_m(const cuda_state *st, int64_t num_slots, int32_t num_local_experts,
                                int64_t n, int64_t k);
-
-/* ---- decode streaming on Hopper (gemm_stream.cu) ------------------------ */
-
-/* Sets the streaming kernel's shared-memory limit on the current device. */
-moe_status cuda_gemm_stream_init(void);
-
-/* Whether the streaming kernel can run this GEMM (shape, layout,
- * alignment, block_m, device). */
-bool cuda_gemm_stream_fits(const cuda_state *st, const cuda_gemm *g);
-
-/* Queues the GEMM on the streaming kernel (cuda_gemm_stream_fits first). */
-moe_status cuda_gemm_stream_run(const cuda_state *st, const cuda_gemm *g);
 
 /* ---- activation and reduce (elementwise.cu) ----------------------------- */
 

@@ -506,26 +506,10 @@ static tile_id forced_tile(void) {
   return TILE_COUNT;
 }
 
-/* MOE_CUDA_TILE=gemv forces the decode kernel wherever it can run,
- * MOE_CUDA_TILE=stream the Hopper streaming kernel (gemm_stream.cu). */
-static bool forced_kernel(const char *name) {
-  const char *env = getenv("MOE_CUDA_TILE");
-  return env && strcmp(env, name) == 0;
-}
+/* MOE_CUDA_TILE=gemv forces the decode kernel wherever it can run. */
 static bool forced_gemv(void) {
-  return forced_kernel("gemv");
-}
-
-/* Rows per expert (average) up to which the streaming kernel takes a GEMM;
- * MOE_CUDA_STREAM_MAX_ROWS overrides (0 turns it off, for A/B runs). */
-constexpr int64_t STREAM_MAX_ROWS_PER_EXPERT = 1;
-
-static bool stream_wanted(int64_t slots, int32_t num_local_experts) {
-  if (forced_kernel("stream")) return true;
-  if (forced_tile() != TILE_COUNT || forced_gemv()) return false;
-  const char *env = getenv("MOE_CUDA_STREAM_MAX_ROWS");
-  const int64_t max_rows = env && *env ? strtoll(env, NULL, 10) : STREAM_MAX_ROWS_PER_EXPERT;
-  return cuda_rows_per_expert(slots, num_local_experts) <= max_rows;
+  const char *env = getenv("MOE_CUDA_TILE");
+  return env && strcmp(env, "gemv") == 0;
 }
 
 /* The decode kernel while experts average at most
@@ -567,7 +551,7 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
 int32_t cuda_gemm_pick_block_m(const cuda_state *st, int64_t num_slots, int32_t num_local_experts,
                                int64_t n, int64_t k) {
   (void)k;
-  if (forced_gemv() || forced_kernel("stream")) return CUDA_GEMM_MIN_BLOCK_M;
+  if (forced_gemv()) return CUDA_GEMM_MIN_BLOCK_M;
   return tile_block_m[table_tile(st, num_slots, num_local_experts, n)];
 }
 
@@ -587,8 +571,6 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
                        g->ldc % 8 == 0 && g->b_expert_stride % 8 == 0 && aligned16(g->a) &&
                        aligned16(g->b) && aligned16(g->c);
   const bool fast = vectors && tile_block_m[id] <= g->block_m;
-  if (stream_wanted(slots, g->num_local_experts) && cuda_gemm_stream_fits(st, g))
-    return cuda_gemm_stream_run(st, g);
   const int64_t gemv_blocks = (rows + g->block_m - 1) / g->block_m;
   if (vectors && !g->b_kn && gemv_blocks <= 65535 &&
       gemv_wanted(slots, g->num_local_experts, g->k)) {

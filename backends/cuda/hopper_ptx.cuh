@@ -1,11 +1,9 @@
 /*
- * hopper_ptx.cuh - the sm_90 PTX that more than one kernel file uses:
- * shared-memory addresses, mbarriers (init, arrive with expected
- * transaction bytes, parity wait) and the one-dimensional bulk copy from
- * global to shared memory that completes on an mbarrier. The wgmma path
- * (gemm_wgmma.cu) and the decode streaming kernel (gemm_stream.cu) use
- * them. Defined only in device passes for compute capability 9.0 and up;
- * callers guard their kernel bodies the same way.
+ * hopper_ptx.cuh - sm_90 PTX for asynchronous copies: shared-memory
+ * addresses and mbarriers (init, arrive with expected transaction bytes,
+ * parity wait), apart from the kernels that use them (gemm_wgmma.cu's TMA
+ * pipeline). Defined only in device passes for compute capability 9.0 and
+ * up; callers guard their kernel bodies the same way.
  */
 #ifndef MOE_CUDA_HOPPER_PTX_CUH
 #define MOE_CUDA_HOPPER_PTX_CUH
@@ -53,16 +51,6 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "r"(bar), "r"(parity)
                  : "memory");
   } while (!done);
-}
-
-/* Bulk copy of bytes (a multiple of 16; both addresses 16-byte aligned)
- * from global memory to shared memory at dst, completing on bar. */
-__device__ __forceinline__ void bulk_copy_g2s(uint32_t dst, const void *src, uint32_t bytes,
-                                              uint32_t bar) {
-  asm volatile("cp.async.bulk.shared::cluster.global.mbarrier::complete_tx::bytes"
-               " [%0], [%1], %2, [%3];\n" ::"r"(dst),
-               "l"(reinterpret_cast<uint64_t>(src)), "r"(bytes), "r"(bar)
-               : "memory");
 }
 
 #endif /* __CUDA_ARCH__ >= 900 */

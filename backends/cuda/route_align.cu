@@ -84,6 +84,7 @@ __device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p
   row.inv_sum = 0.0f;
   if (!p.scoring_sigmoid) {
     float m = -INFINITY;
+#pragma unroll 1
     for (int e = lane; e < E; e += 32)
       if (logits[e] > m) m = logits[e];
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -92,6 +93,7 @@ __device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p
     }
     if (m != -INFINITY) {
       float sum = 0.0f;
+#pragma unroll 1
       for (int e = lane; e < E; e += 32) {
         const float l = logits[e];
         if (l == l) sum += MOE_RL_EXP(l == m ? 0.0f : l - m);
@@ -266,6 +268,7 @@ __device__ void align_layout(const align_params &p, const int *count, int64_t *s
   const int32_t sentinel = (int32_t)p.num_slots;
   /* Each thread owns experts tid, tid + blockDim, ...: scan in rounds. */
   int64_t carry = 0;
+#pragma unroll 1
   for (int base = 0; base < p.num_local; base += blockDim.x) {
     const int e = base + threadIdx.x;
     const int64_t padded = e < p.num_local ? (int64_t)(count[e] + BM - 1) / BM * BM : 0;
@@ -277,14 +280,19 @@ __device__ void align_layout(const align_params &p, const int *count, int64_t *s
   if (threadIdx.x == 0) start[p.num_local] = carry;
   __syncthreads();
   const int64_t padded_total = carry;
+#pragma unroll 1
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
+#pragma unroll 1
     for (int64_t b = start[e] / BM; b < start[e + 1] / BM; ++b)
       p.expert_ids[b] = e;
+#pragma unroll 1
     for (int64_t i = start[e] + count[e]; i < start[e + 1]; ++i)
       p.sorted[i] = sentinel;
   }
+#pragma unroll 1
   for (int64_t b = padded_total / BM + threadIdx.x; b < p.block_capacity; b += blockDim.x)
     p.expert_ids[b] = -1;
+#pragma unroll 1
   for (int64_t i = padded_total + threadIdx.x; i < p.sorted_capacity; i += blockDim.x)
     p.sorted[i] = sentinel;
   if (threadIdx.x == 0) *p.ntpp = (int32_t)padded_total;
@@ -344,6 +352,7 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
   __shared__ unsigned long long allowed[CUDA_FUSED_ROUTE_TOKENS];
   const int E = rl.num_experts, k = rl.top_k, G = rl.num_groups, group_size = E / G;
   const int tid = threadIdx.x, threads = blockDim.x, warp = tid >> 5, lane = tid & 31;
+#pragma unroll 1
   for (int t = warp; t < T; t += threads >> 5) {
     const moe_rl_row row = warp_row_stats(logits + t * E, rl);
     if (lane == 0) {
@@ -351,19 +360,24 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
       allowed[t] = G > 1 ? 0ull : ~0ull;
     }
   }
+#pragma unroll 1
   for (int i = tid; i < T * k; i += threads) {
     ids[i] = -1;
     weights[i] = 0.0f;
   }
   __syncthreads();
+#pragma unroll 1
   for (int i = tid; i < T * E; i += threads)
     keys[i] = moe_rl_key(logits + i / E * E, bias, i % E, rows[i / E], &rl);
+#pragma unroll 1
   for (int i = tid; G > 1 && i < T * G; i += threads)
     group_keys[i] = moe_rl_group_key(logits + i / G * E, bias, i % G, group_size, rows[i / G], &rl);
   __syncthreads();
+#pragma unroll 1
   for (int i = tid; G > 1 && i < T * G; i += threads) {
     const float *gk = group_keys + i / G * G;
     int rank = 0;
+#pragma unroll 1
     for (int g = 0; g < G; ++g)
       rank += moe_rl_better(gk[g], g, group_keys[i], i % G);
     if (rank < rl.topk_groups) atomicOr(&allowed[i / G], 1ull << (i % G));
@@ -375,6 +389,7 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
   while (S > 1 && (threads / S) < T * E)
     S >>= 1;
   const int items = T * E, per_round = threads / S, rounds = (items + per_round - 1) / per_round;
+#pragma unroll 1
   for (int round = 0; round < rounds; ++round) { /* uniform trip count: full-warp shuffles */
     const int item = round * per_round + tid / S;
     const bool valid = item < items;
@@ -382,6 +397,7 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
     const unsigned long long mask = allowed[t];
     const float *tk = keys + t * E;
     int count = 0;
+#pragma unroll 1
     for (int rival = tid % S; valid && rival < E; rival += S)
       count += ((mask >> (rival / group_size)) & 1ull) && moe_rl_better(tk[rival], rival, tk[e], e);
     for (int offset = S / 2; offset > 0; offset >>= 1)
@@ -392,8 +408,10 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
     }
   }
   __syncthreads();
+#pragma unroll 1
   for (int t = tid; t < T; t += threads) {
     float sum = 0.0f;
+#pragma unroll 1
     for (int j = 0; j < k; ++j)
       sum += weights[t * k + j];
     moe_rl_finish_weights(weights + t * k, sum, &rl);
@@ -420,43 +438,54 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
                        weights);
 }
 
+/* The routing a one-block launch does before align. Each is its own
+ * instance of the kernel, so that a decode step's launch holds only the code
+ * it runs: this kernel is latency-bound, and with the L2 cold (as in a
+ * model, where other layers ran in between) its instructions come from DRAM
+ * miss by miss. On an H100 at Qwen3's one token it read 86 KB (data: under
+ * 2 KB) in 20 us while the instance held all three routings. */
+enum fused_route { FUSED_NONE, FUSED_RANK, FUSED_WARP, FUSED_REFERENCE };
+
 /*
  * The whole metadata pipeline in one block: optional routing (by ranks, or
  * a warp per token; logits staged in shared memory when they fit), then
  * count, layout and a one-warp stable placement.
  */
-template <bool REFERENCE>
+template <fused_route ROUTE>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
-    route_align_one_block_kernel(align_params p, bool do_route, moe_rl_params rl,
-                                 const float *logits, const float *bias, int32_t num_tokens,
-                                 float *topk_weights, bool stage_logits, bool by_rank) {
+    route_align_one_block_kernel(align_params p, moe_rl_params rl, const float *logits,
+                                 const float *bias, int32_t num_tokens, float *topk_weights,
+                                 bool stage_logits) {
   extern __shared__ float staged_logits[];
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
   cuda_allow_dependents(); /* GEMM1 may get resident; it waits for us */
 
-  if (do_route) {
+  if (ROUTE != FUSED_NONE) {
     const float *src = logits;
     if (stage_logits) {
+#pragma unroll 1
       for (int i = threadIdx.x; i < num_tokens * rl.num_experts; i += blockDim.x)
         staged_logits[i] = logits[i];
       __syncthreads();
       src = staged_logits;
     }
-    if (!REFERENCE && by_rank) {
+    if (ROUTE == FUSED_RANK) {
       float *keys = staged_logits + num_tokens * rl.num_experts;
       route_tokens_by_rank(rl, src, bias, num_tokens, keys, keys + num_tokens * rl.num_experts,
                            (int32_t *)p.topk_ids, topk_weights);
     } else {
-      route_tokens<REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5, num_tokens,
-                              (int32_t *)p.topk_ids, topk_weights);
+      route_tokens<ROUTE == FUSED_REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5,
+                                             num_tokens, (int32_t *)p.topk_ids, topk_weights);
     }
     __syncthreads(); /* the ids written above are read below by other threads */
   }
 
+#pragma unroll 1
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x)
     count[e] = 0;
   __syncthreads();
+#pragma unroll 1
   for (int64_t s = threadIdx.x; s < p.num_slots; s += blockDim.x) {
     const int e = local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local);
     if (e >= 0) atomicAdd(&count[e], 1);
@@ -598,12 +627,24 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
       if (by_rank)
         stage_bytes = rank_routing_smem(route->num_tokens, route->num_experts, rl.num_groups);
     }
-    (kind == ROUTING_REFERENCE
-         ? route_align_one_block_kernel<true>
-         : route_align_one_block_kernel<false>)<<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
-        p, fuse, rl, fuse ? (const float *)route->logits : NULL,
-        fuse ? (const float *)route->correction_bias : NULL, (int32_t)align->num_tokens,
-        fuse ? (float *)route->topk_weights : NULL, stage_bytes > 0, by_rank);
+    const float *logits = fuse ? (const float *)route->logits : NULL;
+    const float *bias = fuse ? (const float *)route->correction_bias : NULL;
+    float *weights = fuse ? (float *)route->topk_weights : NULL;
+    const int32_t T = (int32_t)align->num_tokens;
+    const bool staged = stage_bytes > 0;
+    if (!fuse)
+      route_align_one_block_kernel<FUSED_NONE>
+          <<<1, CUDA_ALIGN_THREADS, 0, st->stream>>>(p, rl, logits, bias, T, weights, false);
+    else if (by_rank)
+      route_align_one_block_kernel<FUSED_RANK><<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
+          p, rl, logits, bias, T, weights, staged);
+    else if (kind == ROUTING_REFERENCE)
+      route_align_one_block_kernel<FUSED_REFERENCE>
+          <<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(p, rl, logits, bias, T, weights,
+                                                               staged);
+    else
+      route_align_one_block_kernel<FUSED_WARP><<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
+          p, rl, logits, bias, T, weights, staged);
     return cuda_launch_status("route_align_one_block_kernel");
   }
   if (route) CUDA_TRY(cuda_route(st, route));

@@ -569,27 +569,6 @@ static void require_sm90a(void) {
   }
 }
 
-/* The Hopper streaming kernel (gemm_stream.cu; skipped where
- * sm_90a code cannot run):
- * forced over every variant at 2 tokens (one row per block) and 200 (full
- * 16-row blocks); then taken by its default rule (one row per expert) with
- * K past one 512-element stage and not a multiple of it (H = 1032: stages of
- * 512, 512, 8; I = 776: 512, 264), at 1 and 3 tokens. */
-Test(cuda, streaming_kernel_variants) {
-  require_sm90a();
-  setenv("MOE_CUDA_TILE", "stream", 1);
-  for (int variant = 0; variant < 7; ++variant)
-    for (int64_t T : {2, 200}) {
-      th_layer_spec s = variant_spec(variant, T, 0xcb00 + 16 * variant + T);
-      layer_case(&s);
-    }
-  unsetenv("MOE_CUDA_TILE");
-  for (int64_t T : {1, 3}) {
-    th_layer_spec s = mixtral_like(T, 1032, 776, 64, 8, 0xcc00 + T);
-    layer_case(&s);
-  }
-}
-
 /* Sets (value) or unsets (NULL) an environment variable until the end of
  * the scope. */
 struct env_override {

@@ -63,46 +63,50 @@ __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t sl
 }
 
 /* Each thread owns VEC consecutive columns of one token and sums its k
- * slots in ascending j, in fp32: the same order every run. */
+ * slots in ascending j, in fp32: the same order every run. Tokens run along
+ * y and columns along x, so no index needs a 64-bit division (a long
+ * subroutine, whose code a decode step would fetch from DRAM). */
 template <int VEC> __global__ void topk_reduce_kernel(const reduce_params p) {
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
   const int64_t units = (p.hidden + VEC - 1) / VEC;
-  const int64_t total = p.num_tokens * units;
-  for (int64_t i = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; i < total;
-       i += (int64_t)gridDim.x * blockDim.x) {
-    const int64_t t = i / units, col = (i % units) * VEC;
-    float acc[VEC];
-#pragma unroll
-    for (int v = 0; v < VEC; ++v)
-      acc[v] = 0.0f;
-    for (int j = 0; j < p.top_k; ++j) {
-      const int64_t slot = t * p.top_k + j;
-      if (!slot_is_local(p, slot)) continue;
-      const float w = p.weights ? p.weights[slot] : 1.0f;
-      const bf16 *row = p.y + slot * p.hidden + col;
-      if (VEC == 8) {
-        const uint4 raw = *(const uint4 *)row;
-        const bf16 *vals = (const bf16 *)&raw;
-#pragma unroll
-        for (int v = 0; v < VEC; ++v)
-          acc[v] += w * __bfloat162float(vals[v]);
-      } else {
-        acc[0] += w * __bfloat162float(row[0]);
-      }
-    }
-    bf16 *dst = p.out + t * p.hidden + col;
-    if (VEC == 8) {
-      uint4 raw;
-      bf16 *vals = (bf16 *)&raw;
+  for (int64_t t = blockIdx.y; t < p.num_tokens; t += gridDim.y)
+#pragma unroll 1
+    for (int64_t u = blockIdx.x * (int64_t)blockDim.x + threadIdx.x; u < units;
+         u += (int64_t)gridDim.x * blockDim.x) {
+      const int64_t col = u * VEC;
+      float acc[VEC];
 #pragma unroll
       for (int v = 0; v < VEC; ++v)
-        vals[v] = __float2bfloat16_rn(acc[v]);
-      *(uint4 *)dst = raw;
-    } else {
-      dst[0] = __float2bfloat16_rn(acc[0]);
+        acc[v] = 0.0f;
+#pragma unroll 1
+      for (int j = 0; j < p.top_k; ++j) {
+        const int64_t slot = t * p.top_k + j;
+        if (!slot_is_local(p, slot)) continue;
+        const float w = p.weights ? p.weights[slot] : 1.0f;
+        const bf16 *row = p.y + slot * p.hidden + col;
+        if (VEC == 8) {
+          const uint4 raw = *(const uint4 *)row;
+          const bf16 *vals = (const bf16 *)&raw;
+#pragma unroll
+          for (int v = 0; v < VEC; ++v)
+            acc[v] += w * __bfloat162float(vals[v]);
+        } else {
+          acc[0] += w * __bfloat162float(row[0]);
+        }
+      }
+      bf16 *dst = p.out + t * p.hidden + col;
+      if (VEC == 8) {
+        uint4 raw;
+        bf16 *vals = (bf16 *)&raw;
+#pragma unroll
+        for (int v = 0; v < VEC; ++v)
+          vals[v] = __float2bfloat16_rn(acc[v]);
+        *(uint4 *)dst = raw;
+      } else {
+        dst[0] = __float2bfloat16_rn(acc[0]);
+      }
     }
-  }
 }
 
 moe_status cuda_topk_reduce(const cuda_state *st, const moe_reduce_args *a) {
@@ -120,12 +124,14 @@ moe_status cuda_topk_reduce(const cuda_state *st, const moe_reduce_args *a) {
   const int threads = 256;
   const bool vec =
       a->hidden_size % 8 == 0 && ((uintptr_t)a->y & 15u) == 0 && ((uintptr_t)a->out & 15u) == 0;
+  const int64_t units = vec ? a->hidden_size / 8 : a->hidden_size;
+  const int64_t token_blocks = a->num_tokens < 65535 ? a->num_tokens : 65535;
+  const dim3 grid((unsigned)((units + threads - 1) / threads),
+                  (unsigned)(token_blocks > 0 ? token_blocks : 1));
   if (vec)
-    topk_reduce_kernel<8>
-        <<<grid_for(a->num_tokens * (a->hidden_size / 8), threads), threads, 0, st->stream>>>(p);
+    topk_reduce_kernel<8><<<grid, threads, 0, st->stream>>>(p);
   else
-    topk_reduce_kernel<1>
-        <<<grid_for(a->num_tokens * a->hidden_size, threads), threads, 0, st->stream>>>(p);
+    topk_reduce_kernel<1><<<grid, threads, 0, st->stream>>>(p);
   return cuda_launch_status("topk_reduce_kernel");
 }
 

@@ -233,6 +233,8 @@ __device__ int64_t block_exclusive_scan(int64_t value, int64_t *total) {
 struct align_params {
   int64_t num_slots;
   int32_t num_experts, num_local, block_m;
+  int32_t block_shift; /* log2(block_m): block_m is a power of two, and shifts keep
+                          64-bit division (a long subroutine) out of the kernels */
   int64_t sorted_capacity, block_capacity;
   const int32_t *topk_ids;
   const int32_t *expert_map;
@@ -247,6 +249,9 @@ static align_params align_params_from(const moe_align_args *a) {
   p.num_experts = a->num_experts;
   p.num_local = a->num_local_experts;
   p.block_m = a->block_m;
+  p.block_shift = 0;
+  while ((1 << p.block_shift) < a->block_m)
+    ++p.block_shift;
   p.sorted_capacity = a->sorted_capacity;
   p.block_capacity = a->block_capacity;
   p.topk_ids = (const int32_t *)a->topk_ids;
@@ -264,14 +269,14 @@ static align_params align_params_from(const moe_align_args *a) {
  * num_tokens_post_padded. Every thread of the block calls it.
  */
 __device__ void align_layout(const align_params &p, const int *count, int64_t *start) {
-  const int BM = p.block_m;
+  const int BM = p.block_m, shift = p.block_shift;
   const int32_t sentinel = (int32_t)p.num_slots;
   /* Each thread owns experts tid, tid + blockDim, ...: scan in rounds. */
   int64_t carry = 0;
 #pragma unroll 1
   for (int base = 0; base < p.num_local; base += blockDim.x) {
     const int e = base + threadIdx.x;
-    const int64_t padded = e < p.num_local ? (int64_t)(count[e] + BM - 1) / BM * BM : 0;
+    const int64_t padded = e < p.num_local ? (int64_t)((count[e] + BM - 1) >> shift) << shift : 0;
     int64_t total;
     const int64_t before = block_exclusive_scan(padded, &total);
     if (e < p.num_local) start[e] = carry + before;
@@ -283,14 +288,14 @@ __device__ void align_layout(const align_params &p, const int *count, int64_t *s
 #pragma unroll 1
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
 #pragma unroll 1
-    for (int64_t b = start[e] / BM; b < start[e + 1] / BM; ++b)
+    for (int64_t b = start[e] >> shift; b < start[e + 1] >> shift; ++b)
       p.expert_ids[b] = e;
 #pragma unroll 1
     for (int64_t i = start[e] + count[e]; i < start[e + 1]; ++i)
       p.sorted[i] = sentinel;
   }
 #pragma unroll 1
-  for (int64_t b = padded_total / BM + threadIdx.x; b < p.block_capacity; b += blockDim.x)
+  for (int64_t b = (padded_total >> shift) + threadIdx.x; b < p.block_capacity; b += blockDim.x)
     p.expert_ids[b] = -1;
 #pragma unroll 1
   for (int64_t i = padded_total + threadIdx.x; i < p.sorted_capacity; i += blockDim.x)

@@ -6,7 +6,10 @@
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
-# as '@(route|reduce)/*', SANITIZE_TIMEOUT the limit per tool); bench times
+# as '@(route|reduce)/*', SANITIZE_TIMEOUT the limit per tool, default 450 s:
+# the whole suite under racecheck needs more than 230 s on an H100; two
+# halves by filter side by side finished in 240 s, bench/cuda-sanitizers-
+# h100.log); bench times
 # the CUDA layer and the Triton peer (bench/triton_peer.py) in the same run,
 # then the OpenCL layer on NVIDIA's OpenCL; profile runs ncu over the
 # kernels of one forward of ours and of the peer at each of PROFILE_POINTS
@@ -50,7 +53,7 @@ step_sanitize() {
     # cases run the same way as the others.
     local huge=0
     [ "$tool" = memcheck ] || [ "$tool" = initcheck ] && huge=1
-    ( MOE_TEST_BACKEND=cuda MOE_TEST_HUGE=$huge timeout "${SANITIZE_TIMEOUT:-240}" \
+    ( MOE_TEST_BACKEND=cuda MOE_TEST_HUGE=$huge timeout "${SANITIZE_TIMEOUT:-450}" \
         compute-sanitizer --tool "$tool" --error-exitcode 3 \
         "./$build/tests/moe_tests" --verbose=0 --jobs 4 "${filter[@]}" >"$out/sanitize-$tool.log" 2>&1
       echo $? >"$out/sanitize-$tool.rc" ) &

@@ -157,22 +157,27 @@ __global__ void __launch_bounds__(T::THREADS)
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
 
-  /* Grouped raster: GROUP_M row tiles share each column tile in turn. */
+  /* Grouped raster: GROUP_M row tiles share each column tile in turn. The
+   * grid has at most INT_MAX tiles (launch_tile), so 32-bit division does:
+   * 64-bit division is a long subroutine, and a decode GEMM's CTAs all wait
+   * for their code to come from DRAM at start-up (bench/cuda_notes.md, 13). */
   constexpr int GROUP_M = 8;
-  const int64_t tile_index = blockIdx.x;
-  const int64_t group_tiles = (int64_t)GROUP_M * n_tiles;
-  const int first_m = (int)(tile_index / group_tiles) * GROUP_M;
+  const int tile_index = (int)blockIdx.x;
+  const int group_tiles = GROUP_M * n_tiles;
+  const int first_m = tile_index / group_tiles * GROUP_M;
   const int group_m = min(m_tiles - first_m, GROUP_M);
-  const int64_t in_group = tile_index % group_tiles;
-  const int m_tile = first_m + (int)(in_group % group_m);
-  const int n_tile = (int)(in_group / group_m);
+  const int in_group = tile_index % group_tiles;
+  const int m_tile = first_m + in_group % group_m;
+  const int n_tile = in_group / group_m;
   const int64_t m0 = (int64_t)m_tile * BM;
   const int n0 = n_tile * BN;
   if (m0 >= *g.num_tokens_post_padded) return;
-  const int expert = g.expert_ids[m0 / g.block_m];
+  /* block_m is a power of two (align's contract): its block by a shift. */
+  const int expert = g.expert_ids[m0 >> (__ffs(g.block_m) - 1)];
   if (expert < 0 || expert >= g.num_local_experts) return;
 
   const int64_t num_slots = g.num_tokens * g.top_k;
+#pragma unroll 1 /* one pass in every tile (BM <= THREADS): no unrolled copies */
   for (int r = threadIdx.x; r < BM; r += THREADS) {
     const int32_t slot = g.sorted_token_ids[m0 + r];
     const bool real = slot >= 0 && slot < num_slots;
@@ -220,7 +225,7 @@ __global__ void __launch_bounds__(T::THREADS)
         acc[mi][ni][q] = 0.0f;
 
   const int k_tiles = (g.k + BK - 1) / BK;
-#pragma unroll
+#pragma unroll 1 /* one copy of load_stage's code for the prologue, not STAGES - 1 */
   for (int s = 0; s < STAGES - 1; ++s) {
     if (s < k_tiles) load_stage(s, s * BK);
     cp_async_commit();

@@ -320,6 +320,7 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
     }
 #pragma unroll
     for (int r = 0; r < CUDA_PLACE_AHEAD; ++r) {
+      if (base + 32 * r >= end) break; /* warp-uniform: a decode step places one round */
       const int e = experts[r];
       const unsigned same = __match_any_sync(0xffffffffu, e);
       if (e >= 0) p.sorted[cursor[e] + __popc(same & lower)] = (int32_t)(base + 32 * r + lane);

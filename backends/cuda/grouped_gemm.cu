@@ -34,7 +34,8 @@
  * widest BN that still gives every SM two CTAs is taken. MOE_CUDA_TILE=<name>
  * forces one tile (MOE_CUDA_TILE=gemv the decode kernel), so that a sweep
  * can rerun without rebuilding.
- * Not here yet: the sm_90a path (wgmma fed by TMA) that prefill needs.
+ * Prefill on Hopper runs on gemm_wgmma.cu instead (wgmma fed by TMA); the
+ * layer forward in cuda_backend.cu picks the path.
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"

@@ -21,7 +21,9 @@
  * Align has two shapes:
  *   - one block (slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS): count, scan, place,
  *     in one launch, fused with the routing of up to
- *     CUDA_FUSED_ROUTE_TOKENS tokens: the whole metadata of a decode step;
+ *     CUDA_FUSED_ROUTE_TOKENS tokens: the whole metadata of a decode step.
+ *     Each routing is its own instance of that kernel, and its loops stay
+ *     rolled: the launch is bound by fetching its code (fused_route);
  *   - three launches for more slots: per-chunk counts, one block that scans
  *     them into each chunk's start inside each expert's run, and per-chunk
  *     placement.

@@ -1,8 +1,9 @@
 /*
  * activation_math.cuh - the epilogue math of device code in fp32: the gated
- * activations and the routed weight. One place for the CUDA kernels (the
- * activation stage and the GEMM epilogues of grouped_gemm.cu and
- * gemm_wgmma.cu); the formulas are those documented at moe_activation and
+ * activations, the routed weight, and the 8-wide bf16 dot product of the
+ * CUDA-core decode kernel. One place for the CUDA kernels (the activation
+ * stage and the GEMM epilogues of grouped_gemm.cu and gemm_wgmma.cu); the
+ * formulas are those documented at moe_activation and
  * moe_gemm_routed_weight in include/moe.h. When backends/common/ gains a shared scalar header that
  * CUDA can compile, this file should include it instead.
  */

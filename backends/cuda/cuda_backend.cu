@@ -65,6 +65,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
                          "8.0 or newer (bf16 tensor cores)",
                          device, prop.name, prop.major, prop.minor);
   CUDA_TRY(cuda_gemm_init());
+  CUDA_TRY(cuda_decode_init());
   /* The wgmma path only where its sm_90a code runs and its kernels accept
    * their shared-memory size; otherwise the mma.sync path does everything. */
   const bool wgmma = cuda_wgmma_available(prop.major, prop.minor) && cuda_wgmma_init();
@@ -568,6 +569,35 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   route.topk_groups = c->topk_groups;
   route.group_scoring = c->group_scoring;
   route.routed_scaling_factor = c->routed_scaling_factor;
+
+  /* A few tokens: route, then the two decode kernels (no align, no
+   * separate reduce). */
+  cuda_decode d;
+  memset(&d, 0, sizeof d);
+  d.x = (const bf16 *)x;
+  d.w13 = l->w13;
+  d.w2 = l->w2;
+  d.w13_bias = l->w13_bias;
+  d.w2_bias = l->w2_bias;
+  d.topk_ids = l->topk_ids;
+  d.topk_weights = l->topk_weights;
+  d.expert_map = l->expert_map;
+  d.h = l->h;
+  d.out = (bf16 *)out;
+  d.num_tokens = T;
+  d.top_k = k;
+  d.num_experts = c->num_experts;
+  d.num_local = EL;
+  d.hidden = (int32_t)H;
+  d.inter = (int32_t)I;
+  d.weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+  d.activation = c->activation;
+  d.alpha = c->swiglu_alpha;
+  d.limit = c->swiglu_limit;
+  if (!wgmma && cuda_decode_wanted(&d)) {
+    CUDA_TRY(cuda_route(st, &route));
+    return cuda_decode_run(st, &d);
+  }
 
   moe_align_args align;
   memset(&align, 0, sizeof align);

@@ -95,6 +95,18 @@ static inline int64_t cuda_padded_rows_bound(int64_t slots, int64_t num_local_ex
   return slots + (block_m - 1) * cuda_touched_bound(slots, num_local_experts);
 }
 
+/* The local expert of a slot's id, or -1 when the slot is not computed
+ * here (as core/align.c's local_expert): align, the decode kernels and the
+ * reduce agree on it. */
+__device__ __forceinline__ int cuda_local_expert(int32_t id, const int32_t *map,
+                                                 int32_t num_experts, int32_t num_local) {
+  if (map) {
+    if (id < 0 || id >= num_experts) return -1;
+    id = map[id];
+  }
+  return (id >= 0 && id < num_local) ? id : -1;
+}
+
 #define CUDA_TRY(expr)                                                                             \
   do {                                                                                             \
     moe_status cuda_try_status_ = (expr);                                                          \
@@ -183,6 +195,42 @@ moe_status cuda_repack_w13(const cuda_state *st, const __nv_bfloat16 *src, __nv_
 /* Transposes an [rows][cols] bf16 matrix into [cols][rows]. */
 moe_status cuda_transpose(const cuda_state *st, const __nv_bfloat16 *src, __nv_bfloat16 *dst,
                           int64_t rows, int64_t cols);
+
+/* ---- decode without align (decode.cu) ----------------------------------- */
+
+/* One forward of a few tokens after routing: x [T][hidden], the layer's
+ * repacked weights (w13 [EL][2I][H] gate/up interleaved, w2 [EL][H][I]),
+ * h [T*k][I] scratch, out [T][hidden]. */
+struct cuda_decode {
+  const __nv_bfloat16 *x;
+  const __nv_bfloat16 *w13;
+  const __nv_bfloat16 *w2;
+  const float *w13_bias; /* [EL][2I] interleaved, or NULL */
+  const float *w2_bias;  /* [EL][H], or NULL */
+  const int32_t *topk_ids;
+  const float *topk_weights;
+  const int32_t *expert_map; /* or NULL */
+  __nv_bfloat16 *h;
+  __nv_bfloat16 *out;
+  int64_t num_tokens;
+  int32_t top_k, num_experts, num_local;
+  int32_t hidden, inter;
+  bool weight_on_input; /* the routed weight scales GEMM1's input, else GEMM2's output */
+  moe_activation activation;
+  float alpha, limit;
+};
+
+/* Raises the decode kernels' shared-memory limit on the current device. */
+moe_status cuda_decode_init(void);
+
+/* Whether the forward takes the decode path: the shape fits it, and either
+ * MOE_CUDA_DECODE=on or the default rule (few tokens) says so;
+ * MOE_CUDA_DECODE=off keeps it off. Read at every forward. */
+bool cuda_decode_wanted(const cuda_decode *d);
+
+/* Queues decode_up_kernel and decode_down_kernel; out gets the layer's
+ * output, the reduce included. */
+moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d);
 
 /* ---- Hopper prefill: wgmma fed by TMA (gemm_wgmma.cu) ------------------ */
 

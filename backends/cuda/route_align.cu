@@ -50,17 +50,6 @@
 /* Slot ids a placing lane loads ahead (registers). */
 #define CUDA_PLACE_AHEAD 8
 
-/* The local expert of a slot's id, or -1 when align skips it (as
- * core/align.c's local_expert). */
-__device__ __forceinline__ int local_expert(int32_t id, const int32_t *map, int32_t num_experts,
-                                            int32_t num_local) {
-  if (map) {
-    if (id < 0 || id >= num_experts) return -1;
-    id = map[id];
-  }
-  return (id >= 0 && id < num_local) ? id : -1;
-}
-
 /* ---- routing ------------------------------------------------------------ */
 
 /* (key, index) of the better of the lanes' candidates, on every lane;
@@ -318,7 +307,7 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
     for (int r = 0; r < CUDA_PLACE_AHEAD; ++r) {
       const int64_t s = base + 32 * r + lane;
       experts[r] =
-          s < end ? local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local) : -1;
+          s < end ? cuda_local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local) : -1;
     }
 #pragma unroll
     for (int r = 0; r < CUDA_PLACE_AHEAD; ++r) {
@@ -495,7 +484,7 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
   __syncthreads();
 #pragma unroll 1
   for (int64_t s = threadIdx.x; s < p.num_slots; s += blockDim.x) {
-    const int e = local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local);
+    const int e = cuda_local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local);
     if (e >= 0) atomicAdd(&count[e], 1);
   }
   __syncthreads();
@@ -514,7 +503,7 @@ __global__ void align_count_kernel(align_params p, int64_t chunk, int32_t *count
   const int64_t begin = blockIdx.x * chunk;
   const int64_t end = min(begin + chunk, p.num_slots);
   for (int64_t s = begin + threadIdx.x; s < end; s += blockDim.x) {
-    const int e = local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local);
+    const int e = cuda_local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local);
     if (e >= 0) atomicAdd(&count[e], 1);
   }
   __syncthreads();

@@ -87,12 +87,14 @@ static void layer_case(const th_layer_spec *spec) {
 
 /* ---- CUDA graphs ------------------------------------------------------- */
 
-Test(cuda, graph_capture_replays_on_new_inputs) {
-  require_cuda();
+/* Captures one forward of T tokens, replays it on new inputs in the same
+ * buffers. */
+static void graph_case(int64_t T, uint64_t seed) {
   moe_context *ctx = th_ctx();
-  const int64_t T = 48, H = 256, I = 384;
+  const int64_t H = 256, I = 384;
   const int32_t E = 16, k = 4;
-  th_layer_spec spec = mixtral_like(T, H, I, E, k, 0xc001);
+  th_case("graph T=%lld", (long long)T);
+  th_layer_spec spec = mixtral_like(T, H, I, E, k, seed);
   th_layer_data d;
   th_layer_data_make(&d, &spec);
   moe_layer *layer = NULL;
@@ -150,6 +152,13 @@ Test(cuda, graph_capture_replays_on_new_inputs) {
   moe_buffer_destroy(out);
   moe_layer_destroy(layer);
   th_layer_data_free(&d);
+}
+
+/* 48 tokens run on the tile path, 2 on the decode path (decode.cu). */
+Test(cuda, graph_capture_replays_on_new_inputs) {
+  require_cuda();
+  graph_case(48, 0xc001);
+  graph_case(2, 0xc002);
 }
 
 /* ---- interop ------------------------------------------------------------ */
@@ -221,11 +230,13 @@ Test(cuda, interop_user_stream_and_wrapped_memory) {
  * multi-block align. */
 Test(cuda, layer_tile_sweep) {
   require_cuda();
+  setenv("MOE_CUDA_DECODE", "off", 1); /* 1 and 3 tokens on the tiles too */
   const int64_t tokens[] = {1, 3, 16, 100, 300, 2100};
   for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
     th_layer_spec s = mixtral_like(tokens[i], 256, 384, 8, 2, 0xc100 + i);
     layer_case(&s);
   }
+  unsetenv("MOE_CUDA_DECODE");
 }
 
 Test(cuda, layer_many_experts_decode) {
@@ -296,8 +307,39 @@ Test(cuda, decode_kernel_variants) {
       layer_case(&s);
     }
   unsetenv("MOE_CUDA_TILE");
+  setenv("MOE_CUDA_DECODE", "off", 1); /* else decode.cu takes 1 and 3 tokens */
   for (int64_t T : {1, 3}) {
     th_layer_spec s = mixtral_like(T, 2560, 264, 8, 2, 0xca00 + T);
+    layer_case(&s);
+  }
+  unsetenv("MOE_CUDA_DECODE");
+}
+
+/* The decode path (decode.cu: route, then GEMM1 and GEMM2 indexed by the
+ * slots' experts, the reduce in GEMM2): forced over every variant at 1, 3
+ * and 9 tokens; rows with tails past a round (hidden 2056: 8 chunks of 256
+ * plus one; inter 1032: two rounds of GEMM2), top_k 6 (a group of 4 and one
+ * of 2) with expert parallelism, and the default rule (1 to 4 tokens). */
+Test(cuda, decode_path_variants) {
+  require_cuda();
+  setenv("MOE_CUDA_DECODE", "on", 1);
+  for (int variant = 0; variant < 7; ++variant)
+    for (int64_t T : {1, 3, 9}) {
+      th_layer_spec s = variant_spec(variant, T, 0xcb00 + 16 * variant + T);
+      layer_case(&s);
+    }
+  for (int64_t T : {1, 5}) {
+    th_layer_spec s = mixtral_like(T, 2056, 1032, 64, 6, 0xcc00 + T);
+    s.cfg.num_local_experts = 40;
+    s.map = TH_MAP_PARTIAL;
+    layer_case(&s);
+    th_layer_spec odd = mixtral_like(T, 264, 776, 8, 2, 0xcc10 + T);
+    odd.w13_bias = odd.w2_bias = true;
+    layer_case(&odd);
+  }
+  unsetenv("MOE_CUDA_DECODE");
+  for (int64_t T : {1, 2, 4}) {
+    th_layer_spec s = mixtral_like(T, 512, 768, 32, 8, 0xcd00 + T);
     layer_case(&s);
   }
 }

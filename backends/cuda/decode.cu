@@ -6,11 +6,12 @@
  *   decode_up_kernel:   h[slot][i] = act(gate_i . x[t], up_i . x[t]) with
  *                       bias and the routed weight when it goes on the
  *                       input; one CTA per (token, pick j, 8 columns i).
- *   decode_down_kernel: out[t][n] = sum over t's local picks j, in order,
- *                       of routed(w2[e_j][n] . h[t*k + j]); one CTA per
- *                       (token, 8 columns n). The weighted top-k reduce is
- *                       its epilogue, in fp32, with no bf16 rounding of the
- *                       per-slot product in between.
+ *   decode_down_kernel: out[t][n] = sum over t's local picks j of
+ *                       w_j * (w2[e_j][n] . h[t*k + j] + bias), in fp32 in
+ *                       a fixed order (deterministic), with no bf16
+ *                       rounding of the per-slot product; one CTA per
+ *                       (token, 8 columns n): the weighted top-k reduce is
+ *                       fused in.
  *
  * Why: at one token a forward on the tile path is route+align, GEMM1, GEMM2
  * and the reduce, four dependent launches of which two (align, reduce) move
@@ -20,7 +21,7 @@
  * by the slot's expert, so the forward is route, up, down.
  *
  * Streaming: each warp owns whole weight rows (a gate/up pair, or one
- * output row for DECODE_GROUP picks) and issues DECODE_CHUNKS 16-byte
+ * output row over all picks) and issues DECODE_CHUNKS 16-byte
  * evict-first loads per row and lane before it does any math, so that a
  * round of a 2048-wide row is one latency. The first round is in flight
  * while the CTA stages its activation rows in shared memory, so the
@@ -38,9 +39,8 @@
 typedef __nv_bfloat16 bf16;
 
 constexpr int DECODE_WARPS = 8;
-constexpr int DECODE_CHUNKS = 8;         /* 16-byte loads per weight row and lane per round */
-constexpr int DECODE_DOWN_CHUNKS = 4;    /* the same for decode_down_kernel */
-constexpr int DECODE_GROUP = 4;          /* picks decode_down_kernel streams at once */
+constexpr int DECODE_CHUNKS = 8;      /* 16-byte loads per weight row and lane per round */
+constexpr int DECODE_DOWN_BATCH = 24; /* 16-byte loads per lane decode_down_kernel has in flight */
 constexpr int DECODE_LANE_SPAN = 32 * 8; /* elements one 16-byte load per lane covers */
 constexpr size_t DECODE_MAX_SMEM = 96 * 1024;
 /* Default rule: at most this many tokens (MOE_CUDA_DECODE=on|off forces). */
@@ -124,94 +124,92 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
       __float2bfloat16_rn(cuda_gated_activation(p.activation, p.alpha, p.limit, g, u));
 }
 
-/* Grid: (hidden / 8 rounded up, num_tokens). Shared: h of t's k slots. */
-__global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
+/* Grid: (hidden / 8 rounded up, num_tokens). Shared: h of t's k slots.
+ * A warp owns one output row and walks its k picks' weight rows as one list
+ * of (pick j, chunk c) loads, DECODE_DOWN_BATCH at a time: at Qwen3's shape
+ * (k = 8, inter 768: 3 chunks a lane) the whole row's 12 KB go out at once.
+ * Lane j holds pick j's expert and weight (k <= 32), read by shuffles; the
+ * weight scales each chunk's dot product, so one accumulator serves every
+ * pick, and the bias term sum_j w_j * b_j is added at the end. */
+__global__ void __launch_bounds__(DECODE_WARPS * 32, 2) decode_down_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_down[];
   bf16 *hs = (bf16 *)smem_down;
-  constexpr int G = DECODE_GROUP, C = DECODE_DOWN_CHUNKS;
+  constexpr int B = DECODE_DOWN_BATCH;
   const int lane = threadIdx.x & 31;
   const int row = blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y, first_slot = t * p.top_k;
-  const int K = p.inter;
+  const int K = p.inter, top_k = p.top_k;
+  const int chunks = (K + DECODE_LANE_SPAN - 1) / DECODE_LANE_SPAN; /* per row and lane */
   const bool active = row < p.hidden;
 
-  /* The weight rows of picks j0 .. j0 + G - 1 (NULL: not local). */
-  auto rows_of = [&](int j0, const bf16 *(&w)[G]) {
+  int pick_expert = -1;
+  float pick_weight = 0.0f;
+  if (lane < top_k) {
+    pick_expert =
+        cuda_local_expert(p.topk_ids[first_slot + lane], p.expert_map, p.num_experts, p.num_local);
+    pick_weight = p.weight_on_input ? 1.0f : p.topk_weights[first_slot + lane];
+  }
+  const bf16 *w_row = p.w2 + (int64_t)row * K + lane * 8; /* + expert * hidden * K */
+  const int64_t expert_stride = (int64_t)p.hidden * K;
+
+  /* Loads B chunks from cursor (j, c) on, advancing it. */
+  auto load_batch = [&](int &j, int &c, uint4(&v)[DECODE_DOWN_BATCH]) {
 #pragma unroll
-    for (int g = 0; g < G; ++g) {
-      const int j = j0 + g;
-      const int e = active && j < p.top_k
-                        ? cuda_local_expert(p.topk_ids[first_slot + j], p.expert_map, p.num_experts,
-                                            p.num_local)
-                        : -1;
-      w[g] = e >= 0 ? p.w2 + ((int64_t)e * p.hidden + row) * K : NULL;
+    for (int b = 0; b < DECODE_DOWN_BATCH; ++b) {
+      const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
+      const int k = c * DECODE_LANE_SPAN;
+      const bool valid = active && j < top_k && e >= 0 && lane * 8 + k < K;
+      v[b] = load_weights(w_row + (e > 0 ? e : 0) * expert_stride + k, valid);
+      if (++c == chunks) {
+        c = 0;
+        ++j;
+      }
     }
   };
-  auto load_round = [&](const bf16 *(&w)[G], int k0, uint4(&v)[G][C]) {
-#pragma unroll
-    for (int g = 0; g < G; ++g)
-#pragma unroll
-      for (int c = 0; c < C; ++c) {
-        const int k = k0 + c * DECODE_LANE_SPAN;
-        v[g][c] = load_weights(w[g] + k, w[g] && k < K);
-      }
-  };
 
-  const bf16 *w[G];
-  uint4 wv[G][C];
-  rows_of(0, w);
-  load_round(w, lane * 8, wv);
+  uint4 wv[B];
+  int load_j = 0, load_c = 0;
+  load_batch(load_j, load_c, wv);
   /* Only local picks: the rows of the others were never written. */
 #pragma unroll 1
-  for (int j = 0; j < p.top_k; ++j)
-    if (cuda_local_expert(p.topk_ids[first_slot + j], p.expert_map, p.num_experts, p.num_local) >=
-        0)
+  for (int j = 0; j < top_k; ++j)
+    if (__shfl_sync(0xffffffffu, pick_expert, j) >= 0)
       stage_rows(hs + (int64_t)j * K, p.h + (first_slot + j) * K, K);
   __syncthreads();
   if (!active) return;
 
-  float sum = 0.0f;
+  float acc = 0.0f;
+  int j = 0, c = 0;
 #pragma unroll 1
-  for (int j0 = 0; j0 < p.top_k; j0 += G) {
-    float acc[G];
+  while (true) {
 #pragma unroll
-    for (int g = 0; g < G; ++g)
-      acc[g] = 0.0f;
-    int k0 = lane * 8;
+    for (int b = 0; b < B; ++b) {
+      const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
+      const float w = __shfl_sync(0xffffffffu, pick_weight, j & 31);
+      const int k = lane * 8 + c * DECODE_LANE_SPAN;
+      if (j < top_k && e >= 0 && k < K)
+        acc = fmaf(w, dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k)), acc);
+      if (++c == chunks) {
+        c = 0;
+        ++j;
+      }
+    }
+    if (load_j >= top_k) break;
+    load_batch(load_j, load_c, wv);
+  }
+  acc = warp_sum(acc);
+  if (lane != 0) return;
+  if (p.w2_bias) {
 #pragma unroll 1
-    while (true) {
-#pragma unroll
-      for (int g = 0; g < G; ++g)
-#pragma unroll
-        for (int c = 0; c < C; ++c) {
-          const int k = k0 + c * DECODE_LANE_SPAN;
-          if (w[g] && k < K)
-            acc[g] += dot8_bf16(wv[g][c], *(const uint4 *)(hs + (int64_t)(j0 + g) * K + k));
-        }
-      k0 += C * DECODE_LANE_SPAN;
-      if (k0 >= K) break;
-      load_round(w, k0, wv);
-    }
-    /* The next group's first round goes out before this group's epilogue. */
-    const bool present[G] = {w[0] != NULL, w[1] != NULL, w[2] != NULL, w[3] != NULL};
-    static_assert(G == 4, "present[] lists the group");
-    if (j0 + G < p.top_k) {
-      rows_of(j0 + G, w);
-      load_round(w, lane * 8, wv);
-    }
-#pragma unroll
-    for (int g = 0; g < G; ++g) {
-      if (!present[g]) continue; /* the same on every lane */
-      const int64_t slot = first_slot + j0 + g;
+    for (int jj = 0; jj < top_k; ++jj) {
+      const int64_t slot = first_slot + jj;
       const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
-      const float total = warp_sum(acc[g]);
-      const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
-      sum += p.weight_on_input ? cuda_apply_routed(total, bias, 1.0f, MOE_GEMM_ROUTED_WEIGHT_NONE)
-                               : cuda_apply_routed(total, bias, p.topk_weights[slot],
-                                                   MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
+      if (e >= 0)
+        acc += (p.weight_on_input ? 1.0f : p.topk_weights[slot]) *
+               p.w2_bias[(int64_t)e * p.hidden + row];
     }
   }
-  if (lane == 0) p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
+  p.out[t * p.hidden + row] = __float2bfloat16_rn(acc);
 }
 
 static size_t up_smem(const cuda_decode *d) {

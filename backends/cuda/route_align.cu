@@ -342,12 +342,16 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
 #define CUDA_RANK_ROUTE_COMPARISONS (64 * CUDA_ALIGN_THREADS)
 #define CUDA_RANK_ROUTE_MAX_GROUP_KEYS 1024
 
+/* GROUPED = false compiles the group steps out (num_groups must be 1): the
+ * decode route launch then holds less code to fetch. */
+template <bool GROUPED>
 __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logits,
                                      const float *bias, int T, float *keys, float *group_keys,
                                      int32_t *ids, float *weights) {
   __shared__ moe_rl_row rows[CUDA_FUSED_ROUTE_TOKENS];
   __shared__ unsigned long long allowed[CUDA_FUSED_ROUTE_TOKENS];
-  const int E = rl.num_experts, k = rl.top_k, G = rl.num_groups, group_size = E / G;
+  const int E = rl.num_experts, k = rl.top_k, G = GROUPED ? rl.num_groups : 1;
+  const int group_size = E / G;
   const int tid = threadIdx.x, threads = blockDim.x, warp = tid >> 5, lane = tid & 31;
 #pragma unroll 1
   for (int t = warp; t < T; t += threads >> 5) {
@@ -367,11 +371,11 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
   for (int i = tid; i < T * E; i += threads)
     keys[i] = moe_rl_key(logits + i / E * E, bias, i % E, rows[i / E], &rl);
 #pragma unroll 1
-  for (int i = tid; G > 1 && i < T * G; i += threads)
+  for (int i = tid; GROUPED && G > 1 && i < T * G; i += threads)
     group_keys[i] = moe_rl_group_key(logits + i / G * E, bias, i % G, group_size, rows[i / G], &rl);
   __syncthreads();
 #pragma unroll 1
-  for (int i = tid; G > 1 && i < T * G; i += threads) {
+  for (int i = tid; GROUPED && G > 1 && i < T * G; i += threads) {
     const float *gk = group_keys + i / G * G;
     int rank = 0;
 #pragma unroll 1
@@ -396,10 +400,11 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
     int count = 0;
 #pragma unroll 1
     for (int rival = tid % S; valid && rival < E; rival += S)
-      count += ((mask >> (rival / group_size)) & 1ull) && moe_rl_better(tk[rival], rival, tk[e], e);
+      count += (!GROUPED || ((mask >> (rival / group_size)) & 1ull)) &&
+               moe_rl_better(tk[rival], rival, tk[e], e);
     for (int offset = S / 2; offset > 0; offset >>= 1)
       count += __shfl_xor_sync(0xffffffffu, count, offset);
-    if (valid && tid % S == 0 && ((mask >> (e / group_size)) & 1ull) && count < k) {
+    if (valid && tid % S == 0 && (!GROUPED || ((mask >> (e / group_size)) & 1ull)) && count < k) {
       ids[t * k + count] = e;
       weights[t * k + count] = moe_rl_score(logits[t * E + e], rows[t], &rl);
     }
@@ -423,16 +428,18 @@ static bool rank_routing_fits(int64_t T, int32_t E, int32_t G) {
 }
 
 /* Rank routing alone (the route stage for few tokens): one block. */
+template <bool GROUPED>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
     route_rank_kernel(moe_rl_params rl, const float *logits, const float *bias, int32_t num_tokens,
                       int32_t *ids, float *weights) {
   extern __shared__ float staged[];
   const int floats = num_tokens * rl.num_experts;
+#pragma unroll 1
   for (int i = threadIdx.x; i < floats; i += blockDim.x)
     staged[i] = logits[i];
   __syncthreads();
-  route_tokens_by_rank(rl, staged, bias, num_tokens, staged + floats, staged + 2 * floats, ids,
-                       weights);
+  route_tokens_by_rank<GROUPED>(rl, staged, bias, num_tokens, staged + floats, staged + 2 * floats,
+                                ids, weights);
 }
 
 /* The routing a one-block launch does before align. Each is its own
@@ -469,8 +476,9 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
     }
     if (ROUTE == FUSED_RANK) {
       float *keys = staged_logits + num_tokens * rl.num_experts;
-      route_tokens_by_rank(rl, src, bias, num_tokens, keys, keys + num_tokens * rl.num_experts,
-                           (int32_t *)p.topk_ids, topk_weights);
+      route_tokens_by_rank<true>(rl, src, bias, num_tokens, keys,
+                                 keys + num_tokens * rl.num_experts, (int32_t *)p.topk_ids,
+                                 topk_weights);
     } else {
       route_tokens<ROUTE == FUSED_REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5,
                                              num_tokens, (int32_t *)p.topk_ids, topk_weights);
@@ -586,9 +594,9 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const routing_kind kind = routing_from_env();
   if (kind == ROUTING_DEFAULT &&
       rank_routing_fits(args->num_tokens, args->num_experts, rl.num_groups)) {
-    route_rank_kernel<<<1, CUDA_ALIGN_THREADS,
-                        rank_routing_smem(args->num_tokens, args->num_experts, rl.num_groups),
-                        st->stream>>>(
+    (rl.num_groups > 1 ? route_rank_kernel<true> : route_rank_kernel<false>)<<<
+        1, CUDA_ALIGN_THREADS,
+        rank_routing_smem(args->num_tokens, args->num_experts, rl.num_groups), st->stream>>>(
         rl, (const float *)args->logits, (const float *)args->correction_bias,
         (int32_t)args->num_tokens, (int32_t *)args->topk_ids, (float *)args->topk_weights);
     return cuda_launch_status("route_rank_kernel");

@@ -50,12 +50,32 @@ __device__ __forceinline__ uint4 load_weights(const bf16 *p, bool valid) {
   return valid ? __ldcs((const uint4 *)p) : make_uint4(0, 0, 0, 0);
 }
 
-/* Copies n bf16 (n % 8 == 0, 16-byte aligned) into shared memory with the
- * whole CTA; the caller synchronizes. */
-__device__ __forceinline__ void stage_rows(bf16 *dst, const bf16 *src, int64_t n) {
+/* Copies `rows` rows of `cols` bf16 (cols % 8 == 0, 16-byte aligned,
+ * contiguous) into shared memory with the whole CTA, skipping the rows
+ * wanted(r) declines; the caller synchronizes. Each thread has
+ * DECODE_STAGE_AHEAD loads in flight before it stores: one at a time, a
+ * CTA staging 8 rows of h paid 8 round trips (bench/cuda_notes.md). Every
+ * lane of a warp calls wanted() the same number of times (it may shuffle). */
+constexpr int DECODE_STAGE_AHEAD = 4;
+template <typename Wanted>
+__device__ __forceinline__ void stage_rows(bf16 *dst, const bf16 *src, int rows, int cols,
+                                           Wanted wanted) {
+  const int row_vecs = cols / 8, total = rows * row_vecs;
 #pragma unroll 1
-  for (int64_t i = threadIdx.x * 8; i < n; i += (int64_t)blockDim.x * 8)
-    *(uint4 *)(dst + i) = __ldg((const uint4 *)(src + i));
+  for (int base = 0; base < total; base += DECODE_STAGE_AHEAD * blockDim.x) {
+    uint4 v[DECODE_STAGE_AHEAD];
+    bool take[DECODE_STAGE_AHEAD];
+#pragma unroll
+    for (int u = 0; u < DECODE_STAGE_AHEAD; ++u) {
+      const int i = base + u * blockDim.x + threadIdx.x;
+      const int r = i < total ? i / row_vecs : 0;
+      take[u] = wanted(r) && i < total;
+      v[u] = take[u] ? __ldg((const uint4 *)src + i) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < DECODE_STAGE_AHEAD; ++u)
+      if (take[u]) ((uint4 *)dst)[base + u * blockDim.x + threadIdx.x] = v[u];
+  }
 }
 
 __device__ __forceinline__ float warp_sum(float v) {
@@ -86,7 +106,8 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
     wg[c] = load_weights(gate + k, active && k < K);
     wu[c] = load_weights(up + k, active && k < K);
   }
-  if (e >= 0) stage_rows(xs, p.x + t * K, K); /* e is the same for the whole CTA */
+  /* e is the same for the whole CTA */
+  stage_rows(xs, p.x + t * K, 1, K, [&](int) { return e >= 0; });
   __syncthreads();
   if (!active) return;
 
@@ -171,10 +192,8 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32, 2) decode_down_kernel(const
   int load_j = 0, load_c = 0;
   load_batch(load_j, load_c, wv);
   /* Only local picks: the rows of the others were never written. */
-#pragma unroll 1
-  for (int j = 0; j < top_k; ++j)
-    if (__shfl_sync(0xffffffffu, pick_expert, j) >= 0)
-      stage_rows(hs + (int64_t)j * K, p.h + (first_slot + j) * K, K);
+  stage_rows(hs, p.h + first_slot * K, top_k, K,
+             [&](int j) { return __shfl_sync(0xffffffffu, pick_expert, j & 31) >= 0; });
   __syncthreads();
   if (!active) return;
 

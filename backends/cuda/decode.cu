@@ -6,12 +6,11 @@
  *   decode_up_kernel:   h[slot][i] = act(gate_i . x[t], up_i . x[t]) with
  *                       bias and the routed weight when it goes on the
  *                       input; one CTA per (token, pick j, 8 columns i).
- *   decode_down_kernel: out[t][n] = sum over t's local picks j of
- *                       w_j * (w2[e_j][n] . h[t*k + j] + bias), in fp32 in
- *                       a fixed order (deterministic), with no bf16
- *                       rounding of the per-slot product; one CTA per
- *                       (token, 8 columns n): the weighted top-k reduce is
- *                       fused in.
+ *   decode_down_kernel: out[t][n] = sum over t's local picks j, in order,
+ *                       of w_j * (w2[e_j][n] . h[t*k + j] + bias), in fp32
+ *                       with no bf16 rounding of the per-slot product; one
+ *                       CTA per (token, tile of rows n): the weighted top-k
+ *                       reduce is fused in, and deterministic.
  *
  * Why: at one token a forward on the tile path is route+align, GEMM1, GEMM2
  * and the reduce, four dependent launches of which two (align, reduce) move
@@ -20,12 +19,12 @@
  * Qwen3's one token, bench/cuda_notes.md). Here the GEMMs index the weights
  * by the slot's expert, so the forward is route, up, down.
  *
- * Streaming: each warp owns whole weight rows (a gate/up pair, or one
- * output row over all picks) and issues DECODE_CHUNKS 16-byte
- * evict-first loads per row and lane before it does any math, so that a
- * round of a 2048-wide row is one latency. The first round is in flight
- * while the CTA stages its activation rows in shared memory, so the
- * activations cost no registers. Partial sums meet in a butterfly.
+ * Streaming: each warp reads a contiguous block of weight rows (a gate/up
+ * pair; DECODE_DOWN_ROWS rows of one expert) and issues its 16-byte
+ * evict-first loads for a whole batch before it does any math, so that a
+ * round is one latency. The first batch is in flight while the CTA stages
+ * its activation rows in shared memory, so the activations cost no
+ * registers.
  *
  * Needs hidden and inter multiples of 8, x 16-byte aligned and the
  * activation rows within DECODE_MAX_SMEM; cuda_decode_wanted says when.
@@ -40,7 +39,7 @@ typedef __nv_bfloat16 bf16;
 
 constexpr int DECODE_WARPS = 8;
 constexpr int DECODE_CHUNKS = 8;      /* 16-byte loads per weight row and lane per round */
-constexpr int DECODE_DOWN_BATCH = 24; /* 16-byte loads per lane decode_down_kernel has in flight */
+constexpr int DECODE_DOWN_BATCH = 12; /* 16-byte loads per lane decode_down_kernel has in flight */
 constexpr int DECODE_LANE_SPAN = 32 * 8; /* elements one 16-byte load per lane covers */
 constexpr size_t DECODE_MAX_SMEM = 96 * 1024;
 /* Default rule: at most this many tokens (MOE_CUDA_DECODE=on|off forces). */
@@ -53,27 +52,26 @@ __device__ __forceinline__ uint4 load_weights(const bf16 *p, bool valid) {
 /* Copies `rows` rows of `cols` bf16 (cols % 8 == 0, 16-byte aligned,
  * contiguous) into shared memory with the whole CTA, skipping the rows
  * wanted(r) declines; the caller synchronizes. Each thread has
- * DECODE_STAGE_AHEAD loads in flight before it stores: one at a time, a
+ * AHEAD loads in flight before it stores: one at a time, a
  * CTA staging 8 rows of h paid 8 round trips (bench/cuda_notes.md). Every
  * lane of a warp calls wanted() the same number of times (it may shuffle). */
-constexpr int DECODE_STAGE_AHEAD = 4;
-template <typename Wanted>
+template <int AHEAD, typename Wanted>
 __device__ __forceinline__ void stage_rows(bf16 *dst, const bf16 *src, int rows, int cols,
                                            Wanted wanted) {
   const int row_vecs = cols / 8, total = rows * row_vecs;
 #pragma unroll 1
-  for (int base = 0; base < total; base += DECODE_STAGE_AHEAD * blockDim.x) {
-    uint4 v[DECODE_STAGE_AHEAD];
-    bool take[DECODE_STAGE_AHEAD];
+  for (int base = 0; base < total; base += AHEAD * blockDim.x) {
+    uint4 v[AHEAD];
+    bool take[AHEAD];
 #pragma unroll
-    for (int u = 0; u < DECODE_STAGE_AHEAD; ++u) {
+    for (int u = 0; u < AHEAD; ++u) {
       const int i = base + u * blockDim.x + threadIdx.x;
       const int r = i < total ? i / row_vecs : 0;
       take[u] = wanted(r) && i < total;
       v[u] = take[u] ? __ldg((const uint4 *)src + i) : make_uint4(0, 0, 0, 0);
     }
 #pragma unroll
-    for (int u = 0; u < DECODE_STAGE_AHEAD; ++u)
+    for (int u = 0; u < AHEAD; ++u)
       if (take[u]) ((uint4 *)dst)[base + u * blockDim.x + threadIdx.x] = v[u];
   }
 }
@@ -107,7 +105,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
     wu[c] = load_weights(up + k, active && k < K);
   }
   /* e is the same for the whole CTA */
-  stage_rows(xs, p.x + t * K, 1, K, [&](int) { return e >= 0; });
+  stage_rows<4>(xs, p.x + t * K, 1, K, [&](int) { return e >= 0; });
   __syncthreads();
   if (!active) return;
 
@@ -145,97 +143,129 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
       __float2bfloat16_rn(cuda_gated_activation(p.activation, p.alpha, p.limit, g, u));
 }
 
-/* Grid: (hidden / 8 rounded up, num_tokens). Shared: h of t's k slots.
- * A warp owns one output row and walks its k picks' weight rows as one list
- * of (pick j, chunk c) loads, DECODE_DOWN_BATCH at a time: at Qwen3's shape
- * (k = 8, inter 768: 3 chunks a lane) the whole row's 12 KB go out at once.
- * Lane j holds pick j's expert and weight (k <= 32), read by shuffles; the
- * weight scales each chunk's dot product, so one accumulator serves every
- * pick, and the bias term sum_j w_j * b_j is added at the end. */
-__global__ void __launch_bounds__(DECODE_WARPS * 32, 2) decode_down_kernel(const cuda_decode p) {
-  extern __shared__ uint4 smem_down[];
-  bf16 *hs = (bf16 *)smem_down;
-  constexpr int B = DECODE_DOWN_BATCH;
-  const int lane = threadIdx.x & 31;
-  const int row = blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
-  const int64_t t = blockIdx.y, first_slot = t * p.top_k;
-  const int K = p.inter, top_k = p.top_k;
-  const int chunks = (K + DECODE_LANE_SPAN - 1) / DECODE_LANE_SPAN; /* per row and lane */
-  const bool active = row < p.hidden;
+/* decode_down_kernel's tile: each warp reads DECODE_DOWN_ROWS consecutive
+ * rows of one pick's expert (a contiguous block of w2: at Qwen3's shape
+ * 6 KB, one batch of DECODE_DOWN_BATCH loads a lane), DECODE_DOWN_LANES lanes to a row; a CTA
+ * covers picks x row groups with its 8 warps. */
+constexpr int DECODE_DOWN_LANES = 8;
+constexpr int DECODE_DOWN_ROWS = 32 / DECODE_DOWN_LANES;
+constexpr int DECODE_DOWN_SPAN = DECODE_DOWN_LANES * 8; /* elements of a row one load covers */
 
-  int pick_expert = -1;
-  float pick_weight = 0.0f;
-  if (lane < top_k) {
+/* Row groups a CTA of decode_down_kernel covers for top_k picks. */
+__host__ __device__ inline int down_row_groups(int top_k) {
+  return top_k >= DECODE_WARPS ? 1 : DECODE_WARPS / top_k;
+}
+
+/*
+ * Grid: (hidden / tile rounded up, num_tokens); tile = row groups x
+ * DECODE_DOWN_ROWS output rows. Shared: h of t's k slots, then the
+ * partial dot products [k][tile].
+ * Each warp takes (pick j, row group) pairs. Its lanes own a row each
+ * (lane / DECODE_DOWN_LANES) and a column phase, so one accumulator a lane
+ * serves the whole row, and the warp's loads stay inside one contiguous
+ * block of the expert's rows: a first version in which a warp walked one
+ * row across all picks (8 experts' rows at once) streamed at 27% of DRAM
+ * peak for Qwen3 (ncu, H200). Partial sums meet in shared memory; then one
+ * thread a row adds w_j * (part_j + bias_j) over j in order: the fused,
+ * deterministic top-k reduce.
+ */
+__global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
+  extern __shared__ uint4 smem_down[];
+  const int K = p.inter, top_k = p.top_k;
+  bf16 *hs = (bf16 *)smem_down;
+  const int row_groups = down_row_groups(top_k), tile = row_groups * DECODE_DOWN_ROWS;
+  float *part = (float *)(hs + (int64_t)top_k * K); /* [k][tile] */
+  constexpr int B = DECODE_DOWN_BATCH;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int my_row = lane / DECODE_DOWN_LANES, phase = (lane % DECODE_DOWN_LANES) * 8;
+  const int64_t t = blockIdx.y, first_slot = t * p.top_k;
+  const int tile_row0 = blockIdx.x * tile;
+  const int loads_per_row = (K + DECODE_DOWN_SPAN - 1) / DECODE_DOWN_SPAN;
+
+  int pick_expert = -1; /* lane j: pick j's local expert (k <= 32) */
+  if (lane < top_k)
     pick_expert =
         cuda_local_expert(p.topk_ids[first_slot + lane], p.expert_map, p.num_experts, p.num_local);
-    pick_weight = p.weight_on_input ? 1.0f : p.topk_weights[first_slot + lane];
-  }
-  const bf16 *w_row = p.w2 + (int64_t)row * K + lane * 8; /* + expert * hidden * K */
-  const int64_t expert_stride = (int64_t)p.hidden * K;
 
-  /* Loads B chunks from cursor (j, c) on, advancing it. */
-  auto load_batch = [&](int &j, int &c, uint4(&v)[DECODE_DOWN_BATCH]) {
+  /* The weight row this lane reads for pair q (NULL: nothing to read). */
+  auto row_of = [&](int q) -> const bf16 * {
+    const int j = q / row_groups, group = q % row_groups;
+    const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
+    const int row = tile_row0 + group * DECODE_DOWN_ROWS + my_row;
+    if (j >= top_k || e < 0 || row >= p.hidden) return NULL;
+    return p.w2 + ((int64_t)e * p.hidden + row) * K + phase;
+  };
+  auto load_batch = [&](const bf16 *w, int c0, uint4(&v)[DECODE_DOWN_BATCH]) {
 #pragma unroll
     for (int b = 0; b < DECODE_DOWN_BATCH; ++b) {
-      const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
-      const int k = c * DECODE_LANE_SPAN;
-      const bool valid = active && j < top_k && e >= 0 && lane * 8 + k < K;
-      v[b] = load_weights(w_row + (e > 0 ? e : 0) * expert_stride + k, valid);
-      if (++c == chunks) {
-        c = 0;
-        ++j;
-      }
+      const int k = (c0 + b) * DECODE_DOWN_SPAN;
+      v[b] = load_weights(w + k, w && phase + k < K);
     }
   };
 
+  const int pairs = top_k * row_groups;
   uint4 wv[B];
-  int load_j = 0, load_c = 0;
-  load_batch(load_j, load_c, wv);
-  /* Only local picks: the rows of the others were never written. */
-  stage_rows(hs, p.h + first_slot * K, top_k, K,
-             [&](int j) { return __shfl_sync(0xffffffffu, pick_expert, j & 31) >= 0; });
+  const bf16 *w = row_of(warp);
+  load_batch(w, 0, wv);
+  stage_rows<2>(hs, /* 2: the weight batch holds the registers */ p.h + first_slot * K, top_k, K,
+                [&](int j) { return __shfl_sync(0xffffffffu, pick_expert, j & 31) >= 0; });
   __syncthreads();
-  if (!active) return;
 
-  float acc = 0.0f;
-  int j = 0, c = 0;
 #pragma unroll 1
-  while (true) {
+  for (int q = warp; q < pairs; q += DECODE_WARPS) {
+    const int j = q / row_groups, group = q % row_groups;
+    if (q != warp) {
+      w = row_of(q);
+      load_batch(w, 0, wv);
+    }
+    float acc = 0.0f;
+#pragma unroll 1
+    for (int c0 = 0;;) {
 #pragma unroll
-    for (int b = 0; b < B; ++b) {
-      const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
-      const float w = __shfl_sync(0xffffffffu, pick_weight, j & 31);
-      const int k = lane * 8 + c * DECODE_LANE_SPAN;
-      if (j < top_k && e >= 0 && k < K)
-        acc = fmaf(w, dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k)), acc);
-      if (++c == chunks) {
-        c = 0;
-        ++j;
+      for (int b = 0; b < B; ++b) {
+        const int k = phase + (c0 + b) * DECODE_DOWN_SPAN;
+        if (w && k < K) acc += dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k));
       }
+      c0 += B;
+      if (c0 >= loads_per_row) break;
+      load_batch(w, c0, wv);
     }
-    if (load_j >= top_k) break;
-    load_batch(load_j, load_c, wv);
+#pragma unroll
+    for (int offset = 1; offset < DECODE_DOWN_LANES; offset <<= 1)
+      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (phase == 0) part[j * tile + group * DECODE_DOWN_ROWS + my_row] = acc;
   }
-  acc = warp_sum(acc);
-  if (lane != 0) return;
-  if (p.w2_bias) {
+  __syncthreads();
+
+  for (int r = threadIdx.x; r < tile; r += blockDim.x) {
+    const int row = tile_row0 + r;
+    if (row >= p.hidden) break;
+    float sum = 0.0f;
 #pragma unroll 1
-    for (int jj = 0; jj < top_k; ++jj) {
-      const int64_t slot = first_slot + jj;
+    for (int j = 0; j < top_k; ++j) {
+      const int64_t slot = first_slot + j;
       const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
-      if (e >= 0)
-        acc += (p.weight_on_input ? 1.0f : p.topk_weights[slot]) *
-               p.w2_bias[(int64_t)e * p.hidden + row];
+      if (e < 0) continue;
+      const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
+      sum += p.weight_on_input
+                 ? cuda_apply_routed(part[j * tile + r], bias, 1.0f, MOE_GEMM_ROUTED_WEIGHT_NONE)
+                 : cuda_apply_routed(part[j * tile + r], bias, p.topk_weights[slot],
+                                     MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
     }
+    p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
   }
-  p.out[t * p.hidden + row] = __float2bfloat16_rn(acc);
+}
+
+static int down_tile(const cuda_decode *d) {
+  return down_row_groups(d->top_k) * DECODE_DOWN_ROWS;
 }
 
 static size_t up_smem(const cuda_decode *d) {
   return (size_t)d->hidden * sizeof(bf16);
 }
 static size_t down_smem(const cuda_decode *d) {
-  return (size_t)d->top_k * (size_t)d->inter * sizeof(bf16);
+  return (size_t)d->top_k * (size_t)d->inter * sizeof(bf16) +
+         (size_t)d->top_k * (size_t)down_tile(d) * sizeof(float);
 }
 
 moe_status cuda_decode_init(void) {
@@ -270,7 +300,7 @@ moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d) {
   cudaError_t err = cuda_launch(st, false, decode_up_kernel, up_grid, block, up_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_up_kernel launch");
   CUDA_TRY(cuda_launch_status("decode_up_kernel"));
-  const dim3 down_grid((unsigned)((d->hidden + DECODE_WARPS - 1) / DECODE_WARPS),
+  const dim3 down_grid((unsigned)((d->hidden + down_tile(d) - 1) / down_tile(d)),
                        (unsigned)d->num_tokens);
   err = cuda_launch(st, false, decode_down_kernel, down_grid, block, down_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_down_kernel launch");

@@ -169,9 +169,7 @@ __host__ __device__ inline int down_row_groups(int top_k) {
  * thread a row adds w_j * (part_j + bias_j) over j in order: the fused,
  * deterministic top-k reduce.
  */
-/* 3 CTAs an SM: 24 warps with a batch each in flight. */
-__global__ void __launch_bounds__(DECODE_WARPS * 32, 3)
-    decode_down_kernel(const cuda_decode p, int tiles_per_cta) {
+__global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_down[];
   const int K = p.inter, top_k = p.top_k;
   bf16 *hs = (bf16 *)smem_down;
@@ -181,7 +179,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32, 3)
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int my_row = lane / DECODE_DOWN_LANES, phase = (lane % DECODE_DOWN_LANES) * 8;
   const int64_t t = blockIdx.y, first_slot = t * p.top_k;
-  int tile_row0 = blockIdx.x * tiles_per_cta * tile;
+  const int tile_row0 = blockIdx.x * tile;
   const int loads_per_row = (K + DECODE_DOWN_SPAN - 1) / DECODE_DOWN_SPAN;
 
   int pick_expert = -1; /* lane j: pick j's local expert (k <= 32) */
@@ -214,52 +212,47 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32, 3)
   __syncthreads();
 
 #pragma unroll 1
-  for (int tile_count = 0; tile_count < tiles_per_cta && tile_row0 < p.hidden;
-       ++tile_count, tile_row0 += tile) {
-#pragma unroll 1
-    for (int q = warp; q < pairs; q += DECODE_WARPS) {
-      const int j = q / row_groups, group = q % row_groups;
-      if (q != warp || tile_count > 0) {
-        w = row_of(q);
-        load_batch(w, 0, wv);
-      }
-      float acc = 0.0f;
-#pragma unroll 1
-      for (int c0 = 0;;) {
-#pragma unroll
-        for (int b = 0; b < B; ++b) {
-          const int k = phase + (c0 + b) * DECODE_DOWN_SPAN;
-          if (w && k < K) acc += dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k));
-        }
-        c0 += B;
-        if (c0 >= loads_per_row) break;
-        load_batch(w, c0, wv);
-      }
-#pragma unroll
-      for (int offset = 1; offset < DECODE_DOWN_LANES; offset <<= 1)
-        acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-      if (phase == 0) part[j * tile + group * DECODE_DOWN_ROWS + my_row] = acc;
+  for (int q = warp; q < pairs; q += DECODE_WARPS) {
+    const int j = q / row_groups, group = q % row_groups;
+    if (q != warp) {
+      w = row_of(q);
+      load_batch(w, 0, wv);
     }
-    __syncthreads();
+    float acc = 0.0f;
+#pragma unroll 1
+    for (int c0 = 0;;) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const int k = phase + (c0 + b) * DECODE_DOWN_SPAN;
+        if (w && k < K) acc += dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k));
+      }
+      c0 += B;
+      if (c0 >= loads_per_row) break;
+      load_batch(w, c0, wv);
+    }
+#pragma unroll
+    for (int offset = 1; offset < DECODE_DOWN_LANES; offset <<= 1)
+      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (phase == 0) part[j * tile + group * DECODE_DOWN_ROWS + my_row] = acc;
+  }
+  __syncthreads();
 
-    for (int r = threadIdx.x; r < tile; r += blockDim.x) {
-      const int row = tile_row0 + r;
-      if (row >= p.hidden) break;
-      float sum = 0.0f;
+  for (int r = threadIdx.x; r < tile; r += blockDim.x) {
+    const int row = tile_row0 + r;
+    if (row >= p.hidden) break;
+    float sum = 0.0f;
 #pragma unroll 1
-      for (int j = 0; j < top_k; ++j) {
-        const int64_t slot = first_slot + j;
-        const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
-        if (e < 0) continue;
-        const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
-        sum += p.weight_on_input
-                   ? cuda_apply_routed(part[j * tile + r], bias, 1.0f, MOE_GEMM_ROUTED_WEIGHT_NONE)
-                   : cuda_apply_routed(part[j * tile + r], bias, p.topk_weights[slot],
-                                       MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
-      }
-      p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
+    for (int j = 0; j < top_k; ++j) {
+      const int64_t slot = first_slot + j;
+      const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
+      if (e < 0) continue;
+      const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
+      sum += p.weight_on_input
+                 ? cuda_apply_routed(part[j * tile + r], bias, 1.0f, MOE_GEMM_ROUTED_WEIGHT_NONE)
+                 : cuda_apply_routed(part[j * tile + r], bias, p.topk_weights[slot],
+                                     MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
     }
-    __syncthreads(); /* part[] is rewritten by the next tile */
+    p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
   }
 }
 
@@ -307,17 +300,9 @@ moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d) {
   cudaError_t err = cuda_launch(st, false, decode_up_kernel, up_grid, block, up_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_up_kernel launch");
   CUDA_TRY(cuda_launch_status("decode_up_kernel"));
-  /* Row tiles per CTA: one, unless the grid would pass about four CTAs an
-   * SM; then each CTA stages its token's h once for several tiles (staging
-   * is k * inter * 2 bytes a CTA: at DeepSeek's 4 tokens a quarter of the
-   * weight bytes when every CTA took one tile). */
-  const int64_t tiles = (d->hidden + down_tile(d) - 1) / down_tile(d);
-  int64_t tiles_per_cta = tiles * d->num_tokens / (4 * (int64_t)st->sm_count);
-  if (tiles_per_cta < 1) tiles_per_cta = 1;
-  const dim3 down_grid((unsigned)((tiles + tiles_per_cta - 1) / tiles_per_cta),
+  const dim3 down_grid((unsigned)((d->hidden + down_tile(d) - 1) / down_tile(d)),
                        (unsigned)d->num_tokens);
-  err = cuda_launch(st, false, decode_down_kernel, down_grid, block, down_smem(d), *d,
-                    (int)tiles_per_cta);
+  err = cuda_launch(st, false, decode_down_kernel, down_grid, block, down_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_down_kernel launch");
   return cuda_launch_status("decode_down_kernel");
 }

@@ -42,8 +42,20 @@ constexpr int DECODE_CHUNKS = 8;      /* 16-byte loads per weight row and lane p
 constexpr int DECODE_DOWN_BATCH = 12; /* 16-byte loads per lane decode_down_kernel has in flight */
 constexpr int DECODE_LANE_SPAN = 32 * 8; /* elements one 16-byte load per lane covers */
 constexpr size_t DECODE_MAX_SMEM = 96 * 1024;
-/* Default rule: at most this many tokens (MOE_CUDA_DECODE=on|off forces). */
-constexpr int64_t DECODE_MAX_TOKENS = 4;
+/*
+ * Default rule, fitted to an H200 sweep of decode vs the tile path (same
+ * call, bench/cuda_notes.md item 16): one token always; up to 8 tokens
+ * while the picks are at most half the local experts (each slot streams
+ * its expert's weights on its own, so a repeated expert is read again) and
+ * T * hidden <= 16384 (DeepSeek, hidden 7168, won at 2 tokens, lost 8% at
+ * 4 with few repeats). Decode won: Qwen3 1-8 tokens (40.7 vs 52.4 us at 1,
+ * 187 vs 196 at 8), Mixtral 1-2, DeepSeek 1-2, gpt-oss 1 (2: a tie); lost
+ * Mixtral 4, Qwen3 16, DeepSeek 4, gpt-oss 4.
+ */
+static bool decode_rule(const cuda_decode *d) {
+  const int64_t T = d->num_tokens;
+  return T == 1 || (T <= 8 && 2 * T * d->top_k <= d->num_local && T * d->hidden <= 16384);
+}
 
 __device__ __forceinline__ uint4 load_weights(const bf16 *p, bool valid) {
   return valid ? __ldcs((const uint4 *)p) : make_uint4(0, 0, 0, 0);
@@ -290,7 +302,7 @@ bool cuda_decode_wanted(const cuda_decode *d) {
   if (env && strcmp(env, "on") == 0) return true;
   const char *tile = getenv("MOE_CUDA_TILE"); /* a forced tile means the tile path */
   if (tile && *tile) return false;
-  return d->num_tokens <= DECODE_MAX_TOKENS;
+  return decode_rule(d);
 }
 
 moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d) {

@@ -318,8 +318,9 @@ Test(cuda, decode_kernel_variants) {
 /* The decode path (decode.cu: route, then GEMM1 and GEMM2 indexed by the
  * slots' experts, the reduce in GEMM2): forced over every variant at 1, 3
  * and 9 tokens; rows with tails past a round (hidden 2056: 8 chunks of 256
- * plus one; inter 1032: two rounds of GEMM2), top_k 6 (a group of 4 and one
- * of 2) with expert parallelism, and the default rule (1 to 4 tokens). */
+ * plus one; inter 1032: two load batches of GEMM2), top_k 6 (a group of 4 and one
+ * of 2) with expert parallelism, and the default rule (here 1 and 2 tokens
+ * take the path, 4 do not). */
 Test(cuda, decode_path_variants) {
   require_cuda();
   setenv("MOE_CUDA_DECODE", "on", 1);

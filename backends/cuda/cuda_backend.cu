@@ -74,6 +74,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->device = device;
   st->sm_count = prop.multiProcessorCount;
   st->wgmma = wgmma;
+  st->hopper = prop.major >= 9;
   const char *pdl = getenv("MOE_CUDA_PDL");
   st->pdl = prop.major >= 9 && pdl && strcmp(pdl, "1") == 0;
   if (own_stream) {

@@ -18,9 +18,10 @@ struct cuda_state {
   cudaStream_t stream;
   bool owns_stream;
   int sm_count;
-  bool pdl;   /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
-                 (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
-  bool wgmma; /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
+  bool pdl;    /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
+                  (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
+  bool wgmma;  /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
+  bool hopper; /* compute capability 9.x: programmatic dependent launch */
 };
 
 /* Maps a CUDA error to a status and a message naming what failed. */

@@ -26,6 +26,13 @@
  * its activation rows in shared memory, so the activations cost no
  * registers.
  *
+ * Overlapped launches (programmatic dependent launch, Hopper): each kernel
+ * may get resident while the one before it finishes. decode_up_kernel
+ * stages x, decode_down_kernel issues its first weight batch (both need
+ * only data complete before the route started, or the route's picks), and
+ * only then waits for the previous kernel; so the route's tail and the
+ * up kernel's last wave overlap the next kernel's first DRAM round trip.
+ *
  * Needs hidden and inter multiples of 8, x 16-byte aligned and the
  * activation rows within DECODE_MAX_SMEM; cuda_decode_wanted says when.
  */
@@ -102,9 +109,15 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
   const int lane = threadIdx.x & 31;
   const int pair = blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
   const int64_t t = blockIdx.y, slot = t * p.top_k + blockIdx.z;
-  const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
-  const bool active = e >= 0 && pair < p.inter; /* no return: the CTA stages x together */
   const int K = p.hidden;
+  /* x is the forward's input, complete before the route kernel started:
+   * staged before waiting for the route (overlapped launch, see the file
+   * comment). */
+  stage_rows<4>(xs, p.x + t * K, 1, K, [](int) { return true; });
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents(); /* decode_down_kernel may get resident during our last wave */
+  const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
+  const bool active = e >= 0 && pair < p.inter; /* no return before the barrier */
   const bf16 *gate = p.w13 + ((int64_t)(active ? e : 0) * 2 * p.inter + 2 * (int64_t)pair) * K;
   const bf16 *up = gate + K;
 
@@ -116,8 +129,6 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
     wg[c] = load_weights(gate + k, active && k < K);
     wu[c] = load_weights(up + k, active && k < K);
   }
-  /* e is the same for the whole CTA */
-  stage_rows<4>(xs, p.x + t * K, 1, K, [&](int) { return e >= 0; });
   __syncthreads();
   if (!active) return;
 
@@ -219,6 +230,8 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cu
   uint4 wv[B];
   const bf16 *w = row_of(warp);
   load_batch(w, 0, wv);
+  /* The weights above needed only the route's picks; h is decode_up_kernel's. */
+  cuda_grid_dependency_wait();
   stage_rows<2>(hs, /* 2: the weight batch holds the registers */ p.h + first_slot * K, top_k, K,
                 [&](int j) { return __shfl_sync(0xffffffffu, pick_expert, j & 31) >= 0; });
   __syncthreads();
@@ -305,16 +318,25 @@ bool cuda_decode_wanted(const cuda_decode *d) {
   return decode_rule(d);
 }
 
+/* Overlapped launches (Hopper; MOE_CUDA_DECODE_PDL=0 turns them off). */
+static bool decode_pdl(const cuda_state *st) {
+  const char *env = getenv("MOE_CUDA_DECODE_PDL");
+  return st->hopper && !(env && strcmp(env, "0") == 0);
+}
+
 moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d) {
+  cuda_state overlapped = *st;
+  overlapped.pdl = decode_pdl(st);
+  st = &overlapped;
   const dim3 block(DECODE_WARPS * 32);
   const dim3 up_grid((unsigned)((d->inter + DECODE_WARPS - 1) / DECODE_WARPS),
                      (unsigned)d->num_tokens, (unsigned)d->top_k);
-  cudaError_t err = cuda_launch(st, false, decode_up_kernel, up_grid, block, up_smem(d), *d);
+  cudaError_t err = cuda_launch(st, true, decode_up_kernel, up_grid, block, up_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_up_kernel launch");
   CUDA_TRY(cuda_launch_status("decode_up_kernel"));
   const dim3 down_grid((unsigned)((d->hidden + down_tile(d) - 1) / down_tile(d)),
                        (unsigned)d->num_tokens);
-  err = cuda_launch(st, false, decode_down_kernel, down_grid, block, down_smem(d), *d);
+  err = cuda_launch(st, true, decode_down_kernel, down_grid, block, down_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_down_kernel launch");
   return cuda_launch_status("decode_down_kernel");
 }

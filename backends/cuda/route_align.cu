@@ -186,6 +186,7 @@ __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const
 template <bool REFERENCE>
 __global__ void route_kernel(moe_rl_params rl, const float *logits, const float *bias,
                              int64_t num_tokens, int32_t *ids, float *weights) {
+  cuda_allow_dependents(); /* the decode path's GEMM1 may stage x meanwhile */
   const int64_t warps = blockDim.x >> 5;
   route_tokens<REFERENCE>(rl, logits, bias, blockIdx.x * warps + (threadIdx.x >> 5),
                           (int64_t)gridDim.x * warps, num_tokens, ids, weights);
@@ -433,6 +434,7 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
     route_rank_kernel(moe_rl_params rl, const float *logits, const float *bias, int32_t num_tokens,
                       int32_t *ids, float *weights) {
   extern __shared__ float staged[];
+  cuda_allow_dependents(); /* the decode path's GEMM1 may stage x meanwhile */
   const int floats = num_tokens * rl.num_experts;
 #pragma unroll 1
   for (int i = threadIdx.x; i < floats; i += blockDim.x)

@@ -338,6 +338,12 @@ Test(cuda, decode_path_variants) {
     odd.w13_bias = odd.w2_bias = true;
     layer_case(&odd);
   }
+  setenv("MOE_CUDA_DECODE_PDL", "0", 1); /* plain launches too */
+  for (int variant = 0; variant < 7; variant += 3) {
+    th_layer_spec s = variant_spec(variant, 2, 0xce00 + variant);
+    layer_case(&s);
+  }
+  unsetenv("MOE_CUDA_DECODE_PDL");
   unsetenv("MOE_CUDA_DECODE");
   for (int64_t T : {1, 2, 4}) {
     th_layer_spec s = mixtral_like(T, 512, 768, 32, 8, 0xcd00 + T);

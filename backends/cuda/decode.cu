@@ -65,6 +65,246 @@ static bool decode_rule(const cuda_decode *d) {
   return T == 1 || (T <= max_tokens && 2 * T * d->top_k <= d->num_local && T * d->hidden <= 16384);
 }
 
+__device__ __forceinline__ uint4 load_weights(const bf16 *p, bool valid) {
+  return valid ? __ldcs((const uint4 *)p) : make_uint4(0, 0, 0, 0);
+}
+
+/* Copies `rows` rows of `cols` bf16 (cols % 8 == 0, 16-byte aligned,
+ * contiguous) into shared memory with the whole CTA, skipping the rows
+ * wanted(r) declines; the caller synchronizes. Each thread has
+ * AHEAD loads in flight before it stores: one at a time, a
+ * CTA staging 8 rows of h paid 8 round trips (bench/cuda_notes.md). Every
+ * lane of a warp calls wanted() the same number of times (it may shuffle). */
+template <int AHEAD, typename Wanted>
+__device__ __forceinline__ void stage_rows(bf16 *dst, const bf16 *src, int rows, int cols,
+                                           Wanted wanted) {
+  const int row_vecs = cols / 8, total = rows * row_vecs;
+#pragma unroll 1
+  for (int base = 0; base < total; base += AHEAD * blockDim.x) {
+    uint4 v[AHEAD];
+    bool take[AHEAD];
+#pragma unroll
+    for (int u = 0; u < AHEAD; ++u) {
+      const int i = base + u * blockDim.x + threadIdx.x;
+      const int r = i < total ? i / row_vecs : 0;
+      take[u] = wanted(r) && i < total;
+      v[u] = take[u] ? __ldg((const uint4 *)src + i) : make_uint4(0, 0, 0, 0);
+    }
+#pragma unroll
+    for (int u = 0; u < AHEAD; ++u)
+      if (take[u]) ((uint4 *)dst)[base + u * blockDim.x + threadIdx.x] = v[u];
+  }
+}
+
+__device__ __forceinline__ float warp_sum(float v) {
+#pragma unroll
+  for (int offset = 16; offset > 0; offset >>= 1)
+    v += __shfl_xor_sync(0xffffffffu, v, offset);
+  return v;
+}
+
+/* Grid: (inter / 8 rounded up, num_tokens, top_k). Shared: x[t] (hidden). */
+__global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda_decode p) {
+  extern __shared__ uint4 smem_up[];
+  bf16 *xs = (bf16 *)smem_up;
+  const int lane = threadIdx.x & 31;
+  const int pair = blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
+  const int64_t t = blockIdx.y, slot = t * p.top_k + blockIdx.z;
+  const int K = p.hidden;
+  /* x is the forward's input, complete before the route kernel started:
+   * staged before waiting for the route (overlapped launch, see the file
+   * comment). */
+  stage_rows<4>(xs, p.x + t * K, 1, K, [](int) { return true; });
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents(); /* decode_down_kernel may get resident during our last wave */
+  const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
+  const bool active = e >= 0 && pair < p.inter; /* no return before the barrier */
+  const bf16 *gate = p.w13 + ((int64_t)(active ? e : 0) * 2 * p.inter + 2 * (int64_t)pair) * K;
+  const bf16 *up = gate + K;
+
+  uint4 wg[DECODE_CHUNKS], wu[DECODE_CHUNKS];
+  int k0 = lane * 8;
+#pragma unroll
+  for (int c = 0; c < DECODE_CHUNKS; ++c) {
+    const int k = k0 + c * DECODE_LANE_SPAN;
+    wg[c] = load_weights(gate + k, active && k < K);
+    wu[c] = load_weights(up + k, active && k < K);
+  }
+  __syncthreads();
+  if (!active) return;
+
+  float acc_gate = 0.0f, acc_up = 0.0f;
+#pragma unroll 1
+  while (true) {
+#pragma unroll
+    for (int c = 0; c < DECODE_CHUNKS; ++c) {
+      const int k = k0 + c * DECODE_LANE_SPAN;
+      if (k < K) {
+        const uint4 xv = *(const uint4 *)(xs + k);
+        acc_gate += dot8_bf16(wg[c], xv);
+        acc_up += dot8_bf16(wu[c], xv);
+      }
+    }
+    k0 += DECODE_CHUNKS * DECODE_LANE_SPAN;
+    if (k0 >= K) break;
+#pragma unroll
+    for (int c = 0; c < DECODE_CHUNKS; ++c) {
+      const int k = k0 + c * DECODE_LANE_SPAN;
+      wg[c] = load_weights(gate + k, k < K);
+      wu[c] = load_weights(up + k, k < K);
+    }
+  }
+  acc_gate = warp_sum(acc_gate);
+  acc_up = warp_sum(acc_up);
+  if (lane != 0) return;
+  const moe_gemm_routed_weight mode =
+      p.weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
+  const float weight = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
+  const float *bias = p.w13_bias ? p.w13_bias + (int64_t)e * 2 * p.inter + 2 * pair : NULL;
+  const float g = cuda_apply_routed(acc_gate, bias ? bias[0] : 0.0f, weight, mode);
+  const float u = cuda_apply_routed(acc_up, bias ? bias[1] : 0.0f, weight, mode);
+  p.h[slot * p.inter + pair] =
+      __float2bfloat16_rn(cuda_gated_activation(p.activation, p.alpha, p.limit, g, u));
+}
+
+/* decode_down_kernel's tile: each warp reads DECODE_DOWN_ROWS consecutive
+ * rows of one pick's expert (a contiguous block of w2: at Qwen3's shape
+ * 6 KB, one batch of DECODE_DOWN_BATCH loads a lane), DECODE_DOWN_LANES lanes to a row; a CTA
+ * covers picks x row groups with its 8 warps. */
+constexpr int DECODE_DOWN_LANES = 8;
+constexpr int DECODE_DOWN_ROWS = 32 / DECODE_DOWN_LANES;
+constexpr int DECODE_DOWN_SPAN = DECODE_DOWN_LANES * 8; /* elements of a row one load covers */
+
+/* Row groups a CTA of decode_down_kernel covers for top_k picks. */
+__host__ __device__ inline int down_row_groups(int top_k) {
+  return top_k >= DECODE_WARPS ? 1 : DECODE_WARPS / top_k;
+}
+
+/*
+ * Grid: (hidden / tile rounded up, num_tokens); tile = row groups x
+ * DECODE_DOWN_ROWS output rows. Shared: h of t's k slots, then the
+ * partial dot products [k][tile].
+ * Each warp takes (pick j, row group) pairs. Its lanes own a row each
+ * (lane / DECODE_DOWN_LANES) and a column phase, so one accumulator a lane
+ * serves the whole row, and the warp's loads stay inside one contiguous
+ * block of the expert's rows: a first version in which a warp walked one
+ * row across all picks (8 experts' rows at once) streamed at 27% of DRAM
+ * peak for Qwen3 (ncu, H200). Partial sums meet in shared memory; then one
+ * thread a row adds w_j * (part_j + bias_j) over j in order: the fused,
+ * deterministic top-k reduce.
+ */
+__global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
+  extern __shared__ uint4 smem_down[];
+  const int K = p.inter, top_k = p.top_k;
+  bf16 *hs = (bf16 *)smem_down;
+  const int row_groups = down_row_groups(top_k), tile = row_groups * DECODE_DOWN_ROWS;
+  float *part = (float *)(hs + (int64_t)top_k * K); /* [k][tile] */
+  constexpr int B = DECODE_DOWN_BATCH;
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int my_row = lane / DECODE_DOWN_LANES, phase = (lane % DECODE_DOWN_LANES) * 8;
+  const int64_t t = blockIdx.y, first_slot = t * p.top_k;
+  const int tile_row0 = blockIdx.x * tile;
+  const int loads_per_row = (K + DECODE_DOWN_SPAN - 1) / DECODE_DOWN_SPAN;
+
+  int pick_expert = -1; /* lane j: pick j's local expert (k <= 32) */
+  if (lane < top_k)
+    pick_expert =
+        cuda_local_expert(p.topk_ids[first_slot + lane], p.expert_map, p.num_experts, p.num_local);
+
+  /* The weight row this lane reads for pair q (NULL: nothing to read). */
+  auto row_of = [&](int q) -> const bf16 * {
+    const int j = q / row_groups, group = q % row_groups;
+    const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
+    const int row = tile_row0 + group * DECODE_DOWN_ROWS + my_row;
+    if (j >= top_k || e < 0 || row >= p.hidden) return NULL;
+    return p.w2 + ((int64_t)e * p.hidden + row) * K + phase;
+  };
+  auto load_batch = [&](const bf16 *w, int c0, uint4(&v)[DECODE_DOWN_BATCH]) {
+#pragma unroll
+    for (int b = 0; b < DECODE_DOWN_BATCH; ++b) {
+      const int k = (c0 + b) * DECODE_DOWN_SPAN;
+      v[b] = load_weights(w + k, w && phase + k < K);
+    }
+  };
+
+  const int pairs = top_k * row_groups;
+  uint4 wv[B];
+  const bf16 *w = row_of(warp);
+  load_batch(w, 0, wv);
+  /* The weights above needed only the route's picks; h is decode_up_kernel's. */
+  cuda_grid_dependency_wait();
+  stage_rows<2>(hs, /* 2: the weight batch holds the registers */ p.h + first_slot * K, top_k, K,
+                [&](int j) { return __shfl_sync(0xffffffffu, pick_expert, j & 31) >= 0; });
+  __syncthreads();
+
+#pragma unroll 1
+  for (int q = warp; q < pairs; q += DECODE_WARPS) {
+    const int j = q / row_groups, group = q % row_groups;
+    if (q != warp) {
+      w = row_of(q);
+      load_batch(w, 0, wv);
+    }
+    float acc = 0.0f;
+#pragma unroll 1
+    for (int c0 = 0;;) {
+#pragma unroll
+      for (int b = 0; b < B; ++b) {
+        const int k = phase + (c0 + b) * DECODE_DOWN_SPAN;
+        if (w && k < K) acc += dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k));
+      }
+      c0 += B;
+      if (c0 >= loads_per_row) break;
+      load_batch(w, c0, wv);
+    }
+#pragma unroll
+    for (int offset = 1; offset < DECODE_DOWN_LANES; offset <<= 1)
+      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+    if (phase == 0) part[j * tile + group * DECODE_DOWN_ROWS + my_row] = acc;
+  }
+  __syncthreads();
+
+  for (int r = threadIdx.x; r < tile; r += blockDim.x) {
+    const int row = tile_row0 + r;
+    if (row >= p.hidden) break;
+    float sum = 0.0f;
+#pragma unroll 1
+    for (int j = 0; j < top_k; ++j) {
+      const int64_t slot = first_slot + j;
+      const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
+      if (e < 0) continue;
+      const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
+      sum += p.weight_on_input
+                 ? cuda_apply_routed(part[j * tile + r], bias, 1.0f, MOE_GEMM_ROUTED_WEIGHT_NONE)
+                 : cuda_apply_routed(part[j * tile + r], bias, p.topk_weights[slot],
+                                     MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
+    }
+    p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
+  }
+}
+
+static int down_tile(const cuda_decode *d) {
+  return down_row_groups(d->top_k) * DECODE_DOWN_ROWS;
+}
+
+static size_t up_smem(const cuda_decode *d) {
+  return (size_t)d->hidden * sizeof(bf16);
+}
+static size_t down_smem(const cuda_decode *d) {
+  return (size_t)d->top_k * (size_t)d->inter * sizeof(bf16) +
+         (size_t)d->top_k * (size_t)down_tile(d) * sizeof(float);
+}
+
+moe_status cuda_decode_init(void) {
+  CUDA_TRY(cuda_status(cudaFuncSetAttribute(decode_up_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)DECODE_MAX_SMEM),
+                       "cudaFuncSetAttribute of decode_up_kernel"));
+  return cuda_status(cudaFuncSetAttribute(decode_down_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          (int)DECODE_MAX_SMEM),
+                     "cudaFuncSetAttribute of decode_down_kernel");
+}
+
 bool cuda_decode_wanted(const cuda_decode *d) {
   const bool fits = d->hidden % 8 == 0 && d->inter % 8 == 0 && ((uintptr_t)d->x & 15u) == 0 &&
                     up_smem(d) <= DECODE_MAX_SMEM && down_smem(d) <= DECODE_MAX_SMEM &&

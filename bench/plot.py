@@ -4,7 +4,8 @@
 Reads one or more JSON files written by `moe_bench --json FILE` and draws,
 per (model, backend, kernel path, device), the measured time as a percentage
 of the roofline time max(bytes/read_bw, flops/peak) against the token count
-(log x). Writes bench/results.png unless -o says otherwise. With --markdown,
+(log x); Triton peer runs (bench/triton_peer.py) are drawn dashed in the
+panel of the CUDA run on the same device. Writes bench/results.png unless -o says otherwise. With --markdown,
 prints each run as a markdown table (for bench/results.md) instead.
 
     python3 bench/plot.py bench/results/*.json
@@ -34,6 +35,19 @@ def series_of(run):
         rows.sort(key=lambda r: r["tokens"])
         label = f"{model} - {run.get('backend', '?')} [{run.get('kernels', '?')}] on {device}"
         yield model, label, [r["tokens"] for r in rows], [100 * r["of_roofline"] for r in rows]
+
+
+def peer_series(peer, roof):
+    """Yields (model, tokens, percent) of a Triton peer run against roof."""
+    by_model = {}
+    for row in peer.get("rows", []):
+        by_model.setdefault(row["model"], []).append(row)
+    for model, rows in by_model.items():
+        rows.sort(key=lambda r: r["tokens"])
+        percent = [100 * max(r["bytes"] / (roof["read_gbps"] * 1e3),
+                             r["flops"] / (roof["peak_tflops"] * 1e6)) / r["median_us"]
+                   for r in rows]
+        yield model, [r["tokens"] for r in rows], percent
 
 
 def markdown(run):
@@ -71,10 +85,14 @@ def main():
                 print(markdown(json.load(f)) + "\n")
         return
 
-    runs = []
+    runs, peers = [], []
     for path in args.json:
         with open(path) as f:
-            runs.append(json.load(f))
+            run = json.load(f)
+        # The Triton peer (bench/triton_peer.py) has no rooflines of its own:
+        # it is drawn dashed in the panel of the CUDA run on the same device,
+        # against that run's rooflines.
+        (peers if run.get("backend") == "triton-peer" else runs).append(run)
     # One panel per run (backend, kernels, device), one colour per model in
     # every panel, so models compare within a panel and devices across them.
     cols = 1 if len(runs) == 1 else 2
@@ -92,6 +110,13 @@ def main():
             handles.setdefault(model, line)
             title = label.split(" - ", 1)[1]
             drawn += 1
+        for peer in peers:
+            if run.get("backend") != "cuda" or peer.get("device") != run.get("device"):
+                continue
+            for model, tokens, percent in peer_series(peer, run["rooflines"]):
+                color = colors[model_color.setdefault(model, len(model_color)) % len(colors)]
+                ax.plot(tokens, percent, color=color, marker="x", linestyle="--", linewidth=0.9)
+            title = (title or "") + " (dashed: Triton peer)"
         threads = f", {run['threads']} threads" if run.get("threads") else ""
         ax.set_title((title or run.get("device", "?")) + threads, fontsize="medium")
         ax.set_xscale("log", base=2)

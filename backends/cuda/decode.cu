@@ -168,9 +168,9 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
 }
 
 /* decode_down_kernel's tile: each warp reads DECODE_DOWN_ROWS consecutive
- * rows of one pick's expert (a contiguous block of w2: at Qwen3's shape
- * 6 KB, one batch of DECODE_DOWN_BATCH loads a lane), DECODE_DOWN_LANES lanes to a row; a CTA
- * covers picks x row groups with its 8 warps. */
+ * rows of one pick's expert (a contiguous block of w2; at Qwen3's shape
+ * 6 KB, one batch of DECODE_DOWN_BATCH loads a lane), DECODE_DOWN_LANES
+ * lanes to a row; a CTA covers picks x row groups with its 8 warps. */
 constexpr int DECODE_DOWN_LANES = 8;
 constexpr int DECODE_DOWN_ROWS = 32 / DECODE_DOWN_LANES;
 constexpr int DECODE_DOWN_SPAN = DECODE_DOWN_LANES * 8; /* elements of a row one load covers */
@@ -206,7 +206,8 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cu
   const int tile_row0 = blockIdx.x * tile;
   const int loads_per_row = (K + DECODE_DOWN_SPAN - 1) / DECODE_DOWN_SPAN;
 
-  int pick_expert = -1; /* lane j: pick j's local expert (k <= 32) */
+  static_assert(MOE_MAX_TOP_K <= 32, "lane j holds pick j");
+  int pick_expert = -1; /* lane j: pick j's local expert */
   if (lane < top_k)
     pick_expert =
         cuda_local_expert(p.topk_ids[first_slot + lane], p.expert_map, p.num_experts, p.num_local);

@@ -54,12 +54,9 @@ struct reduce_params {
   bf16 *out;
 };
 
+/* Without a map every slot counts (the reduce stage's contract). */
 __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t slot) {
-  if (!p.map) return true;
-  const int32_t id = p.ids[slot];
-  if (id < 0 || id >= p.num_experts) return false;
-  const int32_t local = p.map[id];
-  return local >= 0 && local < p.num_local;
+  return !p.map || cuda_local_expert(p.ids[slot], p.map, p.num_experts, p.num_local) >= 0;
 }
 
 /* Each thread owns VEC consecutive columns of one token and sums its k

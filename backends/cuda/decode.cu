@@ -103,68 +103,76 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-/* Grid: (inter / 8 rounded up, num_tokens, top_k). Shared: x[t] (hidden). */
+/*
+ * Grid: (CTAs per token, num_tokens). A warp item is (pick j, gate/up pair
+ * i) of token t, k x inter of them; the CTAs of a token walk them
+ * grid-stride, one warp an item, consecutive warps on consecutive pairs
+ * (contiguous weight rows). The grid is one wave (cuda_decode_run), so x
+ * and the picks are staged once per CTA and no CTA waits for another to
+ * leave (MOE_CUDA_DECODE_PERSISTENT=0: one item a warp, for A/B runs).
+ * Shared: x[t] (hidden), then the local expert of each of t's picks.
+ */
 __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_up[];
-  bf16 *xs = (bf16 *)smem_up;
-  const int lane = threadIdx.x & 31;
-  const int pair = blockIdx.x * DECODE_WARPS + (threadIdx.x >> 5);
-  const int64_t t = blockIdx.y, slot = t * p.top_k + blockIdx.z;
   const int K = p.hidden;
+  bf16 *xs = (bf16 *)smem_up;
+  int *pick_expert = (int *)(xs + K); /* hidden % 8 == 0: 16-byte aligned */
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int64_t t = blockIdx.y, first_slot = t * p.top_k;
   /* x is the forward's input, complete before the route kernel started:
    * staged before waiting for the route (overlapped launch, see the file
    * comment). */
   stage_rows<4>(xs, p.x + t * K, 1, K, [](int) { return true; });
   cuda_grid_dependency_wait();
-  cuda_allow_dependents(); /* decode_down_kernel may get resident during our last wave */
-  const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
-  const bool active = e >= 0 && pair < p.inter; /* no return before the barrier */
-  const bf16 *gate = p.w13 + ((int64_t)(active ? e : 0) * 2 * p.inter + 2 * (int64_t)pair) * K;
-  const bf16 *up = gate + K;
-
-  uint4 wg[DECODE_CHUNKS], wu[DECODE_CHUNKS];
-  int k0 = lane * 8;
-#pragma unroll
-  for (int c = 0; c < DECODE_CHUNKS; ++c) {
-    const int k = k0 + c * DECODE_LANE_SPAN;
-    wg[c] = load_weights(gate + k, active && k < K);
-    wu[c] = load_weights(up + k, active && k < K);
-  }
+  cuda_allow_dependents(); /* decode_down_kernel may get resident during our tail */
+  for (int j = threadIdx.x; j < p.top_k; j += blockDim.x)
+    pick_expert[j] =
+        cuda_local_expert(p.topk_ids[first_slot + j], p.expert_map, p.num_experts, p.num_local);
   __syncthreads();
-  if (!active) return;
 
-  float acc_gate = 0.0f, acc_up = 0.0f;
+  const int items = p.top_k * p.inter; /* cuda_decode_wanted: fits an int */
 #pragma unroll 1
-  while (true) {
+  for (int item = blockIdx.x * DECODE_WARPS + warp; item < items;
+       item += gridDim.x * DECODE_WARPS) {
+    const int j = item / p.inter, pair = item % p.inter;
+    const int e = pick_expert[j];
+    if (e < 0) continue; /* another rank's expert: its slot of h stays unread */
+    const bf16 *gate = p.w13 + ((int64_t)e * 2 * p.inter + 2 * (int64_t)pair) * K;
+    const bf16 *up = gate + K;
+
+    uint4 wg[DECODE_CHUNKS], wu[DECODE_CHUNKS];
+    float acc_gate = 0.0f, acc_up = 0.0f;
+#pragma unroll 1
+    for (int k0 = lane * 8; k0 < K; k0 += DECODE_CHUNKS * DECODE_LANE_SPAN) {
 #pragma unroll
-    for (int c = 0; c < DECODE_CHUNKS; ++c) {
-      const int k = k0 + c * DECODE_LANE_SPAN;
-      if (k < K) {
-        const uint4 xv = *(const uint4 *)(xs + k);
-        acc_gate += dot8_bf16(wg[c], xv);
-        acc_up += dot8_bf16(wu[c], xv);
+      for (int c = 0; c < DECODE_CHUNKS; ++c) {
+        const int k = k0 + c * DECODE_LANE_SPAN;
+        wg[c] = load_weights(gate + k, k < K);
+        wu[c] = load_weights(up + k, k < K);
+      }
+#pragma unroll
+      for (int c = 0; c < DECODE_CHUNKS; ++c) {
+        const int k = k0 + c * DECODE_LANE_SPAN;
+        if (k < K) {
+          const uint4 xv = *(const uint4 *)(xs + k);
+          acc_gate += dot8_bf16(wg[c], xv);
+          acc_up += dot8_bf16(wu[c], xv);
+        }
       }
     }
-    k0 += DECODE_CHUNKS * DECODE_LANE_SPAN;
-    if (k0 >= K) break;
-#pragma unroll
-    for (int c = 0; c < DECODE_CHUNKS; ++c) {
-      const int k = k0 + c * DECODE_LANE_SPAN;
-      wg[c] = load_weights(gate + k, k < K);
-      wu[c] = load_weights(up + k, k < K);
-    }
+    acc_gate = warp_sum(acc_gate);
+    acc_up = warp_sum(acc_up);
+    if (lane != 0) continue;
+    const int64_t slot = first_slot + j;
+    const moe_gemm_routed_weight mode =
+        p.weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
+    const float weight = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
+    const float *bias = p.w13_bias ? p.w13_bias + (int64_t)e * 2 * p.inter + 2 * pair : NULL;
+    const float g = cuda_apply_routed(acc_gate, bias ? bias[0] : 0.0f, weight, mode);
+    const float u = cuda_apply_routed(acc_up, bias ? bias[1] : 0.0f, weight, mode);
+    p.h[slot * p.inter + pair] =
+        __float2bfloat16_rn(cuda_gated_activation(p.activation, p.alpha, p.limit, g, u));
   }
-  acc_gate = warp_sum(acc_gate);
-  acc_up = warp_sum(acc_up);
-  if (lane != 0) return;
-  const moe_gemm_routed_weight mode =
-      p.weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
-  const float weight = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
-  const float *bias = p.w13_bias ? p.w13_bias + (int64_t)e * 2 * p.inter + 2 * pair : NULL;
-  const float g = cuda_apply_routed(acc_gate, bias ? bias[0] : 0.0f, weight, mode);
-  const float u = cuda_apply_routed(acc_up, bias ? bias[1] : 0.0f, weight, mode);
-  p.h[slot * p.inter + pair] =
-      __float2bfloat16_rn(cuda_gated_activation(p.activation, p.alpha, p.limit, g, u));
 }
 
 /* decode_down_kernel's tile: each warp reads DECODE_DOWN_ROWS consecutive
@@ -181,9 +189,11 @@ __host__ __device__ inline int down_row_groups(int top_k) {
 }
 
 /*
- * Grid: (hidden / tile rounded up, num_tokens); tile = row groups x
- * DECODE_DOWN_ROWS output rows. Shared: h of t's k slots, then the
- * partial dot products [k][tile].
+ * Grid: (CTAs per token, num_tokens); tile = row groups x DECODE_DOWN_ROWS
+ * output rows, the CTAs of a token walk its tiles grid-stride (one wave,
+ * as decode_up_kernel; MOE_CUDA_DECODE_PERSISTENT=0: one tile a CTA).
+ * Shared: h of t's k slots, staged once, then the partial dot products
+ * [k][tile].
  * Each warp takes (pick j, row group) pairs. Its lanes own a row each
  * (lane / DECODE_DOWN_LANES) and a column phase, so one accumulator a lane
  * serves the whole row, and the warp's loads stay inside one contiguous
@@ -191,19 +201,20 @@ __host__ __device__ inline int down_row_groups(int top_k) {
  * row across all picks (8 experts' rows at once) streamed at 27% of DRAM
  * peak for Qwen3 (ncu, H200). Partial sums meet in shared memory; then one
  * thread a row adds w_j * (part_j + bias_j) over j in order: the fused,
- * deterministic top-k reduce.
+ * deterministic top-k reduce. A warp issues its first batch of the next
+ * tile before that reduce, so its loads are in flight across the barriers.
  */
 __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_down[];
   const int K = p.inter, top_k = p.top_k;
   bf16 *hs = (bf16 *)smem_down;
   const int row_groups = down_row_groups(top_k), tile = row_groups * DECODE_DOWN_ROWS;
+  const int tiles = (p.hidden + tile - 1) / tile;
   float *part = (float *)(hs + (int64_t)top_k * K); /* [k][tile] */
   constexpr int B = DECODE_DOWN_BATCH;
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int my_row = lane / DECODE_DOWN_LANES, phase = (lane % DECODE_DOWN_LANES) * 8;
   const int64_t t = blockIdx.y, first_slot = t * p.top_k;
-  const int tile_row0 = blockIdx.x * tile;
   const int loads_per_row = (K + DECODE_DOWN_SPAN - 1) / DECODE_DOWN_SPAN;
 
   static_assert(MOE_MAX_TOP_K <= 32, "lane j holds pick j");
@@ -211,13 +222,22 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cu
   if (lane < top_k)
     pick_expert =
         cuda_local_expert(p.topk_ids[first_slot + lane], p.expert_map, p.num_experts, p.num_local);
+  /* The reduce's view of the picks, read once: read per row, they were a
+   * chain of k dependent global loads in every tile's reduce. */
+  __shared__ int reduce_expert[MOE_MAX_TOP_K];
+  __shared__ float reduce_weight[MOE_MAX_TOP_K];
+  if (warp == 0 && lane < top_k) {
+    reduce_expert[lane] = pick_expert;
+    reduce_weight[lane] = p.weight_on_input ? 1.0f : p.topk_weights[first_slot + lane];
+  }
 
-  /* The weight row this lane reads for pair q (NULL: nothing to read). */
-  auto row_of = [&](int q) -> const bf16 * {
+  /* The weight row this lane reads for pair q of tile `tile_index` (NULL:
+   * nothing to read). */
+  auto row_of = [&](int tile_index, int q) -> const bf16 * {
     const int j = q / row_groups, group = q % row_groups;
     const int e = __shfl_sync(0xffffffffu, pick_expert, j & 31);
-    const int row = tile_row0 + group * DECODE_DOWN_ROWS + my_row;
-    if (j >= top_k || e < 0 || row >= p.hidden) return NULL;
+    const int row = tile_index * tile + group * DECODE_DOWN_ROWS + my_row;
+    if (tile_index >= tiles || j >= top_k || e < 0 || row >= p.hidden) return NULL;
     return p.w2 + ((int64_t)e * p.hidden + row) * K + phase;
   };
   auto load_batch = [&](const bf16 *w, int c0, uint4(&v)[DECODE_DOWN_BATCH]) {
@@ -230,7 +250,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cu
 
   const int pairs = top_k * row_groups;
   uint4 wv[B];
-  const bf16 *w = row_of(warp);
+  const bf16 *w = row_of(blockIdx.x, warp);
   load_batch(w, 0, wv);
   /* The weights above needed only the route's picks; h is decode_up_kernel's. */
   cuda_grid_dependency_wait();
@@ -239,47 +259,51 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cu
   __syncthreads();
 
 #pragma unroll 1
-  for (int q = warp; q < pairs; q += DECODE_WARPS) {
-    const int j = q / row_groups, group = q % row_groups;
-    if (q != warp) {
-      w = row_of(q);
-      load_batch(w, 0, wv);
-    }
-    float acc = 0.0f;
+  for (int tile_index = blockIdx.x; tile_index < tiles; tile_index += gridDim.x) {
 #pragma unroll 1
-    for (int c0 = 0;;) {
-#pragma unroll
-      for (int b = 0; b < B; ++b) {
-        const int k = phase + (c0 + b) * DECODE_DOWN_SPAN;
-        if (w && k < K) acc += dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k));
+    for (int q = warp; q < pairs; q += DECODE_WARPS) {
+      const int j = q / row_groups, group = q % row_groups;
+      if (q != warp) { /* the warp's first pair of a tile is in flight already */
+        w = row_of(tile_index, q);
+        load_batch(w, 0, wv);
       }
-      c0 += B;
-      if (c0 >= loads_per_row) break;
-      load_batch(w, c0, wv);
-    }
-#pragma unroll
-    for (int offset = 1; offset < DECODE_DOWN_LANES; offset <<= 1)
-      acc += __shfl_xor_sync(0xffffffffu, acc, offset);
-    if (phase == 0) part[j * tile + group * DECODE_DOWN_ROWS + my_row] = acc;
-  }
-  __syncthreads();
-
-  for (int r = threadIdx.x; r < tile; r += blockDim.x) {
-    const int row = tile_row0 + r;
-    if (row >= p.hidden) break;
-    float sum = 0.0f;
+      float acc = 0.0f;
 #pragma unroll 1
-    for (int j = 0; j < top_k; ++j) {
-      const int64_t slot = first_slot + j;
-      const int e = cuda_local_expert(p.topk_ids[slot], p.expert_map, p.num_experts, p.num_local);
-      if (e < 0) continue;
-      const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
-      sum += p.weight_on_input
-                 ? cuda_apply_routed(part[j * tile + r], bias, 1.0f, MOE_GEMM_ROUTED_WEIGHT_NONE)
-                 : cuda_apply_routed(part[j * tile + r], bias, p.topk_weights[slot],
-                                     MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
+      for (int c0 = 0;;) {
+#pragma unroll
+        for (int b = 0; b < B; ++b) {
+          const int k = phase + (c0 + b) * DECODE_DOWN_SPAN;
+          if (w && k < K) acc += dot8_bf16(wv[b], *(const uint4 *)(hs + (int64_t)j * K + k));
+        }
+        c0 += B;
+        if (c0 >= loads_per_row) break;
+        load_batch(w, c0, wv);
+      }
+#pragma unroll
+      for (int offset = 1; offset < DECODE_DOWN_LANES; offset <<= 1)
+        acc += __shfl_xor_sync(0xffffffffu, acc, offset);
+      if (phase == 0) part[j * tile + group * DECODE_DOWN_ROWS + my_row] = acc;
     }
-    p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
+    w = row_of(tile_index + gridDim.x, warp); /* NULL past the last tile */
+    load_batch(w, 0, wv);
+    __syncthreads();
+
+    for (int r = threadIdx.x; r < tile; r += blockDim.x) {
+      const int row = tile_index * tile + r;
+      if (row >= p.hidden) break;
+      float sum = 0.0f;
+#pragma unroll 1
+      for (int j = 0; j < top_k; ++j) {
+        const int e = reduce_expert[j];
+        if (e < 0) continue;
+        const float bias = p.w2_bias ? p.w2_bias[(int64_t)e * p.hidden + row] : 0.0f;
+        /* weight 1 when it went on GEMM1's input: the same as no weight */
+        sum += cuda_apply_routed(part[j * tile + r], bias, reduce_weight[j],
+                                 MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS);
+      }
+      p.out[t * p.hidden + row] = __float2bfloat16_rn(sum);
+    }
+    __syncthreads(); /* part is the next tile's */
   }
 }
 
@@ -288,7 +312,7 @@ static int down_tile(const cuda_decode *d) {
 }
 
 static size_t up_smem(const cuda_decode *d) {
-  return (size_t)d->hidden * sizeof(bf16);
+  return (size_t)d->hidden * sizeof(bf16) + (size_t)d->top_k * sizeof(int);
 }
 static size_t down_smem(const cuda_decode *d) {
   return (size_t)d->top_k * (size_t)d->inter * sizeof(bf16) +
@@ -309,8 +333,7 @@ moe_status cuda_decode_init(void) {
 bool cuda_decode_wanted(const cuda_decode *d) {
   const bool fits = d->hidden % 8 == 0 && d->inter % 8 == 0 && ((uintptr_t)d->x & 15u) == 0 &&
                     up_smem(d) <= DECODE_MAX_SMEM && down_smem(d) <= DECODE_MAX_SMEM &&
-                    d->num_tokens <= 65535 &&
-                    (d->hidden + DECODE_WARPS - 1) / DECODE_WARPS <= INT32_MAX;
+                    d->num_tokens <= 65535 && (int64_t)d->top_k * d->inter <= INT32_MAX;
   if (!fits) return false;
   const char *env = getenv("MOE_CUDA_DECODE");
   if (env && strcmp(env, "off") == 0) return false;
@@ -326,18 +349,45 @@ static bool decode_pdl(const cuda_state *st) {
   return st->hopper && !(env && strcmp(env, "0") == 0);
 }
 
+/* MOE_CUDA_DECODE_PERSISTENT=0: one work item a warp (up) or a CTA (down),
+ * the grid as large as the work, for A/B runs against the one-wave grid. */
+static bool decode_persistent(void) {
+  const char *env = getenv("MOE_CUDA_DECODE_PERSISTENT");
+  return !(env && strcmp(env, "0") == 0);
+}
+
+/* CTAs per token for `work` CTAs' worth of items: one wave of the device
+ * shared by the tokens (at least one CTA each), or all of them. The
+ * occupancy query is host-side arithmetic: no stream work, capture-safe. */
+static unsigned grid_per_token(const cuda_state *st, const void *kernel, size_t smem, int64_t work,
+                               int64_t num_tokens) {
+  if (!decode_persistent()) return (unsigned)work;
+  int per_sm = 0;
+  if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_WARPS * 32, smem) !=
+      cudaSuccess) {
+    (void)cudaGetLastError(); /* a failed query leaves no error behind: the grid stays whole */
+    return (unsigned)work;
+  }
+  const int64_t wave = (int64_t)per_sm * st->sm_count / num_tokens;
+  return (unsigned)(wave < work ? (wave > 0 ? wave : 1) : work);
+}
+
 moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d) {
   cuda_state overlapped = *st;
   overlapped.pdl = decode_pdl(st);
   st = &overlapped;
   const dim3 block(DECODE_WARPS * 32);
-  const dim3 up_grid((unsigned)((d->inter + DECODE_WARPS - 1) / DECODE_WARPS),
-                     (unsigned)d->num_tokens, (unsigned)d->top_k);
+  const int64_t up_work = ((int64_t)d->top_k * d->inter + DECODE_WARPS - 1) / DECODE_WARPS;
+  const dim3 up_grid(
+      grid_per_token(st, (const void *)decode_up_kernel, up_smem(d), up_work, d->num_tokens),
+      (unsigned)d->num_tokens);
   cudaError_t err = cuda_launch(st, true, decode_up_kernel, up_grid, block, up_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_up_kernel launch");
   CUDA_TRY(cuda_launch_status("decode_up_kernel"));
-  const dim3 down_grid((unsigned)((d->hidden + down_tile(d) - 1) / down_tile(d)),
-                       (unsigned)d->num_tokens);
+  const int64_t down_work = (d->hidden + down_tile(d) - 1) / down_tile(d);
+  const dim3 down_grid(
+      grid_per_token(st, (const void *)decode_down_kernel, down_smem(d), down_work, d->num_tokens),
+      (unsigned)d->num_tokens);
   err = cuda_launch(st, true, decode_down_kernel, down_grid, block, down_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_down_kernel launch");
   return cuda_launch_status("decode_down_kernel");

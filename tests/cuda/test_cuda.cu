@@ -319,8 +319,10 @@ Test(cuda, decode_kernel_variants) {
  * slots' experts, the reduce in GEMM2): forced over every variant at 1, 3
  * and 9 tokens; rows with tails past a round (hidden 2056: 8 chunks of 256
  * plus one; inter 1032: two load batches of GEMM2), top_k 6 (a group of 4 and one
- * of 2) with expert parallelism, and the default rule (here 1 and 2 tokens
- * take the path, 4 do not). */
+ * of 2) with expert parallelism, plain launches and work-sized grids, and
+ * the default rule (here 1 and 2 tokens take the path, 4 do not). The
+ * default grids are one wave, so these shapes walk several items a warp
+ * and several tiles a CTA. */
 Test(cuda, decode_path_variants) {
   require_cuda();
   setenv("MOE_CUDA_DECODE", "on", 1);
@@ -344,6 +346,12 @@ Test(cuda, decode_path_variants) {
     layer_case(&s);
   }
   unsetenv("MOE_CUDA_DECODE_PDL");
+  setenv("MOE_CUDA_DECODE_PERSISTENT", "0", 1); /* grids as large as the work too */
+  for (int variant = 1; variant < 7; variant += 3) {
+    th_layer_spec s = variant_spec(variant, 3, 0xcf00 + variant);
+    layer_case(&s);
+  }
+  unsetenv("MOE_CUDA_DECODE_PERSISTENT");
   unsetenv("MOE_CUDA_DECODE");
   for (int64_t T : {1, 2, 4}) {
     th_layer_spec s = mixtral_like(T, 512, 768, 32, 8, 0xcd00 + T);

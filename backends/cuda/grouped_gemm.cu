@@ -104,7 +104,7 @@ template <int BM_, int BN_, int BK_, int WARPS_M_, int WARPS_N_, int STAGES_> st
   X(16x32, 16, 32, 128, 1, 2, 4)       /* decode, few CTAs */                                      \
   X(16x64, 16, 64, 128, 1, 4, 4)       /* decode: streams B */                                     \
   X(16x64k64, 16, 64, 64, 1, 4, 6)     /* decode, more CTAs per SM */                              \
-  X(16x128, 16, 128, 64, 1, 8, 5)      /* decode, 8 warps, 128 KB in flight per SM */              \
+  X(16x128, 16, 128, 64, 1, 8, 4)      /* decode, 8 warps */                                       \
   X(16x32k256, 16, 32, 256, 1, 2, 3)   /* decode, long rows per stage */                           \
   X(32x64, 32, 64, 64, 1, 4, 4)        /* small batches */                                         \
   X(32x128, 32, 128, 64, 2, 4, 4)      /* small batches, streams B */                              \
@@ -543,11 +543,7 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
       break;
     }
   /* Decode: the widest tile that still gives every SM two CTAs (BN = 128
-   * streamed 13% faster than 64 for Mixtral at 16 tokens on an H200). Its
-   * five stages keep 2 x 4 x 16 KB of weights in flight per SM: with four,
-   * Mixtral at 16 tokens took 813 vs 780 us, DeepSeek 1811 vs 1772; eight
-   * stages (one CTA per SM) and BK = 128 were slower (bench/cuda_notes.md
-   * 17). */
+   * streamed 13% faster than 64 for Mixtral at 16 tokens on an H200). */
   if (id == TILE_16x64) {
     const int64_t enough = 2 * (int64_t)st->sm_count;
     if (touched * ((n + 127) / 128) >= enough)

@@ -543,10 +543,12 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
       break;
     }
   /* Decode: the widest tile that still gives every SM two CTAs (BN = 128
-   * streamed 13% faster than 64 for Mixtral at 16 tokens on an H200). */
+   * streamed 13% faster than 64 for Mixtral at 16 tokens on an H200), a
+   * wave short by under 10% counting as full: Mixtral's GEMM2 at 16 tokens
+   * has 256 tiles of 128 columns for 264 places (bench/cuda_notes.md 17). */
   if (id == TILE_16x64) {
     const int64_t enough = 2 * (int64_t)st->sm_count;
-    if (touched * ((n + 127) / 128) >= enough)
+    if (10 * touched * ((n + 127) / 128) >= 9 * enough)
       id = TILE_16x128;
     else if (touched * ((n + 63) / 64) < enough)
       id = TILE_16x32;

@@ -134,7 +134,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
         cuda_local_expert(p.topk_ids[first_slot + j], p.expert_map, p.num_experts, p.num_local);
   __syncthreads();
 
-  const int items = p.top_k * p.inter; /* cuda_decode_wanted: fits an int */
+  const int items = p.top_k * p.inter; /* cuda_decode_wanted: twice this fits an int */
 #pragma unroll 1
   for (int item = blockIdx.x * DECODE_WARPS + warp; item < items;
        item += gridDim.x * DECODE_WARPS) {
@@ -337,7 +337,8 @@ moe_status cuda_decode_init(void) {
 bool cuda_decode_wanted(const cuda_decode *d) {
   const bool fits = d->hidden % 8 == 0 && d->inter % 8 == 0 && ((uintptr_t)d->x & 15u) == 0 &&
                     up_smem(d) <= DECODE_MAX_SMEM && down_smem(d) <= DECODE_MAX_SMEM &&
-                    d->num_tokens <= 65535 && (int64_t)d->top_k * d->inter <= INT32_MAX;
+                    /* decode_up_kernel's item index plus its grid stride stays an int */
+                    d->num_tokens <= 65535 && 2 * (int64_t)d->top_k * d->inter <= INT32_MAX;
   if (!fits) return false;
   const char *env = getenv("MOE_CUDA_DECODE");
   if (env && strcmp(env, "off") == 0) return false;

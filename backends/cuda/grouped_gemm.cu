@@ -32,9 +32,8 @@
  * Tile choice is data: tile_rules below maps rows per expert to a tile (the
  * H200 sweeps behind it are in bench/cuda_notes.md); for 16-row tiles the
  * widest BN that still gives every SM two CTAs (to within 10%) is taken.
- * MOE_CUDA_TILE=<name>
- * forces one tile (MOE_CUDA_TILE=gemv the decode kernel), so that a sweep
- * can rerun without rebuilding.
+ * MOE_CUDA_TILE=<name> forces one tile (MOE_CUDA_TILE=gemv the decode
+ * kernel), so that a sweep can rerun without rebuilding.
  * Prefill on Hopper runs on gemm_wgmma.cu instead (wgmma fed by TMA); the
  * layer forward in cuda_backend.cu picks the path.
  */

@@ -68,7 +68,8 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   CUDA_TRY(cuda_decode_init());
   /* The wgmma path only where its sm_90a code runs and its kernels accept
    * their shared-memory size; otherwise the mma.sync path does everything. */
-  const bool wgmma = cuda_wgmma_available(prop.major, prop.minor) && cuda_wgmma_init();
+  const bool wgmma =
+      cuda_wgmma_available(prop.major, prop.minor) && cuda_wgmma_init() && cuda_stream_init();
   cuda_state *st = (cuda_state *)calloc(1, sizeof *st);
   if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CUDA state");
   st->device = device;
@@ -256,6 +257,10 @@ struct cuda_layer {
   bool wgmma_ready;   /* and the workspace maps too */
   cuda_tma_map w13_map[2], w2_map[2];
   cuda_tma_map xs_map, h_sorted_map;
+  /* The streaming path (gemm_stream.cu) reads the same weight maps with
+   * 128-row boxes ([0]) and these over xs and h_sorted with boxes of 16,
+   * 32 and 64 rows (cuda_stream_rows_index). */
+  cuda_tma_map xs_rows_map[3], h_rows_map[3];
   int64_t sorted_rows;
   bf16 *xs;
   bf16 *h_sorted;
@@ -453,41 +458,89 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
       wgmma && cuda_tma_map_bf16(&l->xs_map, l->xs, act_rows, c->hidden_size, CUDA_WGMMA_BLOCK_M) &&
       cuda_tma_map_bf16(&l->h_sorted_map, l->h_sorted, act_rows, c->intermediate_size,
                         CUDA_WGMMA_BLOCK_M);
+  for (int rows = 16; l->wgmma_ready && rows <= 64; rows *= 2) {
+    const int i = cuda_stream_rows_index(rows);
+    l->wgmma_ready =
+        cuda_tma_map_bf16(&l->xs_rows_map[i], l->xs, act_rows, c->hidden_size, rows) &&
+        cuda_tma_map_bf16(&l->h_rows_map[i], l->h_sorted, act_rows, c->intermediate_size, rows);
+  }
   return MOE_SUCCESS;
 }
 
-/* Rows per expert from which a forward takes the wgmma path (by default).
- * H200 sweep, wgmma vs mma.sync (bench/cuda_notes.md): 32 rows gpt-oss 591
- * vs 607 us, 64 rows mixtral 816 vs 1483, qwen3 509 vs 712; below, 24 rows
- * ernie 534 vs 514, 16 rows qwen3 503 vs 437 (mostly padding per tile). */
-#define CUDA_WGMMA_MIN_ROWS_PER_EXPERT 32
+/*
+ * The forward's plan: one place decides the path and align's row block.
+ *
+ * Paths, by rows per touched expert r (cuda_rows_per_expert) on a device
+ * where the sm_90a kernels run (H100, H200):
+ *   decode  a few tokens whose picks are few against the experts
+ *           (decode.cu's rule);
+ *   stream  r < wgmma_min_rows: weight streaming with the operands swapped
+ *           (gemm_stream.cu), token blocks of 16, 32 or 64 rows;
+ *   wgmma   r >= wgmma_min_rows: 128-row token tiles (gemm_wgmma.cu);
+ * elsewhere (sm_80, shapes TMA cannot take, unaligned x) decode or the
+ * mma.sync tiles of grouped_gemm.cu's table. The thresholds are data
+ * (hopper_tuning), measured in bench/cuda_notes.md items 17-18.
+ * MOE_CUDA_PREFILL=stream|wgmma forces a Hopper path wherever it can run,
+ * =mma keeps both off (A/B runs and tests); read at every forward.
+ */
+enum cuda_path { CUDA_PATH_DECODE, CUDA_PATH_STREAM, CUDA_PATH_WGMMA, CUDA_PATH_MMA };
 
-/* MOE_CUDA_PREFILL: "wgmma" forces the path wherever it can run, "mma"
- * keeps it off; read at every forward, so that a test or sweep can switch
- * it in one process. */
-static bool take_wgmma(const cuda_layer *l, int64_t slots, const void *x) {
-  if (!l->wgmma_ready || ((uintptr_t)x & 15u) != 0) return false;
-  const char *env = getenv("MOE_CUDA_PREFILL");
-  if (env && strcmp(env, "mma") == 0) return false;
-  if (env && strcmp(env, "wgmma") == 0) return true;
-  return cuda_rows_per_expert(slots, l->cfg.num_local_experts) >= CUDA_WGMMA_MIN_ROWS_PER_EXPERT;
+struct cuda_plan {
+  cuda_path path;
+  int32_t block_m; /* align's row block (0 for decode) */
+};
+
+struct cuda_hopper_tuning {
+  int64_t wgmma_min_rows;                         /* from here the 128-row wgmma tiles */
+  int64_t stream_16_max_rows, stream_32_max_rows; /* token block of the streaming GEMM */
+};
+
+static const cuda_hopper_tuning hopper_tuning = {32, 16, 32};
+
+static int32_t stream_block(int64_t rows_per_expert) {
+  if (rows_per_expert <= hopper_tuning.stream_16_max_rows) return 16;
+  if (rows_per_expert <= hopper_tuning.stream_32_max_rows) return 32;
+  return 64;
 }
 
-/* Permute, GEMM1 and GEMM2 of the wgmma path, after align ran with
- * CUDA_WGMMA_BLOCK_M; leaves y as the mma.sync path does. */
-static moe_status wgmma_forward(const cuda_state *st, const cuda_layer *l, int64_t T,
-                                const void *x) {
+static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t T, const void *x,
+                              const cuda_decode *d) {
+  const moe_config *c = &l->cfg;
+  const int64_t slots = T * c->top_k, rows = cuda_rows_per_expert(slots, c->num_local_experts);
+  const char *env = getenv("MOE_CUDA_PREFILL");
+  const bool force_stream = env && strcmp(env, "stream") == 0;
+  const bool force_wgmma = env && strcmp(env, "wgmma") == 0;
+  const bool hopper =
+      l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !(env && strcmp(env, "mma") == 0);
+  if (hopper && force_wgmma) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
+  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(rows)};
+  if (cuda_decode_wanted(d)) return {CUDA_PATH_DECODE, 0};
+  if (hopper)
+    return rows >= hopper_tuning.wgmma_min_rows ? cuda_plan{CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M}
+                                                : cuda_plan{CUDA_PATH_STREAM, stream_block(rows)};
+  return {CUDA_PATH_MMA, cuda_gemm_pick_block_m(st, slots, c->num_local_experts,
+                                                2 * c->intermediate_size, c->hidden_size)};
+}
+
+/* Permute, GEMM1 and GEMM2 of the Hopper paths (wgmma tiles or weight
+ * streaming), after align ran with the plan's block_m; leaves y as the
+ * mma.sync path does. */
+static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int64_t T,
+                                 const void *x, const cuda_plan *plan) {
   const moe_config *c = &l->cfg;
   const int64_t H = c->hidden_size, I = c->intermediate_size, slots = T * c->top_k;
   const int32_t EL = c->num_local_experts;
-  const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, CUDA_WGMMA_BLOCK_M);
+  const bool stream = plan->path == CUDA_PATH_STREAM;
+  const int rows_index = stream ? cuda_stream_rows_index(plan->block_m) : 0;
+  static_assert(CUDA_STREAM_FEATURES == 128, "w13_map[0] and w2_map[0] have 128-row boxes");
+  const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, plan->block_m);
   CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
                               l->num_tokens_post_padded, slots, c->top_k, rows_bound));
   const bool weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
   cuda_wgmma_gemm g1;
   memset(&g1, 0, sizeof g1);
-  g1.a_map = &l->xs_map;
-  g1.bn = cuda_wgmma_pick_bn(st, rows_bound, 2 * I);
+  g1.a_map = stream ? &l->xs_rows_map[rows_index] : &l->xs_map;
+  g1.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, 2 * I);
   g1.b_map = &l->w13_map[g1.bn == 256 ? 1 : 0];
   g1.sorted_token_ids = l->sorted_token_ids;
   g1.expert_ids = l->expert_ids;
@@ -501,18 +554,18 @@ static moe_status wgmma_forward(const cuda_state *st, const cuda_layer *l, int64
   g1.num_local_experts = EL;
   g1.n = (int32_t)(2 * I);
   g1.k = (int32_t)H;
-  g1.block_m = CUDA_WGMMA_BLOCK_M;
+  g1.block_m = plan->block_m;
   g1.routed_weight =
       weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
   g1.epilogue = CUDA_EPILOGUE_GLU;
   g1.activation = c->activation;
   g1.alpha = c->swiglu_alpha;
   g1.limit = c->swiglu_limit;
-  CUDA_TRY(cuda_wgmma_gemm_run(st, &g1));
+  CUDA_TRY(stream ? cuda_stream_gemm_run(st, &g1) : cuda_wgmma_gemm_run(st, &g1));
 
   cuda_wgmma_gemm g2 = g1;
-  g2.a_map = &l->h_sorted_map;
-  g2.bn = cuda_wgmma_pick_bn(st, rows_bound, H);
+  g2.a_map = stream ? &l->h_rows_map[rows_index] : &l->h_sorted_map;
+  g2.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, H);
   g2.b_map = &l->w2_map[g2.bn == 256 ? 1 : 0];
   g2.bias = l->w2_bias;
   g2.c = l->y;
@@ -522,7 +575,7 @@ static moe_status wgmma_forward(const cuda_state *st, const cuda_layer *l, int64
   g2.routed_weight =
       weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
   g2.epilogue = CUDA_EPILOGUE_STORE;
-  return cuda_wgmma_gemm_run(st, &g2);
+  return stream ? cuda_stream_gemm_run(st, &g2) : cuda_wgmma_gemm_run(st, &g2);
 }
 
 /* out[t] = sum over t's local slots of y[slot] (weights already applied). */
@@ -552,8 +605,6 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   const int64_t H = c->hidden_size, I = c->intermediate_size;
   const int32_t k = c->top_k, EL = c->num_local_experts;
   const int64_t slots = T * k;
-  const bool wgmma = take_wgmma(l, slots, x);
-  const int32_t BM = wgmma ? CUDA_WGMMA_BLOCK_M : cuda_gemm_pick_block_m(st, slots, EL, 2 * I, H);
 
   moe_route_args route;
   memset(&route, 0, sizeof route);
@@ -595,10 +646,12 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   d.activation = c->activation;
   d.alpha = c->swiglu_alpha;
   d.limit = c->swiglu_limit;
-  if (!wgmma && cuda_decode_wanted(&d)) {
+  const cuda_plan plan = plan_forward(st, l, T, x, &d);
+  if (plan.path == CUDA_PATH_DECODE) {
     CUDA_TRY(cuda_route(st, &route));
     return cuda_decode_run(st, &d);
   }
+  const int32_t BM = plan.block_m;
 
   moe_align_args align;
   memset(&align, 0, sizeof align);
@@ -616,8 +669,8 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   align.num_tokens_post_padded = l->num_tokens_post_padded;
   CUDA_TRY(cuda_route_align(st, &route, &align, l->align_scratch));
 
-  if (wgmma) {
-    CUDA_TRY(wgmma_forward(st, l, T, x));
+  if (plan.path == CUDA_PATH_STREAM || plan.path == CUDA_PATH_WGMMA) {
+    CUDA_TRY(hopper_forward(st, l, T, x, &plan));
     return reduce_y(st, l, T, out);
   }
 

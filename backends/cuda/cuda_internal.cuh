@@ -299,4 +299,24 @@ struct cuda_wgmma_gemm {
 
 moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g);
 
+/* ---- Hopper weight streaming: operands swapped (gemm_stream.cu) -------- */
+
+/* Weight rows (output features) per work item of the streaming GEMM; the
+ * weight maps it reads have boxes of this many rows. */
+#define CUDA_STREAM_FEATURES 128
+
+/* Raises the shared-memory limit of the streaming kernels; false (errors
+ * cleared) when the device refuses. */
+bool cuda_stream_init(void);
+
+/* 0, 1, 2 for token blocks of 16, 32, 64 rows (the NT the kernels are
+ * built for); -1 otherwise. */
+int cuda_stream_rows_index(int rows);
+
+/* One grouped GEMM of the streaming path, described as for the wgmma path:
+ * a_map over the sorted token rows with boxes of block_m (= NT) rows, b_map
+ * over the weights [EL][n][k] with boxes of CUDA_STREAM_FEATURES rows;
+ * align ran with block_m. bn is unused. */
+moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g);
+
 #endif /* MOE_CUDA_INTERNAL_CUH */

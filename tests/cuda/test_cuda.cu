@@ -676,10 +676,16 @@ static void layer_run_free(layer_run *r) {
   moe_layer_destroy(r->layer);
 }
 
+/* The Hopper GEMM kernels a captured forward launched. */
+struct hopper_kernels {
+  bool wgmma;  /* gemm_wgmma.cu's tiles */
+  bool stream; /* gemm_stream.cu's weight streaming */
+};
+
 /* Captures one forward into a CUDA graph (which also shows that it neither
- * waits for the host nor allocates) and returns it; *wgmma tells whether a
- * wgmma GEMM kernel is among its launches. */
-static cudaGraphExec_t capture_forward(layer_run *r, int64_t T, bool *wgmma) {
+ * waits for the host nor allocates) and returns it; *seen tells which
+ * Hopper GEMM kernels are among its launches. */
+static cudaGraphExec_t capture_forward(layer_run *r, int64_t T, hopper_kernels *seen) {
   void *handle = NULL;
   TH_OK(moe_cuda_context_stream(th_ctx(), &handle));
   cudaStream_t stream = (cudaStream_t)handle;
@@ -692,7 +698,7 @@ static cudaGraphExec_t capture_forward(layer_run *r, int64_t T, bool *wgmma) {
   CUDA_OK(cudaGraphGetNodes(graph, NULL, &count));
   cudaGraphNode_t *nodes = (cudaGraphNode_t *)th_malloc((count ? count : 1) * sizeof *nodes);
   CUDA_OK(cudaGraphGetNodes(graph, nodes, &count));
-  *wgmma = false;
+  seen->wgmma = seen->stream = false;
   for (size_t i = 0; i < count; ++i) {
     cudaGraphNodeType type;
     CUDA_OK(cudaGraphNodeGetType(nodes[i], &type));
@@ -703,10 +709,12 @@ static cudaGraphExec_t capture_forward(layer_run *r, int64_t T, bool *wgmma) {
     CUDA_OK(cudaGraphKernelNodeGetParams(nodes[i], &params));
     const char *name = NULL;
     if (cudaFuncGetName(&name, params.func) == cudaSuccess && name) {
-      if (strstr(name, "wgmma_gemm_kernel")) *wgmma = true;
-    } else { /* no name: the wgmma GEMMs are the forward's only 384-thread kernels */
+      if (strstr(name, "wgmma_gemm_kernel")) seen->wgmma = true;
+      if (strstr(name, "stream_gemm_kernel")) seen->stream = true;
+    } else { /* no name: the forward's only 384- and 288-thread kernels */
       cudaGetLastError();
-      if (params.blockDim.x == 384) *wgmma = true;
+      if (params.blockDim.x == 384) seen->wgmma = true;
+      if (params.blockDim.x == 288) seen->stream = true;
     }
   }
   free(nodes);
@@ -718,26 +726,34 @@ static cudaGraphExec_t capture_forward(layer_run *r, int64_t T, bool *wgmma) {
 
 /* Whether a forward of d's tokens takes the wgmma path under the current
  * environment. */
-static bool forward_takes_wgmma(const th_layer_data *d) {
+static hopper_kernels forward_kernels(const th_layer_data *d) {
   layer_run r = layer_run_make(d);
-  bool wgmma = false;
-  cudaGraphExec_t exec = capture_forward(&r, d->num_tokens, &wgmma);
+  hopper_kernels seen;
+  cudaGraphExec_t exec = capture_forward(&r, d->num_tokens, &seen);
   CUDA_OK(cudaGraphExecDestroy(exec));
   layer_run_free(&r);
-  return wgmma;
+  return seen;
 }
 
-/* Runs a forward of spec's data with the wgmma path forced: checks that the
- * path ran, the output against float64 (and the guard), and that replays
- * are bitwise identical (a pipeline race would rarely be). */
-static void wgmma_layer_case(const th_layer_spec *spec) {
-  env_override force("MOE_CUDA_PREFILL", "wgmma");
+static bool forward_takes_wgmma(const th_layer_data *d) {
+  return forward_kernels(d).wgmma;
+}
+
+/* Runs a forward of spec's data with a Hopper path forced (path: "wgmma"
+ * or "stream", the MOE_CUDA_PREFILL value): checks that the path ran, the
+ * output against float64 (and the guard), and that replays are bitwise
+ * identical (a pipeline race would rarely be). */
+static void hopper_layer_case(const th_layer_spec *spec, const char *path) {
+  env_override force("MOE_CUDA_PREFILL", path);
   th_layer_data d;
   th_layer_data_make(&d, spec);
   layer_run r = layer_run_make(&d);
-  bool wgmma = false;
-  cudaGraphExec_t exec = capture_forward(&r, d.num_tokens, &wgmma);
-  TH_ASSERT(wgmma, "MOE_CUDA_PREFILL=wgmma did not take the wgmma path");
+  hopper_kernels seen;
+  cudaGraphExec_t exec = capture_forward(&r, d.num_tokens, &seen);
+  const bool streaming = strcmp(path, "stream") == 0;
+  TH_ASSERT(streaming ? seen.stream && !seen.wgmma : seen.wgmma && !seen.stream,
+            "MOE_CUDA_PREFILL=%s did not take that path (wgmma %d, stream %d)", path, seen.wgmma,
+            seen.stream);
   void *handle = NULL;
   TH_OK(moe_cuda_context_stream(th_ctx(), &handle));
   cudaStream_t stream = (cudaStream_t)handle;
@@ -751,16 +767,20 @@ static void wgmma_layer_case(const th_layer_spec *spec) {
   }
   th_check_guard(r.out, r.out_bytes, "out");
   const double err = layer_error(&d, got);
-  TH_ASSERT(err <= CUDA_LAYER_BOUND, "wgmma path: relative error %.3g vs float64 > %g", err,
+  TH_ASSERT(err <= CUDA_LAYER_BOUND, "%s path: relative error %.3g vs float64 > %g", path, err,
             CUDA_LAYER_BOUND);
-  cr_log_info("wgmma T=%lld H=%lld I=%lld E=%d k=%d: relative error %.3g", (long long)d.num_tokens,
-              (long long)d.cfg.hidden_size, (long long)d.cfg.intermediate_size, d.cfg.num_experts,
-              d.cfg.top_k, err);
+  cr_log_info("%s T=%lld H=%lld I=%lld E=%d k=%d: relative error %.3g", path,
+              (long long)d.num_tokens, (long long)d.cfg.hidden_size,
+              (long long)d.cfg.intermediate_size, d.cfg.num_experts, d.cfg.top_k, err);
   CUDA_OK(cudaGraphExecDestroy(exec));
   free(got);
   free(again);
   layer_run_free(&r);
   th_layer_data_free(&d);
+}
+
+static void wgmma_layer_case(const th_layer_spec *spec) {
+  hopper_layer_case(spec, "wgmma");
 }
 
 /* Forced on, the path runs exactly where sm_90a code runs; forced off, or
@@ -900,4 +920,99 @@ Test(cuda, layer_tile_sweep_mma_prefill) {
     th_layer_spec s = mixtral_like(tokens[i], 256, 384, 8, 2, 0xcc00 + i);
     layer_case(&s);
   }
+}
+
+/* ---- the Hopper weight-streaming path (gemm_stream.cu) ------------------ */
+
+/* Token counts that give each token block (16, 32 and 64 rows: 10, 25 and
+ * 75 rows per expert with 8 experts and top-2), one token (a block of one
+ * real row), and many experts with few rows each; H and I multiples of 8
+ * but not of 64 or 128 (TMA's zero fill past K, a box wholly past K in the
+ * last step, features past n in the last item). */
+Test(cuda, stream_layer_shapes) {
+  require_sm90a();
+  const int64_t tokens[] = {1, 37, 100, 300};
+  for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
+    th_layer_spec s = mixtral_like(tokens[i], 264, 200, 8, 2, 0xcd00 + i);
+    hopper_layer_case(&s, "stream");
+    th_layer_spec many = mixtral_like(tokens[i], 264, 200, 64, 6, 0xcd10 + i);
+    many.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+    many.w13_bias = many.w2_bias = true;
+    hopper_layer_case(&many, "stream");
+  }
+}
+
+/* Long K (9 and 5 steps of 128: the ring wraps, and a persistent CTA walks
+ * several items) and more items than SMs. */
+Test(cuda, stream_layer_long_k) {
+  require_sm90a();
+  th_layer_spec s = mixtral_like(60, 1032, 520, 8, 2, 0xce00);
+  s.w13_bias = s.w2_bias = true;
+  hopper_layer_case(&s, "stream");
+  th_layer_spec wide = mixtral_like(20, 2048, 1536, 32, 4, 0xce01);
+  hopper_layer_case(&wide, "stream");
+}
+
+Test(cuda, stream_layer_variants) {
+  require_sm90a();
+  for (int variant = 0; variant < 5; ++variant) {
+    for (int64_t T : {5, 37, 150}) {
+      th_layer_spec s = mixtral_like(T, 264, 200, 16, 4, 0xcf00 + 16 * variant + T);
+      switch (variant) {
+      case 0: /* gpt-oss */
+        s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 1: /* expert parallelism: ids mapped to -1 are skipped */
+        s.cfg.num_local_experts = 8;
+        s.map = TH_MAP_PARTIAL;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 2: /* Llama-4: router weight on the input */
+        s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+        s.w13_bias = s.w2_bias = true;
+        break;
+      case 3:
+        s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
+        break;
+      default:
+        s.cfg.activation = MOE_ACTIVATION_GEGLU;
+        break;
+      }
+      hopper_layer_case(&s, "stream");
+    }
+  }
+}
+
+/* By default the streaming path takes the rows per expert below the wgmma
+ * tiles' threshold, past the decode rule; the same data through the
+ * streaming path and the mma.sync tiles agree within the bound. */
+Test(cuda, stream_default_and_agrees_with_mma) {
+  require_sm90a();
+  th_layer_spec s = mixtral_like(40, 264, 200, 8, 2, 0xd000);
+  s.w13_bias = s.w2_bias = true;
+  th_layer_data d;
+  th_layer_data_make(&d, &s);
+  const hopper_kernels seen = forward_kernels(&d);
+  TH_ASSERT(seen.stream && !seen.wgmma, "40 tokens, 10 rows per expert: stream %d, wgmma %d",
+            seen.stream, seen.wgmma);
+  const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+  uint16_t *st = (uint16_t *)th_malloc(n * 2), *mma = (uint16_t *)th_malloc(n * 2);
+  forward_plain(th_ctx(), &d, st);
+  {
+    env_override off("MOE_CUDA_PREFILL", "mma");
+    const hopper_kernels none = forward_kernels(&d);
+    TH_ASSERT(!none.stream && !none.wgmma, "MOE_CUDA_PREFILL=mma took a Hopper path");
+    forward_plain(th_ctx(), &d, mma);
+  }
+  const double err_st = layer_error(&d, st), err_mma = layer_error(&d, mma);
+  TH_ASSERT(err_st <= CUDA_LAYER_BOUND, "stream: relative error %.3g > %g", err_st,
+            CUDA_LAYER_BOUND);
+  TH_ASSERT(err_mma <= CUDA_LAYER_BOUND, "mma: relative error %.3g > %g", err_mma,
+            CUDA_LAYER_BOUND);
+  th_check_agree(st, mma, n, CUDA_LAYER_BOUND, "stream vs mma");
+  cr_log_info("relative error vs float64: stream %.3g, mma %.3g", err_st, err_mma);
+  free(st);
+  free(mma);
+  th_layer_data_free(&d);
 }

@@ -1,0 +1,359 @@
+/*
+ * gemm_stream.cu - the Hopper (sm_90a) weight-streaming grouped GEMM: for
+ * a few to a few dozen rows per expert, each expert's weight rows are the
+ * M side of warpgroup MMA (wgmma) and its gathered token rows the N side
+ * (operands swapped), so that every tensor-core instruction consumes 64
+ * weight rows straight from a TMA ring and none multiplies padding rows of
+ * a 64- or 128-row token tile.
+ *
+ * Data flow (cuda_backend.cu, when the plan takes this path): align with
+ * block_m = NT (16, 32 or 64) -> the permute of gemm_wgmma.cu (xs[p] =
+ * x[sorted[p] / top_k]) -> GEMM1 (w13 x xs^T, GLU epilogue into h_sorted[p])
+ * -> GEMM2 (w2 x h_sorted^T, routed weight, y[slot]) -> the usual reduce.
+ *
+ * Kernel (stream_gemm_kernel<NT, EPI>):
+ *   - Work item: (NT-row block of one expert, 128 output features). A
+ *     persistent grid of one CTA per SM walks the items in order m-block
+ *     fastest, so that CTAs running together read different experts' tiles
+ *     (or, for an expert of several blocks, the same tile while it is in
+ *     L2). The item count depends on *num_tokens_post_padded, read on the
+ *     device only (no host synchronization).
+ *   - 288 threads: two consumer warpgroups (64 features each) and one
+ *     producer warp whose lane 0 issues the TMA loads. The producer runs
+ *     ahead across item boundaries, so the next item's weights stream while
+ *     the consumers run an epilogue.
+ *   - A stage is 128 elements of K: two 64-wide boxes (128-byte swizzle) of
+ *     the 128 weight rows and of the NT token rows: 256 contiguous bytes
+ *     per weight row and step. STAGES stages keep 128-160 KB of weights in
+ *     flight per SM (bench/cuda_notes.md, item 18). full[s] completes with
+ *     the stage's TMA bytes; empty[s] when the 8 consumer warps have retired
+ *     the wgmmas that read it. TMA fills zeros past K (also a box wholly
+ *     past it, in the last step when K % 128 <= 64) and past the last
+ *     expert's rows, so every step multiplies two full boxes: a wgmma issue
+ *     that depends on data would be serialized by the compiler.
+ *   - Register j of a consumer thread holds D[feature][token] at feature
+ *     16 w + l / 4 + 8 ((j / 2) % 2) of its warpgroup's 64 and token
+ *     8 (j / 4) + 2 (l % 4) + j % 2 (lane l of warp w). Features 2c and
+ *     2c + 1 (a gate/up pair of the interleaved w13, or two adjacent output
+ *     columns) are in lanes l and l ^ 4: one shuffle gives each lane of
+ *     the pair both values for one of its two tokens. GLU writes
+ *     h_sorted[p][c] (zeros for padding rows, which GEMM2 reads); STORE
+ *     writes a bf16 pair of y[slot] for real rows only.
+ *
+ * Deterministic: every output element is one thread's fixed-order sum; no
+ * atomics. Device code exists only in the sm_90a pass.
+ */
+#include "activation_math.cuh"
+#include "cuda_internal.cuh"
+#include "wgmma_ptx.cuh"
+
+#include <cuda.h>
+
+#include <limits.h>
+#include <string.h>
+
+typedef __nv_bfloat16 bf16;
+
+/* ---- shape -------------------------------------------------------------- */
+
+#define ST_BM CUDA_STREAM_FEATURES               /* weight rows (output features) per item */
+#define ST_BOX_K 64                              /* one 128-byte swizzle row of bf16 */
+#define ST_BOXES 2                               /* boxes per stage: 128 elements of K */
+#define ST_CONSUMER_WARPS 8                      /* two warpgroups */
+#define ST_THREADS (32 * ST_CONSUMER_WARPS + 32) /* + the producer warp */
+#define ST_SMEM_BUDGET (200 * 1024)              /* of the 227 KB a block may take */
+
+template <int NT> struct st_shape {
+  static constexpr int W_BOX = ST_BM * ST_BOX_K * 2;
+  static constexpr int X_BOX = NT * ST_BOX_K * 2;
+  static constexpr int STAGE_BYTES = ST_BOXES * (W_BOX + X_BOX);
+  static constexpr int STAGES = ST_SMEM_BUDGET / STAGE_BYTES < 8 ? ST_SMEM_BUDGET / STAGE_BYTES : 8;
+  /* + 1024: the base is aligned up to the swizzle period in the kernel. */
+  static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
+  static_assert(W_BOX % 1024 == 0 && X_BOX % 1024 == 0, "boxes keep 1024-byte alignment");
+  static_assert(STAGES >= 3, "a ring of at least three stages");
+  static_assert(NT % 8 == 0 && NT >= 8 && NT <= 256, "wgmma n and TMA box rows");
+};
+
+enum st_epilogue { ST_STORE = 0, ST_GLU_SWIGLU, ST_GLU_GEGLU, ST_GLU_SWIGLU_CLAMP };
+static_assert(ST_GLU_SWIGLU - 1 == MOE_ACTIVATION_SWIGLU &&
+                  ST_GLU_GEGLU - 1 == MOE_ACTIVATION_GEGLU &&
+                  ST_GLU_SWIGLU_CLAMP - 1 == MOE_ACTIVATION_SWIGLU_CLAMP,
+              "ST_GLU_* = 1 + the activation");
+
+struct stream_params {
+  const int32_t *sorted_token_ids;
+  const int32_t *expert_ids; /* one per NT-row block */
+  const int32_t *num_tokens_post_padded;
+  const float *topk_weights;
+  const float *bias; /* [EL][n] or NULL */
+  bf16 *c;
+  int64_t ldc;
+  int64_t num_slots;
+  int32_t num_local_experts;
+  int32_t n; /* weight rows per expert = output features */
+  int32_t k;
+  int32_t n_tiles;     /* ceil(n / ST_BM) */
+  int32_t m_tiles_cap; /* NT-row blocks the buffers hold */
+  moe_gemm_routed_weight routed_weight;
+  float alpha, limit;
+};
+
+/* ---- the kernel --------------------------------------------------------- */
+
+template <int NT, int EPI>
+__global__ void __launch_bounds__(ST_THREADS, 1)
+    stream_gemm_kernel(const __grid_constant__ CUtensorMap w_map,
+                       const __grid_constant__ CUtensorMap x_map, const stream_params p) {
+#ifdef MOE_WGMMA_DEVICE
+  typedef st_shape<NT> S;
+  extern __shared__ unsigned char smem_raw[];
+  __shared__ __align__(8) uint64_t full_bar[S::STAGES];
+  __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
+
+  const uint32_t smem = (smem_addr(smem_raw) + 1023u) & ~1023u;
+  if (threadIdx.x == 0) {
+#pragma unroll
+    for (int s = 0; s < S::STAGES; ++s) {
+      mbar_init(smem_addr(&full_bar[s]), 1);
+      mbar_init(smem_addr(&empty_bar[s]), ST_CONSUMER_WARPS);
+    }
+    mbar_init_fence();
+  }
+  __syncthreads();
+  cuda_grid_dependency_wait();
+  cuda_allow_dependents();
+
+  /* The items of this forward: every thread derives the same sequence. */
+  const int32_t padded = *p.num_tokens_post_padded;
+  const int32_t m_count = min((padded + NT - 1) / NT, p.m_tiles_cap);
+  const int64_t items = (int64_t)m_count * p.n_tiles;
+  const int k_steps = (p.k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
+  const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
+
+  if (warp == ST_CONSUMER_WARPS) {
+    /* Producer: lane 0 alone; the others finish (no CTA barrier follows). */
+    if (lane != 0) return;
+    tma_prefetch_map(&w_map);
+    tma_prefetch_map(&x_map);
+    int s = 0;
+    uint32_t phase = 0;
+    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+      const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
+      const int expert = p.expert_ids[m_tile];
+      if (expert < 0 || expert >= p.num_local_experts) continue;
+      /* host checked EL * n + ST_BM < 2^31 and the sorted rows < 2^31 */
+      const int32_t w_row = expert * p.n + n_tile * ST_BM;
+      const int32_t x_row = m_tile * NT;
+      for (int ks = 0; ks < k_steps; ++ks) {
+        const int k0 = ks * ST_BOX_K * ST_BOXES;
+        mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
+        const uint32_t full = smem_addr(&full_bar[s]);
+        const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
+        mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
+#pragma unroll
+        for (int b = 0; b < ST_BOXES; ++b) {
+          tma_load_2d(stage + b * S::W_BOX, &w_map, full, k0 + b * ST_BOX_K, w_row);
+          tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, full, k0 + b * ST_BOX_K,
+                      x_row);
+        }
+        if (++s == S::STAGES) {
+          s = 0;
+          phase ^= 1u;
+        }
+      }
+    }
+    return;
+  }
+
+  /* Consumers: warpgroup wg owns features 64 wg .. 64 wg + 63 of an item. */
+  const int wg = warp / 4, warp_in_wg = warp & 3;
+  const uint64_t desc_w = smem_desc(smem + (uint32_t)(wg * 64 * ST_BOX_K * 2));
+  const uint64_t desc_x = smem_desc(smem + (uint32_t)(ST_BOXES * S::W_BOX));
+  const bool odd = (lane >> 2) & 1; /* this lane holds the up rows (odd features) */
+  int s = 0;
+  uint32_t phase = 0;
+  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
+    const int expert = p.expert_ids[m_tile];
+    if (expert < 0 || expert >= p.num_local_experts) continue;
+    float acc[NT / 2];
+#pragma unroll
+    for (int i = 0; i < NT / 2; ++i)
+      acc[i] = 0.0f;
+    int prev = 0;
+    for (int ks = 0; ks < k_steps; ++ks) {
+      mbar_wait(smem_addr(&full_bar[s]), phase);
+      const uint64_t stage = (uint64_t)((s * S::STAGE_BYTES) >> 4);
+      wgmma_fence();
+#pragma unroll
+      for (int b = 0; b < ST_BOXES; ++b) {
+        const uint64_t w_box = stage + (uint64_t)((b * S::W_BOX) >> 4);
+        const uint64_t x_box = stage + (uint64_t)((b * S::X_BOX) >> 4);
+#pragma unroll
+        for (int kk = 0; kk < ST_BOX_K / 16; ++kk)
+          wgmma_k16<NT>(acc, desc_w + w_box + 2 * kk, desc_x + x_box + 2 * kk);
+      }
+      wgmma_commit();
+      /* The previous step's wgmmas are done: its stage may be refilled. */
+      wgmma_wait<1>();
+      if (ks > 0 && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
+      prev = s;
+      if (++s == S::STAGES) {
+        s = 0;
+        phase ^= 1u;
+      }
+    }
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
+    fence_registers(acc);
+
+    /* Epilogue. This thread's tokens: 8 j + 2 (l % 4) + e, j < NT / 8. */
+    const int64_t m0 = (int64_t)m_tile * NT;
+    int32_t slot[NT / 8][2];
+    float weight[NT / 8][2];
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int32_t id = p.sorted_token_ids[m0 + 8 * j + 2 * (lane & 3) + e];
+        slot[j][e] = id >= 0 && id < p.num_slots ? id : -1;
+        weight[j][e] = slot[j][e] >= 0 && p.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE
+                           ? p.topk_weights[slot[j][e]]
+                           : 1.0f;
+      }
+    const float *bias = p.bias ? p.bias + (int64_t)expert * p.n : NULL;
+    const int f_base = n_tile * ST_BM + wg * 64 + warp_in_wg * 16 + (lane >> 2);
+#pragma unroll
+    for (int h = 0; h < 2; ++h) {
+      const int f = f_base + 8 * h;     /* this lane's feature; even on even lanes */
+      const int pair = f & ~1;          /* the pair's first feature */
+      const bool in_range = pair < p.n; /* n is even: pair + 1 < n too */
+      const float b = bias && f < p.n ? bias[f] : 0.0f;
+#pragma unroll
+      for (int j = 0; j < NT / 8; ++j) {
+        const float v0 = cuda_apply_routed(acc[4 * j + 2 * h], b, weight[j][0], p.routed_weight);
+        const float v1 =
+            cuda_apply_routed(acc[4 * j + 2 * h + 1], b, weight[j][1], p.routed_weight);
+        /* Even lanes keep token e = 0 and receive the odd feature of it;
+         * odd lanes keep e = 1 and receive the even feature. */
+        const float other = __shfl_xor_sync(0xffffffffu, odd ? v0 : v1, 4);
+        const float lo = odd ? other : v0, hi = odd ? v1 : other;
+        /* selects, not an index: a run-time index puts the arrays in local memory */
+        const int32_t my_slot = odd ? slot[j][1] : slot[j][0];
+        if (!in_range) continue;
+        if (EPI != ST_STORE) {
+          const int64_t row = m0 + 8 * j + 2 * (lane & 3) + (odd ? 1 : 0);
+          const float v = my_slot >= 0 ? cuda_gated_activation((moe_activation)(EPI - 1), p.alpha,
+                                                               p.limit, lo, hi)
+                                       : 0.0f;
+          p.c[row * p.ldc + pair / 2] = __float2bfloat16_rn(v);
+        } else if (my_slot >= 0) {
+          *(__nv_bfloat162 *)(p.c + (int64_t)my_slot * p.ldc + pair) =
+              __floats2bfloat162_rn(lo, hi);
+        }
+      }
+    }
+  }
+#else
+  __trap(); /* the host launches this only where sm_90a code runs */
+#endif
+}
+
+/* ---- host side ---------------------------------------------------------- */
+
+template <int NT, int EPI> static bool set_smem_limit() {
+  const cudaError_t err =
+      cudaFuncSetAttribute(stream_gemm_kernel<NT, EPI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           st_shape<NT>::SMEM_BYTES);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err == cudaSuccess;
+}
+
+template <int NT> static bool set_smem_limits() {
+  return set_smem_limit<NT, ST_STORE>() && set_smem_limit<NT, ST_GLU_SWIGLU>() &&
+         set_smem_limit<NT, ST_GLU_GEGLU>() && set_smem_limit<NT, ST_GLU_SWIGLU_CLAMP>();
+}
+
+bool cuda_stream_init(void) {
+  return set_smem_limits<16>() && set_smem_limits<32>() && set_smem_limits<64>();
+}
+
+int cuda_stream_rows_index(int rows) {
+  switch (rows) {
+  case 16:
+    return 0;
+  case 32:
+    return 1;
+  case 64:
+    return 2;
+  default:
+    return -1;
+  }
+}
+
+template <int NT, int EPI>
+static cudaError_t launch_stream(const cuda_state *st, unsigned ctas, const CUtensorMap &w,
+                                 const CUtensorMap &x, const stream_params &p) {
+  return cuda_launch(st, true, stream_gemm_kernel<NT, EPI>, dim3(ctas), dim3(ST_THREADS),
+                     (size_t)st_shape<NT>::SMEM_BYTES, w, x, p);
+}
+
+moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
+  const int index = cuda_stream_rows_index(g->block_m);
+  if (index < 0 || g->n <= 0 || g->k <= 0 || g->n % 8 != 0 || g->k % 8 != 0)
+    return moe_set_error(MOE_ERROR_INTERNAL, "stream GEMM with block_m %d, n %d, k %d", g->block_m,
+                         g->n, g->k);
+  const int64_t m_tiles = (g->rows_bound + g->block_m - 1) / g->block_m;
+  const int64_t n_tiles = (g->n + ST_BM - 1) / ST_BM;
+  if (m_tiles <= 0) return MOE_SUCCESS;
+  if (m_tiles * n_tiles > INT_MAX)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "stream GEMM of %lld items is too large",
+                         (long long)(m_tiles * n_tiles));
+  stream_params p;
+  memset(&p, 0, sizeof p);
+  p.sorted_token_ids = g->sorted_token_ids;
+  p.expert_ids = g->expert_ids;
+  p.num_tokens_post_padded = g->num_tokens_post_padded;
+  p.topk_weights = g->topk_weights;
+  p.bias = g->bias;
+  p.c = g->c;
+  p.ldc = g->ldc;
+  p.num_slots = g->num_slots;
+  p.num_local_experts = g->num_local_experts;
+  p.n = g->n;
+  p.k = g->k;
+  p.n_tiles = (int32_t)n_tiles;
+  p.m_tiles_cap = (int32_t)m_tiles;
+  p.routed_weight = g->routed_weight;
+  p.alpha = g->alpha;
+  p.limit = g->limit;
+  CUtensorMap w, x;
+  memcpy(&w, g->b_map, sizeof w);
+  memcpy(&x, g->a_map, sizeof x);
+  /* One wave of persistent CTAs (one per SM: the ring takes the shared
+   * memory), never more than the items. */
+  const int64_t items = m_tiles * n_tiles;
+  const unsigned ctas = (unsigned)(items < st->sm_count ? items : st->sm_count);
+  typedef cudaError_t (*launcher)(const cuda_state *, unsigned, const CUtensorMap &,
+                                  const CUtensorMap &, const stream_params &);
+  /* [rows index][epilogue] */
+  static const launcher launchers[3][4] = {
+      {launch_stream<16, ST_STORE>, launch_stream<16, ST_GLU_SWIGLU>,
+       launch_stream<16, ST_GLU_GEGLU>, launch_stream<16, ST_GLU_SWIGLU_CLAMP>},
+      {launch_stream<32, ST_STORE>, launch_stream<32, ST_GLU_SWIGLU>,
+       launch_stream<32, ST_GLU_GEGLU>, launch_stream<32, ST_GLU_SWIGLU_CLAMP>},
+      {launch_stream<64, ST_STORE>, launch_stream<64, ST_GLU_SWIGLU>,
+       launch_stream<64, ST_GLU_GEGLU>, launch_stream<64, ST_GLU_SWIGLU_CLAMP>},
+  };
+  int epi = ST_STORE;
+  if (g->epilogue == CUDA_EPILOGUE_GLU) {
+    if (g->activation != MOE_ACTIVATION_SWIGLU && g->activation != MOE_ACTIVATION_GEGLU &&
+        g->activation != MOE_ACTIVATION_SWIGLU_CLAMP)
+      return moe_set_error(MOE_ERROR_INTERNAL, "stream GEMM: activation %d", (int)g->activation);
+    epi = 1 + (int)g->activation;
+  }
+  const cudaError_t err = launchers[index][epi](st, ctas, w, x, p);
+  if (err != cudaSuccess) return cuda_status(err, "stream_gemm_kernel launch");
+  return cuda_launch_status("stream_gemm_kernel");
+}

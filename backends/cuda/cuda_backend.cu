@@ -122,6 +122,8 @@ static void cuda_context_destroy(void *state) {
   cudaSetDevice(st->device);
   cudaStreamSynchronize(st->stream);
   if (st->owns_stream) cudaStreamDestroy(st->stream);
+  cudaFree(st->split_partial);
+  cudaFree(st->split_counters);
   free(st);
 }
 
@@ -402,8 +404,35 @@ static size_t align_up(size_t x) {
   return (x + 255) & ~(size_t)255;
 }
 
+/* The context's split-K workspace of the streaming GEMM, once: a layer
+ * that can stream reserves it with its own workspace (never in a
+ * forward). Counters start at 0; the kernels leave them at 0. */
+static moe_status reserve_split_workspace(cuda_state *st) {
+  if (st->split_partial) return MOE_SUCCESS;
+  float *partial = NULL;
+  int32_t *counters = NULL;
+  const size_t counter_bytes = CUDA_STREAM_SPLIT_COUNTERS * sizeof(int32_t);
+  moe_status s = cuda_status(cudaMalloc((void **)&partial, CUDA_STREAM_SPLIT_BYTES),
+                             "cudaMalloc of the split-K workspace");
+  if (s == MOE_SUCCESS)
+    s = cuda_status(cudaMalloc((void **)&counters, counter_bytes), "cudaMalloc of split counters");
+  if (s == MOE_SUCCESS)
+    s = cuda_status(cudaMemsetAsync(counters, 0, counter_bytes, st->stream),
+                    "cudaMemsetAsync of split counters");
+  if (s != MOE_SUCCESS) {
+    cudaFree(partial);
+    cudaFree(counters);
+    return s;
+  }
+  st->split_partial = partial;
+  st->split_partial_bytes = CUDA_STREAM_SPLIT_BYTES;
+  st->split_counters = counters;
+  st->split_counters_len = CUDA_STREAM_SPLIT_COUNTERS;
+  return MOE_SUCCESS;
+}
+
 static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_tokens) {
-  const cuda_state *st = (const cuda_state *)state;
+  cuda_state *st = (cuda_state *)state;
   cuda_layer *l = (cuda_layer *)layer;
   CUDA_TRY(use_device(st));
   const moe_config *c = &l->cfg;
@@ -435,6 +464,7 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
     offsets[i] = total;
     total += align_up(sizes[i]);
   }
+  if (wgmma) CUDA_TRY(reserve_split_workspace(st));
   char *base = NULL;
   CUDA_TRY(cuda_status(cudaMalloc((void **)&base, total), "cudaMalloc of the layer workspace"));
   /* The old workspace may still be read by queued forwards. */

@@ -22,6 +22,13 @@ struct cuda_state {
                   (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
   bool wgmma;  /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
   bool hopper; /* compute capability 9.x: programmatic dependent launch */
+  /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
+   * context's layers (their forwards are ordered on one stream); allocated
+   * by the first reserve of a layer that can stream, counters zeroed. */
+  float *split_partial;
+  size_t split_partial_bytes;
+  int32_t *split_counters;
+  int64_t split_counters_len;
 };
 
 /* Maps a CUDA error to a status and a message naming what failed. */
@@ -312,6 +319,16 @@ bool cuda_stream_init(void);
 /* 0, 1, 2 for token blocks of 16, 32, 64 rows (the NT the kernels are
  * built for); -1 otherwise. */
 int cuda_stream_rows_index(int rows);
+
+/* How many ranges of K the streaming GEMM splits `items` work items of
+ * k_steps steps into on `sms` SMs (1 = no split). */
+int cuda_stream_splits(int64_t items, int k_steps, int sms);
+
+/* Bytes of split partial sums and counters the split workspace holds:
+ * enough for items up to four rounds of the grid, four splits each, at
+ * the widest token block. */
+#define CUDA_STREAM_SPLIT_BYTES ((size_t)16 << 20)
+#define CUDA_STREAM_SPLIT_COUNTERS 4096
 
 /* One grouped GEMM of the streaming path, described as for the wgmma path:
  * a_map over the sorted token rows with boxes of block_m (= NT) rows, b_map

@@ -40,8 +40,16 @@
  *     h_sorted[p][c] (zeros for padding rows, which GEMM2 reads); STORE
  *     writes a bf16 pair of y[slot] for real rows only.
  *
- * Deterministic: every output element is one thread's fixed-order sum; no
- * atomics. Device code exists only in the sm_90a pass.
+ * Split K (cuda_stream_splits): where the items would leave the last round
+ * of the persistent grid short (few experts, or few features), each item's
+ * K is cut into up to 4 ranges computed as separate work units. Each unit
+ * stores its fp32 sums in the context's split workspace and counts itself
+ * in the item's counter (an atomic on the counter only); the unit that
+ * finishes last adds the partial sums in split order and runs the epilogue,
+ * then zeroes the counter for the next forward.
+ *
+ * Deterministic: every output element is a fixed-order sum, whichever CTA
+ * finishes an item last. Device code exists only in the sm_90a pass.
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"
@@ -95,11 +103,25 @@ struct stream_params {
   int32_t k;
   int32_t n_tiles;     /* ceil(n / ST_BM) */
   int32_t m_tiles_cap; /* NT-row blocks the buffers hold */
+  /* Split K: each item's k steps in `splits` ranges of k_steps_per_split
+   * (1: no split). partial holds [item][split][256 consumer threads x NT/2]
+   * fp32; counters[item] counts finished splits and is left at 0. */
+  int32_t splits, k_steps_per_split;
+  float *partial;
+  int32_t *counters;
   moe_gemm_routed_weight routed_weight;
   float alpha, limit;
 };
 
 /* ---- the kernel --------------------------------------------------------- */
+
+#ifdef MOE_WGMMA_DEVICE
+/* Barrier `id` over `threads` threads (a multiple of 32): the consumer
+ * warpgroups meet without the producer warp. */
+__device__ __forceinline__ void named_barrier_sync(int id, int threads) {
+  asm volatile("bar.sync %0, %1;\n" ::"r"(id), "r"(threads) : "memory");
+}
+#endif
 
 template <int NT, int EPI>
 __global__ void __launch_bounds__(ST_THREADS, 1)
@@ -128,6 +150,7 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
   const int32_t padded = *p.num_tokens_post_padded;
   const int32_t m_count = min((padded + NT - 1) / NT, p.m_tiles_cap);
   const int64_t items = (int64_t)m_count * p.n_tiles;
+  const int64_t units = items * p.splits; /* unit u: item u % items, split u / items */
   const int k_steps = (p.k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
 
@@ -138,14 +161,17 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
     tma_prefetch_map(&x_map);
     int s = 0;
     uint32_t phase = 0;
-    for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+    for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+      const int64_t item = unit % items;
+      const int split = (int)(unit / items);
       const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
       const int expert = p.expert_ids[m_tile];
       if (expert < 0 || expert >= p.num_local_experts) continue;
       /* host checked EL * n + ST_BM < 2^31 and the sorted rows < 2^31 */
       const int32_t w_row = expert * p.n + n_tile * ST_BM;
       const int32_t x_row = m_tile * NT;
-      for (int ks = 0; ks < k_steps; ++ks) {
+      const int ks_end = min(k_steps, (split + 1) * p.k_steps_per_split);
+      for (int ks = split * p.k_steps_per_split; ks < ks_end; ++ks) {
         const int k0 = ks * ST_BOX_K * ST_BOXES;
         mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
         const uint32_t full = smem_addr(&full_bar[s]);
@@ -171,9 +197,13 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
   const uint64_t desc_w = smem_desc(smem + (uint32_t)(wg * 64 * ST_BOX_K * 2));
   const uint64_t desc_x = smem_desc(smem + (uint32_t)(ST_BOXES * S::W_BOX));
   const bool odd = (lane >> 2) & 1; /* this lane holds the up rows (odd features) */
+  __shared__ int last_split;        /* this CTA finished an item's last split */
+  const int ctid = threadIdx.x;     /* 0..255 over the consumers */
   int s = 0;
   uint32_t phase = 0;
-  for (int64_t item = blockIdx.x; item < items; item += gridDim.x) {
+  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
+    const int64_t item = unit % items;
+    const int split = (int)(unit / items);
     const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
     const int expert = p.expert_ids[m_tile];
     if (expert < 0 || expert >= p.num_local_experts) continue;
@@ -182,7 +212,9 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
     for (int i = 0; i < NT / 2; ++i)
       acc[i] = 0.0f;
     int prev = 0;
-    for (int ks = 0; ks < k_steps; ++ks) {
+    const int ks_begin = split * p.k_steps_per_split;
+    const int ks_end = min(k_steps, ks_begin + p.k_steps_per_split);
+    for (int ks = ks_begin; ks < ks_end; ++ks) {
       mbar_wait(smem_addr(&full_bar[s]), phase);
       const uint64_t stage = (uint64_t)((s * S::STAGE_BYTES) >> 4);
       wgmma_fence();
@@ -197,7 +229,7 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
       wgmma_commit();
       /* The previous step's wgmmas are done: its stage may be refilled. */
       wgmma_wait<1>();
-      if (ks > 0 && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
+      if (ks > ks_begin && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
       prev = s;
       if (++s == S::STAGES) {
         s = 0;
@@ -207,6 +239,32 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
     wgmma_wait<0>();
     if (lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
     fence_registers(acc);
+
+    if (p.splits > 1) {
+      /* Publish this split's sums; the CTA that finishes an item's last
+       * split adds all of them in split order (the same bits whichever CTA
+       * that is), then runs the epilogue. */
+      const int64_t per_split = (int64_t)(32 * ST_CONSUMER_WARPS) * (NT / 2);
+      float *mine = p.partial + (item * p.splits + split) * per_split;
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i)
+        mine[i * 32 * ST_CONSUMER_WARPS + ctid] = acc[i];
+      __threadfence();
+      named_barrier_sync(1, 32 * ST_CONSUMER_WARPS);
+      if (ctid == 0) last_split = atomicAdd(&p.counters[item], 1) == p.splits - 1;
+      named_barrier_sync(1, 32 * ST_CONSUMER_WARPS);
+      if (!last_split) continue;
+      __threadfence();
+      const float *all = p.partial + item * p.splits * per_split;
+#pragma unroll
+      for (int i = 0; i < NT / 2; ++i) {
+        float sum = 0.0f;
+        for (int sp = 0; sp < p.splits; ++sp)
+          sum += __ldcg(all + sp * per_split + i * 32 * ST_CONSUMER_WARPS + ctid);
+        acc[i] = sum;
+      }
+      if (ctid == 0) p.counters[item] = 0; /* ready for the next forward */
+    }
 
     /* Epilogue. This thread's tokens: 8 j + 2 (l % 4) + e, j < NT / 8. */
     const int64_t m0 = (int64_t)m_tile * NT;
@@ -279,6 +337,31 @@ bool cuda_stream_init(void) {
   return set_smem_limits<16>() && set_smem_limits<32>() && set_smem_limits<64>();
 }
 
+/*
+ * Splits of K for `items` work items of k_steps steps on `sms` persistent
+ * CTAs: the count (1..4, each split at least two steps) whose units fill
+ * the last round of the grid best; a split must gain more than 5% of
+ * round efficiency to be taken, since it costs a store and a reload of the
+ * partial sums. Items past four rounds are balanced enough unsplit.
+ */
+int cuda_stream_splits(int64_t items, int k_steps, int sms) {
+  if (items <= 0 || sms <= 0 || items >= 4 * (int64_t)sms) return 1;
+  int best = 1;
+  double best_fill = 0.0;
+  for (int splits = 1; splits <= 4; ++splits) {
+    const int per = (k_steps + splits - 1) / splits;
+    if (splits > 1 && (per < 2 || (splits - 1) * per >= k_steps)) break;
+    const int64_t units = items * splits;
+    const int64_t rounds = (units + sms - 1) / sms;
+    const double fill = (double)units / (double)(rounds * sms);
+    if (splits == 1 || fill > best_fill + 0.05) {
+      best = splits;
+      best_fill = fill;
+    }
+  }
+  return best;
+}
+
 int cuda_stream_rows_index(int rows) {
   switch (rows) {
   case 16:
@@ -325,6 +408,19 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   p.k = g->k;
   p.n_tiles = (int32_t)n_tiles;
   p.m_tiles_cap = (int32_t)m_tiles;
+  const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
+  p.splits = 1;
+  p.k_steps_per_split = k_steps;
+  const int64_t items = m_tiles * n_tiles;
+  const int64_t per_split_bytes = (int64_t)ST_BM * g->block_m * (int64_t)sizeof(float);
+  const int splits = cuda_stream_splits(items, k_steps, st->sm_count);
+  if (splits > 1 && st->split_partial && items <= st->split_counters_len &&
+      items * splits * per_split_bytes <= st->split_partial_bytes) {
+    p.splits = splits;
+    p.k_steps_per_split = (k_steps + splits - 1) / splits;
+    p.partial = st->split_partial;
+    p.counters = st->split_counters;
+  }
   p.routed_weight = g->routed_weight;
   p.alpha = g->alpha;
   p.limit = g->limit;
@@ -332,9 +428,9 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   memcpy(&w, g->b_map, sizeof w);
   memcpy(&x, g->a_map, sizeof x);
   /* One wave of persistent CTAs (one per SM: the ring takes the shared
-   * memory), never more than the items. */
-  const int64_t items = m_tiles * n_tiles;
-  const unsigned ctas = (unsigned)(items < st->sm_count ? items : st->sm_count);
+   * memory), never more than the work units. */
+  const int64_t units = items * p.splits;
+  const unsigned ctas = (unsigned)(units < st->sm_count ? units : st->sm_count);
   typedef cudaError_t (*launcher)(const cuda_state *, unsigned, const CUtensorMap &,
                                   const CUtensorMap &, const stream_params &);
   /* [rows index][epilogue] */

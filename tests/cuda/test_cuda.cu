@@ -953,6 +953,20 @@ Test(cuda, stream_layer_long_k) {
   hopper_layer_case(&wide, "stream");
 }
 
+/* Few items against the SMs: GEMM1 (288 items of 16 k steps) is split in
+ * 3 ranges of K and GEMM2 (144 items) in 4 on a 132-SM device
+ * (cuda_stream_splits); replays check that the split counters are left at
+ * zero and the fixed-order sum gives the same bits. */
+Test(cuda, stream_layer_split_k) {
+  require_sm90a();
+  th_layer_spec s = mixtral_like(8, 2048, 2048, 8, 2, 0xce10);
+  hopper_layer_case(&s, "stream");
+  th_layer_spec bias = mixtral_like(8, 2048, 2048, 8, 2, 0xce11);
+  bias.w13_bias = bias.w2_bias = true;
+  bias.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
+  hopper_layer_case(&bias, "stream");
+}
+
 Test(cuda, stream_layer_variants) {
   require_sm90a();
   for (int variant = 0; variant < 5; ++variant) {

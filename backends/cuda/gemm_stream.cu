@@ -24,13 +24,12 @@
  *     the consumers run an epilogue.
  *   - A stage is 128 elements of K: two 64-wide boxes (128-byte swizzle) of
  *     the 128 weight rows and of the NT token rows: 256 contiguous bytes
- *     per weight row and step. STAGES stages keep 128-160 KB of weights in
- *     flight per SM (bench/cuda_notes.md, item 18). full[s] completes with
- *     the stage's TMA bytes; empty[s] when the 8 consumer warps have retired
- *     the wgmmas that read it. TMA fills zeros past K (also a box wholly
- *     past it, in the last step when K % 128 <= 64) and past the last
- *     expert's rows, so every step multiplies two full boxes: a wgmma issue
- *     that depends on data would be serialized by the compiler.
+ *     per weight row and step. STAGES stages (6, 5, 4 at NT 16, 32, 64)
+ *     keep 128-192 KB of weights in flight per SM (bench/cuda_notes.md, item 18). full[s] completes
+ * with the stage's TMA bytes; empty[s] when the 8 consumer warps have retired the wgmmas that read
+ * it. TMA fills zeros past K (also a box wholly past it, in the last step when K % 128 <= 64) and
+ * past the last expert's rows, so every step multiplies two full boxes: a wgmma issue that depends
+ * on data would be serialized by the compiler.
  *   - Register j of a consumer thread holds D[feature][token] at feature
  *     16 w + l / 4 + 8 ((j / 2) % 2) of its warpgroup's 64 and token
  *     8 (j / 4) + 2 (l % 4) + j % 2 (lane l of warp w). Features 2c and
@@ -69,7 +68,7 @@ typedef __nv_bfloat16 bf16;
 #define ST_BOXES 2                               /* boxes per stage: 128 elements of K */
 #define ST_CONSUMER_WARPS 8                      /* two warpgroups */
 #define ST_THREADS (32 * ST_CONSUMER_WARPS + 32) /* + the producer warp */
-#define ST_SMEM_BUDGET (200 * 1024)              /* of the 227 KB a block may take */
+#define ST_SMEM_BUDGET (220 * 1024)              /* of the 227 KB a block may take */
 
 template <int NT> struct st_shape {
   static constexpr int W_BOX = ST_BM * ST_BOX_K * 2;
@@ -114,6 +113,17 @@ struct stream_params {
 };
 
 /* ---- the kernel --------------------------------------------------------- */
+
+/* The local expert of a work unit's token block, or -1 (skipped: another
+ * rank's expert) or -2 (past the last unit). Read one unit ahead by the
+ * producer and the consumers, so that the load's latency hides behind the
+ * current unit's stream. */
+__device__ __forceinline__ int unit_expert(const stream_params &p, int64_t unit, int64_t units,
+                                           int64_t items, int32_t m_count) {
+  if (unit >= units) return -2;
+  const int e = p.expert_ids[(unit % items) % m_count];
+  return e >= 0 && e < p.num_local_experts ? e : -1;
+}
 
 #ifdef MOE_WGMMA_DEVICE
 /* Barrier `id` over `threads` threads (a multiple of 32): the consumer
@@ -161,12 +171,14 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
     tma_prefetch_map(&x_map);
     int s = 0;
     uint32_t phase = 0;
+    int next_expert = unit_expert(p, blockIdx.x, units, items, m_count);
     for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
       const int64_t item = unit % items;
       const int split = (int)(unit / items);
       const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
-      const int expert = p.expert_ids[m_tile];
-      if (expert < 0 || expert >= p.num_local_experts) continue;
+      const int expert = next_expert;
+      next_expert = unit_expert(p, unit + gridDim.x, units, items, m_count);
+      if (expert < 0) continue;
       /* host checked EL * n + ST_BM < 2^31 and the sorted rows < 2^31 */
       const int32_t w_row = expert * p.n + n_tile * ST_BM;
       const int32_t x_row = m_tile * NT;
@@ -201,12 +213,28 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
   const int ctid = threadIdx.x;     /* 0..255 over the consumers */
   int s = 0;
   uint32_t phase = 0;
+  int next_expert = unit_expert(p, blockIdx.x, units, items, m_count);
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
     const int64_t item = unit % items;
     const int split = (int)(unit / items);
     const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
-    const int expert = p.expert_ids[m_tile];
-    if (expert < 0 || expert >= p.num_local_experts) continue;
+    const int expert = next_expert;
+    next_expert = unit_expert(p, unit + gridDim.x, units, items, m_count);
+    if (expert < 0) continue;
+    /* The epilogue's rows, loaded now so that their latency hides behind
+     * the k loop: this thread's tokens are 8 j + 2 (l % 4) + e, j < NT / 8;
+     * their routed weights are loaded after the first k step. */
+    const int64_t m0 = (int64_t)m_tile * NT;
+    int32_t slot[NT / 8][2];
+    float weight[NT / 8][2];
+#pragma unroll
+    for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+      for (int e = 0; e < 2; ++e) {
+        const int32_t id = p.sorted_token_ids[m0 + 8 * j + 2 * (lane & 3) + e];
+        slot[j][e] = id >= 0 && id < p.num_slots ? id : -1;
+        weight[j][e] = 1.0f;
+      }
     float acc[NT / 2];
 #pragma unroll
     for (int i = 0; i < NT / 2; ++i)
@@ -227,6 +255,13 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
           wgmma_k16<NT>(acc, desc_w + w_box + 2 * kk, desc_x + x_box + 2 * kk);
       }
       wgmma_commit();
+      if (ks == ks_begin && p.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE) {
+#pragma unroll
+        for (int j = 0; j < NT / 8; ++j)
+#pragma unroll
+          for (int e = 0; e < 2; ++e)
+            if (slot[j][e] >= 0) weight[j][e] = p.topk_weights[slot[j][e]];
+      }
       /* The previous step's wgmmas are done: its stage may be refilled. */
       wgmma_wait<1>();
       if (ks > ks_begin && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
@@ -266,20 +301,7 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
       if (ctid == 0) p.counters[item] = 0; /* ready for the next forward */
     }
 
-    /* Epilogue. This thread's tokens: 8 j + 2 (l % 4) + e, j < NT / 8. */
-    const int64_t m0 = (int64_t)m_tile * NT;
-    int32_t slot[NT / 8][2];
-    float weight[NT / 8][2];
-#pragma unroll
-    for (int j = 0; j < NT / 8; ++j)
-#pragma unroll
-      for (int e = 0; e < 2; ++e) {
-        const int32_t id = p.sorted_token_ids[m0 + 8 * j + 2 * (lane & 3) + e];
-        slot[j][e] = id >= 0 && id < p.num_slots ? id : -1;
-        weight[j][e] = slot[j][e] >= 0 && p.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE
-                           ? p.topk_weights[slot[j][e]]
-                           : 1.0f;
-      }
+    /* Epilogue. */
     const float *bias = p.bias ? p.bias + (int64_t)expert * p.n : NULL;
     const int f_base = n_tile * ST_BM + wg * 64 + warp_in_wg * 16 + (lane >> 2);
 #pragma unroll

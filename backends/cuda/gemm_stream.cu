@@ -25,11 +25,13 @@
  *   - A stage is 128 elements of K: two 64-wide boxes (128-byte swizzle) of
  *     the 128 weight rows and of the NT token rows: 256 contiguous bytes
  *     per weight row and step. STAGES stages (6, 5, 4 at NT 16, 32, 64)
- *     keep 128-192 KB of weights in flight per SM (bench/cuda_notes.md, item 18). full[s] completes
- * with the stage's TMA bytes; empty[s] when the 8 consumer warps have retired the wgmmas that read
- * it. TMA fills zeros past K (also a box wholly past it, in the last step when K % 128 <= 64) and
- * past the last expert's rows, so every step multiplies two full boxes: a wgmma issue that depends
- * on data would be serialized by the compiler.
+ *     keep 128-192 KB of weights in flight per SM (bench/cuda_notes.md,
+ *     item 18). full[s] completes with the stage's TMA bytes; empty[s]
+ *     when the 8 consumer warps have retired the wgmmas that read it. TMA
+ *     fills zeros past K (also a box wholly past it, in the last step when
+ *     K % 128 <= 64) and past the last expert's rows, so every step
+ *     multiplies two full boxes: a wgmma issue that depends on data would
+ *     be serialized by the compiler.
  *   - Register j of a consumer thread holds D[feature][token] at feature
  *     16 w + l / 4 + 8 ((j / 2) % 2) of its warpgroup's 64 and token
  *     8 (j / 4) + 2 (l % 4) + j % 2 (lane l of warp w). Features 2c and

@@ -45,9 +45,22 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-#define AMX_CONFIG(cfg) _tile_loadconfig(cfg)
+/* GCC 12's ldtilecfg and tileloadd asm statements declare no memory read
+ * (ldtilecfg names 8 of its 64 bytes), so the compiler could keep the
+ * configuration's or the operands' stores after them: each goes after a
+ * barrier that hands the address to an asm reading all memory. */
+#define AMX_ESCAPE(p) __asm__ volatile("" : : "r"(p) : "memory")
+#define AMX_CONFIG(cfg)                                                                            \
+  do {                                                                                             \
+    AMX_ESCAPE(cfg);                                                                               \
+    _tile_loadconfig(cfg);                                                                         \
+  } while (0)
 #define AMX_ZERO(t) _tile_zero(t)
-#define AMX_LOAD(t, p, s) _tile_loadd(t, p, s)
+#define AMX_LOAD(t, p, s)                                                                          \
+  do {                                                                                             \
+    AMX_ESCAPE(p);                                                                                 \
+    _tile_loadd(t, p, s);                                                                          \
+  } while (0)
 #define AMX_STORE(t, p, s) _tile_stored(t, p, s)
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()

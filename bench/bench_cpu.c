@@ -1,10 +1,13 @@
 /*
  * bench_cpu.c - CPU rooflines: a DRAM read kernel and a dot-product peak
  * kernel, each on every OpenMP thread, dispatched at run time on the
- * instruction sets the CPU has (AVX-512 BF16, AVX-512F, or plain C).
+ * instruction sets the CPU has (AMX BF16, AVX-512 BF16, AVX-512F, or plain
+ * C).
  *
- * The peak kernels keep 16 independent accumulators per thread so that the
- * FMA latency (4 cycles) times the FMA ports (2) is covered with room.
+ * The vector peak kernels keep 16 independent accumulators per thread so
+ * that the FMA latency (4 cycles) times the FMA ports (2) is covered with
+ * room. The AMX kernel keeps 4 accumulator tiles, as the library's AMX
+ * path does, and loads its A and B tiles from L1 every step, as it does.
  */
 #include "bench_cpu.h"
 
@@ -18,7 +21,9 @@
 #include <unistd.h>
 
 #if defined(__x86_64__) && defined(__GNUC__)
+#include <cpuid.h>
 #include <immintrin.h>
+#include <sys/syscall.h>
 #define BENCH_X86 1
 #endif
 
@@ -170,6 +175,64 @@ __attribute__((target("avx512f,avx512bf16"))) static double dot_avx512bf16(int64
   /* 16 lanes, each a pair of products and their sum into the lane. */
   return 4.0 * 16 * ACCUMULATORS * (double)iterations;
 }
+
+/* AMX: CPUID.(7,0):EDX bit 22 (AMX-BF16) and 24 (AMX-TILE), and the OS's
+ * permission for the tile data state (arch_prctl ARCH_REQ_XCOMP_PERM of
+ * XFEATURE_XTILEDATA, process-wide; the library asks the same). */
+static int have_amx(void) {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+  if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return 0;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+/* The ldtilecfg operand: palette 1, every tile 16 rows x 64 bytes. */
+typedef struct amx_config {
+  uint8_t palette, start_row, reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} amx_config;
+
+/* Per step: two A tiles and two B tiles loaded (from L1), four TDPBF16PS
+ * into four accumulator tiles, each 16 x 16 x 32 multiply-adds. */
+__attribute__((target("amx-tile,amx-bf16"))) static double dot_amx(int64_t iterations) {
+  _Alignas(64) uint16_t a[2][16 * 32], b[2][16 * 32];
+  _Alignas(64) float c[16 * 16];
+  for (int i = 0; i < 16 * 32; ++i) /* 1.0 and ~6e-8, as dot_avx512bf16 */
+    a[0][i] = a[1][i] = 0x3f80, b[0][i] = b[1][i] = 0x3380;
+  amx_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t)
+    cfg.rows[t] = 16, cfg.colsb[t] = 64;
+  /* GCC 12's ldtilecfg and tileloadd declare no memory read: make the
+   * stores above visible to them. */
+  __asm__ volatile("" : : "r"(&cfg), "r"(a), "r"(b) : "memory");
+  _tile_loadconfig(&cfg);
+  _tile_zero(0);
+  _tile_zero(1);
+  _tile_zero(2);
+  _tile_zero(3);
+  for (int64_t i = 0; i < iterations; ++i) {
+    _tile_loadd(4, a[0], 64);
+    _tile_loadd(5, a[1], 64);
+    _tile_loadd(6, b[0], 64);
+    _tile_loadd(7, b[1], 64);
+    _tile_dpbf16ps(0, 4, 6);
+    _tile_dpbf16ps(1, 4, 7);
+    _tile_dpbf16ps(2, 5, 6);
+    _tile_dpbf16ps(3, 5, 7);
+  }
+  float s = 0;
+  _tile_stored(0, c, 64);
+  s += c[0];
+  _tile_stored(3, c, 64);
+  s += c[255];
+  _tile_release();
+  sink_f32 = s;
+  /* Four tiles of 16 x 16 outputs, each 32 products and their sums. */
+  return 4.0 * 16 * 16 * 32 * 2 * (double)iterations;
+}
 #endif
 
 typedef double (*peak_kernel)(int64_t iterations);
@@ -260,7 +323,14 @@ int bench_cpu_rooflines(size_t array_bytes, bench_rooflines *r, char *read_what,
   double flops;
 #ifdef BENCH_X86
   char both[64];
-  if (have_avx512bf16()) {
+  if (have_amx()) {
+    /* The library's AMX path runs prefill on tiles: their rate is the
+     * compute roofline; the fp32 FMA rate is reported beside it. */
+    flops = peak_flops(dot_amx, seconds);
+    const double fma = peak_flops(fma_avx512, seconds);
+    snprintf(both, sizeof both, "AMX tdpbf16ps tiles; fp32 FMA %.3f TFLOP/s", fma * 1e-12);
+    what = both;
+  } else if (have_avx512bf16()) {
     /* Both, and the faster is the peak: some CPUs (Sapphire Rapids) issue
      * vdpbf16ps at half the FMA rate, so kernels may prefer fp32 FMA. */
     const double dot = peak_flops(dot_avx512bf16, seconds);

@@ -1,7 +1,8 @@
 /*
  * bench_cpu.h - the host CPU's rooflines, measured by the bench's own
  * kernels in the same run: DRAM read bandwidth (every thread summing a
- * large array) and the dot-product compute peak (the faster of AVX-512
+ * large array) and the dot-product compute peak (AMX TDPBF16PS tiles
+ * where the CPU has AMX and the OS allows it, else the faster of AVX-512
  * BF16 vdpbf16ps and AVX-512 fp32 FMA where the CPU has avx512_bf16, else
  * AVX-512 fp32 FMA, else plain C fp32 FMA).
  * Also a cache flush, so that each timed forward reads its weights from

@@ -3,8 +3,9 @@
  * creation), host buffers, the stages, and the layer (weights repacked at
  * creation, workspace at reserve, fused forward without allocation).
  *
- * Kernel paths (MOE_CPU_KERNELS=portable|avx512|avx512bf16|auto, default
- * auto = the fastest the CPU supports, see cpu_auto_level): "avx512bf16"
+ * Kernel paths (MOE_CPU_KERNELS=portable|avx512|avx512bf16|amx|auto,
+ * default auto = the fastest the CPU supports, see cpu_auto_level): "amx"
+ * (TDPBF16PS tiles, cpu_kernels_amx.c), "avx512bf16"
  * (vdpbf16ps), "avx512" (AVX-512F, bf16 widened by shifts, fp32 FMA),
  * "portable" (plain C). All share the packed layouts and the driver of
  * cpu_gemm.c.
@@ -71,7 +72,7 @@ static void *aligned_malloc(size_t bytes) {
 /* Context                                                                  */
 /* ------------------------------------------------------------------------ */
 
-/* What the CPU can run: 0 portable, 1 avx512, 2 avx512bf16. */
+/* What the CPU can run: 0 portable, 1 avx512, 2 avx512bf16, 3 amx. */
 static int cpu_best_level(void) {
   int level = 0;
 #if defined(MOE_CPU_HAVE_AVX512) && (defined(__x86_64__) || defined(__i386__))
@@ -81,6 +82,9 @@ static int cpu_best_level(void) {
 #if defined(MOE_CPU_HAVE_AVX512BF16)
   unsigned eax, ebx, ecx, edx;
   if (level == 1 && __get_cpuid_count(7, 1, &eax, &ebx, &ecx, &edx) && (eax & (1u << 5))) level = 2;
+#endif
+#if defined(MOE_CPU_HAVE_AMX)
+  if (level == 2 && cpu_amx_usable()) level = 3; /* CPUID and the OS's tile permission */
 #endif
 #endif
   return level;
@@ -93,7 +97,8 @@ static int cpu_best_level(void) {
  * even when they have avx512_bf16. Other vendors' avx512_bf16 CPUs (AMD
  * Zen 4 and later; not measured here) get avx512bf16. Both paths give the
  * same bits except for denormals, which vdpbf16ps flushes; the choice
- * depends only on the CPU, so reruns stay bitwise identical. */
+ * depends only on the CPU, so reruns stay bitwise identical. Where AMX is
+ * usable (best == 3) auto takes it: its own bits (cpu_kernels.h). */
 static int cpu_auto_level(int best) {
 #if defined(__x86_64__) || defined(__i386__)
   unsigned eax, ebx, ecx, edx;
@@ -105,6 +110,9 @@ static int cpu_auto_level(int best) {
 }
 
 static const cpu_kernel_path *path_of_level(int level) {
+#ifdef MOE_CPU_HAVE_AMX
+  if (level == 3) return &cpu_path_amx;
+#endif
 #ifdef MOE_CPU_HAVE_AVX512BF16
   if (level == 2) return &cpu_path_avx512bf16;
 #endif
@@ -140,14 +148,14 @@ static moe_status cpu_context_create(int device, void **state, char *name, size_
   int level = cpu_auto_level(best);
   const char *env = getenv("MOE_CPU_KERNELS");
   if (env && *env && strcmp(env, "auto") != 0) {
-    static const char *const names[] = {"portable", "avx512", "avx512bf16"};
+    static const char *const names[] = {"portable", "avx512", "avx512bf16", "amx"};
     level = -1;
-    for (int i = 0; i < 3; ++i)
+    for (int i = 0; i < 4; ++i)
       if (strcmp(env, names[i]) == 0) level = i;
     if (level < 0)
       return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                            "MOE_CPU_KERNELS = \"%s\" is not one of portable, avx512, avx512bf16, "
-                           "auto",
+                           "amx, auto",
                            env);
     if (level > best)
       return moe_set_error(MOE_ERROR_BACKEND_UNAVAILABLE,

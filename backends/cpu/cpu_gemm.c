@@ -1,7 +1,7 @@
 /*
  * cpu_gemm.c - the grouped GEMM driver of the CPU backend (see cpu_gemm.h).
  *
- * Work item = (expert run chunk of <= CPU_MC_ROWS rows, group of
+ * Work item = (expert run chunk of <= item_rows rows (the path's), group of
  * <= CPU_GROUP_PANELS panels of 32 output columns). Items are handed out
  * dynamically to the OpenMP threads; within an expert the chunks of one
  * panel group are consecutive, so threads working on the same expert share
@@ -10,7 +10,7 @@
  * no rows has no run and costs nothing.
  *
  * Inside an item: for each K block of CPU_KC_PAIRS k-pairs, each tile of
- * <= CPU_MR_MAX rows is gathered and packed (A, L1-resident) and the
+ * <= tile_rows rows is gathered and packed (A, L1-resident) and the
  * kernel sweeps the group's panels (B slices, L2-resident), accumulating
  * into an fp32 C tile; the epilogue then rounds to bf16. Splitting K into
  * blocks stores and reloads the fp32 accumulator exactly, so the
@@ -25,8 +25,11 @@
 #include <string.h>
 
 #define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS)
-#define A_TILE_BYTES ((size_t)CPU_MR_MAX * CPU_A_STRIDE_F32 * sizeof(float))
-#define C_TILE_BYTES ((size_t)CPU_MC_ROWS * C_TILE_LD * sizeof(float))
+/* The larger of the two A formats at each one's most rows per tile. */
+#define A_F32_BYTES ((size_t)CPU_MR_MAX * CPU_A_STRIDE_F32 * sizeof(float))
+#define A_U32_BYTES ((size_t)CPU_TILE_ROWS_MAX * CPU_A_STRIDE_U32 * sizeof(uint32_t))
+#define A_TILE_BYTES (A_F32_BYTES > A_U32_BYTES ? A_F32_BYTES : A_U32_BYTES)
+#define C_TILE_BYTES ((size_t)CPU_ITEM_ROWS_MAX * C_TILE_LD * sizeof(float))
 #define B_GROUP_BYTES ((size_t)CPU_GROUP_PANELS * CPU_KC_PAIRS * CPU_PANEL_PAIR * sizeof(uint16_t))
 
 static int64_t div_up(int64_t a, int64_t b) {
@@ -170,16 +173,17 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   float *c_tile = (float *)(scratch + A_TILE_BYTES);
   uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
 
-  const int64_t chunks = div_up(run->rows, CPU_MC_ROWS);
+  const int item_rows = pb->path->item_rows;
+  const int64_t chunks = div_up(run->rows, item_rows);
   const int64_t chunk = local % chunks, group = local / chunks;
-  const int32_t *slots = run->slots + chunk * CPU_MC_ROWS;
-  const int rows = (int)min64(CPU_MC_ROWS, run->rows - chunk * CPU_MC_ROWS);
+  const int32_t *slots = run->slots + chunk * item_rows;
+  const int rows = (int)min64(item_rows, run->rows - chunk * item_rows);
   const int64_t panels_total = cpu_b_panels(&pb->b_source);
   const int64_t panel0 = group * CPU_GROUP_PANELS;
   const int panels = (int)min64(CPU_GROUP_PANELS, panels_total - panel0);
   const int64_t kpairs_total = div_up(pb->b_source.k, 2);
   /* Balanced tiles: 13 rows run as 7 + 6, not 12 + 1. */
-  const int tiles = (int)div_up(rows, CPU_MR_MAX);
+  const int tiles = (int)div_up(rows, pb->path->tile_rows);
   const int tile_rows = (int)div_up(rows, tiles);
 
   for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += CPU_KC_PAIRS) {
@@ -217,7 +221,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
   int64_t items = 0;
   for (int64_t i = 0; i < num_runs; ++i) {
     runs[i].first_item = items;
-    items += div_up(runs[i].rows, CPU_MC_ROWS) * groups;
+    items += div_up(runs[i].rows, pb->path->item_rows) * groups;
   }
   if (items == 0) return;
   if (threads > items) threads = (int)items;

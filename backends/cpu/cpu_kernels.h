@@ -1,6 +1,7 @@
 /*
  * cpu_kernels.h - the contract of the CPU backend's GEMM tile kernels, and
- * the kernel paths (portable C, AVX-512F, AVX-512 BF16) that implement it.
+ * the kernel paths (portable C, AVX-512F, AVX-512 BF16, AMX BF16) that
+ * implement it.
  *
  * Packed B panel (weights; built by cpu_pack_b_panel): 32 output columns,
  * K taken in pairs. Element (k-pair kp, column j, half h) is at
@@ -22,12 +23,10 @@
  * with zeros for k beyond the real K. The strides are padded past a power
  * of two so that the rows do not collide in the same L1 sets.
  *
- * A tile kernel computes, for r < rows (<= CPU_MR_MAX), panel p < panels
+ * A tile kernel computes, for r < rows (<= its path's tile_rows), panel p < panels
  * (<= CPU_GROUP_PANELS) and j < 32,
  *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
- * prefetch_after (may be NULL) is where the caller reads weights next; a
- * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
  * prefetch_after (may be NULL) is where the caller reads weights next; a
  * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
  *
@@ -40,6 +39,14 @@
  * bitwise-identical reruns and batch invariance, and the portable and
  * AVX-512F paths agree bit for bit (AVX-512 BF16 too, except that
  * vdpbf16ps flushes denormals).
+ *
+ * The AMX path (cpu_kernels_amx.c) keeps the determinism and batch
+ * invariance of this contract but not its pair order: TDPBF16PS is
+ * documented to add the even k before the odd k, and flushes denormals, so
+ * its bits may differ from the other paths. Each path is deterministic on
+ * its own. For a few rows it may hand a tile to the AVX-512 BF16 kernel,
+ * and then only after checking on the running CPU that both instructions
+ * give the same bits (see cpu_amx_split_rows).
  */
 #ifndef MOE_CPU_KERNELS_H
 #define MOE_CPU_KERNELS_H
@@ -48,12 +55,20 @@
 
 #define CPU_PANEL_COLS 32  /* output columns per packed panel */
 #define CPU_PANEL_PAIR 64  /* uint16 elements per k-pair of a panel */
-#define CPU_MR_MAX 12      /* rows per tile kernel call */
+#define CPU_MR_MAX 12      /* rows per tile kernel call (vector paths) */
 #define CPU_GROUP_PANELS 8 /* panels per work item */
 #define CPU_KC_PAIRS 256   /* k-pairs per K block (A tile fits L1, B slices L2) */
-#define CPU_MC_ROWS 48     /* rows per work item */
+#define CPU_MC_ROWS 48     /* rows per work item (vector paths) */
 #define CPU_A_STRIDE_F32 (2 * CPU_KC_PAIRS + 16) /* floats between packed A rows */
 #define CPU_A_STRIDE_U32 (CPU_KC_PAIRS + 16)     /* uint32 between packed A rows */
+
+/* The AMX path: two 16-row tiles of A per call (4 accumulator tiles of
+ * 16 x 16 live), two such calls per work item. */
+#define CPU_AMX_TILE_ROWS 32
+#define CPU_AMX_ITEM_ROWS 64
+/* The largest tile_rows / item_rows of any path (scratch sizing). */
+#define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS
+#define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
 
 typedef enum cpu_a_format {
   CPU_A_FP32 = 0,
@@ -64,11 +79,14 @@ typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a,
                             int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                             const uint16_t *prefetch_after);
 
-/* One kernel path: how A is packed for it and its tile kernel. */
+/* One kernel path: how A is packed for it, its tile kernel, and the row
+ * blocking the driver uses with it. */
 typedef struct cpu_kernel_path {
-  const char *name; /* "portable", "avx512", "avx512bf16" */
+  const char *name; /* "portable", "avx512", "avx512bf16", "amx" */
   cpu_a_format a_format;
   cpu_tile_fn tile;
+  int tile_rows; /* most rows per tile call (<= CPU_TILE_ROWS_MAX) */
+  int item_rows; /* rows per work item (<= CPU_ITEM_ROWS_MAX) */
 } cpu_kernel_path;
 
 extern const cpu_kernel_path cpu_path_portable;
@@ -77,6 +95,15 @@ extern const cpu_kernel_path cpu_path_avx512;
 #endif
 #ifdef MOE_CPU_HAVE_AVX512BF16
 extern const cpu_kernel_path cpu_path_avx512bf16;
+#endif
+#ifdef MOE_CPU_HAVE_AMX
+extern const cpu_kernel_path cpu_path_amx;
+/* 1 when the CPU has AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24, 22)
+ * and the OS granted this process the tile data state; asks once. */
+int cpu_amx_usable(void);
+/* Tiles of fewer rows than this go to the AVX-512 BF16 kernel, or 0 when
+ * AMX takes every tile (the two did not give the same bits here). */
+int cpu_amx_split_rows(void);
 #endif
 
 #endif /* MOE_CPU_KERNELS_H */

@@ -40,4 +40,6 @@ const cpu_kernel_path cpu_path_portable = {
     .name = "portable",
     .a_format = CPU_A_FP32,
     .tile = portable_tile,
+    .tile_rows = CPU_MR_MAX,
+    .item_rows = CPU_MC_ROWS,
 };

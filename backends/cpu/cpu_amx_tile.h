@@ -1,0 +1,138 @@
+/*
+ * cpu_amx_tile.h - the AMX tile kernel's body, written once against six
+ * tile operations that the includer defines:
+ *
+ *   AMX_CONFIG(cfg)        load a cpu_amx_config (ldtilecfg; zeroes every tile)
+ *   AMX_ZERO(t)            tilezero
+ *   AMX_LOAD(t, p, s)      tileloadd: configured rows x colsb bytes, row r at p + r*s
+ *   AMX_STORE(t, p, s)     tilestored
+ *   AMX_DP(c, a, b)        tdpbf16ps
+ *   AMX_RELEASE()          tilerelease
+ *
+ * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
+ * to a scalar model of the instructions (the documented pseudo-code, with
+ * the instructions' shape checks), so that the configuration, addressing
+ * and loop bounds below are verified on machines without AMX, and under
+ * AddressSanitizer.
+ *
+ * Operands (cpu_kernels.h): A is CPU_A_BF16_PAIRS, row r at
+ * a + r * CPU_A_STRIDE_U32, one uint32 per k-pair: 16 k-pairs of 16 rows
+ * are a TDPBF16PS A tile (16 rows x 64 bytes) with stride CPU_A_STRIDE_U32 * 4.
+ * A packed weight panel is [k-pair][32 columns][2]: its columns 0-15 (and
+ * 16-31) of 16 k-pairs are a B tile in the instruction's VNNI layout
+ * (K/2 rows x 16 columns x 2), rows 128 bytes apart. So the layer's packed
+ * weights serve AMX as they are, with no second copy.
+ *
+ * Tiles: C(i, j) = tmm(2i + j) for row block i (rows 16i..16i+15) and
+ * column half j of the panel; A(i) = tmm(4 + i); B(j) = tmm(6 + j).
+ * Four accumulators stay live over the panel's whole K range.
+ *
+ * K: full steps of 16 k-pairs under one configuration, then the remaining
+ * kpairs % 16 (K not a multiple of 32) under a second one whose A tiles
+ * are 4 * tail bytes wide and B tiles tail rows tall, so nothing past the
+ * packed data is read. Loading a configuration zeroes the tiles, so the
+ * accumulators go through c between the two (an exact fp32 store/load).
+ * The order of operations on an output element depends only on kpairs.
+ */
+#ifndef MOE_CPU_AMX_TILE_H
+#define MOE_CPU_AMX_TILE_H
+
+#include "cpu_kernels.h"
+
+#include <stdint.h>
+#include <string.h>
+
+#define CPU_AMX_PAIRS 16 /* k-pairs per full tile step (64 bytes of A row) */
+
+/* The 64-byte operand of ldtilecfg, palette 1. */
+typedef struct cpu_amx_config {
+  uint8_t palette;
+  uint8_t start_row;
+  uint8_t reserved[14];
+  uint16_t colsb[16];
+  uint8_t rows[16];
+} cpu_amx_config;
+
+_Static_assert(sizeof(cpu_amx_config) == 64, "ldtilecfg takes 64 bytes");
+
+/* Configuration for `rows` (1..32) A rows and `pairs` (1..16) k-pairs per
+ * step. Tiles of the second row block stay unconfigured when rows <= 16. */
+static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->palette = 1;
+  for (int i = 0; i < 2; ++i) {
+    const int r = rows - 16 * i;
+    if (r <= 0) continue;
+    const uint8_t block_rows = (uint8_t)(r > 16 ? 16 : r);
+    cfg->rows[2 * i] = cfg->rows[2 * i + 1] = block_rows;
+    cfg->colsb[2 * i] = cfg->colsb[2 * i + 1] = 16 * sizeof(float);
+    cfg->rows[4 + i] = block_rows;
+    cfg->colsb[4 + i] = (uint16_t)(pairs * sizeof(uint32_t));
+  }
+  for (int j = 0; j < 2; ++j) {
+    cfg->rows[6 + j] = (uint8_t)pairs;
+    cfg->colsb[6 + j] = 16 * 2 * sizeof(uint16_t);
+  }
+}
+
+/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
+static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                                     const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
+                                     int accumulate) {
+  const int64_t a_stride = CPU_A_STRIDE_U32 * (int64_t)sizeof(uint32_t);
+  const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
+  const int64_t c_stride = ldc * (int64_t)sizeof(float);
+  const int two = rows > 16; /* the second row block exists */
+  const uint32_t *a1 = a + 16 * (int64_t)CPU_A_STRIDE_U32;
+  const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
+  cpu_amx_config cfg;
+  for (int pass = 0; pass < 2; ++pass) {
+    const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
+    if (kp_end == kp_begin) continue;
+    const int pairs = pass ? (int)(kpairs - full) : CPU_AMX_PAIRS;
+    cpu_amx_make_config(&cfg, rows, pairs);
+    AMX_CONFIG(&cfg);
+    const int load_c = accumulate || kp_begin > 0;
+    for (int p = 0; p < panels; ++p) {
+      float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
+      const uint16_t *panel = b + p * panel_stride;
+      if (load_c) {
+        AMX_LOAD(0, c0, c_stride);
+        AMX_LOAD(1, c0 + 16, c_stride);
+        if (two) {
+          AMX_LOAD(2, c1, c_stride);
+          AMX_LOAD(3, c1 + 16, c_stride);
+        }
+      } else {
+        AMX_ZERO(0);
+        AMX_ZERO(1);
+        if (two) {
+          AMX_ZERO(2);
+          AMX_ZERO(3);
+        }
+      }
+      for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
+        const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
+        AMX_LOAD(6, w, b_stride);
+        AMX_LOAD(7, w + 32, b_stride);
+        AMX_LOAD(4, a + kp, a_stride);
+        AMX_DP(0, 4, 6);
+        AMX_DP(1, 4, 7);
+        if (two) {
+          AMX_LOAD(5, a1 + kp, a_stride);
+          AMX_DP(2, 5, 6);
+          AMX_DP(3, 5, 7);
+        }
+      }
+      AMX_STORE(0, c0, c_stride);
+      AMX_STORE(1, c0 + 16, c_stride);
+      if (two) {
+        AMX_STORE(2, c1, c_stride);
+        AMX_STORE(3, c1 + 16, c_stride);
+      }
+    }
+  }
+  AMX_RELEASE();
+}
+
+#endif /* MOE_CPU_AMX_TILE_H */

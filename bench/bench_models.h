@@ -1,6 +1,6 @@
 /*
  * bench_models.h - the named MoE layer shapes that moe_bench runs (the five
- * models of DESIGN.md), each with its routing and activation settings.
+ * models of docs/DESIGN.md), each with its routing and activation settings.
  */
 #ifndef MOE_BENCH_MODELS_H
 #define MOE_BENCH_MODELS_H

@@ -1,5 +1,5 @@
 /*
- * align.c - host align: the metadata contract of DESIGN.md, computed by a
+ * align.c - host align: the metadata contract of docs/DESIGN.md, computed by a
  * counting sort, so slots stay in ascending order within each expert's run.
  * This is the CPU backend's align and the layout every device align must
  * reproduce byte for byte.

@@ -1,6 +1,6 @@
 /*
  * reference.c - the float64 references declared in reference.h, written
- * from the rules documented in include/moe.h and DESIGN.md only: they
+ * from the rules documented in include/moe.h and docs/DESIGN.md only: they
  * include no core/ or backends/ header, so a shared mistake cannot hide.
  */
 #include "reference.h"

@@ -4,7 +4,7 @@
  * or backends/). Used by the test suite and the fuzz targets.
  *
  * Each function restates the rule documented in include/moe.h (and the
- * metadata contract of DESIGN.md) in the plainest form: one loop per
+ * metadata contract of docs/DESIGN.md) in the plainest form: one loop per
  * definition, double arithmetic, no tiling, no threads.
  */
 #ifndef MOE_TESTS_REFERENCE_H
@@ -36,7 +36,7 @@ void ref_route_token_keys(const moe_config *cfg, const float *logits, const floa
  * number, ties to the lower index. */
 bool ref_ranks_above(double ka, int64_t a, double kb, int64_t b);
 
-/* Align per DESIGN.md; writes sorted_capacity / block_capacity entries
+/* Align per docs/DESIGN.md; writes sorted_capacity / block_capacity entries
  * (capacities as moe_align_capacity computes them). */
 void ref_align(int64_t num_tokens, int32_t top_k, int32_t num_experts, int32_t num_local_experts,
                int32_t block_m, const int32_t *topk_ids, const int32_t *expert_map,

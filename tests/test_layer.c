@@ -17,7 +17,7 @@
 /* Every test ends by releasing its contexts; leaks fail it (ASan builds). */
 TestSuite(layer, .fini = th_suite_fini);
 
-/* The relative Frobenius bound of DESIGN.md, against float64 and between
+/* The relative Frobenius bound of docs/DESIGN.md, against float64 and between
  * backends. */
 #define LAYER_BOUND 1e-2
 

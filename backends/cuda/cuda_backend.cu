@@ -261,8 +261,8 @@ struct cuda_layer {
   cuda_tma_map xs_map, h_sorted_map;
   /* The streaming path (gemm_stream.cu) reads the same weight maps with
    * 128-row boxes ([0]) and these over xs and h_sorted with boxes of 16,
-   * 32 and 64 rows (cuda_stream_rows_index). */
-  cuda_tma_map xs_rows_map[3], h_rows_map[3];
+   * 32, 64 and 128 rows (cuda_stream_rows_index). */
+  cuda_tma_map xs_rows_map[CUDA_STREAM_BLOCKS], h_rows_map[CUDA_STREAM_BLOCKS];
   int64_t sorted_rows;
   bf16 *xs;
   bf16 *h_sorted;
@@ -488,7 +488,7 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
       wgmma && cuda_tma_map_bf16(&l->xs_map, l->xs, act_rows, c->hidden_size, CUDA_WGMMA_BLOCK_M) &&
       cuda_tma_map_bf16(&l->h_sorted_map, l->h_sorted, act_rows, c->intermediate_size,
                         CUDA_WGMMA_BLOCK_M);
-  for (int rows = 16; l->wgmma_ready && rows <= 64; rows *= 2) {
+  for (int rows = 16; l->wgmma_ready && rows <= 128; rows *= 2) {
     const int i = cuda_stream_rows_index(rows);
     l->wgmma_ready =
         cuda_tma_map_bf16(&l->xs_rows_map[i], l->xs, act_rows, c->hidden_size, rows) &&
@@ -521,16 +521,19 @@ struct cuda_plan {
 };
 
 struct cuda_hopper_tuning {
-  int64_t wgmma_min_rows;                         /* from here the 128-row wgmma tiles */
-  int64_t stream_16_max_rows, stream_32_max_rows; /* token block of the streaming GEMM */
+  int64_t wgmma_min_rows; /* from here the 128-row wgmma tiles */
+  /* the streaming GEMM's token block: 16 rows up to [0] rows per expert,
+   * 32 up to [1], 64 up to [2], else 128 */
+  int64_t stream_block_max_rows[3];
 };
 
-static const cuda_hopper_tuning hopper_tuning = {32, 16, 32};
+static const cuda_hopper_tuning hopper_tuning = {32, {16, 32, 64}};
 
 static int32_t stream_block(int64_t rows_per_expert) {
-  if (rows_per_expert <= hopper_tuning.stream_16_max_rows) return 16;
-  if (rows_per_expert <= hopper_tuning.stream_32_max_rows) return 32;
-  return 64;
+  int32_t block = 16;
+  for (int i = 0; i < 3 && rows_per_expert > hopper_tuning.stream_block_max_rows[i]; ++i)
+    block *= 2;
+  return block;
 }
 
 static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t T, const void *x,

@@ -316,8 +316,9 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g);
  * cleared) when the device refuses. */
 bool cuda_stream_init(void);
 
-/* 0, 1, 2 for token blocks of 16, 32, 64 rows (the NT the kernels are
- * built for); -1 otherwise. */
+/* 0, 1, 2, 3 for token blocks of 16, 32, 64, 128 rows (the NT the
+ * kernels are built for); -1 otherwise. */
+#define CUDA_STREAM_BLOCKS 4
 int cuda_stream_rows_index(int rows);
 
 /* How many ranges of K the streaming GEMM splits `items` work items of

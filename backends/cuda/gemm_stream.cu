@@ -7,7 +7,7 @@
  * a 64- or 128-row token tile.
  *
  * Data flow (cuda_backend.cu, when the plan takes this path): align with
- * block_m = NT (16, 32 or 64) -> the permute of gemm_wgmma.cu (xs[p] =
+ * block_m = NT (16, 32, 64 or 128) -> the permute of gemm_wgmma.cu (xs[p] =
  * x[sorted[p] / top_k]) -> GEMM1 (w13 x xs^T, GLU epilogue into h_sorted[p])
  * -> GEMM2 (w2 x h_sorted^T, routed weight, y[slot]) -> the usual reduce.
  *
@@ -24,8 +24,8 @@
  *     the consumers run an epilogue.
  *   - A stage is 128 elements of K: two 64-wide boxes (128-byte swizzle) of
  *     the 128 weight rows and of the NT token rows: 256 contiguous bytes
- *     per weight row and step. STAGES stages (6, 5, 4 at NT 16, 32, 64)
- *     keep 128-192 KB of weights in flight per SM (bench/cuda_notes.md,
+ *     per weight row and step. STAGES stages (6, 5, 4, 3 at NT 16, 32,
+ *     64, 128) keep 96-192 KB of weights in flight per SM (bench/cuda_notes.md,
  *     item 18). full[s] completes with the stage's TMA bytes; empty[s]
  *     when the 8 consumer warps have retired the wgmmas that read it. TMA
  *     fills zeros past K (also a box wholly past it, in the last step when
@@ -358,7 +358,8 @@ template <int NT> static bool set_smem_limits() {
 }
 
 bool cuda_stream_init(void) {
-  return set_smem_limits<16>() && set_smem_limits<32>() && set_smem_limits<64>();
+  return set_smem_limits<16>() && set_smem_limits<32>() && set_smem_limits<64>() &&
+         set_smem_limits<128>();
 }
 
 /*
@@ -394,6 +395,8 @@ int cuda_stream_rows_index(int rows) {
     return 1;
   case 64:
     return 2;
+  case 128:
+    return 3;
   default:
     return -1;
   }
@@ -458,13 +461,15 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   typedef cudaError_t (*launcher)(const cuda_state *, unsigned, const CUtensorMap &,
                                   const CUtensorMap &, const stream_params &);
   /* [rows index][epilogue] */
-  static const launcher launchers[3][4] = {
+  static const launcher launchers[4][4] = {
       {launch_stream<16, ST_STORE>, launch_stream<16, ST_GLU_SWIGLU>,
        launch_stream<16, ST_GLU_GEGLU>, launch_stream<16, ST_GLU_SWIGLU_CLAMP>},
       {launch_stream<32, ST_STORE>, launch_stream<32, ST_GLU_SWIGLU>,
        launch_stream<32, ST_GLU_GEGLU>, launch_stream<32, ST_GLU_SWIGLU_CLAMP>},
       {launch_stream<64, ST_STORE>, launch_stream<64, ST_GLU_SWIGLU>,
        launch_stream<64, ST_GLU_GEGLU>, launch_stream<64, ST_GLU_SWIGLU_CLAMP>},
+      {launch_stream<128, ST_STORE>, launch_stream<128, ST_GLU_SWIGLU>,
+       launch_stream<128, ST_GLU_GEGLU>, launch_stream<128, ST_GLU_SWIGLU_CLAMP>},
   };
   int epi = ST_STORE;
   if (g->epilogue == CUDA_EPILOGUE_GLU) {

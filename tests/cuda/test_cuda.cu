@@ -924,14 +924,14 @@ Test(cuda, layer_tile_sweep_mma_prefill) {
 
 /* ---- the Hopper weight-streaming path (gemm_stream.cu) ------------------ */
 
-/* Token counts that give each token block (16, 32 and 64 rows: 10, 25 and
- * 75 rows per expert with 8 experts and top-2), one token (a block of one
- * real row), and many experts with few rows each; H and I multiples of 8
+/* Token counts that give each token block (16, 32, 64 and 128 rows: 10,
+ * 25, 50 and 75 rows per expert with 8 experts and top-2, when forced),
+ * one token (a block of one real row), and many experts with few rows each; H and I multiples of 8
  * but not of 64 or 128 (TMA's zero fill past K, a box wholly past K in the
  * last step, features past n in the last item). */
 Test(cuda, stream_layer_shapes) {
   require_sm90a();
-  const int64_t tokens[] = {1, 37, 100, 300};
+  const int64_t tokens[] = {1, 37, 100, 200, 300};
   for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
     th_layer_spec s = mixtral_like(tokens[i], 264, 200, 8, 2, 0xcd00 + i);
     hopper_layer_case(&s, "stream");

@@ -3,7 +3,8 @@
  * cl_mem, the stages as kernels of the one program (kernels/), and the
  * layer: weights repacked to the [out][in] layout at create, a workspace
  * sized at reserve, and a forward that only enqueues (route, align, GEMM1,
- * activation, GEMM2 with the routed weight, reduce).
+ * activation, GEMM2 with the routed weight, reduce). GEMM1 stores gate|up in
+ * fp32, as the CPU and CUDA epilogues keep them (include/moe.h, "Numerics").
  *
  * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
  * skinny kernel while the average rows per expert T*k/EL is at most

@@ -370,10 +370,19 @@ Test(layer, geglu_with_gates_in_the_cancelling_range) {
   s.w13_bias = true;
   th_layer_data d;
   th_layer_data_make(&d, &s);
-  const int64_t EL = d.cfg.num_local_experts, I = d.cfg.intermediate_size;
+  /* Without a map the data's num_local_experts is 0, meaning E. */
+  const int64_t EL = d.cfg.num_local_experts ? d.cfg.num_local_experts : d.cfg.num_experts;
+  const int64_t I = d.cfg.intermediate_size, H = d.cfg.hidden_size;
+  /* Gates = -4 + a small dot product: the gate half of w13 (rows [0, I) of
+   * each [2I][H] expert) scaled down, its bias -4. */
   for (int64_t e = 0; e < EL; ++e)
-    for (int64_t i = 0; i < I; ++i)
-      d.w13_bias[e * 2 * I + i] = -4.0f; /* the gate half */
+    for (int64_t i = 0; i < I; ++i) {
+      d.w13_bias[e * 2 * I + i] = -4.0f;
+      for (int64_t h = 0; h < H; ++h) {
+        uint16_t *w = &d.w13[(e * 2 * I + i) * H + h];
+        *w = th_float_to_bf16(0.02f * th_bf16_to_float(*w));
+      }
+    }
   uint16_t *out = th_malloc((size_t)(d.num_tokens * d.cfg.hidden_size) * 2);
   layer_run_on(th_ctx(), &d, out);
   const double err = check_layer_output(&d, out);

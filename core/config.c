@@ -22,19 +22,53 @@ void moe_config_init(moe_config *cfg) {
   };
 }
 
+moe_status moe_check_row_length(int64_t value, const char *what) {
+  if (value <= 0)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "%s = %lld must be positive", what,
+                         (long long)value);
+  /* Row lengths are int32-indexed inside kernels; 2^30 keeps 2I in range. */
+  if (value > (1 << 30))
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "%s = %lld exceeds the supported 2^30", what,
+                         (long long)value);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_check_expert_count(int64_t value, const char *what) {
+  if (value <= 0)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "%s = %lld must be positive", what,
+                         (long long)value);
+  if (value > MOE_MAX_EXPERTS)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "%s = %lld exceeds MOE_MAX_EXPERTS = %d", what,
+                         (long long)value, MOE_MAX_EXPERTS);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_check_top_k(int64_t top_k) {
+  if (top_k <= 0)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "top_k = %lld must be positive",
+                         (long long)top_k);
+  if (top_k > MOE_MAX_TOP_K)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "top_k = %lld exceeds MOE_MAX_TOP_K = %d",
+                         (long long)top_k, MOE_MAX_TOP_K);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_check_slots(int64_t num_tokens, int64_t top_k, const char *what) {
+  if (num_tokens < 0)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "%s = %lld is negative", what,
+                         (long long)num_tokens);
+  /* Slot ids (t * top_k + j) are int32 on every backend. */
+  if (num_tokens > INT32_MAX / top_k)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED,
+                         "%s = %lld times top_k = %lld exceeds the int32 slot index range", what,
+                         (long long)num_tokens, (long long)top_k);
+  return MOE_SUCCESS;
+}
+
 moe_status moe_config_check_routing(const moe_config *cfg) {
-  if (cfg->num_experts <= 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_experts = %d must be positive",
-                         (int)cfg->num_experts);
-  if (cfg->num_experts > MOE_MAX_EXPERTS)
-    return moe_set_error(MOE_ERROR_UNSUPPORTED, "num_experts = %d exceeds MOE_MAX_EXPERTS = %d",
-                         (int)cfg->num_experts, MOE_MAX_EXPERTS);
-  if (cfg->top_k <= 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "top_k = %d must be positive",
-                         (int)cfg->top_k);
-  if (cfg->top_k > MOE_MAX_TOP_K)
-    return moe_set_error(MOE_ERROR_UNSUPPORTED, "top_k = %d exceeds MOE_MAX_TOP_K = %d",
-                         (int)cfg->top_k, MOE_MAX_TOP_K);
+  moe_status st = moe_check_expert_count(cfg->num_experts, "num_experts");
+  if (st == MOE_SUCCESS) st = moe_check_top_k(cfg->top_k);
+  if (st != MOE_SUCCESS) return st;
   if (cfg->top_k > cfg->num_experts)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "top_k = %d exceeds num_experts = %d",
                          (int)cfg->top_k, (int)cfg->num_experts);
@@ -73,16 +107,9 @@ moe_status moe_config_check_routing(const moe_config *cfg) {
 
 moe_status moe_config_resolve(const moe_config *cfg, moe_config *resolved) {
   if (!cfg) return moe_set_error(MOE_ERROR_NULL_POINTER, "cfg is NULL");
-  if (cfg->hidden_size <= 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "hidden_size = %lld must be positive",
-                         (long long)cfg->hidden_size);
-  if (cfg->intermediate_size <= 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "intermediate_size = %lld must be positive",
-                         (long long)cfg->intermediate_size);
-  /* Row lengths are int32-indexed inside kernels; 2^30 keeps 2I in range. */
-  if (cfg->hidden_size > (1 << 30) || cfg->intermediate_size > (1 << 30))
-    return moe_set_error(MOE_ERROR_UNSUPPORTED, "hidden_size or intermediate_size above 2^30");
-  moe_status st = moe_config_check_routing(cfg);
+  moe_status st = moe_check_row_length(cfg->hidden_size, "hidden_size");
+  if (st == MOE_SUCCESS) st = moe_check_row_length(cfg->intermediate_size, "intermediate_size");
+  if (st == MOE_SUCCESS) st = moe_config_check_routing(cfg);
   if (st != MOE_SUCCESS) return st;
   if (cfg->num_local_experts < 0 || cfg->num_local_experts > MOE_MAX_EXPERTS)
     return moe_set_error(
@@ -136,24 +163,15 @@ moe_route_args moe_route_args_from_config(const moe_config *cfg, int64_t num_tok
 
 moe_status moe_align_check(int64_t num_tokens, int32_t top_k, int32_t num_local_experts,
                            int32_t block_m, int64_t *sorted_capacity, int64_t *block_capacity) {
-  if (num_tokens < 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
-                         (long long)num_tokens);
-  if (top_k <= 0 || top_k > MOE_MAX_TOP_K)
-    return moe_set_error(top_k <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
-                         "top_k = %d is not in [1, %d]", (int)top_k, MOE_MAX_TOP_K);
-  if (num_local_experts <= 0 || num_local_experts > MOE_MAX_EXPERTS)
-    return moe_set_error(
-        num_local_experts <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
-        "num_local_experts = %d is not in [1, %d]", (int)num_local_experts, MOE_MAX_EXPERTS);
+  moe_status st = moe_check_top_k(top_k);
+  if (st == MOE_SUCCESS) st = moe_check_slots(num_tokens, top_k, "num_tokens");
+  if (st == MOE_SUCCESS) st = moe_check_expert_count(num_local_experts, "num_local_experts");
+  if (st != MOE_SUCCESS) return st;
   if (block_m <= 0 || block_m > MOE_MAX_BLOCK_M || (block_m & (block_m - 1)) != 0)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "block_m = %d is not a power of two in [1, %d]", (int)block_m,
                          MOE_MAX_BLOCK_M);
   /* Slot ids and the sentinel are int32. */
-  if (num_tokens > INT32_MAX)
-    return moe_set_error(MOE_ERROR_UNSUPPORTED, "num_tokens = %lld exceeds int32",
-                         (long long)num_tokens);
   int64_t capacity = num_tokens * top_k + (int64_t)num_local_experts * (block_m - 1);
   if (capacity > INT32_MAX)
     return moe_set_error(MOE_ERROR_UNSUPPORTED,

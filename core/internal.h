@@ -10,6 +10,7 @@
 
 #include "backend.h"
 
+#include <pthread.h>
 #include <stdbool.h>
 
 #define MOE_DEVICE_NAME_SIZE 256
@@ -18,6 +19,11 @@
 struct moe_context {
   const moe_backend_ops *ops;
   void *state;
+  /* Held while a call queues work on the context (the layer forward and
+   * reserve, the stages): backends keep per-context state that two threads
+   * must not touch at once (OpenCL kernel arguments, a layer's workspace).
+   * See "Thread safety" in include/moe.h. */
+  pthread_mutex_t lock;
   char device_name[MOE_DEVICE_NAME_SIZE];
   char last_error[MOE_ERROR_MESSAGE_SIZE];
 };
@@ -51,6 +57,23 @@ moe_status moe_check_buffer(const moe_context *ctx, const moe_buffer *buf, size_
 /* As moe_check_buffer, for an optional buffer (NULL passes). */
 moe_status moe_check_optional_buffer(const moe_context *ctx, const moe_buffer *buf, size_t bytes,
                                      const char *what);
+
+/* The range checks every entry point shares, so that one condition gets
+ * one code everywhere (README.md, "Errors and guarantees"): `what` names
+ * the argument in the message.
+ *   moe_check_row_length: H, I, n, k in [1, 2^30]: <= 0 INVALID_ARGUMENT,
+ *     above 2^30 UNSUPPORTED (kernels index rows and 2I with int32).
+ *   moe_check_expert_count: E or EL in [1, MOE_MAX_EXPERTS]: <= 0
+ *     INVALID_ARGUMENT, above UNSUPPORTED.
+ *   moe_check_top_k: [1, MOE_MAX_TOP_K]: <= 0 INVALID_ARGUMENT, above
+ *     UNSUPPORTED.
+ *   moe_check_slots: num_tokens >= 0 (else INVALID_ARGUMENT) and
+ *     num_tokens * top_k within int32 slot ids (else UNSUPPORTED); top_k
+ *     must already be checked. */
+moe_status moe_check_row_length(int64_t value, const char *what);
+moe_status moe_check_expert_count(int64_t value, const char *what);
+moe_status moe_check_top_k(int64_t top_k);
+moe_status moe_check_slots(int64_t num_tokens, int64_t top_k, const char *what);
 
 /* Validates cfg; on success writes the resolved copy (num_local_experts and
  * num_groups filled in) to *resolved when it is not NULL. */

@@ -63,12 +63,17 @@ moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens) {
   if (max_tokens <= 0)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "max_tokens = %lld must be positive",
                          (long long)max_tokens);
-  if (max_tokens <= layer->reserved_tokens) return MOE_SUCCESS;
   moe_status st = moe_align_check(max_tokens, layer->cfg.top_k, layer->cfg.num_local_experts,
                                   MOE_MAX_BLOCK_M, NULL, NULL);
   if (st != MOE_SUCCESS) return st;
-  st = layer->ctx->ops->layer_reserve(layer->ctx->state, layer->impl, max_tokens);
-  if (st == MOE_SUCCESS) layer->reserved_tokens = max_tokens;
+  /* Under the context's lock: a forward on another thread keeps using the
+   * old workspace until this one is in place. */
+  pthread_mutex_lock(&layer->ctx->lock);
+  if (max_tokens > layer->reserved_tokens) {
+    st = layer->ctx->ops->layer_reserve(layer->ctx->state, layer->impl, max_tokens);
+    if (st == MOE_SUCCESS) layer->reserved_tokens = max_tokens;
+  }
+  pthread_mutex_unlock(&layer->ctx->lock);
   return st;
 }
 
@@ -79,18 +84,25 @@ moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buf
   if (num_tokens < 0)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
                          (long long)num_tokens);
+  /* The whole call under the context's lock: the layer's workspace (and,
+   * on OpenCL, the context's kernels) serve one forward at a time, and a
+   * concurrent moe_layer_reserve may replace the workspace. */
+  pthread_mutex_lock(&layer->ctx->lock);
+  moe_status st = MOE_SUCCESS;
   if (num_tokens > layer->reserved_tokens)
-    return moe_set_error(MOE_ERROR_NOT_RESERVED,
-                         "num_tokens = %lld exceeds the %lld reserved by moe_layer_reserve",
-                         (long long)num_tokens, (long long)layer->reserved_tokens);
+    st = moe_set_error(MOE_ERROR_NOT_RESERVED,
+                       "num_tokens = %lld exceeds the %lld reserved by moe_layer_reserve",
+                       (long long)num_tokens, (long long)layer->reserved_tokens);
   const moe_config *cfg = &layer->cfg;
   /* num_tokens <= reserved, which moe_align_check bounded to int32 slots. */
   const size_t hidden_bytes = (size_t)num_tokens * (size_t)cfg->hidden_size * 2;
   const size_t logit_bytes = (size_t)num_tokens * (size_t)cfg->num_experts * sizeof(float);
-  moe_status st = moe_check_buffer(layer->ctx, x, hidden_bytes, "x");
+  if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, x, hidden_bytes, "x");
   if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, logits, logit_bytes, "logits");
   if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, out, hidden_bytes, "out");
-  if (st != MOE_SUCCESS || num_tokens == 0) return st;
-  return layer->ctx->ops->layer_forward(layer->ctx->state, layer->impl, num_tokens, x->handle,
+  if (st == MOE_SUCCESS && num_tokens > 0)
+    st = layer->ctx->ops->layer_forward(layer->ctx->state, layer->impl, num_tokens, x->handle,
                                         logits->handle, out->handle);
+  pthread_mutex_unlock(&layer->ctx->lock);
+  return st;
 }

@@ -68,6 +68,10 @@ moe_status moe_context_adopt(const moe_backend_ops *ops, void *state, const char
                              moe_context **ctx) {
   moe_context *c = calloc(1, sizeof *c);
   if (!c) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate a context");
+  if (pthread_mutex_init(&c->lock, NULL) != 0) {
+    free(c);
+    return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot create the context's lock");
+  }
   c->ops = ops;
   c->state = state;
   snprintf(c->device_name, sizeof c->device_name, "%s", device_name ? device_name : "");
@@ -105,6 +109,7 @@ moe_status moe_context_create(moe_backend backend, int device, moe_context **ctx
 void moe_context_destroy(moe_context *ctx) {
   if (!ctx) return;
   ctx->ops->context_destroy(ctx->state);
+  pthread_mutex_destroy(&ctx->lock);
   free(ctx);
 }
 

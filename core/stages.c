@@ -22,6 +22,16 @@ static moe_status tensor_bytes(size_t *bytes, int64_t rows, int64_t cols, size_t
   return MOE_SUCCESS;
 }
 
+/* The backend's entry for a validated call, under the context's lock
+ * (include/moe.h, "Thread safety"). */
+#define LOCKED(ctx, expr)                                                                          \
+  do {                                                                                             \
+    pthread_mutex_lock(&(ctx)->lock);                                                              \
+    moe_status locked_status_ = (expr);                                                            \
+    pthread_mutex_unlock(&(ctx)->lock);                                                            \
+    return locked_status_;                                                                         \
+  } while (0)
+
 /* Host staging of buffers for the host fallbacks of route and align. */
 typedef struct staging {
   const moe_buffer *buffer; /* NULL: nothing staged */
@@ -54,6 +64,33 @@ static moe_status stage_out(moe_context *ctx, staging *s, int n, moe_status st) 
   return st;
 }
 
+/* Runs a validated route on the backend, or on the host through staging. */
+static moe_status route_dispatch(moe_context *ctx, moe_route_args *args, const moe_buffer *logits,
+                                 const moe_buffer *correction_bias, moe_buffer *topk_ids,
+                                 moe_buffer *topk_weights, size_t logit_bytes, size_t bias_bytes,
+                                 size_t slot_bytes) {
+  if (ctx->ops->route) {
+    args->logits = logits->handle;
+    args->correction_bias = correction_bias ? correction_bias->handle : NULL;
+    args->topk_ids = topk_ids->handle;
+    args->topk_weights = topk_weights->handle;
+    return ctx->ops->route(ctx->state, args);
+  }
+  staging s[4] = {{logits, logit_bytes, true, false, NULL},
+                  {correction_bias, bias_bytes, true, false, NULL},
+                  {topk_ids, slot_bytes, false, true, NULL},
+                  {topk_weights, slot_bytes, false, true, NULL}};
+  moe_status st = stage_in(ctx, s, 4);
+  if (st == MOE_SUCCESS) {
+    args->logits = s[0].host;
+    args->correction_bias = s[1].host;
+    args->topk_ids = s[2].host;
+    args->topk_weights = s[3].host;
+    moe_route_host(args);
+  }
+  return stage_out(ctx, s, 4, st);
+}
+
 moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens,
                      const moe_buffer *logits, const moe_buffer *correction_bias,
                      moe_buffer *topk_ids, moe_buffer *topk_weights) {
@@ -61,9 +98,7 @@ moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
   if (!cfg) return moe_set_error(MOE_ERROR_NULL_POINTER, "cfg is NULL");
   TRY(moe_config_check_routing(cfg));
-  if (num_tokens < 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
-                         (long long)num_tokens);
+  TRY(moe_check_slots(num_tokens, cfg->top_k, "num_tokens"));
   size_t logit_bytes, slot_bytes, bias_bytes = cfg->num_experts * sizeof(float);
   TRY(tensor_bytes(&logit_bytes, num_tokens, cfg->num_experts, sizeof(float), "logits"));
   TRY(tensor_bytes(&slot_bytes, num_tokens, cfg->top_k, sizeof(int32_t), "topk_ids"));
@@ -74,26 +109,31 @@ moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens
   if (num_tokens == 0) return MOE_SUCCESS;
 
   moe_route_args args = moe_route_args_from_config(cfg, num_tokens);
-  if (ctx->ops->route) {
-    args.logits = logits->handle;
-    args.correction_bias = correction_bias ? correction_bias->handle : NULL;
-    args.topk_ids = topk_ids->handle;
-    args.topk_weights = topk_weights->handle;
-    return ctx->ops->route(ctx->state, &args);
+  LOCKED(ctx, route_dispatch(ctx, &args, logits, correction_bias, topk_ids, topk_weights,
+                             logit_bytes, bias_bytes, slot_bytes));
+}
+
+/* Runs a validated align on the backend, or on the host through the
+ * staging of s (topk_ids, expert_map, then the three outputs). */
+static moe_status align_dispatch(moe_context *ctx, moe_align_args *args, staging *s) {
+  if (ctx->ops->align) {
+    args->topk_ids = s[0].buffer->handle;
+    args->expert_map = s[1].buffer ? s[1].buffer->handle : NULL;
+    args->sorted_token_ids = s[2].buffer->handle;
+    args->expert_ids = s[3].buffer->handle;
+    args->num_tokens_post_padded = s[4].buffer->handle;
+    return ctx->ops->align(ctx->state, args);
   }
-  staging s[4] = {{logits, logit_bytes, true, false, NULL},
-                  {correction_bias, bias_bytes, true, false, NULL},
-                  {topk_ids, slot_bytes, false, true, NULL},
-                  {topk_weights, slot_bytes, false, true, NULL}};
-  moe_status st = stage_in(ctx, s, 4);
+  moe_status st = stage_in(ctx, s, 5);
   if (st == MOE_SUCCESS) {
-    args.logits = s[0].host;
-    args.correction_bias = s[1].host;
-    args.topk_ids = s[2].host;
-    args.topk_weights = s[3].host;
-    moe_route_host(&args);
+    args->topk_ids = s[0].host;
+    args->expert_map = s[1].host;
+    args->sorted_token_ids = s[2].host;
+    args->expert_ids = s[3].host;
+    args->num_tokens_post_padded = s[4].host;
+    moe_align_host(args);
   }
-  return stage_out(ctx, s, 4, st);
+  return stage_out(ctx, s, 5, st);
 }
 
 moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k, int32_t num_experts,
@@ -105,9 +145,7 @@ moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k, int32_
   int64_t sorted_capacity, block_capacity;
   TRY(moe_align_check(num_tokens, top_k, num_local_experts, block_m, &sorted_capacity,
                       &block_capacity));
-  if (num_experts <= 0 || num_experts > MOE_MAX_EXPERTS)
-    return moe_set_error(num_experts <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
-                         "num_experts = %d is not in [1, %d]", (int)num_experts, MOE_MAX_EXPERTS);
+  TRY(moe_check_expert_count(num_experts, "num_experts"));
   if (!expert_map && num_local_experts != num_experts)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "without an expert map, num_local_experts (%d) must equal num_experts "
@@ -132,29 +170,12 @@ moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k, int32_
       .sorted_capacity = sorted_capacity,
       .block_capacity = block_capacity,
   };
-  if (ctx->ops->align) {
-    args.topk_ids = topk_ids->handle;
-    args.expert_map = expert_map ? expert_map->handle : NULL;
-    args.sorted_token_ids = sorted_token_ids->handle;
-    args.expert_ids = expert_ids->handle;
-    args.num_tokens_post_padded = num_tokens_post_padded->handle;
-    return ctx->ops->align(ctx->state, &args);
-  }
   staging s[5] = {{topk_ids, slot_bytes, true, false, NULL},
                   {expert_map, map_bytes, true, false, NULL},
                   {sorted_token_ids, sorted_bytes, false, true, NULL},
                   {expert_ids, block_bytes, false, true, NULL},
                   {num_tokens_post_padded, sizeof(int32_t), false, true, NULL}};
-  moe_status st = stage_in(ctx, s, 5);
-  if (st == MOE_SUCCESS) {
-    args.topk_ids = s[0].host;
-    args.expert_map = s[1].host;
-    args.sorted_token_ids = s[2].host;
-    args.expert_ids = s[3].host;
-    args.num_tokens_post_padded = s[4].host;
-    moe_align_host(&args);
-  }
-  return stage_out(ctx, s, 5, st);
+  LOCKED(ctx, align_dispatch(ctx, &args, s));
 }
 
 moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc, const moe_buffer *a,
@@ -168,9 +189,8 @@ moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc, const m
   int64_t sorted_capacity, block_capacity;
   TRY(moe_align_check(desc->num_tokens, desc->top_k, desc->num_local_experts, desc->block_m,
                       &sorted_capacity, &block_capacity));
-  if (desc->n <= 0 || desc->k <= 0 || desc->n > (1 << 30) || desc->k > (1 << 30))
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "n = %lld and k = %lld must be in [1, 2^30]",
-                         (long long)desc->n, (long long)desc->k);
+  TRY(moe_check_row_length(desc->n, "n"));
+  TRY(moe_check_row_length(desc->k, "k"));
   if ((unsigned)desc->b_layout > MOE_WEIGHT_LAYOUT_IN_OUT)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "b_layout = %d is not a moe_weight_layout",
                          (int)desc->b_layout);
@@ -213,7 +233,7 @@ moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc, const m
           desc->routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE ? topk_weights->handle : NULL,
       .c = c->handle,
   };
-  return ctx->ops->grouped_gemm(ctx->state, &args);
+  LOCKED(ctx, ctx->ops->grouped_gemm(ctx->state, &args));
 }
 
 moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, float alpha,
@@ -227,11 +247,8 @@ moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, flo
   if (activation == MOE_ACTIVATION_SWIGLU_CLAMP && (!isfinite(alpha) || !(limit > 0.0f)))
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "SWIGLU_CLAMP needs a finite alpha and a positive limit");
-  if (rows < 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "rows = %lld is negative", (long long)rows);
-  if (intermediate_size <= 0 || intermediate_size > (1 << 30))
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "intermediate_size = %lld is not in [1, 2^30]",
-                         (long long)intermediate_size);
+  TRY(moe_check_slots(rows, 1, "rows")); /* rows are slots of a layer */
+  TRY(moe_check_row_length(intermediate_size, "intermediate_size"));
   size_t in_bytes, out_bytes;
   TRY(tensor_bytes(&in_bytes, rows, 2 * intermediate_size, 2, "in"));
   TRY(tensor_bytes(&out_bytes, rows, intermediate_size, 2, "out"));
@@ -240,7 +257,7 @@ moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, flo
   if (rows == 0) return MOE_SUCCESS;
   moe_activation_args args = {activation,        alpha,      limit,      rows,
                               intermediate_size, in->handle, out->handle};
-  return ctx->ops->activation(ctx->state, &args);
+  LOCKED(ctx, ctx->ops->activation(ctx->state, &args));
 }
 
 moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k, int64_t hidden_size,
@@ -249,22 +266,14 @@ moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k, 
                            int32_t num_experts, int32_t num_local_experts, moe_buffer *out) {
   moe_error_scope(ctx);
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
-  if (num_tokens < 0)
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
-                         (long long)num_tokens);
-  if (top_k <= 0 || top_k > MOE_MAX_TOP_K)
-    return moe_set_error(top_k <= 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_ERROR_UNSUPPORTED,
-                         "top_k = %d is not in [1, %d]", (int)top_k, MOE_MAX_TOP_K);
-  if (hidden_size <= 0 || hidden_size > (1 << 30))
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "hidden_size = %lld is not in [1, 2^30]",
-                         (long long)hidden_size);
+  TRY(moe_check_top_k(top_k));
+  TRY(moe_check_slots(num_tokens, top_k, "num_tokens"));
+  TRY(moe_check_row_length(hidden_size, "hidden_size"));
   const bool masked = topk_ids && expert_map;
-  if (masked && (num_experts <= 0 || num_experts > MOE_MAX_EXPERTS || num_local_experts <= 0 ||
-                 num_local_experts > MOE_MAX_EXPERTS))
-    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
-                         "num_experts = %d and num_local_experts = %d must be in [1, %d]",
-                         (int)num_experts, (int)num_local_experts, MOE_MAX_EXPERTS);
-  if (num_tokens > INT32_MAX) return moe_set_error(MOE_ERROR_UNSUPPORTED, "num_tokens above int32");
+  if (masked) {
+    TRY(moe_check_expert_count(num_experts, "num_experts"));
+    TRY(moe_check_expert_count(num_local_experts, "num_local_experts"));
+  }
   size_t y_bytes, out_bytes, slot_bytes = (size_t)(num_tokens * top_k) * 4;
   TRY(tensor_bytes(&y_bytes, num_tokens * top_k, hidden_size, 2, "y"));
   TRY(tensor_bytes(&out_bytes, num_tokens, hidden_size, 2, "out"));
@@ -286,5 +295,5 @@ moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k, 
       .num_local_experts = num_local_experts,
       .out = out->handle,
   };
-  return ctx->ops->topk_reduce(ctx->state, &args);
+  LOCKED(ctx, ctx->ops->topk_reduce(ctx->state, &args));
 }

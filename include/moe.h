@@ -19,7 +19,29 @@
  *     (moe_cuda.h, moe_opencl.h) is never freed by the library.
  *   - Tensors are dense and row-major. bf16 is stored as uint16_t holding
  *     the upper half of an IEEE binary32.
- *   - Objects are not thread-safe: use one context per thread, or lock.
+ *   - Thread safety: a context, its buffers and its layers may be used by
+ *     several threads at once. Every call that queues work on a context
+ *     (moe_layer_forward, moe_layer_reserve and the stage functions) holds
+ *     the context's lock while it validates (the layer calls) and queues
+ *     or, on the CPU, computes, so such calls on one context run one after
+ *     another: a shared layer is safe when each call has its own x, logits
+ *     and out, and gives the same bits as one thread would. For parallel
+ *     CPU forwards use one context (and layer) per thread. Creating and
+ *     destroying objects must not race with calls that use them, and two
+ *     calls writing one buffer leave one of the results. moe_last_error(ctx)
+ *     belongs to the last failing call on ctx, from whichever thread.
+ *   - Numerics (every backend, the same rounding points): bf16 storage of
+ *     x, the weights, h (the activation's output), y (each expert's
+ *     output, before the reduce) and out; fp32 for logits, routing,
+ *     weights of the picks, every accumulation, the biases, the router
+ *     weight, gate and up (never rounded inside the layer: the activation
+ *     reads the fp32 GEMM1 result), and the reduce's sum. The activation
+ *     formulas are one shared header (backends/common/activation_logic.h)
+ *     on CPU, CUDA and OpenCL. A NaN in gives NaN out: the clamps of
+ *     SWIGLU_CLAMP keep NaN (no fminf), the router ranks NaN last, and
+ *     bf16 rounding keeps NaN a NaN. (Known exception, CUDA only: the
+ *     decode path of backends/cuda/decode.cu fuses the reduce into GEMM2
+ *     and sums y in fp32 without rounding it to bf16 first.)
  *
  * The computation, for T tokens (see README.md and DESIGN notes):
  *   1. route:      per token, softmax or sigmoid scores of logits[T][E];
@@ -224,7 +246,13 @@ typedef struct moe_config {
 MOE_API void moe_config_init(moe_config *cfg);
 
 /* Checks a configuration without creating anything. Errors: NULL_POINTER,
- * INVALID_ARGUMENT, UNSUPPORTED; the message is in moe_last_error(NULL). */
+ * INVALID_ARGUMENT (a size <= 0, top_k > E, bad enum value, grouping that
+ * does not divide E or cannot hold top_k, SWIGLU_CLAMP with a non-finite
+ * alpha or a limit not > 0, a non-finite routed_scaling_factor),
+ * UNSUPPORTED (H or I > 2^30, E or EL > MOE_MAX_EXPERTS, top_k >
+ * MOE_MAX_TOP_K, num_groups > MOE_MAX_GROUPS); the message is in
+ * moe_last_error(NULL). The stage functions and moe_layer_create return
+ * the same code for the same condition. */
 MOE_API moe_status moe_config_validate(const moe_config *cfg);
 
 /* Host-side weights, read only during moe_layer_create (the library keeps
@@ -274,7 +302,11 @@ MOE_API moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens);
  * out[T][H] (bf16) = MoE(x[T][H] (bf16), logits[T][E] (fp32)). Queued on the
  * context's stream/queue; asynchronous on GPU backends. T = 0 is a no-op.
  * Errors: NULL_POINTER, INVALID_ARGUMENT (T < 0), NOT_RESERVED (T above the
- *         reservation), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
+ *         reservation), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, UNSUPPORTED (a
+ *         launch beyond the device's grid limits), DEVICE.
+ * Thread safety: see the conventions at the top; calls on one context run
+ * one after another, so N threads may share a layer with their own x,
+ * logits and out.
  */
 MOE_API moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
                                      const moe_buffer *logits, moe_buffer *out);
@@ -298,11 +330,18 @@ MOE_API moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const
  * -inf; experts with +inf logits share the mass. A row with no logit above
  * -inf (all NaN or -inf) gets all scores 0: it routes by the same ranking
  * (without a correction bias and with all logits NaN, or all -inf, that is
- * experts 0..k-1) with weight 0, so its output is 0. The weights are the scores of
+ * experts 0..k-1) with weight 0 for every pick. In moe_layer_forward that
+ * row's output is then: with the router weight on the output (the
+ * default), sum_j 0 * y_j = 0 (+-0; NaN only if an expert's output is
+ * inf or NaN); with the router weight on the input, the experts see a zero
+ * input, so it is sum_j expert_j(0) = sum_j (w2_j act(b13_j) + b2_j) over
+ * the k picks: 0 without biases, the biases' response with them. The weights are the scores of
  * the chosen experts (without bias), renormalized when asked (a zero sum is
  * left as is), times routed_scaling_factor.
- * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, BUFFER_TOO_SMALL,
- *         CONTEXT_MISMATCH, DEVICE.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (T < 0 and the routing conditions
+ *         of moe_config_validate), UNSUPPORTED (T*k beyond int32, sizes
+ *         beyond size_t, and the routing conditions of
+ *         moe_config_validate), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
  */
 MOE_API moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens,
                              const moe_buffer *logits, const moe_buffer *correction_bias,
@@ -311,7 +350,9 @@ MOE_API moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t nu
 /* Sizes of align's outputs, in int32 elements:
  *   sorted_token_ids: T*k + EL*(block_m - 1)
  *   expert_ids:       sorted capacity / block_m (rounded up)
- * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED (beyond int32). */
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (T < 0, top_k or EL <= 0,
+ * block_m not a power of two in [1, MOE_MAX_BLOCK_M]), UNSUPPORTED (top_k >
+ * MOE_MAX_TOP_K, EL > MOE_MAX_EXPERTS, T*k or the capacity beyond int32). */
 MOE_API moe_status moe_align_capacity(int64_t num_tokens, int32_t top_k, int32_t num_local_experts,
                                       int32_t block_m, int64_t *sorted_capacity,
                                       int64_t *block_capacity);
@@ -328,7 +369,9 @@ MOE_API moe_status moe_align_capacity(int64_t num_tokens, int32_t top_k, int32_t
  *                     blocks past num_tokens_post_padded;
  *   num_tokens_post_padded: one int32, P_E.
  * block_m is a power of two in [1, MOE_MAX_BLOCK_M].
- * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED, BUFFER_TOO_SMALL,
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (those of moe_align_capacity,
+ *         E <= 0, EL != E without an expert map), UNSUPPORTED (those of
+ *         moe_align_capacity, E > MOE_MAX_EXPERTS), BUFFER_TOO_SMALL,
  *         CONTEXT_MISMATCH, DEVICE.
  */
 MOE_API moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k,
@@ -367,8 +410,21 @@ typedef struct moe_gemm_desc {
  * with a and b bf16, fp32 accumulation, bias fp32 [EL][n] (may be NULL),
  * topk_weights fp32 [T*k] (needed only when routed_weight is not NONE).
  * Rows of c of slots that align skipped are not written.
- * Errors: NULL_POINTER, INVALID_ARGUMENT, UNSUPPORTED (a block_m or shape
- *         the backend cannot run), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
+ *
+ * The metadata is read as given and may be anything, without harm: every
+ * backend reads only sorted positions p < min(num_tokens_post_padded,
+ * sorted capacity) (a negative count reads none), and a position whose
+ * block's expert id is outside [0, EL) or whose slot id is outside
+ * [0, T*k) contributes nothing. No metadata makes a kernel read or write
+ * outside the buffers; rows of c that no valid position names are not
+ * written; a slot that valid positions of two experts name gets one of
+ * the two results.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (negative T, top_k or EL <= 0,
+ *         n or k <= 0, block_m not a power of two in [1, MOE_MAX_BLOCK_M],
+ *         a bad enum value), UNSUPPORTED (top_k > MOE_MAX_TOP_K,
+ *         EL > MOE_MAX_EXPERTS, n or k > 2^30, T*k or the align capacity
+ *         beyond int32, a sizes' product beyond size_t, or a shape the
+ *         backend cannot run), BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
  */
 MOE_API moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc,
                                     const moe_buffer *a, const moe_buffer *b,
@@ -380,9 +436,13 @@ MOE_API moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc,
 /*
  * Gated activation: for each of rows rows, with gate = in[r][0:I] and
  * up = in[r][I:2I] (bf16), out[r][0:I] = bf16(act(gate) * up) computed in
- * fp32. alpha and limit are used by SWIGLU_CLAMP only.
- * Errors: NULL_POINTER, INVALID_ARGUMENT, BUFFER_TOO_SMALL, CONTEXT_MISMATCH,
- *         DEVICE.
+ * fp32. alpha and limit are used by SWIGLU_CLAMP only. (Inside
+ * moe_layer_forward gate and up stay fp32; only this stage's buffers hold
+ * them as bf16.) A NaN gate or up gives NaN.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (bad activation, SWIGLU_CLAMP
+ *         with a non-finite alpha or a limit not > 0, rows < 0, I <= 0),
+ *         UNSUPPORTED (rows beyond int32, I > 2^30, sizes beyond size_t),
+ *         BUFFER_TOO_SMALL, CONTEXT_MISMATCH, DEVICE.
  */
 MOE_API moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, float alpha,
                                         float limit, int64_t rows, int64_t intermediate_size,
@@ -394,8 +454,14 @@ MOE_API moe_status moe_activation_apply(moe_context *ctx, moe_activation activat
  * fp32 [T][k] or NULL for weight 1 (weights already applied). When
  * topk_ids and expert_map are both given, slots whose expert maps to -1 (or
  * out of range) contribute nothing, so their rows of y are never read.
- * Errors: NULL_POINTER, INVALID_ARGUMENT, BUFFER_TOO_SMALL, CONTEXT_MISMATCH,
- *         DEVICE.
+ * Any topk_ids and expert_map contents are safe: an id outside
+ * [0, num_experts) or a map entry outside [0, num_local_experts) masks
+ * the slot; nothing is read outside the buffers.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (T < 0, top_k <= 0, H <= 0, and
+ *         with a mask E or EL <= 0), UNSUPPORTED (top_k > MOE_MAX_TOP_K,
+ *         T*k beyond int32, H > 2^30, with a mask E or EL >
+ *         MOE_MAX_EXPERTS, sizes beyond size_t), BUFFER_TOO_SMALL,
+ *         CONTEXT_MISMATCH, DEVICE.
  */
 MOE_API moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k,
                                    int64_t hidden_size, const moe_buffer *y,

@@ -6,7 +6,7 @@
 #
 #   scripts/fuzz.sh [SECONDS] [TARGET...]
 #     SECONDS  time per target (libFuzzer -max_total_time), default 30
-#     TARGET   moe_fuzz_api, moe_fuzz_align (default: both)
+#     TARGET   moe_fuzz_api, moe_fuzz_align, moe_fuzz_stages (default: all three)
 #   Environment: MOE_FUZZ_BUILD_DIR (default <repo>/build-fuzz),
 #                MOE_FUZZ_JOBS (parallel fuzzing processes per target, default 1)
 #
@@ -19,7 +19,7 @@ root=$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)
 seconds=${1:-30}
 shift || true
 targets=("$@")
-[ ${#targets[@]} -eq 0 ] && targets=(moe_fuzz_api moe_fuzz_align)
+[ ${#targets[@]} -eq 0 ] && targets=(moe_fuzz_api moe_fuzz_align moe_fuzz_stages)
 build=${MOE_FUZZ_BUILD_DIR:-$root/build-fuzz}
 jobs=${MOE_FUZZ_JOBS:-1}
 

@@ -255,7 +255,8 @@ double ref_activation_value(moe_activation activation, double alpha, double limi
     return 0.5 * gate * (1.0 + tanh(inner)) * up;
   }
   case MOE_ACTIVATION_SWIGLU_CLAMP: {
-    const double g = gate < limit ? gate : limit;
+    /* NaN stays NaN (moe.h, "Numerics"): only a number above limit clamps. */
+    const double g = isnan(gate) ? gate : gate < limit ? gate : limit;
     const double u = up < -limit ? -limit : up > limit ? limit : up;
     return g / (1.0 + exp(-alpha * g)) * (u + 1.0);
   }

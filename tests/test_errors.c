@@ -585,6 +585,10 @@ Test(errors, route) {
   ROW(MOE_ERROR_NULL_POINTER, NULL, a.ctx = NULL);
   ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.null_cfg = true);
   ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.T = -1);
+  /* One condition, one code (README's table): slot ids beyond int32 are
+   * UNSUPPORTED in every function, as in moe_align and moe_layer_reserve. */
+  ROW(MOE_ERROR_UNSUPPORTED, fx.ctx, a.T = (int64_t)1 << 31);
+  ROW(MOE_ERROR_UNSUPPORTED, fx.ctx, a.T = ((int64_t)1 << 30)); /* T * k = 2^31 */
   ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cfg.num_experts = 0);
   ROW(MOE_ERROR_UNSUPPORTED, fx.ctx, a.cfg.num_experts = MOE_MAX_EXPERTS + 1);
   ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cfg.top_k = 0);
@@ -810,7 +814,11 @@ Test(errors, grouped_gemm) {
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.n = 0);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.n = -8);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.k = 0);
-  ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.k = ((int64_t)1 << 30) + 1);
+  /* Row lengths above 2^30: UNSUPPORTED, as moe_config_validate says for H
+   * and I. */
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.desc.k = ((int64_t)1 << 30) + 1);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.desc.n = INT64_MAX);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.desc.num_tokens = (int64_t)1 << 31);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.block_m = 3);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.block_m = 0);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.desc.b_layout = (moe_weight_layout)7);
@@ -911,6 +919,8 @@ Test(errors, activation) {
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.rows = -1);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.I = 0);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.I = -8);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.I = ((int64_t)1 << 30) + 1);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.rows = (int64_t)1 << 31);
   ROW(MOE_ERROR_NULL_POINTER, c, a.in = NULL);
   ROW(MOE_ERROR_NULL_POINTER, c, a.out = NULL);
   ROW(MOE_ERROR_BUFFER_TOO_SMALL, c, a.in = small_in);
@@ -969,9 +979,15 @@ Test(errors, topk_reduce) {
   ROW(MOE_ERROR_UNSUPPORTED, c, a.k = MOE_MAX_TOP_K + 1);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.H = 0);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.H = -8);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.H = ((int64_t)1 << 30) + 1);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.T = (int64_t)1 << 31);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.T = (int64_t)1 << 30); /* T * k = 2^31 */
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.E = 0);
   ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.EL = 0);
-  ROW(MOE_ERROR_INVALID_ARGUMENT, c, a.E = MOE_MAX_EXPERTS + 1);
+  /* E and EL beyond MOE_MAX_EXPERTS: UNSUPPORTED, as in moe_align and
+   * moe_config_validate. */
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.E = MOE_MAX_EXPERTS + 1);
+  ROW(MOE_ERROR_UNSUPPORTED, c, a.EL = MOE_MAX_EXPERTS + 1);
   ROW(MOE_ERROR_NULL_POINTER, c, a.y = NULL);
   ROW(MOE_ERROR_NULL_POINTER, c, a.out = NULL);
   ROW(MOE_ERROR_BUFFER_TOO_SMALL, c, a.y = small_y);

@@ -301,6 +301,96 @@ Test(layer, nan_inf_logits_and_all_nan_rows) {
   layer_case(&s);
 }
 
+/* moe.h's promise for rows with no logit above -inf, exactly: every pick
+ * has weight 0. Router weight on the output: the row is sum_j 0 * y_j = 0.
+ * On the input: the experts see a zero input, so the row is
+ * sum_j expert_j(0) = sum_j (w2_j act(b13_j) + b2_j): 0 without biases,
+ * the biases' response with them, the same for every such row. */
+static void zero_logit_rows_case(moe_router_weight on, bool biases, bool expect_zero) {
+  th_layer_spec s = spec(24, 40, 48, 8, 2, 0x6a0 + (uint64_t)on * 2 + biases);
+  s.cfg.router_weight = on;
+  s.w13_bias = s.w2_bias = biases;
+  th_layer_data d;
+  th_layer_data_make(&d, &s);
+  const int64_t T = d.num_tokens, H = d.cfg.hidden_size, E = d.cfg.num_experts;
+  /* Rows 3, 11, 19: all NaN; rows 5, 13: all -inf. */
+  for (int64_t t = 3; t < T; t += 8)
+    for (int64_t e = 0; e < E; ++e)
+      d.logits[t * E + e] = NAN;
+  for (int64_t t = 5; t < T; t += 8)
+    for (int64_t e = 0; e < E; ++e)
+      d.logits[t * E + e] = -INFINITY;
+  uint16_t *out = th_malloc((size_t)(T * H) * 2);
+  layer_run_on(th_ctx(), &d, out);
+  check_layer_output(&d, out);
+  const int64_t dead[] = {3, 5, 11, 13, 19};
+  bool any_nonzero = false;
+  for (size_t r = 0; r < sizeof dead / sizeof dead[0]; ++r) {
+    const int64_t t = dead[r];
+    for (int64_t h = 0; h < H; ++h) {
+      const uint16_t v = out[t * H + h];
+      if (expect_zero)
+        TH_ASSERT(v == 0 || v == 0x8000, "token %lld has no logit above -inf, out[%lld] = %g",
+                  (long long)t, (long long)h, (double)th_bf16_to_float(v));
+      else
+        TH_ASSERT(v == out[dead[0] * H + h],
+                  "tokens %lld and %lld both route with weight 0 (same picks, zero input), "
+                  "yet out[][%lld] = %g and %g",
+                  (long long)dead[0], (long long)t, (long long)h,
+                  (double)th_bf16_to_float(out[dead[0] * H + h]), (double)th_bf16_to_float(v));
+      any_nonzero |= (v & 0x7fff) != 0;
+    }
+  }
+  if (!expect_zero)
+    TH_ASSERT(any_nonzero, "with biases and the weight on the input, the rows with no logit "
+                           "above -inf are the biases' response, not 0");
+  free(out);
+  th_layer_data_free(&d);
+}
+
+Test(layer, rows_without_logits_on_output_give_zero) {
+  zero_logit_rows_case(MOE_ROUTER_WEIGHT_ON_OUTPUT, true, true);
+}
+
+Test(layer, rows_without_logits_on_input_without_biases_give_zero) {
+  zero_logit_rows_case(MOE_ROUTER_WEIGHT_ON_INPUT, false, true);
+}
+
+Test(layer, rows_without_logits_on_input_with_biases_give_bias_response) {
+  zero_logit_rows_case(MOE_ROUTER_WEIGHT_ON_INPUT, true, false);
+}
+
+/* GeGLU with gates around -4, where gelu cancels (1 + tanh(x) for x near
+ * -4): rounding gate and up to bf16 before the activation cost the OpenCL
+ * layer a relative error of 0.048; every backend keeps them fp32 (moe.h,
+ * "Numerics"), which stays within LAYER_BOUND. */
+Test(layer, geglu_with_gates_in_the_cancelling_range) {
+  th_layer_spec s = spec(33, 64, 96, 8, 2, 0x6b0);
+  s.cfg.activation = MOE_ACTIVATION_GEGLU;
+  s.w13_bias = true;
+  th_layer_data d;
+  th_layer_data_make(&d, &s);
+  /* Without a map the data's num_local_experts is 0, meaning E. */
+  const int64_t EL = d.cfg.num_local_experts ? d.cfg.num_local_experts : d.cfg.num_experts;
+  const int64_t I = d.cfg.intermediate_size, H = d.cfg.hidden_size;
+  /* Gates = -4 + a small dot product: the gate half of w13 (rows [0, I) of
+   * each [2I][H] expert) scaled down, its bias -4. */
+  for (int64_t e = 0; e < EL; ++e)
+    for (int64_t i = 0; i < I; ++i) {
+      d.w13_bias[e * 2 * I + i] = -4.0f;
+      for (int64_t h = 0; h < H; ++h) {
+        uint16_t *w = &d.w13[(e * 2 * I + i) * H + h];
+        *w = th_float_to_bf16(0.02f * th_bf16_to_float(*w));
+      }
+    }
+  uint16_t *out = th_malloc((size_t)(d.num_tokens * d.cfg.hidden_size) * 2);
+  layer_run_on(th_ctx(), &d, out);
+  const double err = check_layer_output(&d, out);
+  cr_log_info("relative error %.3g", err);
+  free(out);
+  th_layer_data_free(&d);
+}
+
 Test(layer, tied_logits) {
   th_layer_spec s = spec(33, 67, 129, 16, 4, 0x643);
   s.logits = TH_LOGITS_TIES;

@@ -237,8 +237,10 @@ static moe_status cpu_align(void *state, const moe_align_args *args) {
 
 /* Turns align metadata into runs of valid slots, one per maximal sequence
  * of consecutive blocks of one expert. Anything the metadata holds is
- * tolerated: experts outside [0, EL) and slots outside [0, T*k) are skipped,
- * num_tokens_post_padded is clamped to the capacity. */
+ * tolerated, by the rule every backend applies (include/moe.h,
+ * moe_grouped_gemm): positions at or past min(num_tokens_post_padded,
+ * capacity), experts outside [0, EL) and slots outside [0, T*k) are
+ * skipped. */
 static int64_t collect_runs(const moe_gemm_args *args, int32_t *slots, cpu_gemm_run *runs) {
   const moe_gemm_desc *d = &args->desc;
   const int32_t *sorted = args->sorted_token_ids;
@@ -259,7 +261,7 @@ static int64_t collect_runs(const moe_gemm_args *args, int32_t *slots, cpu_gemm_
       num_runs++;
     }
     last_block = b;
-    for (int64_t i = b * BM; i < (b + 1) * BM && i < args->sorted_capacity; ++i) {
+    for (int64_t i = b * BM; i < (b + 1) * BM && i < padded; ++i) {
       const int32_t s = sorted[i];
       if (s < 0 || s >= num_slots) continue;
       slots[used++] = s;

@@ -2,38 +2,26 @@
  * activation_math.cuh - the epilogue math of device code in fp32: the gated
  * activations, the routed weight, and the 8-wide bf16 dot product of the
  * CUDA-core decode kernel. One place for the CUDA kernels (the activation
- * stage and the GEMM epilogues of grouped_gemm.cu and gemm_wgmma.cu); the
- * formulas are those documented at moe_activation and
- * moe_gemm_routed_weight in include/moe.h. When backends/common/ gains a shared scalar header that
- * CUDA can compile, this file should include it instead.
+ * stage and the GEMM epilogues of grouped_gemm.cu, gemm_wgmma.cu and
+ * decode.cu). The activation formulas are not written here: they are
+ * backends/common/activation_logic.h, the header the CPU and OpenCL
+ * backends compile too, so every backend keeps NaN as NaN through the
+ * clamps of SWIGLU_CLAMP and rounds at the same points (include/moe.h,
+ * "Numerics").
  */
 #ifndef MOE_CUDA_ACTIVATION_MATH_CUH
 #define MOE_CUDA_ACTIVATION_MATH_CUH
 
+#include "../common/activation_logic.h"
 #include "moe.h"
 
 #include <cuda_bf16.h>
 
-__device__ __forceinline__ float cuda_sigmoid(float x) {
-  return 1.0f / (1.0f + expf(-x));
-}
-
-/* h = act(gate) * up, per include/moe.h. */
+/* h = act(gate) * up: the shared formulas (MOE_ACT_* mirror moe_activation,
+ * checked by a static_assert in elementwise.cu). */
 __device__ __forceinline__ float cuda_gated_activation(moe_activation act, float alpha, float limit,
                                                        float gate, float up) {
-  switch (act) {
-  case MOE_ACTIVATION_GEGLU: {
-    const float inner = 0.7978845608028654f * (gate + 0.044715f * gate * gate * gate);
-    return 0.5f * gate * (1.0f + tanhf(inner)) * up;
-  }
-  case MOE_ACTIVATION_SWIGLU_CLAMP: {
-    const float g = fminf(gate, limit);
-    const float u = fminf(fmaxf(up, -limit), limit);
-    return g * cuda_sigmoid(alpha * g) * (u + 1.0f);
-  }
-  default:
-    return gate * cuda_sigmoid(gate) * up;
-  }
+  return moe_act_apply((int)act, gate, up, alpha, limit);
 }
 
 /* The accumulator with its bias and the routed weight, in the order the

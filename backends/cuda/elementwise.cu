@@ -10,6 +10,11 @@
 
 typedef __nv_bfloat16 bf16;
 
+static_assert(MOE_ACT_SWIGLU == (int)MOE_ACTIVATION_SWIGLU &&
+                  MOE_ACT_GEGLU == (int)MOE_ACTIVATION_GEGLU &&
+                  MOE_ACT_SWIGLU_CLAMP == (int)MOE_ACTIVATION_SWIGLU_CLAMP,
+              "activation_logic.h must mirror moe_activation");
+
 /* Grid of at most this many blocks; kernels stride over the rest. */
 #define CUDA_MAX_GRID 65536
 

@@ -46,6 +46,20 @@
 
 typedef __nv_bfloat16 bf16;
 
+/* The sorted positions a kernel may read: the caller's
+ * num_tokens_post_padded clamped to [0, bound], where bound is align's
+ * padded-row bound (T*k + (block_m - 1) * min(T*k, EL), which every align
+ * capacity and every grid here covers). With expert ids checked against
+ * [0, EL) and slot ids against [0, T*k), corrupt metadata cannot make a
+ * kernel index outside its buffers (include/moe.h, moe_grouped_gemm). */
+__device__ __forceinline__ int64_t gemm_position_limit(const cuda_gemm &g) {
+  const int64_t slots = g.num_tokens * g.top_k;
+  const int64_t touched = slots < g.num_local_experts ? slots : (int64_t)g.num_local_experts;
+  const int64_t bound = slots + (int64_t)(g.block_m - 1) * touched;
+  const int64_t padded = *g.num_tokens_post_padded;
+  return padded < 0 ? 0 : (padded < bound ? padded : bound);
+}
+
 /* ---- PTX wrappers ------------------------------------------------------- */
 
 __device__ __forceinline__ void cp_async16(void *smem, const void *gmem, bool valid) {
@@ -172,7 +186,8 @@ __global__ void __launch_bounds__(T::THREADS)
   const int n_tile = in_group / group_m;
   const int64_t m0 = (int64_t)m_tile * BM;
   const int n0 = n_tile * BN;
-  if (m0 >= *g.num_tokens_post_padded) return;
+  const int64_t limit = gemm_position_limit(g);
+  if (m0 >= limit) return;
   /* block_m is a power of two (align's contract): its block by a shift. */
   const int expert = g.expert_ids[m0 >> (__ffs(g.block_m) - 1)];
   if (expert < 0 || expert >= g.num_local_experts) return;
@@ -180,7 +195,7 @@ __global__ void __launch_bounds__(T::THREADS)
   const int64_t num_slots = g.num_tokens * g.top_k;
 #pragma unroll 1 /* one pass in every tile (BM <= THREADS): no unrolled copies */
   for (int r = threadIdx.x; r < BM; r += THREADS) {
-    const int32_t slot = g.sorted_token_ids[m0 + r];
+    const int32_t slot = m0 + r < limit ? g.sorted_token_ids[m0 + r] : -1;
     const bool real = slot >= 0 && slot < num_slots;
     c_slot[r] = real ? slot : -1;
     a_row[r] = real ? (g.input_per_slot ? (int64_t)slot : (int64_t)(slot / g.top_k)) * g.lda : -1;
@@ -334,7 +349,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemm_gemv_kernel(const cud
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
   const int64_t m0 = (int64_t)blockIdx.y * g.block_m;
-  if (m0 >= *g.num_tokens_post_padded) return;
+  const int64_t limit = gemm_position_limit(g);
+  if (m0 >= limit) return;
   const int expert = g.expert_ids[blockIdx.y];
   if (expert < 0 || expert >= g.num_local_experts) return;
   const int lane = threadIdx.x & 31;
@@ -350,7 +366,8 @@ __global__ void __launch_bounds__(GEMV_WARPS * 32, 3) gemm_gemv_kernel(const cud
     bool any = false;
 #pragma unroll
     for (int r = 0; r < R; ++r) {
-      const int32_t s = r0 + r < g.block_m ? g.sorted_token_ids[m0 + r0 + r] : -1;
+      const int32_t s =
+          r0 + r < g.block_m && m0 + r0 + r < limit ? g.sorted_token_ids[m0 + r0 + r] : -1;
       const bool real = s >= 0 && s < num_slots;
       slot[r] = real ? s : -1;
       a_row[r] =
@@ -427,7 +444,7 @@ __global__ void gemm_reference_kernel(const cuda_gemm g) {
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
   const int64_t p = blockIdx.x;
-  if (p >= *g.num_tokens_post_padded) return;
+  if (p >= gemm_position_limit(g)) return;
   const int32_t slot = g.sorted_token_ids[p];
   if (slot < 0 || slot >= g.num_tokens * g.top_k) return;
   const int expert = g.expert_ids[p / g.block_m];

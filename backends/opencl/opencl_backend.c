@@ -3,7 +3,8 @@
  * cl_mem, the stages as kernels of the one program (kernels/), and the
  * layer: weights repacked to the [out][in] layout at create, a workspace
  * sized at reserve, and a forward that only enqueues (route, align, GEMM1,
- * activation, GEMM2 with the routed weight, reduce).
+ * activation, GEMM2 with the routed weight, reduce). GEMM1 stores gate|up in
+ * fp32, as the CPU and CUDA epilogues keep them (include/moe.h, "Numerics").
  *
  * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
  * skinny kernel while the average rows per expert T*k/EL is at most
@@ -265,7 +266,9 @@ static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
   return out_in ? GEMM_SKINNY : GEMM_REFERENCE;
 }
 
-static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
+/* Queues the grouped GEMM; c_fp32 stores fp32 outputs (the layer's gate|up)
+ * instead of bf16. */
+static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, int c_fp32) {
   const moe_gemm_desc *d = &g->desc;
   const int64_t num_slots = d->num_tokens * d->top_k;
   const gemm_kernel kind = choose_gemm(s, d);
@@ -315,6 +318,10 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
   arg_int(&a, d->k);
   arg_int(&a, d->block_m);
   arg_int(&a, d->routed_weight);
+  /* The bounds that make corrupt metadata harmless (grouped_gemm.cl). */
+  arg_int(&a, d->num_local_experts);
+  arg_int(&a, g->sorted_capacity);
+  arg_int(&a, c_fp32);
   if (kind != GEMM_SKINNY && kind != GEMM_ROWS_CPU)
     arg_int(&a, d->b_layout == MOE_WEIGHT_LAYOUT_IN_OUT);
   arg_mem(&a, g->a);
@@ -329,22 +336,28 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g) {
 }
 
 static moe_status ocl_grouped_gemm(void *state, const moe_gemm_args *g) {
-  return enqueue_gemm(state, g);
+  return enqueue_gemm(state, g, 0);
 }
 
-static moe_status ocl_activation(void *state, const moe_activation_args *act) {
-  moe_ocl_state *s = state;
+/* The activation; in_fp32: act->in holds fp32 gate|up (the layer). */
+static moe_status enqueue_activation(moe_ocl_state *s, const moe_activation_args *act,
+                                     int in_fp32) {
   kernel_args a = args_begin(s, MOE_OCL_ACTIVATION);
   arg_int(&a, act->activation);
   arg_float(&a, act->alpha);
   arg_float(&a, act->limit);
   arg_int(&a, act->rows);
   arg_int(&a, act->intermediate_size);
+  arg_int(&a, in_fp32);
   arg_mem(&a, act->in);
   arg_mem(&a, act->out);
   const size_t global[2] = {(size_t)act->intermediate_size, (size_t)act->rows};
   const size_t local[2] = {64, 1};
   return launch(s, &a, 2, global, local, "activation kernel");
+}
+
+static moe_status ocl_activation(void *state, const moe_activation_args *act) {
+  return enqueue_activation(state, act, 0);
 }
 
 static moe_status ocl_topk_reduce(void *state, const moe_reduce_args *r) {
@@ -372,7 +385,7 @@ static moe_status ocl_topk_reduce(void *state, const moe_reduce_args *r) {
 /* The workspace of a forward of up to reserved tokens. */
 typedef struct ocl_workspace {
   cl_mem topk_ids, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded;
-  cl_mem gate_up, hidden, expert_out;
+  cl_mem gate_up, hidden, expert_out; /* gate_up fp32 [T*k][2I]; the others bf16 */
 } ocl_workspace;
 
 #define WORKSPACE_BUFFERS 8
@@ -477,7 +490,7 @@ static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens
   const size_t sorted_capacity = slots + EL * 127, block_capacity = (slots + EL * 63 + 63) / 64;
   const size_t bytes[WORKSPACE_BUFFERS] = {
       slots * 4, slots * 4,         sorted_capacity * 4, block_capacity * 4,
-      4,         slots * 2 * I * 2, slots * I * 2,       slots * H * 2};
+      4,         slots * 2 * I * 4, slots * I * 2,       slots * H * 2};
   size_t total = 0;
   for (int i = 0; i < WORKSPACE_BUFFERS; ++i)
     total += bytes[i];
@@ -578,7 +591,7 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
       .topk_weights = ws->topk_weights,
       .c = ws->gate_up,
   };
-  TRY(enqueue_gemm(s, &gemm));
+  TRY(enqueue_gemm(s, &gemm, 1)); /* gate|up stays fp32 */
 
   const moe_activation_args act = {.activation = c->activation,
                                    .alpha = c->swiglu_alpha,
@@ -587,7 +600,7 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
                                    .intermediate_size = c->intermediate_size,
                                    .in = ws->gate_up,
                                    .out = ws->hidden};
-  TRY(ocl_activation(s, &act));
+  TRY(enqueue_activation(s, &act, 1));
 
   gemm.desc.n = c->hidden_size;
   gemm.desc.k = c->intermediate_size;
@@ -598,7 +611,7 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
   gemm.b = l->w2;
   gemm.bias = l->w2_bias;
   gemm.c = ws->expert_out;
-  TRY(enqueue_gemm(s, &gemm));
+  TRY(enqueue_gemm(s, &gemm, 0));
 
   const moe_reduce_args reduce = {.num_tokens = num_tokens,
                                   .top_k = c->top_k,

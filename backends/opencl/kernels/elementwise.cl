@@ -4,15 +4,19 @@
  * rows), so no index product is formed in 32 bits.
  */
 
-/* out[r][i] = bf16(act(in[r][i], in[r][I + i])), fp32 in between. */
+/* out[r][i] = bf16(act(in[r][i], in[r][I + i])), fp32 in between. in is
+ * bf16 (the stage), or fp32 when in_fp32 (the layer, whose gate|up stays
+ * fp32 as on every backend: include/moe.h, "Numerics"). */
 __kernel void moe_activation(int activation, float alpha, float limit, int rows,
-                             int intermediate_size, __global const ushort *in,
+                             int intermediate_size, int in_fp32, __global const ushort *in,
                              __global ushort *out) {
   const int i = get_global_id(0), r = get_global_id(1);
   if (i >= intermediate_size || r >= rows) return;
-  __global const ushort *row = in + (long)r * 2 * intermediate_size;
-  const float gate = moe_bf16_to_float(row[i]);
-  const float up = moe_bf16_to_float(row[intermediate_size + i]);
+  const long base = (long)r * 2 * intermediate_size;
+  __global const float *in32 = (__global const float *)in;
+  const float gate = in_fp32 ? in32[base + i] : moe_bf16_to_float(in[base + i]);
+  const float up = in_fp32 ? in32[base + intermediate_size + i]
+                           : moe_bf16_to_float(in[base + intermediate_size + i]);
   out[(long)r * intermediate_size + i] =
       moe_bf16_from_float(moe_act_apply(activation, gate, up, alpha, limit));
 }

@@ -7,6 +7,13 @@
  * accumulation, and the epilogue of moe_gemm_epilogue below. Padding rows
  * (sentinel ids >= num_slots) are never written.
  *
+ * The metadata is the caller's and may be corrupt (moe.h, moe_grouped_gemm):
+ * positions at or past min(num_tokens_post_padded, sorted_capacity), slot
+ * ids outside [0, num_slots) and expert ids outside [0, num_local_experts)
+ * contribute nothing, so no input makes a kernel read or write outside its
+ * buffers. c is bf16, or fp32 when c_fp32 is set (the layer's gate|up, which
+ * stays fp32 until the activation: include/moe.h, "Numerics").
+ *
  *   moe_gemm_reference  one work-item per output; any layout, any block_m.
  *   moe_gemm_skinny_*   decode: few rows per expert, so weight bytes are the
  *                       cost. A work-group splits K of COLS weight rows
@@ -37,21 +44,51 @@ inline float moe_gemm_epilogue(float acc, int slot, int col, int expert, int n,
   return acc + b;
 }
 
+/* The sorted positions a kernel may read: the caller's
+ * num_tokens_post_padded clamped to [0, sorted_capacity]. */
+inline int moe_gemm_limit(__global const int *num_tokens_post_padded, int sorted_capacity) {
+  return clamp(*num_tokens_post_padded, 0, sorted_capacity);
+}
+
+/* The expert owning block `block`, or -1 when its id is not a local expert. */
+inline int moe_gemm_expert(__global const int *expert_ids, int block, int num_local_experts) {
+  const int e = expert_ids[block];
+  return e >= 0 && e < num_local_experts ? e : -1;
+}
+
+/* The slot at sorted position pos, or num_slots (padding: never computed)
+ * when pos is past the limit or its id is not a slot. */
+inline int moe_gemm_slot(__global const int *sorted_token_ids, int pos, int limit, int num_slots) {
+  if (pos >= limit) return num_slots;
+  const int s = sorted_token_ids[pos];
+  return s >= 0 && s < num_slots ? s : num_slots;
+}
+
+/* Stores one output: bf16, or fp32 when c_fp32. */
+inline void moe_gemm_store(__global ushort *c, int c_fp32, long index, float v) {
+  if (c_fp32)
+    ((__global float *)c)[index] = v;
+  else
+    c[index] = moe_bf16_from_float(v);
+}
+
 inline long moe_gemm_a_row(int slot, int top_k, int per_slot_input) {
   return per_slot_input ? (long)slot : (long)(slot / top_k);
 }
 
 __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, int n, int k,
-                                 int block_m, int routed_mode, int b_in_out,
+                                 int block_m, int routed_mode, int num_local_experts,
+                                 int sorted_capacity, int c_fp32, int b_in_out,
                                  __global const ushort *a, __global const ushort *b,
                                  __global const float *bias, __global const int *sorted_token_ids,
                                  __global const int *expert_ids,
                                  __global const int *num_tokens_post_padded,
                                  __global const float *topk_weights, __global ushort *c) {
   const int col = get_global_id(0), pos = get_global_id(1);
-  if (col >= n || pos >= *num_tokens_post_padded) return;
-  const int slot = sorted_token_ids[pos];
-  const int expert = expert_ids[pos / block_m];
+  const int limit = moe_gemm_limit(num_tokens_post_padded, sorted_capacity);
+  if (col >= n || pos >= limit) return;
+  const int slot = moe_gemm_slot(sorted_token_ids, pos, limit, num_slots);
+  const int expert = moe_gemm_expert(expert_ids, pos / block_m, num_local_experts);
   if (slot >= num_slots || expert < 0) return;
   __global const ushort *x = a + moe_gemm_a_row(slot, top_k, per_slot_input) * k;
   __global const ushort *w = b + (long)expert * n * k;
@@ -60,8 +97,8 @@ __kernel void moe_gemm_reference(int num_slots, int top_k, int per_slot_input, i
   float acc = 0.0f;
   for (int i = 0; i < k; ++i)
     acc += moe_bf16_to_float(x[i]) * moe_bf16_to_float(w[w_col + i * w_step]);
-  c[(long)slot * n + col] = moe_bf16_from_float(
-      moe_gemm_epilogue(acc, slot, col, expert, n, bias, topk_weights, routed_mode));
+  moe_gemm_store(c, c_fp32, (long)slot * n + col,
+                 moe_gemm_epilogue(acc, slot, col, expert, n, bias, topk_weights, routed_mode));
 }
 
 /* ------------------------------------------------------------------------ */
@@ -100,7 +137,7 @@ inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
 #define MOE_DEFINE_GEMM_SKINNY(NAME, LOAD8, WG, COLS, ROWS, UNROLL)                                \
   __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void NAME(                              \
       int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
-      __global const ushort *a, __global const ushort *b, __global const float *bias,              \
+      int num_local_experts, int sorted_capacity, int c_fp32, __global const ushort *a, __global const ushort *b, __global const float *bias,              \
       __global const int *sorted_token_ids, __global const int *expert_ids,                        \
       __global const int *num_tokens_post_padded, __global const float *topk_weights,              \
       __global ushort *c) {                                                                        \
@@ -108,8 +145,9 @@ inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
     const int lid = get_local_id(0);                                                               \
     const int col0 = get_group_id(0) * COLS;                                                       \
     const int block_start = get_group_id(1) * block_m;                                             \
-    if (block_start >= *num_tokens_post_padded) return;                                            \
-    const int expert = expert_ids[get_group_id(1)];                                                \
+    const int limit = moe_gemm_limit(num_tokens_post_padded, sorted_capacity);                     \
+    if (block_start >= limit) return;                                                              \
+    const int expert = moe_gemm_expert(expert_ids, get_group_id(1), num_local_experts);            \
     if (expert < 0) return;                                                                        \
     __global const ushort *w[COLS];                                                                \
     for (int j = 0; j < COLS; ++j)                                                                 \
@@ -120,7 +158,9 @@ inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
       __global const ushort *x[ROWS];                                                              \
       int any_real = 0;                                                                            \
       for (int i = 0; i < ROWS; ++i) {                                                             \
-        slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;           \
+        slot[i] = r0 + i < block_m                                                                 \
+                      ? moe_gemm_slot(sorted_token_ids, block_start + r0 + i, limit, num_slots)    \
+                      : num_slots;                                                                 \
         int real = slot[i] < num_slots;                                                            \
         any_real |= real;                                                                          \
         /* Padding rows read row 0 (always there) and are never stored. */                         \
@@ -180,7 +220,8 @@ inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
         for (int r = 1; r < ROWS; ++r)                                                             \
           if (r == i) s = slot[r];                                                                 \
         if (s < num_slots && col < n)                                                              \
-          c[(long)s * n + col] = moe_bf16_from_float(                                              \
+          moe_gemm_store(                                                                          \
+              c, c_fp32, (long)s * n + col,                                                        \
               moe_gemm_epilogue(sum, s, col, expert, n, bias, topk_weights, routed_mode));         \
       }                                                                                            \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
@@ -209,7 +250,8 @@ MOE_DEFINE_GEMM_SKINNY(moe_gemm_skinny_128x4x8, MOE_LOAD8_ALIGNED, 128, 4, 8, 1)
 #define MOE_CPU_ROWS 4
 
 __kernel void moe_gemm_rows_cpu(int num_slots, int top_k, int per_slot_input, int n, int k,
-                                int block_m, int routed_mode, __global const ushort *a,
+                                int block_m, int routed_mode, int num_local_experts,
+                                int sorted_capacity, int c_fp32, __global const ushort *a,
                                 __global const ushort *b, __global const float *bias,
                                 __global const int *sorted_token_ids,
                                 __global const int *expert_ids,
@@ -217,8 +259,9 @@ __kernel void moe_gemm_rows_cpu(int num_slots, int top_k, int per_slot_input, in
                                 __global const float *topk_weights, __global ushort *c) {
   const int col = get_global_id(0), block = get_global_id(1);
   const int block_start = block * block_m;
-  if (col >= n || block_start >= *num_tokens_post_padded) return;
-  const int expert = expert_ids[block];
+  const int limit = moe_gemm_limit(num_tokens_post_padded, sorted_capacity);
+  if (col >= n || block_start >= limit) return;
+  const int expert = moe_gemm_expert(expert_ids, block, num_local_experts);
   if (expert < 0) return;
   __global const ushort *w = b + ((long)expert * n + col) * k;
   const int k8 = k / 8 * 8;
@@ -227,7 +270,9 @@ __kernel void moe_gemm_rows_cpu(int num_slots, int top_k, int per_slot_input, in
     __global const ushort *x[MOE_CPU_ROWS];
     int any_real = 0;
     for (int i = 0; i < MOE_CPU_ROWS; ++i) {
-      slot[i] = r0 + i < block_m ? sorted_token_ids[block_start + r0 + i] : num_slots;
+      slot[i] = r0 + i < block_m
+                    ? moe_gemm_slot(sorted_token_ids, block_start + r0 + i, limit, num_slots)
+                    : num_slots;
       const int real = slot[i] < num_slots;
       any_real |= real;
       x[i] = a + (real ? moe_gemm_a_row(slot[i], top_k, per_slot_input) : 0) * k;
@@ -247,7 +292,8 @@ __kernel void moe_gemm_rows_cpu(int num_slots, int top_k, int per_slot_input, in
       float sum = ((v.s0 + v.s1) + (v.s2 + v.s3)) + ((v.s4 + v.s5) + (v.s6 + v.s7));
       for (int kk = k8; kk < k; ++kk)
         sum += moe_bf16_to_float(x[i][kk]) * moe_bf16_to_float(w[kk]);
-      c[(long)slot[i] * n + col] = moe_bf16_from_float(
+      moe_gemm_store(
+          c, c_fp32, (long)slot[i] * n + col,
           moe_gemm_epilogue(sum, slot[i], col, expert, n, bias, topk_weights, routed_mode));
     }
   }
@@ -301,7 +347,8 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
 #define MOE_DEFINE_GEMM_TILED(NAME, TM, TN, TK, MR, NR)                                            \
   __kernel __attribute__((reqd_work_group_size(MOE_TL_THREADS, 1, 1))) void NAME(                  \
       int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
-      int b_in_out, __global const ushort *a, __global const ushort *b,                            \
+      int num_local_experts, int sorted_capacity, int c_fp32, int b_in_out,                        \
+      __global const ushort *a, __global const ushort *b,                            \
       __global const float *bias, __global const int *sorted_token_ids,                            \
       __global const int *expert_ids, __global const int *num_tokens_post_padded,                  \
       __global const float *topk_weights, __global ushort *c) {                                    \
@@ -311,11 +358,12 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
     const int tid = get_local_id(0), tx = tid % 16, ty = tid / 16;                                 \
     const int n0 = get_group_id(0) * TN;                                                           \
     const int p0 = get_group_id(1) * TM;                                                           \
-    if (p0 >= *num_tokens_post_padded) return;                                                     \
-    const int expert = expert_ids[p0 / block_m];                                                   \
+    const int limit = moe_gemm_limit(num_tokens_post_padded, sorted_capacity);                     \
+    if (p0 >= limit) return;                                                                       \
+    const int expert = moe_gemm_expert(expert_ids, p0 / block_m, num_local_experts);               \
     if (expert < 0) return;                                                                        \
     for (int r = tid; r < TM; r += MOE_TL_THREADS)                                                 \
-      tile_slot[r] = sorted_token_ids[p0 + r];                                                     \
+      tile_slot[r] = moe_gemm_slot(sorted_token_ids, p0 + r, limit, num_slots);                    \
     barrier(CLK_LOCAL_MEM_FENCE);                                                                  \
     /* This work-item's loads: A row a_r at k offset a_kq; B likewise. */                          \
     const int a_r = tid / (TK / 4), a_kq = (tid % (TK / 4)) * 4;                                   \
@@ -379,12 +427,12 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
     for (int i = 0; i < MR; ++i) {                                                                 \
       const int slot = tile_slot[(i / 4) * 64 + ty * 4 + i % 4];                                   \
       if (slot >= num_slots) continue;                                                             \
-      __global ushort *c_row = c + (long)slot * n;                                                 \
       for (int j = 0; j < NR; ++j) {                                                               \
         const int col = n0 + (j / 4) * 64 + tx * 4 + j % 4;                                        \
         if (col < n)                                                                               \
-          c_row[col] = moe_bf16_from_float(moe_gemm_epilogue(acc[i][j], slot, col, expert, n,      \
-                                                             bias, topk_weights, routed_mode));    \
+          moe_gemm_store(c, c_fp32, (long)slot * n + col,                                          \
+                         moe_gemm_epilogue(acc[i][j], slot, col, expert, n, bias, topk_weights,    \
+                                           routed_mode));                                          \
       }                                                                                            \
     }                                                                                              \
   }

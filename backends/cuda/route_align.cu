@@ -618,7 +618,9 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
                             const moe_align_args *align, int32_t *scratch) {
   const align_params p = align_params_from(align);
   if (p.num_slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS) {
-    const bool fuse = route && route->num_tokens <= CUDA_FUSED_ROUTE_TOKENS;
+    const char *fuse_env = getenv("MOE_CUDA_FUSED_ROUTE_TOKENS"); /* A/B only, temporary */
+    const int64_t fuse_max = fuse_env ? atoi(fuse_env) : CUDA_FUSED_ROUTE_TOKENS;
+    const bool fuse = route && route->num_tokens <= fuse_max;
     const routing_kind kind = routing_from_env();
     if (route && !fuse) CUDA_TRY(cuda_route(st, route));
     moe_rl_params rl;

@@ -66,10 +66,7 @@ constexpr size_t DECODE_MAX_SMEM = 96 * 1024;
  */
 static bool decode_rule(const cuda_decode *d) {
   const int64_t T = d->num_tokens, max_tokens = d->num_local >= 64 ? 8 : 2;
-  const char *env = getenv("MOE_CUDA_DECODE_PICKS"); /* A/B only, temporary */
-  const int64_t share = env ? atoi(env) : 2;
-  return T == 1 ||
-         (T <= max_tokens && share * T * d->top_k <= d->num_local && T * d->hidden <= 16384);
+  return T == 1 || (T <= max_tokens && 2 * T * d->top_k <= d->num_local && T * d->hidden <= 16384);
 }
 
 __device__ __forceinline__ uint4 load_weights(const bf16 *p, bool valid) {

@@ -41,8 +41,13 @@
 
 #define CUDA_ALIGN_THREADS 1024
 #define CUDA_ALIGN_ONE_BLOCK_SLOTS 4096
-/* Tokens routed inside the one-block kernel (two per warp at most). */
-#define CUDA_FUSED_ROUTE_TOKENS 64
+/* Tokens routed inside the one-block kernel. Past a decode step the
+ * routing of every token in one block costs more than a separate launch
+ * of the many-block routing kernel (H200, Qwen3 64 tokens 387 -> 358 us;
+ * bench/cuda_notes.md item 18). */
+#define CUDA_FUSED_ROUTE_TOKENS 8
+/* Tokens the rank routing (route_tokens_by_rank) holds rows for. */
+#define CUDA_RANK_ROUTE_MAX_TOKENS 64
 #define CUDA_ALIGN_CHUNK_MIN 1024
 #define CUDA_ALIGN_MAX_CHUNKS 2048
 /* Logits staged in shared memory by the one-block kernel (floats). */
@@ -349,8 +354,8 @@ template <bool GROUPED>
 __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logits,
                                      const float *bias, int T, float *keys, float *group_keys,
                                      int32_t *ids, float *weights) {
-  __shared__ moe_rl_row rows[CUDA_FUSED_ROUTE_TOKENS];
-  __shared__ unsigned long long allowed[CUDA_FUSED_ROUTE_TOKENS];
+  __shared__ moe_rl_row rows[CUDA_RANK_ROUTE_MAX_TOKENS];
+  __shared__ unsigned long long allowed[CUDA_RANK_ROUTE_MAX_TOKENS];
   const int E = rl.num_experts, k = rl.top_k, G = GROUPED ? rl.num_groups : 1;
   const int group_size = E / G;
   const int tid = threadIdx.x, threads = blockDim.x, warp = tid >> 5, lane = tid & 31;
@@ -424,7 +429,7 @@ __device__ void route_tokens_by_rank(const moe_rl_params &rl, const float *logit
 /* Whether route_tokens_by_rank takes T tokens (its comparisons stay a few
  * hundred per thread, its shared memory under 48 KB). */
 static bool rank_routing_fits(int64_t T, int32_t E, int32_t G) {
-  return T <= CUDA_FUSED_ROUTE_TOKENS && T * E <= CUDA_ROUTE_STAGE_FLOATS / 2 &&
+  return T <= CUDA_RANK_ROUTE_MAX_TOKENS && T * E <= CUDA_ROUTE_STAGE_FLOATS / 2 &&
          T * E * E <= CUDA_RANK_ROUTE_COMPARISONS && T * G <= CUDA_RANK_ROUTE_MAX_GROUP_KEYS;
 }
 
@@ -618,9 +623,7 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
                             const moe_align_args *align, int32_t *scratch) {
   const align_params p = align_params_from(align);
   if (p.num_slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS) {
-    const char *fuse_env = getenv("MOE_CUDA_FUSED_ROUTE_TOKENS"); /* A/B only, temporary */
-    const int64_t fuse_max = fuse_env ? atoi(fuse_env) : CUDA_FUSED_ROUTE_TOKENS;
-    const bool fuse = route && route->num_tokens <= fuse_max;
+    const bool fuse = route && route->num_tokens <= CUDA_FUSED_ROUTE_TOKENS;
     const routing_kind kind = routing_from_env();
     if (route && !fuse) CUDA_TRY(cuda_route(st, route));
     moe_rl_params rl;

@@ -26,6 +26,7 @@
 #include <time.h>
 
 #define MAX_TOKEN_COUNTS 64
+#define MAX_OPTIONS 32
 #define MAX_ROWS 1024
 #define MAX_MODELS 16
 
@@ -46,6 +47,8 @@ typedef struct bench_options {
   bool flush;      /* flush the CPU caches before each timed forward */
   uint64_t seed;
   const char *json;
+  const char *options[MAX_OPTIONS]; /* "name=value" for moe_context_set_option */
+  int option_count;
 } bench_options;
 
 static void usage(FILE *out) {
@@ -73,8 +76,11 @@ static void usage(FILE *out) {
           "                                  (default: flush, as a real layer's weights are cold)\n"
           "  --seed N                        random seed (default 1)\n"
           "  --json FILE                     also write every row and the rooflines as JSON\n"
+          "  --option NAME=VALUE             a context option (moe_context_set_option; names\n"
+          "                                  and values in include/moe.h), e.g.\n"
+          "                                  cuda.path=mma or cpu.kernels=portable; repeatable\n"
           "  --help                          this text\n"
-          "Environment: OMP_NUM_THREADS, MOE_CPU_KERNELS=portable|avx512|auto, MOE_BACKEND.\n");
+          "Environment: OMP_NUM_THREADS, MOE_BACKEND.\n");
 }
 
 static bool parse_int64(const char *s, int64_t min, int64_t *value) {
@@ -173,6 +179,9 @@ static int parse_options(int argc, char **argv, bench_options *o) {
     } else if (strcmp(arg, "--seed") == 0) {
       ok = parse_int64(value, 0, &v);
       o->seed = (uint64_t)v;
+    } else if (strcmp(arg, "--option") == 0) {
+      ok = strchr(value, '=') != NULL && o->option_count < MAX_OPTIONS;
+      if (ok) o->options[o->option_count++] = value;
     } else if (strcmp(arg, "--json") == 0) {
       o->json = value;
     } else {
@@ -573,6 +582,21 @@ int main(int argc, char **argv) {
     opencl_timer = true;
   }
 #endif
+  /* The --option list, before the device name is read (cpu.kernels shows
+   * in it). */
+  for (int i = 0; i < opt.option_count; ++i) {
+    char name[128];
+    const char *eq = strchr(opt.options[i], '=');
+    snprintf(name, sizeof name, "%.*s", (int)(eq - opt.options[i]), opt.options[i]);
+    st = moe_context_set_option(ctx, name, eq + 1);
+    if (st != MOE_SUCCESS) {
+      fprintf(stderr, "moe_bench: --option %s: %s (%s)\n", opt.options[i], moe_status_string(st),
+              moe_last_error(ctx));
+      moe_context_destroy(ctx);
+      free(command);
+      return 2;
+    }
+  }
   const char *device = moe_context_device_name(ctx);
   const bool on_cpu = device_is_cpu(backend, device);
 

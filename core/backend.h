@@ -95,6 +95,40 @@ typedef struct moe_reduce_args {
   void *out; /* bf16 [T][H] */
 } moe_reduce_args;
 
+/* The options of moe_context_set_option. core/options.c holds their names,
+ * values and defaults and checks a value before a backend sees it; the
+ * backend keeps the parsed value in its state (never the environment). */
+typedef enum moe_option_id {
+  MOE_OPTION_CPU_KERNELS,            /* choice: MOE_CPU_KERNELS_* */
+  MOE_OPTION_OPENCL_ROUTE,           /* choice: MOE_OPENCL_ROUTE_* */
+  MOE_OPTION_OPENCL_SKINNY,          /* choice: 0 auto, else the variant named by value */
+  MOE_OPTION_OPENCL_SKINNY_MAX_ROWS, /* integer */
+  MOE_OPTION_CUDA_PATH,              /* choice: MOE_CUDA_PATH_* */
+  MOE_OPTION_CUDA_TILE,              /* choice: 0 auto, 1 gemv, else the tile named by value */
+  MOE_OPTION_CUDA_GEMV_MAX_ROWS,     /* integer */
+  MOE_OPTION_CUDA_ROUTING,           /* choice: MOE_CUDA_ROUTING_* */
+  MOE_OPTION_CUDA_DECODE_PDL,        /* choice: 0 on, 1 off */
+  MOE_OPTION_CUDA_DECODE_PERSISTENT, /* choice: 0 on, 1 off */
+  MOE_OPTION_CUDA_WGMMA_BN,          /* choice: 0 auto, 1 128, 2 256 */
+  MOE_OPTION_CUDA_PDL,               /* choice: 0 off, 1 on */
+  MOE_OPTION_COUNT
+} moe_option_id;
+
+/* Choice indices, in the order of core/options.c's value lists. */
+enum { MOE_CPU_KERNELS_AUTO, MOE_CPU_KERNELS_PORTABLE }; /* then avx512, avx512bf16, amx */
+enum { MOE_OPENCL_ROUTE_AUTO, MOE_OPENCL_ROUTE_SERIAL, MOE_OPENCL_ROUTE_PARALLEL };
+enum {
+  MOE_CUDA_PATH_AUTO,
+  MOE_CUDA_PATH_DECODE,
+  MOE_CUDA_PATH_STREAM,
+  MOE_CUDA_PATH_WGMMA,
+  MOE_CUDA_PATH_MMA
+};
+enum { MOE_CUDA_ROUTING_AUTO, MOE_CUDA_ROUTING_WARP, MOE_CUDA_ROUTING_REFERENCE };
+
+/* The default value of an option, as text. */
+const char *moe_option_default(moe_option_id id);
+
 /* A layer as the backend sees it: the validated configuration with
  * num_local_experts resolved and num_groups >= 1, and host weights. */
 typedef struct moe_layer_desc {
@@ -149,6 +183,19 @@ typedef struct moe_backend_ops {
   /* Full forward; num_tokens in [1, reserved]. No allocation, no host wait. */
   moe_status (*layer_forward)(void *state, void *layer, int64_t num_tokens, const void *x,
                               const void *logits, void *out);
+
+  /* Sets one of the backend's own options (the core checked the value):
+   * `parsed` is the choice's index or the integer, `value` the text. May
+   * rewrite the device name (name_size bytes) when the option shows in it.
+   * A valid value the device or build cannot run returns UNSUPPORTED and
+   * changes nothing. */
+  moe_status (*set_option)(void *state, moe_option_id id, const char *value, int64_t parsed,
+                           char *device_name, size_t name_size);
+  /* Writes (at most size bytes, NUL-terminated) what a forward of
+   * num_tokens (>= 1) would run now: path, kernels, align's block_m,
+   * capacities, splits. The plan's own decision, not a copy of it. */
+  moe_status (*layer_describe)(void *state, const void *layer, int64_t num_tokens, char *text,
+                               size_t size);
 } moe_backend_ops;
 
 /* The tables of the compiled backends (defined in backends/<name>/). */

@@ -26,6 +26,9 @@ struct moe_context {
   pthread_mutex_t lock;
   char device_name[MOE_DEVICE_NAME_SIZE];
   char last_error[MOE_ERROR_MESSAGE_SIZE];
+  /* The options as last set (moe_context_get_option); the backend keeps
+   * the parsed values. */
+  char option_values[MOE_OPTION_COUNT][32];
 };
 
 struct moe_buffer {
@@ -41,6 +44,9 @@ struct moe_layer {
   void *impl;
   int64_t reserved_tokens;
 };
+
+/* Fills ctx's option values with the defaults (core/options.c). */
+void moe_options_init(moe_context *ctx);
 
 /* Routes later moe_set_error() calls of this thread to ctx (NULL: to the
  * thread's own message). Every public entry point calls it first. */

@@ -5,7 +5,9 @@
  */
 #include "internal.h"
 
+#include <stdio.h>
 #include <stdlib.h>
+#include <string.h>
 
 moe_status moe_layer_create(moe_context *ctx, const moe_config *cfg, const moe_weights *weights,
                             moe_layer **layer) {
@@ -105,4 +107,34 @@ moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buf
                                         logits->handle, out->handle);
   pthread_mutex_unlock(&layer->ctx->lock);
   return st;
+}
+
+moe_status moe_layer_describe(moe_layer *layer, int64_t num_tokens, char *text, size_t size) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer || !text)
+    return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL", !layer ? "layer" : "text");
+  if (num_tokens < 1)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld must be at least 1",
+                         (long long)num_tokens);
+  moe_status st = moe_check_slots(num_tokens, layer->cfg.top_k, "num_tokens");
+  if (st != MOE_SUCCESS) return st;
+  /* Composed here in full, so that a short buffer is refused untouched. */
+  char line[1024];
+  int len = snprintf(line, sizeof line, "%s (%s): T=%lld%s: ", layer->ctx->ops->name,
+                     layer->ctx->device_name, (long long)num_tokens,
+                     layer->cfg.batch_invariant ? ", batch invariant" : "");
+  if (len < 0 || (size_t)len >= sizeof line) len = 0;
+  /* Under the context's lock: the options and the workspace it reads may
+   * change on another thread. */
+  pthread_mutex_lock(&layer->ctx->lock);
+  st = layer->ctx->ops->layer_describe(layer->ctx->state, layer->impl, num_tokens, line + len,
+                                       sizeof line - (size_t)len);
+  pthread_mutex_unlock(&layer->ctx->lock);
+  if (st != MOE_SUCCESS) return st;
+  const size_t need = strlen(line) + 1;
+  if (need > size)
+    return moe_set_error(MOE_ERROR_BUFFER_TOO_SMALL,
+                         "the description needs %zu bytes, the buffer has %zu", need, size);
+  memcpy(text, line, need);
+  return MOE_SUCCESS;
 }

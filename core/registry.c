@@ -75,6 +75,7 @@ moe_status moe_context_adopt(const moe_backend_ops *ops, void *state, const char
   c->ops = ops;
   c->state = state;
   snprintf(c->device_name, sizeof c->device_name, "%s", device_name ? device_name : "");
+  moe_options_init(c);
   *ctx = c;
   return MOE_SUCCESS;
 }

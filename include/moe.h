@@ -124,9 +124,9 @@ typedef struct moe_context moe_context;
  *            CPU backend). OpenCL also honours MOE_OPENCL_PLATFORM and
  *            MOE_OPENCL_DEVICE when device is 0.
  *   ctx:     receives the context; the caller destroys it.
- * The CPU backend honours MOE_CPU_KERNELS=portable|avx512|avx512bf16|auto
- * (default auto): "portable" forces the plain C kernels; a path the CPU
- * lacks gives BACKEND_UNAVAILABLE, an unknown value INVALID_ARGUMENT.
+ * Kernel choices are options of the context (moe_context_set_option), never
+ * environment variables; the only variables read are the deployment ones
+ * named here, once, by this call.
  * Errors: NULL_POINTER, INVALID_ARGUMENT (bad enum, device < 0),
  *         BACKEND_UNAVAILABLE (not compiled in, or no such device),
  *         OUT_OF_MEMORY, DEVICE.
@@ -150,6 +150,64 @@ MOE_API const char *moe_context_device_name(const moe_context *ctx);
 /* Waits until all work queued on the context has finished.
  * Errors: NULL_POINTER, DEVICE. */
 MOE_API moe_status moe_context_synchronize(moe_context *ctx);
+
+/*
+ * Options: named switches of the kernels a context runs, for A/B runs,
+ * sweeps and tests; the defaults are what the library measured fastest.
+ * Each is stored in the context's backend and read by every later call on
+ * the context (existing layers included); none is read from the
+ * environment. Names and values (the first value listed is the default):
+ *
+ *   cpu.kernels             auto|portable|avx512|avx512bf16|amx
+ *                           the CPU kernel path (auto: AMX where usable,
+ *                           else AVX-512F on Intel, else AVX-512 BF16 where
+ *                           present, else portable C)
+ *   opencl.route            auto|serial|parallel   routing kernel (auto: a
+ *                           work-group per token on GPUs for ungrouped
+ *                           routing, else one work-item per token)
+ *   opencl.skinny           auto|64x4x1u2|64x4x4|64x4x4u2|64x8x4|128x4x8
+ *                           forces a skinny GEMM variant (also on CPU
+ *                           devices, which otherwise run the row kernel)
+ *   opencl.skinny_max_rows  integer >= 0, default 64: rows per expert up
+ *                           to which GPUs take the skinny GEMM
+ *   cuda.path               auto|decode|stream|wgmma|mma   forces a forward
+ *                           path where it can run (decode: the shape fits
+ *                           decode.cu; stream, wgmma: sm_90a code, TMA-able
+ *                           shapes, 16-byte aligned x); elsewhere auto's
+ *                           choice; mma: always the mma.sync tiles
+ *   cuda.tile               auto|gemv|16x32|16x64|16x64k64|16x128|16x32k256|
+ *                           32x64|32x128|64x128|128x128|128x128k64|128x256
+ *                           forces a tile of the mma.sync path (gemv: the
+ *                           CUDA-core kernel); a forced tile keeps decode off
+ *   cuda.gemv_max_rows      integer >= 0, default 1: rows per expert up to
+ *                           which the mma path streams weights on the CUDA
+ *                           cores (0: never)
+ *   cuda.routing            auto|warp|reference   routing kernel (auto: the
+ *                           block by ranks for a few tokens, else a warp per
+ *                           token; reference: one thread per token)
+ *   cuda.decode_pdl         on|off   overlapped launches of the decode
+ *                           kernels (Hopper)
+ *   cuda.decode_persistent  on|off   one-wave grids for the decode kernels
+ *                           (off: grids as large as the work)
+ *   cuda.wgmma_bn           auto|128|256   column tile of the wgmma path
+ *   cuda.pdl                off|on   programmatic dependent launch of the
+ *                           other kernels (Hopper)
+ *
+ * An option of another backend is checked and has no effect, so one list
+ * serves every backend. A layer with moe_config.batch_invariant set runs
+ * its one fixed plan whatever the kernel options say.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (an unknown name, or a value not
+ *         in the option's list or range), UNSUPPORTED (a valid value this
+ *         device or build cannot run, e.g. cpu.kernels=amx without AMX;
+ *         nothing changes).
+ */
+MOE_API moe_status moe_context_set_option(moe_context *ctx, const char *name, const char *value);
+
+/* Writes the value of an option as last set on ctx (the default if never
+ * set), NUL-terminated, into value (size bytes).
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (unknown name), BUFFER_TOO_SMALL. */
+MOE_API moe_status moe_context_get_option(moe_context *ctx, const char *name, char *value,
+                                          size_t size);
 
 /* The message of the last failing call on ctx, or of this thread when ctx
  * is NULL. Owned by the library; valid until the next failing call. */
@@ -238,10 +296,17 @@ typedef struct moe_config {
   float swiglu_limit;          /* SWIGLU_CLAMP only; default 7.0 */
   moe_weight_layout weight_layout;
   moe_router_weight router_weight;
+  int32_t batch_invariant; /* nonzero: a token's output does not depend on
+                              the other tokens of its batch (nor on T):
+                              every forward runs one kernel configuration
+                              with a fixed reduction order. Costs speed at
+                              the sizes the fixed plan does not suit (see
+                              README, "Batch invariance"). Default 0. */
 } moe_config;
 
 /* Fills cfg with defaults: softmax, no renormalize, no groups, scaling 1,
- * SwiGLU (alpha 1.702, limit 7), OUT_IN layout, weight on output, and zero
+ * SwiGLU (alpha 1.702, limit 7), OUT_IN layout, weight on output, not
+ * batch invariant, and zero
  * sizes that the caller must set. No-op for NULL. */
 MOE_API void moe_config_init(moe_config *cfg);
 
@@ -310,6 +375,22 @@ MOE_API moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens);
  */
 MOE_API moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
                                      const moe_buffer *logits, moe_buffer *out);
+
+/*
+ * Writes a one-line, human-readable description of what
+ * moe_layer_forward(layer, num_tokens, ...) would run now, on the backend
+ * and with the options of the layer's context: the backend and device, the
+ * path and kernels, align's row block, capacities and splits where the
+ * backend knows them (the GEMM kernels and, on CUDA, the plan's own
+ * decision; x is assumed 16-byte aligned). Reserve first: a CUDA layer
+ * chooses its Hopper paths only once it has a workspace. For logs and
+ * A/B runs; the format may change between versions.
+ * Errors: NULL_POINTER (layer, text), INVALID_ARGUMENT (num_tokens < 1),
+ *         UNSUPPORTED (num_tokens * top_k beyond int32), BUFFER_TOO_SMALL
+ *         (size below the description's length + 1; text untouched).
+ */
+MOE_API moe_status moe_layer_describe(moe_layer *layer, int64_t num_tokens, char *text,
+                                      size_t size);
 
 /* ------------------------------------------------------------------------ */
 /* Stages, for engines that compose their own pipeline                      */

@@ -112,7 +112,7 @@ for step in "${@:-all}"; do
   profile) step_profile ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl
-    suite opencl-suite-parallel-route MOE_TEST_BACKEND=opencl MOE_OPENCL_ROUTE=parallel
+    suite opencl-suite-parallel-route MOE_TEST_BACKEND=opencl MOE_TEST_OPTIONS=opencl.route=parallel
     ;;
   all)
     step_build || exit 1

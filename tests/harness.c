@@ -1,8 +1,9 @@
 /*
  * harness.c - the shared machinery of the moe_tests suite (see harness.h)
- * and its main(): pick the backend from MOE_TEST_BACKEND, report a backend
- * without a device as skipped (exit 77, which CTest shows as skipped), and
- * hand over to Criterion.
+ * and its main(): pick the backend from MOE_TEST_BACKEND and the context
+ * options from MOE_TEST_OPTIONS, report a backend without a device (or an
+ * option the device cannot run) as skipped (exit 77, which CTest shows as
+ * skipped), and hand over to Criterion.
  */
 #include "harness.h"
 
@@ -50,11 +51,38 @@ static void destroy_contexts(void) {
   test_ctx = other_ctx = cpu_ctx = NULL;
 }
 
-static moe_context *create_context(moe_backend backend) {
+moe_status th_apply_test_options(moe_context *ctx, char *failed, size_t failed_size) {
+  const char *list = getenv("MOE_TEST_OPTIONS");
+  if (!list) return MOE_SUCCESS;
+  char copy[1024];
+  snprintf(copy, sizeof copy, "%s", list);
+  char *save = NULL;
+  for (char *item = strtok_r(copy, ",", &save); item; item = strtok_r(NULL, ",", &save)) {
+    char *eq = strchr(item, '=');
+    if (!eq) {
+      snprintf(failed, failed_size, "%s (not name=value)", item);
+      return MOE_ERROR_INVALID_ARGUMENT;
+    }
+    *eq = '\0';
+    const moe_status st = moe_context_set_option(ctx, item, eq + 1);
+    if (st != MOE_SUCCESS) {
+      snprintf(failed, failed_size, "%s=%s: %s", item, eq + 1, moe_last_error(ctx));
+      return st;
+    }
+  }
+  return MOE_SUCCESS;
+}
+
+/* A context of the backend with MOE_TEST_OPTIONS applied when `options`. */
+static moe_context *create_context(moe_backend backend, bool options) {
   moe_context *ctx = NULL;
   moe_status status = moe_context_create(backend, 0, &ctx);
   cr_assert(status == MOE_SUCCESS, "moe_context_create(%s) failed: %s (%s)",
             moe_backend_name(backend), moe_status_string(status), moe_last_error(NULL));
+  char failed[1200] = "";
+  status = options ? th_apply_test_options(ctx, failed, sizeof failed) : MOE_SUCCESS;
+  if (status != MOE_SUCCESS) moe_context_destroy(ctx);
+  cr_assert(status == MOE_SUCCESS, "MOE_TEST_OPTIONS: %s", failed);
   return ctx;
 }
 
@@ -63,20 +91,20 @@ moe_context *th_ctx(void) {
     moe_backend backend = MOE_BACKEND_CPU;
     cr_assert(th_backend_from_env(&backend, &test_backend_name),
               "MOE_TEST_BACKEND=%s is not cpu, cuda or opencl", test_backend_name);
-    test_ctx = create_context(backend);
+    test_ctx = create_context(backend, true);
     atexit(destroy_contexts);
   }
   return test_ctx;
 }
 
 moe_context *th_other_ctx(void) {
-  if (!other_ctx) other_ctx = create_context(moe_context_backend(th_ctx()));
+  if (!other_ctx) other_ctx = create_context(moe_context_backend(th_ctx()), true);
   return other_ctx;
 }
 
 moe_context *th_cpu_ctx(void) {
   if (moe_context_backend(th_ctx()) == MOE_BACKEND_CPU) return NULL;
-  if (!cpu_ctx) cpu_ctx = create_context(MOE_BACKEND_CPU);
+  if (!cpu_ctx) cpu_ctx = create_context(MOE_BACKEND_CPU, false); /* the reference: defaults */
   return cpu_ctx;
 }
 
@@ -115,12 +143,12 @@ void th_case(const char *fmt, ...) {
 
 const char *th_repro(void) {
   static char line[2048];
-  const char *kernels = getenv("MOE_CPU_KERNELS");
+  const char *options = getenv("MOE_TEST_OPTIONS");
   const char *huge = getenv("MOE_TEST_HUGE");
   const char *backend = getenv("MOE_TEST_BACKEND");
   snprintf(line, sizeof line, "MOE_TEST_BACKEND=%s%s%s%s ./moe_tests --filter '%s/%s'  [%s]",
-           backend && *backend ? backend : "cpu", kernels ? " MOE_CPU_KERNELS=" : "",
-           kernels ? kernels : "", huge ? " MOE_TEST_HUGE=1" : "",
+           backend && *backend ? backend : "cpu", options ? " MOE_TEST_OPTIONS=" : "",
+           options ? options : "", huge ? " MOE_TEST_HUGE=1" : "",
            criterion_current_suite ? criterion_current_suite->name : "?",
            criterion_current_test ? criterion_current_test->name : "?", case_text);
   return line;
@@ -135,7 +163,7 @@ const char *th_config_text(const moe_config *cfg) {
              (int)cfg->topk_groups,
              cfg->group_scoring == MOE_GROUP_SCORING_TOP2_SUM ? "top2sum" : "max");
   snprintf(text, sizeof text,
-           "H=%lld I=%lld E=%d EL=%d k=%d %s%s%s scale=%g act=%s%s layout=%s weight_on=%s",
+           "H=%lld I=%lld E=%d EL=%d k=%d %s%s%s scale=%g act=%s%s layout=%s weight_on=%s%s",
            (long long)cfg->hidden_size, (long long)cfg->intermediate_size, (int)cfg->num_experts,
            (int)(cfg->num_local_experts ? cfg->num_local_experts : cfg->num_experts),
            (int)cfg->top_k, cfg->scoring == MOE_SCORING_SIGMOID ? "sigmoid" : "softmax",
@@ -143,7 +171,8 @@ const char *th_config_text(const moe_config *cfg) {
            (unsigned)cfg->activation < 3 ? activations[cfg->activation] : "?",
            cfg->activation == MOE_ACTIVATION_SWIGLU_CLAMP ? "(alpha,limit)" : "",
            cfg->weight_layout == MOE_WEIGHT_LAYOUT_IN_OUT ? "in_out" : "out_in",
-           cfg->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT ? "input" : "output");
+           cfg->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT ? "input" : "output",
+           cfg->batch_invariant ? " batch_invariant" : "");
   return text;
 }
 
@@ -618,6 +647,19 @@ __attribute__((visibility("default"))) int main(int argc, char *argv[]) {
     fprintf(stderr, "moe_tests: cannot create a %s context: %s (%s)\n", name,
             moe_status_string(status), moe_last_error(NULL));
     return 1;
+  }
+  char failed[1200] = "";
+  status = th_apply_test_options(ctx, failed, sizeof failed);
+  if (status == MOE_ERROR_UNSUPPORTED) {
+    printf("SKIPPED: backend %s on %s cannot run MOE_TEST_OPTIONS %s\n", name,
+           moe_context_device_name(ctx), failed);
+    moe_context_destroy(ctx);
+    return 77;
+  }
+  if (status != MOE_SUCCESS) {
+    fprintf(stderr, "moe_tests: MOE_TEST_OPTIONS: %s\n", failed);
+    moe_context_destroy(ctx);
+    return 2;
   }
   printf("moe_tests: backend %s on %s\n", name, moe_context_device_name(ctx));
   fflush(stdout);

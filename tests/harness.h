@@ -26,7 +26,13 @@
  * name. */
 bool th_backend_from_env(moe_backend *backend, const char **name);
 
-/* The context of the backend under test (created once per test process). */
+/* Applies MOE_TEST_OPTIONS ("name=value,name=value", read only by the
+ * harness: CTest entries that force a kernel path set it) to ctx with
+ * moe_context_set_option; on failure writes which one into failed. */
+moe_status th_apply_test_options(moe_context *ctx, char *failed, size_t failed_size);
+
+/* The context of the backend under test (created once per test process),
+ * with MOE_TEST_OPTIONS applied. */
 moe_context *th_ctx(void);
 /* A second context of the same backend, for CONTEXT_MISMATCH cases. */
 moe_context *th_other_ctx(void);

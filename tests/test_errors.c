@@ -179,6 +179,64 @@ Test(errors, context_create) {
   fixture_free(&fx);
 }
 
+Test(errors, context_set_option) {
+  fixture fx = fixture_make();
+  typedef struct {
+    moe_context *ctx;
+    const char *name, *value;
+  } ARGS;
+  /* An option of every backend, so the row is valid whichever runs. */
+  const ARGS valid = {fx.ctx, "cuda.wgmma_bn", "256"};
+#define FUNCTION "moe_context_set_option"
+#define CALL(a) moe_context_set_option(a.ctx, a.name, a.value)
+  ROW(MOE_ERROR_NULL_POINTER, NULL, a.ctx = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.name = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.value = NULL);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cuda.no_such_option");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.value = "512");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.value = "");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cpu.kernels"; a.value = "avx2");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cpu.kernels"; a.value = "Auto");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cuda.path"; a.value = "decode|mma");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cuda.gemv_max_rows"; a.value = "-1");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cuda.gemv_max_rows"; a.value = "4x");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "cuda.gemv_max_rows"; a.value = "3000000000");
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "opencl.skinny_max_rows"; a.value = " 4");
+  ROW(MOE_SUCCESS, fx.ctx, NONE);
+#undef FUNCTION
+#undef CALL
+  fixture_free(&fx);
+}
+
+Test(errors, context_get_option) {
+  fixture fx = fixture_make();
+  char value[64];
+  memset(value, 0x5a, sizeof value);
+  typedef struct {
+    moe_context *ctx;
+    const char *name;
+    char *value;
+    size_t size;
+  } ARGS;
+  const ARGS valid = {fx.ctx, "cuda.wgmma_bn", value, sizeof value};
+#define FUNCTION "moe_context_get_option"
+#define CALL(a) moe_context_get_option(a.ctx, a.name, a.value, a.size)
+  ROW(MOE_ERROR_NULL_POINTER, NULL, a.ctx = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.name = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.value = NULL);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.name = "path");
+  ROW(MOE_ERROR_BUFFER_TOO_SMALL, fx.ctx, a.size = 0);
+  ROW(MOE_ERROR_BUFFER_TOO_SMALL, fx.ctx, a.size = 4); /* "auto" needs 5 */
+  for (size_t i = 0; i < sizeof value; ++i)
+    TH_ASSERT(value[i] == 0x5a, "a failing moe_context_get_option wrote value[%zu]", i);
+  ROW(MOE_SUCCESS, fx.ctx, a.size = 5);
+  TH_ASSERT(strcmp(value, "auto") == 0, "cuda.wgmma_bn reads \"%s\", want the default auto", value);
+#undef FUNCTION
+#undef CALL
+  fixture_free(&fx);
+}
+
 /* ---- Buffers ---------------------------------------------------------- */
 
 Test(errors, buffer_create) {
@@ -474,6 +532,37 @@ Test(errors, layer_forward) {
   ROW(MOE_ERROR_CONTEXT_MISMATCH, fx.ctx, a.x = f.x_other);
   ROW(MOE_ERROR_CONTEXT_MISMATCH, fx.ctx, a.logits = f.logits_other);
   ROW(MOE_ERROR_CONTEXT_MISMATCH, fx.ctx, a.out = f.out_other);
+  ROW(MOE_SUCCESS, fx.ctx, NONE);
+#undef FUNCTION
+#undef CALL
+  forward_fixture_free(&f);
+  fixture_free(&fx);
+}
+
+Test(errors, layer_describe) {
+  fixture fx = fixture_make();
+  forward_fixture f;
+  forward_fixture_make(&f, &fx);
+  char text[512];
+  memset(text, 0x5a, sizeof text);
+  typedef struct {
+    moe_layer *layer;
+    int64_t T;
+    char *text;
+    size_t size;
+  } ARGS;
+  const ARGS valid = {f.layer, 4, text, sizeof text};
+#define FUNCTION "moe_layer_describe"
+#define CALL(a) moe_layer_describe(a.layer, a.T, a.text, a.size)
+  ROW(MOE_ERROR_NULL_POINTER, NULL, a.layer = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.text = NULL);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.T = 0);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.T = -3);
+  ROW(MOE_ERROR_UNSUPPORTED, fx.ctx, a.T = INT64_MAX);
+  ROW(MOE_ERROR_BUFFER_TOO_SMALL, fx.ctx, a.size = 0);
+  ROW(MOE_ERROR_BUFFER_TOO_SMALL, fx.ctx, a.size = 8);
+  for (size_t i = 0; i < sizeof text; ++i)
+    TH_ASSERT(text[i] == 0x5a, "a failing moe_layer_describe wrote text[%zu]", i);
   ROW(MOE_SUCCESS, fx.ctx, NONE);
 #undef FUNCTION
 #undef CALL

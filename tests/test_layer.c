@@ -425,14 +425,19 @@ Test(layer, reruns_are_bitwise_identical) {
 }
 
 /* Backends that promise that a token's output does not depend on the other
- * tokens of its batch (cpu: see backends/cpu/cpu_backend.c). */
+ * tokens of its batch without the layer option (cpu: see
+ * backends/cpu/cpu_backend.c); with moe_config.batch_invariant every
+ * backend promises it. */
 static bool promises_batch_invariance(moe_backend backend) {
   return backend == MOE_BACKEND_CPU;
 }
 
-Test(layer, batch_invariance) {
-  const int64_t T = 200, H = 67;
-  th_layer_spec s = spec(T, H, 129, 16, 4, 0x652);
+/* A token's output computed alone, and in batches of other sizes and
+ * offsets, against the batch of 200; `invariant` sets the layer option. */
+static void batch_invariance_case(bool invariant, int64_t H, int64_t I, uint64_t seed) {
+  const int64_t T = 200;
+  th_layer_spec s = spec(T, H, I, 16, 4, seed);
+  s.cfg.batch_invariant = invariant;
   th_layer_data d;
   th_layer_data_make(&d, &s);
   uint16_t *batch = th_malloc((size_t)(T * H) * 2), *part = th_malloc((size_t)(T * H) * 2);
@@ -455,12 +460,24 @@ Test(layer, batch_invariance) {
   free(batch);
   free(part);
   th_layer_data_free(&d);
-  if (*differs && !promises_batch_invariance(moe_context_backend(ctx)))
-    cr_skip_test("not supported on %s: batch invariance is not promised; computed apart, these "
-                 "differ in some bits from the batch of %lld:%s",
+  if (*differs && !invariant && !promises_batch_invariance(moe_context_backend(ctx)))
+    cr_skip_test("not supported on %s: batch invariance is not promised without the layer "
+                 "option; computed apart, these differ in some bits from the batch of %lld:%s",
                  th_backend_name(), (long long)T, differs);
   TH_ASSERT(!*differs, "computed apart, these differ in some bits from the batch of %lld:%s",
             (long long)T, differs);
+}
+
+Test(layer, batch_invariance) {
+  batch_invariance_case(false, 67, 129, 0x652);
+}
+
+/* moe_config.batch_invariant: every backend, odd sizes (the reference
+ * kernels on GPUs) and sizes that are multiples of 8 (the tensor-core and
+ * tiled kernels, which by default change with T). */
+Test(layer, batch_invariance_option) {
+  batch_invariance_case(true, 67, 129, 0x653);
+  batch_invariance_case(true, 256, 384, 0x654);
 }
 
 /* ---- Reservation and T = 0 -------------------------------------------- */
@@ -574,24 +591,21 @@ Test(layer, cpu_kernel_paths_agree_bitwise) {
   const size_t bytes = (size_t)(65 * 129) * 2;
   uint16_t *out[2] = {th_malloc(bytes), th_malloc(bytes)};
   const char *paths[2] = {"portable", "avx512"};
-  char *saved = getenv("MOE_CPU_KERNELS") ? strdup(getenv("MOE_CPU_KERNELS")) : NULL;
   for (int p = 0; p < 2; ++p) {
-    setenv("MOE_CPU_KERNELS", paths[p], 1);
     moe_context *ctx = NULL;
-    moe_status st = moe_context_create(MOE_BACKEND_CPU, 0, &ctx);
-    if (st != MOE_SUCCESS || !strstr(moe_context_device_name(ctx), paths[p])) {
-      const char *name = ctx ? moe_context_device_name(ctx) : moe_last_error(NULL);
+    TH_OK(moe_context_create(MOE_BACKEND_CPU, 0, &ctx));
+    const moe_status st = moe_context_set_option(ctx, "cpu.kernels", paths[p]);
+    if (st == MOE_ERROR_UNSUPPORTED) {
       moe_context_destroy(ctx);
-      cr_skip_test("not supported on this machine: no %s kernel path (%s)", paths[p], name);
+      cr_skip_test("not supported on this machine: no %s kernel path", paths[p]);
     }
+    TH_OK(st);
+    TH_ASSERT(strstr(moe_context_device_name(ctx), paths[p]),
+              "cpu.kernels = %s, but the device name is \"%s\"", paths[p],
+              moe_context_device_name(ctx));
     layer_run_on(ctx, &d, out[p]);
     moe_context_destroy(ctx);
   }
-  if (saved)
-    setenv("MOE_CPU_KERNELS", saved, 1);
-  else
-    unsetenv("MOE_CPU_KERNELS");
-  free(saved);
   check_layer_output(&d, out[0]);
   TH_ASSERT(memcmp(out[0], out[1], bytes) == 0, "the portable and avx512 paths differ");
   free(out[0]);

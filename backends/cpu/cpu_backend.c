@@ -3,7 +3,7 @@
  * creation), host buffers, the stages, and the layer (weights repacked at
  * creation, workspace at reserve, fused forward without allocation).
  *
- * Kernel paths (MOE_CPU_KERNELS=portable|avx512|avx512bf16|amx|auto,
+ * Kernel paths (option cpu.kernels = auto|portable|avx512|avx512bf16|amx,
  * default auto = the fastest the CPU supports, see cpu_auto_level): "amx"
  * (TDPBF16PS tiles, cpu_kernels_amx.c), "avx512bf16"
  * (vdpbf16ps), "avx512" (AVX-512F, bf16 widened by shifts, fp32 FMA),
@@ -51,7 +51,8 @@ _Static_assert(MOE_ACT_SWIGLU == (int)MOE_ACTIVATION_SWIGLU &&
 #define ALIGNMENT 64
 
 typedef struct cpu_state {
-  const cpu_kernel_path *path;
+  const cpu_kernel_path *path; /* option cpu.kernels */
+  int best_level;              /* the fastest path this CPU and build can run */
   int threads;
 } cpu_state;
 
@@ -142,35 +143,42 @@ static void cpu_model_name(char *name, size_t size) {
   fclose(f);
 }
 
-static moe_status cpu_context_create(int device, void **state, char *name, size_t name_size) {
-  (void)device;
-  const int best = cpu_best_level();
-  int level = cpu_auto_level(best);
-  const char *env = getenv("MOE_CPU_KERNELS");
-  if (env && *env && strcmp(env, "auto") != 0) {
-    static const char *const names[] = {"portable", "avx512", "avx512bf16", "amx"};
-    level = -1;
-    for (int i = 0; i < 4; ++i)
-      if (strcmp(env, names[i]) == 0) level = i;
-    if (level < 0)
-      return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
-                           "MOE_CPU_KERNELS = \"%s\" is not one of portable, avx512, avx512bf16, "
-                           "amx, auto",
-                           env);
-    if (level > best)
-      return moe_set_error(MOE_ERROR_BACKEND_UNAVAILABLE,
-                           "MOE_CPU_KERNELS = %s, but this CPU (or build) supports only %s", env,
-                           names[best]);
-  }
-  cpu_state *st = malloc(sizeof *st);
-  if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CPU state");
-  st->path = path_of_level(level);
-  st->threads = omp_get_max_threads();
+/* "model [path] N threads": the device name shows the kernel path. */
+static void cpu_device_name(const cpu_state *st, char *name, size_t name_size) {
   char model[192];
   cpu_model_name(model, sizeof model);
   snprintf(name, name_size, "%s [%s] %d thread%s", model, st->path->name, st->threads,
            st->threads == 1 ? "" : "s");
+}
+
+static moe_status cpu_context_create(int device, void **state, char *name, size_t name_size) {
+  (void)device;
+  cpu_state *st = malloc(sizeof *st);
+  if (!st) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate the CPU state");
+  st->best_level = cpu_best_level();
+  st->path = path_of_level(cpu_auto_level(st->best_level));
+  st->threads = omp_get_max_threads();
+  cpu_device_name(st, name, name_size);
   *state = st;
+  return MOE_SUCCESS;
+}
+
+/* cpu.kernels: auto, or a path by name (choice 1 + its level). The packed
+ * weights are the same for every path, so existing layers follow. */
+static moe_status cpu_set_option(void *state, moe_option_id id, const char *value, int64_t parsed,
+                                 char *name, size_t name_size) {
+  cpu_state *st = state;
+  if (id != MOE_OPTION_CPU_KERNELS)
+    return moe_set_error(MOE_ERROR_INTERNAL, "the CPU backend has no option %d", (int)id);
+  static const char *const names[] = {"portable", "avx512", "avx512bf16", "amx"};
+  const int level = parsed == MOE_CPU_KERNELS_AUTO ? cpu_auto_level(st->best_level)
+                                                   : (int)parsed - MOE_CPU_KERNELS_PORTABLE;
+  if (level > st->best_level)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED,
+                         "cpu.kernels = %s, but this CPU (or build) supports only %s", value,
+                         names[st->best_level]);
+  st->path = path_of_level(level);
+  cpu_device_name(st, name, name_size);
   return MOE_SUCCESS;
 }
 
@@ -681,6 +689,22 @@ static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens,
   return MOE_SUCCESS;
 }
 
+/* The CPU forward has one plan for every T (hence batch invariant, with
+ * or without the layer option): host route and align with block_m 1, the
+ * two GEMMs on the context's kernel path, the reduce in slot order. */
+static moe_status cpu_layer_describe(void *state, const void *impl, int64_t num_tokens, char *text,
+                                     size_t size) {
+  const cpu_state *st = state;
+  const cpu_layer *l = impl;
+  const int64_t slots = num_tokens * l->cfg.top_k;
+  snprintf(text, size,
+           "route and align on the host (block_m 1: %lld sorted rows, no padding); GEMM1 with "
+           "the activation, GEMM2 with the routed weight on the %s kernels, %d threads; reduce "
+           "in slot order; batch invariant",
+           (long long)slots, st->path->name, call_threads(l->ws.threads));
+  return MOE_SUCCESS;
+}
+
 const moe_backend_ops moe_cpu_backend_ops = {
     .name = "cpu",
     .kind = MOE_BACKEND_CPU,
@@ -701,4 +725,6 @@ const moe_backend_ops moe_cpu_backend_ops = {
     .layer_destroy = cpu_layer_destroy,
     .layer_reserve = cpu_layer_reserve,
     .layer_forward = cpu_layer_forward,
+    .set_option = cpu_set_option,
+    .layer_describe = cpu_layer_describe,
 };

@@ -37,7 +37,7 @@
  * up to 3 rows with 4 panels in flight, the shape that streams weights at
  * DRAM speed; from 4 rows AMX does at least 4x the multiply work per weight
  * byte loaded. Not yet tuned on an AMX machine: bench/results.md, section
- * "CPU AMX path", says how to sweep it (MOE_CPU_KERNELS=avx512bf16 vs amx
+ * "CPU AMX path", says how to sweep it (option cpu.kernels=avx512bf16 vs amx
  * at 1, 4, 16 tokens). Must stay <= CPU_MR_MAX + 1. */
 #define CPU_AMX_MIN_ROWS 4
 
@@ -123,7 +123,7 @@ static void amx_init(void) {
       !(granted & (1ul << XFEATURE_XTILEDATA)))
     return;
   amx_usable = 1;
-  /* MOE_CPU_KERNELS=amx chooses this path; no new variable to force the
+  /* Option cpu.kernels=amx chooses this path; no new option to force the
    * split off is needed: where the probe fails it is off. */
   amx_split_rows = split_rows_probe() ? CPU_AMX_MIN_ROWS : 0;
 }

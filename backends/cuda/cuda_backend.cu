@@ -12,8 +12,8 @@
  * gemm_wgmma.cu instead: align with 128-row blocks -> permute the token rows
  * into sorted order -> GEMM1 -> GEMM2 -> the same reduce; its TMA maps are
  * encoded at layer creation (weights) and at reserve (workspace).
- * MOE_CUDA_PREFILL=wgmma forces that path wherever it can run, =mma keeps it
- * off. The forward allocates nothing and never waits for the host, so it can
+ * Option cuda.path=wgmma forces that path wherever it can run, =mma keeps
+ * it off. The forward allocates nothing and never waits for the host, so it can
  * be captured into a CUDA graph on the context's stream.
  */
 #include "cuda_context.h"
@@ -76,8 +76,15 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->sm_count = prop.multiProcessorCount;
   st->wgmma = wgmma;
   st->hopper = prop.major >= 9;
-  const char *pdl = getenv("MOE_CUDA_PDL");
-  st->pdl = prop.major >= 9 && pdl && strcmp(pdl, "1") == 0;
+  /* The options' defaults (core/options.c). */
+  st->pdl = false;
+  st->path_option = MOE_CUDA_PATH_AUTO;
+  st->tile_option[0] = '\0';
+  st->gemv_max_rows = -1; /* grouped_gemm.cu's GEMV_MAX_ROWS_PER_EXPERT */
+  st->routing_option = MOE_CUDA_ROUTING_AUTO;
+  st->decode_pdl = true;
+  st->decode_persistent = true;
+  st->wgmma_bn_option = 0;
   if (own_stream) {
     moe_status s = cuda_status(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking),
                                "cudaStreamCreateWithFlags");
@@ -510,8 +517,11 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
  * elsewhere (sm_80, shapes TMA cannot take, unaligned x) decode or the
  * mma.sync tiles of grouped_gemm.cu's table. The thresholds are data
  * (hopper_tuning), measured in bench/cuda_notes.md items 17-18.
- * MOE_CUDA_PREFILL=stream|wgmma forces a Hopper path wherever it can run,
- * =mma keeps both off (A/B runs and tests); read at every forward.
+ * Option cuda.path=stream|wgmma forces a Hopper path wherever it can run,
+ * =decode the decode path wherever its shape fits, =mma the mma.sync tiles
+ * (A/B runs and tests). A batch-invariant layer always gets the mma.sync
+ * tiles with one block_m and one tile (CUDA_FIXED_TILE_BLOCK_M): no
+ * decode, no stream or wgmma, no split, one routing kernel.
  */
 enum cuda_path { CUDA_PATH_DECODE, CUDA_PATH_STREAM, CUDA_PATH_WGMMA, CUDA_PATH_MMA };
 
@@ -540,19 +550,99 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
                               const cuda_decode *d) {
   const moe_config *c = &l->cfg;
   const int64_t slots = T * c->top_k, rows = cuda_rows_per_expert(slots, c->num_local_experts);
-  const char *env = getenv("MOE_CUDA_PREFILL");
-  const bool force_stream = env && strcmp(env, "stream") == 0;
-  const bool force_wgmma = env && strcmp(env, "wgmma") == 0;
-  const bool hopper =
-      l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !(env && strcmp(env, "mma") == 0);
+  if (c->batch_invariant) return {CUDA_PATH_MMA, CUDA_FIXED_TILE_BLOCK_M};
+  const int option = st->path_option;
+  const bool force_stream = option == MOE_CUDA_PATH_STREAM;
+  const bool force_wgmma = option == MOE_CUDA_PATH_WGMMA;
+  const bool force_mma = option == MOE_CUDA_PATH_MMA;
+  const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
   if (hopper && force_wgmma) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
   if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(rows)};
-  if (cuda_decode_wanted(d)) return {CUDA_PATH_DECODE, 0};
+  if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0};
   if (hopper)
     return rows >= hopper_tuning.wgmma_min_rows ? cuda_plan{CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M}
                                                 : cuda_plan{CUDA_PATH_STREAM, stream_block(rows)};
   return {CUDA_PATH_MMA, cuda_gemm_pick_block_m(st, slots, c->num_local_experts,
                                                 2 * c->intermediate_size, c->hidden_size)};
+}
+
+/* The decode kernels' arguments for a forward of T tokens (plan_forward
+ * reads them to decide whether the decode path fits). */
+static cuda_decode decode_args(const cuda_layer *l, int64_t T, const void *x, void *out) {
+  const moe_config *c = &l->cfg;
+  cuda_decode d;
+  memset(&d, 0, sizeof d);
+  d.x = (const bf16 *)x;
+  d.w13 = l->w13;
+  d.w2 = l->w2;
+  d.w13_bias = l->w13_bias;
+  d.w2_bias = l->w2_bias;
+  d.topk_ids = l->topk_ids;
+  d.topk_weights = l->topk_weights;
+  d.expert_map = l->expert_map;
+  d.h = l->h;
+  d.out = (bf16 *)out;
+  d.num_tokens = T;
+  d.top_k = c->top_k;
+  d.num_experts = c->num_experts;
+  d.num_local = c->num_local_experts;
+  d.hidden = (int32_t)c->hidden_size;
+  d.inter = (int32_t)c->intermediate_size;
+  d.weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+  d.activation = c->activation;
+  d.alpha = c->swiglu_alpha;
+  d.limit = c->swiglu_limit;
+  return d;
+}
+
+/* What plan_forward decides for T tokens, as text (moe_layer_describe);
+ * x is taken as 16-byte aligned. */
+static void describe_plan(const cuda_state *st, const cuda_layer *l, int64_t T, char *text,
+                          size_t size) {
+  const moe_config *c = &l->cfg;
+  alignas(16) static const unsigned char aligned[16] = {0}; /* only its address is read */
+  const cuda_decode d = decode_args(l, T, aligned, NULL);
+  const cuda_plan plan = plan_forward(st, l, T, aligned, &d);
+  const int64_t slots = T * c->top_k, EL = c->num_local_experts;
+  const int64_t rows = cuda_rows_per_expert(slots, EL);
+  if (plan.path == CUDA_PATH_DECODE) {
+    snprintf(text, size,
+             "decode path: route, GEMM1 with the activation and GEMM2 with the top-k reduce on "
+             "the CUDA cores (weights indexed by each slot's expert, no align; %s launches, "
+             "%s grids)",
+             st->hopper && st->decode_pdl ? "overlapped" : "plain",
+             st->decode_persistent ? "one-wave" : "work-sized");
+    return;
+  }
+  const int64_t bm = plan.block_m, sorted_capacity = slots + EL * (bm - 1);
+  const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, bm);
+  const int n =
+      snprintf(text, size,
+               "route and align (block_m %lld, sorted capacity %lld, at most %lld "
+               "padded rows, %lld rows per touched expert), ",
+               (long long)bm, (long long)sorted_capacity, (long long)rows_bound, (long long)rows);
+  if (n < 0 || (size_t)n >= size) return;
+  text += n, size -= (size_t)n;
+  switch (plan.path) {
+  case CUDA_PATH_STREAM:
+    snprintf(text, size,
+             "permute, GEMM1 and GEMM2 streaming the weights on wgmma (token block %lld, K "
+             "split where the grid's last round is short), reduce",
+             (long long)bm);
+    break;
+  case CUDA_PATH_WGMMA:
+    snprintf(text, size,
+             "permute, GEMM1 (BN %d) and GEMM2 (BN %d) on wgmma tiles fed by TMA, reduce",
+             cuda_wgmma_pick_bn(st, rows_bound, 2 * c->intermediate_size),
+             cuda_wgmma_pick_bn(st, rows_bound, c->hidden_size));
+    break;
+  default:
+    snprintf(text, size, "GEMM1 and GEMM2 on %s, reduce",
+             c->batch_invariant   ? "the 64x128 mma.sync tile (fixed), warp-per-token routing"
+             : st->tile_option[0] ? st->tile_option
+                                  : "the mma.sync tile table's tiles");
+    break;
+  }
 }
 
 /* Permute, GEMM1 and GEMM2 of the Hopper paths (wgmma tiles or weight
@@ -657,28 +747,7 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
 
   /* A few tokens: route, then the two decode kernels (no align, no
    * separate reduce). */
-  cuda_decode d;
-  memset(&d, 0, sizeof d);
-  d.x = (const bf16 *)x;
-  d.w13 = l->w13;
-  d.w2 = l->w2;
-  d.w13_bias = l->w13_bias;
-  d.w2_bias = l->w2_bias;
-  d.topk_ids = l->topk_ids;
-  d.topk_weights = l->topk_weights;
-  d.expert_map = l->expert_map;
-  d.h = l->h;
-  d.out = (bf16 *)out;
-  d.num_tokens = T;
-  d.top_k = k;
-  d.num_experts = c->num_experts;
-  d.num_local = EL;
-  d.hidden = (int32_t)H;
-  d.inter = (int32_t)I;
-  d.weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
-  d.activation = c->activation;
-  d.alpha = c->swiglu_alpha;
-  d.limit = c->swiglu_limit;
+  const cuda_decode d = decode_args(l, T, x, out);
   const cuda_plan plan = plan_forward(st, l, T, x, &d);
   if (plan.path == CUDA_PATH_DECODE) {
     CUDA_TRY(cuda_route(st, &route));
@@ -700,7 +769,12 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   align.sorted_token_ids = l->sorted_token_ids;
   align.expert_ids = l->expert_ids;
   align.num_tokens_post_padded = l->num_tokens_post_padded;
-  CUDA_TRY(cuda_route_align(st, &route, &align, l->align_scratch));
+  /* A batch-invariant layer routes with the warp per token whatever T (the
+   * rank routing of a few tokens may round the weights differently). */
+  cuda_state warp_routing = *st;
+  warp_routing.routing_option = MOE_CUDA_ROUTING_WARP;
+  CUDA_TRY(
+      cuda_route_align(c->batch_invariant ? &warp_routing : st, &route, &align, l->align_scratch));
 
   if (plan.path == CUDA_PATH_STREAM || plan.path == CUDA_PATH_WGMMA) {
     CUDA_TRY(hopper_forward(st, l, T, x, &plan));
@@ -736,6 +810,7 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   g1.activation = c->activation;
   g1.alpha = c->swiglu_alpha;
   g1.limit = c->swiglu_limit;
+  g1.fixed_tile = c->batch_invariant != 0;
   CUDA_TRY(cuda_gemm_run(st, &g1));
 
   cuda_gemm g2 = g1;
@@ -756,6 +831,49 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   g2.epilogue = CUDA_EPILOGUE_STORE;
   CUDA_TRY(cuda_gemm_run(st, &g2));
   return reduce_y(st, l, T, out);
+}
+
+static moe_status cuda_layer_describe(void *state, const void *layer, int64_t T, char *text,
+                                      size_t size) {
+  describe_plan((const cuda_state *)state, (const cuda_layer *)layer, T, text, size);
+  return MOE_SUCCESS;
+}
+
+/* Options: the core checked the value; the parsed choice or integer is
+ * kept for the plan and the launchers. */
+static moe_status cuda_set_option(void *state, moe_option_id id, const char *value, int64_t parsed,
+                                  char *name, size_t name_size) {
+  cuda_state *st = (cuda_state *)state;
+  (void)name, (void)name_size;
+  switch (id) {
+  case MOE_OPTION_CUDA_PATH:
+    st->path_option = (int)parsed;
+    break;
+  case MOE_OPTION_CUDA_TILE:
+    snprintf(st->tile_option, sizeof st->tile_option, "%s", parsed == 0 ? "" : value);
+    break;
+  case MOE_OPTION_CUDA_GEMV_MAX_ROWS:
+    st->gemv_max_rows = parsed;
+    break;
+  case MOE_OPTION_CUDA_ROUTING:
+    st->routing_option = (int)parsed;
+    break;
+  case MOE_OPTION_CUDA_DECODE_PDL:
+    st->decode_pdl = parsed == 0; /* on|off */
+    break;
+  case MOE_OPTION_CUDA_DECODE_PERSISTENT:
+    st->decode_persistent = parsed == 0; /* on|off */
+    break;
+  case MOE_OPTION_CUDA_WGMMA_BN:
+    st->wgmma_bn_option = parsed == 1 ? 128 : parsed == 2 ? 256 : 0;
+    break;
+  case MOE_OPTION_CUDA_PDL:
+    st->pdl = st->hopper && parsed == 1; /* off|on; only Hopper has it */
+    break;
+  default:
+    return moe_set_error(MOE_ERROR_INTERNAL, "the CUDA backend has no option %d", (int)id);
+  }
+  return MOE_SUCCESS;
 }
 
 /* ---- the table ---------------------------------------------------------- */
@@ -780,4 +898,6 @@ extern "C" const moe_backend_ops moe_cuda_backend_ops = {
     cuda_layer_destroy,      /* layer_destroy */
     cuda_layer_reserve,      /* layer_reserve: one workspace allocation */
     cuda_layer_forward,      /* layer_forward: no allocation, no host wait */
+    cuda_set_option,         /* set_option: kept in cuda_state */
+    cuda_layer_describe,     /* layer_describe: plan_forward's choice */
 };

@@ -18,10 +18,20 @@ struct cuda_state {
   cudaStream_t stream;
   bool owns_stream;
   int sm_count;
-  bool pdl;    /* programmatic dependent launch: MOE_CUDA_PDL=1 (Hopper), off by default
+  bool pdl;    /* programmatic dependent launch: option cuda.pdl=on (Hopper), off by default
                   (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
   bool wgmma;  /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
   bool hopper; /* compute capability 9.x: programmatic dependent launch */
+  /* Options (moe_context_set_option, core/options.c), set at creation to
+   * their defaults; the plan and the launchers read them, never the
+   * environment. */
+  int path_option;        /* cuda.path: MOE_CUDA_PATH_* */
+  char tile_option[16];   /* cuda.tile: "" (auto), "gemv" or a tile's name */
+  int64_t gemv_max_rows;  /* cuda.gemv_max_rows; -1: the measured default (1) */
+  int routing_option;     /* cuda.routing: MOE_CUDA_ROUTING_* */
+  bool decode_pdl;        /* cuda.decode_pdl */
+  bool decode_persistent; /* cuda.decode_persistent */
+  int wgmma_bn_option;    /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated
    * by the first reserve of a layer that can stream, counters zeroed. */
@@ -172,7 +182,13 @@ struct cuda_gemm {
   cuda_epilogue epilogue;
   moe_activation activation;
   float alpha, limit;
+  /* Host only: a batch-invariant layer's GEMM runs one tile whatever the
+   * rows (CUDA_FIXED_TILE_BLOCK_M rows), never the CUDA-core kernel. */
+  bool fixed_tile;
 };
+
+/* The row block of the one tile of batch-invariant layers. */
+#define CUDA_FIXED_TILE_BLOCK_M 64
 
 /* Sets the shared-memory limits of the GEMM kernels on the current device. */
 moe_status cuda_gemm_init(void);
@@ -232,9 +248,9 @@ struct cuda_decode {
 moe_status cuda_decode_init(void);
 
 /* Whether the forward takes the decode path: the shape fits it, and either
- * MOE_CUDA_DECODE=on or the default rule (few tokens) says so;
- * MOE_CUDA_DECODE=off keeps it off. Read at every forward. */
-bool cuda_decode_wanted(const cuda_decode *d);
+ * option cuda.path=decode or the default rule (few tokens) says so; a
+ * forced tile (cuda.tile) keeps it off. */
+bool cuda_decode_wanted(const cuda_state *st, const cuda_decode *d);
 
 /* Queues decode_up_kernel and decode_down_kernel; out gets the layer's
  * output, the reduce included. */
@@ -267,7 +283,7 @@ bool cuda_wgmma_init(void);
 bool cuda_tma_map_bf16(cuda_tma_map *map, const void *base, int64_t rows, int64_t cols,
                        int box_rows);
 
-/* The column tile (128 or 256; MOE_CUDA_WGMMA_BN forces one) for a GEMM of
+/* The column tile (128 or 256; option cuda.wgmma_bn forces one) for a GEMM of
  * at most rows_bound sorted rows and n columns. B maps are encoded with
  * this many rows per box. */
 int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n);

@@ -113,7 +113,7 @@ __device__ __forceinline__ float warp_sum(float v) {
  * grid-stride, one warp an item, consecutive warps on consecutive pairs
  * (contiguous weight rows). The grid is one wave (cuda_decode_run), so x
  * and the picks are staged once per CTA and no CTA waits for another to
- * leave (MOE_CUDA_DECODE_PERSISTENT=0: one item a warp, for A/B runs).
+ * leave (option cuda.decode_persistent=off: one item a warp, for A/B runs).
  * Shared: x[t] (hidden), then the local expert of each of t's picks.
  */
 __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda_decode p) {
@@ -195,7 +195,7 @@ __host__ __device__ inline int down_row_groups(int top_k) {
 /*
  * Grid: (CTAs per token, num_tokens); tile = row groups x DECODE_DOWN_ROWS
  * output rows, the CTAs of a token walk its tiles grid-stride (one wave,
- * as decode_up_kernel; MOE_CUDA_DECODE_PERSISTENT=0: one tile a CTA).
+ * as decode_up_kernel; cuda.decode_persistent=off: one tile a CTA).
  * Shared: h of t's k slots, staged once, then the partial dot products
  * [k][tile].
  * Each warp takes (pick j, row group) pairs. Its lanes own a row each
@@ -334,31 +334,27 @@ moe_status cuda_decode_init(void) {
                      "cudaFuncSetAttribute of decode_down_kernel");
 }
 
-bool cuda_decode_wanted(const cuda_decode *d) {
+bool cuda_decode_wanted(const cuda_state *st, const cuda_decode *d) {
   const bool fits = d->hidden % 8 == 0 && d->inter % 8 == 0 && ((uintptr_t)d->x & 15u) == 0 &&
                     up_smem(d) <= DECODE_MAX_SMEM && down_smem(d) <= DECODE_MAX_SMEM &&
                     /* decode_up_kernel's item index plus its grid stride stays an int */
                     d->num_tokens <= 65535 && 2 * (int64_t)d->top_k * d->inter <= INT32_MAX;
   if (!fits) return false;
-  const char *env = getenv("MOE_CUDA_DECODE");
-  if (env && strcmp(env, "off") == 0) return false;
-  if (env && strcmp(env, "on") == 0) return true;
-  const char *tile = getenv("MOE_CUDA_TILE"); /* a forced tile means the tile path */
-  if (tile && *tile) return false;
+  if (st->path_option == MOE_CUDA_PATH_DECODE) return true;
+  if (st->tile_option[0]) return false; /* a forced tile means the tile path */
   return decode_rule(d);
 }
 
-/* Overlapped launches (Hopper; MOE_CUDA_DECODE_PDL=0 turns them off). */
+/* Overlapped launches (Hopper; option cuda.decode_pdl=off turns them off). */
 static bool decode_pdl(const cuda_state *st) {
-  const char *env = getenv("MOE_CUDA_DECODE_PDL");
-  return st->hopper && !(env && strcmp(env, "0") == 0);
+  return st->hopper && st->decode_pdl;
 }
 
-/* MOE_CUDA_DECODE_PERSISTENT=0: one work item a warp (up) or a CTA (down),
- * the grid as large as the work, for A/B runs against the one-wave grid. */
-static bool decode_persistent(void) {
-  const char *env = getenv("MOE_CUDA_DECODE_PERSISTENT");
-  return !(env && strcmp(env, "0") == 0);
+/* Option cuda.decode_persistent=off: one work item a warp (up) or a CTA
+ * (down), the grid as large as the work, for A/B runs against the one-wave
+ * grid. */
+static bool decode_persistent(const cuda_state *st) {
+  return st->decode_persistent;
 }
 
 /* CTAs per token for `work` CTAs' worth of items: one wave of the device
@@ -366,7 +362,7 @@ static bool decode_persistent(void) {
  * occupancy query is host-side arithmetic: no stream work, capture-safe. */
 static unsigned grid_per_token(const cuda_state *st, const void *kernel, size_t smem, int64_t work,
                                int64_t num_tokens) {
-  if (!decode_persistent()) return (unsigned)work;
+  if (!decode_persistent(st)) return (unsigned)work;
   int per_sm = 0;
   if (cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, DECODE_WARPS * 32, smem) !=
       cudaSuccess) {

@@ -365,9 +365,7 @@ bool cuda_tma_map_bf16(cuda_tma_map *out, const void *base, int64_t rows, int64_
 }
 
 int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n) {
-  const char *env = getenv("MOE_CUDA_WGMMA_BN");
-  if (env && strcmp(env, "128") == 0) return 128;
-  if (env && strcmp(env, "256") == 0) return 256;
+  if (st->wgmma_bn_option == 128 || st->wgmma_bn_option == 256) return st->wgmma_bn_option;
   /* The wide tile (twice the arithmetic intensity per shared-memory byte)
    * unless it would leave SMs without a CTA. */
   const int64_t m_tiles = (rows_bound + WG_BM - 1) / WG_BM;

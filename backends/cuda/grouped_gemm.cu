@@ -32,8 +32,9 @@
  * Tile choice is data: tile_rules below maps rows per expert to a tile (the
  * H200 sweeps behind it are in bench/cuda_notes.md); for 16-row tiles the
  * widest BN that still gives every SM two CTAs (to within 10%) is taken.
- * MOE_CUDA_TILE=<name> forces one tile (MOE_CUDA_TILE=gemv the decode
- * kernel), so that a sweep can rerun without rebuilding.
+ * Option cuda.tile=<name> forces one tile (cuda.tile=gemv the decode
+ * kernel), so that a sweep can rerun without rebuilding. A batch-invariant
+ * layer's GEMMs (cuda_gemm.fixed_tile) run the 64x128 tile for every T.
  * Prefill on Hopper runs on gemm_wgmma.cu instead (wgmma fed by TMA); the
  * layer forward in cuda_backend.cu picks the path.
  */
@@ -520,36 +521,32 @@ static moe_status launch_tile(const cuda_state *st, const cuda_gemm *g, int64_t 
   return cuda_launch_status("gemm_mma_kernel");
 }
 
-/* MOE_CUDA_TILE=<name> forces a tile (for sweeps), else TILE_COUNT. */
-static tile_id forced_tile(void) {
-  const char *env = getenv("MOE_CUDA_TILE");
-  if (!env || !*env) return TILE_COUNT;
+/* Option cuda.tile=<name> forces a tile (for sweeps), else TILE_COUNT. */
+static tile_id forced_tile(const cuda_state *st) {
   for (int i = 0; i < TILE_COUNT; ++i)
-    if (strcmp(env, tile_names[i]) == 0) return (tile_id)i;
+    if (strcmp(st->tile_option, tile_names[i]) == 0) return (tile_id)i;
   return TILE_COUNT;
 }
 
-/* MOE_CUDA_TILE=gemv forces the decode kernel wherever it can run. */
-static bool forced_gemv(void) {
-  const char *env = getenv("MOE_CUDA_TILE");
-  return env && strcmp(env, "gemv") == 0;
+/* Option cuda.tile=gemv forces the decode kernel wherever it can run. */
+static bool forced_gemv(const cuda_state *st) {
+  return strcmp(st->tile_option, "gemv") == 0;
 }
 
 /* The decode kernel while experts average at most
- * GEMV_MAX_ROWS_PER_EXPERT rows of at least GEMV_MIN_K (MOE_CUDA_GEMV_MAX_ROWS
- * overrides the rows; 0 turns the kernel off, for A/B runs), unless a tile
- * is forced. */
-static bool gemv_wanted(int64_t slots, int32_t num_local_experts, int64_t k) {
-  if (forced_gemv()) return true;
-  if (forced_tile() != TILE_COUNT || k < GEMV_MIN_K) return false;
-  const char *env = getenv("MOE_CUDA_GEMV_MAX_ROWS");
-  const int64_t max_rows = env && *env ? strtoll(env, NULL, 10) : GEMV_MAX_ROWS_PER_EXPERT;
+ * GEMV_MAX_ROWS_PER_EXPERT rows of at least GEMV_MIN_K (option
+ * cuda.gemv_max_rows overrides the rows; 0 turns the kernel off, for A/B
+ * runs), unless a tile is forced. */
+static bool gemv_wanted(const cuda_state *st, int64_t slots, int32_t num_local_experts, int64_t k) {
+  if (forced_gemv(st)) return true;
+  if (forced_tile(st) != TILE_COUNT || k < GEMV_MIN_K) return false;
+  const int64_t max_rows = st->gemv_max_rows >= 0 ? st->gemv_max_rows : GEMV_MAX_ROWS_PER_EXPERT;
   return cuda_rows_per_expert(slots, num_local_experts) <= max_rows;
 }
 
 static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local_experts,
                           int64_t n) {
-  const tile_id forced = forced_tile();
+  const tile_id forced = forced_tile(st);
   if (forced != TILE_COUNT) return forced;
   const int64_t touched = cuda_touched_bound(slots, num_local_experts);
   const int64_t rows_per_expert = cuda_rows_per_expert(slots, num_local_experts);
@@ -576,7 +573,7 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
 int32_t cuda_gemm_pick_block_m(const cuda_state *st, int64_t num_slots, int32_t num_local_experts,
                                int64_t n, int64_t k) {
   (void)k;
-  if (forced_gemv()) return CUDA_GEMM_MIN_BLOCK_M;
+  if (forced_gemv(st)) return CUDA_GEMM_MIN_BLOCK_M;
   return tile_block_m[table_tile(st, num_slots, num_local_experts, n)];
 }
 
@@ -587,7 +584,8 @@ static bool aligned16(const void *p) {
 moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
   const int64_t slots = g->num_tokens * g->top_k;
   const int64_t rows = cuda_padded_rows_bound(slots, g->num_local_experts, g->block_m);
-  tile_id id = table_tile(st, slots, g->num_local_experts, g->n);
+  static_assert(CUDA_FIXED_TILE_BLOCK_M == 64, "the fixed tile is 64x128");
+  tile_id id = g->fixed_tile ? TILE_64x128 : table_tile(st, slots, g->num_local_experts, g->n);
   /* A row block above align's: the largest rule's tile that fits in it. */
   for (int r = (int)(sizeof tile_rules / sizeof tile_rules[0]) - 1;
        r >= 0 && tile_block_m[id] > g->block_m; --r)
@@ -597,8 +595,8 @@ moe_status cuda_gemm_run(const cuda_state *st, const cuda_gemm *g) {
                        aligned16(g->b) && aligned16(g->c);
   const bool fast = vectors && tile_block_m[id] <= g->block_m;
   const int64_t gemv_blocks = (rows + g->block_m - 1) / g->block_m;
-  if (vectors && !g->b_kn && gemv_blocks <= 65535 &&
-      gemv_wanted(slots, g->num_local_experts, g->k)) {
+  if (vectors && !g->b_kn && gemv_blocks <= 65535 && !g->fixed_tile &&
+      gemv_wanted(st, slots, g->num_local_experts, g->k)) {
     const int64_t n_per_cta = (int64_t)GEMV_WARPS * GEMV_N_PER_WARP;
     const dim3 grid((unsigned)((g->n + n_per_cta - 1) / n_per_cta), (unsigned)gemv_blocks);
     const cudaError_t err =

@@ -4,11 +4,11 @@
  *
  * Routing follows core/routing_logic.h in three kernels:
  *   - the reference: moe_rl_route_token itself, one thread per token (the
- *     host's code compiled for the device), chosen by MOE_CUDA_ROUTING=
+ *     host's code compiled for the device), chosen by option cuda.routing=
  *     reference;
  *   - for few tokens (route_tokens_by_rank): the whole block, each expert's
  *     pick number counted as its rank among the token's experts;
- *   - otherwise one warp per token (MOE_CUDA_ROUTING=warp forces it). It
+ *   - otherwise one warp per token (cuda.routing=warp forces it). It
  *     calls the header's key, ranking and score functions (moe_rl_key,
  *     moe_rl_better, moe_rl_score) in the header's pick order (group
  *     scores, then k picks, each the best expert ranked strictly below the
@@ -580,14 +580,13 @@ int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts) {
   return 2 * chunks * num_local_experts;
 }
 
-/* MOE_CUDA_ROUTING=reference runs moe_rl_route_token itself, =warp the
- * warp per token where the rank routing would run (read at every call, so
- * a test can compare them in one process). */
+/* Option cuda.routing: reference runs moe_rl_route_token itself, warp the
+ * warp per token where the rank routing would run (so that a test can
+ * compare them in one process). */
 enum routing_kind { ROUTING_DEFAULT, ROUTING_WARP, ROUTING_REFERENCE };
-static routing_kind routing_from_env(void) {
-  const char *env = getenv("MOE_CUDA_ROUTING");
-  if (env && strcmp(env, "reference") == 0) return ROUTING_REFERENCE;
-  if (env && strcmp(env, "warp") == 0) return ROUTING_WARP;
+static routing_kind routing_of(const cuda_state *st) {
+  if (st->routing_option == MOE_CUDA_ROUTING_REFERENCE) return ROUTING_REFERENCE;
+  if (st->routing_option == MOE_CUDA_ROUTING_WARP) return ROUTING_WARP;
   return ROUTING_DEFAULT;
 }
 
@@ -598,7 +597,7 @@ static size_t rank_routing_smem(int64_t T, int32_t E, int32_t G) {
 
 moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const moe_rl_params rl = moe_rl_params_from_args(args);
-  const routing_kind kind = routing_from_env();
+  const routing_kind kind = routing_of(st);
   if (kind == ROUTING_DEFAULT &&
       rank_routing_fits(args->num_tokens, args->num_experts, rl.num_groups)) {
     (rl.num_groups > 1 ? route_rank_kernel<true> : route_rank_kernel<false>)<<<
@@ -624,7 +623,7 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
   const align_params p = align_params_from(align);
   if (p.num_slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS) {
     const bool fuse = route && route->num_tokens <= CUDA_FUSED_ROUTE_TOKENS;
-    const routing_kind kind = routing_from_env();
+    const routing_kind kind = routing_of(st);
     if (route && !fuse) CUDA_TRY(cuda_route(st, route));
     moe_rl_params rl;
     memset(&rl, 0, sizeof rl);

@@ -8,14 +8,17 @@
  *
  * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
  * skinny kernel while the average rows per expert T*k/EL is at most
- * MOE_OCL_SKINNY_MAX_ROWS (env MOE_OPENCL_SKINNY_MAX_ROWS overrides), the
+ * MOE_OCL_SKINNY_MAX_ROWS (option opencl.skinny_max_rows overrides), the
  * 128x128 tile from MOE_OCL_TILE128_MIN_ROWS on, else the 64x64 tile. On
- * CPU devices the row kernel serves every [out][in] GEMM. MOE_OPENCL_SKINNY
- * forces a skinny variant by name (also on CPU devices, for tests).
+ * CPU devices the row kernel serves every [out][in] GEMM. Option
+ * opencl.skinny forces a skinny variant by name (also on CPU devices, for
+ * tests). A batch-invariant layer runs one kernel for every T: the 64x64
+ * tile with block_m 64 on GPUs, the row kernel on CPU devices.
  */
 #include "opencl_internal.h"
 
 #include <stdint.h>
+#include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -145,19 +148,23 @@ static moe_status ocl_buffer_read(void *state, const void *handle, size_t offset
 /* Stages                                                                   */
 /* ------------------------------------------------------------------------ */
 
-static moe_status ocl_route(void *state, const moe_route_args *r) {
-  moe_ocl_state *s = state;
+/* Whether routing takes the work-group-per-token kernel. */
+static int route_parallel(const moe_ocl_state *s, int32_t num_groups) {
   /* Ungrouped routing on a GPU takes the work-group-per-token kernel: on an
    * H200 it cut Qwen3's decode step from 305 to 91 us (the serial kernel
    * walks k * E keys on one work-item, ~240 us for E = 128, k = 8), and the
    * whole suite passes with it under NVIDIA's OpenCL and on PoCL. CPU
    * devices keep the serial kernel (faster on PoCL: 52 vs 259 us), as does
-   * grouped routing. MOE_OPENCL_ROUTE=serial|parallel forces one. */
-  const char *route_env = getenv("MOE_OPENCL_ROUTE");
+   * grouped routing. Option opencl.route = serial|parallel forces one. */
   int parallel = s->is_gpu;
-  if (route_env && strcmp(route_env, "parallel") == 0) parallel = 1;
-  if (route_env && strcmp(route_env, "serial") == 0) parallel = 0;
-  parallel = parallel && r->num_groups <= 1;
+  if (s->route_option == MOE_OPENCL_ROUTE_PARALLEL) parallel = 1;
+  if (s->route_option == MOE_OPENCL_ROUTE_SERIAL) parallel = 0;
+  return parallel && num_groups <= 1;
+}
+
+static moe_status ocl_route(void *state, const moe_route_args *r) {
+  moe_ocl_state *s = state;
+  const int parallel = route_parallel(s, r->num_groups);
   kernel_args a = args_begin(s, parallel ? MOE_OCL_ROUTE_PARALLEL : MOE_OCL_ROUTE);
   arg_int(&a, r->num_tokens);
   arg_mem(&a, r->logits);
@@ -207,7 +214,7 @@ typedef enum gemm_kernel {
  * names work-group size, output columns and rows per pass, and K chunks in
  * flight. "any" serves the K that are not a multiple of 8. */
 typedef struct skinny_variant {
-  const char *name; /* for MOE_OPENCL_SKINNY */
+  const char *name; /* for option opencl.skinny */
   moe_ocl_kernel_id id;
   int work_group, cols;
 } skinny_variant;
@@ -236,11 +243,9 @@ static const struct {
     {INT64_MAX, SKINNY_4X4U2, SKINNY_128_4X8},
 };
 
-static const skinny_variant *choose_skinny(const moe_gemm_desc *d) {
+static const skinny_variant *choose_skinny(const moe_ocl_state *s, const moe_gemm_desc *d) {
   if (d->k % 8 != 0) return &skinny_any;
-  const char *name = getenv("MOE_OPENCL_SKINNY");
-  for (int i = 0; name && i < SKINNY_COUNT; ++i)
-    if (strcmp(name, skinny_variants[i].name) == 0) return &skinny_variants[i];
+  if (s->skinny_option > 0) return &skinny_variants[s->skinny_option - 1];
   const int64_t rows = d->num_tokens * d->top_k / d->num_local_experts;
   size_t row = 0;
   while (rows > skinny_table[row].max_rows)
@@ -248,10 +253,16 @@ static const skinny_variant *choose_skinny(const moe_gemm_desc *d) {
   return &skinny_variants[d->n > 4 * d->k ? skinny_table[row].wide : skinny_table[row].narrow];
 }
 
-static int64_t skinny_max_rows(void) {
-  const char *text = getenv("MOE_OPENCL_SKINNY_MAX_ROWS");
-  return text && *text ? strtoll(text, NULL, 10) : MOE_OCL_SKINNY_MAX_ROWS;
+static int64_t skinny_max_rows(const moe_ocl_state *s) {
+  return s->skinny_max_rows_set ? s->skinny_max_rows : MOE_OCL_SKINNY_MAX_ROWS;
 }
+
+/* The one kernel of a batch-invariant layer (block_m 64): each output
+ * element is one work-item's sum over K in order, whatever the other rows. */
+static gemm_kernel fixed_gemm(const moe_ocl_state *s) {
+  return s->is_gpu ? GEMM_TILED_64 : GEMM_ROWS_CPU;
+}
+
 /* The kernel for a GEMM: by the average rows per expert, within what the
  * layout and block_m allow (the tiles need block_m % TM == 0). */
 static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
@@ -259,24 +270,25 @@ static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
   const int out_in = d->b_layout == MOE_WEIGHT_LAYOUT_OUT_IN;
   /* CPU devices: the barrier-free row kernel, whatever the rows (measured
    * on PoCL: bench/opencl_notes.md). */
-  if (out_in && !s->is_gpu && !getenv("MOE_OPENCL_SKINNY")) return GEMM_ROWS_CPU;
-  if (out_in && rows <= skinny_max_rows()) return GEMM_SKINNY;
+  if (out_in && !s->is_gpu && s->skinny_option == 0) return GEMM_ROWS_CPU;
+  if (out_in && rows <= skinny_max_rows(s)) return GEMM_SKINNY;
   if (d->block_m % 128 == 0 && rows >= MOE_OCL_TILE128_MIN_ROWS) return GEMM_TILED_128;
   if (d->block_m % 64 == 0) return GEMM_TILED_64;
   return out_in ? GEMM_SKINNY : GEMM_REFERENCE;
 }
 
-/* Queues the grouped GEMM; c_fp32 stores fp32 outputs (the layer's gate|up)
- * instead of bf16. */
-static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, int c_fp32) {
+/* Queues the grouped GEMM with the given kernel (choose_gemm's or
+ * fixed_gemm's); c_fp32 stores fp32 outputs (the layer's gate|up) instead
+ * of bf16. */
+static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, gemm_kernel kind,
+                               int c_fp32) {
   const moe_gemm_desc *d = &g->desc;
   const int64_t num_slots = d->num_tokens * d->top_k;
-  const gemm_kernel kind = choose_gemm(s, d);
   moe_ocl_kernel_id id;
   size_t global[2], local[2];
   switch (kind) {
   case GEMM_SKINNY: {
-    const skinny_variant *v = choose_skinny(d);
+    const skinny_variant *v = choose_skinny(s, d);
     id = v->id;
     local[0] = (size_t)v->work_group;
     local[1] = 1;
@@ -336,7 +348,7 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, int c_f
 }
 
 static moe_status ocl_grouped_gemm(void *state, const moe_gemm_args *g) {
-  return enqueue_gemm(state, g, 0);
+  return enqueue_gemm(state, g, choose_gemm(state, &g->desc), 0);
 }
 
 /* The activation; in_fp32: act->in holds fp32 gate|up (the layer). */
@@ -474,8 +486,9 @@ static moe_status ocl_layer_create(void *state, const moe_layer_desc *desc, void
 
 /* The row block of align in a forward of T tokens: 128 where the 128-row
  * tile runs, else 64 (both serve the skinny kernel, whose cost does not
- * grow with padding). */
+ * grow with padding); always 64 for a batch-invariant layer. */
 static int32_t forward_block_m(const moe_config *c, int64_t num_tokens) {
+  if (c->batch_invariant) return 64;
   return num_tokens * c->top_k / c->num_local_experts >= MOE_OCL_TILE128_MIN_ROWS ? 128 : 64;
 }
 
@@ -591,7 +604,9 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
       .topk_weights = ws->topk_weights,
       .c = ws->gate_up,
   };
-  TRY(enqueue_gemm(s, &gemm, 1)); /* gate|up stays fp32 */
+  const int fixed = c->batch_invariant != 0;
+  TRY(enqueue_gemm(s, &gemm, fixed ? fixed_gemm(s) : choose_gemm(s, &gemm.desc),
+                   1)); /* gate|up stays fp32 */
 
   const moe_activation_args act = {.activation = c->activation,
                                    .alpha = c->swiglu_alpha,
@@ -611,7 +626,7 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
   gemm.b = l->w2;
   gemm.bias = l->w2_bias;
   gemm.c = ws->expert_out;
-  TRY(enqueue_gemm(s, &gemm, 0));
+  TRY(enqueue_gemm(s, &gemm, fixed ? fixed_gemm(s) : choose_gemm(s, &gemm.desc), 0));
 
   const moe_reduce_args reduce = {.num_tokens = num_tokens,
                                   .top_k = c->top_k,
@@ -624,6 +639,76 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
                                   .num_local_experts = EL,
                                   .out = out};
   return ocl_topk_reduce(s, &reduce);
+}
+
+static moe_status ocl_set_option(void *state, moe_option_id id, const char *value, int64_t parsed,
+                                 char *name, size_t name_size) {
+  moe_ocl_state *s = state;
+  (void)value, (void)name, (void)name_size;
+  switch (id) {
+  case MOE_OPTION_OPENCL_ROUTE:
+    s->route_option = (int)parsed;
+    return MOE_SUCCESS;
+  case MOE_OPTION_OPENCL_SKINNY:
+    _Static_assert(SKINNY_4X1U2 == 0 && SKINNY_128_4X8 == 4,
+                   "core/options.c lists the skinny variants in this order");
+    s->skinny_option = (int)parsed;
+    return MOE_SUCCESS;
+  case MOE_OPTION_OPENCL_SKINNY_MAX_ROWS:
+    s->skinny_max_rows = parsed;
+    s->skinny_max_rows_set = 1;
+    return MOE_SUCCESS;
+  default:
+    return moe_set_error(MOE_ERROR_INTERNAL, "the OpenCL backend has no option %d", (int)id);
+  }
+}
+
+static const char *gemm_kernel_name(const moe_ocl_state *s, gemm_kernel kind,
+                                    const moe_gemm_desc *d) {
+  switch (kind) {
+  case GEMM_SKINNY:
+    return choose_skinny(s, d)->name;
+  case GEMM_ROWS_CPU:
+    return "rows";
+  case GEMM_TILED_64:
+    return "tiled 64x64";
+  case GEMM_TILED_128:
+    return "tiled 128x128";
+  default:
+    return "reference";
+  }
+}
+
+/* The forward's choices, from the same functions the forward calls. */
+static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num_tokens, char *text,
+                                     size_t size) {
+  const moe_ocl_state *s = state;
+  const ocl_layer *l = layer;
+  const moe_config *c = &l->cfg;
+  const int64_t slots = num_tokens * c->top_k;
+  const int32_t BM = forward_block_m(c, num_tokens);
+  const int64_t sorted_capacity = slots + (int64_t)c->num_local_experts * (BM - 1);
+  moe_gemm_desc d1 = {.num_tokens = num_tokens,
+                      .top_k = c->top_k,
+                      .num_local_experts = c->num_local_experts,
+                      .n = 2 * c->intermediate_size,
+                      .k = c->hidden_size,
+                      .block_m = BM,
+                      .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN};
+  moe_gemm_desc d2 = d1;
+  d2.n = c->hidden_size;
+  d2.k = c->intermediate_size;
+  const int fixed = c->batch_invariant != 0;
+  const gemm_kernel k1 = fixed ? fixed_gemm(s) : choose_gemm(s, &d1);
+  const gemm_kernel k2 = fixed ? fixed_gemm(s) : choose_gemm(s, &d2);
+  const int parallel = route_parallel(s, c->num_groups);
+  snprintf(text, size,
+           "route (%s), align (block_m %d, sorted capacity %lld, %lld blocks), GEMM1 %s (fp32 "
+           "gate|up), activation, GEMM2 %s, reduce in slot order",
+           parallel ? "work-group per token" : "work-item per token", (int)BM,
+           (long long)sorted_capacity, (long long)((sorted_capacity + BM - 1) / BM),
+           gemm_kernel_name(s, k1, &d1), gemm_kernel_name(s, k2, &d2));
+  return MOE_SUCCESS;
 }
 
 const moe_backend_ops moe_opencl_backend_ops = {
@@ -646,4 +731,6 @@ const moe_backend_ops moe_opencl_backend_ops = {
     .layer_destroy = ocl_layer_destroy,
     .layer_reserve = ocl_layer_reserve,
     .layer_forward = ocl_layer_forward,
+    .set_option = ocl_set_option,
+    .layer_describe = ocl_layer_describe,
 };

@@ -38,6 +38,11 @@ typedef struct moe_ocl_state {
   cl_program program;
   cl_kernel kernels[MOE_OCL_KERNEL_COUNT];
   int is_gpu;
+  /* Options (moe_context_set_option); zero is the default of each. */
+  int route_option;        /* MOE_OPENCL_ROUTE_* */
+  int skinny_option;       /* opencl.skinny: 0 auto, else 1 + a variant */
+  int64_t skinny_max_rows; /* opencl.skinny_max_rows; valid when set */
+  int skinny_max_rows_set;
 } moe_ocl_state;
 
 /* The name of a CL error code ("CL_OUT_OF_RESOURCES"). */

@@ -25,6 +25,23 @@ static void require_cuda(void) {
     cr_skip_test("CUDA-only test; MOE_TEST_BACKEND=%s", th_backend_name());
 }
 
+/* Sets an option on the context under test (moe_context_set_option). */
+static void set_option(const char *name, const char *value) {
+  TH_OK(moe_context_set_option(th_ctx(), name, value));
+}
+
+/* Sets an option of the context under test until the end of the scope,
+ * then restores the value it had. */
+struct option_override {
+  const char *name;
+  char saved[64];
+  option_override(const char *n, const char *value) : name(n) {
+    TH_OK(moe_context_get_option(th_ctx(), n, saved, sizeof saved));
+    set_option(n, value);
+  }
+  ~option_override() { set_option(name, saved); }
+};
+
 #define CUDA_OK(call)                                                                              \
   do {                                                                                             \
     cudaError_t err_ = (call);                                                                     \
@@ -230,13 +247,12 @@ Test(cuda, interop_user_stream_and_wrapped_memory) {
  * multi-block align. */
 Test(cuda, layer_tile_sweep) {
   require_cuda();
-  setenv("MOE_CUDA_DECODE", "off", 1); /* 1 and 3 tokens on the tiles too */
+  option_override tiles("cuda.path", "mma"); /* 1 and 3 tokens on the tiles too */
   const int64_t tokens[] = {1, 3, 16, 100, 300, 2100};
   for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
     th_layer_spec s = mixtral_like(tokens[i], 256, 384, 8, 2, 0xc100 + i);
     layer_case(&s);
   }
-  unsetenv("MOE_CUDA_DECODE");
 }
 
 Test(cuda, layer_many_experts_decode) {
@@ -300,19 +316,19 @@ Test(cuda, layer_variants_on_tensor_cores) {
  * the default rule where it applies (one row per expert, K >= 2560). */
 Test(cuda, decode_kernel_variants) {
   require_cuda();
-  setenv("MOE_CUDA_TILE", "gemv", 1);
+  set_option("cuda.tile", "gemv");
   for (int variant = 0; variant < 7; ++variant)
     for (int64_t T : {2, 200}) {
       th_layer_spec s = variant_spec(variant, T, 0xc900 + 16 * variant + T);
       layer_case(&s);
     }
-  unsetenv("MOE_CUDA_TILE");
-  setenv("MOE_CUDA_DECODE", "off", 1); /* else decode.cu takes 1 and 3 tokens */
+  set_option("cuda.tile", "auto");
+  set_option("cuda.path", "mma"); /* else decode.cu takes 1 and 3 tokens */
   for (int64_t T : {1, 3}) {
     th_layer_spec s = mixtral_like(T, 2560, 264, 8, 2, 0xca00 + T);
     layer_case(&s);
   }
-  unsetenv("MOE_CUDA_DECODE");
+  set_option("cuda.path", "auto");
 }
 
 /* The decode path (decode.cu: route, then GEMM1 and GEMM2 indexed by the
@@ -325,7 +341,7 @@ Test(cuda, decode_kernel_variants) {
  * and several tiles a CTA. */
 Test(cuda, decode_path_variants) {
   require_cuda();
-  setenv("MOE_CUDA_DECODE", "on", 1);
+  set_option("cuda.path", "decode");
   for (int variant = 0; variant < 7; ++variant)
     for (int64_t T : {1, 3, 9}) {
       th_layer_spec s = variant_spec(variant, T, 0xcb00 + 16 * variant + T);
@@ -340,19 +356,19 @@ Test(cuda, decode_path_variants) {
     odd.w13_bias = odd.w2_bias = true;
     layer_case(&odd);
   }
-  setenv("MOE_CUDA_DECODE_PDL", "0", 1); /* plain launches too */
+  set_option("cuda.decode_pdl", "off"); /* plain launches too */
   for (int variant = 0; variant < 7; variant += 3) {
     th_layer_spec s = variant_spec(variant, 2, 0xce00 + variant);
     layer_case(&s);
   }
-  unsetenv("MOE_CUDA_DECODE_PDL");
-  setenv("MOE_CUDA_DECODE_PERSISTENT", "0", 1); /* grids as large as the work too */
+  set_option("cuda.decode_pdl", "on");
+  set_option("cuda.decode_persistent", "off"); /* grids as large as the work too */
   for (int variant = 1; variant < 7; variant += 3) {
     th_layer_spec s = variant_spec(variant, 3, 0xcf00 + variant);
     layer_case(&s);
   }
-  unsetenv("MOE_CUDA_DECODE_PERSISTENT");
-  unsetenv("MOE_CUDA_DECODE");
+  set_option("cuda.decode_persistent", "on");
+  set_option("cuda.path", "auto");
   for (int64_t T : {1, 2, 4}) {
     th_layer_spec s = mixtral_like(T, 512, 768, 32, 8, 0xcd00 + T);
     layer_case(&s);
@@ -571,9 +587,9 @@ Test(cuda, warp_routing_matches_host_and_reference_kernel) {
       route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids, w);
       th_check_route(&cfg, T, logits, with_bias ? bias : NULL, ids, w);
       for (const char *mode : {"reference", "warp"}) {
-        setenv("MOE_CUDA_ROUTING", mode, 1);
+        set_option("cuda.routing", mode);
         route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids_ref, w_ref);
-        unsetenv("MOE_CUDA_ROUTING");
+        set_option("cuda.routing", "auto");
         for (size_t i = 0; i < slots; ++i) {
           TH_ASSERT(ids[i] == ids_ref[i], "slot %zu: default routing picked %d, %s routing %d", i,
                     ids[i], mode, ids_ref[i]);
@@ -625,28 +641,6 @@ static void require_sm90a(void) {
                  prop.name, prop.major, prop.minor);
   }
 }
-
-/* Sets (value) or unsets (NULL) an environment variable until the end of
- * the scope. */
-struct env_override {
-  const char *name;
-  char *saved;
-  env_override(const char *n, const char *value) : name(n), saved(NULL) {
-    const char *old = getenv(n);
-    if (old) saved = strdup(old);
-    if (value)
-      setenv(n, value, 1);
-    else
-      unsetenv(n);
-  }
-  ~env_override() {
-    if (saved)
-      setenv(name, saved, 1);
-    else
-      unsetenv(name);
-    free(saved);
-  }
-};
 
 /* A layer of d's data with its buffers, reserved for d's tokens. */
 struct layer_run {
@@ -740,11 +734,11 @@ static bool forward_takes_wgmma(const th_layer_data *d) {
 }
 
 /* Runs a forward of spec's data with a Hopper path forced (path: "wgmma"
- * or "stream", the MOE_CUDA_PREFILL value): checks that the path ran, the
+ * or "stream", the cuda.path value): checks that the path ran, the
  * output against float64 (and the guard), and that replays are bitwise
  * identical (a pipeline race would rarely be). */
 static void hopper_layer_case(const th_layer_spec *spec, const char *path) {
-  env_override force("MOE_CUDA_PREFILL", path);
+  option_override force("cuda.path", path);
   th_layer_data d;
   th_layer_data_make(&d, spec);
   layer_run r = layer_run_make(&d);
@@ -752,7 +746,7 @@ static void hopper_layer_case(const th_layer_spec *spec, const char *path) {
   cudaGraphExec_t exec = capture_forward(&r, d.num_tokens, &seen);
   const bool streaming = strcmp(path, "stream") == 0;
   TH_ASSERT(streaming ? seen.stream && !seen.wgmma : seen.wgmma && !seen.stream,
-            "MOE_CUDA_PREFILL=%s did not take that path (wgmma %d, stream %d)", path, seen.wgmma,
+            "cuda.path=%s did not take that path (wgmma %d, stream %d)", path, seen.wgmma,
             seen.stream);
   void *handle = NULL;
   TH_OK(moe_cuda_context_stream(th_ctx(), &handle));
@@ -792,7 +786,7 @@ Test(cuda, wgmma_path_taken_only_where_it_can_run) {
   cr_log_info("sm_90a code %s on device 0", can ? "runs" : "does not run");
   struct {
     int64_t T, H, I;
-    const char *prefill; /* MOE_CUDA_PREFILL, or NULL */
+    const char *prefill; /* option cuda.path, or NULL */
     bool expect;         /* where sm_90a code runs */
   } cases[] = {
       {300, 264, 200, "wgmma", true},  {300, 264, 200, "mma", false},
@@ -802,13 +796,12 @@ Test(cuda, wgmma_path_taken_only_where_it_can_run) {
       {300, 260, 200, "wgmma", false}, /* H not a multiple of 8 */
   };
   for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i) {
-    env_override prefill("MOE_CUDA_PREFILL", cases[i].prefill);
+    option_override prefill("cuda.path", cases[i].prefill ? cases[i].prefill : "auto");
     th_layer_spec s = mixtral_like(cases[i].T, cases[i].H, cases[i].I, 8, 2, 0xc700 + i);
     th_layer_data d;
     th_layer_data_make(&d, &s);
     const bool taken = forward_takes_wgmma(&d);
-    TH_ASSERT(taken == (can && cases[i].expect),
-              "MOE_CUDA_PREFILL=%s T=%lld H=%lld I=%lld: wgmma path %s",
+    TH_ASSERT(taken == (can && cases[i].expect), "cuda.path=%s T=%lld H=%lld I=%lld: wgmma path %s",
               cases[i].prefill ? cases[i].prefill : "(unset)", (long long)cases[i].T,
               (long long)cases[i].H, (long long)cases[i].I, taken ? "taken" : "not taken");
     th_layer_data_free(&d);
@@ -837,7 +830,7 @@ Test(cuda, wgmma_layer_long_k_both_tiles) {
   require_sm90a();
   const char *tiles[] = {"128", "256"};
   for (size_t i = 0; i < 2; ++i) {
-    env_override bn("MOE_CUDA_WGMMA_BN", tiles[i]);
+    option_override bn("cuda.wgmma_bn", tiles[i]);
     th_layer_spec s = mixtral_like(600, 1032, 520, 8, 2, 0xc900 + i);
     s.w13_bias = s.w2_bias = true;
     wgmma_layer_case(&s);
@@ -888,13 +881,13 @@ Test(cuda, wgmma_agrees_with_mma) {
   const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
   uint16_t *wg = (uint16_t *)th_malloc(n * 2), *mma = (uint16_t *)th_malloc(n * 2);
   {
-    env_override force("MOE_CUDA_PREFILL", "wgmma");
-    TH_ASSERT(forward_takes_wgmma(&d), "MOE_CUDA_PREFILL=wgmma did not take the wgmma path");
+    option_override force("cuda.path", "wgmma");
+    TH_ASSERT(forward_takes_wgmma(&d), "cuda.path=wgmma did not take the wgmma path");
     forward_plain(th_ctx(), &d, wg);
   }
   {
-    env_override off("MOE_CUDA_PREFILL", "mma");
-    TH_ASSERT(!forward_takes_wgmma(&d), "MOE_CUDA_PREFILL=mma took the wgmma path");
+    option_override off("cuda.path", "mma");
+    TH_ASSERT(!forward_takes_wgmma(&d), "cuda.path=mma took the wgmma path");
     forward_plain(th_ctx(), &d, mma);
   }
   const double err_wg = layer_error(&d, wg), err_mma = layer_error(&d, mma);
@@ -910,11 +903,11 @@ Test(cuda, wgmma_agrees_with_mma) {
 }
 
 /* On Hopper the default now takes the wgmma path for the tile sweep's
- * prefill sizes: the same sizes with MOE_CUDA_PREFILL=mma keep the mma.sync
+ * prefill sizes: the same sizes with cuda.path=mma keep the mma.sync
  * prefill tiles covered there. */
 Test(cuda, layer_tile_sweep_mma_prefill) {
   require_cuda();
-  env_override off("MOE_CUDA_PREFILL", "mma");
+  option_override off("cuda.path", "mma");
   const int64_t tokens[] = {300, 2100};
   for (size_t i = 0; i < sizeof tokens / sizeof tokens[0]; ++i) {
     th_layer_spec s = mixtral_like(tokens[i], 256, 384, 8, 2, 0xcc00 + i);
@@ -1014,9 +1007,9 @@ Test(cuda, stream_default_and_agrees_with_mma) {
   uint16_t *st = (uint16_t *)th_malloc(n * 2), *mma = (uint16_t *)th_malloc(n * 2);
   forward_plain(th_ctx(), &d, st);
   {
-    env_override off("MOE_CUDA_PREFILL", "mma");
+    option_override off("cuda.path", "mma");
     const hopper_kernels none = forward_kernels(&d);
-    TH_ASSERT(!none.stream && !none.wgmma, "MOE_CUDA_PREFILL=mma took a Hopper path");
+    TH_ASSERT(!none.stream && !none.wgmma, "cuda.path=mma took a Hopper path");
     forward_plain(th_ctx(), &d, mma);
   }
   const double err_st = layer_error(&d, st), err_mma = layer_error(&d, mma);

@@ -1,7 +1,7 @@
 /*
  * test_opencl_kernels.c - every grouped-GEMM kernel variant of the OpenCL
- * backend against the float64 reference, each forced in turn with
- * MOE_OPENCL_SKINNY, so that variants the device would not pick by default
+ * backend against the float64 reference, each forced in turn with the
+ * option opencl.skinny, so that variants the device would not pick by default
  * (the GPU ones on PoCL) are still checked in CI. Skipped unless
  * MOE_TEST_BACKEND=opencl.
  */
@@ -11,7 +11,8 @@
 #include <stdlib.h>
 #include <string.h>
 
-static const char *const variants[] = {NULL, "64x4x1u2", "64x4x4", "64x4x4u2", "64x8x4", "128x4x8"};
+static const char *const variants[] = {"auto",     "64x4x1u2", "64x4x4",
+                                       "64x4x4u2", "64x8x4",   "128x4x8"};
 
 Test(opencl_kernels, skinny_variants_match_reference) {
   const char *backend = getenv("MOE_TEST_BACKEND");
@@ -65,10 +66,7 @@ Test(opencl_kernels, skinny_variants_match_reference) {
                               .input = MOE_GEMM_INPUT_PER_TOKEN,
                               .routed_weight = MOE_GEMM_ROUTED_WEIGHT_NONE};
   for (size_t v = 0; v < sizeof variants / sizeof variants[0]; ++v) {
-    if (variants[v])
-      setenv("MOE_OPENCL_SKINNY", variants[v], 1);
-    else
-      unsetenv("MOE_OPENCL_SKINNY");
+    TH_OK(moe_context_set_option(ctx, "opencl.skinny", variants[v]));
     th_refill(b_c);
     TH_OK(moe_grouped_gemm(ctx, &desc, b_x, b_w, NULL, b_sorted, b_experts, b_padded, NULL, b_c));
     th_download(b_c, c, c_bytes);
@@ -80,10 +78,9 @@ Test(opencl_kernels, skinny_variants_match_reference) {
       den += want[i] * want[i];
     }
     const double err = sqrt(num / den);
-    TH_ASSERT(err < 1e-2, "variant %s: relative error %g", variants[v] ? variants[v] : "default",
-              err);
+    TH_ASSERT(err < 1e-2, "variant %s: relative error %g", variants[v], err);
   }
-  unsetenv("MOE_OPENCL_SKINNY");
+  TH_OK(moe_context_set_option(ctx, "opencl.skinny", "auto"));
   moe_buffer *buffers[] = {b_x, b_w, b_sorted, b_experts, b_padded, b_c};
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; ++i)
     moe_buffer_destroy(buffers[i]);
@@ -101,8 +98,8 @@ Test(opencl_kernels, parallel_route_matches_reference) {
   const char *backend = getenv("MOE_TEST_BACKEND");
   if (!backend || strcmp(backend, "opencl") != 0)
     cr_skip_test("OpenCL kernel variants run only with MOE_TEST_BACKEND=opencl");
-  setenv("MOE_OPENCL_ROUTE", "parallel", 1);
   moe_context *ctx = th_ctx();
+  TH_OK(moe_context_set_option(ctx, "opencl.route", "parallel"));
   enum { T = 37, E = 160, K = 8 };
   for (int variant = 0; variant < 2; ++variant) {
     moe_config cfg = th_config(64, 64, E, K);
@@ -138,5 +135,5 @@ Test(opencl_kernels, parallel_route_matches_reference) {
       moe_buffer_destroy(buffers[i]);
     free(logits);
   }
-  unsetenv("MOE_OPENCL_ROUTE");
+  TH_OK(moe_context_set_option(ctx, "opencl.route", "auto"));
 }

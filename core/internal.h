@@ -40,6 +40,7 @@ struct moe_layer {
   moe_config cfg; /* validated; num_local_experts resolved, num_groups >= 1 */
   void *impl;
   int64_t reserved_tokens;
+  bool chunked; /* moe_layer_set_chunking: T above the reservation runs in chunks */
 };
 
 /* Routes later moe_set_error() calls of this thread to ctx (NULL: to the

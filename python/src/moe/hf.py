@@ -1,0 +1,72 @@
+"""hf.py - patch_transformers_moe: replaces the forward of the MoE blocks of
+a loaded Hugging Face transformers model with a MoELayer, converting each
+block's expert weights once (at the block's first call, on its device).
+
+Known blocks (transformers 5.x, tested with the version in README.md):
+Qwen3-MoE (Qwen3MoeSparseMoeBlock) and Mixtral (MixtralSparseMoeBlock):
+a router linear `gate.weight` [E][H], fused experts `experts.gate_up_proj`
+[E][2I][H] (gate rows, then up) and `experts.down_proj` [E][H][I], softmax
+top-k (renormalized: Mixtral always, Qwen3 by norm_topk_prob), SiLU gate.
+The router logits are computed as transformers does (a bf16 linear of the
+block's input), then routing and experts run in libmoe.
+"""
+import types
+
+import torch
+
+from .layer import MoELayer
+
+_KNOWN = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+
+
+def _moe_blocks(model):
+    """(name, module) of every module whose class name looks like a MoE block."""
+    for name, module in model.named_modules():
+        cls = type(module).__name__
+        if cls in _KNOWN or (cls.endswith(("SparseMoeBlock", "MoeBlock", "MoE", "Moe"))
+                             and hasattr(module, "experts")):
+            yield name, module
+
+
+def _layer_for(module, max_tokens):
+    cls = type(module).__name__
+    if cls not in _KNOWN:
+        raise NotImplementedError(
+            f"moe.patch_transformers_moe: {cls} is not a MoE block this package knows "
+            f"(known: {', '.join(_KNOWN)}); pass skip_unknown=True to leave it as it is")
+    experts, gate = module.experts, module.gate
+    act = getattr(experts, "act_fn", None)
+    act_name = type(act).__name__ if act is not None else "SiLU"
+    if act_name not in ("SiLU", "SiLUActivation"):
+        raise NotImplementedError(f"moe.patch_transformers_moe: {cls} uses {act_name}, "
+                                  "not SiLU")
+    renormalize = True if cls == "MixtralSparseMoeBlock" else bool(gate.norm_topk_prob)
+    return MoELayer(experts.gate_up_proj.data, experts.down_proj.data, gate.top_k,
+                    renormalize=renormalize, activation="swiglu", max_tokens=max_tokens)
+
+
+def _patched_forward(self, hidden_states):
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    logits = torch.nn.functional.linear(x, self.gate.weight)
+    out = self._moe_layer.forward(x.to(torch.bfloat16), logits)
+    return out.to(hidden_states.dtype).reshape(shape)
+
+
+def patch_transformers_moe(model, *, max_tokens=1024, skip_unknown=False):
+    """Replaces the forward of every MoE block of model (in place) with a
+    libmoe layer; returns the list of patched module names. A block of an
+    unknown kind raises NotImplementedError naming it (before anything is
+    patched), unless skip_unknown is True."""
+    blocks = list(_moe_blocks(model))
+    layers = []
+    for name, module in blocks:
+        try:
+            layers.append((name, module, _layer_for(module, max_tokens)))
+        except NotImplementedError:
+            if not skip_unknown:
+                raise
+    for name, module, layer in layers:
+        module._moe_layer = layer
+        module.forward = types.MethodType(_patched_forward, module)
+    return [name for name, _, _ in layers]

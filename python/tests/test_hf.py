@@ -1,4 +1,5 @@
-"""test_hf.py - moe.patch_transformers_moe on transformers' own MoE blocks,
+"""test_hf.py - moe.patch_transformers_moe on transformers' own MoE blocks
+(Qwen3-MoE with and without norm_topk_prob, Mixtral, gpt-oss),
 each built from a small random config: the patched block against
 transformers' forward in float64 (relative Frobenius <= 1e-2) and no worse
 than transformers' own bf16 forward by more than 2x; a whole small model
@@ -37,7 +38,20 @@ def _mixtral():
     return m.MixtralSparseMoeBlock(cfg)
 
 
-BLOCKS = {"qwen3_moe": _qwen3, "qwen3_moe_no_norm": _qwen3_no_norm, "mixtral": _mixtral}
+def _gpt_oss():
+    from transformers.models.gpt_oss import modeling_gpt_oss as m
+    cfg = transformers.GptOssConfig(hidden_size=HIDDEN, intermediate_size=INTER,
+                                    num_local_experts=EXPERTS, num_experts_per_tok=TOP_K)
+    return m.GptOssMLP(cfg)
+
+
+BLOCKS = {"qwen3_moe": _qwen3, "qwen3_moe_no_norm": _qwen3_no_norm, "mixtral": _mixtral,
+          "gpt_oss": _gpt_oss}
+
+
+def _out(result):
+    """The hidden states of a block's output (gpt-oss returns (out, scores))."""
+    return result[0] if isinstance(result, tuple) else result
 
 
 def _randomize(block, seed):
@@ -46,6 +60,16 @@ def _randomize(block, seed):
         for p in block.parameters():
             p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
     return block.eval()
+
+
+def _without_boundary_ties(block, x):
+    """x without the tokens whose bf16 router logits tie at the top-k
+    boundary: there libmoe takes the lower expert index (include/moe.h) and
+    torch.topk may take either, so which one matches float64 is chance."""
+    router = block.router if hasattr(block, "router") else block.gate
+    logits = torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None))
+    top = logits.float().sort(dim=-1, descending=True).values
+    return x[top[:, TOP_K - 1] != top[:, TOP_K]]
 
 
 class _Wrapper(torch.nn.Module):
@@ -59,13 +83,18 @@ def test_block_against_transformers(name, device):
     block64 = _randomize(BLOCKS[name](), seed=sorted(BLOCKS).index(name)).double()
     block16 = copy.deepcopy(block64).to(torch.bfloat16)
     g = torch.Generator().manual_seed(5)
-    x = torch.randn(2, TOKENS // 2, HIDDEN, generator=g).to(torch.bfloat16)
+    x = _without_boundary_ties(block16, torch.randn(TOKENS, HIDDEN, generator=g).to(torch.bfloat16))
+    x = x[: x.shape[0] // 2 * 2].reshape(2, -1, HIDDEN)
     with torch.no_grad():
-        ref = block64(x.double())
-        theirs = block16(x)
+        ref = _out(block64(x.double()))
+        theirs = _out(block16(x))
         model = _Wrapper(copy.deepcopy(block16)).to(device)
         assert moe.patch_transformers_moe(model) == ["mlp"]
-        ours = model.mlp(x.to(device))
+        result = model.mlp(x.to(device))
+        ours = _out(result)
+    if isinstance(result, tuple):  # gpt-oss: the routing scores too, as transformers gives
+        assert torch.allclose(result[1].float().cpu(), block16(x)[1].float(), rtol=1e-2,
+                              atol=1e-3)
     assert ours.shape == x.shape and ours.dtype == torch.bfloat16
     err, their_err = rel_error(ours, ref), rel_error(theirs, ref)
     print(f"{name} on {device}: ours {err:.2e}, transformers bf16 {their_err:.2e}")

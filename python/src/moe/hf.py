@@ -9,6 +9,13 @@ a router linear `gate.weight` [E][H], fused experts `experts.gate_up_proj`
 top-k (renormalized: Mixtral always, Qwen3 by norm_topk_prob), SiLU gate.
 The router logits are computed as transformers does (a bf16 linear of the
 block's input), then routing and experts run in libmoe.
+
+gpt-oss (GptOssMLP): router with a bias, top-k of the logits then a
+softmax over the k (the same as libmoe's softmax, top-k and renormalize),
+experts `gate_up_proj` [E][H][2I] with gate and up interleaved (even and odd
+columns: de-interleaved once into the [in][out] layout, gate block first),
+biases, the clamped SwiGLU (alpha, limit); it returns (out, router_scores),
+the scores being the captured routing weights.
 """
 import types
 
@@ -16,7 +23,7 @@ import torch
 
 from .layer import MoELayer
 
-_KNOWN = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock")
+_KNOWN = ("Qwen3MoeSparseMoeBlock", "MixtralSparseMoeBlock", "GptOssMLP")
 
 
 def _moe_blocks(model):
@@ -34,7 +41,16 @@ def _layer_for(module, max_tokens):
         raise NotImplementedError(
             f"moe.patch_transformers_moe: {cls} is not a MoE block this package knows "
             f"(known: {', '.join(_KNOWN)}); pass skip_unknown=True to leave it as it is")
-    experts, gate = module.experts, module.gate
+    experts = module.experts
+    if cls == "GptOssMLP":
+        gu, gu_bias = experts.gate_up_proj.data, experts.gate_up_proj_bias.data
+        w13 = torch.cat([gu[..., ::2], gu[..., 1::2]], dim=-1)  # [E][H][2I], gate block first
+        b13 = torch.cat([gu_bias[..., ::2], gu_bias[..., 1::2]], dim=-1)
+        return MoELayer(w13, experts.down_proj.data, module.router.top_k, layout="in_out",
+                        renormalize=True, activation="swiglu_clamp",
+                        swiglu_alpha=float(experts.alpha), swiglu_limit=float(experts.limit),
+                        w13_bias=b13, w2_bias=experts.down_proj_bias.data, max_tokens=max_tokens)
+    gate = module.gate
     act = getattr(experts, "act_fn", None)
     act_name = type(act).__name__ if act is not None else "SiLU"
     if act_name not in ("SiLU", "SiLUActivation"):
@@ -53,6 +69,14 @@ def _patched_forward(self, hidden_states):
     return out.to(hidden_states.dtype).reshape(shape)
 
 
+def _patched_gpt_oss_forward(self, hidden_states):
+    shape = hidden_states.shape
+    x = hidden_states.reshape(-1, shape[-1])
+    logits = torch.nn.functional.linear(x, self.router.weight, self.router.bias)
+    out, _, scores = self._moe_layer.forward_capture(x.to(torch.bfloat16), logits)
+    return out.to(hidden_states.dtype).reshape(shape), scores.to(hidden_states.dtype)
+
+
 def patch_transformers_moe(model, *, max_tokens=1024, skip_unknown=False):
     """Replaces the forward of every MoE block of model (in place) with a
     libmoe layer; returns the list of patched module names. A block of an
@@ -68,5 +92,6 @@ def patch_transformers_moe(model, *, max_tokens=1024, skip_unknown=False):
                 raise
     for name, module, layer in layers:
         module._moe_layer = layer
-        module.forward = types.MethodType(_patched_forward, module)
+        forward = _patched_gpt_oss_forward if type(module).__name__ == "GptOssMLP" else _patched_forward
+        module.forward = types.MethodType(forward, module)
     return [name for name, _, _ in layers]

@@ -1,5 +1,6 @@
 """test_hf.py - moe.patch_transformers_moe on transformers' own MoE blocks
-(Qwen3-MoE with and without norm_topk_prob, Mixtral, gpt-oss),
+(Qwen3-MoE with and without norm_topk_prob, Mixtral, gpt-oss, DeepSeek-V3,
+Llama-4),
 each built from a small random config: the patched block against
 transformers' forward in float64 (relative Frobenius <= 1e-2) and no worse
 than transformers' own bf16 forward by more than 2x; a whole small model
@@ -45,8 +46,29 @@ def _gpt_oss():
     return m.GptOssMLP(cfg)
 
 
+def _deepseek_v3():
+    from transformers.models.deepseek_v3 import modeling_deepseek_v3 as m
+    cfg = transformers.DeepseekV3Config(hidden_size=HIDDEN, moe_intermediate_size=INTER,
+                                        intermediate_size=2 * INTER, n_routed_experts=EXPERTS,
+                                        num_experts_per_tok=TOP_K, n_group=4, topk_group=2,
+                                        n_shared_experts=1, routed_scaling_factor=2.5,
+                                        norm_topk_prob=True)
+    block = m.DeepseekV3MoE(cfg)
+    with torch.no_grad():  # a correction bias that changes picks
+        block.gate.e_score_correction_bias.copy_(torch.linspace(-0.2, 0.2, EXPERTS))
+    return block
+
+
+def _llama4():
+    from transformers.models.llama4 import modeling_llama4 as m
+    cfg = transformers.Llama4TextConfig(hidden_size=HIDDEN, intermediate_size=INTER,
+                                        intermediate_size_mlp=2 * INTER,
+                                        num_local_experts=EXPERTS, num_experts_per_tok=1)
+    return m.Llama4TextMoe(cfg)
+
+
 BLOCKS = {"qwen3_moe": _qwen3, "qwen3_moe_no_norm": _qwen3_no_norm, "mixtral": _mixtral,
-          "gpt_oss": _gpt_oss}
+          "gpt_oss": _gpt_oss, "deepseek_v3": _deepseek_v3, "llama4": _llama4}
 
 
 def _out(result):
@@ -57,8 +79,11 @@ def _out(result):
 def _randomize(block, seed):
     g = torch.Generator().manual_seed(seed)
     with torch.no_grad():
-        for p in block.parameters():
-            p.copy_(torch.randn(p.shape, generator=g) / p.shape[-1] ** 0.5)
+        for name, p in block.named_parameters():
+            # [E][H][2I] and [E][I][H] weights ([in][out]) have fan-in shape[1].
+            fan_in = p.shape[1] if p.dim() == 3 and "gate_up" in name and p.shape[1] == HIDDEN \
+                or p.dim() == 3 and p.shape[2] == HIDDEN and "down" in name else p.shape[-1]
+            p.copy_(torch.randn(p.shape, generator=g) / fan_in ** 0.5)
     return block.eval()
 
 
@@ -69,7 +94,8 @@ def _without_boundary_ties(block, x):
     router = block.router if hasattr(block, "router") else block.gate
     logits = torch.nn.functional.linear(x, router.weight, getattr(router, "bias", None))
     top = logits.float().sort(dim=-1, descending=True).values
-    return x[top[:, TOP_K - 1] != top[:, TOP_K]]
+    k = router.top_k
+    return x[top[:, k - 1] != top[:, k]]
 
 
 class _Wrapper(torch.nn.Module):
@@ -95,7 +121,7 @@ def test_block_against_transformers(name, device):
     if isinstance(result, tuple):  # gpt-oss: the routing scores too, as transformers gives
         assert torch.allclose(result[1].float().cpu(), block16(x)[1].float(), rtol=1e-2,
                               atol=1e-3)
-    assert ours.shape == x.shape and ours.dtype == torch.bfloat16
+    assert ours.shape == theirs.shape and ours.dtype == torch.bfloat16
     err, their_err = rel_error(ours, ref), rel_error(theirs, ref)
     print(f"{name} on {device}: ours {err:.2e}, transformers bf16 {their_err:.2e}")
     assert err <= 1e-2

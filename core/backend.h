@@ -136,6 +136,26 @@ typedef struct moe_layer_desc {
   const moe_weights *weights; /* host pointers, valid during create only */
 } moe_layer_desc;
 
+/* One call of layer_forward_routed: num_tokens in [1, reserved] starting at
+ * row first_token of every per-token buffer (x, logits, the ids and weights
+ * in or out, out), so that the core can run a batch larger than the
+ * reservation in chunks without sub-buffers. Exactly one routing source:
+ * logits (then topk_ids_out / topk_weights_out, each optional, receive the
+ * picks), or topk_ids_in with topk_weights_in (the caller's picks, used as
+ * given: ids outside the local experts contribute nothing; the core has
+ * checked them where it can read them, see moe_layer_forward_routed). */
+typedef struct moe_forward_io {
+  int64_t num_tokens;
+  int64_t first_token;
+  const void *x;               /* bf16 [..][H] */
+  const void *logits;          /* fp32 [..][E] or NULL */
+  const void *topk_ids_in;     /* int32 [..][k] when logits is NULL */
+  const void *topk_weights_in; /* fp32 [..][k] when logits is NULL */
+  void *topk_ids_out;          /* int32 [..][k] or NULL */
+  void *topk_weights_out;      /* fp32 [..][k] or NULL */
+  void *out;                   /* bf16 [..][H] */
+} moe_forward_io;
+
 typedef struct moe_backend_ops {
   const char *name; /* "cpu", "cuda", "opencl" */
   moe_backend kind;
@@ -196,6 +216,10 @@ typedef struct moe_backend_ops {
    * capacities, splits. The plan's own decision, not a copy of it. */
   moe_status (*layer_describe)(void *state, const void *layer, int64_t num_tokens, char *text,
                                size_t size);
+  /* (optional; NULL: UNSUPPORTED) The forward with routing in or out, on
+   * a window of the caller's buffers (see moe_forward_io). No allocation,
+   * no host wait. */
+  moe_status (*layer_forward_routed)(void *state, void *layer, const moe_forward_io *io);
 } moe_backend_ops;
 
 /* The tables of the compiled backends (defined in backends/<name>/). */

@@ -43,6 +43,7 @@ struct moe_layer {
   moe_config cfg; /* validated; num_local_experts resolved, num_groups >= 1 */
   void *impl;
   int64_t reserved_tokens;
+  bool chunked; /* moe_layer_set_chunking: T above the reservation runs in chunks */
 };
 
 /* Fills ctx's option values with the defaults (core/options.c). */

@@ -79,32 +79,91 @@ moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens) {
   return st;
 }
 
-moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
-                             const moe_buffer *logits, moe_buffer *out) {
-  moe_error_scope(layer ? layer->ctx : NULL);
-  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
-  if (num_tokens < 0)
+/* The arguments of one of the three forwards; the routing source is logits
+ * or ids_in with weights_in, and ids_out / weights_out are the capture. */
+typedef struct forward_call {
+  int64_t num_tokens;
+  bool routed;  /* the routing comes from ids_in / weights_in, not logits */
+  bool capture; /* ids_out / weights_out receive the picks */
+  const moe_buffer *x, *logits, *ids_in, *weights_in;
+  moe_buffer *ids_out, *weights_out, *out;
+} forward_call;
+
+/* Everything but the lock: checks (none touches an output), then the
+ * backend, in chunks of the reservation when the layer allows them. */
+static moe_status forward_locked(moe_layer *layer, const forward_call *c) {
+  const moe_config *cfg = &layer->cfg;
+  const int64_t T = c->num_tokens, reserved = layer->reserved_tokens;
+  if (T > reserved && (!layer->chunked || reserved == 0))
+    return moe_set_error(MOE_ERROR_NOT_RESERVED,
+                         "num_tokens = %lld exceeds the %lld reserved by moe_layer_reserve%s",
+                         (long long)T, (long long)reserved,
+                         reserved ? " (moe_layer_set_chunking runs it in chunks)" : "");
+  /* Sizes: T may pass the reservation (chunked), so multiply with checks. */
+  size_t hidden_bytes, logit_bytes, slot_bytes;
+  if (!moe_mul_size3(&hidden_bytes, (size_t)T, (size_t)cfg->hidden_size, 2) ||
+      !moe_mul_size3(&logit_bytes, (size_t)T, (size_t)cfg->num_experts, sizeof(float)) ||
+      !moe_mul_size3(&slot_bytes, (size_t)T, (size_t)cfg->top_k, 4))
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "num_tokens = %lld: sizes overflow size_t",
+                         (long long)T);
+  moe_context *ctx = layer->ctx;
+  moe_status st = moe_check_buffer(ctx, c->x, hidden_bytes, "x");
+  if (st == MOE_SUCCESS && !c->routed) st = moe_check_buffer(ctx, c->logits, logit_bytes, "logits");
+  if (st == MOE_SUCCESS && c->routed) {
+    st = moe_check_buffer(ctx, c->ids_in, slot_bytes, "topk_ids");
+    if (st == MOE_SUCCESS) st = moe_check_buffer(ctx, c->weights_in, slot_bytes, "topk_weights");
+  }
+  if (st == MOE_SUCCESS && c->capture) {
+    st = moe_check_buffer(ctx, c->ids_out, slot_bytes, "topk_ids");
+    if (st == MOE_SUCCESS) st = moe_check_buffer(ctx, c->weights_out, slot_bytes, "topk_weights");
+  }
+  if (st == MOE_SUCCESS) st = moe_check_buffer(ctx, c->out, hidden_bytes, "out");
+  if (st != MOE_SUCCESS) return st;
+  /* Caller ids are checked where they are host memory (the CPU backend);
+   * GPU backends skip ids outside the experts on the device instead, since
+   * reading them here would be a host wait (include/moe.h). */
+  if (c->routed && ctx->ops->kind == MOE_BACKEND_CPU) {
+    const int32_t *ids = c->ids_in->handle;
+    for (int64_t s = 0; s < T * cfg->top_k; ++s)
+      if (ids[s] < -1 || ids[s] >= cfg->num_experts)
+        return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
+                             "topk_ids[%lld][%lld] = %d is not in [-1, %d)",
+                             (long long)(s / cfg->top_k), (long long)(s % cfg->top_k), (int)ids[s],
+                             (int)cfg->num_experts);
+  }
+  if (T == 0) return MOE_SUCCESS;
+  if (!c->routed && !c->capture && T <= reserved) /* the path of every plain forward, as before */
+    return ctx->ops->layer_forward(ctx->state, layer->impl, T, c->x->handle, c->logits->handle,
+                                   c->out->handle);
+  if (!ctx->ops->layer_forward_routed)
+    return moe_set_error(MOE_ERROR_UNSUPPORTED, "the %s backend has no routed forward",
+                         ctx->ops->name);
+  for (int64_t first = 0; first < T && st == MOE_SUCCESS; first += reserved) {
+    const moe_forward_io io = {
+        .num_tokens = T - first < reserved ? T - first : reserved,
+        .first_token = first,
+        .x = c->x->handle,
+        .logits = c->routed ? NULL : c->logits->handle,
+        .topk_ids_in = c->routed ? c->ids_in->handle : NULL,
+        .topk_weights_in = c->routed ? c->weights_in->handle : NULL,
+        .topk_ids_out = c->capture ? c->ids_out->handle : NULL,
+        .topk_weights_out = c->capture ? c->weights_out->handle : NULL,
+        .out = c->out->handle,
+    };
+    st = ctx->ops->layer_forward_routed(ctx->state, layer->impl, &io);
+  }
+  return st;
+}
+
+static moe_status forward(moe_layer *layer, const forward_call *c) {
+  if (c->num_tokens < 0)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
-                         (long long)num_tokens);
+                         (long long)c->num_tokens);
   /* The whole call under the context's lock: the layer's workspace (and,
    * on OpenCL, the context's kernels) serve one forward at a time, and a
    * concurrent moe_layer_reserve may replace the workspace. */
   pthread_mutex_lock(&layer->ctx->lock);
-  moe_status st = MOE_SUCCESS;
-  if (num_tokens > layer->reserved_tokens)
-    st = moe_set_error(MOE_ERROR_NOT_RESERVED,
-                       "num_tokens = %lld exceeds the %lld reserved by moe_layer_reserve",
-                       (long long)num_tokens, (long long)layer->reserved_tokens);
-  const moe_config *cfg = &layer->cfg;
-  /* num_tokens <= reserved, which moe_align_check bounded to int32 slots. */
-  const size_t hidden_bytes = (size_t)num_tokens * (size_t)cfg->hidden_size * 2;
-  const size_t logit_bytes = (size_t)num_tokens * (size_t)cfg->num_experts * sizeof(float);
-  if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, x, hidden_bytes, "x");
-  if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, logits, logit_bytes, "logits");
-  if (st == MOE_SUCCESS) st = moe_check_buffer(layer->ctx, out, hidden_bytes, "out");
-  if (st == MOE_SUCCESS && num_tokens > 0)
-    st = layer->ctx->ops->layer_forward(layer->ctx->state, layer->impl, num_tokens, x->handle,
-                                        logits->handle, out->handle);
+  moe_status st = forward_locked(layer, c);
   pthread_mutex_unlock(&layer->ctx->lock);
   return st;
 }
@@ -136,5 +195,51 @@ moe_status moe_layer_describe(moe_layer *layer, int64_t num_tokens, char *text, 
     return moe_set_error(MOE_ERROR_BUFFER_TOO_SMALL,
                          "the description needs %zu bytes, the buffer has %zu", need, size);
   memcpy(text, line, need);
+  return MOE_SUCCESS;
+}
+
+moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                             const moe_buffer *logits, moe_buffer *out) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  const forward_call c = {.num_tokens = num_tokens, .x = x, .logits = logits, .out = out};
+  return forward(layer, &c);
+}
+
+moe_status moe_layer_forward_capture(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                                     const moe_buffer *logits, moe_buffer *out,
+                                     moe_buffer *topk_ids, moe_buffer *topk_weights) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  const forward_call c = {.num_tokens = num_tokens,
+                          .capture = true,
+                          .x = x,
+                          .logits = logits,
+                          .ids_out = topk_ids,
+                          .weights_out = topk_weights,
+                          .out = out};
+  return forward(layer, &c);
+}
+
+moe_status moe_layer_forward_routed(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                                    const moe_buffer *topk_ids, const moe_buffer *topk_weights,
+                                    moe_buffer *out) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  const forward_call c = {.num_tokens = num_tokens,
+                          .routed = true,
+                          .x = x,
+                          .ids_in = topk_ids,
+                          .weights_in = topk_weights,
+                          .out = out};
+  return forward(layer, &c);
+}
+
+moe_status moe_layer_set_chunking(moe_layer *layer, int enabled) {
+  moe_error_scope(layer ? layer->ctx : NULL);
+  if (!layer) return moe_set_error(MOE_ERROR_NULL_POINTER, "layer is NULL");
+  pthread_mutex_lock(&layer->ctx->lock);
+  layer->chunked = enabled != 0;
+  pthread_mutex_unlock(&layer->ctx->lock);
   return MOE_SUCCESS;
 }

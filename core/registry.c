@@ -152,6 +152,21 @@ moe_status moe_buffer_wrap_native(moe_context *ctx, void *handle, size_t bytes,
   return MOE_SUCCESS;
 }
 
+moe_status moe_buffer_wrap_host(moe_context *ctx, void *host_ptr, size_t bytes,
+                                moe_buffer **buffer) {
+  moe_error_scope(ctx);
+  if (!ctx || !host_ptr || !buffer)
+    return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL",
+                         !ctx        ? "ctx"
+                         : !host_ptr ? "host_ptr"
+                                     : "buffer");
+  /* Only the CPU backend's native handle is a host pointer. */
+  if (ctx->ops->kind != MOE_BACKEND_CPU)
+    return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "ctx runs on the %s backend, not cpu",
+                         ctx->ops->name);
+  return moe_buffer_wrap_native(ctx, host_ptr, bytes, buffer);
+}
+
 moe_status moe_buffer_create(moe_context *ctx, size_t bytes, moe_buffer **buffer) {
   moe_error_scope(ctx);
   if (!ctx || !buffer)

@@ -228,6 +228,14 @@ MOE_API moe_status moe_buffer_create(moe_context *ctx, size_t bytes, moe_buffer 
  * the handle is freed, never the caller's memory. NULL is a no-op. */
 MOE_API void moe_buffer_destroy(moe_buffer *buffer);
 
+/* Wraps `bytes` of host memory at host_ptr as a buffer of a CPU context
+ * (for callers that own their tensors, e.g. the Python package: no copy).
+ * moe_buffer_destroy frees only the handle. The memory must stay valid
+ * while the buffer is used.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (bytes == 0, ctx not CPU). */
+MOE_API moe_status moe_buffer_wrap_host(moe_context *ctx, void *host_ptr, size_t bytes,
+                                        moe_buffer **buffer);
+
 /* Size in bytes; 0 for NULL. */
 MOE_API size_t moe_buffer_size(const moe_buffer *buffer);
 
@@ -391,6 +399,50 @@ MOE_API moe_status moe_layer_forward(moe_layer *layer, int64_t num_tokens, const
  */
 MOE_API moe_status moe_layer_describe(moe_layer *layer, int64_t num_tokens, char *text,
                                       size_t size);
+
+/*
+ * Routing out: moe_layer_forward that also writes the picks it routed by,
+ * topk_ids[T][k] (int32, router ids in [0, E), rank order) and
+ * topk_weights[T][k] (fp32, the final weights: renormalized and scaled),
+ * for replay with moe_layer_forward_routed, which then gives the same bits.
+ * Errors: those of moe_layer_forward, and NULL_POINTER, BUFFER_TOO_SMALL
+ *         and CONTEXT_MISMATCH for topk_ids and topk_weights.
+ */
+MOE_API moe_status moe_layer_forward_capture(moe_layer *layer, int64_t num_tokens,
+                                             const moe_buffer *x, const moe_buffer *logits,
+                                             moe_buffer *out, moe_buffer *topk_ids,
+                                             moe_buffer *topk_weights);
+
+/*
+ * Routing in: out[T][H] = sum_j w[t][j] * expert_{id[t][j]}(x[t]) (or the
+ * weight on the input, per cfg.router_weight) with the caller's picks
+ * topk_ids[T][k] (int32 router ids) and topk_weights[T][k] (fp32, used as
+ * given: no renormalize, no routed_scaling_factor, no correction bias).
+ * An id of -1 means "no expert": the slot contributes nothing (as an
+ * expert map's -1 does); ids go through the layer's expert map like routed
+ * ones. Ids outside [-1, E) are rejected with INVALID_ARGUMENT where the
+ * library can read them without waiting for the device: on the CPU backend
+ * (host memory), before any output is touched. On GPU backends (CUDA,
+ * OpenCL) the ids are not read on the host (that would need a wait, which
+ * a reserved forward never does): there an id outside [0, E) contributes
+ * nothing, like -1, and never reads or writes outside the buffers.
+ * Errors: those of moe_layer_forward (topk_ids and topk_weights in place
+ *         of logits), and INVALID_ARGUMENT (an id outside [-1, E), CPU).
+ */
+MOE_API moe_status moe_layer_forward_routed(moe_layer *layer, int64_t num_tokens,
+                                            const moe_buffer *x, const moe_buffer *topk_ids,
+                                            const moe_buffer *topk_weights, moe_buffer *out);
+
+/*
+ * Chunked batches. With enabled nonzero, the three forwards of a layer
+ * accept T above the reservation and run it, inside the same call, in
+ * chunks of the reserved size, one after another on the same workspace
+ * (still no allocation and no host wait; every token's bits are those of
+ * a forward of its chunk). Off (the default), such a T is NOT_RESERVED.
+ * A layer without a reservation stays NOT_RESERVED either way.
+ * Errors: NULL_POINTER.
+ */
+MOE_API moe_status moe_layer_set_chunking(moe_layer *layer, int enabled);
 
 /* ------------------------------------------------------------------------ */
 /* Stages, for engines that compose their own pipeline                      */

@@ -299,17 +299,17 @@ void ref_topk_reduce(int64_t num_tokens, int32_t top_k, int64_t hidden_size, con
 
 /* ---- Whole layer ------------------------------------------------------ */
 
-void ref_layer_forward(const moe_config *cfg, const moe_weights *weights, int64_t num_tokens,
-                       const uint16_t *x, const float *logits, bool round_h, double *out) {
+/* The layer on given picks (ids, float64 weights): the body of both
+ * ref_layer_forward and ref_layer_forward_routed. */
+static void layer_on_picks(const moe_config *cfg, const moe_weights *weights, int64_t num_tokens,
+                           const uint16_t *x, const int32_t *ids, const double *w, bool round_h,
+                           double *out) {
   const int64_t H = cfg->hidden_size, I = cfg->intermediate_size, T = num_tokens;
   const int32_t E = cfg->num_experts, k = cfg->top_k;
   const int32_t EL = cfg->num_local_experts ? cfg->num_local_experts : E;
   const bool out_in = cfg->weight_layout == MOE_WEIGHT_LAYOUT_OUT_IN;
-  int32_t *ids = malloc(sizeof(int32_t) * (size_t)(T * k + 1));
-  double *w = malloc(sizeof(double) * (size_t)(T * k + 1));
   double *gu = malloc(sizeof(double) * (size_t)(2 * I));
   double *h = malloc(sizeof(double) * (size_t)I);
-  ref_route(cfg, T, logits, weights->correction_bias, ids, w);
 
   for (int64_t t = 0; t < T; ++t) {
     double *out_row = out + t * H;
@@ -345,8 +345,28 @@ void ref_layer_forward(const moe_config *cfg, const moe_weights *weights, int64_
       }
     }
   }
-  free(ids);
-  free(w);
   free(gu);
   free(h);
+}
+
+void ref_layer_forward(const moe_config *cfg, const moe_weights *weights, int64_t num_tokens,
+                       const uint16_t *x, const float *logits, bool round_h, double *out) {
+  const int64_t n = num_tokens * cfg->top_k + 1;
+  int32_t *ids = malloc(sizeof(int32_t) * (size_t)n);
+  double *w = malloc(sizeof(double) * (size_t)n);
+  ref_route(cfg, num_tokens, logits, weights->correction_bias, ids, w);
+  layer_on_picks(cfg, weights, num_tokens, x, ids, w, round_h, out);
+  free(ids);
+  free(w);
+}
+
+void ref_layer_forward_routed(const moe_config *cfg, const moe_weights *weights, int64_t num_tokens,
+                              const uint16_t *x, const int32_t *topk_ids, const float *topk_weights,
+                              bool round_h, double *out) {
+  const int64_t n = num_tokens * cfg->top_k;
+  double *w = malloc(sizeof(double) * (size_t)(n + 1));
+  for (int64_t s = 0; s < n; ++s)
+    w[s] = topk_weights[s];
+  layer_on_picks(cfg, weights, num_tokens, x, topk_ids, w, round_h, out);
+  free(w);
 }

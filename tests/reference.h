@@ -93,4 +93,11 @@ void ref_topk_reduce(int64_t num_tokens, int32_t top_k, int64_t hidden_size, con
 void ref_layer_forward(const moe_config *cfg, const moe_weights *weights, int64_t num_tokens,
                        const uint16_t *x, const float *logits, bool round_h, double *out);
 
+/* As ref_layer_forward, on given picks: topk_ids[T][k] (router ids; -1 or
+ * an id that is not local contributes nothing) and topk_weights[T][k]
+ * (used as given). */
+void ref_layer_forward_routed(const moe_config *cfg, const moe_weights *weights, int64_t num_tokens,
+                              const uint16_t *x, const int32_t *topk_ids, const float *topk_weights,
+                              bool round_h, double *out);
+
 #endif /* MOE_TESTS_REFERENCE_H */

@@ -335,7 +335,9 @@ static moe_status cpu_activation(void *state, const moe_activation_args *args) {
 }
 
 /* out[t] = bf16(sum_j w[t][j] * y[t*k + j]), j ascending, skipping slots
- * whose expert is not local when topk_ids and expert_map are given. */
+ * whose expert is not local when topk_ids is given: through expert_map when
+ * there is one, else ids outside [0, EL) (the routed forward's -1; the
+ * reduce stage passes topk_ids only with a map). */
 static void reduce_tokens(const moe_reduce_args *args, int threads) {
   enum { CHUNK = 512 };
   const int64_t k = args->top_k, H = args->hidden_size;
@@ -355,9 +357,9 @@ static void reduce_tokens(const moe_reduce_args *args, int threads) {
       acc[h] = 0.0f;
     for (int64_t j = 0; j < k; ++j) {
       const int64_t s = t * k + j;
-      if (ids && map) {
+      if (ids) {
         const int32_t id = ids[s];
-        const int32_t local = (id >= 0 && id < args->num_experts) ? map[id] : -1;
+        const int32_t local = !map ? id : (id >= 0 && id < args->num_experts) ? map[id] : -1;
         if (local < 0 || local >= args->num_local_experts) continue;
       }
       const uint16_t *row = y + s * H + h0;
@@ -577,15 +579,24 @@ static int64_t layer_runs(const cpu_workspace *ws) {
   return num_runs;
 }
 
-static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens, const void *x,
-                                    const void *logits, void *out) {
-  const cpu_state *st = state;
-  cpu_layer *l = impl;
+/* The forward of both entries: routes logits into the workspace (and copies
+ * the picks to the capture buffers when given), or reads the caller's picks
+ * in place. Pointers are already offset to this call's first token. */
+static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forward_io *io) {
   const moe_config *cfg = &l->cfg;
   cpu_workspace *ws = &l->ws;
   const int64_t H = cfg->hidden_size, I = cfg->intermediate_size;
+  const int64_t num_tokens = io->num_tokens;
   const int64_t num_slots = num_tokens * cfg->top_k;
   const int threads = call_threads(ws->threads);
+  const void *x = io->x, *logits = io->logits;
+  void *out = io->out;
+  const int32_t *topk_ids = ws->topk_ids;
+  const float *topk_weights = ws->topk_weights;
+  if (!logits) {
+    topk_ids = io->topk_ids_in;
+    topk_weights = io->topk_weights_in;
+  }
 
   moe_route_args route = {
       .num_tokens = num_tokens,
@@ -602,7 +613,11 @@ static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens,
       .group_scoring = cfg->group_scoring,
       .routed_scaling_factor = cfg->routed_scaling_factor,
   };
-  moe_route_host(&route);
+  if (logits) {
+    moe_route_host(&route);
+    if (io->topk_ids_out) memcpy(io->topk_ids_out, ws->topk_ids, (size_t)num_slots * 4);
+    if (io->topk_weights_out) memcpy(io->topk_weights_out, ws->topk_weights, (size_t)num_slots * 4);
+  }
 
   moe_align_args align = {
       .num_tokens = num_tokens,
@@ -612,7 +627,7 @@ static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens,
       .block_m = 1,
       .sorted_capacity = num_slots,
       .block_capacity = num_slots,
-      .topk_ids = ws->topk_ids,
+      .topk_ids = topk_ids,
       .expert_map = l->expert_map,
       .sorted_token_ids = ws->sorted_token_ids,
       .expert_ids = ws->expert_ids,
@@ -644,7 +659,7 @@ static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens,
               .bias_stride = 2 * I,
               .weight_mode =
                   on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE,
-              .slot_weights = ws->topk_weights,
+              .slot_weights = topk_weights,
           },
   };
   cpu_gemm_execute(&gemm1, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
@@ -668,7 +683,7 @@ static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens,
               .bias_stride = H,
               .weight_mode =
                   on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS,
-              .slot_weights = ws->topk_weights,
+              .slot_weights = topk_weights,
           },
   };
   cpu_gemm_execute(&gemm2, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
@@ -679,7 +694,8 @@ static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens,
       .hidden_size = H,
       .y = ws->y,
       .topk_weights = NULL,
-      .topk_ids = l->expert_map ? ws->topk_ids : NULL,
+      /* Caller picks may hold -1 without a map: their rows of y are unwritten. */
+      .topk_ids = (l->expert_map || !logits) ? topk_ids : NULL,
       .expert_map = l->expert_map,
       .num_experts = cfg->num_experts,
       .num_local_experts = cfg->num_local_experts,
@@ -705,6 +721,29 @@ static moe_status cpu_layer_describe(void *state, const void *impl, int64_t num_
   return MOE_SUCCESS;
 }
 
+static moe_status cpu_layer_forward(void *state, void *impl, int64_t num_tokens, const void *x,
+                                    const void *logits, void *out) {
+  const moe_forward_io io = {.num_tokens = num_tokens, .x = x, .logits = logits, .out = out};
+  return cpu_forward(state, impl, &io);
+}
+
+/* Offsets every per-token pointer to io->first_token (host memory). */
+static moe_status cpu_layer_forward_routed(void *state, void *impl, const moe_forward_io *io) {
+  const moe_config *cfg = &((const cpu_layer *)impl)->cfg;
+  const int64_t t0 = io->first_token, k = cfg->top_k, H = cfg->hidden_size;
+  const moe_forward_io at = {
+      .num_tokens = io->num_tokens,
+      .x = (const uint16_t *)io->x + t0 * H,
+      .logits = io->logits ? (const float *)io->logits + t0 * cfg->num_experts : NULL,
+      .topk_ids_in = io->topk_ids_in ? (const int32_t *)io->topk_ids_in + t0 * k : NULL,
+      .topk_weights_in = io->topk_weights_in ? (const float *)io->topk_weights_in + t0 * k : NULL,
+      .topk_ids_out = io->topk_ids_out ? (int32_t *)io->topk_ids_out + t0 * k : NULL,
+      .topk_weights_out = io->topk_weights_out ? (float *)io->topk_weights_out + t0 * k : NULL,
+      .out = (uint16_t *)io->out + t0 * H,
+  };
+  return cpu_forward(state, impl, &at);
+}
+
 const moe_backend_ops moe_cpu_backend_ops = {
     .name = "cpu",
     .kind = MOE_BACKEND_CPU,
@@ -727,4 +766,5 @@ const moe_backend_ops moe_cpu_backend_ops = {
     .layer_forward = cpu_layer_forward,
     .set_option = cpu_set_option,
     .layer_describe = cpu_layer_describe,
+    .layer_forward_routed = cpu_layer_forward_routed,
 };

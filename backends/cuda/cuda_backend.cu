@@ -711,7 +711,9 @@ static moe_status reduce_y(const cuda_state *st, const cuda_layer *l, int64_t T,
   reduce.hidden_size = c->hidden_size;
   reduce.y = l->y;
   reduce.topk_weights = NULL; /* applied in GEMM2 (or on the input) */
-  reduce.topk_ids = l->expert_map ? l->topk_ids : NULL;
+  /* Always the ids: without a map, a routed forward's -1 (or any id outside
+   * the experts) left its row of y unwritten, and the reduce skips it. */
+  reduce.topk_ids = l->topk_ids;
   reduce.expert_map = l->expert_map;
   reduce.num_experts = c->num_experts;
   reduce.num_local_experts = c->num_local_experts;
@@ -719,15 +721,48 @@ static moe_status reduce_y(const cuda_state *st, const cuda_layer *l, int64_t T,
   return cuda_topk_reduce(st, &reduce);
 }
 
-static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const void *x,
-                                     const void *logits, void *out) {
-  const cuda_state *st = (const cuda_state *)state;
-  const cuda_layer *l = (const cuda_layer *)layer;
+/* Routing capture: the picks the forward routed by, copied (device to
+ * device, on the stream) to the caller's buffers at the chunk's offset. */
+static moe_status capture_picks(const cuda_state *st, const cuda_layer *l, const moe_forward_io *io,
+                                size_t slot_bytes) {
+  const int64_t at = io->first_token * l->cfg.top_k;
+  if (io->logits && io->topk_ids_out)
+    CUDA_TRY(cuda_status(cudaMemcpyAsync((int32_t *)io->topk_ids_out + at, l->topk_ids, slot_bytes,
+                                         cudaMemcpyDeviceToDevice, st->stream),
+                         "cudaMemcpyAsync of the captured topk_ids"));
+  if (io->logits && io->topk_weights_out)
+    CUDA_TRY(cuda_status(cudaMemcpyAsync((float *)io->topk_weights_out + at, l->topk_weights,
+                                         slot_bytes, cudaMemcpyDeviceToDevice, st->stream),
+                         "cudaMemcpyAsync of the captured topk_weights"));
+  return MOE_SUCCESS;
+}
+
+/* The forward of both entries. Routing: logits are routed into
+ * l->topk_ids / l->topk_weights (then copied to the capture buffers when
+ * given), or the caller's picks are copied there (device to device, on the
+ * stream), so every later stage reads the workspace as before. Pointers
+ * are offset to io->first_token (a chunk of a larger batch). */
+static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
+                               const moe_forward_io *io) {
   CUDA_TRY(use_device(st));
   const moe_config *c = &l->cfg;
   const int64_t H = c->hidden_size, I = c->intermediate_size;
   const int32_t k = c->top_k, EL = c->num_local_experts;
+  const int64_t T = io->num_tokens, t0 = io->first_token;
   const int64_t slots = T * k;
+  const size_t slot_bytes = (size_t)slots * 4;
+  const void *x = (const bf16 *)io->x + t0 * H;
+  const void *logits = io->logits ? (const float *)io->logits + t0 * c->num_experts : NULL;
+  void *out = (bf16 *)io->out + t0 * H;
+  if (!logits) {
+    CUDA_TRY(cuda_status(cudaMemcpyAsync(l->topk_ids, (const int32_t *)io->topk_ids_in + t0 * k,
+                                         slot_bytes, cudaMemcpyDeviceToDevice, st->stream),
+                         "cudaMemcpyAsync of topk_ids"));
+    CUDA_TRY(
+        cuda_status(cudaMemcpyAsync(l->topk_weights, (const float *)io->topk_weights_in + t0 * k,
+                                    slot_bytes, cudaMemcpyDeviceToDevice, st->stream),
+                    "cudaMemcpyAsync of topk_weights"));
+  }
 
   moe_route_args route;
   memset(&route, 0, sizeof route);
@@ -750,7 +785,8 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
   const cuda_decode d = decode_args(l, T, x, out);
   const cuda_plan plan = plan_forward(st, l, T, x, &d);
   if (plan.path == CUDA_PATH_DECODE) {
-    CUDA_TRY(cuda_route(st, &route));
+    if (logits) CUDA_TRY(cuda_route(st, &route));
+    CUDA_TRY(capture_picks(st, l, io, slot_bytes));
     return cuda_decode_run(st, &d);
   }
   const int32_t BM = plan.block_m;
@@ -773,8 +809,9 @@ static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const 
    * rank routing of a few tokens may round the weights differently). */
   cuda_state warp_routing = *st;
   warp_routing.routing_option = MOE_CUDA_ROUTING_WARP;
-  CUDA_TRY(
-      cuda_route_align(c->batch_invariant ? &warp_routing : st, &route, &align, l->align_scratch));
+  CUDA_TRY(cuda_route_align(c->batch_invariant ? &warp_routing : st, logits ? &route : NULL, &align,
+                            l->align_scratch));
+  CUDA_TRY(capture_picks(st, l, io, slot_bytes));
 
   if (plan.path == CUDA_PATH_STREAM || plan.path == CUDA_PATH_WGMMA) {
     CUDA_TRY(hopper_forward(st, l, T, x, &plan));
@@ -876,6 +913,21 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
   return MOE_SUCCESS;
 }
 
+static moe_status cuda_layer_forward(void *state, void *layer, int64_t T, const void *x,
+                                     const void *logits, void *out) {
+  moe_forward_io io;
+  memset(&io, 0, sizeof io);
+  io.num_tokens = T;
+  io.x = x;
+  io.logits = logits;
+  io.out = out;
+  return cuda_forward((const cuda_state *)state, (const cuda_layer *)layer, &io);
+}
+
+static moe_status cuda_forward_routed(void *state, void *layer, const moe_forward_io *io) {
+  return cuda_forward((const cuda_state *)state, (const cuda_layer *)layer, io);
+}
+
 /* ---- the table ---------------------------------------------------------- */
 
 extern "C" const moe_backend_ops moe_cuda_backend_ops = {
@@ -900,4 +952,5 @@ extern "C" const moe_backend_ops moe_cuda_backend_ops = {
     cuda_layer_forward,      /* layer_forward: no allocation, no host wait */
     cuda_set_option,         /* set_option: kept in cuda_state */
     cuda_layer_describe,     /* layer_describe: plan_forward's choice */
+    cuda_forward_routed,     /* layer_forward_routed: routing in/out */
 };

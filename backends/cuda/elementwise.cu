@@ -51,7 +51,7 @@ moe_status cuda_activation(const cuda_state *st, const moe_activation_args *a) {
 struct reduce_params {
   const bf16 *y;
   const float *weights; /* NULL: weight 1 */
-  const int32_t *ids;   /* with map: masks slots that are not local */
+  const int32_t *ids;   /* masks slots that are not local (through map if any) */
   const int32_t *map;
   int32_t num_experts, num_local;
   int64_t num_tokens, hidden;
@@ -59,9 +59,11 @@ struct reduce_params {
   bf16 *out;
 };
 
-/* Without a map every slot counts (the reduce stage's contract). */
+/* Without ids every slot counts. With ids and no map (the layer forward:
+ * a routed forward's -1 left its row of y unwritten) ids outside [0, EL)
+ * are skipped; the reduce stage passes ids only with a map. */
 __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t slot) {
-  return !p.map || cuda_local_expert(p.ids[slot], p.map, p.num_experts, p.num_local) >= 0;
+  return !p.ids || cuda_local_expert(p.ids[slot], p.map, p.num_experts, p.num_local) >= 0;
 }
 
 /* Each thread owns VEC consecutive columns of one token and sums its k

@@ -398,9 +398,14 @@ static moe_status ocl_topk_reduce(void *state, const moe_reduce_args *r) {
 typedef struct ocl_workspace {
   cl_mem topk_ids, topk_weights, sorted_token_ids, expert_ids, num_tokens_post_padded;
   cl_mem gate_up, hidden, expert_out; /* gate_up fp32 [T*k][2I]; the others bf16 */
+  /* A chunk past the first token of the caller's buffers (moe_forward_io):
+   * kernels take whole cl_mem objects, and sub-buffers would be allocations
+   * with alignment rules, so x and logits are copied in and out copied back
+   * (bf16 [T][H], fp32 [T][E], bf16 [T][H]). */
+  cl_mem x_stage, logits_stage, out_stage;
 } ocl_workspace;
 
-#define WORKSPACE_BUFFERS 8
+#define WORKSPACE_BUFFERS 11
 
 typedef struct ocl_layer {
   moe_config cfg;
@@ -501,9 +506,11 @@ static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens
   /* Capacities for the smallest (most blocks) and largest (most padding)
    * block_m a forward uses. */
   const size_t sorted_capacity = slots + EL * 127, block_capacity = (slots + EL * 63 + 63) / 64;
+  const size_t T = (size_t)max_tokens, E = (size_t)c->num_experts;
   const size_t bytes[WORKSPACE_BUFFERS] = {
-      slots * 4, slots * 4,         sorted_capacity * 4, block_capacity * 4,
-      4,         slots * 2 * I * 4, slots * I * 2,       slots * H * 2};
+      slots * 4,         slots * 4,     sorted_capacity * 4, block_capacity * 4, 4,
+      slots * 2 * I * 4, slots * I * 2, slots * H * 2,       T * H * 2,          T * E * 4,
+      T * H * 2};
   size_t total = 0;
   for (int i = 0; i < WORKSPACE_BUFFERS; ++i)
     total += bytes[i];
@@ -539,13 +546,37 @@ static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens
   return MOE_SUCCESS;
 }
 
-static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens, const void *x,
-                                    const void *logits, void *out) {
-  moe_ocl_state *s = state;
-  ocl_layer *l = layer;
+/* An enqueued copy between cl_mem objects at byte offsets (no host wait). */
+static moe_status copy_mem(moe_ocl_state *s, const void *src, size_t src_offset, const void *dst,
+                           size_t dst_offset, size_t bytes, const char *what) {
+  cl_int err = clEnqueueCopyBuffer(s->queue, (cl_mem)src, (cl_mem)dst, src_offset, dst_offset,
+                                   bytes, 0, NULL, NULL);
+  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, what);
+}
+
+/* The forward of both entries: logits routed into the workspace (then
+ * copied to the capture buffers when given), or the caller's picks copied
+ * into it; a chunk past token 0 goes through the stage buffers. */
+static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_io *io) {
   const moe_config *c = &l->cfg;
   const ocl_workspace *ws = &l->ws;
+  const int64_t num_tokens = io->num_tokens;
   const int64_t slots = num_tokens * c->top_k;
+  const size_t t0 = (size_t)io->first_token, H = (size_t)c->hidden_size;
+  const size_t E = (size_t)c->num_experts, k = (size_t)c->top_k;
+  const size_t hidden_bytes = (size_t)num_tokens * H * 2, slot_bytes = (size_t)slots * 4;
+  const void *x = io->x, *logits = io->logits;
+  void *out = io->out;
+  if (t0 > 0) {
+    TRY(copy_mem(s, x, t0 * H * 2, ws->x_stage, 0, hidden_bytes, "staging x"));
+    x = ws->x_stage;
+    if (logits) {
+      TRY(copy_mem(s, logits, t0 * E * 4, ws->logits_stage, 0, (size_t)num_tokens * E * 4,
+                   "staging logits"));
+      logits = ws->logits_stage;
+    }
+    out = ws->out_stage;
+  }
   const int32_t EL = c->num_local_experts, BM = forward_block_m(c, num_tokens);
   const int64_t sorted_capacity = slots + (int64_t)EL * (BM - 1);
   const int64_t block_capacity = (sorted_capacity + BM - 1) / BM;
@@ -564,7 +595,18 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
                                 .topk_groups = c->topk_groups,
                                 .group_scoring = c->group_scoring,
                                 .routed_scaling_factor = c->routed_scaling_factor};
-  TRY(ocl_route(s, &route));
+  if (logits) {
+    TRY(ocl_route(s, &route));
+    if (io->topk_ids_out)
+      TRY(copy_mem(s, ws->topk_ids, 0, io->topk_ids_out, t0 * k * 4, slot_bytes, "capturing ids"));
+    if (io->topk_weights_out)
+      TRY(copy_mem(s, ws->topk_weights, 0, io->topk_weights_out, t0 * k * 4, slot_bytes,
+                   "capturing weights"));
+  } else {
+    TRY(copy_mem(s, io->topk_ids_in, t0 * k * 4, ws->topk_ids, 0, slot_bytes, "reading ids"));
+    TRY(copy_mem(s, io->topk_weights_in, t0 * k * 4, ws->topk_weights, 0, slot_bytes,
+                 "reading weights"));
+  }
 
   const moe_align_args align = {
       .num_tokens = num_tokens,
@@ -638,7 +680,19 @@ static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens
                                   .num_experts = c->num_experts,
                                   .num_local_experts = EL,
                                   .out = out};
-  return ocl_topk_reduce(s, &reduce);
+  TRY(ocl_topk_reduce(s, &reduce));
+  if (t0 > 0) TRY(copy_mem(s, out, 0, io->out, t0 * H * 2, hidden_bytes, "writing out"));
+  return MOE_SUCCESS;
+}
+
+static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens, const void *x,
+                                    const void *logits, void *out) {
+  const moe_forward_io io = {.num_tokens = num_tokens, .x = x, .logits = logits, .out = out};
+  return ocl_forward(state, layer, &io);
+}
+
+static moe_status ocl_layer_forward_routed(void *state, void *layer, const moe_forward_io *io) {
+  return ocl_forward(state, layer, io);
 }
 
 static moe_status ocl_set_option(void *state, moe_option_id id, const char *value, int64_t parsed,
@@ -733,4 +787,5 @@ const moe_backend_ops moe_opencl_backend_ops = {
     .layer_forward = ocl_layer_forward,
     .set_option = ocl_set_option,
     .layer_describe = ocl_layer_describe,
+    .layer_forward_routed = ocl_layer_forward_routed,
 };

@@ -35,7 +35,9 @@ __kernel void moe_topk_reduce(int num_tokens, int top_k, int hidden_size, __glob
   float sum = 0.0f;
   for (int j = 0; j < top_k; ++j) {
     const int slot = t * top_k + j;
-    if (topk_ids && expert_map &&
+    /* With ids and no map, ids outside [0, EL) (the routed forward's -1)
+     * are skipped too; the reduce stage passes ids only with a map. */
+    if (topk_ids &&
         moe_local_expert(topk_ids[slot], expert_map, num_experts, num_local_experts) < 0)
       continue;
     const float v = moe_bf16_to_float(y[(long)slot * hidden_size + h]);

@@ -116,6 +116,23 @@ struct stream_params {
 
 /* ---- the kernel --------------------------------------------------------- */
 
+/* Where work unit `unit` lies: unit u is item u % items (its token block
+ * m fastest, then its 128 features) and split u / items of its K. The
+ * producer and the consumers walk the same sequence. */
+struct unit_coords {
+  int64_t item;
+  int split, m_tile, n_tile;
+};
+
+__device__ __forceinline__ unit_coords coords_of(int64_t unit, int64_t items, int32_t m_count) {
+  unit_coords u;
+  u.item = unit % items;
+  u.split = (int)(unit / items);
+  u.m_tile = (int)(u.item % m_count);
+  u.n_tile = (int)(u.item / m_count);
+  return u;
+}
+
 /* The local expert of a work unit's token block, or -1 (skipped: another
  * rank's expert) or -2 (past the last unit). Read one unit ahead by the
  * producer and the consumers, so that the load's latency hides behind the
@@ -123,7 +140,7 @@ struct stream_params {
 __device__ __forceinline__ int unit_expert(const stream_params &p, int64_t unit, int64_t units,
                                            int64_t items, int32_t m_count) {
   if (unit >= units) return -2;
-  const int e = p.expert_ids[(unit % items) % m_count];
+  const int e = p.expert_ids[coords_of(unit, items, m_count).m_tile];
   return e >= 0 && e < p.num_local_experts ? e : -1;
 }
 
@@ -175,9 +192,8 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
     uint32_t phase = 0;
     int next_expert = unit_expert(p, blockIdx.x, units, items, m_count);
     for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-      const int64_t item = unit % items;
-      const int split = (int)(unit / items);
-      const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
+      const unit_coords u = coords_of(unit, items, m_count);
+      const int split = u.split, m_tile = u.m_tile, n_tile = u.n_tile;
       const int expert = next_expert;
       next_expert = unit_expert(p, unit + gridDim.x, units, items, m_count);
       if (expert < 0) continue;
@@ -217,9 +233,9 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
   uint32_t phase = 0;
   int next_expert = unit_expert(p, blockIdx.x, units, items, m_count);
   for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-    const int64_t item = unit % items;
-    const int split = (int)(unit / items);
-    const int m_tile = (int)(item % m_count), n_tile = (int)(item / m_count);
+    const unit_coords u = coords_of(unit, items, m_count);
+    const int64_t item = u.item;
+    const int split = u.split, m_tile = u.m_tile, n_tile = u.n_tile;
     const int expert = next_expert;
     next_expert = unit_expert(p, unit + gridDim.x, units, items, m_count);
     if (expert < 0) continue;

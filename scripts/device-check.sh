@@ -75,6 +75,9 @@ step_bench() {
   python3 bench/triton_peer.py --model all --tokens $tokens --json "$out/bench-peer.json" \
     >"$out/bench-peer.log" 2>&1
   echo "bench-peer rc=$?"
+  # The issue-12 table: both times, the ratio, geomean, minimum, points won.
+  python3 bench/compare.py "$out/bench-cuda.json" "$out/bench-peer.json" >"$out/compare.txt" &&
+    tail -1 "$out/compare.txt"
   "./$build/bench/moe_bench" --backend opencl --model mixtral-8x7b,qwen3-30b-a3b \
     --tokens 1,16,64,256,1024,4096 --json "$out/bench-opencl.json" >"$out/bench-opencl.log" 2>&1
   echo "bench-opencl rc=$?"

@@ -274,6 +274,18 @@ moe_align_args moe_plan_align_args(const moe_config *cfg, int64_t num_tokens, in
  * AFTER_BIAS). Either output may be NULL. */
 void moe_plan_routed_modes(const moe_config *cfg, moe_gemm_routed_weight *gemm1,
                            moe_gemm_routed_weight *gemm2);
+/* The two GEMMs of a forward over align's metadata with row block
+ * block_m and the backend's weight layout b_layout: GEMM1 x[T][H] (per
+ * token) -> gate|up [T*k][2I], GEMM2 h[T*k][I] (per slot) -> y[T*k][H],
+ * each with its routed-weight mode (moe_plan_routed_modes). Either output
+ * may be NULL. */
+void moe_plan_gemm_descs(const moe_config *cfg, int64_t num_tokens, int32_t block_m,
+                         moe_weight_layout b_layout, moe_gemm_desc *gemm1, moe_gemm_desc *gemm2);
+/* The reduce of a forward: y [T*k][H] summed per token into out, without
+ * topk_weights (the GEMMs applied them); topk_ids (NULL: no slot skipped)
+ * and expert_map as given. */
+moe_reduce_args moe_plan_reduce_args(const moe_config *cfg, int64_t num_tokens, const void *y,
+                                     const void *topk_ids, const void *expert_map, void *out);
 /* Rows per touched expert, the one measure kernel choices read:
  * ceil(slots / min(slots, EL)), 0 when slots is 0. At most EL experts are
  * touched, and never more than slots, so this is the average run length in

@@ -70,3 +70,45 @@ int64_t moe_plan_rows_per_expert(int64_t slots, int64_t num_local_experts) {
   const int64_t touched = slots < num_local_experts ? slots : num_local_experts;
   return touched > 0 ? (slots + touched - 1) / touched : 0;
 }
+
+void moe_plan_gemm_descs(const moe_config *cfg, int64_t num_tokens, int32_t block_m,
+                         moe_weight_layout b_layout, moe_gemm_desc *gemm1, moe_gemm_desc *gemm2) {
+  moe_gemm_desc d;
+  d.num_tokens = num_tokens;
+  d.top_k = cfg->top_k;
+  d.num_local_experts = cfg->num_local_experts;
+  d.block_m = block_m;
+  d.b_layout = b_layout;
+  moe_gemm_routed_weight mode1, mode2;
+  moe_plan_routed_modes(cfg, &mode1, &mode2);
+  if (gemm1) {
+    *gemm1 = d;
+    gemm1->n = 2 * cfg->intermediate_size;
+    gemm1->k = cfg->hidden_size;
+    gemm1->input = MOE_GEMM_INPUT_PER_TOKEN;
+    gemm1->routed_weight = mode1;
+  }
+  if (gemm2) {
+    *gemm2 = d;
+    gemm2->n = cfg->hidden_size;
+    gemm2->k = cfg->intermediate_size;
+    gemm2->input = MOE_GEMM_INPUT_PER_SLOT;
+    gemm2->routed_weight = mode2;
+  }
+}
+
+moe_reduce_args moe_plan_reduce_args(const moe_config *cfg, int64_t num_tokens, const void *y,
+                                     const void *topk_ids, const void *expert_map, void *out) {
+  moe_reduce_args args;
+  args.num_tokens = num_tokens;
+  args.top_k = cfg->top_k;
+  args.hidden_size = cfg->hidden_size;
+  args.y = y;
+  args.topk_weights = NULL; /* applied by GEMM2 (or GEMM1 on the input) */
+  args.topk_ids = topk_ids;
+  args.expert_map = expert_map;
+  args.num_experts = cfg->num_experts;
+  args.num_local_experts = cfg->num_local_experts;
+  args.out = out;
+  return args;
+}

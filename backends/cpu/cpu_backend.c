@@ -664,19 +664,9 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
   };
   cpu_gemm_execute(&gemm2, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
 
-  moe_reduce_args reduce = {
-      .num_tokens = num_tokens,
-      .top_k = cfg->top_k,
-      .hidden_size = H,
-      .y = ws->y,
-      .topk_weights = NULL,
-      /* Caller picks may hold -1 without a map: their rows of y are unwritten. */
-      .topk_ids = (l->expert_map || !logits) ? topk_ids : NULL,
-      .expert_map = l->expert_map,
-      .num_experts = cfg->num_experts,
-      .num_local_experts = cfg->num_local_experts,
-      .out = out,
-  };
+  /* Caller picks may hold -1 without a map: their rows of y are unwritten. */
+  const moe_reduce_args reduce = moe_plan_reduce_args(
+      cfg, num_tokens, ws->y, (l->expert_map || !logits) ? topk_ids : NULL, l->expert_map, out);
   reduce_tokens(&reduce, threads);
   return MOE_SUCCESS;
 }

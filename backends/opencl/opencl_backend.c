@@ -587,10 +587,7 @@ static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_
     }
     out = ws->out_stage;
   }
-  const int32_t EL = c->num_local_experts, BM = forward_block_m(c, num_tokens);
-  moe_gemm_routed_weight mode1, mode2;
-  moe_plan_routed_modes(c, &mode1, &mode2);
-
+  const int32_t BM = forward_block_m(c, num_tokens);
   const moe_route_args route = moe_plan_route_args(c, num_tokens, logits, l->correction_bias,
                                                    ws->topk_ids, ws->topk_weights);
   if (logits) {
@@ -611,16 +608,10 @@ static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_
                           ws->expert_ids, ws->num_tokens_post_padded);
   TRY(ocl_align(s, &align));
 
+  moe_gemm_desc desc1, desc2;
+  moe_plan_gemm_descs(c, num_tokens, BM, MOE_WEIGHT_LAYOUT_OUT_IN, &desc1, &desc2);
   moe_gemm_args gemm = {
-      .desc = {.num_tokens = num_tokens,
-               .top_k = c->top_k,
-               .num_local_experts = EL,
-               .n = 2 * c->intermediate_size,
-               .k = c->hidden_size,
-               .block_m = BM,
-               .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN,
-               .input = MOE_GEMM_INPUT_PER_TOKEN,
-               .routed_weight = mode1},
+      .desc = desc1,
       .sorted_capacity = align.sorted_capacity,
       .block_capacity = align.block_capacity,
       .a = x,
@@ -645,26 +636,15 @@ static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_
                                    .out = ws->hidden};
   TRY(enqueue_activation(s, &act, 1));
 
-  gemm.desc.n = c->hidden_size;
-  gemm.desc.k = c->intermediate_size;
-  gemm.desc.input = MOE_GEMM_INPUT_PER_SLOT;
-  gemm.desc.routed_weight = mode2;
+  gemm.desc = desc2;
   gemm.a = ws->hidden;
   gemm.b = l->w2;
   gemm.bias = l->w2_bias;
   gemm.c = ws->expert_out;
   TRY(enqueue_gemm(s, &gemm, fixed ? fixed_gemm(s) : choose_gemm(s, &gemm.desc), 0));
 
-  const moe_reduce_args reduce = {.num_tokens = num_tokens,
-                                  .top_k = c->top_k,
-                                  .hidden_size = c->hidden_size,
-                                  .y = ws->expert_out,
-                                  .topk_weights = NULL,
-                                  .topk_ids = ws->topk_ids,
-                                  .expert_map = l->expert_map,
-                                  .num_experts = c->num_experts,
-                                  .num_local_experts = EL,
-                                  .out = out};
+  const moe_reduce_args reduce =
+      moe_plan_reduce_args(c, num_tokens, ws->expert_out, ws->topk_ids, l->expert_map, out);
   TRY(ocl_topk_reduce(s, &reduce));
   if (t0 > 0) TRY(copy_mem(s, out, 0, io->out, t0 * H * 2, hidden_bytes, "writing out"));
   return MOE_SUCCESS;
@@ -728,16 +708,8 @@ static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num
   int64_t sorted_capacity, block_capacity;
   moe_plan_align_capacity(num_tokens * c->top_k, c->num_local_experts, BM, &sorted_capacity,
                           &block_capacity);
-  moe_gemm_desc d1 = {.num_tokens = num_tokens,
-                      .top_k = c->top_k,
-                      .num_local_experts = c->num_local_experts,
-                      .n = 2 * c->intermediate_size,
-                      .k = c->hidden_size,
-                      .block_m = BM,
-                      .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN};
-  moe_gemm_desc d2 = d1;
-  d2.n = c->hidden_size;
-  d2.k = c->intermediate_size;
+  moe_gemm_desc d1, d2;
+  moe_plan_gemm_descs(c, num_tokens, BM, MOE_WEIGHT_LAYOUT_OUT_IN, &d1, &d2);
   const int fixed = c->batch_invariant != 0;
   const gemm_kernel k1 = fixed ? fixed_gemm(s) : choose_gemm(s, &d1);
   const gemm_kernel k2 = fixed ? fixed_gemm(s) : choose_gemm(s, &d2);

@@ -249,6 +249,49 @@ const moe_backend_ops *moe_backend_lookup(moe_backend backend);
 void moe_route_host(const moe_route_args *args);
 void moe_align_host(const moe_align_args *args);
 
+/* The core's plan helpers (core/plan.c; docs/DESIGN.md, "Core plan
+ * helpers"): what a forward's stages take from a layer's configuration,
+ * written once for every backend. cfg is a resolved configuration
+ * (moe_layer_desc::cfg); none of them validates or fails. */
+
+/* The route arguments of num_tokens tokens (num_groups <= 1: not grouped,
+ * 1 and 1); buffers as given, each may be NULL to fill in later. */
+moe_route_args moe_plan_route_args(const moe_config *cfg, int64_t num_tokens, const void *logits,
+                                   const void *correction_bias, void *topk_ids, void *topk_weights);
+/* Align's capacities for `slots` = T*k slots: sorted_token_ids holds
+ * slots + EL*(block_m - 1) elements, expert_ids one per block_m of them
+ * (moe_align_capacity's formula; either output may be NULL). */
+void moe_plan_align_capacity(int64_t slots, int64_t num_local_experts, int32_t block_m,
+                             int64_t *sorted_capacity, int64_t *block_capacity);
+/* The align arguments of num_tokens tokens with row block block_m, the
+ * capacities from moe_plan_align_capacity. */
+moe_align_args moe_plan_align_args(const moe_config *cfg, int64_t num_tokens, int32_t block_m,
+                                   const void *topk_ids, const void *expert_map,
+                                   void *sorted_token_ids, void *expert_ids,
+                                   void *num_tokens_post_padded);
+/* Where the router weight enters the two GEMMs: on the input (GEMM1 scales
+ * its input, BEFORE_BIAS; GEMM2 NONE) or on the output (GEMM1 NONE, GEMM2
+ * AFTER_BIAS). Either output may be NULL. */
+void moe_plan_routed_modes(const moe_config *cfg, moe_gemm_routed_weight *gemm1,
+                           moe_gemm_routed_weight *gemm2);
+/* The two GEMMs of a forward over align's metadata with row block
+ * block_m and the backend's weight layout b_layout: GEMM1 x[T][H] (per
+ * token) -> gate|up [T*k][2I], GEMM2 h[T*k][I] (per slot) -> y[T*k][H],
+ * each with its routed-weight mode (moe_plan_routed_modes). Either output
+ * may be NULL. */
+void moe_plan_gemm_descs(const moe_config *cfg, int64_t num_tokens, int32_t block_m,
+                         moe_weight_layout b_layout, moe_gemm_desc *gemm1, moe_gemm_desc *gemm2);
+/* The reduce of a forward: y [T*k][H] summed per token into out, without
+ * topk_weights (the GEMMs applied them); topk_ids (NULL: no slot skipped)
+ * and expert_map as given. */
+moe_reduce_args moe_plan_reduce_args(const moe_config *cfg, int64_t num_tokens, const void *y,
+                                     const void *topk_ids, const void *expert_map, void *out);
+/* Rows per touched expert, the one measure kernel choices read:
+ * ceil(slots / min(slots, EL)), 0 when slots is 0. At most EL experts are
+ * touched, and never more than slots, so this is the average run length in
+ * the fullest spread of the picks. */
+int64_t moe_plan_rows_per_expert(int64_t slots, int64_t num_local_experts);
+
 /* For interop headers: a context around a backend state that the backend
  * made itself (for example on the caller's CUDA stream), and a buffer
  * around a native handle the caller owns (never freed by the library). */

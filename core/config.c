@@ -146,21 +146,6 @@ moe_status moe_config_validate(const moe_config *cfg) {
   return moe_config_resolve(cfg, NULL);
 }
 
-moe_route_args moe_route_args_from_config(const moe_config *cfg, int64_t num_tokens) {
-  bool grouped = cfg->num_groups > 1;
-  return (moe_route_args){
-      .num_tokens = num_tokens,
-      .num_experts = cfg->num_experts,
-      .top_k = cfg->top_k,
-      .scoring = cfg->scoring,
-      .renormalize = cfg->renormalize != 0,
-      .num_groups = grouped ? cfg->num_groups : 1,
-      .topk_groups = grouped ? cfg->topk_groups : 1,
-      .group_scoring = cfg->group_scoring,
-      .routed_scaling_factor = cfg->routed_scaling_factor,
-  };
-}
-
 moe_status moe_align_check(int64_t num_tokens, int32_t top_k, int32_t num_local_experts,
                            int32_t block_m, int64_t *sorted_capacity, int64_t *block_capacity) {
   moe_status st = moe_check_top_k(top_k);
@@ -172,14 +157,15 @@ moe_status moe_align_check(int64_t num_tokens, int32_t top_k, int32_t num_local_
                          "block_m = %d is not a power of two in [1, %d]", (int)block_m,
                          MOE_MAX_BLOCK_M);
   /* Slot ids and the sentinel are int32. */
-  int64_t capacity = num_tokens * top_k + (int64_t)num_local_experts * (block_m - 1);
+  int64_t capacity, blocks;
+  moe_plan_align_capacity(num_tokens * top_k, num_local_experts, block_m, &capacity, &blocks);
   if (capacity > INT32_MAX)
     return moe_set_error(MOE_ERROR_UNSUPPORTED,
                          "num_tokens * top_k + num_local_experts * (block_m - 1) = %lld exceeds "
                          "the int32 slot index range",
                          (long long)capacity);
   if (sorted_capacity) *sorted_capacity = capacity;
-  if (block_capacity) *block_capacity = (capacity + block_m - 1) / block_m;
+  if (block_capacity) *block_capacity = blocks;
   return MOE_SUCCESS;
 }
 

@@ -89,9 +89,6 @@ moe_status moe_config_resolve(const moe_config *cfg, moe_config *resolved);
 /* Validates the routing subset of a resolved config. */
 moe_status moe_config_check_routing(const moe_config *cfg);
 
-/* The route arguments for a resolved config (buffers left NULL). */
-moe_route_args moe_route_args_from_config(const moe_config *cfg, int64_t num_tokens);
-
 /* Validates align's scalar arguments and computes the capacities. */
 moe_status moe_align_check(int64_t num_tokens, int32_t top_k, int32_t num_local_experts,
                            int32_t block_m, int64_t *sorted_capacity, int64_t *block_capacity);

@@ -108,7 +108,7 @@ moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens
   TRY(moe_check_buffer(ctx, topk_weights, slot_bytes, "topk_weights"));
   if (num_tokens == 0) return MOE_SUCCESS;
 
-  moe_route_args args = moe_route_args_from_config(cfg, num_tokens);
+  moe_route_args args = moe_plan_route_args(cfg, num_tokens, NULL, NULL, NULL, NULL);
   LOCKED(ctx, route_dispatch(ctx, &args, logits, correction_bias, topk_ids, topk_weights,
                              logit_bytes, bias_bytes, slot_bytes));
 }

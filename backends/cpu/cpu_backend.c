@@ -598,44 +598,22 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
     topk_weights = io->topk_weights_in;
   }
 
-  moe_route_args route = {
-      .num_tokens = num_tokens,
-      .logits = logits,
-      .correction_bias = l->correction_bias,
-      .topk_ids = ws->topk_ids,
-      .topk_weights = ws->topk_weights,
-      .num_experts = cfg->num_experts,
-      .top_k = cfg->top_k,
-      .scoring = cfg->scoring,
-      .renormalize = cfg->renormalize,
-      .num_groups = cfg->num_groups,
-      .topk_groups = cfg->topk_groups,
-      .group_scoring = cfg->group_scoring,
-      .routed_scaling_factor = cfg->routed_scaling_factor,
-  };
+  moe_route_args route = moe_plan_route_args(cfg, num_tokens, logits, l->correction_bias,
+                                             ws->topk_ids, ws->topk_weights);
   if (logits) {
     moe_route_host(&route);
     if (io->topk_ids_out) memcpy(io->topk_ids_out, ws->topk_ids, (size_t)num_slots * 4);
     if (io->topk_weights_out) memcpy(io->topk_weights_out, ws->topk_weights, (size_t)num_slots * 4);
   }
 
-  moe_align_args align = {
-      .num_tokens = num_tokens,
-      .top_k = cfg->top_k,
-      .num_experts = cfg->num_experts,
-      .num_local_experts = cfg->num_local_experts,
-      .block_m = 1,
-      .sorted_capacity = num_slots,
-      .block_capacity = num_slots,
-      .topk_ids = topk_ids,
-      .expert_map = l->expert_map,
-      .sorted_token_ids = ws->sorted_token_ids,
-      .expert_ids = ws->expert_ids,
-      .num_tokens_post_padded = ws->num_tokens_post_padded,
-  };
+  /* block_m 1: no padding rows, so sorted_token_ids holds exactly the slots. */
+  moe_align_args align =
+      moe_plan_align_args(cfg, num_tokens, 1, topk_ids, l->expert_map, ws->sorted_token_ids,
+                          ws->expert_ids, ws->num_tokens_post_padded);
   moe_align_host(&align);
   const int64_t num_runs = layer_runs(ws);
-  const int on_input = cfg->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+  moe_gemm_routed_weight mode1, mode2;
+  moe_plan_routed_modes(cfg, &mode1, &mode2);
 
   cpu_gemm_problem gemm1 = {
       .path = st->path,
@@ -657,8 +635,7 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
               .ld_out = I,
               .bias = l->w13_bias,
               .bias_stride = 2 * I,
-              .weight_mode =
-                  on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE,
+              .weight_mode = mode1,
               .slot_weights = topk_weights,
           },
   };
@@ -681,26 +658,15 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
               .ld_out = H,
               .bias = l->w2_bias,
               .bias_stride = H,
-              .weight_mode =
-                  on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS,
+              .weight_mode = mode2,
               .slot_weights = topk_weights,
           },
   };
   cpu_gemm_execute(&gemm2, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
 
-  moe_reduce_args reduce = {
-      .num_tokens = num_tokens,
-      .top_k = cfg->top_k,
-      .hidden_size = H,
-      .y = ws->y,
-      .topk_weights = NULL,
-      /* Caller picks may hold -1 without a map: their rows of y are unwritten. */
-      .topk_ids = (l->expert_map || !logits) ? topk_ids : NULL,
-      .expert_map = l->expert_map,
-      .num_experts = cfg->num_experts,
-      .num_local_experts = cfg->num_local_experts,
-      .out = out,
-  };
+  /* Caller picks may hold -1 without a map: their rows of y are unwritten. */
+  const moe_reduce_args reduce = moe_plan_reduce_args(
+      cfg, num_tokens, ws->y, (l->expert_map || !logits) ? topk_ids : NULL, l->expert_map, out);
   reduce_tokens(&reduce, threads);
   return MOE_SUCCESS;
 }

@@ -7,7 +7,8 @@
  * fp32, as the CPU and CUDA epilogues keep them (include/moe.h, "Numerics").
  *
  * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
- * skinny kernel while the average rows per expert T*k/EL is at most
+ * skinny kernel while the rows per touched expert (moe_plan_rows_per_expert,
+ * docs/DESIGN.md "Core plan helpers") are at most
  * MOE_OCL_SKINNY_MAX_ROWS (option opencl.skinny_max_rows overrides), the
  * 128x128 tile from MOE_OCL_TILE128_MIN_ROWS on, else the 64x64 tile. On
  * CPU devices the row kernel serves every [out][in] GEMM. Option
@@ -243,10 +244,15 @@ static const struct {
     {INT64_MAX, SKINNY_4X4U2, SKINNY_128_4X8},
 };
 
+/* The rows per touched expert of a GEMM, the measure of every choice. */
+static int64_t desc_rows_per_expert(const moe_gemm_desc *d) {
+  return moe_plan_rows_per_expert(d->num_tokens * d->top_k, d->num_local_experts);
+}
+
 static const skinny_variant *choose_skinny(const moe_ocl_state *s, const moe_gemm_desc *d) {
   if (d->k % 8 != 0) return &skinny_any;
   if (s->skinny_option > 0) return &skinny_variants[s->skinny_option - 1];
-  const int64_t rows = d->num_tokens * d->top_k / d->num_local_experts;
+  const int64_t rows = desc_rows_per_expert(d);
   size_t row = 0;
   while (rows > skinny_table[row].max_rows)
     ++row;
@@ -263,10 +269,10 @@ static gemm_kernel fixed_gemm(const moe_ocl_state *s) {
   return s->is_gpu ? GEMM_TILED_64 : GEMM_ROWS_CPU;
 }
 
-/* The kernel for a GEMM: by the average rows per expert, within what the
+/* The kernel for a GEMM: by the rows per touched expert, within what the
  * layout and block_m allow (the tiles need block_m % TM == 0). */
 static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
-  const int64_t rows = d->num_tokens * d->top_k / d->num_local_experts;
+  const int64_t rows = desc_rows_per_expert(d);
   const int out_in = d->b_layout == MOE_WEIGHT_LAYOUT_OUT_IN;
   /* CPU devices: the barrier-free row kernel, whatever the rows (measured
    * on PoCL: bench/opencl_notes.md). */
@@ -494,18 +500,22 @@ static moe_status ocl_layer_create(void *state, const moe_layer_desc *desc, void
  * grow with padding); always 64 for a batch-invariant layer. */
 static int32_t forward_block_m(const moe_config *c, int64_t num_tokens) {
   if (c->batch_invariant) return 64;
-  return num_tokens * c->top_k / c->num_local_experts >= MOE_OCL_TILE128_MIN_ROWS ? 128 : 64;
+  const int64_t rows = moe_plan_rows_per_expert(num_tokens * c->top_k, c->num_local_experts);
+  return rows >= MOE_OCL_TILE128_MIN_ROWS ? 128 : 64;
 }
 
 static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens) {
   moe_ocl_state *s = state;
   ocl_layer *l = layer;
   const moe_config *c = &l->cfg;
-  const size_t slots = (size_t)(max_tokens * c->top_k), EL = (size_t)c->num_local_experts;
+  const size_t slots = (size_t)(max_tokens * c->top_k);
   const size_t H = (size_t)c->hidden_size, I = (size_t)c->intermediate_size;
-  /* Capacities for the smallest (most blocks) and largest (most padding)
-   * block_m a forward uses. */
-  const size_t sorted_capacity = slots + EL * 127, block_capacity = (slots + EL * 63 + 63) / 64;
+  /* Capacities for the largest (most padding) and smallest (most blocks)
+   * block_m a forward uses (forward_block_m). */
+  int64_t most_sorted, most_blocks;
+  moe_plan_align_capacity((int64_t)slots, c->num_local_experts, 128, &most_sorted, NULL);
+  moe_plan_align_capacity((int64_t)slots, c->num_local_experts, 64, NULL, &most_blocks);
+  const size_t sorted_capacity = (size_t)most_sorted, block_capacity = (size_t)most_blocks;
   const size_t T = (size_t)max_tokens, E = (size_t)c->num_experts;
   const size_t bytes[WORKSPACE_BUFFERS] = {
       slots * 4,         slots * 4,     sorted_capacity * 4, block_capacity * 4, 4,
@@ -577,24 +587,9 @@ static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_
     }
     out = ws->out_stage;
   }
-  const int32_t EL = c->num_local_experts, BM = forward_block_m(c, num_tokens);
-  const int64_t sorted_capacity = slots + (int64_t)EL * (BM - 1);
-  const int64_t block_capacity = (sorted_capacity + BM - 1) / BM;
-  const int weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
-
-  const moe_route_args route = {.num_tokens = num_tokens,
-                                .logits = logits,
-                                .correction_bias = l->correction_bias,
-                                .topk_ids = ws->topk_ids,
-                                .topk_weights = ws->topk_weights,
-                                .num_experts = c->num_experts,
-                                .top_k = c->top_k,
-                                .scoring = c->scoring,
-                                .renormalize = c->renormalize,
-                                .num_groups = c->num_groups,
-                                .topk_groups = c->topk_groups,
-                                .group_scoring = c->group_scoring,
-                                .routed_scaling_factor = c->routed_scaling_factor};
+  const int32_t BM = forward_block_m(c, num_tokens);
+  const moe_route_args route = moe_plan_route_args(c, num_tokens, logits, l->correction_bias,
+                                                   ws->topk_ids, ws->topk_weights);
   if (logits) {
     TRY(ocl_route(s, &route));
     if (io->topk_ids_out)
@@ -608,35 +603,17 @@ static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_
                  "reading weights"));
   }
 
-  const moe_align_args align = {
-      .num_tokens = num_tokens,
-      .top_k = c->top_k,
-      .num_experts = c->num_experts,
-      .num_local_experts = EL,
-      .block_m = BM,
-      .sorted_capacity = sorted_capacity,
-      .block_capacity = block_capacity,
-      .topk_ids = ws->topk_ids,
-      .expert_map = l->expert_map,
-      .sorted_token_ids = ws->sorted_token_ids,
-      .expert_ids = ws->expert_ids,
-      .num_tokens_post_padded = ws->num_tokens_post_padded,
-  };
+  const moe_align_args align =
+      moe_plan_align_args(c, num_tokens, BM, ws->topk_ids, l->expert_map, ws->sorted_token_ids,
+                          ws->expert_ids, ws->num_tokens_post_padded);
   TRY(ocl_align(s, &align));
 
+  moe_gemm_desc desc1, desc2;
+  moe_plan_gemm_descs(c, num_tokens, BM, MOE_WEIGHT_LAYOUT_OUT_IN, &desc1, &desc2);
   moe_gemm_args gemm = {
-      .desc = {.num_tokens = num_tokens,
-               .top_k = c->top_k,
-               .num_local_experts = EL,
-               .n = 2 * c->intermediate_size,
-               .k = c->hidden_size,
-               .block_m = BM,
-               .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN,
-               .input = MOE_GEMM_INPUT_PER_TOKEN,
-               .routed_weight = weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS
-                                                : MOE_GEMM_ROUTED_WEIGHT_NONE},
-      .sorted_capacity = sorted_capacity,
-      .block_capacity = block_capacity,
+      .desc = desc1,
+      .sorted_capacity = align.sorted_capacity,
+      .block_capacity = align.block_capacity,
       .a = x,
       .b = l->w13,
       .bias = l->w13_bias,
@@ -659,27 +636,15 @@ static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_
                                    .out = ws->hidden};
   TRY(enqueue_activation(s, &act, 1));
 
-  gemm.desc.n = c->hidden_size;
-  gemm.desc.k = c->intermediate_size;
-  gemm.desc.input = MOE_GEMM_INPUT_PER_SLOT;
-  gemm.desc.routed_weight =
-      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
+  gemm.desc = desc2;
   gemm.a = ws->hidden;
   gemm.b = l->w2;
   gemm.bias = l->w2_bias;
   gemm.c = ws->expert_out;
   TRY(enqueue_gemm(s, &gemm, fixed ? fixed_gemm(s) : choose_gemm(s, &gemm.desc), 0));
 
-  const moe_reduce_args reduce = {.num_tokens = num_tokens,
-                                  .top_k = c->top_k,
-                                  .hidden_size = c->hidden_size,
-                                  .y = ws->expert_out,
-                                  .topk_weights = NULL,
-                                  .topk_ids = ws->topk_ids,
-                                  .expert_map = l->expert_map,
-                                  .num_experts = c->num_experts,
-                                  .num_local_experts = EL,
-                                  .out = out};
+  const moe_reduce_args reduce =
+      moe_plan_reduce_args(c, num_tokens, ws->expert_out, ws->topk_ids, l->expert_map, out);
   TRY(ocl_topk_reduce(s, &reduce));
   if (t0 > 0) TRY(copy_mem(s, out, 0, io->out, t0 * H * 2, hidden_bytes, "writing out"));
   return MOE_SUCCESS;
@@ -739,19 +704,12 @@ static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num
   const moe_ocl_state *s = state;
   const ocl_layer *l = layer;
   const moe_config *c = &l->cfg;
-  const int64_t slots = num_tokens * c->top_k;
   const int32_t BM = forward_block_m(c, num_tokens);
-  const int64_t sorted_capacity = slots + (int64_t)c->num_local_experts * (BM - 1);
-  moe_gemm_desc d1 = {.num_tokens = num_tokens,
-                      .top_k = c->top_k,
-                      .num_local_experts = c->num_local_experts,
-                      .n = 2 * c->intermediate_size,
-                      .k = c->hidden_size,
-                      .block_m = BM,
-                      .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN};
-  moe_gemm_desc d2 = d1;
-  d2.n = c->hidden_size;
-  d2.k = c->intermediate_size;
+  int64_t sorted_capacity, block_capacity;
+  moe_plan_align_capacity(num_tokens * c->top_k, c->num_local_experts, BM, &sorted_capacity,
+                          &block_capacity);
+  moe_gemm_desc d1, d2;
+  moe_plan_gemm_descs(c, num_tokens, BM, MOE_WEIGHT_LAYOUT_OUT_IN, &d1, &d2);
   const int fixed = c->batch_invariant != 0;
   const gemm_kernel k1 = fixed ? fixed_gemm(s) : choose_gemm(s, &d1);
   const gemm_kernel k2 = fixed ? fixed_gemm(s) : choose_gemm(s, &d2);
@@ -760,8 +718,8 @@ static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num
            "route (%s), align (block_m %d, sorted capacity %lld, %lld blocks), GEMM1 %s (fp32 "
            "gate|up), activation, GEMM2 %s, reduce in slot order",
            parallel ? "work-group per token" : "work-item per token", (int)BM,
-           (long long)sorted_capacity, (long long)((sorted_capacity + BM - 1) / BM),
-           gemm_kernel_name(s, k1, &d1), gemm_kernel_name(s, k2, &d2));
+           (long long)sorted_capacity, (long long)block_capacity, gemm_kernel_name(s, k1, &d1),
+           gemm_kernel_name(s, k2, &d2));
   return MOE_SUCCESS;
 }
 

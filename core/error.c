@@ -34,6 +34,8 @@ const char *moe_status_string(moe_status status) {
     return "MOE_ERROR_DEVICE";
   case MOE_ERROR_INTERNAL:
     return "MOE_ERROR_INTERNAL";
+  case MOE_ERROR_TUNING_MISMATCH:
+    return "MOE_ERROR_TUNING_MISMATCH";
   }
   return "MOE_ERROR_UNKNOWN";
 }

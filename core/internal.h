@@ -15,6 +15,9 @@
 
 #define MOE_DEVICE_NAME_SIZE 256
 #define MOE_ERROR_MESSAGE_SIZE 512
+#define MOE_OPTION_VALUE_SIZE 32
+#define MOE_TUNING_MAX_SETTINGS 4 /* name=value pairs of one tuning entry */
+#define MOE_TUNING_TEXT_SIZE 128  /* an entry's "name=value,..." text */
 
 struct moe_context {
   const moe_backend_ops *ops;
@@ -28,7 +31,7 @@ struct moe_context {
   char last_error[MOE_ERROR_MESSAGE_SIZE];
   /* The options as last set (moe_context_get_option); the backend keeps
    * the parsed values. */
-  char option_values[MOE_OPTION_COUNT][32];
+  char option_values[MOE_OPTION_COUNT][MOE_OPTION_VALUE_SIZE];
 };
 
 struct moe_buffer {
@@ -38,16 +41,63 @@ struct moe_buffer {
   bool owned; /* false for wrapped caller memory */
 };
 
+/* One point of a layer's tuning table (core/tuning.c): from min_tokens
+ * tokens up to the next point, forwards run with these options. */
+typedef struct moe_tuning_entry {
+  int64_t min_tokens;
+  int count;
+  int ids[MOE_TUNING_MAX_SETTINGS];
+  char values[MOE_TUNING_MAX_SETTINGS][MOE_OPTION_VALUE_SIZE];
+  char text[MOE_TUNING_TEXT_SIZE]; /* as given: "name=value,name=value" */
+} moe_tuning_entry;
+
 struct moe_layer {
   moe_context *ctx;
   moe_config cfg; /* validated; num_local_experts resolved, num_groups >= 1 */
   void *impl;
   int64_t reserved_tokens;
   bool chunked; /* moe_layer_set_chunking: T above the reservation runs in chunks */
+  /* The tuning table, ascending min_tokens, sized when tuned or loaded
+   * (the forward only reads it); guarded by the context's lock. */
+  moe_tuning_entry *tuning;
+  int tuning_count;
+  bool tuning_cache_tried; /* reserve looked in $MOE_TUNING_DIR once */
 };
 
 /* Fills ctx's option values with the defaults (core/options.c). */
 void moe_options_init(moe_context *ctx);
+
+/* Options by id, for the core's own callers (core/options.c):
+ *   moe_option_find: the id of a name, or -1 after setting the error.
+ *   moe_option_check: INVALID_ARGUMENT unless value is one of the
+ *     option's (and fits MOE_OPTION_VALUE_SIZE).
+ *   moe_option_set_locked: moe_context_set_option's body, with ctx's lock
+ *     held by the caller. */
+int moe_option_find(const char *name);
+moe_status moe_option_check(int id, const char *value);
+moe_status moe_option_set_locked(moe_context *ctx, int id, const char *value);
+
+/* Tuning tables (core/tuning.c), all with ctx's lock held:
+ *   moe_tuning_lookup: the entry for T tokens (the last point <= T, else
+ *     the first), NULL without a table.
+ *   moe_tuning_apply_locked: sets an entry's options, saving the previous
+ *     values in saved; on failure restores what it set.
+ *   moe_tuning_restore_locked: puts the saved values back.
+ * No allocation, no host wait. */
+const moe_tuning_entry *moe_tuning_lookup(const moe_layer *layer, int64_t num_tokens);
+moe_status moe_tuning_apply_locked(moe_context *ctx, const moe_tuning_entry *entry,
+                                   char saved[][MOE_OPTION_VALUE_SIZE]);
+void moe_tuning_restore_locked(moe_context *ctx, const moe_tuning_entry *entry,
+                               char saved[][MOE_OPTION_VALUE_SIZE]);
+/* Loads $MOE_TUNING_DIR's cache file of the layer, once per layer, when
+ * the layer has no table; every failure leaves the layer as it was.
+ * Called by moe_layer_reserve without the lock. */
+void moe_tuning_cache_load(moe_layer *layer);
+/* moe_layer_forward with an entry forced (NULL: the table's), for the
+ * tuner (core/layer.c). */
+moe_status moe_layer_forward_entry(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                                   const moe_buffer *logits, moe_buffer *out,
+                                   const moe_tuning_entry *force);
 
 /* Routes later moe_set_error() calls of this thread to ctx (NULL: to the
  * thread's own message). Every public entry point calls it first. */

@@ -56,6 +56,7 @@ moe_status moe_layer_create(moe_context *ctx, const moe_config *cfg, const moe_w
 void moe_layer_destroy(moe_layer *layer) {
   if (!layer) return;
   layer->ctx->ops->layer_destroy(layer->ctx->state, layer->impl);
+  free(layer->tuning);
   free(layer);
 }
 
@@ -76,6 +77,8 @@ moe_status moe_layer_reserve(moe_layer *layer, int64_t max_tokens) {
     if (st == MOE_SUCCESS) layer->reserved_tokens = max_tokens;
   }
   pthread_mutex_unlock(&layer->ctx->lock);
+  /* A deployment's tuning cache ($MOE_TUNING_DIR), looked for once. */
+  if (st == MOE_SUCCESS) moe_tuning_cache_load(layer);
   return st;
 }
 
@@ -155,17 +158,39 @@ static moe_status forward_locked(moe_layer *layer, const forward_call *c) {
   return st;
 }
 
-static moe_status forward(moe_layer *layer, const forward_call *c) {
+/* force: a tuning entry to run with (the tuner), else the table's for T. */
+static moe_status forward_with(moe_layer *layer, const forward_call *c,
+                               const moe_tuning_entry *force) {
   if (c->num_tokens < 0)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "num_tokens = %lld is negative",
                          (long long)c->num_tokens);
   /* The whole call under the context's lock: the layer's workspace (and,
    * on OpenCL, the context's kernels) serve one forward at a time, and a
-   * concurrent moe_layer_reserve may replace the workspace. */
+   * concurrent moe_layer_reserve may replace the workspace. The tuned
+   * options for T are set through the path of moe_context_set_option and
+   * put back before the lock is released (no allocation, no host wait). */
   pthread_mutex_lock(&layer->ctx->lock);
-  moe_status st = forward_locked(layer, c);
+  const moe_tuning_entry *entry =
+      force ? force : (c->num_tokens > 0 ? moe_tuning_lookup(layer, c->num_tokens) : NULL);
+  char saved[MOE_TUNING_MAX_SETTINGS][MOE_OPTION_VALUE_SIZE];
+  moe_status st = entry ? moe_tuning_apply_locked(layer->ctx, entry, saved) : MOE_SUCCESS;
+  if (st == MOE_SUCCESS) {
+    st = forward_locked(layer, c);
+    if (entry) moe_tuning_restore_locked(layer->ctx, entry, saved);
+  }
   pthread_mutex_unlock(&layer->ctx->lock);
   return st;
+}
+
+static moe_status forward(moe_layer *layer, const forward_call *c) {
+  return forward_with(layer, c, NULL);
+}
+
+moe_status moe_layer_forward_entry(moe_layer *layer, int64_t num_tokens, const moe_buffer *x,
+                                   const moe_buffer *logits, moe_buffer *out,
+                                   const moe_tuning_entry *force) {
+  const forward_call c = {.num_tokens = num_tokens, .x = x, .logits = logits, .out = out};
+  return forward_with(layer, &c, force);
 }
 
 moe_status moe_layer_describe(moe_layer *layer, int64_t num_tokens, char *text, size_t size) {
@@ -177,17 +202,24 @@ moe_status moe_layer_describe(moe_layer *layer, int64_t num_tokens, char *text, 
                          (long long)num_tokens);
   moe_status st = moe_check_slots(num_tokens, layer->cfg.top_k, "num_tokens");
   if (st != MOE_SUCCESS) return st;
-  /* Composed here in full, so that a short buffer is refused untouched. */
+  /* Composed here in full, so that a short buffer is refused untouched.
+   * Under the context's lock: the options and the workspace it reads may
+   * change on another thread. The layer's tuned options for T apply, as
+   * in the forward (the device name may name a kernel path). */
   char line[1024];
-  int len = snprintf(line, sizeof line, "%s (%s): T=%lld%s: ", layer->ctx->ops->name,
-                     layer->ctx->device_name, (long long)num_tokens,
-                     layer->cfg.batch_invariant ? ", batch invariant" : "");
-  if (len < 0 || (size_t)len >= sizeof line) len = 0;
-  /* Under the context's lock: the options and the workspace it reads may
-   * change on another thread. */
   pthread_mutex_lock(&layer->ctx->lock);
-  st = layer->ctx->ops->layer_describe(layer->ctx->state, layer->impl, num_tokens, line + len,
-                                       sizeof line - (size_t)len);
+  const moe_tuning_entry *entry = moe_tuning_lookup(layer, num_tokens);
+  char saved[MOE_TUNING_MAX_SETTINGS][MOE_OPTION_VALUE_SIZE];
+  st = entry ? moe_tuning_apply_locked(layer->ctx, entry, saved) : MOE_SUCCESS;
+  if (st == MOE_SUCCESS) {
+    int len = snprintf(line, sizeof line, "%s (%s): T=%lld%s: ", layer->ctx->ops->name,
+                       layer->ctx->device_name, (long long)num_tokens,
+                       layer->cfg.batch_invariant ? ", batch invariant" : "");
+    if (len < 0 || (size_t)len >= sizeof line) len = 0;
+    st = layer->ctx->ops->layer_describe(layer->ctx->state, layer->impl, num_tokens, line + len,
+                                         sizeof line - (size_t)len);
+    if (entry) moe_tuning_restore_locked(layer->ctx, entry, saved);
+  }
   pthread_mutex_unlock(&layer->ctx->lock);
   if (st != MOE_SUCCESS) return st;
   const size_t need = strlen(line) + 1;

@@ -109,6 +109,36 @@ void moe_options_init(moe_context *ctx) {
     snprintf(ctx->option_values[i], sizeof ctx->option_values[i], "%s", specs[i].default_value);
 }
 
+int moe_option_find(const char *name) {
+  return find_option(name);
+}
+
+moe_status moe_option_check(int id, const char *value) {
+  int64_t parsed = 0;
+  moe_status st = parse_value(&specs[id], value, &parsed);
+  if (st == MOE_SUCCESS && strlen(value) >= MOE_OPTION_VALUE_SIZE)
+    st = moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "option %s = \"%s\" is too long", specs[id].name,
+                       value);
+  return st;
+}
+
+moe_status moe_option_set_locked(moe_context *ctx, int id, const char *value) {
+  int64_t parsed = 0;
+  moe_status st = parse_value(&specs[id], value, &parsed);
+  if (st != MOE_SUCCESS) return st;
+  /* Another backend's option is checked and kept (the getter reads it
+   * back) and has no effect here: one list of options can serve every
+   * backend. */
+  if (specs[id].backend == ctx->ops->kind)
+    st = ctx->ops->set_option
+             ? ctx->ops->set_option(ctx->state, (moe_option_id)id, value, parsed, ctx->device_name,
+                                    sizeof ctx->device_name)
+             : moe_set_error(MOE_ERROR_INTERNAL, "backend %s takes no options", ctx->ops->name);
+  if (st == MOE_SUCCESS)
+    snprintf(ctx->option_values[id], sizeof ctx->option_values[id], "%s", value);
+  return st;
+}
+
 moe_status moe_context_set_option(moe_context *ctx, const char *name, const char *value) {
   moe_error_scope(ctx);
   if (!ctx || !name || !value)
@@ -118,21 +148,12 @@ moe_status moe_context_set_option(moe_context *ctx, const char *name, const char
                                  : "value");
   const int id = find_option(name);
   if (id < 0) return MOE_ERROR_INVALID_ARGUMENT;
-  int64_t parsed = 0;
-  moe_status st = parse_value(&specs[id], value, &parsed);
+  moe_status st = moe_option_check(id, value);
   if (st != MOE_SUCCESS) return st;
   /* Under the lock: a forward on another thread sees the option before or
-   * after, never half set. Another backend's option is checked and kept
-   * (the getter reads it back) and has no effect here: one list of options
-   * can serve every backend. */
+   * after, never half set. */
   pthread_mutex_lock(&ctx->lock);
-  if (specs[id].backend == ctx->ops->kind)
-    st = ctx->ops->set_option
-             ? ctx->ops->set_option(ctx->state, (moe_option_id)id, value, parsed, ctx->device_name,
-                                    sizeof ctx->device_name)
-             : moe_set_error(MOE_ERROR_INTERNAL, "backend %s takes no options", ctx->ops->name);
-  if (st == MOE_SUCCESS)
-    snprintf(ctx->option_values[id], sizeof ctx->option_values[id], "%s", value);
+  st = moe_option_set_locked(ctx, id, value);
   pthread_mutex_unlock(&ctx->lock);
   return st;
 }

@@ -97,6 +97,8 @@ typedef enum moe_status {
   MOE_ERROR_BACKEND_UNAVAILABLE = -8, /* backend not compiled in, or no device */
   MOE_ERROR_DEVICE = -9,              /* CUDA/OpenCL failure; see moe_last_error */
   MOE_ERROR_INTERNAL = -10,           /* a bug in the library; please report */
+  MOE_ERROR_TUNING_MISMATCH = -11,    /* a tuning table of another backend, device,
+                                         library version or layer shape */
 } moe_status;
 
 /* A static, never-NULL name for a status code ("MOE_ERROR_NULL_POINTER"). */
@@ -443,6 +445,82 @@ MOE_API moe_status moe_layer_forward_routed(moe_layer *layer, int64_t num_tokens
  * Errors: NULL_POINTER.
  */
 MOE_API moe_status moe_layer_set_chunking(moe_layer *layer, int enabled);
+
+/* ------------------------------------------------------------------------ */
+/* Tuning: per-layer option tables, measured on the device                  */
+/* ------------------------------------------------------------------------ */
+
+#define MOE_TUNING_MAX_POINTS 64     /* token counts of one table */
+#define MOE_TUNING_MAX_CANDIDATES 64 /* candidates of one moe_layer_tune call */
+
+/*
+ * A layer may carry a tuning table: ascending token counts T_0 < T_1 < ...,
+ * each with a set of context options ("name=value[,name=value...]", at most
+ * 4 pairs, names and values of moe_context_set_option). A forward, capture,
+ * routed forward or describe of T tokens runs with the options of the last
+ * point <= T (the first point's below T_0), set under the context's lock
+ * through moe_context_set_option's path and put back afterwards; nothing is
+ * allocated and nothing waits for the host. Options the caller set stay in
+ * force for every option the entry does not name.
+ *
+ * moe_layer_tune measures: for each token_counts[i] (ascending, >= 1), each
+ * candidate option set is timed with real forwards of the layer on random
+ * inputs (warm-up, then the median of several, moe_context_synchronize
+ * around each), and the fastest becomes the point's entry; candidates the
+ * device refuses (UNSUPPORTED) are skipped. times_ms, if not NULL, receives
+ * [n][n_candidates] medians in milliseconds (NaN where skipped). The new
+ * table replaces the layer's. It is a load-time call: it reserves the layer
+ * for the largest count, allocates buffers and synchronizes. When the
+ * deployment variable MOE_TUNING_DIR names a directory (read once per
+ * call), the table is also written there as a cache file named by its key
+ * (moe_layer_save_tuning's format; a failed write is ignored), and
+ * moe_layer_reserve loads the layer's cache file from there, once per
+ * layer, when the layer has no table.
+ * Errors: NULL_POINTER (layer, token_counts, candidates or an entry),
+ *         INVALID_ARGUMENT (n not in [1, MOE_TUNING_MAX_POINTS], n_candidates
+ *         not in [1, MOE_TUNING_MAX_CANDIDATES], counts not ascending or < 1,
+ *         a malformed candidate or unknown option), UNSUPPORTED (every
+ *         candidate refused at some count), and moe_layer_reserve's and the
+ *         forward's errors.
+ */
+MOE_API moe_status moe_layer_tune(moe_layer *layer, const int64_t *token_counts, int n,
+                                  const char *const *candidates, int n_candidates,
+                                  double *times_ms);
+
+/*
+ * Writes the layer's table to path as text:
+ *   moe-tuning 1
+ *   backend cpu
+ *   device <device name, without a trailing " [kernel path]">
+ *   version 0.1.0
+ *   shape H=4096 I=14336 E=8 EL=8 k=2 activation=swiglu layout=out_in
+ *         router_weight=output batch_invariant=0      (one line)
+ *   point 1 cpu.kernels=avx512bf16
+ *   point 64 cpu.kernels=amx
+ * Lines starting with '#' are comments. The five header lines are the key.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (the layer has no table, or the
+ *         file cannot be written).
+ */
+MOE_API moe_status moe_layer_save_tuning(moe_layer *layer, const char *path);
+
+/* Reads a table written by moe_layer_save_tuning and makes it the layer's.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (unreadable or malformed file),
+ *         TUNING_MISMATCH (its key names another backend, device, version or
+ *         shape; moe_last_error says which line), UNSUPPORTED (an entry this
+ *         device refuses). On error the layer keeps its table. */
+MOE_API moe_status moe_layer_load_tuning(moe_layer *layer, const char *path);
+
+/* The number of points of the layer's table (0: none, or layer NULL). */
+MOE_API int moe_layer_tuning_count(moe_layer *layer);
+
+/* Point index of the table: its token count and options text.
+ * Errors: NULL_POINTER, INVALID_ARGUMENT (index out of range),
+ *         BUFFER_TOO_SMALL. */
+MOE_API moe_status moe_layer_tuning_entry(moe_layer *layer, int index, int64_t *min_tokens,
+                                          char *options, size_t size);
+
+/* Drops the layer's table. NULL is a no-op. */
+MOE_API void moe_layer_clear_tuning(moe_layer *layer);
 
 /* ------------------------------------------------------------------------ */
 /* Stages, for engines that compose their own pipeline                      */

@@ -18,7 +18,9 @@
 #include <math.h>
 #include <stdint.h>
 #include <stdlib.h>
+#include <stdio.h>
 #include <string.h>
+#include <unistd.h>
 
 /* Every test ends by releasing its contexts; leaks fail it (ASan builds). */
 TestSuite(errors, .fini = th_suite_fini);
@@ -106,7 +108,8 @@ Test(errors, status_strings) {
                               MOE_ERROR_OUT_OF_MEMORY,
                               MOE_ERROR_BACKEND_UNAVAILABLE,
                               MOE_ERROR_DEVICE,
-                              MOE_ERROR_INTERNAL};
+                              MOE_ERROR_INTERNAL,
+                              MOE_ERROR_TUNING_MISMATCH};
   const size_t n = sizeof codes / sizeof codes[0];
   for (size_t i = 0; i < n; ++i) {
     const char *s = moe_status_string(codes[i]);
@@ -1261,5 +1264,105 @@ Test(errors, topk_reduce) {
                            other_y, other_w, other_ids, other_map, other_out};
   for (size_t i = 0; i < sizeof buffers / sizeof buffers[0]; ++i)
     moe_buffer_destroy(buffers[i]);
+  fixture_free(&fx);
+}
+
+/* ---- Tuning ------------------------------------------------------------ */
+
+Test(errors, layer_tune) {
+  fixture fx = fixture_make();
+  forward_fixture f;
+  forward_fixture_make(&f, &fx);
+  const int64_t counts[] = {1, 3}, descending[] = {3, 1}, zero[] = {0, 3};
+  const char *cands[] = {"cpu.kernels=auto", "opencl.skinny=auto"};
+  const char *null_cand[] = {"cpu.kernels=auto", NULL};
+  const char *unknown[] = {"cpu.nope=1"}, *bad_value[] = {"cpu.kernels=fast"},
+             *no_eq[] = {"cpu.kernels"}, *twice[] = {"cpu.kernels=auto,cpu.kernels=auto"},
+             *five[] = {"cpu.kernels=auto,opencl.route=auto,opencl.skinny=auto,"
+                        "cuda.path=auto,cuda.tile=auto"};
+  typedef struct {
+    moe_layer *layer;
+    const int64_t *counts;
+    int n;
+    const char *const *cands;
+    int nc;
+  } ARGS;
+  const ARGS valid = {f.layer, counts, 2, cands, 2};
+#define FUNCTION "moe_layer_tune"
+#define CALL(a) moe_layer_tune(a.layer, a.counts, a.n, a.cands, a.nc, NULL)
+  ROW(MOE_ERROR_NULL_POINTER, NULL, a.layer = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.counts = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.cands = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.cands = null_cand);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.n = 0);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.n = MOE_TUNING_MAX_POINTS + 1);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.nc = 0);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.nc = MOE_TUNING_MAX_CANDIDATES + 1);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.counts = descending);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.counts = zero);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cands = unknown, a.nc = 1);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cands = bad_value, a.nc = 1);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cands = no_eq, a.nc = 1);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cands = twice, a.nc = 1);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.cands = five, a.nc = 1);
+  ROW(MOE_SUCCESS, fx.ctx, NONE);
+#undef FUNCTION
+#undef CALL
+  TH_ASSERT(moe_layer_tuning_count(f.layer) == 2, "valid tune left %d points",
+            moe_layer_tuning_count(f.layer));
+  TH_ASSERT(moe_layer_tuning_count(NULL) == 0, "NULL layer has points");
+  moe_layer_clear_tuning(NULL);
+
+  /* save, load and the entry getter. */
+  char path[512], bad[512], good[512];
+  snprintf(path, sizeof path, "%s/moe_errors_tune_%ld/none.txt", P_tmpdir, (long)getpid());
+  snprintf(bad, sizeof bad, "%s/moe_errors_tune_%ld.bad", P_tmpdir, (long)getpid());
+  snprintf(good, sizeof good, "%s/moe_errors_tune_%ld.txt", P_tmpdir, (long)getpid());
+  FILE *file = fopen(bad, "w");
+  fputs("moe-tuning 2\n", file);
+  fclose(file);
+  TH_OK(moe_layer_save_tuning(f.layer, good));
+  typedef struct {
+    moe_layer *layer;
+    const char *path;
+  } PARGS;
+#define ARGS PARGS
+  const PARGS pvalid = {f.layer, good};
+#define valid pvalid
+#define FUNCTION "moe_layer_save_tuning"
+#define CALL(a) moe_layer_save_tuning(a.layer, a.path)
+  ROW(MOE_ERROR_NULL_POINTER, NULL, a.layer = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.path = NULL);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.path = path);
+#undef FUNCTION
+#undef CALL
+#define FUNCTION "moe_layer_load_tuning"
+#define CALL(a) moe_layer_load_tuning(a.layer, a.path)
+  ROW(MOE_ERROR_NULL_POINTER, NULL, a.layer = NULL);
+  ROW(MOE_ERROR_NULL_POINTER, fx.ctx, a.path = NULL);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.path = path);
+  ROW(MOE_ERROR_INVALID_ARGUMENT, fx.ctx, a.path = bad);
+  ROW(MOE_SUCCESS, fx.ctx, NONE);
+#undef FUNCTION
+#undef CALL
+#undef valid
+#undef ARGS
+  int64_t from = -1;
+  char text[128], tiny[2];
+  moe_status st = moe_layer_tuning_entry(f.layer, 2, &from, text, sizeof text);
+  TH_ASSERT(st == MOE_ERROR_INVALID_ARGUMENT, "index 2 of 2: %s", moe_status_string(st));
+  st = moe_layer_tuning_entry(f.layer, -1, &from, text, sizeof text);
+  TH_ASSERT(st == MOE_ERROR_INVALID_ARGUMENT, "index -1: %s", moe_status_string(st));
+  st = moe_layer_tuning_entry(f.layer, 0, NULL, text, sizeof text);
+  TH_ASSERT(st == MOE_ERROR_NULL_POINTER, "NULL min_tokens: %s", moe_status_string(st));
+  st = moe_layer_tuning_entry(f.layer, 0, &from, tiny, sizeof tiny);
+  TH_ASSERT(st == MOE_ERROR_BUFFER_TOO_SMALL, "2-byte buffer: %s", moe_status_string(st));
+  TH_ASSERT(from == -1, "a failing call wrote min_tokens");
+  moe_layer_clear_tuning(f.layer);
+  st = moe_layer_save_tuning(f.layer, good);
+  TH_ASSERT(st == MOE_ERROR_INVALID_ARGUMENT, "save without a table: %s", moe_status_string(st));
+  remove(bad);
+  remove(good);
+  forward_fixture_free(&f);
   fixture_free(&fx);
 }

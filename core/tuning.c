@@ -113,20 +113,20 @@ static const char *activation_name(moe_activation a) {
                                             : "swiglu";
 }
 
-/* The device name without the kernel path that some backends append
- * (" [avx512]"): options must not change the key. Under the lock. */
+/* The device name without the bracketed kernel path that some backends
+ * put in it (" [avx512]"): options must not change the key. */
 static void make_key(moe_layer *layer, tuning_key *key) {
   const moe_config *c = &layer->cfg;
   snprintf(key->field[0], sizeof key->field[0], "%s", layer->ctx->ops->name);
   pthread_mutex_lock(&layer->ctx->lock);
   snprintf(key->field[1], sizeof key->field[1], "%s", layer->ctx->device_name);
   pthread_mutex_unlock(&layer->ctx->lock);
-  char *bracket = strrchr(key->field[1], '[');
-  const size_t n = strlen(key->field[1]);
-  if (bracket && n && key->field[1][n - 1] == ']') {
-    while (bracket > key->field[1] && bracket[-1] == ' ')
-      --bracket;
-    *bracket = '\0';
+  for (char *open; (open = strchr(key->field[1], '[')) != NULL;) {
+    char *close = strchr(open, ']');
+    if (!close) break;
+    while (open > key->field[1] && open[-1] == ' ')
+      --open;
+    memmove(open, close + 1, strlen(close + 1) + 1);
   }
   snprintf(key->field[2], sizeof key->field[2], "%d.%d.%d", MOE_VERSION_MAJOR, MOE_VERSION_MINOR,
            MOE_VERSION_PATCH);

@@ -491,7 +491,7 @@ MOE_API moe_status moe_layer_tune(moe_layer *layer, const int64_t *token_counts,
  * Writes the layer's table to path as text:
  *   moe-tuning 1
  *   backend cpu
- *   device <device name, without a trailing " [kernel path]">
+ *   device <device name, without a bracketed " [kernel path]">
  *   version 0.1.0
  *   shape H=4096 I=14336 E=8 EL=8 k=2 activation=swiglu layout=out_in
  *         router_weight=output batch_invariant=0      (one line)

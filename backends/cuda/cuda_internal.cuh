@@ -99,10 +99,10 @@ static inline int64_t cuda_touched_bound(int64_t slots, int64_t num_local_expert
 }
 
 /* Rows per touched expert on average, rounded up; what the GEMM choices
- * (tile table, decode kernel, wgmma path) are keyed by. */
+ * (tile table, decode kernel, stream and wgmma paths) are keyed by. The
+ * core's one definition (core/plan.c, docs/DESIGN.md). */
 static inline int64_t cuda_rows_per_expert(int64_t slots, int64_t num_local_experts) {
-  const int64_t touched = cuda_touched_bound(slots, num_local_experts);
-  return touched > 0 ? (slots + touched - 1) / touched : 0;
+  return moe_plan_rows_per_expert(slots, num_local_experts);
 }
 
 /* Upper bound of num_tokens_post_padded, which only the device knows:

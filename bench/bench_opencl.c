@@ -7,6 +7,7 @@
  * kernel by profiling events, CLBlast by the host clock.
  */
 #include "bench_device.h"
+#include "bench_time.h"
 #include "moe_opencl.h"
 
 #define CL_TARGET_OPENCL_VERSION 120
@@ -30,22 +31,6 @@ static const char read_kernel_source[] =
     "  for (; i < count; i += stride) acc ^= src[i];\n"
     "  if ((acc.x ^ acc.y ^ acc.z ^ acc.w) == 0x9e3779b9u) sink[0] = 1u;\n"
     "}\n";
-
-static int compare_double(const void *a, const void *b) {
-  double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static double median(double *v, int n) {
-  qsort(v, (size_t)n, sizeof *v, compare_double);
-  return n % 2 ? v[n / 2] : 0.5 * (v[n / 2 - 1] + v[n / 2]);
-}
-
-static double host_seconds(void) {
-  struct timespec t;
-  clock_gettime(CLOCK_MONOTONIC, &t);
-  return (double)t.tv_sec + 1e-9 * (double)t.tv_nsec;
-}
 
 /* Seconds between an event's start and end (it has completed). */
 static double event_seconds(cl_event event) {
@@ -108,7 +93,7 @@ static double read_bandwidth(cl_context context, cl_device_id device, cl_command
     if (i >= 0) seconds[i] = event_seconds(event);
     clReleaseEvent(event);
   }
-  gbps = (double)bytes / median(seconds, reps) * 1e-9;
+  gbps = (double)bytes / bench_median(seconds, reps) * 1e-9;
 done:
   if (src) clReleaseMemObject(src);
   if (sink) clReleaseMemObject(sink);
@@ -137,7 +122,7 @@ static double clblast_sgemm_tflops(cl_context context, cl_command_queue queue, s
    * the last one. */
   for (int i = -1; i < reps; ++i) { /* the first call also compiles CLBlast's kernels */
     clFinish(queue);
-    const double start = host_seconds();
+    const double start = bench_seconds();
     /* C = A * B^T, row-major: the [out][in] weight layout of the layer. */
     CLBlastStatusCode st =
         CLBlastSgemm(CLBlastLayoutRowMajor, CLBlastTransposeNo, CLBlastTransposeYes, size, size,
@@ -148,9 +133,9 @@ static double clblast_sgemm_tflops(cl_context context, cl_command_queue queue, s
       goto done;
     }
     clFinish(queue);
-    if (i >= 0) seconds[i] = host_seconds() - start;
+    if (i >= 0) seconds[i] = bench_seconds() - start;
   }
-  tflops = 2.0 * (double)size * (double)size * (double)size / median(seconds, reps) * 1e-12;
+  tflops = 2.0 * (double)size * (double)size * (double)size / bench_median(seconds, reps) * 1e-12;
   free(seconds);
 done:
   for (int i = 0; i < 3; ++i)
@@ -251,7 +236,7 @@ int bench_opencl_time_forward(moe_context *ctx, moe_layer *layer, int64_t num_to
   if (failed)
     fprintf(stderr, "bench_opencl: timing with profiling markers failed\n");
   else
-    *median_ms = median(times, reps);
+    *median_ms = bench_median(times, reps);
   free(times);
   return failed;
 }

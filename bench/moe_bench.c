@@ -14,6 +14,7 @@
 #include "bench_models.h"
 #include "bench_random.h"
 #include "bench_report.h"
+#include "bench_time.h"
 #include "moe.h"
 
 #include <math.h>
@@ -223,17 +224,6 @@ static int select_models(const bench_options *o, bench_model *models) {
   return count;
 }
 
-static int compare_double(const void *a, const void *b) {
-  const double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
-
-static double now_seconds(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec + 1e-9 * (double)ts.tv_nsec;
-}
-
 /* MemAvailable from /proc/meminfo in bytes, or 0 when unknown. */
 static double host_memory_available(void) {
   FILE *f = fopen("/proc/meminfo", "r");
@@ -265,10 +255,10 @@ typedef struct layer_buffers {
 static int host_forward_seconds(const bench_target *t, moe_layer *layer, int64_t tokens,
                                 const layer_buffers *b, double *seconds) {
   if (t->flush) bench_cpu_flush_caches();
-  const double t0 = now_seconds();
+  const double t0 = bench_seconds();
   moe_status st = moe_layer_forward(layer, tokens, b->x, b->logits, b->out);
   if (st == MOE_SUCCESS) st = moe_context_synchronize(t->ctx);
-  *seconds = now_seconds() - t0;
+  *seconds = bench_seconds() - t0;
   if (st != MOE_SUCCESS)
     fprintf(stderr, "moe_bench: forward: %s (%s)\n", moe_status_string(st), moe_last_error(t->ctx));
   return st != MOE_SUCCESS;
@@ -321,8 +311,7 @@ static int time_forward(const bench_target *t, moe_layer *layer, int64_t tokens,
       free(times);
       return 1;
     }
-  qsort(times, (size_t)reps, sizeof *times, compare_double);
-  *median_us = 1e6 * (reps % 2 ? times[reps / 2] : 0.5 * (times[reps / 2 - 1] + times[reps / 2]));
+  *median_us = 1e6 * bench_median(times, reps); /* sorts: times[0] is the fastest */
   *min_us = 1e6 * times[0];
   *reps_done = reps;
   free(times);

@@ -16,6 +16,7 @@
  */
 #include "bench_models.h"
 #include "bench_random.h"
+#include "bench_time.h"
 #include "moe.h"
 
 #include <math.h>
@@ -43,17 +44,6 @@ static int usage(void) {
       exit(1);                                                                                     \
     }                                                                                              \
   } while (0)
-
-static double now_ms(void) {
-  struct timespec ts;
-  clock_gettime(CLOCK_MONOTONIC, &ts);
-  return (double)ts.tv_sec * 1e3 + (double)ts.tv_nsec * 1e-6;
-}
-
-static int compare_double(const void *a, const void *b) {
-  const double x = *(const double *)a, y = *(const double *)b;
-  return (x > y) - (x < y);
-}
 
 int main(int argc, char **argv) {
   moe_backend backend = MOE_BACKEND_AUTO;
@@ -221,13 +211,12 @@ int main(int argc, char **argv) {
     }
     for (int r = 0; r < 2 + reps; ++r) {
       CHECK(moe_context_synchronize(ctx));
-      const double t0 = now_ms();
+      const double t0 = bench_seconds();
       CHECK(moe_layer_forward(check, tokens[i], x, logits, out));
       CHECK(moe_context_synchronize(ctx));
-      if (r >= 2) samples[r - 2] = now_ms() - t0;
+      if (r >= 2) samples[r - 2] = 1e3 * (bench_seconds() - t0);
     }
-    qsort(samples, (size_t)reps, sizeof *samples, compare_double);
-    const double loaded = samples[reps / 2], ratio = loaded / best;
+    const double loaded = bench_median(samples, reps), ratio = loaded / best;
     within += ratio <= 1.03;
     printf("%8lld %14.4f %14.4f %8.3f%s\n", (long long)tokens[i], best, loaded, ratio,
            ratio <= 1.03 ? "" : "  (beyond 3%)");

@@ -54,6 +54,7 @@
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"
+#include "hopper_gemm.cuh"
 #include "wgmma_ptx.cuh"
 
 #include <cuda.h>
@@ -84,24 +85,8 @@ template <int NT> struct st_shape {
   static_assert(NT % 8 == 0 && NT >= 8 && NT <= 256, "wgmma n and TMA box rows");
 };
 
-enum st_epilogue { ST_STORE = 0, ST_GLU_SWIGLU, ST_GLU_GEGLU, ST_GLU_SWIGLU_CLAMP };
-static_assert(ST_GLU_SWIGLU - 1 == MOE_ACTIVATION_SWIGLU &&
-                  ST_GLU_GEGLU - 1 == MOE_ACTIVATION_GEGLU &&
-                  ST_GLU_SWIGLU_CLAMP - 1 == MOE_ACTIVATION_SWIGLU_CLAMP,
-              "ST_GLU_* = 1 + the activation");
-
-struct stream_params {
-  const int32_t *sorted_token_ids;
-  const int32_t *expert_ids; /* one per NT-row block */
-  const int32_t *num_tokens_post_padded;
-  const float *topk_weights;
-  const float *bias; /* [EL][n] or NULL */
-  bf16 *c;
-  int64_t ldc;
-  int64_t num_slots;
-  int32_t num_local_experts;
-  int32_t n; /* weight rows per expert = output features */
-  int32_t k;
+/* The persistent grid's work and split K on top of the shared parameters. */
+struct stream_params : hopper_gemm_params {
   int32_t n_tiles;     /* ceil(n / ST_BM) */
   int32_t m_tiles_cap; /* NT-row blocks the buffers hold */
   /* Split K: each item's k steps in `splits` ranges of k_steps_per_split
@@ -110,8 +95,6 @@ struct stream_params {
   int32_t splits, k_steps_per_split;
   float *partial;
   int32_t *counters;
-  moe_gemm_routed_weight routed_weight;
-  float alpha, limit;
 };
 
 /* ---- the kernel --------------------------------------------------------- */
@@ -340,7 +323,7 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
         /* selects, not an index: a run-time index puts the arrays in local memory */
         const int32_t my_slot = odd ? slot[j][1] : slot[j][0];
         if (!in_range) continue;
-        if (EPI != ST_STORE) {
+        if (EPI != HOPPER_STORE) {
           const int64_t row = m0 + 8 * j + 2 * (lane & 3) + (odd ? 1 : 0);
           const float v = my_slot >= 0 ? cuda_gated_activation((moe_activation)(EPI - 1), p.alpha,
                                                                p.limit, lo, hi)
@@ -369,8 +352,8 @@ template <int NT, int EPI> static bool set_smem_limit() {
 }
 
 template <int NT> static bool set_smem_limits() {
-  return set_smem_limit<NT, ST_STORE>() && set_smem_limit<NT, ST_GLU_SWIGLU>() &&
-         set_smem_limit<NT, ST_GLU_GEGLU>() && set_smem_limit<NT, ST_GLU_SWIGLU_CLAMP>();
+  return set_smem_limit<NT, HOPPER_STORE>() && set_smem_limit<NT, HOPPER_GLU_SWIGLU>() &&
+         set_smem_limit<NT, HOPPER_GLU_GEGLU>() && set_smem_limit<NT, HOPPER_GLU_SWIGLU_CLAMP>();
 }
 
 bool cuda_stream_init(void) {
@@ -436,19 +419,10 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   if (m_tiles * n_tiles > INT_MAX)
     return moe_set_error(MOE_ERROR_UNSUPPORTED, "stream GEMM of %lld items is too large",
                          (long long)(m_tiles * n_tiles));
-  stream_params p;
-  memset(&p, 0, sizeof p);
-  p.sorted_token_ids = g->sorted_token_ids;
-  p.expert_ids = g->expert_ids;
-  p.num_tokens_post_padded = g->num_tokens_post_padded;
-  p.topk_weights = g->topk_weights;
-  p.bias = g->bias;
-  p.c = g->c;
-  p.ldc = g->ldc;
-  p.num_slots = g->num_slots;
-  p.num_local_experts = g->num_local_experts;
-  p.n = g->n;
-  p.k = g->k;
+  const int epi = hopper_epilogue_of(g);
+  if (epi < 0) return MOE_ERROR_INTERNAL;
+  stream_params p{};
+  static_cast<hopper_gemm_params &>(p) = hopper_gemm_params_from(g);
   p.n_tiles = (int32_t)n_tiles;
   p.m_tiles_cap = (int32_t)m_tiles;
   const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
@@ -464,9 +438,6 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
     p.partial = st->split_partial;
     p.counters = st->split_counters;
   }
-  p.routed_weight = g->routed_weight;
-  p.alpha = g->alpha;
-  p.limit = g->limit;
   CUtensorMap w, x;
   memcpy(&w, g->b_map, sizeof w);
   memcpy(&x, g->a_map, sizeof x);
@@ -478,22 +449,15 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
                                   const CUtensorMap &, const stream_params &);
   /* [rows index][epilogue] */
   static const launcher launchers[4][4] = {
-      {launch_stream<16, ST_STORE>, launch_stream<16, ST_GLU_SWIGLU>,
-       launch_stream<16, ST_GLU_GEGLU>, launch_stream<16, ST_GLU_SWIGLU_CLAMP>},
-      {launch_stream<32, ST_STORE>, launch_stream<32, ST_GLU_SWIGLU>,
-       launch_stream<32, ST_GLU_GEGLU>, launch_stream<32, ST_GLU_SWIGLU_CLAMP>},
-      {launch_stream<64, ST_STORE>, launch_stream<64, ST_GLU_SWIGLU>,
-       launch_stream<64, ST_GLU_GEGLU>, launch_stream<64, ST_GLU_SWIGLU_CLAMP>},
-      {launch_stream<128, ST_STORE>, launch_stream<128, ST_GLU_SWIGLU>,
-       launch_stream<128, ST_GLU_GEGLU>, launch_stream<128, ST_GLU_SWIGLU_CLAMP>},
+      {launch_stream<16, HOPPER_STORE>, launch_stream<16, HOPPER_GLU_SWIGLU>,
+       launch_stream<16, HOPPER_GLU_GEGLU>, launch_stream<16, HOPPER_GLU_SWIGLU_CLAMP>},
+      {launch_stream<32, HOPPER_STORE>, launch_stream<32, HOPPER_GLU_SWIGLU>,
+       launch_stream<32, HOPPER_GLU_GEGLU>, launch_stream<32, HOPPER_GLU_SWIGLU_CLAMP>},
+      {launch_stream<64, HOPPER_STORE>, launch_stream<64, HOPPER_GLU_SWIGLU>,
+       launch_stream<64, HOPPER_GLU_GEGLU>, launch_stream<64, HOPPER_GLU_SWIGLU_CLAMP>},
+      {launch_stream<128, HOPPER_STORE>, launch_stream<128, HOPPER_GLU_SWIGLU>,
+       launch_stream<128, HOPPER_GLU_GEGLU>, launch_stream<128, HOPPER_GLU_SWIGLU_CLAMP>},
   };
-  int epi = ST_STORE;
-  if (g->epilogue == CUDA_EPILOGUE_GLU) {
-    if (g->activation != MOE_ACTIVATION_SWIGLU && g->activation != MOE_ACTIVATION_GEGLU &&
-        g->activation != MOE_ACTIVATION_SWIGLU_CLAMP)
-      return moe_set_error(MOE_ERROR_INTERNAL, "stream GEMM: activation %d", (int)g->activation);
-    epi = 1 + (int)g->activation;
-  }
   const cudaError_t err = launchers[index][epi](st, ctas, w, x, p);
   if (err != cudaSuccess) return cuda_status(err, "stream_gemm_kernel launch");
   return cuda_launch_status("stream_gemm_kernel");

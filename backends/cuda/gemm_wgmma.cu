@@ -64,6 +64,7 @@
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"
+#include "hopper_gemm.cuh"
 #include "wgmma_ptx.cuh"
 
 #include <cuda.h>
@@ -101,17 +102,6 @@ template <int BN, int STAGES> struct wg_shape {
   static_assert(BN <= 256, "a TMA box has at most 256 rows");
 };
 
-/* Epilogues: a plain store (GEMM2), or the GLU (GEMM1) of one activation
- * each. The activation is a template parameter because the epilogue is
- * unrolled over the thread's 2 x BN/2 accumulators (registers take only
- * compile-time indices): one formula per kernel keeps the code that each
- * tile runs once to a third. */
-enum wg_epilogue { WG_STORE = 0, WG_GLU_SWIGLU, WG_GLU_GEGLU, WG_GLU_SWIGLU_CLAMP };
-static_assert(WG_GLU_SWIGLU - 1 == MOE_ACTIVATION_SWIGLU &&
-                  WG_GLU_GEGLU - 1 == MOE_ACTIVATION_GEGLU &&
-                  WG_GLU_SWIGLU_CLAMP - 1 == MOE_ACTIVATION_SWIGLU_CLAMP,
-              "WG_GLU_* = 1 + the activation");
-
 /* The two tiles: BN 256 with 4 stages (48 KB each), BN 128 with 6 (32 KB
  * each): 192 KB of the 227 KB an H100/H200 block may take either way. */
 #define WG_STAGES_256 4
@@ -119,21 +109,9 @@ static_assert(WG_GLU_SWIGLU - 1 == MOE_ACTIVATION_SWIGLU &&
 
 /* ---- kernel parameters -------------------------------------------------- */
 
-struct wgmma_params {
-  const int32_t *sorted_token_ids;
-  const int32_t *expert_ids; /* one per 128-row block */
-  const int32_t *num_tokens_post_padded;
-  const float *topk_weights;
-  const float *bias; /* [EL][n] or NULL */
-  bf16 *c;
-  int64_t ldc;
-  int64_t num_slots;
-  int32_t num_local_experts;
-  int32_t n; /* B rows per expert = output columns */
-  int32_t k;
+/* The tile grid on top of the shared parameters. */
+struct wgmma_params : hopper_gemm_params {
   int32_t m_tiles, n_tiles;
-  moe_gemm_routed_weight routed_weight;
-  float alpha, limit; /* of the activation */
 };
 
 /* ---- the GEMM kernel ---------------------------------------------------- */
@@ -259,7 +237,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
       for (int h = 0; h < 2; ++h) {
         const float v0 = cuda_apply_routed(acc[4 * j + 2 * h], b0, weight[h], p.routed_weight);
         const float v1 = cuda_apply_routed(acc[4 * j + 2 * h + 1], b1, weight[h], p.routed_weight);
-        if (EPI != WG_STORE) {
+        if (EPI != HOPPER_STORE) {
           /* Columns 2c, 2c+1 are gate c and up c: h_sorted[p][c]. */
           const float v =
               real[h] ? cuda_gated_activation((moe_activation)(EPI - 1), p.alpha, p.limit, v0, v1)
@@ -318,9 +296,10 @@ template <int BN, int STAGES, int EPI> static bool set_smem_limit() {
 }
 
 template <int BN, int STAGES> static bool set_smem_limits() {
-  return set_smem_limit<BN, STAGES, WG_STORE>() && set_smem_limit<BN, STAGES, WG_GLU_SWIGLU>() &&
-         set_smem_limit<BN, STAGES, WG_GLU_GEGLU>() &&
-         set_smem_limit<BN, STAGES, WG_GLU_SWIGLU_CLAMP>();
+  return set_smem_limit<BN, STAGES, HOPPER_STORE>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_GEGLU>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU_CLAMP>();
 }
 
 bool cuda_wgmma_init(void) {
@@ -401,24 +380,12 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
   if (m_tiles * n_tiles > INT_MAX)
     return moe_set_error(MOE_ERROR_UNSUPPORTED, "wgmma GEMM grid of %lld tiles is too large",
                          (long long)(m_tiles * n_tiles));
-  wgmma_params p;
-  memset(&p, 0, sizeof p);
-  p.sorted_token_ids = g->sorted_token_ids;
-  p.expert_ids = g->expert_ids;
-  p.num_tokens_post_padded = g->num_tokens_post_padded;
-  p.topk_weights = g->topk_weights;
-  p.bias = g->bias;
-  p.c = g->c;
-  p.ldc = g->ldc;
-  p.num_slots = g->num_slots;
-  p.num_local_experts = g->num_local_experts;
-  p.n = g->n;
-  p.k = g->k;
+  const int epi = hopper_epilogue_of(g);
+  if (epi < 0) return MOE_ERROR_INTERNAL;
+  wgmma_params p{};
+  static_cast<hopper_gemm_params &>(p) = hopper_gemm_params_from(g);
   p.m_tiles = (int32_t)m_tiles;
   p.n_tiles = (int32_t)n_tiles;
-  p.routed_weight = g->routed_weight;
-  p.alpha = g->alpha;
-  p.limit = g->limit;
   CUtensorMap a, b;
   memcpy(&a, g->a_map, sizeof a);
   memcpy(&b, g->b_map, sizeof b);
@@ -427,29 +394,15 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
                                   const CUtensorMap &, const wgmma_params &);
   /* [bn == 256][epilogue] */
   static const launcher launchers[2][4] = {
-      {launch_gemm<128, WG_STAGES_128, WG_STORE>, launch_gemm<128, WG_STAGES_128, WG_GLU_SWIGLU>,
-       launch_gemm<128, WG_STAGES_128, WG_GLU_GEGLU>,
-       launch_gemm<128, WG_STAGES_128, WG_GLU_SWIGLU_CLAMP>},
-      {launch_gemm<256, WG_STAGES_256, WG_STORE>, launch_gemm<256, WG_STAGES_256, WG_GLU_SWIGLU>,
-       launch_gemm<256, WG_STAGES_256, WG_GLU_GEGLU>,
-       launch_gemm<256, WG_STAGES_256, WG_GLU_SWIGLU_CLAMP>},
+      {launch_gemm<128, WG_STAGES_128, HOPPER_STORE>,
+       launch_gemm<128, WG_STAGES_128, HOPPER_GLU_SWIGLU>,
+       launch_gemm<128, WG_STAGES_128, HOPPER_GLU_GEGLU>,
+       launch_gemm<128, WG_STAGES_128, HOPPER_GLU_SWIGLU_CLAMP>},
+      {launch_gemm<256, WG_STAGES_256, HOPPER_STORE>,
+       launch_gemm<256, WG_STAGES_256, HOPPER_GLU_SWIGLU>,
+       launch_gemm<256, WG_STAGES_256, HOPPER_GLU_GEGLU>,
+       launch_gemm<256, WG_STAGES_256, HOPPER_GLU_SWIGLU_CLAMP>},
   };
-  int epi = WG_STORE;
-  if (g->epilogue == CUDA_EPILOGUE_GLU) {
-    switch (g->activation) {
-    case MOE_ACTIVATION_SWIGLU:
-      epi = WG_GLU_SWIGLU;
-      break;
-    case MOE_ACTIVATION_GEGLU:
-      epi = WG_GLU_GEGLU;
-      break;
-    case MOE_ACTIVATION_SWIGLU_CLAMP:
-      epi = WG_GLU_SWIGLU_CLAMP;
-      break;
-    default:
-      return moe_set_error(MOE_ERROR_INTERNAL, "wgmma GEMM: activation %d", (int)g->activation);
-    }
-  }
   const cudaError_t err = launchers[g->bn == 256 ? 1 : 0][epi](st, ctas, a, b, p);
   if (err != cudaSuccess) return cuda_status(err, "wgmma_gemm_kernel launch");
   return cuda_launch_status("wgmma_gemm_kernel");

@@ -839,32 +839,38 @@ Test(cuda, wgmma_layer_long_k_both_tiles) {
   }
 }
 
+/* The layer variants the Hopper paths must keep (0..LAYER_VARIANTS-1). */
+#define LAYER_VARIANTS 5
+static void apply_layer_variant(th_layer_spec *s, int variant) {
+  switch (variant) {
+  case 0: /* gpt-oss */
+    s->cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
+    s->w13_bias = s->w2_bias = true;
+    break;
+  case 1: /* expert parallelism: ids mapped to -1 are skipped */
+    s->cfg.num_local_experts = 8;
+    s->map = TH_MAP_PARTIAL;
+    s->w13_bias = s->w2_bias = true;
+    break;
+  case 2: /* Llama-4: router weight on the input */
+    s->cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+    s->w13_bias = s->w2_bias = true;
+    break;
+  case 3:
+    s->cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
+    break;
+  default:
+    s->cfg.activation = MOE_ACTIVATION_GEGLU;
+    break;
+  }
+}
+
 Test(cuda, wgmma_layer_variants) {
   require_sm90a();
-  for (int variant = 0; variant < 5; ++variant) {
+  for (int variant = 0; variant < LAYER_VARIANTS; ++variant) {
     for (int64_t T : {37, 700}) {
       th_layer_spec s = mixtral_like(T, 264, 200, 16, 4, 0xca00 + 16 * variant + T);
-      switch (variant) {
-      case 0: /* gpt-oss */
-        s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 1: /* expert parallelism: ids mapped to -1 are skipped */
-        s.cfg.num_local_experts = 8;
-        s.map = TH_MAP_PARTIAL;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 2: /* Llama-4: router weight on the input */
-        s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 3:
-        s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
-        break;
-      default:
-        s.cfg.activation = MOE_ACTIVATION_GEGLU;
-        break;
-      }
+      apply_layer_variant(&s, variant);
       wgmma_layer_case(&s);
     }
   }
@@ -962,30 +968,10 @@ Test(cuda, stream_layer_split_k) {
 
 Test(cuda, stream_layer_variants) {
   require_sm90a();
-  for (int variant = 0; variant < 5; ++variant) {
+  for (int variant = 0; variant < LAYER_VARIANTS; ++variant) {
     for (int64_t T : {5, 37, 150}) {
       th_layer_spec s = mixtral_like(T, 264, 200, 16, 4, 0xcf00 + 16 * variant + T);
-      switch (variant) {
-      case 0: /* gpt-oss */
-        s.cfg.activation = MOE_ACTIVATION_SWIGLU_CLAMP;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 1: /* expert parallelism: ids mapped to -1 are skipped */
-        s.cfg.num_local_experts = 8;
-        s.map = TH_MAP_PARTIAL;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 2: /* Llama-4: router weight on the input */
-        s.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
-        s.w13_bias = s.w2_bias = true;
-        break;
-      case 3:
-        s.cfg.weight_layout = MOE_WEIGHT_LAYOUT_IN_OUT;
-        break;
-      default:
-        s.cfg.activation = MOE_ACTIVATION_GEGLU;
-        break;
-      }
+      apply_layer_variant(&s, variant);
       hopper_layer_case(&s, "stream");
     }
   }

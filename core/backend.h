@@ -111,6 +111,8 @@ typedef enum moe_option_id {
   MOE_OPTION_CUDA_DECODE_PERSISTENT, /* choice: 0 on, 1 off */
   MOE_OPTION_CUDA_WGMMA_BN,          /* choice: 0 auto, 1 128, 2 256 */
   MOE_OPTION_CUDA_PDL,               /* choice: 0 off, 1 on */
+  MOE_OPTION_CUDA_STREAM_OVERLAP,    /* choice: 0 on, 1 off */
+  MOE_OPTION_CUDA_STREAM_CTAS,       /* choice: 0 one CTA per SM, 1 two */
   MOE_OPTION_COUNT
 } moe_option_id;
 

@@ -83,6 +83,8 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->gemv_max_rows = -1; /* grouped_gemm.cu's GEMV_MAX_ROWS_PER_EXPERT */
   st->routing_option = MOE_CUDA_ROUTING_AUTO;
   st->decode_pdl = true;
+  st->stream_overlap = true;
+  st->stream_ctas = 1;
   st->decode_persistent = true;
   st->wgmma_bn_option = 0;
   if (own_stream) {
@@ -684,6 +686,7 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   g1.activation = c->activation;
   g1.alpha = c->swiglu_alpha;
   g1.limit = c->swiglu_limit;
+  g1.overlapped = stream && st->stream_overlap;
   CUDA_TRY(stream ? cuda_stream_gemm_run(st, &g1) : cuda_wgmma_gemm_run(st, &g1));
 
   cuda_wgmma_gemm g2 = g1;
@@ -897,6 +900,12 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_DECODE_PDL:
     st->decode_pdl = parsed == 0; /* on|off */
+    break;
+  case MOE_OPTION_CUDA_STREAM_CTAS:
+    st->stream_ctas = (int)parsed + 1; /* 1|2 */
+    break;
+  case MOE_OPTION_CUDA_STREAM_OVERLAP:
+    st->stream_overlap = parsed == 0; /* on|off */
     break;
   case MOE_OPTION_CUDA_DECODE_PERSISTENT:
     st->decode_persistent = parsed == 0; /* on|off */

@@ -30,6 +30,8 @@ struct cuda_state {
   int64_t gemv_max_rows;  /* cuda.gemv_max_rows; -1: the measured default (1) */
   int routing_option;     /* cuda.routing: MOE_CUDA_ROUTING_* */
   bool decode_pdl;        /* cuda.decode_pdl */
+  bool stream_overlap;    /* cuda.stream_overlap */
+  int stream_ctas;        /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
   bool decode_persistent; /* cuda.decode_persistent */
   int wgmma_bn_option;    /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
@@ -318,6 +320,9 @@ struct cuda_wgmma_gemm {
   cuda_epilogue epilogue;
   moe_activation activation;
   float alpha, limit;
+  /* Streaming GEMM only: launched to overlap the kernel before it (which
+   * must be the permute or a streaming GEMM: see cuda_stream_gemm_run) */
+  bool overlapped;
 };
 
 moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g);

@@ -71,13 +71,16 @@ typedef __nv_bfloat16 bf16;
 #define ST_BOXES 2                               /* boxes per stage: 128 elements of K */
 #define ST_CONSUMER_WARPS 8                      /* two warpgroups */
 #define ST_THREADS (32 * ST_CONSUMER_WARPS + 32) /* + the producer warp */
-#define ST_SMEM_BUDGET (220 * 1024)              /* of the 227 KB a block may take */
+#define ST_SMEM_BUDGET (220 * 1024)              /* of the 228 KB an SM has, per SM */
 
-template <int NT> struct st_shape {
+/* CTAS resident CTAs per SM share the budget (2: only at NT 16, whose
+ * three 36 KB stages fit in half of it). */
+template <int NT, int CTAS = 1> struct st_shape {
   static constexpr int W_BOX = ST_BM * ST_BOX_K * 2;
   static constexpr int X_BOX = NT * ST_BOX_K * 2;
   static constexpr int STAGE_BYTES = ST_BOXES * (W_BOX + X_BOX);
-  static constexpr int STAGES = ST_SMEM_BUDGET / STAGE_BYTES < 8 ? ST_SMEM_BUDGET / STAGE_BYTES : 8;
+  static constexpr int BUDGET = ST_SMEM_BUDGET / CTAS;
+  static constexpr int STAGES = BUDGET / STAGE_BYTES < 8 ? BUDGET / STAGE_BYTES : 8;
   /* + 1024: the base is aligned up to the swizzle period in the kernel. */
   static constexpr int SMEM_BYTES = STAGES * STAGE_BYTES + 1024;
   static_assert(W_BOX % 1024 == 0 && X_BOX % 1024 == 0, "boxes keep 1024-byte alignment");
@@ -95,6 +98,10 @@ struct stream_params : hopper_gemm_params {
   int32_t splits, k_steps_per_split;
   float *partial;
   int32_t *counters;
+  /* Overlapped launch: the producer issues the first ring's weight boxes
+   * before waiting for the kernel before (which wrote only the token rows;
+   * the align metadata is older, see cuda_stream_gemm_run). */
+  int32_t weights_before_wait;
 };
 
 /* ---- the kernel --------------------------------------------------------- */
@@ -127,6 +134,44 @@ __device__ __forceinline__ int unit_expert(const stream_params &p, int64_t unit,
   return e >= 0 && e < p.num_local_experts ? e : -1;
 }
 
+/* The producer's walk over its k steps: next() moves to the next step of
+ * this CTA's units (skipping other ranks' experts) and says false past the
+ * last. A copy walks the same steps again. */
+template <int NT> struct step_walk {
+  const stream_params *p;
+  int64_t unit, units, items;
+  int32_t m_count;
+  int k_steps, ks, ks_end;
+  int next_expert; /* of unit + gridDim.x: its load is in flight during a unit */
+  int32_t w_row, x_row;
+
+  __device__ step_walk(const stream_params &params, int64_t units_, int64_t items_,
+                       int32_t m_count_, int k_steps_)
+      : p(&params), unit((int64_t)blockIdx.x - gridDim.x), units(units_), items(items_),
+        m_count(m_count_), k_steps(k_steps_), ks(0), ks_end(0), w_row(0), x_row(0) {
+    next_expert = unit_expert(params, blockIdx.x, units, items, m_count);
+  }
+
+  __device__ bool next() {
+    if (++ks < ks_end) return true;
+    for (;;) {
+      unit += gridDim.x;
+      if (unit >= units) return false;
+      const unit_coords u = coords_of(unit, items, m_count);
+      const int expert = next_expert;
+      next_expert = unit_expert(*p, unit + gridDim.x, units, items, m_count);
+      if (expert < 0) continue;
+      /* host checked EL * n + ST_BM < 2^31 and the sorted rows < 2^31 */
+      w_row = expert * p->n + u.n_tile * ST_BM;
+      x_row = u.m_tile * NT;
+      ks = u.split * p->k_steps_per_split;
+      ks_end = min(k_steps, ks + p->k_steps_per_split);
+      if (ks < ks_end) return true;
+    }
+  }
+  __device__ int k0() const { return ks * ST_BOX_K * ST_BOXES; }
+};
+
 #ifdef MOE_WGMMA_DEVICE
 /* Barrier `id` over `threads` threads (a multiple of 32): the consumer
  * warpgroups meet without the producer warp. */
@@ -135,12 +180,12 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 }
 #endif
 
-template <int NT, int EPI>
-__global__ void __launch_bounds__(ST_THREADS, 1)
+template <int NT, int EPI, int CTAS>
+__global__ void __launch_bounds__(ST_THREADS, CTAS)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap w_map,
                        const __grid_constant__ CUtensorMap x_map, const stream_params p) {
 #ifdef MOE_WGMMA_DEVICE
-  typedef st_shape<NT> S;
+  typedef st_shape<NT, CTAS> S;
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::STAGES];
   __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
@@ -155,8 +200,14 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
     mbar_init_fence();
   }
   __syncthreads();
-  cuda_grid_dependency_wait();
-  cuda_allow_dependents();
+  /* Overlapped: the metadata is read and the first weights requested
+   * before the wait (the producer's below); the consumers wait here. */
+  const bool overlapped = p.weights_before_wait != 0;
+  const bool producer = threadIdx.x / 32 == ST_CONSUMER_WARPS;
+  if (!overlapped || !producer) {
+    cuda_grid_dependency_wait();
+    cuda_allow_dependents();
+  }
 
   /* The items of this forward: every thread derives the same sequence. */
   const int32_t padded = *p.num_tokens_post_padded;
@@ -166,40 +217,51 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
   const int k_steps = (p.k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
 
-  if (warp == ST_CONSUMER_WARPS) {
+  if (producer) {
     /* Producer: lane 0 alone; the others finish (no CTA barrier follows). */
-    if (lane != 0) return;
+    if (lane != 0) {
+      if (overlapped) cuda_grid_dependency_wait(), cuda_allow_dependents();
+      return;
+    }
     tma_prefetch_map(&w_map);
     tma_prefetch_map(&x_map);
-    int s = 0;
-    uint32_t phase = 0;
-    int next_expert = unit_expert(p, blockIdx.x, units, items, m_count);
-    for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-      const unit_coords u = coords_of(unit, items, m_count);
-      const int split = u.split, m_tile = u.m_tile, n_tile = u.n_tile;
-      const int expert = next_expert;
-      next_expert = unit_expert(p, unit + gridDim.x, units, items, m_count);
-      if (expert < 0) continue;
-      /* host checked EL * n + ST_BM < 2^31 and the sorted rows < 2^31 */
-      const int32_t w_row = expert * p.n + n_tile * ST_BM;
-      const int32_t x_row = m_tile * NT;
-      const int ks_end = min(k_steps, (split + 1) * p.k_steps_per_split);
-      for (int ks = split * p.k_steps_per_split; ks < ks_end; ++ks) {
-        const int k0 = ks * ST_BOX_K * ST_BOXES;
-        mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
-        const uint32_t full = smem_addr(&full_bar[s]);
-        const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
+    step_walk<NT> steps(p, units, items, m_count, k_steps);
+    /* Overlapped: the weight boxes of the first ring (one stage per step)
+     * go out first; their stages expect the token boxes too, which follow
+     * the wait, so no stage completes before its tokens are in. */
+    int early = 0;
+    if (overlapped) {
+      step_walk<NT> ahead = steps;
+      for (; early < S::STAGES && ahead.next(); ++early) {
+        const uint32_t full = smem_addr(&full_bar[early]);
+        const uint32_t stage = smem + (uint32_t)(early * S::STAGE_BYTES);
         mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
 #pragma unroll
-        for (int b = 0; b < ST_BOXES; ++b) {
-          tma_load_2d(stage + b * S::W_BOX, &w_map, full, k0 + b * ST_BOX_K, w_row);
-          tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, full, k0 + b * ST_BOX_K,
-                      x_row);
-        }
-        if (++s == S::STAGES) {
-          s = 0;
-          phase ^= 1u;
-        }
+        for (int b = 0; b < ST_BOXES; ++b)
+          tma_load_2d(stage + b * S::W_BOX, &w_map, full, ahead.k0() + b * ST_BOX_K, ahead.w_row);
+      }
+      cuda_grid_dependency_wait();
+      cuda_allow_dependents();
+    }
+    int s = 0;
+    uint32_t phase = 0;
+    for (int issued = 0; steps.next(); ++issued) {
+      const uint32_t full = smem_addr(&full_bar[s]);
+      const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
+      if (issued >= early) {
+        mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
+        mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
+#pragma unroll
+        for (int b = 0; b < ST_BOXES; ++b)
+          tma_load_2d(stage + b * S::W_BOX, &w_map, full, steps.k0() + b * ST_BOX_K, steps.w_row);
+      }
+#pragma unroll
+      for (int b = 0; b < ST_BOXES; ++b)
+        tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, full,
+                    steps.k0() + b * ST_BOX_K, steps.x_row);
+      if (++s == S::STAGES) {
+        s = 0;
+        phase ^= 1u;
       }
     }
     return;
@@ -343,22 +405,24 @@ __global__ void __launch_bounds__(ST_THREADS, 1)
 
 /* ---- host side ---------------------------------------------------------- */
 
-template <int NT, int EPI> static bool set_smem_limit() {
-  const cudaError_t err =
-      cudaFuncSetAttribute(stream_gemm_kernel<NT, EPI>, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                           st_shape<NT>::SMEM_BYTES);
+template <int NT, int EPI, int CTAS> static bool set_smem_limit() {
+  const cudaError_t err = cudaFuncSetAttribute(stream_gemm_kernel<NT, EPI, CTAS>,
+                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                               st_shape<NT, CTAS>::SMEM_BYTES);
   if (err != cudaSuccess) cudaGetLastError();
   return err == cudaSuccess;
 }
 
-template <int NT> static bool set_smem_limits() {
-  return set_smem_limit<NT, HOPPER_STORE>() && set_smem_limit<NT, HOPPER_GLU_SWIGLU>() &&
-         set_smem_limit<NT, HOPPER_GLU_GEGLU>() && set_smem_limit<NT, HOPPER_GLU_SWIGLU_CLAMP>();
+template <int NT, int CTAS = 1> static bool set_smem_limits() {
+  return set_smem_limit<NT, HOPPER_STORE, CTAS>() &&
+         set_smem_limit<NT, HOPPER_GLU_SWIGLU, CTAS>() &&
+         set_smem_limit<NT, HOPPER_GLU_GEGLU, CTAS>() &&
+         set_smem_limit<NT, HOPPER_GLU_SWIGLU_CLAMP, CTAS>();
 }
 
 bool cuda_stream_init(void) {
-  return set_smem_limits<16>() && set_smem_limits<32>() && set_smem_limits<64>() &&
-         set_smem_limits<128>();
+  return set_smem_limits<16>() && set_smem_limits<16, 2>() && set_smem_limits<32>() &&
+         set_smem_limits<64>() && set_smem_limits<128>();
 }
 
 /*
@@ -401,11 +465,11 @@ int cuda_stream_rows_index(int rows) {
   }
 }
 
-template <int NT, int EPI>
+template <int NT, int EPI, int CTAS = 1>
 static cudaError_t launch_stream(const cuda_state *st, unsigned ctas, const CUtensorMap &w,
                                  const CUtensorMap &x, const stream_params &p) {
-  return cuda_launch(st, true, stream_gemm_kernel<NT, EPI>, dim3(ctas), dim3(ST_THREADS),
-                     (size_t)st_shape<NT>::SMEM_BYTES, w, x, p);
+  return cuda_launch(st, true, stream_gemm_kernel<NT, EPI, CTAS>, dim3(ctas), dim3(ST_THREADS),
+                     (size_t)st_shape<NT, CTAS>::SMEM_BYTES, w, x, p);
 }
 
 moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
@@ -430,7 +494,12 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   p.k_steps_per_split = k_steps;
   const int64_t items = m_tiles * n_tiles;
   const int64_t per_split_bytes = (int64_t)ST_BM * g->block_m * (int64_t)sizeof(float);
-  const int splits = cuda_stream_splits(items, k_steps, st->sm_count);
+  /* Two CTAs per SM (option cuda.stream_ctas, token block 16 only): each
+   * with half the ring, so that one streams while the other runs its
+   * epilogue. */
+  const int per_sm = index == 0 && st->stream_ctas == 2 ? 2 : 1;
+  const int64_t slots = (int64_t)per_sm * st->sm_count;
+  const int splits = cuda_stream_splits(items, k_steps, (int)slots);
   if (splits > 1 && st->split_partial && items <= st->split_counters_len &&
       items * splits * per_split_bytes <= st->split_partial_bytes) {
     p.splits = splits;
@@ -438,13 +507,23 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
     p.partial = st->split_partial;
     p.counters = st->split_counters;
   }
+  /* Overlapped launch (Hopper): the kernel may start while the one before
+   * it runs and request its first weights before waiting. It reads the
+   * align metadata before the wait too, which is safe only because the
+   * kernel before it (the permute or GEMM1) waits for its own predecessor
+   * before it lets a dependent start: the metadata's writer, align, has
+   * then finished. */
+  cuda_state overlapped = *st;
+  overlapped.pdl = st->hopper && g->overlapped;
+  p.weights_before_wait = overlapped.pdl;
+  st = &overlapped;
   CUtensorMap w, x;
   memcpy(&w, g->b_map, sizeof w);
   memcpy(&x, g->a_map, sizeof x);
-  /* One wave of persistent CTAs (one per SM: the ring takes the shared
+  /* One wave of persistent CTAs (per_sm per SM: the rings take the shared
    * memory), never more than the work units. */
   const int64_t units = items * p.splits;
-  const unsigned ctas = (unsigned)(units < st->sm_count ? units : st->sm_count);
+  const unsigned ctas = (unsigned)(units < slots ? units : slots);
   typedef cudaError_t (*launcher)(const cuda_state *, unsigned, const CUtensorMap &,
                                   const CUtensorMap &, const stream_params &);
   /* [rows index][epilogue] */
@@ -458,7 +537,11 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
       {launch_stream<128, HOPPER_STORE>, launch_stream<128, HOPPER_GLU_SWIGLU>,
        launch_stream<128, HOPPER_GLU_GEGLU>, launch_stream<128, HOPPER_GLU_SWIGLU_CLAMP>},
   };
-  const cudaError_t err = launchers[index][epi](st, ctas, w, x, p);
+  static const launcher two_per_sm[4] = {
+      launch_stream<16, HOPPER_STORE, 2>, launch_stream<16, HOPPER_GLU_SWIGLU, 2>,
+      launch_stream<16, HOPPER_GLU_GEGLU, 2>, launch_stream<16, HOPPER_GLU_SWIGLU_CLAMP, 2>};
+  const cudaError_t err =
+      (per_sm == 2 ? two_per_sm[epi] : launchers[index][epi])(st, ctas, w, x, p);
   if (err != cudaSuccess) return cuda_status(err, "stream_gemm_kernel launch");
   return cuda_launch_status("stream_gemm_kernel");
 }

@@ -977,6 +977,28 @@ Test(cuda, stream_layer_variants) {
   }
 }
 
+/* The launch choices of the streaming GEMM: two CTAs per SM (token block
+ * 16: few rows per expert; split K on the doubled slots) and plain
+ * launches without the overlap, on shapes with biases, the router weight
+ * on the input and a wrapping ring. */
+Test(cuda, stream_launch_options) {
+  require_sm90a();
+  const char *const settings[][2] = {{"cuda.stream_ctas", "2"}, {"cuda.stream_overlap", "off"}};
+  for (size_t i = 0; i < sizeof settings / sizeof settings[0]; ++i) {
+    option_override choice(settings[i][0], settings[i][1]);
+    for (int64_t T : {1, 8, 37}) {
+      th_layer_spec s = mixtral_like(T, 1032, 520, 16, 2, 0xd100 + 8 * i + T);
+      s.w13_bias = s.w2_bias = true;
+      hopper_layer_case(&s, "stream");
+      th_layer_spec many = mixtral_like(T, 264, 200, 64, 6, 0xd180 + 8 * i + T);
+      many.cfg.router_weight = MOE_ROUTER_WEIGHT_ON_INPUT;
+      hopper_layer_case(&many, "stream");
+    }
+    th_layer_spec split = mixtral_like(8, 2048, 2048, 8, 2, 0xd1f0 + i);
+    hopper_layer_case(&split, "stream");
+  }
+}
+
 /* By default the streaming path takes the rows per expert below the wgmma
  * tiles' threshold, past the decode rule; the same data through the
  * streaming path and the mma.sync tiles agree within the bound. */

@@ -67,9 +67,26 @@ __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t sl
 }
 
 /* Each thread owns VEC consecutive columns of one token and sums its k
- * slots in ascending j, in fp32: the same order every run. Tokens run along
- * y and columns along x, so no index needs a 64-bit division (a long
+ * slots in ascending j, in fp32: the same order every run. The picks of
+ * REDUCE_BATCH slots are loaded first, then their rows of y, then summed:
+ * one after the other, the 2 k dependent loads of a top-8 token took 7 us
+ * at Qwen3's 64 tokens on an H200 (bench/cuda_notes.md item 19). Tokens run
+ * along y and columns along x, so no index needs a 64-bit division (a long
  * subroutine, whose code a decode step would fetch from DRAM). */
+constexpr int REDUCE_BATCH = 8;
+
+template <int VEC> __device__ __forceinline__ void load_row(const bf16 *row, float (&v)[VEC]) {
+  if (VEC == 8) {
+    const uint4 raw = *(const uint4 *)row;
+    const bf16 *vals = (const bf16 *)&raw;
+#pragma unroll
+    for (int i = 0; i < VEC; ++i)
+      v[i] = __bfloat162float(vals[i]);
+  } else {
+    v[0] = __bfloat162float(row[0]);
+  }
+}
+
 template <int VEC> __global__ void topk_reduce_kernel(const reduce_params p) {
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
@@ -84,20 +101,25 @@ template <int VEC> __global__ void topk_reduce_kernel(const reduce_params p) {
       for (int v = 0; v < VEC; ++v)
         acc[v] = 0.0f;
 #pragma unroll 1
-      for (int j = 0; j < p.top_k; ++j) {
-        const int64_t slot = t * p.top_k + j;
-        if (!slot_is_local(p, slot)) continue;
-        const float w = p.weights ? p.weights[slot] : 1.0f;
-        const bf16 *row = p.y + slot * p.hidden + col;
-        if (VEC == 8) {
-          const uint4 raw = *(const uint4 *)row;
-          const bf16 *vals = (const bf16 *)&raw;
+      for (int j0 = 0; j0 < p.top_k; j0 += REDUCE_BATCH) {
+        bool used[REDUCE_BATCH];
+        float w[REDUCE_BATCH];
 #pragma unroll
-          for (int v = 0; v < VEC; ++v)
-            acc[v] += w * __bfloat162float(vals[v]);
-        } else {
-          acc[0] += w * __bfloat162float(row[0]);
+        for (int b = 0; b < REDUCE_BATCH; ++b) {
+          const int64_t slot = t * p.top_k + j0 + b;
+          used[b] = j0 + b < p.top_k && slot_is_local(p, slot);
+          w[b] = used[b] && p.weights ? p.weights[slot] : 1.0f;
         }
+        float vals[REDUCE_BATCH][VEC];
+#pragma unroll
+        for (int b = 0; b < REDUCE_BATCH; ++b)
+          if (used[b]) load_row<VEC>(p.y + (t * p.top_k + j0 + b) * p.hidden + col, vals[b]);
+#pragma unroll
+        for (int b = 0; b < REDUCE_BATCH; ++b)
+          if (used[b])
+#pragma unroll
+            for (int v = 0; v < VEC; ++v)
+              acc[v] += w[b] * vals[b][v];
       }
       bf16 *dst = p.out + t * p.hidden + col;
       if (VEC == 8) {

@@ -661,7 +661,8 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, plan->block_m);
   CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
                               l->num_tokens_post_padded, slots, c->top_k, rows_bound));
-  const bool weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+  moe_gemm_routed_weight routed1, routed2;
+  moe_plan_routed_modes(c, &routed1, &routed2);
   cuda_wgmma_gemm g1;
   memset(&g1, 0, sizeof g1);
   g1.a_map = stream ? &l->xs_rows_map[rows_index] : &l->xs_map;
@@ -680,8 +681,7 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   g1.n = (int32_t)(2 * I);
   g1.k = (int32_t)H;
   g1.block_m = plan->block_m;
-  g1.routed_weight =
-      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
+  g1.routed_weight = routed1;
   g1.epilogue = CUDA_EPILOGUE_GLU;
   g1.activation = c->activation;
   g1.alpha = c->swiglu_alpha;
@@ -698,29 +698,17 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   g2.ldc = H;
   g2.n = (int32_t)H;
   g2.k = (int32_t)I;
-  g2.routed_weight =
-      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
+  g2.routed_weight = routed2;
   g2.epilogue = CUDA_EPILOGUE_STORE;
   return stream ? cuda_stream_gemm_run(st, &g2) : cuda_wgmma_gemm_run(st, &g2);
 }
 
 /* out[t] = sum over t's local slots of y[slot] (weights already applied). */
 static moe_status reduce_y(const cuda_state *st, const cuda_layer *l, int64_t T, void *out) {
-  const moe_config *c = &l->cfg;
-  moe_reduce_args reduce;
-  memset(&reduce, 0, sizeof reduce);
-  reduce.num_tokens = T;
-  reduce.top_k = c->top_k;
-  reduce.hidden_size = c->hidden_size;
-  reduce.y = l->y;
-  reduce.topk_weights = NULL; /* applied in GEMM2 (or on the input) */
   /* Always the ids: without a map, a routed forward's -1 (or any id outside
    * the experts) left its row of y unwritten, and the reduce skips it. */
-  reduce.topk_ids = l->topk_ids;
-  reduce.expert_map = l->expert_map;
-  reduce.num_experts = c->num_experts;
-  reduce.num_local_experts = c->num_local_experts;
-  reduce.out = out;
+  const moe_reduce_args reduce =
+      moe_plan_reduce_args(&l->cfg, T, l->y, l->topk_ids, l->expert_map, out);
   return cuda_topk_reduce(st, &reduce);
 }
 
@@ -767,21 +755,8 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
                     "cudaMemcpyAsync of topk_weights"));
   }
 
-  moe_route_args route;
-  memset(&route, 0, sizeof route);
-  route.num_tokens = T;
-  route.logits = logits;
-  route.correction_bias = l->correction_bias;
-  route.topk_ids = l->topk_ids;
-  route.topk_weights = l->topk_weights;
-  route.num_experts = c->num_experts;
-  route.top_k = k;
-  route.scoring = c->scoring;
-  route.renormalize = c->renormalize;
-  route.num_groups = c->num_groups;
-  route.topk_groups = c->topk_groups;
-  route.group_scoring = c->group_scoring;
-  route.routed_scaling_factor = c->routed_scaling_factor;
+  moe_route_args route =
+      moe_plan_route_args(c, T, logits, l->correction_bias, l->topk_ids, l->topk_weights);
 
   /* A few tokens: route, then the two decode kernels (no align, no
    * separate reduce). */
@@ -794,20 +769,9 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
   }
   const int32_t BM = plan.block_m;
 
-  moe_align_args align;
-  memset(&align, 0, sizeof align);
-  align.num_tokens = T;
-  align.top_k = k;
-  align.num_experts = c->num_experts;
-  align.num_local_experts = EL;
-  align.block_m = BM;
-  align.sorted_capacity = slots + (int64_t)EL * (BM - 1);
-  align.block_capacity = (align.sorted_capacity + BM - 1) / BM;
-  align.topk_ids = l->topk_ids;
-  align.expert_map = l->expert_map;
-  align.sorted_token_ids = l->sorted_token_ids;
-  align.expert_ids = l->expert_ids;
-  align.num_tokens_post_padded = l->num_tokens_post_padded;
+  const moe_align_args align =
+      moe_plan_align_args(c, T, BM, l->topk_ids, l->expert_map, l->sorted_token_ids, l->expert_ids,
+                          l->num_tokens_post_padded);
   /* A batch-invariant layer routes with the warp per token whatever T (the
    * rank routing of a few tokens may round the weights differently). */
   cuda_state warp_routing = *st;
@@ -821,7 +785,8 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
     return reduce_y(st, l, T, out);
   }
 
-  const bool weight_on_input = c->router_weight == MOE_ROUTER_WEIGHT_ON_INPUT;
+  moe_gemm_routed_weight routed1, routed2;
+  moe_plan_routed_modes(c, &routed1, &routed2);
   cuda_gemm g1;
   memset(&g1, 0, sizeof g1);
   g1.a = (const bf16 *)x;
@@ -844,8 +809,7 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
   g1.k = (int32_t)H;
   g1.block_m = BM;
   g1.input_per_slot = false;
-  g1.routed_weight =
-      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
+  g1.routed_weight = routed1;
   g1.epilogue = CUDA_EPILOGUE_GLU;
   g1.activation = c->activation;
   g1.alpha = c->swiglu_alpha;
@@ -866,8 +830,7 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
   g2.n = (int32_t)H;
   g2.k = (int32_t)I;
   g2.input_per_slot = true;
-  g2.routed_weight =
-      weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_NONE : MOE_GEMM_ROUTED_WEIGHT_AFTER_BIAS;
+  g2.routed_weight = routed2;
   g2.epilogue = CUDA_EPILOGUE_STORE;
   CUDA_TRY(cuda_gemm_run(st, &g2));
   return reduce_y(st, l, T, out);

@@ -19,7 +19,8 @@ struct cuda_state {
   bool owns_stream;
   int sm_count;
   bool pdl;    /* programmatic dependent launch: option cuda.pdl=on (Hopper), off by default
-                  (it cost 8 us at 1 token on an H200; bench/cuda_notes.md) */
+                  (it slowed the tile path's 1-token forward; measurements:
+                  bench/cuda_notes.md, 'Measurements behind the code's rules') */
   bool wgmma;  /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
   bool hopper; /* compute capability 9.x: programmatic dependent launch */
   /* Options (moe_context_set_option, core/options.c), set at creation to

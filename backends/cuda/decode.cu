@@ -13,15 +13,15 @@
  *                       reduce is fused in, and deterministic.
  * Both grids are one wave of the device shared by the tokens, their CTAs
  * walking the work grid-stride: a CTA stages its activations once, and
- * none waits for another to leave (at Qwen3's one token, 264 CTAs for 768
- * and 512 work units: 38.6 -> 37.5 us on an H200, bench/cuda_notes.md 17).
+ * none waits for another to leave (measurements: bench/cuda_notes.md,
+ * 'Measurements behind the code's rules').
  *
  * Why: at one token a forward on the tile path is route+align, GEMM1, GEMM2
  * and the reduce, four dependent launches of which two (align, reduce) move
- * under 100 KB; with L2 cold each pays its code and metadata from DRAM (on
- * an H100 route+align took ~16 us and the reduce ~4 us under ncu for
- * Qwen3's one token, bench/cuda_notes.md). Here the GEMMs index the weights
- * by the slot's expert, so the forward is route, up, down.
+ * under 100 KB; with L2 cold each pays its code and metadata from DRAM, a
+ * fixed cost per launch (measurements: bench/cuda_notes.md, 'Measurements
+ * behind the code's rules'). Here the GEMMs index the weights by the
+ * slot's expert, so the forward is route, up, down.
  *
  * Streaming: each warp reads a contiguous block of weight rows (a gate/up
  * pair; DECODE_DOWN_ROWS rows of one expert) and issues its 16-byte
@@ -54,15 +54,14 @@ constexpr int DECODE_DOWN_BATCH = 12; /* 16-byte loads per lane decode_down_kern
 constexpr int DECODE_LANE_SPAN = 32 * 8; /* elements one 16-byte load per lane covers */
 constexpr size_t DECODE_MAX_SMEM = 96 * 1024;
 /*
- * Default rule, fitted to H200 sweeps of decode vs the tile path (same
- * call, bench/cuda_notes.md item 16). Each slot streams its expert's
- * weights on its own, so a repeated expert is read again: decode needs the
- * picks to be at most half the local experts, and T * hidden <= 16384
- * (DeepSeek, hidden 7168, won at 2 tokens, lost 8% at 4 with few
- * repeats); with fewer than 64 local experts at most 2 tokens (gpt-oss,
- * 32 experts, lost 10% at 4 tokens, where Qwen3 with 128 won 8% at 8).
- * Decode won: Qwen3 1-8 tokens (37.7 vs 53.2 us at 1), Mixtral 1-2,
- * DeepSeek 1-2, gpt-oss 1 (2: a tie).
+ * Default rule, fitted to sweeps of decode vs the tile path in one call.
+ * Each slot streams its expert's weights on its own, so a repeated expert
+ * is read again: decode needs the picks to be at most half the local
+ * experts. T * hidden <= 16384: a wide hidden size loses to the tiles from
+ * 4 tokens even with few repeats. With fewer than 64 local experts at most
+ * 2 tokens: there decode lost at 4 tokens where a model with 128 experts
+ * still won at 8. One token always takes decode. Measurements:
+ * bench/cuda_notes.md, 'Measurements behind the code's rules'.
  */
 static bool decode_rule(const cuda_decode *d) {
   const int64_t T = d->num_tokens, max_tokens = d->num_local >= 64 ? 8 : 2;
@@ -202,11 +201,12 @@ __host__ __device__ inline int down_row_groups(int top_k) {
  * (lane / DECODE_DOWN_LANES) and a column phase, so one accumulator a lane
  * serves the whole row, and the warp's loads stay inside one contiguous
  * block of the expert's rows: a first version in which a warp walked one
- * row across all picks (8 experts' rows at once) streamed at 27% of DRAM
- * peak for Qwen3 (ncu, H200). Partial sums meet in shared memory; then one
- * thread a row adds w_j * (part_j + bias_j) over j in order: the fused,
- * deterministic top-k reduce. A warp issues its first batch of the next
- * tile before that reduce, so its loads are in flight across the barriers.
+ * row across all picks (8 experts' rows at once) streamed far below DRAM
+ * peak (measurements: bench/cuda_notes.md, 'Measurements behind the code's
+ * rules'). Partial sums meet in shared memory; then one thread a row adds
+ * w_j * (part_j + bias_j) over j in order: the fused, deterministic top-k
+ * reduce. A warp issues its first batch of the next tile before that
+ * reduce, so its loads are in flight across the barriers.
  */
 __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_down[];

@@ -69,10 +69,11 @@ __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t sl
 /* Each thread owns VEC consecutive columns of one token and sums its k
  * slots in ascending j, in fp32: the same order every run. The picks of
  * REDUCE_BATCH slots are loaded first, then their rows of y, then summed:
- * one after the other, the 2 k dependent loads of a top-8 token took 7 us
- * at Qwen3's 64 tokens on an H200 (bench/cuda_notes.md item 19). Tokens run
- * along y and columns along x, so no index needs a 64-bit division (a long
- * subroutine, whose code a decode step would fetch from DRAM). */
+ * one after the other, a token's 2 k dependent loads are 2 k round trips to
+ * memory (measurements: bench/cuda_notes.md, 'Measurements behind the
+ * code's rules'). Tokens run along y and columns along x, so no index
+ * needs a 64-bit division (a long subroutine, whose code a decode step
+ * would fetch from DRAM). */
 constexpr int REDUCE_BATCH = 8;
 
 template <int VEC> __device__ __forceinline__ void load_row(const bf16 *row, float (&v)[VEC]) {

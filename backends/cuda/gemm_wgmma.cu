@@ -103,7 +103,7 @@ template <int BN, int STAGES> struct wg_shape {
 };
 
 /* The two tiles: BN 256 with 4 stages (48 KB each), BN 128 with 6 (32 KB
- * each): 192 KB of the 227 KB an H100/H200 block may take either way. */
+ * each): 192 KB of the 227 KB a Hopper (sm_90) block may take either way. */
 #define WG_STAGES_256 4
 #define WG_STAGES_128 6
 

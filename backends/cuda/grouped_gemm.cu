@@ -29,9 +29,10 @@
  * weight rows, OUT_IN weights) takes gemm_gemv_kernel instead: weight streaming on the CUDA
  * cores with more bytes in flight (see its comment).
  *
- * Tile choice is data: tile_rules below maps rows per expert to a tile (the
- * H200 sweeps behind it are in bench/cuda_notes.md); for 16-row tiles the
- * widest BN that still gives every SM two CTAs (to within 10%) is taken.
+ * Tile choice is data: tile_rules below maps rows per expert to a tile
+ * (measurements: bench/cuda_notes.md, 'Measurements behind the code's
+ * rules'); for 16-row tiles the widest BN that still gives every SM two
+ * CTAs (to within 10%) is taken.
  * Option cuda.tile=<name> forces one tile (cuda.tile=gemv the decode
  * kernel), so that a sweep can rerun without rebuilding. A batch-invariant
  * layer's GEMMs (cuda_gemm.fixed_tile) run the 64x128 tile for every T.
@@ -143,11 +144,11 @@ struct tile_rule {
   int64_t max_rows_per_expert;
   tile_id id;
 };
-/* From the H200 sweeps (bench/cuda_notes.md): 16-row tiles while experts
- * rarely get more than 16 rows (else the weights stream twice), 32x128 up to
- * 20 rows per expert (mixtral 64 tokens: 853 vs 1106 us), 32x64 around 24
- * (ernie 256 tokens), 64x128 from 32 (gpt-oss 256 tokens: 613 vs 695 us),
- * 128x128 when prefill is compute-bound. */
+/* From sweeps of forced tiles: 16-row tiles while experts rarely get more
+ * than 16 rows (else the weights stream twice), 32x128 up to 20 rows per
+ * expert, 32x64 around 24, 64x128 from 32, 128x128 when prefill is
+ * compute-bound (measurements: bench/cuda_notes.md, 'Measurements behind
+ * the code's rules'). */
 static const tile_rule tile_rules[] = {
     {10, TILE_16x64},
     {20, TILE_32x128},
@@ -319,9 +320,9 @@ __global__ void __launch_bounds__(T::THREADS)
 /*
  * With one or two rows per expert a tensor-core tile multiplies mostly
  * padding, and its cp.async ring keeps too few weight bytes in flight for
- * the few CTAs a decode step has (qwen3 at 1 token streamed at ~1.7 TB/s).
- * Here each warp owns GEMV_N_PER_WARP weight rows (a gate/up pair for the
- * GLU epilogue) and streams them with GEMV_UNROLL 16-byte loads per row in
+ * the few CTAs a decode step has (measurements: bench/cuda_notes.md,
+ * 'Measurements behind the code's rules'). Here each warp owns GEMV_N_PER_WARP weight rows (a
+ * gate/up pair for the GLU epilogue) and streams them with GEMV_UNROLL 16-byte loads per row in
  * flight per lane, evict-first, so that a resident SM has ~256 KB of
  * weights in flight. Each weight vector feeds up to GEMV_ROWS token rows;
  * a block with more real rows takes another pass (its re-reads mostly hit
@@ -334,13 +335,13 @@ constexpr int GEMV_N_PER_WARP = 2;
 constexpr int GEMV_ROWS = 4;
 constexpr int GEMV_UNROLL = 4;
 constexpr int GEMV_K_STEP = 32 * 8; /* elements a warp covers with one 16-byte load per lane */
-/* Where the decode kernel beat the tensor-core tiles on an H200
- * (bench/cuda_notes.md): at most one row per expert on average (slots <=
- * local experts), and weight rows of at least GEMV_MIN_K elements; with
- * short rows (Qwen3's K = 2048 and 768) or two rows per expert each warp's
- * stream is too short to hide the load latency. A grid of one wave whose
- * warps walk items measured slower than this grid (one CTA per column
- * group and row block): Mixtral at 4 tokens 688 vs 652 us. */
+/* Where the decode kernel beat the tensor-core tiles: at most one row per
+ * expert on average (slots <= local experts), and weight rows of at least
+ * GEMV_MIN_K elements; with short rows (Qwen3's K = 2048 and 768) or two
+ * rows per expert each warp's stream is too short to hide the load
+ * latency. A grid of one wave whose warps walk items measured slower than
+ * this grid (one CTA per column group and row block). Measurements:
+ * bench/cuda_notes.md, 'Measurements behind the code's rules'. */
 constexpr int64_t GEMV_MAX_ROWS_PER_EXPERT = 1;
 constexpr int64_t GEMV_MIN_K = 2560;
 
@@ -557,9 +558,10 @@ static tile_id table_tile(const cuda_state *st, int64_t slots, int32_t num_local
       break;
     }
   /* Decode: the widest tile that still gives every SM two CTAs (BN = 128
-   * streamed 13% faster than 64 for Mixtral at 16 tokens on an H200), a
-   * wave short by under 10% counting as full: Mixtral's GEMM2 at 16 tokens
-   * has 256 tiles of 128 columns for 264 places (bench/cuda_notes.md 17). */
+   * streams faster than 64), a wave short by under 10% counting as full:
+   * Mixtral's GEMM2 at 16 tokens has 256 tiles of 128 columns for 264
+   * places on 132 SMs (measurements: bench/cuda_notes.md, 'Measurements
+   * behind the code's rules'). */
   if (id == TILE_16x64) {
     const int64_t enough = 2 * (int64_t)st->sm_count;
     if (10 * touched * ((n + 127) / 128) >= 9 * enough)

@@ -16,7 +16,8 @@
  *     moe_rl_better agrees on the winner.
  * Only the softmax denominator is summed in another order, so weights may
  * differ from the host in the last bit. One thread needs O(k*E) dependent
- * steps (250 us for E=128, k=8 on an H200); the warp O(k*(E/32 + 5)).
+ * steps, the warp O(k*(E/32 + 5)) (measurements: bench/cuda_notes.md,
+ * 'Measurements behind the code's rules').
  *
  * Align has two shapes:
  *   - one block (slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS): count, scan, place,
@@ -43,8 +44,8 @@
 #define CUDA_ALIGN_ONE_BLOCK_SLOTS 4096
 /* Tokens routed inside the one-block kernel. Past a decode step the
  * routing of every token in one block costs more than a separate launch
- * of the many-block routing kernel (H200, Qwen3 64 tokens 387 -> 358 us;
- * bench/cuda_notes.md item 18). */
+ * of the many-block routing kernel (measurements: bench/cuda_notes.md,
+ * 'Measurements behind the code's rules'). */
 #define CUDA_FUSED_ROUTE_TOKENS 8
 /* Tokens the rank routing (route_tokens_by_rank) holds rows for. */
 #define CUDA_RANK_ROUTE_MAX_TOKENS 64
@@ -335,16 +336,18 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
  * strictly below the previous pick; moe_rl_better is a strict total order,
  * so ranks are distinct). Every comparison is independent, so the T*E*E of
  * them spread over the block's threads, where one warp per token would walk
- * k dependent picks: on an H200 that single warp took ~20 us for Qwen3's
- * one decode token (E = 128, k = 8), now a few short passes separated by
- * barriers. Groups first get their keys (moe_rl_group_key) and ranks the
- * same way. Weights are moe_rl_score of the picks, summed in pick order
- * into moe_rl_finish_weights, as the host does.
+ * k dependent picks while the block's other warps wait; here they are a
+ * few short passes separated by barriers (measurements:
+ * bench/cuda_notes.md, 'Measurements behind the code's rules'). Groups
+ * first get their keys (moe_rl_group_key) and ranks the same way. Weights
+ * are moe_rl_score of the picks, summed in pick order into
+ * moe_rl_finish_weights, as the host does.
  *   smem: logits [T][E] (staged), keys [T][E], group keys [T][G].
  */
-/* H200: ranks beat the warp per token for Qwen3 at 1 token (57.8 vs 69.1
- * us) and DeepSeek at 1 (246 vs 257), lost at 16 (313 vs 271) and 4 (636 vs
- * 610): 64 comparisons per thread is about where they cross. */
+/* Ranks beat the warp per token while the comparisons are few; they lose
+ * once a thread has many of them, and 64 comparisons per thread is about
+ * where the two cross (measurements: bench/cuda_notes.md, 'Measurements
+ * behind the code's rules'). */
 #define CUDA_RANK_ROUTE_COMPARISONS (64 * CUDA_ALIGN_THREADS)
 #define CUDA_RANK_ROUTE_MAX_GROUP_KEYS 1024
 
@@ -453,8 +456,9 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
  * instance of the kernel, so that a decode step's launch holds only the code
  * it runs: this kernel is latency-bound, and with the L2 cold (as in a
  * model, where other layers ran in between) its instructions come from DRAM
- * miss by miss. On an H100 at Qwen3's one token it read 86 KB (data: under
- * 2 KB) in 20 us while the instance held all three routings. */
+ * miss by miss. While one instance held all three routings, its code read
+ * from DRAM was many times its data (measurements: bench/cuda_notes.md,
+ * 'Measurements behind the code's rules'). */
 enum fused_route { FUSED_NONE, FUSED_RANK, FUSED_WARP, FUSED_REFERENCE };
 
 /*

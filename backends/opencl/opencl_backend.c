@@ -151,12 +151,13 @@ static moe_status ocl_buffer_read(void *state, const void *handle, size_t offset
 
 /* Whether routing takes the work-group-per-token kernel. */
 static int route_parallel(const moe_ocl_state *s, int32_t num_groups) {
-  /* Ungrouped routing on a GPU takes the work-group-per-token kernel: on an
-   * H200 it cut Qwen3's decode step from 305 to 91 us (the serial kernel
-   * walks k * E keys on one work-item, ~240 us for E = 128, k = 8), and the
-   * whole suite passes with it under NVIDIA's OpenCL and on PoCL. CPU
-   * devices keep the serial kernel (faster on PoCL: 52 vs 259 us), as does
-   * grouped routing. Option opencl.route = serial|parallel forces one. */
+  /* Ungrouped routing on a GPU takes the work-group-per-token kernel: the
+   * serial kernel walks k * E keys one after another on one work-item, and
+   * the whole suite passes with the parallel one under NVIDIA's OpenCL and
+   * on PoCL. CPU devices keep the serial kernel (faster on PoCL), as does
+   * grouped routing. Option opencl.route = serial|parallel forces one.
+   * Measurements: bench/opencl_notes.md, 'Measurements behind the code's
+   * rules'. */
   int parallel = s->is_gpu;
   if (s->route_option == MOE_OPENCL_ROUTE_PARALLEL) parallel = 1;
   if (s->route_option == MOE_OPENCL_ROUTE_SERIAL) parallel = 0;
@@ -232,9 +233,9 @@ static const skinny_variant skinny_any = {"any", MOE_OCL_GEMM_SKINNY_ANY, 64, 4}
 
 /* The default by average rows per expert, and by shape: "wide" GEMMs
  * (n > 4k, as Mixtral's GEMM1) prefer fewer columns per work-group. Chosen
- * from the per-stage profile and the Mixtral 16-token sweep on an H200
- * (bench/opencl_notes.md: 64x4x4u2 1085 us; 64x4x4u4 1226 and 64x4x8u2
- * 1351 were tried and removed). */
+ * from the per-stage profile and a Mixtral 16-token sweep of the variants;
+ * 64x4x4u4 and 64x4x8u2 were slower and were removed (measurements:
+ * bench/opencl_notes.md, 'Measurements behind the code's rules'). */
 static const struct {
   int64_t max_rows;
   int wide, narrow;

@@ -58,11 +58,12 @@ inline int moe_route_above(float ka, int ia, float kb, int ib) {
 
 /*
  * moe_route_parallel: ungrouped routing with one work-group per token, for
- * many experts (a single work-item walks k * E keys one after another,
- * ~240 us for E = 128, k = 8 on an H200). The same rule from the same
- * shared functions: keys by moe_rl_key, ranks by moe_rl_better (a strict
- * order, so the j-th pick is the j-th of the order, as in
- * moe_rl_route_token), weights by moe_rl_score and moe_rl_finish_weights.
+ * many experts (a single work-item walks k * E keys one after another;
+ * measurements: bench/opencl_notes.md, 'Measurements behind the code's
+ * rules'). The same rule from the same shared functions: keys by
+ * moe_rl_key, ranks by moe_rl_better (a strict order, so the j-th pick is
+ * the j-th of the order, as in moe_rl_route_token), weights by
+ * moe_rl_score and moe_rl_finish_weights.
  * Each of the k picks is an argmax over the experts not yet taken: a strided
  * scan per work-item, then a tree over the work-group.
  */

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|all]... Each step prints one summary
+# opencl|huge|sanitize|bench|profile|cpu|python|all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
@@ -105,6 +105,50 @@ step_profile() {
   done
 }
 
+# The CPU backend on the GPU machine's host (a Xeon with AMX): the CPU
+# entries of the suite (each kernel path), the AMX layout check, then
+# moe_bench per kernel path on 1, 2 and all cores, and the PyTorch CPU peer
+# on all cores (bench/results.md, "CPU AMX path").
+step_cpu() {
+  local dir=build-cpu
+  { cmake -S . -B $dir -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
+      cmake --build $dir; } >"$out/cpu-build.log" 2>&1 || { tail -20 "$out/cpu-build.log"; return 1; }
+  lscpu | grep -E 'Model name|^CPU\(s\)' | tr -s ' '
+  timeout "${CPU_SUITE_TIMEOUT:-300}" ctest --test-dir $dir -R '^cpu' --output-on-failure \
+    >"$out/cpu-ctest.log" 2>&1
+  echo "cpu ctest rc=$?"; grep -E 'tests passed|Failed|Passed|Skipped|\*\*\*' "$out/cpu-ctest.log" | head -12
+  local models=${CPU_MODELS:-mixtral-8x7b,qwen3-30b-a3b} tokens=${CPU_TOKENS:-1,16,128,512}
+  local t k
+  for t in ${CPU_THREADS:-1 2 $(nproc)}; do
+    for k in ${CPU_PATHS:-amx avx512bf16}; do
+      OMP_NUM_THREADS=$t timeout 200 "./$dir/bench/moe_bench" --backend cpu --option cpu.kernels=$k \
+        --model "$models" --tokens "$tokens" --json "$out/cpu-$k-$t.json" >"$out/cpu-$k-$t.log" 2>&1
+      echo "cpu bench $k threads=$t rc=$?"
+    done
+  done
+  # qwen3 at 4096 tokens (about 256 rows per expert: compute-bound), all cores
+  OMP_NUM_THREADS=$(nproc) timeout 200 "./$dir/bench/moe_bench" --backend cpu \
+    --model qwen3-30b-a3b --tokens 4096 --json "$out/cpu-amx-4096.json" >"$out/cpu-amx-4096.log" 2>&1
+  echo "cpu bench qwen3 4096 rc=$?"
+  OMP_NUM_THREADS=$(nproc) timeout 300 python3 bench/torch_cpu_peer.py --no-install --model "$models" \
+    --tokens "$tokens" --json "$out/cpu-torch-peer.json" >"$out/cpu-torch-peer.log" 2>&1
+  echo "cpu torch peer rc=$?"
+}
+
+# The Python package on CUDA, against the library built by step build:
+# wheels carried in .pywheels (pytest, transformers and their dependencies,
+# installed without an index), then pytest and the transformers blocks'
+# table (bench/hf_blocks.py).
+step_python() {
+  [ -d .pywheels ] && pip install -q --no-index --no-deps .pywheels/*.whl >"$out/py-install.log" 2>&1
+  export MOE_LIBRARY=$PWD/$build/libmoe.so PYTHONPATH=$PWD/python/src
+  timeout 300 python3 -m pytest -q python/tests >"$out/py-tests.log" 2>&1
+  echo "python tests rc=$?"; tail -3 "$out/py-tests.log"
+  timeout 200 python3 bench/hf_blocks.py --device cuda --tokens 1 16 512 \
+    --shapes qwen3-30b-a3b mixtral-8x7b >"$out/hf-blocks.log" 2>&1
+  echo "hf blocks rc=$?"; tail -12 "$out/hf-blocks.log"
+}
+
 for step in "${@:-all}"; do
   case $step in
   build) step_build || exit 1 ;;
@@ -113,6 +157,8 @@ for step in "${@:-all}"; do
   sanitize) step_sanitize ;;
   bench) step_bench ;;
   profile) step_profile ;;
+  cpu) step_cpu ;;
+  python) step_python ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl
     suite opencl-suite-parallel-route MOE_TEST_BACKEND=opencl MOE_TEST_OPTIONS=opencl.route=parallel

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|cpu|python|all]... Each step prints one summary
+# opencl|huge|sanitize|bench|profile|ab|cpu|python|all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
@@ -11,7 +11,7 @@
 # halves by filter side by side finished in 240 s, bench/cuda-sanitizers-
 # h100.log); bench times
 # the CUDA layer and the Triton peer (bench/triton_peer.py) in the same run,
-# then the OpenCL layer on NVIDIA's OpenCL; profile runs ncu over the
+# then (BENCH_OPENCL=1) the OpenCL layer on NVIDIA's OpenCL; profile runs ncu over the
 # kernels of one forward of ours and of the peer at each of PROFILE_POINTS
 # (model:tokens ...), one CSV row per kernel.
 set -u
@@ -69,15 +69,16 @@ step_sanitize() {
 
 step_bench() {
   local tokens=1,4,16,64,256,1024,4096,16384
-  "./$build/bench/moe_bench" --backend cuda --model all --tokens $tokens \
+  timeout 150 "./$build/bench/moe_bench" --backend cuda --model all --tokens $tokens \
     --json "$out/bench-cuda.json" >"$out/bench-cuda.log" 2>&1
   echo "bench-cuda rc=$?"
-  python3 bench/triton_peer.py --model all --tokens $tokens --json "$out/bench-peer.json" \
-    >"$out/bench-peer.log" 2>&1
+  timeout 200 python3 bench/triton_peer.py --model all --tokens $tokens \
+    --json "$out/bench-peer.json" >"$out/bench-peer.log" 2>&1
   echo "bench-peer rc=$?"
   # The issue-12 table: both times, the ratio, geomean, minimum, points won.
   python3 bench/compare.py "$out/bench-cuda.json" "$out/bench-peer.json" >"$out/compare.txt" &&
     tail -1 "$out/compare.txt"
+  [ -n "${BENCH_OPENCL:-}" ] || return 0
   "./$build/bench/moe_bench" --backend opencl --model mixtral-8x7b,qwen3-30b-a3b \
     --tokens 1,16,64,256,1024,4096 --json "$out/bench-opencl.json" >"$out/bench-opencl.log" 2>&1
   echo "bench-opencl rc=$?"
@@ -103,6 +104,15 @@ step_profile() {
       >"$out/profile-peer-$model-$tokens.csv" 2>&1
     echo "profile peer $point rc=$?"
   done
+}
+
+# A/B of the CUDA forward's launch and path options over the points where
+# the streaming GEMM runs (bench/ab.sh; AB_VARIANTS, AB_MODELS, AB_TOKENS).
+step_ab() {
+  timeout "${AB_TIMEOUT:-300}" bench/ab.sh "$build" "$out" \
+    "${AB_MODELS:-qwen3-30b-a3b,ernie-4.5-21b-a3b,gpt-oss-20b,mixtral-8x7b,deepseek-v3}" \
+    "${AB_TOKENS:-16,64,256,1024}" \
+    ${AB_VARIANTS:-default cuda.stream_overlap=off cuda.stream_ctas=2 cuda.stream_release=early stream}
 }
 
 # The CPU backend on the GPU machine's host (a Xeon with AMX): the CPU
@@ -157,6 +167,7 @@ for step in "${@:-all}"; do
   sanitize) step_sanitize ;;
   bench) step_bench ;;
   profile) step_profile ;;
+  ab) step_ab ;;
   cpu) step_cpu ;;
   python) step_python ;;
   opencl)

@@ -26,21 +26,28 @@ static moe_status tensor_bytes(size_t *bytes, int64_t rows, int64_t cols, size_t
     return locked_status_;                                                                         \
   } while (0)
 
-/* Host staging of buffers for the host fallbacks of route and align. */
+/* A buffer of route or align, which run on the backend or, where the
+ * backend leaves them empty, on the host through staging copies. */
 typedef struct staging {
-  const moe_buffer *buffer; /* NULL: nothing staged */
+  const moe_buffer *buffer; /* NULL: an optional buffer not given */
   size_t bytes;
   bool read;  /* copy device -> host before the host code runs */
   bool write; /* copy host -> device after it */
   void *host;
 } staging;
 
-static moe_status stage_in(moe_context *ctx, staging *s, int n) {
-  for (int i = 0; i < n; ++i)
-    s[i].host = NULL;
+/* Points p[i] at what the stage gets for s[i]: the buffer's native handle
+ * on the backend, or on the host (on_host) a host copy, read from the
+ * buffer first where s[i].read; NULL for a buffer not given. stage_out
+ * must follow, also after a failure. */
+static moe_status stage_in(moe_context *ctx, staging *s, int n, bool on_host, void **p) {
   for (int i = 0; i < n; ++i) {
+    s[i].host = NULL;
+    p[i] = s[i].buffer && !on_host ? s[i].buffer->handle : NULL;
+  }
+  for (int i = 0; i < n && on_host; ++i) {
     if (!s[i].buffer) continue;
-    s[i].host = malloc(s[i].bytes ? s[i].bytes : 1);
+    p[i] = s[i].host = malloc(s[i].bytes ? s[i].bytes : 1);
     if (!s[i].host) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate host staging");
     if (s[i].read)
       MOE_TRY(ctx->ops->buffer_read(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes));
@@ -48,9 +55,11 @@ static moe_status stage_in(moe_context *ctx, staging *s, int n) {
   return MOE_SUCCESS;
 }
 
+/* After the stage ran with status st: writes the host copies back where
+ * s[i].write (while all went well) and frees them. */
 static moe_status stage_out(moe_context *ctx, staging *s, int n, moe_status st) {
   for (int i = 0; i < n; ++i) {
-    if (st == MOE_SUCCESS && s[i].write)
+    if (st == MOE_SUCCESS && s[i].write && s[i].host)
       st = ctx->ops->buffer_write(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes);
   }
   for (int i = 0; i < n; ++i)
@@ -58,29 +67,21 @@ static moe_status stage_out(moe_context *ctx, staging *s, int n, moe_status st) 
   return st;
 }
 
-/* Runs a validated route on the backend, or on the host through staging. */
-static moe_status route_dispatch(moe_context *ctx, moe_route_args *args, const moe_buffer *logits,
-                                 const moe_buffer *correction_bias, moe_buffer *topk_ids,
-                                 moe_buffer *topk_weights, size_t logit_bytes, size_t bias_bytes,
-                                 size_t slot_bytes) {
-  if (ctx->ops->route) {
-    args->logits = logits->handle;
-    args->correction_bias = correction_bias ? correction_bias->handle : NULL;
-    args->topk_ids = topk_ids->handle;
-    args->topk_weights = topk_weights->handle;
-    return ctx->ops->route(ctx->state, args);
-  }
-  staging s[4] = {{logits, logit_bytes, true, false, NULL},
-                  {correction_bias, bias_bytes, true, false, NULL},
-                  {topk_ids, slot_bytes, false, true, NULL},
-                  {topk_weights, slot_bytes, false, true, NULL}};
-  moe_status st = stage_in(ctx, s, 4);
+/* Runs a validated route on the staging of s (logits, correction_bias,
+ * then the two outputs). */
+static moe_status route_dispatch(moe_context *ctx, moe_route_args *args, staging *s) {
+  const bool on_host = !ctx->ops->route;
+  void *p[4];
+  moe_status st = stage_in(ctx, s, 4, on_host, p);
   if (st == MOE_SUCCESS) {
-    args->logits = s[0].host;
-    args->correction_bias = s[1].host;
-    args->topk_ids = s[2].host;
-    args->topk_weights = s[3].host;
-    moe_route_host(args);
+    args->logits = p[0];
+    args->correction_bias = p[1];
+    args->topk_ids = p[2];
+    args->topk_weights = p[3];
+    if (on_host)
+      moe_route_host(args);
+    else
+      st = ctx->ops->route(ctx->state, args);
   }
   return stage_out(ctx, s, 4, st);
 }
@@ -103,29 +104,29 @@ moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens
   if (num_tokens == 0) return MOE_SUCCESS;
 
   moe_route_args args = moe_plan_route_args(cfg, num_tokens, NULL, NULL, NULL, NULL);
-  LOCKED(ctx, route_dispatch(ctx, &args, logits, correction_bias, topk_ids, topk_weights,
-                             logit_bytes, bias_bytes, slot_bytes));
+  staging s[4] = {{logits, logit_bytes, true, false, NULL},
+                  {correction_bias, bias_bytes, true, false, NULL},
+                  {topk_ids, slot_bytes, false, true, NULL},
+                  {topk_weights, slot_bytes, false, true, NULL}};
+  LOCKED(ctx, route_dispatch(ctx, &args, s));
 }
 
-/* Runs a validated align on the backend, or on the host through the
- * staging of s (topk_ids, expert_map, then the three outputs). */
+/* Runs a validated align on the staging of s (topk_ids, expert_map, then
+ * the three outputs). */
 static moe_status align_dispatch(moe_context *ctx, moe_align_args *args, staging *s) {
-  if (ctx->ops->align) {
-    args->topk_ids = s[0].buffer->handle;
-    args->expert_map = s[1].buffer ? s[1].buffer->handle : NULL;
-    args->sorted_token_ids = s[2].buffer->handle;
-    args->expert_ids = s[3].buffer->handle;
-    args->num_tokens_post_padded = s[4].buffer->handle;
-    return ctx->ops->align(ctx->state, args);
-  }
-  moe_status st = stage_in(ctx, s, 5);
+  const bool on_host = !ctx->ops->align;
+  void *p[5];
+  moe_status st = stage_in(ctx, s, 5, on_host, p);
   if (st == MOE_SUCCESS) {
-    args->topk_ids = s[0].host;
-    args->expert_map = s[1].host;
-    args->sorted_token_ids = s[2].host;
-    args->expert_ids = s[3].host;
-    args->num_tokens_post_padded = s[4].host;
-    moe_align_host(args);
+    args->topk_ids = p[0];
+    args->expert_map = p[1];
+    args->sorted_token_ids = p[2];
+    args->expert_ids = p[3];
+    args->num_tokens_post_padded = p[4];
+    if (on_host)
+      moe_align_host(args);
+    else
+      st = ctx->ops->align(ctx->state, args);
   }
   return stage_out(ctx, s, 5, st);
 }

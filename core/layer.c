@@ -145,6 +145,8 @@ static moe_status forward_locked(moe_layer *layer, const forward_call *c) {
                              (int)cfg->num_experts);
   }
   if (T == 0) return MOE_SUCCESS;
+  /* A plain forward within the reservation: the backend's own entry for
+   * it where it has one. */
   if (!c->routed && !c->capture && T <= reserved && ctx->ops->layer_forward)
     return ctx->ops->layer_forward(ctx->state, layer->impl, T, c->x->handle, c->logits->handle,
                                    c->out->handle);

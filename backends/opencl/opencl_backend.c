@@ -617,7 +617,8 @@ static const char *gemm_kernel_name(const moe_ocl_state *s, gemm_kernel kind,
   }
 }
 
-/* The forward's choices, from the same functions the forward calls. */
+/* The forward's choices, from the same functions the core's default
+ * forward reaches through ocl_forward_parts and ocl_grouped_gemm. */
 static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num_tokens, char *text,
                                      size_t size) {
   const moe_ocl_state *s = state;

@@ -22,6 +22,13 @@
 extern "C" {
 #endif
 
+/* Returns the status of expr when it is not MOE_SUCCESS. */
+#define MOE_TRY(expr)                                                                              \
+  do {                                                                                             \
+    moe_status moe_try_status_ = (expr);                                                           \
+    if (moe_try_status_ != MOE_SUCCESS) return moe_try_status_;                                    \
+  } while (0)
+
 /* Arguments of the routing stage (validated by the core). */
 typedef struct moe_route_args {
   int64_t num_tokens;
@@ -68,6 +75,10 @@ typedef struct moe_gemm_args {
   const void *num_tokens_post_padded;
   const void *topk_weights; /* fp32 [T*k] or NULL */
   void *c;
+  /* Set only by the default forward (core/forward.c); the public stage
+   * moe_grouped_gemm leaves both 0. */
+  int32_t c_fp32;          /* c holds fp32, not bf16 (the forward's gate|up) */
+  int32_t batch_invariant; /* the layer's option: one kernel for every T */
 } moe_gemm_args;
 
 /* Arguments of the activation stage. */
@@ -77,8 +88,9 @@ typedef struct moe_activation_args {
   float limit;
   int64_t rows;
   int64_t intermediate_size;
-  const void *in; /* bf16 [rows][2I] */
-  void *out;      /* bf16 [rows][I] */
+  const void *in;  /* bf16 [rows][2I], or fp32 when in_fp32 */
+  void *out;       /* bf16 [rows][I] */
+  int32_t in_fp32; /* set only by the default forward (its fp32 gate|up) */
 } moe_activation_args;
 
 /* Arguments of the reduce stage. */
@@ -159,6 +171,32 @@ typedef struct moe_forward_io {
   void *out;                   /* bf16 [..][H] */
 } moe_forward_io;
 
+/* What the default forward (moe_forward_default) takes from a backend's
+ * layer: native handles of its weights and of its workspace, which
+ * layer_reserve sized for R reserved tokens (slots R*k), and its row
+ * block. Every workspace buffer is the forward's own; x, logits, the picks
+ * and out are the caller's (moe_forward_io). */
+typedef struct moe_forward_parts {
+  moe_weight_layout b_layout;     /* how w13 and w2 are stored */
+  const void *w13, *w2;           /* bf16 [EL][2I][H], [EL][H][I] (in b_layout) */
+  const void *w13_bias, *w2_bias; /* fp32 [EL][2I], [EL][H] or NULL */
+  const void *correction_bias;    /* fp32 [E] or NULL */
+  const void *expert_map;         /* int32 [E] or NULL */
+  void *topk_ids, *topk_weights;  /* int32, fp32 [R*k] */
+  /* align's outputs, at the capacities of every block_m that block_m()
+   * returns (moe_plan_align_capacity) */
+  void *sorted_token_ids, *expert_ids, *num_tokens_post_padded;
+  void *gate_up;    /* fp32 [R*k][2I] */
+  void *hidden;     /* bf16 [R*k][I] */
+  void *expert_out; /* bf16 [R*k][H] */
+  /* A window past token 0 is copied through these (bf16 [R][H], fp32
+   * [R][E], bf16 [R][H]): handles are opaque to the core, and a kernel
+   * may take only whole buffers. */
+  void *x_stage, *logits_stage, *out_stage;
+  /* align's row block for a forward of num_tokens tokens. */
+  int32_t (*block_m)(const moe_config *cfg, int64_t num_tokens);
+} moe_forward_parts;
+
 typedef struct moe_backend_ops {
   const char *name; /* "cpu", "cuda", "opencl" */
   moe_backend kind;
@@ -203,7 +241,9 @@ typedef struct moe_backend_ops {
   void (*layer_destroy)(void *state, void *layer);
   /* Grows the workspace to max_tokens; on failure the old one stays. */
   moe_status (*layer_reserve)(void *state, void *layer, int64_t max_tokens);
-  /* Full forward; num_tokens in [1, reserved]. No allocation, no host wait. */
+  /* (optional; NULL: moe_forward_default) Full forward; num_tokens in
+   * [1, reserved]. No allocation, no host wait. For backends that fuse
+   * stages. */
   moe_status (*layer_forward)(void *state, void *layer, int64_t num_tokens, const void *x,
                               const void *logits, void *out);
 
@@ -219,10 +259,18 @@ typedef struct moe_backend_ops {
    * capacities, splits. The plan's own decision, not a copy of it. */
   moe_status (*layer_describe)(void *state, const void *layer, int64_t num_tokens, char *text,
                                size_t size);
-  /* (optional; NULL: UNSUPPORTED) The forward with routing in or out, on
-   * a window of the caller's buffers (see moe_forward_io). No allocation,
-   * no host wait. */
+  /* (optional; NULL: moe_forward_default) The forward with routing in or
+   * out, on a window of the caller's buffers (see moe_forward_io). No
+   * allocation, no host wait. For backends that fuse stages. */
   moe_status (*layer_forward_routed)(void *state, void *layer, const moe_forward_io *io);
+
+  /* What the default forward needs beyond the stages; a backend that runs
+   * it fills both, one that overrides both forwards may leave them NULL.
+   * copy: an enqueued device copy between buffers at byte offsets (no
+   * host wait); forward_parts: the parts of a layer (moe_forward_parts). */
+  moe_status (*copy)(void *state, const void *src, size_t src_offset, void *dst, size_t dst_offset,
+                     size_t bytes);
+  void (*forward_parts)(void *layer, moe_forward_parts *parts);
 } moe_backend_ops;
 
 /* The tables of the compiled backends (defined in backends/<name>/). */
@@ -294,6 +342,17 @@ moe_reduce_args moe_plan_reduce_args(const moe_config *cfg, int64_t num_tokens, 
  * touched, and never more than slots, so this is the average run length in
  * the fullest spread of the picks. */
 int64_t moe_plan_rows_per_expert(int64_t slots, int64_t num_local_experts);
+
+/* The default layer forward (core/forward.c; docs/DESIGN.md, "The
+ * forward"), run by the core for a backend without layer_forward_routed
+ * (and, for plain forwards, without layer_forward): a composition of the
+ * backend's route, align, grouped_gemm, activation and topk_reduce on
+ * ops->forward_parts(layer), with ops->copy for the caller's picks in and
+ * out and for a window past token 0. The backend must implement route and
+ * align (the host defaults would wait for the device). cfg is the layer's
+ * resolved configuration. No allocation, no host wait. */
+moe_status moe_forward_default(const moe_backend_ops *ops, void *state, void *layer,
+                               const moe_config *cfg, const moe_forward_io *io);
 
 /* For interop headers: a context around a backend state that the backend
  * made itself (for example on the caller's CUDA stream), and a buffer

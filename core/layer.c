@@ -1,7 +1,8 @@
 /*
  * layer.c - the public layer object: validation of the configuration,
  * weights and forward arguments, then dispatch to the backend's layer
- * entries, which own repacking, workspace and the fused forward.
+ * entries, which own repacking and workspace, and to the backend's fused
+ * forward or else the core's default one (core/forward.c).
  */
 #include "internal.h"
 
@@ -92,6 +93,15 @@ typedef struct forward_call {
   moe_buffer *ids_out, *weights_out, *out;
 } forward_call;
 
+/* One window of a forward: the backend's own forward where it has one
+ * (it fuses stages), else the core's composition of its stages. */
+static moe_status forward_window(moe_layer *layer, const moe_forward_io *io) {
+  const moe_context *ctx = layer->ctx;
+  if (ctx->ops->layer_forward_routed)
+    return ctx->ops->layer_forward_routed(ctx->state, layer->impl, io);
+  return moe_forward_default(ctx->ops, ctx->state, layer->impl, &layer->cfg, io);
+}
+
 /* Everything but the lock: checks (none touches an output), then the
  * backend, in chunks of the reservation when the layer allows them. */
 static moe_status forward_locked(moe_layer *layer, const forward_call *c) {
@@ -135,10 +145,12 @@ static moe_status forward_locked(moe_layer *layer, const forward_call *c) {
                              (int)cfg->num_experts);
   }
   if (T == 0) return MOE_SUCCESS;
-  if (!c->routed && !c->capture && T <= reserved) /* the path of every plain forward, as before */
+  /* A plain forward within the reservation: the backend's own entry for
+   * it where it has one. */
+  if (!c->routed && !c->capture && T <= reserved && ctx->ops->layer_forward)
     return ctx->ops->layer_forward(ctx->state, layer->impl, T, c->x->handle, c->logits->handle,
                                    c->out->handle);
-  if (!ctx->ops->layer_forward_routed)
+  if (!ctx->ops->layer_forward_routed && !ctx->ops->forward_parts)
     return moe_set_error(MOE_ERROR_UNSUPPORTED, "the %s backend has no routed forward",
                          ctx->ops->name);
   for (int64_t first = 0; first < T && st == MOE_SUCCESS; first += reserved) {
@@ -153,7 +165,7 @@ static moe_status forward_locked(moe_layer *layer, const forward_call *c) {
         .topk_weights_out = c->capture ? c->weights_out->handle : NULL,
         .out = c->out->handle,
     };
-    st = ctx->ops->layer_forward_routed(ctx->state, layer->impl, &io);
+    st = forward_window(layer, &io);
   }
   return st;
 }

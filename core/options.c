@@ -144,34 +144,35 @@ moe_status moe_option_set_locked(moe_context *ctx, int id, const char *value) {
   return st;
 }
 
-moe_status moe_context_set_option(moe_context *ctx, const char *name, const char *value) {
+/* The entry of moe_context_set_option and moe_context_get_option: the
+ * arguments' NULL checks, then the id of the option called name. */
+static moe_status option_entry(moe_context *ctx, const char *name, const void *value, int *id) {
+  *id = -1;
   moe_error_scope(ctx);
   if (!ctx || !name || !value)
     return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL",
                          !ctx    ? "ctx"
                          : !name ? "name"
                                  : "value");
-  const int id = find_option(name);
-  if (id < 0) return MOE_ERROR_INVALID_ARGUMENT;
-  moe_status st = moe_option_check(id, value);
-  if (st != MOE_SUCCESS) return st;
+  *id = find_option(name);
+  return *id < 0 ? MOE_ERROR_INVALID_ARGUMENT : MOE_SUCCESS;
+}
+
+moe_status moe_context_set_option(moe_context *ctx, const char *name, const char *value) {
+  int id;
+  MOE_TRY(option_entry(ctx, name, value, &id));
+  MOE_TRY(moe_option_check(id, value));
   /* Under the lock: a forward on another thread sees the option before or
    * after, never half set. */
   pthread_mutex_lock(&ctx->lock);
-  st = moe_option_set_locked(ctx, id, value);
+  const moe_status st = moe_option_set_locked(ctx, id, value);
   pthread_mutex_unlock(&ctx->lock);
   return st;
 }
 
 moe_status moe_context_get_option(moe_context *ctx, const char *name, char *value, size_t size) {
-  moe_error_scope(ctx);
-  if (!ctx || !name || !value)
-    return moe_set_error(MOE_ERROR_NULL_POINTER, "%s is NULL",
-                         !ctx    ? "ctx"
-                         : !name ? "name"
-                                 : "value");
-  const int id = find_option(name);
-  if (id < 0) return MOE_ERROR_INVALID_ARGUMENT;
+  int id;
+  MOE_TRY(option_entry(ctx, name, value, &id));
   pthread_mutex_lock(&ctx->lock);
   const size_t len = strlen(ctx->option_values[id]);
   moe_status st = MOE_SUCCESS;

@@ -8,12 +8,6 @@
 #include <math.h>
 #include <stdlib.h>
 
-#define TRY(expr)                                                                                  \
-  do {                                                                                             \
-    moe_status try_status_ = (expr);                                                               \
-    if (try_status_ != MOE_SUCCESS) return try_status_;                                            \
-  } while (0)
-
 /* Bytes of rows x cols elements; an overflow means no buffer can hold it. */
 static moe_status tensor_bytes(size_t *bytes, int64_t rows, int64_t cols, size_t elem_size,
                                const char *what) {
@@ -32,31 +26,40 @@ static moe_status tensor_bytes(size_t *bytes, int64_t rows, int64_t cols, size_t
     return locked_status_;                                                                         \
   } while (0)
 
-/* Host staging of buffers for the host fallbacks of route and align. */
+/* A buffer of route or align, which run on the backend or, where the
+ * backend leaves them empty, on the host through staging copies. */
 typedef struct staging {
-  const moe_buffer *buffer; /* NULL: nothing staged */
+  const moe_buffer *buffer; /* NULL: an optional buffer not given */
   size_t bytes;
   bool read;  /* copy device -> host before the host code runs */
   bool write; /* copy host -> device after it */
   void *host;
 } staging;
 
-static moe_status stage_in(moe_context *ctx, staging *s, int n) {
-  for (int i = 0; i < n; ++i)
-    s[i].host = NULL;
+/* Points p[i] at what the stage gets for s[i]: the buffer's native handle
+ * on the backend, or on the host (on_host) a host copy, read from the
+ * buffer first where s[i].read; NULL for a buffer not given. stage_out
+ * must follow, also after a failure. */
+static moe_status stage_in(moe_context *ctx, staging *s, int n, bool on_host, void **p) {
   for (int i = 0; i < n; ++i) {
+    s[i].host = NULL;
+    p[i] = s[i].buffer && !on_host ? s[i].buffer->handle : NULL;
+  }
+  for (int i = 0; i < n && on_host; ++i) {
     if (!s[i].buffer) continue;
-    s[i].host = malloc(s[i].bytes ? s[i].bytes : 1);
+    p[i] = s[i].host = malloc(s[i].bytes ? s[i].bytes : 1);
     if (!s[i].host) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate host staging");
     if (s[i].read)
-      TRY(ctx->ops->buffer_read(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes));
+      MOE_TRY(ctx->ops->buffer_read(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes));
   }
   return MOE_SUCCESS;
 }
 
+/* After the stage ran with status st: writes the host copies back where
+ * s[i].write (while all went well) and frees them. */
 static moe_status stage_out(moe_context *ctx, staging *s, int n, moe_status st) {
   for (int i = 0; i < n; ++i) {
-    if (st == MOE_SUCCESS && s[i].write)
+    if (st == MOE_SUCCESS && s[i].write && s[i].host)
       st = ctx->ops->buffer_write(ctx->state, s[i].buffer->handle, 0, s[i].host, s[i].bytes);
   }
   for (int i = 0; i < n; ++i)
@@ -64,29 +67,21 @@ static moe_status stage_out(moe_context *ctx, staging *s, int n, moe_status st) 
   return st;
 }
 
-/* Runs a validated route on the backend, or on the host through staging. */
-static moe_status route_dispatch(moe_context *ctx, moe_route_args *args, const moe_buffer *logits,
-                                 const moe_buffer *correction_bias, moe_buffer *topk_ids,
-                                 moe_buffer *topk_weights, size_t logit_bytes, size_t bias_bytes,
-                                 size_t slot_bytes) {
-  if (ctx->ops->route) {
-    args->logits = logits->handle;
-    args->correction_bias = correction_bias ? correction_bias->handle : NULL;
-    args->topk_ids = topk_ids->handle;
-    args->topk_weights = topk_weights->handle;
-    return ctx->ops->route(ctx->state, args);
-  }
-  staging s[4] = {{logits, logit_bytes, true, false, NULL},
-                  {correction_bias, bias_bytes, true, false, NULL},
-                  {topk_ids, slot_bytes, false, true, NULL},
-                  {topk_weights, slot_bytes, false, true, NULL}};
-  moe_status st = stage_in(ctx, s, 4);
+/* Runs a validated route on the staging of s (logits, correction_bias,
+ * then the two outputs). */
+static moe_status route_dispatch(moe_context *ctx, moe_route_args *args, staging *s) {
+  const bool on_host = !ctx->ops->route;
+  void *p[4];
+  moe_status st = stage_in(ctx, s, 4, on_host, p);
   if (st == MOE_SUCCESS) {
-    args->logits = s[0].host;
-    args->correction_bias = s[1].host;
-    args->topk_ids = s[2].host;
-    args->topk_weights = s[3].host;
-    moe_route_host(args);
+    args->logits = p[0];
+    args->correction_bias = p[1];
+    args->topk_ids = p[2];
+    args->topk_weights = p[3];
+    if (on_host)
+      moe_route_host(args);
+    else
+      st = ctx->ops->route(ctx->state, args);
   }
   return stage_out(ctx, s, 4, st);
 }
@@ -97,41 +92,41 @@ moe_status moe_route(moe_context *ctx, const moe_config *cfg, int64_t num_tokens
   moe_error_scope(ctx);
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
   if (!cfg) return moe_set_error(MOE_ERROR_NULL_POINTER, "cfg is NULL");
-  TRY(moe_config_check_routing(cfg));
-  TRY(moe_check_slots(num_tokens, cfg->top_k, "num_tokens"));
+  MOE_TRY(moe_config_check_routing(cfg));
+  MOE_TRY(moe_check_slots(num_tokens, cfg->top_k, "num_tokens"));
   size_t logit_bytes, slot_bytes, bias_bytes = cfg->num_experts * sizeof(float);
-  TRY(tensor_bytes(&logit_bytes, num_tokens, cfg->num_experts, sizeof(float), "logits"));
-  TRY(tensor_bytes(&slot_bytes, num_tokens, cfg->top_k, sizeof(int32_t), "topk_ids"));
-  TRY(moe_check_buffer(ctx, logits, logit_bytes, "logits"));
-  TRY(moe_check_optional_buffer(ctx, correction_bias, bias_bytes, "correction_bias"));
-  TRY(moe_check_buffer(ctx, topk_ids, slot_bytes, "topk_ids"));
-  TRY(moe_check_buffer(ctx, topk_weights, slot_bytes, "topk_weights"));
+  MOE_TRY(tensor_bytes(&logit_bytes, num_tokens, cfg->num_experts, sizeof(float), "logits"));
+  MOE_TRY(tensor_bytes(&slot_bytes, num_tokens, cfg->top_k, sizeof(int32_t), "topk_ids"));
+  MOE_TRY(moe_check_buffer(ctx, logits, logit_bytes, "logits"));
+  MOE_TRY(moe_check_optional_buffer(ctx, correction_bias, bias_bytes, "correction_bias"));
+  MOE_TRY(moe_check_buffer(ctx, topk_ids, slot_bytes, "topk_ids"));
+  MOE_TRY(moe_check_buffer(ctx, topk_weights, slot_bytes, "topk_weights"));
   if (num_tokens == 0) return MOE_SUCCESS;
 
   moe_route_args args = moe_plan_route_args(cfg, num_tokens, NULL, NULL, NULL, NULL);
-  LOCKED(ctx, route_dispatch(ctx, &args, logits, correction_bias, topk_ids, topk_weights,
-                             logit_bytes, bias_bytes, slot_bytes));
+  staging s[4] = {{logits, logit_bytes, true, false, NULL},
+                  {correction_bias, bias_bytes, true, false, NULL},
+                  {topk_ids, slot_bytes, false, true, NULL},
+                  {topk_weights, slot_bytes, false, true, NULL}};
+  LOCKED(ctx, route_dispatch(ctx, &args, s));
 }
 
-/* Runs a validated align on the backend, or on the host through the
- * staging of s (topk_ids, expert_map, then the three outputs). */
+/* Runs a validated align on the staging of s (topk_ids, expert_map, then
+ * the three outputs). */
 static moe_status align_dispatch(moe_context *ctx, moe_align_args *args, staging *s) {
-  if (ctx->ops->align) {
-    args->topk_ids = s[0].buffer->handle;
-    args->expert_map = s[1].buffer ? s[1].buffer->handle : NULL;
-    args->sorted_token_ids = s[2].buffer->handle;
-    args->expert_ids = s[3].buffer->handle;
-    args->num_tokens_post_padded = s[4].buffer->handle;
-    return ctx->ops->align(ctx->state, args);
-  }
-  moe_status st = stage_in(ctx, s, 5);
+  const bool on_host = !ctx->ops->align;
+  void *p[5];
+  moe_status st = stage_in(ctx, s, 5, on_host, p);
   if (st == MOE_SUCCESS) {
-    args->topk_ids = s[0].host;
-    args->expert_map = s[1].host;
-    args->sorted_token_ids = s[2].host;
-    args->expert_ids = s[3].host;
-    args->num_tokens_post_padded = s[4].host;
-    moe_align_host(args);
+    args->topk_ids = p[0];
+    args->expert_map = p[1];
+    args->sorted_token_ids = p[2];
+    args->expert_ids = p[3];
+    args->num_tokens_post_padded = p[4];
+    if (on_host)
+      moe_align_host(args);
+    else
+      st = ctx->ops->align(ctx->state, args);
   }
   return stage_out(ctx, s, 5, st);
 }
@@ -143,9 +138,9 @@ moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k, int32_
   moe_error_scope(ctx);
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
   int64_t sorted_capacity, block_capacity;
-  TRY(moe_align_check(num_tokens, top_k, num_local_experts, block_m, &sorted_capacity,
-                      &block_capacity));
-  TRY(moe_check_expert_count(num_experts, "num_experts"));
+  MOE_TRY(moe_align_check(num_tokens, top_k, num_local_experts, block_m, &sorted_capacity,
+                          &block_capacity));
+  MOE_TRY(moe_check_expert_count(num_experts, "num_experts"));
   if (!expert_map && num_local_experts != num_experts)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "without an expert map, num_local_experts (%d) must equal num_experts "
@@ -155,11 +150,11 @@ moe_status moe_align(moe_context *ctx, int64_t num_tokens, int32_t top_k, int32_
   const size_t sorted_bytes = (size_t)sorted_capacity * sizeof(int32_t);
   const size_t block_bytes = (size_t)block_capacity * sizeof(int32_t);
   const size_t map_bytes = (size_t)num_experts * sizeof(int32_t);
-  TRY(moe_check_buffer(ctx, topk_ids, slot_bytes, "topk_ids"));
-  TRY(moe_check_optional_buffer(ctx, expert_map, map_bytes, "expert_map"));
-  TRY(moe_check_buffer(ctx, sorted_token_ids, sorted_bytes, "sorted_token_ids"));
-  TRY(moe_check_buffer(ctx, expert_ids, block_bytes, "expert_ids"));
-  TRY(moe_check_buffer(ctx, num_tokens_post_padded, sizeof(int32_t), "num_tokens_post_padded"));
+  MOE_TRY(moe_check_buffer(ctx, topk_ids, slot_bytes, "topk_ids"));
+  MOE_TRY(moe_check_optional_buffer(ctx, expert_map, map_bytes, "expert_map"));
+  MOE_TRY(moe_check_buffer(ctx, sorted_token_ids, sorted_bytes, "sorted_token_ids"));
+  MOE_TRY(moe_check_buffer(ctx, expert_ids, block_bytes, "expert_ids"));
+  MOE_TRY(moe_check_buffer(ctx, num_tokens_post_padded, sizeof(int32_t), "num_tokens_post_padded"));
 
   moe_align_args args = {
       .num_tokens = num_tokens,
@@ -187,10 +182,10 @@ moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc, const m
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
   if (!desc) return moe_set_error(MOE_ERROR_NULL_POINTER, "desc is NULL");
   int64_t sorted_capacity, block_capacity;
-  TRY(moe_align_check(desc->num_tokens, desc->top_k, desc->num_local_experts, desc->block_m,
-                      &sorted_capacity, &block_capacity));
-  TRY(moe_check_row_length(desc->n, "n"));
-  TRY(moe_check_row_length(desc->k, "k"));
+  MOE_TRY(moe_align_check(desc->num_tokens, desc->top_k, desc->num_local_experts, desc->block_m,
+                          &sorted_capacity, &block_capacity));
+  MOE_TRY(moe_check_row_length(desc->n, "n"));
+  MOE_TRY(moe_check_row_length(desc->k, "k"));
   if ((unsigned)desc->b_layout > MOE_WEIGHT_LAYOUT_IN_OUT)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT, "b_layout = %d is not a moe_weight_layout",
                          (int)desc->b_layout);
@@ -204,19 +199,19 @@ moe_status moe_grouped_gemm(moe_context *ctx, const moe_gemm_desc *desc, const m
   const int64_t num_slots = desc->num_tokens * desc->top_k;
   const int64_t a_rows = desc->input == MOE_GEMM_INPUT_PER_TOKEN ? desc->num_tokens : num_slots;
   size_t a_bytes, b_bytes, bias_bytes, c_bytes;
-  TRY(tensor_bytes(&a_bytes, a_rows, desc->k, 2, "a"));
-  TRY(tensor_bytes(&b_bytes, desc->num_local_experts, desc->n * desc->k, 2, "b"));
-  TRY(tensor_bytes(&bias_bytes, desc->num_local_experts, desc->n, sizeof(float), "bias"));
-  TRY(tensor_bytes(&c_bytes, num_slots, desc->n, 2, "c"));
-  TRY(moe_check_buffer(ctx, a, a_bytes, "a"));
-  TRY(moe_check_buffer(ctx, b, b_bytes, "b"));
-  TRY(moe_check_optional_buffer(ctx, bias, bias_bytes, "bias"));
-  TRY(moe_check_buffer(ctx, sorted_token_ids, (size_t)sorted_capacity * 4, "sorted_token_ids"));
-  TRY(moe_check_buffer(ctx, expert_ids, (size_t)block_capacity * 4, "expert_ids"));
-  TRY(moe_check_buffer(ctx, num_tokens_post_padded, 4, "num_tokens_post_padded"));
+  MOE_TRY(tensor_bytes(&a_bytes, a_rows, desc->k, 2, "a"));
+  MOE_TRY(tensor_bytes(&b_bytes, desc->num_local_experts, desc->n * desc->k, 2, "b"));
+  MOE_TRY(tensor_bytes(&bias_bytes, desc->num_local_experts, desc->n, sizeof(float), "bias"));
+  MOE_TRY(tensor_bytes(&c_bytes, num_slots, desc->n, 2, "c"));
+  MOE_TRY(moe_check_buffer(ctx, a, a_bytes, "a"));
+  MOE_TRY(moe_check_buffer(ctx, b, b_bytes, "b"));
+  MOE_TRY(moe_check_optional_buffer(ctx, bias, bias_bytes, "bias"));
+  MOE_TRY(moe_check_buffer(ctx, sorted_token_ids, (size_t)sorted_capacity * 4, "sorted_token_ids"));
+  MOE_TRY(moe_check_buffer(ctx, expert_ids, (size_t)block_capacity * 4, "expert_ids"));
+  MOE_TRY(moe_check_buffer(ctx, num_tokens_post_padded, 4, "num_tokens_post_padded"));
   if (desc->routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE)
-    TRY(moe_check_buffer(ctx, topk_weights, (size_t)num_slots * sizeof(float), "topk_weights"));
-  TRY(moe_check_buffer(ctx, c, c_bytes, "c"));
+    MOE_TRY(moe_check_buffer(ctx, topk_weights, (size_t)num_slots * sizeof(float), "topk_weights"));
+  MOE_TRY(moe_check_buffer(ctx, c, c_bytes, "c"));
   if (num_slots == 0) return MOE_SUCCESS;
 
   moe_gemm_args args = {
@@ -247,16 +242,21 @@ moe_status moe_activation_apply(moe_context *ctx, moe_activation activation, flo
   if (activation == MOE_ACTIVATION_SWIGLU_CLAMP && (!isfinite(alpha) || !(limit > 0.0f)))
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
                          "SWIGLU_CLAMP needs a finite alpha and a positive limit");
-  TRY(moe_check_slots(rows, 1, "rows")); /* rows are slots of a layer */
-  TRY(moe_check_row_length(intermediate_size, "intermediate_size"));
+  MOE_TRY(moe_check_slots(rows, 1, "rows")); /* rows are slots of a layer */
+  MOE_TRY(moe_check_row_length(intermediate_size, "intermediate_size"));
   size_t in_bytes, out_bytes;
-  TRY(tensor_bytes(&in_bytes, rows, 2 * intermediate_size, 2, "in"));
-  TRY(tensor_bytes(&out_bytes, rows, intermediate_size, 2, "out"));
-  TRY(moe_check_buffer(ctx, in, in_bytes, "in"));
-  TRY(moe_check_buffer(ctx, out, out_bytes, "out"));
+  MOE_TRY(tensor_bytes(&in_bytes, rows, 2 * intermediate_size, 2, "in"));
+  MOE_TRY(tensor_bytes(&out_bytes, rows, intermediate_size, 2, "out"));
+  MOE_TRY(moe_check_buffer(ctx, in, in_bytes, "in"));
+  MOE_TRY(moe_check_buffer(ctx, out, out_bytes, "out"));
   if (rows == 0) return MOE_SUCCESS;
-  moe_activation_args args = {activation,        alpha,      limit,      rows,
-                              intermediate_size, in->handle, out->handle};
+  moe_activation_args args = {.activation = activation,
+                              .alpha = alpha,
+                              .limit = limit,
+                              .rows = rows,
+                              .intermediate_size = intermediate_size,
+                              .in = in->handle,
+                              .out = out->handle};
   LOCKED(ctx, ctx->ops->activation(ctx->state, &args));
 }
 
@@ -266,22 +266,22 @@ moe_status moe_topk_reduce(moe_context *ctx, int64_t num_tokens, int32_t top_k, 
                            int32_t num_experts, int32_t num_local_experts, moe_buffer *out) {
   moe_error_scope(ctx);
   if (!ctx) return moe_set_error(MOE_ERROR_NULL_POINTER, "ctx is NULL");
-  TRY(moe_check_top_k(top_k));
-  TRY(moe_check_slots(num_tokens, top_k, "num_tokens"));
-  TRY(moe_check_row_length(hidden_size, "hidden_size"));
+  MOE_TRY(moe_check_top_k(top_k));
+  MOE_TRY(moe_check_slots(num_tokens, top_k, "num_tokens"));
+  MOE_TRY(moe_check_row_length(hidden_size, "hidden_size"));
   const bool masked = topk_ids && expert_map;
   if (masked) {
-    TRY(moe_check_expert_count(num_experts, "num_experts"));
-    TRY(moe_check_expert_count(num_local_experts, "num_local_experts"));
+    MOE_TRY(moe_check_expert_count(num_experts, "num_experts"));
+    MOE_TRY(moe_check_expert_count(num_local_experts, "num_local_experts"));
   }
   size_t y_bytes, out_bytes, slot_bytes = (size_t)(num_tokens * top_k) * 4;
-  TRY(tensor_bytes(&y_bytes, num_tokens * top_k, hidden_size, 2, "y"));
-  TRY(tensor_bytes(&out_bytes, num_tokens, hidden_size, 2, "out"));
-  TRY(moe_check_buffer(ctx, y, y_bytes, "y"));
-  TRY(moe_check_optional_buffer(ctx, topk_weights, slot_bytes, "topk_weights"));
-  TRY(moe_check_optional_buffer(ctx, topk_ids, slot_bytes, "topk_ids"));
-  if (masked) TRY(moe_check_buffer(ctx, expert_map, (size_t)num_experts * 4, "expert_map"));
-  TRY(moe_check_buffer(ctx, out, out_bytes, "out"));
+  MOE_TRY(tensor_bytes(&y_bytes, num_tokens * top_k, hidden_size, 2, "y"));
+  MOE_TRY(tensor_bytes(&out_bytes, num_tokens, hidden_size, 2, "out"));
+  MOE_TRY(moe_check_buffer(ctx, y, y_bytes, "y"));
+  MOE_TRY(moe_check_optional_buffer(ctx, topk_weights, slot_bytes, "topk_weights"));
+  MOE_TRY(moe_check_optional_buffer(ctx, topk_ids, slot_bytes, "topk_ids"));
+  if (masked) MOE_TRY(moe_check_buffer(ctx, expert_map, (size_t)num_experts * 4, "expert_map"));
+  MOE_TRY(moe_check_buffer(ctx, out, out_bytes, "out"));
   if (num_tokens == 0) return MOE_SUCCESS;
   moe_reduce_args args = {
       .num_tokens = num_tokens,

@@ -1,10 +1,13 @@
 /*
  * opencl_backend.c - the OpenCL backend's operation table: buffers as
  * cl_mem, the stages as kernels of the one program (kernels/), and the
- * layer: weights repacked to the [out][in] layout at create, a workspace
- * sized at reserve, and a forward that only enqueues (route, align, GEMM1,
- * activation, GEMM2 with the routed weight, reduce). GEMM1 stores gate|up in
- * fp32, as the CPU and CUDA epilogues keep them (include/moe.h, "Numerics").
+ * layer: weights repacked to the [out][in] layout at create and a workspace
+ * sized at reserve. The layer forward is the core's default one
+ * (core/forward.c) on the parts this file names (ocl_forward_parts); the
+ * stages only enqueue. In it GEMM1 stores gate|up in fp32 and the
+ * activation reads them so (moe_gemm_args.c_fp32,
+ * moe_activation_args.in_fp32), as the CPU and CUDA epilogues keep them
+ * (include/moe.h, "Numerics").
  *
  * GEMM kernel choice (see bench/opencl_notes.md for the measurements): the
  * skinny kernel while the rows per touched expert (moe_plan_rows_per_expert,
@@ -25,12 +28,6 @@
 
 #define MOE_OCL_SKINNY_MAX_ROWS 64
 #define MOE_OCL_TILE128_MIN_ROWS 512
-
-#define TRY(expr)                                                                                  \
-  do {                                                                                             \
-    moe_status try_status_ = (expr);                                                               \
-    if (try_status_ != MOE_SUCCESS) return try_status_;                                            \
-  } while (0)
 
 /* ------------------------------------------------------------------------ */
 /* Kernel launch helpers                                                    */
@@ -143,6 +140,14 @@ static moe_status ocl_buffer_read(void *state, const void *handle, size_t offset
   cl_int err = clEnqueueReadBuffer(((moe_ocl_state *)state)->queue, (cl_mem)handle, CL_TRUE, offset,
                                    bytes, dst, 0, NULL, NULL);
   return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, "clEnqueueReadBuffer");
+}
+
+/* An enqueued copy between cl_mem objects at byte offsets (no host wait). */
+static moe_status ocl_copy(void *state, const void *src, size_t src_offset, void *dst,
+                           size_t dst_offset, size_t bytes) {
+  cl_int err = clEnqueueCopyBuffer(((moe_ocl_state *)state)->queue, (cl_mem)src, (cl_mem)dst,
+                                   src_offset, dst_offset, bytes, 0, NULL, NULL);
+  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, "clEnqueueCopyBuffer");
 }
 
 /* ------------------------------------------------------------------------ */
@@ -264,15 +269,14 @@ static int64_t skinny_max_rows(const moe_ocl_state *s) {
   return s->skinny_max_rows_set ? s->skinny_max_rows : MOE_OCL_SKINNY_MAX_ROWS;
 }
 
-/* The one kernel of a batch-invariant layer (block_m 64): each output
- * element is one work-item's sum over K in order, whatever the other rows. */
-static gemm_kernel fixed_gemm(const moe_ocl_state *s) {
-  return s->is_gpu ? GEMM_TILED_64 : GEMM_ROWS_CPU;
-}
-
 /* The kernel for a GEMM: by the rows per touched expert, within what the
- * layout and block_m allow (the tiles need block_m % TM == 0). */
-static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
+ * layout and block_m allow (the tiles need block_m % TM == 0). A
+ * batch-invariant layer (block_m 64) runs one kernel for every T: each
+ * output element is one work-item's sum over K in order, whatever the
+ * other rows. */
+static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d,
+                               int batch_invariant) {
+  if (batch_invariant) return s->is_gpu ? GEMM_TILED_64 : GEMM_ROWS_CPU;
   const int64_t rows = desc_rows_per_expert(d);
   const int out_in = d->b_layout == MOE_WEIGHT_LAYOUT_OUT_IN;
   /* CPU devices: the barrier-free row kernel, whatever the rows (measured
@@ -284,12 +288,10 @@ static gemm_kernel choose_gemm(const moe_ocl_state *s, const moe_gemm_desc *d) {
   return out_in ? GEMM_SKINNY : GEMM_REFERENCE;
 }
 
-/* Queues the grouped GEMM with the given kernel (choose_gemm's or
- * fixed_gemm's); c_fp32 stores fp32 outputs (the layer's gate|up) instead
- * of bf16. */
-static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, gemm_kernel kind,
-                               int c_fp32) {
+static moe_status ocl_grouped_gemm(void *state, const moe_gemm_args *g) {
+  moe_ocl_state *s = state;
   const moe_gemm_desc *d = &g->desc;
+  const gemm_kernel kind = choose_gemm(s, d, g->batch_invariant);
   const int64_t num_slots = d->num_tokens * d->top_k;
   moe_ocl_kernel_id id;
   size_t global[2], local[2];
@@ -340,7 +342,7 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, gemm_ke
   /* The bounds that make corrupt metadata harmless (grouped_gemm.cl). */
   arg_int(&a, d->num_local_experts);
   arg_int(&a, g->sorted_capacity);
-  arg_int(&a, c_fp32);
+  arg_int(&a, g->c_fp32);
   if (kind != GEMM_SKINNY && kind != GEMM_ROWS_CPU)
     arg_int(&a, d->b_layout == MOE_WEIGHT_LAYOUT_IN_OUT);
   arg_mem(&a, g->a);
@@ -354,29 +356,20 @@ static moe_status enqueue_gemm(moe_ocl_state *s, const moe_gemm_args *g, gemm_ke
   return launch(s, &a, 2, global, local, "grouped GEMM kernel");
 }
 
-static moe_status ocl_grouped_gemm(void *state, const moe_gemm_args *g) {
-  return enqueue_gemm(state, g, choose_gemm(state, &g->desc), 0);
-}
-
-/* The activation; in_fp32: act->in holds fp32 gate|up (the layer). */
-static moe_status enqueue_activation(moe_ocl_state *s, const moe_activation_args *act,
-                                     int in_fp32) {
+static moe_status ocl_activation(void *state, const moe_activation_args *act) {
+  moe_ocl_state *s = state;
   kernel_args a = args_begin(s, MOE_OCL_ACTIVATION);
   arg_int(&a, act->activation);
   arg_float(&a, act->alpha);
   arg_float(&a, act->limit);
   arg_int(&a, act->rows);
   arg_int(&a, act->intermediate_size);
-  arg_int(&a, in_fp32);
+  arg_int(&a, act->in_fp32);
   arg_mem(&a, act->in);
   arg_mem(&a, act->out);
   const size_t global[2] = {(size_t)act->intermediate_size, (size_t)act->rows};
   const size_t local[2] = {64, 1};
   return launch(s, &a, 2, global, local, "activation kernel");
-}
-
-static moe_status ocl_activation(void *state, const moe_activation_args *act) {
-  return enqueue_activation(state, act, 0);
 }
 
 static moe_status ocl_topk_reduce(void *state, const moe_reduce_args *r) {
@@ -444,7 +437,7 @@ static void ocl_layer_destroy(void *state, void *layer) {
 /* A device copy of host data (NULL host data: *mem stays NULL). */
 static moe_status upload(moe_ocl_state *s, cl_mem *mem, const void *host, size_t bytes) {
   if (!host) return MOE_SUCCESS;
-  TRY(ocl_buffer_alloc(s, bytes, (void **)mem));
+  MOE_TRY(ocl_buffer_alloc(s, bytes, (void **)mem));
   return ocl_buffer_write(s, *mem, 0, host, bytes);
 }
 
@@ -456,7 +449,7 @@ static moe_status upload_out_in(moe_ocl_state *s, cl_mem *mem, const uint16_t *h
   const size_t expert_elems = (size_t)rows * (size_t)cols;
   const size_t expert_bytes = expert_elems * sizeof(uint16_t);
   if (!in_out) return upload(s, mem, host, expert_bytes * (size_t)EL);
-  TRY(ocl_buffer_alloc(s, expert_bytes * (size_t)EL, (void **)mem));
+  MOE_TRY(ocl_buffer_alloc(s, expert_bytes * (size_t)EL, (void **)mem));
   uint16_t *packed = malloc(expert_bytes);
   if (!packed) return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "cannot allocate repacking space");
   moe_status st = MOE_SUCCESS;
@@ -475,11 +468,12 @@ static moe_status layer_upload(moe_ocl_state *s, ocl_layer *l, const moe_weights
   const moe_config *c = &l->cfg;
   const int64_t EL = c->num_local_experts, H = c->hidden_size, I = c->intermediate_size;
   const int in_out = c->weight_layout == MOE_WEIGHT_LAYOUT_IN_OUT;
-  TRY(upload_out_in(s, &l->w13, w->w13, EL, 2 * I, H, in_out));
-  TRY(upload_out_in(s, &l->w2, w->w2, EL, H, I, in_out));
-  TRY(upload(s, &l->w13_bias, w->w13_bias, (size_t)(EL * 2 * I) * sizeof(float)));
-  TRY(upload(s, &l->w2_bias, w->w2_bias, (size_t)(EL * H) * sizeof(float)));
-  TRY(upload(s, &l->correction_bias, w->correction_bias, (size_t)c->num_experts * sizeof(float)));
+  MOE_TRY(upload_out_in(s, &l->w13, w->w13, EL, 2 * I, H, in_out));
+  MOE_TRY(upload_out_in(s, &l->w2, w->w2, EL, H, I, in_out));
+  MOE_TRY(upload(s, &l->w13_bias, w->w13_bias, (size_t)(EL * 2 * I) * sizeof(float)));
+  MOE_TRY(upload(s, &l->w2_bias, w->w2_bias, (size_t)(EL * H) * sizeof(float)));
+  MOE_TRY(
+      upload(s, &l->correction_bias, w->correction_bias, (size_t)c->num_experts * sizeof(float)));
   return upload(s, &l->expert_map, w->expert_map, (size_t)c->num_experts * sizeof(int32_t));
 }
 
@@ -557,108 +551,32 @@ static moe_status ocl_layer_reserve(void *state, void *layer, int64_t max_tokens
   return MOE_SUCCESS;
 }
 
-/* An enqueued copy between cl_mem objects at byte offsets (no host wait). */
-static moe_status copy_mem(moe_ocl_state *s, const void *src, size_t src_offset, const void *dst,
-                           size_t dst_offset, size_t bytes, const char *what) {
-  cl_int err = clEnqueueCopyBuffer(s->queue, (cl_mem)src, (cl_mem)dst, src_offset, dst_offset,
-                                   bytes, 0, NULL, NULL);
-  return err == CL_SUCCESS ? MOE_SUCCESS : moe_ocl_fail(err, what);
-}
-
-/* The forward of both entries: logits routed into the workspace (then
- * copied to the capture buffers when given), or the caller's picks copied
- * into it; a chunk past token 0 goes through the stage buffers. */
-static moe_status ocl_forward(moe_ocl_state *s, ocl_layer *l, const moe_forward_io *io) {
-  const moe_config *c = &l->cfg;
+/* The parts of the core's default forward (core/forward.c) that are this
+ * layer's: its weights, its workspace and its row block. */
+static void ocl_forward_parts(void *layer, moe_forward_parts *parts) {
+  const ocl_layer *l = layer;
   const ocl_workspace *ws = &l->ws;
-  const int64_t num_tokens = io->num_tokens;
-  const int64_t slots = num_tokens * c->top_k;
-  const size_t t0 = (size_t)io->first_token, H = (size_t)c->hidden_size;
-  const size_t E = (size_t)c->num_experts, k = (size_t)c->top_k;
-  const size_t hidden_bytes = (size_t)num_tokens * H * 2, slot_bytes = (size_t)slots * 4;
-  const void *x = io->x, *logits = io->logits;
-  void *out = io->out;
-  if (t0 > 0) {
-    TRY(copy_mem(s, x, t0 * H * 2, ws->x_stage, 0, hidden_bytes, "staging x"));
-    x = ws->x_stage;
-    if (logits) {
-      TRY(copy_mem(s, logits, t0 * E * 4, ws->logits_stage, 0, (size_t)num_tokens * E * 4,
-                   "staging logits"));
-      logits = ws->logits_stage;
-    }
-    out = ws->out_stage;
-  }
-  const int32_t BM = forward_block_m(c, num_tokens);
-  const moe_route_args route = moe_plan_route_args(c, num_tokens, logits, l->correction_bias,
-                                                   ws->topk_ids, ws->topk_weights);
-  if (logits) {
-    TRY(ocl_route(s, &route));
-    if (io->topk_ids_out)
-      TRY(copy_mem(s, ws->topk_ids, 0, io->topk_ids_out, t0 * k * 4, slot_bytes, "capturing ids"));
-    if (io->topk_weights_out)
-      TRY(copy_mem(s, ws->topk_weights, 0, io->topk_weights_out, t0 * k * 4, slot_bytes,
-                   "capturing weights"));
-  } else {
-    TRY(copy_mem(s, io->topk_ids_in, t0 * k * 4, ws->topk_ids, 0, slot_bytes, "reading ids"));
-    TRY(copy_mem(s, io->topk_weights_in, t0 * k * 4, ws->topk_weights, 0, slot_bytes,
-                 "reading weights"));
-  }
-
-  const moe_align_args align =
-      moe_plan_align_args(c, num_tokens, BM, ws->topk_ids, l->expert_map, ws->sorted_token_ids,
-                          ws->expert_ids, ws->num_tokens_post_padded);
-  TRY(ocl_align(s, &align));
-
-  moe_gemm_desc desc1, desc2;
-  moe_plan_gemm_descs(c, num_tokens, BM, MOE_WEIGHT_LAYOUT_OUT_IN, &desc1, &desc2);
-  moe_gemm_args gemm = {
-      .desc = desc1,
-      .sorted_capacity = align.sorted_capacity,
-      .block_capacity = align.block_capacity,
-      .a = x,
-      .b = l->w13,
-      .bias = l->w13_bias,
+  *parts = (moe_forward_parts){
+      .b_layout = MOE_WEIGHT_LAYOUT_OUT_IN, /* repacked at create */
+      .w13 = l->w13,
+      .w2 = l->w2,
+      .w13_bias = l->w13_bias,
+      .w2_bias = l->w2_bias,
+      .correction_bias = l->correction_bias,
+      .expert_map = l->expert_map,
+      .topk_ids = ws->topk_ids,
+      .topk_weights = ws->topk_weights,
       .sorted_token_ids = ws->sorted_token_ids,
       .expert_ids = ws->expert_ids,
       .num_tokens_post_padded = ws->num_tokens_post_padded,
-      .topk_weights = ws->topk_weights,
-      .c = ws->gate_up,
+      .gate_up = ws->gate_up,
+      .hidden = ws->hidden,
+      .expert_out = ws->expert_out,
+      .x_stage = ws->x_stage,
+      .logits_stage = ws->logits_stage,
+      .out_stage = ws->out_stage,
+      .block_m = forward_block_m,
   };
-  const int fixed = c->batch_invariant != 0;
-  TRY(enqueue_gemm(s, &gemm, fixed ? fixed_gemm(s) : choose_gemm(s, &gemm.desc),
-                   1)); /* gate|up stays fp32 */
-
-  const moe_activation_args act = {.activation = c->activation,
-                                   .alpha = c->swiglu_alpha,
-                                   .limit = c->swiglu_limit,
-                                   .rows = slots,
-                                   .intermediate_size = c->intermediate_size,
-                                   .in = ws->gate_up,
-                                   .out = ws->hidden};
-  TRY(enqueue_activation(s, &act, 1));
-
-  gemm.desc = desc2;
-  gemm.a = ws->hidden;
-  gemm.b = l->w2;
-  gemm.bias = l->w2_bias;
-  gemm.c = ws->expert_out;
-  TRY(enqueue_gemm(s, &gemm, fixed ? fixed_gemm(s) : choose_gemm(s, &gemm.desc), 0));
-
-  const moe_reduce_args reduce =
-      moe_plan_reduce_args(c, num_tokens, ws->expert_out, ws->topk_ids, l->expert_map, out);
-  TRY(ocl_topk_reduce(s, &reduce));
-  if (t0 > 0) TRY(copy_mem(s, out, 0, io->out, t0 * H * 2, hidden_bytes, "writing out"));
-  return MOE_SUCCESS;
-}
-
-static moe_status ocl_layer_forward(void *state, void *layer, int64_t num_tokens, const void *x,
-                                    const void *logits, void *out) {
-  const moe_forward_io io = {.num_tokens = num_tokens, .x = x, .logits = logits, .out = out};
-  return ocl_forward(state, layer, &io);
-}
-
-static moe_status ocl_layer_forward_routed(void *state, void *layer, const moe_forward_io *io) {
-  return ocl_forward(state, layer, io);
 }
 
 static moe_status ocl_set_option(void *state, moe_option_id id, const char *value, int64_t parsed,
@@ -699,7 +617,8 @@ static const char *gemm_kernel_name(const moe_ocl_state *s, gemm_kernel kind,
   }
 }
 
-/* The forward's choices, from the same functions the forward calls. */
+/* The forward's choices, from the same functions the core's default
+ * forward reaches through ocl_forward_parts and ocl_grouped_gemm. */
 static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num_tokens, char *text,
                                      size_t size) {
   const moe_ocl_state *s = state;
@@ -711,9 +630,8 @@ static moe_status ocl_layer_describe(void *state, const void *layer, int64_t num
                           &block_capacity);
   moe_gemm_desc d1, d2;
   moe_plan_gemm_descs(c, num_tokens, BM, MOE_WEIGHT_LAYOUT_OUT_IN, &d1, &d2);
-  const int fixed = c->batch_invariant != 0;
-  const gemm_kernel k1 = fixed ? fixed_gemm(s) : choose_gemm(s, &d1);
-  const gemm_kernel k2 = fixed ? fixed_gemm(s) : choose_gemm(s, &d2);
+  const gemm_kernel k1 = choose_gemm(s, &d1, c->batch_invariant);
+  const gemm_kernel k2 = choose_gemm(s, &d2, c->batch_invariant);
   const int parallel = route_parallel(s, c->num_groups);
   snprintf(text, size,
            "route (%s), align (block_m %d, sorted capacity %lld, %lld blocks), GEMM1 %s (fp32 "
@@ -743,8 +661,8 @@ const moe_backend_ops moe_opencl_backend_ops = {
     .layer_create = ocl_layer_create,
     .layer_destroy = ocl_layer_destroy,
     .layer_reserve = ocl_layer_reserve,
-    .layer_forward = ocl_layer_forward,
     .set_option = ocl_set_option,
     .layer_describe = ocl_layer_describe,
-    .layer_forward_routed = ocl_layer_forward_routed,
+    .copy = ocl_copy,
+    .forward_parts = ocl_forward_parts,
 };

@@ -406,20 +406,10 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
       if (k0 + TK < k) MOE_TL_FETCH(k0 + TK);                                                      \
       _Pragma("unroll") for (int kk = 0; kk < TK; ++kk) {                                          \
         float av[MR], bv[NR];                                                                      \
-        _Pragma("unroll") for (int g = 0; g < MR / 4; ++g) {                                       \
-          float4 v = *(__local const float4 *)&a_tile[kk][g * 64 + ty * 4];                        \
-          av[g * 4 + 0] = v.s0;                                                                    \
-          av[g * 4 + 1] = v.s1;                                                                    \
-          av[g * 4 + 2] = v.s2;                                                                    \
-          av[g * 4 + 3] = v.s3;                                                                    \
-        }                                                                                          \
-        _Pragma("unroll") for (int g = 0; g < NR / 4; ++g) {                                       \
-          float4 v = *(__local const float4 *)&b_tile[kk][g * 64 + tx * 4];                        \
-          bv[g * 4 + 0] = v.s0;                                                                    \
-          bv[g * 4 + 1] = v.s1;                                                                    \
-          bv[g * 4 + 2] = v.s2;                                                                    \
-          bv[g * 4 + 3] = v.s3;                                                                    \
-        }                                                                                          \
+        _Pragma("unroll") for (int g = 0; g < MR / 4; ++g)                                         \
+            vstore4(*(__local const float4 *)&a_tile[kk][g * 64 + ty * 4], g, av);                 \
+        _Pragma("unroll") for (int g = 0; g < NR / 4; ++g)                                         \
+            vstore4(*(__local const float4 *)&b_tile[kk][g * 64 + tx * 4], g, bv);                 \
         _Pragma("unroll") for (int i = 0; i < MR; ++i)                                             \
             _Pragma("unroll") for (int j = 0; j < NR; ++j) acc[i][j] += av[i] * bv[j];             \
       }                                                                                            \

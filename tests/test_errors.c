@@ -770,8 +770,10 @@ Test(errors, layer_reserve_out_of_memory) {
   moe_status st = moe_layer_reserve(layer, huge);
   th_case("moe_layer_reserve(max_tokens = %lld) with H=%lld I=%lld E=%d k=%d", (long long)huge,
           (long long)H, (long long)I, (int)E, (int)k);
+  /* Not cr_log_warn: Criterion 2.4 exits non-zero after any warning, with
+   * every test passed (the skip below says it visibly). */
   if (st == MOE_SUCCESS)
-    cr_log_warn("reserve(%lld) succeeded on %s: its workspace does not grow with T * H",
+    cr_log_info("reserve(%lld) succeeded on %s: its workspace does not grow with T * H",
                 (long long)huge, th_backend_name());
   else
     end_row(&fx, "moe_layer_reserve", "a workspace of ~35 TB", st, MOE_ERROR_OUT_OF_MEMORY, fx.ctx);

@@ -125,7 +125,6 @@ typedef enum moe_option_id {
   MOE_OPTION_CUDA_PDL,               /* choice: 0 off, 1 on */
   MOE_OPTION_CUDA_STREAM_OVERLAP,    /* choice: 0 on, 1 off */
   MOE_OPTION_CUDA_STREAM_CTAS,       /* choice: 0 one CTA per SM, 1 two */
-  MOE_OPTION_CUDA_STREAM_RELEASE,    /* choice: 0 late, 1 early */
   MOE_OPTION_COUNT
 } moe_option_id;
 

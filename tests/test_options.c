@@ -40,7 +40,6 @@ static const option_values documented[] = {
     {"cuda.decode_pdl", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.stream_overlap", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.stream_ctas", MOE_BACKEND_CUDA, {"1", "2"}},
-    {"cuda.stream_release", MOE_BACKEND_CUDA, {"late", "early"}},
     {"cuda.decode_persistent", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.wgmma_bn", MOE_BACKEND_CUDA, {"auto", "128", "256"}},
     {"cuda.pdl", MOE_BACKEND_CUDA, {"off", "on"}},

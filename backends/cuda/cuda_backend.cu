@@ -85,7 +85,6 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->decode_pdl = true;
   st->stream_overlap = true;
   st->stream_ctas = 1;
-  st->stream_release_early = false;
   st->decode_persistent = true;
   st->wgmma_bn_option = 0;
   if (own_stream) {
@@ -867,9 +866,6 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_STREAM_CTAS:
     st->stream_ctas = (int)parsed + 1; /* 1|2 */
-    break;
-  case MOE_OPTION_CUDA_STREAM_RELEASE:
-    st->stream_release_early = parsed == 1; /* late|early */
     break;
   case MOE_OPTION_CUDA_STREAM_OVERLAP:
     st->stream_overlap = parsed == 0; /* on|off */

@@ -26,16 +26,15 @@ struct cuda_state {
   /* Options (moe_context_set_option, core/options.c), set at creation to
    * their defaults; the plan and the launchers read them, never the
    * environment. */
-  int path_option;           /* cuda.path: MOE_CUDA_PATH_* */
-  char tile_option[16];      /* cuda.tile: "" (auto), "gemv" or a tile's name */
-  int64_t gemv_max_rows;     /* cuda.gemv_max_rows; -1: the measured default (1) */
-  int routing_option;        /* cuda.routing: MOE_CUDA_ROUTING_* */
-  bool decode_pdl;           /* cuda.decode_pdl */
-  bool stream_overlap;       /* cuda.stream_overlap */
-  int stream_ctas;           /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
-  bool stream_release_early; /* cuda.stream_release=early */
-  bool decode_persistent;    /* cuda.decode_persistent */
-  int wgmma_bn_option;       /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
+  int path_option;        /* cuda.path: MOE_CUDA_PATH_* */
+  char tile_option[16];   /* cuda.tile: "" (auto), "gemv" or a tile's name */
+  int64_t gemv_max_rows;  /* cuda.gemv_max_rows; -1: the measured default (1) */
+  int routing_option;     /* cuda.routing: MOE_CUDA_ROUTING_* */
+  bool decode_pdl;        /* cuda.decode_pdl */
+  bool stream_overlap;    /* cuda.stream_overlap */
+  int stream_ctas;        /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
+  bool decode_persistent; /* cuda.decode_persistent */
+  int wgmma_bn_option;    /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated
    * by the first reserve of a layer that can stream, counters zeroed. */

@@ -102,10 +102,6 @@ struct stream_params : hopper_gemm_params {
    * before waiting for the kernel before (which wrote only the token rows;
    * the align metadata is older, see cuda_stream_gemm_run). */
   int32_t weights_before_wait;
-  /* Consumers free a stage as soon as its own wgmmas are done (option
-   * cuda.stream_release=early) instead of after the next stage's issue:
-   * one more stage in flight, no overlap of the wgmmas with the wait. */
-  int32_t release_early;
 };
 
 /* ---- the kernel --------------------------------------------------------- */
@@ -329,25 +325,17 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
           for (int e = 0; e < 2; ++e)
             if (slot[j][e] >= 0) weight[j][e] = p.topk_weights[slot[j][e]];
       }
-      if (p.release_early) {
-        /* This step's wgmmas are done: its stage may be refilled now. */
-        wgmma_wait<0>();
-        if (lane == 0) mbar_arrive(smem_addr(&empty_bar[s]));
-      } else {
-        /* The previous step's wgmmas are done: its stage may be refilled. */
-        wgmma_wait<1>();
-        if (ks > ks_begin && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
-      }
+      /* The previous step's wgmmas are done: its stage may be refilled. */
+      wgmma_wait<1>();
+      if (ks > ks_begin && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
       prev = s;
       if (++s == S::STAGES) {
         s = 0;
         phase ^= 1u;
       }
     }
-    if (!p.release_early) {
-      wgmma_wait<0>();
-      if (lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
-    }
+    wgmma_wait<0>();
+    if (lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
     fence_registers(acc);
 
     if (p.splits > 1) {
@@ -528,7 +516,6 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   cuda_state overlapped = *st;
   overlapped.pdl = st->hopper && g->overlapped;
   p.weights_before_wait = overlapped.pdl;
-  p.release_early = st->stream_release_early;
   st = &overlapped;
   CUtensorMap w, x;
   memcpy(&w, g->b_map, sizeof w);

@@ -51,7 +51,7 @@ static const option_spec specs[MOE_OPTION_COUNT] = {
     [MOE_OPTION_CUDA_PDL] = {"cuda.pdl", MOE_BACKEND_CUDA, "off|on", "off", 0, 0},
     [MOE_OPTION_CUDA_STREAM_OVERLAP] = {"cuda.stream_overlap", MOE_BACKEND_CUDA, "on|off", "on", 0,
                                         0},
-    [MOE_OPTION_CUDA_STREAM_CTAS] = {"cuda.stream_ctas", MOE_BACKEND_CUDA, "1|2", "1", 0, 0},
+    [MOE_OPTION_CUDA_STREAM_CTAS] = {"cuda.stream_ctas", MOE_BACKEND_CUDA, "1|2", "2", 0, 0},
 };
 
 const char *moe_option_default(moe_option_id id) {

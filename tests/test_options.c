@@ -39,7 +39,7 @@ static const option_values documented[] = {
     {"cuda.routing", MOE_BACKEND_CUDA, {"auto", "warp", "reference"}},
     {"cuda.decode_pdl", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.stream_overlap", MOE_BACKEND_CUDA, {"on", "off"}},
-    {"cuda.stream_ctas", MOE_BACKEND_CUDA, {"1", "2"}},
+    {"cuda.stream_ctas", MOE_BACKEND_CUDA, {"2", "1"}},
     {"cuda.decode_persistent", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.wgmma_bn", MOE_BACKEND_CUDA, {"auto", "128", "256"}},
     {"cuda.pdl", MOE_BACKEND_CUDA, {"off", "on"}},

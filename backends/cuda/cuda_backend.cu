@@ -84,7 +84,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->routing_option = MOE_CUDA_ROUTING_AUTO;
   st->decode_pdl = true;
   st->stream_overlap = true;
-  st->stream_ctas = 1;
+  st->stream_ctas = 2; /* bench/cuda_notes.md item 19 */
   st->decode_persistent = true;
   st->wgmma_bn_option = 0;
   if (own_stream) {

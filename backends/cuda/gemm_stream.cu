@@ -11,9 +11,10 @@
  * x[sorted[p] / top_k]) -> GEMM1 (w13 x xs^T, GLU epilogue into h_sorted[p])
  * -> GEMM2 (w2 x h_sorted^T, routed weight, y[slot]) -> the usual reduce.
  *
- * Kernel (stream_gemm_kernel<NT, EPI>):
+ * Kernel (stream_gemm_kernel<NT, EPI, CTAS>):
  *   - Work item: (NT-row block of one expert, 128 output features). A
- *     persistent grid of one CTA per SM walks the items in order m-block
+ *     persistent grid (one CTA per SM; two at NT 16, each with half the
+ *     ring: option cuda.stream_ctas) walks the items in order m-block
  *     fastest, so that CTAs running together read different experts' tiles
  *     (or, for an expert of several blocks, the same tile while it is in
  *     L2). The item count depends on *num_tokens_post_padded, read on the
@@ -40,6 +41,12 @@
  *     the pair both values for one of its two tokens. GLU writes
  *     h_sorted[p][c] (zeros for padding rows, which GEMM2 reads); STORE
  *     writes a bf16 pair of y[slot] for real rows only.
+ *
+ * Overlapped launch (option cuda.stream_overlap, on): both GEMMs are
+ * dependent launches; the producer requests its first ring of weights
+ * before griddepcontrol.wait, so GEMM1's weights stream during the permute
+ * and GEMM2's during GEMM1's tail (cuda_stream_gemm_run says why reading
+ * the align metadata before the wait is safe).
  *
  * Split K (cuda_stream_splits): where the items would leave the last round
  * of the persistent grid short (few experts, or few features), each item's

@@ -977,13 +977,13 @@ Test(cuda, stream_layer_variants) {
   }
 }
 
-/* The launch choices of the streaming GEMM: two CTAs per SM (token block
- * 16: few rows per expert; split K on the doubled slots) and plain
- * launches without the overlap, on shapes with biases, the router weight
+/* The launch choices of the streaming GEMM besides the defaults (two CTAs
+ * per SM at token block 16, overlapped launches): one CTA per SM and plain
+ * launches, on shapes with biases, the router weight
  * on the input and a wrapping ring. */
 Test(cuda, stream_launch_options) {
   require_sm90a();
-  const char *const settings[][2] = {{"cuda.stream_ctas", "2"}, {"cuda.stream_overlap", "off"}};
+  const char *const settings[][2] = {{"cuda.stream_ctas", "1"}, {"cuda.stream_overlap", "off"}};
   for (size_t i = 0; i < sizeof settings / sizeof settings[0]; ++i) {
     option_override choice(settings[i][0], settings[i][1]);
     for (int64_t T : {1, 8, 37}) {

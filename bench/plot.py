@@ -4,8 +4,8 @@
 Reads one or more JSON files written by `moe_bench --json FILE` and draws,
 per (model, backend, kernel path, device), the measured time as a percentage
 of the roofline time max(bytes/read_bw, flops/peak) against the token count
-(log x); Triton peer runs (bench/triton_peer.py) are drawn dashed in the
-panel of the CUDA run on the same device. Writes bench/results.png unless -o says otherwise. With --markdown,
+(log x); peer runs (bench/triton_peer.py, bench/torch_cpu_peer.py) are
+drawn dashed in the panels of their backend on the same device. Writes bench/results.png unless -o says otherwise. With --markdown,
 prints each run as a markdown table (for bench/results.md) instead.
 
     python3 bench/plot.py bench/results/*.json
@@ -23,6 +23,10 @@ import matplotlib.pyplot as plt  # noqa: E402
 import matplotlib.ticker  # noqa: E402
 
 
+# Peer runs: their backend field -> (the backend whose panels draw them, name).
+PEER_OF = {"triton-peer": ("cuda", "Triton peer"), "torch-cpu-peer": ("cpu", "PyTorch peer")}
+
+
 def series_of(run):
     """Yields (model, label, tokens, percent) for each model in one run."""
     by_model = {}
@@ -38,7 +42,7 @@ def series_of(run):
 
 
 def peer_series(peer, roof):
-    """Yields (model, tokens, percent) of a Triton peer run against roof."""
+    """Yields (model, tokens, percent) of a peer run against roof."""
     by_model = {}
     for row in peer.get("rows", []):
         by_model.setdefault(row["model"], []).append(row)
@@ -85,14 +89,25 @@ def main():
                 print(markdown(json.load(f)) + "\n")
         return
 
-    runs, peers = [], []
+    runs, peers, panel_of = [], [], {}
     for path in args.json:
         with open(path) as f:
             run = json.load(f)
-        # The Triton peer (bench/triton_peer.py) has no rooflines of its own:
-        # it is drawn dashed in the panel of the CUDA run on the same device,
-        # against that run's rooflines.
-        (peers if run.get("backend") == "triton-peer" else runs).append(run)
+        # The peers (bench/triton_peer.py, bench/torch_cpu_peer.py) have no
+        # rooflines of their own: each is drawn dashed in the panels of the
+        # runs of its backend on the same device, thread count and day (the
+        # same session's machine), against their rooflines.
+        if run.get("backend") in PEER_OF:
+            peers.append(run)
+            continue
+        # Runs of one backend, kernel path, device and thread count share a
+        # panel (each row keeps the fraction of its own run's rooflines).
+        key = (run.get("backend"), run.get("kernels"), run.get("device"), run.get("threads"))
+        if key in panel_of:
+            panel_of[key]["rows"] = panel_of[key].get("rows", []) + run.get("rows", [])
+        else:
+            panel_of[key] = run
+            runs.append(run)
     # One panel per run (backend, kernels, device), one colour per model in
     # every panel, so models compare within a panel and devices across them.
     cols = 1 if len(runs) == 1 else 2
@@ -111,12 +126,15 @@ def main():
             title = label.split(" - ", 1)[1]
             drawn += 1
         for peer in peers:
-            if run.get("backend") != "cuda" or peer.get("device") != run.get("device"):
+            backend, name = PEER_OF[peer["backend"]]
+            if (run.get("backend") != backend or peer.get("device") != run.get("device").split(" [")[0]
+                    or (peer.get("threads") or 0) != (run.get("threads") or 0)
+                    or peer.get("date", "")[:10] != run.get("date", "")[:10]):
                 continue
             for model, tokens, percent in peer_series(peer, run["rooflines"]):
                 color = colors[model_color.setdefault(model, len(model_color)) % len(colors)]
                 ax.plot(tokens, percent, color=color, marker="x", linestyle="--", linewidth=0.9)
-            title = (title or "") + " (dashed: Triton peer)"
+            title = (title or "") + f" (dashed: {name})"
         threads = f", {run['threads']} threads" if run.get("threads") else ""
         ax.set_title((title or run.get("device", "?")) + threads, fontsize="medium")
         ax.set_xscale("log", base=2)

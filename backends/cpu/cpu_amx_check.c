@@ -16,10 +16,20 @@
  * 2. The same model as a kernel path through the real driver
  *    (cpu_gemm_execute: tile_rows 32, item_rows 64, K blocks, two threads),
  *    against bf16 of the same scalar loop, exactly.
- * 3. Where the CPU has AMX and the OS grants it: the real path over the
+ * 3. Where the CPU has AVX-512F: the fma-order decode kernel
+ *    (cpu_kernels_amx_order.c) against the model, bit for bit over the whole
+ *    C, on the three kinds of data of cpu_amx_probe.h (wide normal range;
+ *    around the smallest normal with denormals and zeros; mixed
+ *    magnitudes), over rows 1..3, panels, K and accumulate, plus edge cases
+ *    of DAZ and FTZ; a second call must repeat the bits. Then the run-time
+ *    probe's own comparison on the model: fma-order must match it (the
+ *    report says whether vdpbf16ps does). The model's DAZ and FTZ counts
+ *    show that the flushing was exercised.
+ * 4. Where the CPU has AMX and the OS grants it: the real path over the
  *    same grid against float64, and the driver on every thread; it reports
- *    whether the hardware matched the model's bits and which tiles go to
- *    AVX-512 BF16. Elsewhere it prints "SKIPPED (no AMX here)" for part 3.
+ *    whether the hardware matched the model's bits and which kernel takes
+ *    the tiles of a few rows. Elsewhere it prints "SKIPPED (no AMX here)"
+ *    for part 4.
  *
  * Exit 0 when every check ran passes, 1 on any failure.
  */
@@ -28,6 +38,7 @@
 
 #include "../common/bf16_logic.h"
 
+#include <float.h>
 #include <math.h>
 #include <omp.h>
 #include <stdio.h>
@@ -85,8 +96,42 @@ static float bf16_at(int t, int r, int i) {
   return moe_bf16_to_float(v);
 }
 
+static long model_daz, model_ftz; /* flushed operands and results (coverage) */
+
+/* DAZ: a denormal operand is a zero of its sign. */
+static float model_daz_in(float x) {
+  if (x != 0.0f && fabsf(x) < FLT_MIN) {
+#pragma omp atomic
+    model_daz++;
+    return copysignf(0.0f, x);
+  }
+  return x;
+}
+
+/* One step of tdpbf16ps: "FP32 FMA with DAZ, FTZ, RNE". fmaf rounds the
+ * exact acc + a*b once; FTZ (as x86 defines it) returns a zero of the
+ * result's sign when the result rounded with an unbounded exponent is
+ * below FLT_MIN. fmaf's result near FLT_MIN is rounded to the denormal
+ * grid instead, so there the tininess is decided on the sum scaled by
+ * 2^64, exact (a tiny sum has |a| < 2^16: no overflow). */
+static float model_fma(float acc, float a, float b) {
+  a = model_daz_in(a), b = model_daz_in(b), acc = model_daz_in(acc);
+  const float r = fmaf(a, b, acc);
+  if (r != 0.0f && fabsf(r) <= FLT_MIN) {
+    const float scaled = fmaf(a * 0x1.0p64f, b, acc * 0x1.0p64f);
+    if (fabsf(scaled) < 0x1.0p-62f) {
+#pragma omp atomic
+      model_ftz++;
+      return copysignf(0.0f, scaled);
+    }
+  }
+  return r;
+}
+
 /* tdpbf16ps as the SDM writes it: per row m, k-pair k, column n,
- * acc += a[2k]*b[k][2n], then acc += a[2k+1]*b[k][2n+1], each rounded. */
+ * acc += a[2k]*b[k][2n], then acc += a[2k+1]*b[k][2n+1], each an fp32 FMA
+ * with DAZ, FTZ and RNE (for normal values, as a rounded multiply-add:
+ * the product is exact). */
 static void model_dp(int c, int a, int b) {
   if (!usable(c) || !usable(a) || !usable(b)) return;
   if (c == a || c == b || a == b) model_fault("tdpbf16ps with repeated tiles", c);
@@ -99,8 +144,8 @@ static void model_dp(int c, int a, int b) {
       float acc;
       memcpy(&acc, &tiles.data[c][m][4 * n], sizeof acc);
       for (int k = 0; k < pairs; ++k) {
-        acc += bf16_at(a, m, 2 * k) * bf16_at(b, k, 2 * n);
-        acc += bf16_at(a, m, 2 * k + 1) * bf16_at(b, k, 2 * n + 1);
+        acc = model_fma(acc, bf16_at(a, m, 2 * k), bf16_at(b, k, 2 * n));
+        acc = model_fma(acc, bf16_at(a, m, 2 * k + 1), bf16_at(b, k, 2 * n + 1));
       }
       memcpy(&tiles.data[c][m][4 * n], &acc, sizeof acc);
     }
@@ -117,6 +162,7 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #include "cpu_amx_tile.h"
+#include "cpu_amx_probe.h"
 
 /* ldtilecfg: palette 1, rows <= 16, colsb <= 64 and a multiple of 4 (the
  * kernel's dword tiles), zero and nonzero together; zeroes every tile. */
@@ -344,6 +390,136 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact) {
   free(x), free(w), free(out), free(order), free(scratch);
 }
 
+/* ---- The FMA-order decode kernel against the model --------------------- */
+
+#ifdef MOE_CPU_HAVE_AMX_ORDER
+static long order_cases, order_values, order_nonzero_flush;
+
+/* cpu_amx_order_tile and the model's tile body on the same operands of the
+ * given kind: bitwise equal over the whole C (columns beyond the panels
+ * included), and the kernel's second call gives the first one's bits. */
+static void order_case(int rows, int panels, int64_t kpairs, int accumulate, int kind,
+                       uint64_t *state) {
+  const int64_t ldc = CPU_GROUP_PANELS * CPU_PANEL_COLS, panel_stride = kpairs * CPU_PANEL_PAIR;
+  uint32_t *a = calloc((size_t)rows * CPU_A_STRIDE_U32, sizeof *a);
+  uint16_t *b = malloc((size_t)(panels * panel_stride) * sizeof *b);
+  float *c_init = malloc((size_t)(rows * ldc) * sizeof(float));
+  float *c_model = malloc((size_t)(rows * ldc) * sizeof(float));
+  float *c_vec = malloc((size_t)(rows * ldc) * sizeof(float));
+  float *c_again = malloc((size_t)(rows * ldc) * sizeof(float));
+  if (!a || !b || !c_init || !c_model || !c_vec || !c_again) {
+    fprintf(stderr, "out of memory\n");
+    exit(1);
+  }
+  for (int r = 0; r < rows; ++r)
+    for (int64_t kp = 0; kp < kpairs; ++kp)
+      a[r * CPU_A_STRIDE_U32 + kp] = cpu_probe_pair(state, kind);
+  for (int64_t i = 0; i < panels * panel_stride; ++i)
+    b[i] = cpu_probe_bf16(state, kind);
+  for (int64_t i = 0; i < rows * ldc; ++i)
+    c_init[i] = cpu_probe_c(state, kind);
+  const size_t bytes = (size_t)(rows * ldc) * sizeof(float);
+  memcpy(c_model, c_init, bytes);
+  memcpy(c_vec, c_init, bytes);
+  memcpy(c_again, c_init, bytes);
+  const long ftz_before = model_ftz;
+  model_tile(rows, panels, kpairs, a, b, panel_stride, c_model, ldc, accumulate, NULL);
+  cpu_amx_order_tile(rows, panels, kpairs, a, b, panel_stride, c_vec, ldc, accumulate, NULL);
+  cpu_amx_order_tile(rows, panels, kpairs, a, b, panel_stride, c_again, ldc, accumulate, NULL);
+  int64_t differ = 0;
+  for (int64_t i = 0; i < rows * ldc; ++i)
+    differ += memcmp(&c_model[i], &c_vec[i], sizeof(float)) != 0;
+  if (differ)
+    fail("fma-order: %g values differ from the model's bits", "order", rows, panels, 2 * kpairs,
+         accumulate, (double)differ);
+  if (memcmp(c_vec, c_again, bytes) != 0)
+    fail("fma-order: a second call gave other bits%.0g", "order", rows, panels, 2 * kpairs,
+         accumulate, 0.0);
+  order_cases++;
+  order_values += (int64_t)rows * panels * CPU_PANEL_COLS;
+  order_nonzero_flush += model_ftz > ftz_before;
+  free(a), free(b), free(c_init), free(c_model), free(c_vec), free(c_again);
+}
+
+/* One element, one k-pair, on the edge of FTZ: C + a*b (even k), then +0.
+ * Cases: tiny only after rounding with an unbounded exponent (the model
+ * flushes, a flush of the denormal-grid result would not), an exact
+ * denormal product, a sum landing on FLT_MIN, a denormal C (DAZ). */
+static void order_edges(void) {
+  static const float cases[][3] = {
+      {0x1.0p-126f, 0x1.8p-76f, -0x1.0p-75f},
+      {0.0f, 0x1.0p-65f, 0x1.0p-65f},
+      {0x1.8p-126f, -0x1.0p-64f, 0x1.0p-63f},
+      {0x1.0p-130f, 0x1.0p-60f, 0x1.0p-60f},
+      {-0x1.0p-127f, 0.0f, 1.0f},
+  };
+  for (size_t i = 0; i < sizeof cases / sizeof cases[0]; ++i) {
+    uint32_t a[CPU_A_STRIDE_U32] = {0};
+    uint16_t b[CPU_PANEL_PAIR] = {0};
+    float c_model[CPU_PANEL_COLS] = {0}, c_vec[CPU_PANEL_COLS] = {0};
+    c_model[0] = c_vec[0] = cases[i][0];
+    a[0] = moe_bf16_from_float(cases[i][1]);
+    b[0] = moe_bf16_from_float(cases[i][2]);
+    model_tile(1, 1, 1, a, b, CPU_PANEL_PAIR, c_model, CPU_PANEL_COLS, 1, NULL);
+    cpu_amx_order_tile(1, 1, 1, a, b, CPU_PANEL_PAIR, c_vec, CPU_PANEL_COLS, 1, NULL);
+    if (memcmp(c_model, c_vec, sizeof c_vec) != 0)
+      fail("fma-order edge case: model %a", "order", 1, 1, 2, 1, (double)c_model[0]);
+    order_cases++;
+    order_values += CPU_PANEL_COLS;
+  }
+}
+
+/* The grid (rows 1..3, panels through the 4-panel pass and single panels,
+ * K of tail-only, full and mixed tile steps and a K block, three kinds of
+ * data), the edge cases, then the run-time probe's own comparison on the
+ * model: fma-order must match it; vdpbf16ps is reported. */
+static void check_order(void) {
+  if (!__builtin_cpu_supports("avx512f")) {
+    printf("  fma-order decode kernel: SKIPPED (no AVX-512F here)\n");
+    return;
+  }
+  static const int panels_list[] = {1, 3, 4, 5, 8};
+  static const int64_t kp_list[] = {1, 8, 15, 16, 17, 40, 256};
+  uint64_t state = 0x13198a2e03707344ull;
+  const int failures_before = failures;
+  const long daz_before = model_daz, ftz_before = model_ftz;
+  for (int kind = 0; kind < CPU_PROBE_KINDS; ++kind)
+    for (int rows = 1; rows < CPU_AMX_MIN_ROWS; ++rows)
+      for (size_t j = 0; j < sizeof panels_list / sizeof *panels_list; ++j)
+        for (size_t k = 0; k < sizeof kp_list / sizeof *kp_list; ++k)
+          for (int acc = 0; acc < 2; ++acc)
+            order_case(rows, panels_list[j], kp_list[k], acc, kind, &state);
+  order_edges();
+  printf("  fma-order decode kernel: %ld cases, %ld values bitwise against the model "
+         "(%ld operands flushed by DAZ, %ld results by FTZ, in %ld cases): %s\n",
+         order_cases, order_values, model_daz - daz_before, model_ftz - ftz_before,
+         order_nonzero_flush, failures > failures_before ? "FAILED" : "ok");
+  static cpu_amx_probe probe;
+  enum { TRIALS = 64 };
+  int same_order = 1, same_bf16 = 1, probes = 0;
+  for (int kind = 0; kind < CPU_PROBE_KINDS; ++kind)
+    for (int trial = 0; trial < TRIALS; ++trial, ++probes) {
+      cpu_amx_probe_fill(&probe, &state, kind);
+      const int rows = 1 + trial % CPU_PROBE_ROWS;
+      same_order &= cpu_amx_probe_same(&probe, rows, cpu_amx_order_tile);
+#ifdef MOE_CPU_HAVE_AVX512BF16
+      if (__builtin_cpu_supports("avx512bf16"))
+        same_bf16 &= cpu_amx_probe_same(&probe, rows, cpu_path_avx512bf16.tile);
+#endif
+    }
+  if (!same_order)
+    fail("the split-rows probe's data: fma-order differs from the model%.0g", "probe", 0, 0,
+         2 * CPU_PROBE_PAIRS, 1, 0.0);
+  printf("  split-rows probe on the model, %d probes: fma-order %s", probes,
+         same_order ? "matches" : "DIFFERS");
+#ifdef MOE_CPU_HAVE_AVX512BF16
+  if (__builtin_cpu_supports("avx512bf16"))
+    printf(", vdpbf16ps %s", same_bf16 ? "matches" : "differs (the reverse pair order)");
+#endif
+  printf("\n");
+}
+#endif
+
 int main(void) {
   int cases = 0;
   printf("cpu_amx_check: the AMX kernel body on a scalar model of the tile instructions\n");
@@ -352,6 +528,11 @@ int main(void) {
          "%s\n",
          cases, failures || model_faults ? "FAILED" : "ok");
   check_driver(&model_path, 2, 1);
+#ifdef MOE_CPU_HAVE_AMX_ORDER
+  check_order();
+#else
+  printf("  fma-order decode kernel: SKIPPED (this build has no AVX-512F kernels)\n");
+#endif
   if (model_faults) {
     fprintf(stderr, "FAIL: %d tile operations would fault on hardware\n", model_faults);
     failures++;
@@ -364,12 +545,18 @@ int main(void) {
            "pseudo-code's order\n",
            real_cases, failures ? "FAILED" : "ok", same ? "equal" : "differ from");
     const int split = cpu_amx_split_rows();
-    if (split)
+    const char *kernel = cpu_amx_split_kernel();
+    if (split && strcmp(kernel, "avx512bf16") == 0)
       printf("AMX hardware: tdpbf16ps and vdpbf16ps agree bitwise: tiles under %d rows run on "
              "AVX-512 BF16\n",
              split);
+    else if (split)
+      printf("AMX hardware: tdpbf16ps and vdpbf16ps differ in some bits; tdpbf16ps and the "
+             "%s kernel agree bitwise: tiles under %d rows run on it (AVX-512F)\n",
+             kernel, split);
     else
-      printf("AMX hardware: tdpbf16ps and vdpbf16ps differ in some bits: AMX takes every tile\n");
+      printf("AMX hardware: tdpbf16ps differs in some bits from vdpbf16ps and from the "
+             "fma-order kernel: AMX takes every tile\n");
     check_driver(&cpu_path_amx, omp_get_max_threads(), 0);
   } else {
     printf("AMX hardware: SKIPPED (no AMX here, or the OS refused the tile state)\n");

@@ -44,9 +44,10 @@
  * invariance of this contract but not its pair order: TDPBF16PS is
  * documented to add the even k before the odd k, and flushes denormals, so
  * its bits may differ from the other paths. Each path is deterministic on
- * its own. For a few rows it may hand a tile to the AVX-512 BF16 kernel,
- * and then only after checking on the running CPU that both instructions
- * give the same bits (see cpu_amx_split_rows).
+ * its own. For a few rows it may hand a tile to the AVX-512 BF16 kernel or
+ * to an AVX-512F kernel in TDPBF16PS's order (cpu_amx_order_tile), and
+ * then only after checking on the running CPU that it gives the same bits
+ * as tdpbf16ps (see cpu_amx_split_rows).
  */
 #ifndef MOE_CPU_KERNELS_H
 #define MOE_CPU_KERNELS_H
@@ -66,6 +67,15 @@
  * 16 x 16 live), two such calls per work item. */
 #define CPU_AMX_TILE_ROWS 32
 #define CPU_AMX_ITEM_ROWS 64
+/* Below this many rows per tile call, the AMX path may hand a tile to a
+ * vector kernel (see cpu_amx_split_rows). 4: the AVX-512 decode kernels
+ * handle up to 3 rows with 4 panels in flight, the shape that streams
+ * weights at DRAM speed; from 4 rows AMX does at least 4x the multiply
+ * work per weight byte loaded. Not yet tuned on an AMX machine:
+ * bench/results.md, section "CPU AMX path", says how to sweep it (option
+ * cpu.kernels=avx512bf16 vs amx at 1, 4, 16 tokens). Must stay
+ * <= CPU_MR_MAX + 1. */
+#define CPU_AMX_MIN_ROWS 4
 /* The largest tile_rows / item_rows of any path (scratch sizing). */
 #define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS
 #define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
@@ -101,9 +111,22 @@ extern const cpu_kernel_path cpu_path_amx;
 /* 1 when the CPU has AMX-TILE and AMX-BF16 (CPUID.(7,0):EDX bits 24, 22)
  * and the OS granted this process the tile data state; asks once. */
 int cpu_amx_usable(void);
-/* Tiles of fewer rows than this go to the AVX-512 BF16 kernel, or 0 when
- * AMX takes every tile (the two did not give the same bits here). */
+/* Tiles of fewer rows than this go to a vector kernel that gives the same
+ * bits as tdpbf16ps on this CPU, or 0 when AMX takes every tile (no vector
+ * kernel did). */
 int cpu_amx_split_rows(void);
+/* The name of that vector kernel: "avx512bf16" (vdpbf16ps), "fma-order"
+ * (cpu_amx_order_tile), or "none" when AMX takes every tile. */
+const char *cpu_amx_split_kernel(void);
+#endif
+#ifdef MOE_CPU_HAVE_AMX_ORDER
+/* A cpu_tile_fn for rows < CPU_AMX_MIN_ROWS, A in CPU_A_BF16_PAIRS, in
+ * TDPBF16PS's documented order, not this contract's (even k, then odd k,
+ * each an fp32 FMA with DAZ and FTZ) with AVX-512F: cpu_kernels_amx_order.c.
+ * Needs a CPU with AVX-512F. */
+void cpu_amx_order_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
+                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
+                        const uint16_t *prefetch_after);
 #endif
 
 #endif /* MOE_CPU_KERNELS_H */

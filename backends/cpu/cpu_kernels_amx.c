@@ -1,9 +1,10 @@
 /*
  * cpu_kernels_amx.c - the AMX BF16 kernel path: TDPBF16PS on 16 x 16 fp32
  * accumulator tiles (cpu_amx_tile.h), the tile data permission, and the
- * check that decides whether tiles of a few rows may go to the AVX-512
- * BF16 kernel. Compiled with -mamx-tile -mamx-bf16 (and the AVX-512 flags)
- * for this file only; the backend selects it only after cpu_amx_usable().
+ * check that decides whether tiles of a few rows may go to a vector
+ * kernel (AVX-512 BF16, or AVX-512F FMAs in TDPBF16PS's order). Compiled
+ * with -mamx-tile -mamx-bf16 (and the AVX-512 flags) for this file only;
+ * the backend selects it only after cpu_amx_usable().
  *
  * The packing: A rows are gathered by the driver into CPU_A_BF16_PAIRS
  * (the bf16 rows themselves, 16 k-pairs of 16 rows = one A tile), and the
@@ -14,14 +15,33 @@
  *
  * Decode: a tile of fewer than CPU_AMX_MIN_ROWS rows is bandwidth-bound on
  * either unit; the AVX-512 decode kernels stream 4 panels per pass and were
- * measured at 82-99% of DRAM bandwidth (bench/results.md), so such tiles go
- * to the AVX-512 BF16 kernel, which reads the same packed A and B. That is
- * allowed only if vdpbf16ps and tdpbf16ps give the same bits, or a token's
+ * measured at 82-99% of DRAM bandwidth (bench/results.md), while AMX took
+ * 1.5x as long for one-token decode on a Sapphire Rapids-class host (Qwen3,
+ * 839 vs 548 us). Such tiles may go to a vector kernel reading the same
+ * packed A and B, but only one that gives tdpbf16ps's bits, or a token's
  * result would depend on how many rows its expert had in the batch (batch
- * invariance). Both are documented to round each accumulation to nearest
- * even and to flush denormals, but their pseudo-code adds the pair's
- * products in opposite orders, so the first use measures it on random data
- * (split_rows_probe) and, where any bit differs, AMX takes every tile.
+ * invariance). Two candidates:
+ *   avx512bf16  vdpbf16ps (cpu_kernels_avx512bf16.c). Documented with the
+ *               same rounding (RNE per addition, DAZ, FTZ) but the odd k's
+ *               product added before the even k's: the reverse of
+ *               tdpbf16ps's pseudo-code, so its bits may differ.
+ *   fma-order   cpu_amx_order_tile (cpu_kernels_amx_order.c). The SDM
+ *               writes each tdpbf16ps step as an fp32 FMA with DAZ, FTZ and
+ *               RNE, even k then odd k, k-pairs in order; a bf16 x bf16
+ *               product is exact in fp32, so AVX-512F FMAs in that order
+ *               under MXCSR DAZ/FTZ/RNE give the same bits, if the hardware
+ *               does what the pseudo-code says. cpu_amx_check verifies this
+ *               kernel bit for bit against a scalar model of the
+ *               pseudo-code, denormals included.
+ * The hardware may differ from its pseudo-code (a fused pair, another
+ * tininess rule, signed zeros), so the first use measures it:
+ * split_rows_probe runs real tdpbf16ps tiles and both candidates on the
+ * data of cpu_amx_probe.h (normal values of wide range; values around the
+ * smallest normal with denormals; mixed magnitudes) and hands small tiles
+ * to the first candidate that matched every bit, vdpbf16ps preferred (it
+ * needs no MXCSR switch and half the instructions), else AMX takes every
+ * tile. The choice depends only on the CPU, never on the data of a call,
+ * so every call of a process computes each element the same way.
  */
 #include "cpu_kernels.h"
 
@@ -31,15 +51,6 @@
 #include <stdlib.h>
 #include <sys/syscall.h>
 #include <unistd.h>
-
-/* Below this many rows per tile call, tiles go to the AVX-512 BF16 kernel
- * (when split_rows_probe allows it). 4: the AVX-512 decode kernels handle
- * up to 3 rows with 4 panels in flight, the shape that streams weights at
- * DRAM speed; from 4 rows AMX does at least 4x the multiply work per weight
- * byte loaded. Not yet tuned on an AMX machine: bench/results.md, section
- * "CPU AMX path", says how to sweep it (option cpu.kernels=avx512bf16 vs amx
- * at 1, 4, 16 tokens). Must stay <= CPU_MR_MAX + 1. */
-#define CPU_AMX_MIN_ROWS 4
 
 #define ARCH_GET_XCOMP_PERM 0x1022
 #define ARCH_REQ_XCOMP_PERM 0x1023
@@ -66,50 +77,45 @@
 #define AMX_RELEASE() _tile_release()
 #include "cpu_amx_tile.h"
 
+#include "cpu_amx_probe.h"
+
 static pthread_once_t amx_once = PTHREAD_ONCE_INIT;
 static int amx_usable;
 static int amx_split_rows;
+static cpu_tile_fn amx_split_tile; /* takes tiles of < amx_split_rows rows */
+static const char *amx_split_name = "none";
 
-/* A value of a wide range of magnitudes (2^-12 .. 2^12) and both signs,
- * so that the two instructions' roundings are exercised; never denormal. */
-static uint16_t probe_bf16(uint64_t *state) {
-  *state = *state * 6364136223846793005ull + 1442695040888963407ull;
-  const uint32_t r = (uint32_t)(*state >> 33);
-  const uint32_t exponent = 127 - 12 + (r % 25), mantissa = (r >> 5) & 0x7f, sign = (r >> 12) & 1;
-  return (uint16_t)(sign << 15 | exponent << 7 | mantissa);
-}
-
-/* 1 when tdpbf16ps and the AVX-512 BF16 kernel give identical bits on a
- * few thousand random dot products (rows 3 and 12: both of its kernels;
- * K of 40 k-pairs: full and tail steps; accumulating into random C). */
-static int split_rows_probe(void) {
-#ifdef MOE_CPU_HAVE_AVX512BF16
-  enum { PANELS = 4, PAIRS = 40, ROWS = 12, LDC = PANELS * CPU_PANEL_COLS };
-  static uint32_t a[ROWS * CPU_A_STRIDE_U32];
-  static uint16_t b[PANELS * PAIRS * CPU_PANEL_PAIR];
-  static float c_init[ROWS * LDC], c_amx[ROWS * LDC], c_vec[ROWS * LDC];
-  uint64_t state = 0x243f6a8885a308d3ull;
-  for (int trial = 0; trial < 16; ++trial) {
-    for (size_t i = 0; i < sizeof a / sizeof a[0]; ++i)
-      a[i] = probe_bf16(&state) | (uint32_t)probe_bf16(&state) << 16;
-    for (size_t i = 0; i < sizeof b / sizeof b[0]; ++i)
-      b[i] = probe_bf16(&state);
-    for (size_t i = 0; i < sizeof c_init / sizeof c_init[0]; ++i) {
-      const uint32_t bits = (uint32_t)probe_bf16(&state) << 16;
-      memcpy(&c_init[i], &bits, sizeof bits);
-    }
-    const int rows = trial % 2 ? 3 : ROWS;
-    memcpy(c_amx, c_init, sizeof c_init);
-    memcpy(c_vec, c_init, sizeof c_init);
-    cpu_amx_tile_body(rows, PANELS, PAIRS, a, b, PAIRS * CPU_PANEL_PAIR, c_amx, LDC, 1);
-    cpu_path_avx512bf16.tile(rows, PANELS, PAIRS, a, b, PAIRS * CPU_PANEL_PAIR, c_vec, LDC, 1,
-                             NULL);
-    if (memcmp(c_amx, c_vec, (size_t)rows * LDC * sizeof(float)) != 0) return 0;
-  }
-  return 1;
-#else
-  return 0;
+/* Chooses the kernel for tiles of a few rows: the first candidate giving
+ * tdpbf16ps's bits on every probe (cpu_amx_probe.h), or none. */
+static void split_rows_probe(void) {
+  struct candidate {
+    const char *name;
+    cpu_tile_fn tile;
+    int same;
+  } candidates[] = {
+      {"avx512bf16", cpu_path_avx512bf16.tile, 1},
+#ifdef MOE_CPU_HAVE_AMX_ORDER
+      {"fma-order", cpu_amx_order_tile, 1},
 #endif
+  };
+  enum { COUNT = sizeof candidates / sizeof candidates[0], TRIALS = 8 };
+  static cpu_amx_probe probe;
+  uint64_t state = 0x243f6a8885a308d3ull;
+  for (int kind = 0; kind < CPU_PROBE_KINDS; ++kind)
+    for (int trial = 0; trial < TRIALS; ++trial) {
+      cpu_amx_probe_fill(&probe, &state, kind);
+      const int rows = 1 + trial % CPU_PROBE_ROWS;
+      for (int i = 0; i < COUNT; ++i)
+        if (candidates[i].same)
+          candidates[i].same = cpu_amx_probe_same(&probe, rows, candidates[i].tile);
+    }
+  for (int i = 0; i < COUNT; ++i)
+    if (candidates[i].same) {
+      amx_split_rows = CPU_AMX_MIN_ROWS;
+      amx_split_tile = candidates[i].tile;
+      amx_split_name = candidates[i].name;
+      return;
+    }
 }
 
 static void amx_init(void) {
@@ -125,7 +131,7 @@ static void amx_init(void) {
   amx_usable = 1;
   /* Option cpu.kernels=amx chooses this path; no new option to force the
    * split off is needed: where the probe fails it is off. */
-  amx_split_rows = split_rows_probe() ? CPU_AMX_MIN_ROWS : 0;
+  split_rows_probe();
 }
 
 int cpu_amx_usable(void) {
@@ -138,18 +144,20 @@ int cpu_amx_split_rows(void) {
   return amx_split_rows;
 }
 
+const char *cpu_amx_split_kernel(void) {
+  pthread_once(&amx_once, amx_init);
+  return amx_split_name;
+}
+
 /* Selected only after cpu_amx_usable(), so amx_split_rows is set. */
 static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed, const uint16_t *b,
                      int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                      const uint16_t *prefetch_after) {
-#ifdef MOE_CPU_HAVE_AVX512BF16
   if (rows < amx_split_rows) {
-    cpu_path_avx512bf16.tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate,
-                             prefetch_after);
+    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate,
+                   prefetch_after);
     return;
   }
-#endif
-  (void)prefetch_after;
   cpu_amx_tile_body(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate);
 }
 

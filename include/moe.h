@@ -194,6 +194,12 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *   cuda.wgmma_bn           auto|128|256   column tile of the wgmma path
  *   cuda.pdl                off|on   programmatic dependent launch of the
  *                           other kernels (Hopper)
+ *   cuda.stream_overlap     on|off   the streaming GEMMs start while the
+ *                           kernel before them ends and request their first
+ *                           weights before waiting for it (Hopper)
+ *   cuda.stream_ctas        2|1   resident CTAs per SM of the streaming
+ *                           GEMM at token block 16 (each with 1/n of the
+ *                           ring)
  *
  * An option of another backend is checked and has no effect, so one list
  * serves every backend. A layer with moe_config.batch_invariant set runs

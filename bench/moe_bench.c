@@ -46,6 +46,7 @@ typedef struct bench_options {
   int reps;        /* 0: enough for about a second per point (host timing) */
   int warmup;      /* -1: the backend's default */
   bool flush;      /* flush the CPU caches before each timed forward */
+  bool batch_invariant; /* layers built with moe_config.batch_invariant */
   uint64_t seed;
   const char *json;
   const char *options[MAX_OPTIONS]; /* "name=value" for moe_context_set_option */
@@ -75,6 +76,8 @@ static void usage(FILE *out) {
           "  --warmup N                      untimed forwards first (default 1; GPUs 10)\n"
           "  --no-flush                      keep the CPU caches warm between forwards\n"
           "                                  (default: flush, as a real layer's weights are cold)\n"
+          "  --batch-invariant               build the layers batch-invariant (moe_config's\n"
+          "                                  batch_invariant: one kernel plan at every T)\n"
           "  --seed N                        random seed (default 1)\n"
           "  --json FILE                     also write every row and the rooflines as JSON\n"
           "  --option NAME=VALUE             a context option (moe_context_set_option; names\n"
@@ -138,6 +141,10 @@ static int parse_options(int argc, char **argv, bench_options *o) {
     }
     if (strcmp(arg, "--no-flush") == 0) {
       o->flush = false;
+      continue;
+    }
+    if (strcmp(arg, "--batch-invariant") == 0) {
+      o->batch_invariant = true;
       continue;
     }
     if (i + 1 >= argc) {
@@ -210,6 +217,8 @@ static int select_models(const bench_options *o, bench_model *models) {
                                          qwen3->cfg.num_experts, qwen3->cfg.top_k);
   else if (count == 0)
     models[count++] = *qwen3;
+  for (int i = 0; i < count; ++i)
+    models[i].cfg.batch_invariant = o->batch_invariant;
   for (int i = 0; i < count && resized; ++i) {
     moe_config *c = &models[i].cfg;
     if (o->hidden) c->hidden_size = o->hidden;

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|ab|cpu|python|all]... Each step prints one summary
+# opencl|huge|sanitize|bench|profile|ab|tune|invariant|cpu|python|all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
@@ -112,7 +112,33 @@ step_ab() {
   timeout "${AB_TIMEOUT:-300}" bench/ab.sh "$build" "$out" \
     "${AB_MODELS:-qwen3-30b-a3b,ernie-4.5-21b-a3b,gpt-oss-20b,mixtral-8x7b,deepseek-v3}" \
     "${AB_TOKENS:-16,64,256,1024}" \
-    ${AB_VARIANTS:-default cuda.stream_overlap=off cuda.stream_ctas=2 cuda.stream_release=early stream}
+    ${AB_VARIANTS:-default cuda.stream_overlap=off cuda.stream_ctas=1 stream mma}
+}
+
+# The on-device tuner (issue 13): moe_tune sweeps cuda.path's values at
+# TUNE_TOKENS for TUNE_MODEL, writes the table, loads it back and checks
+# each point against the best candidate (3%).
+step_tune() {
+  timeout "${TUNE_TIMEOUT:-200}" "./$build/bench/moe_tune" --backend cuda \
+    --model "${TUNE_MODEL:-qwen3-30b-a3b}" --tokens "${TUNE_TOKENS:-1,16,64,256,1024,4096}" \
+    --out "$out/tune-table.txt" >"$out/tune.log" 2>&1
+  echo "tune rc=$?"; tail -8 "$out/tune.log"
+}
+
+# What a batch-invariant layer costs on CUDA: moe_bench with the layers
+# built batch-invariant against the default plan, same points, same call.
+step_invariant() {
+  local models=${INV_MODELS:-qwen3-30b-a3b,mixtral-8x7b} tokens=${INV_TOKENS:-1,16,64,256,1024,4096}
+  local v
+  for v in default invariant; do
+    local flag=()
+    [ $v = invariant ] && flag=(--batch-invariant)
+    timeout 200 "./$build/bench/moe_bench" --backend cuda "${flag[@]}" --model "$models" \
+      --tokens "$tokens" --json "$out/inv-$v.json" >"$out/inv-$v.log" 2>&1
+    echo "invariant $v rc=$?"
+  done
+  python3 bench/compare.py "$out/inv-default.json" "$out/inv-invariant.json" \
+    --labels default,invariant >"$out/inv-compare.txt" && tail -1 "$out/inv-compare.txt"
 }
 
 # The CPU backend on the GPU machine's host (a Xeon with AMX): the CPU
@@ -168,6 +194,8 @@ for step in "${@:-all}"; do
   bench) step_bench ;;
   profile) step_profile ;;
   ab) step_ab ;;
+  tune) step_tune ;;
+  invariant) step_invariant ;;
   cpu) step_cpu ;;
   python) step_python ;;
   opencl)

@@ -42,10 +42,10 @@ typedef struct bench_options {
   int64_t hidden, intermediate;
   int32_t experts, top_k; /* 0: the model's own */
   int64_t tokens[MAX_TOKEN_COUNTS];
-  int token_count; /* 0: the backend's default list */
-  int reps;        /* 0: enough for about a second per point (host timing) */
-  int warmup;      /* -1: the backend's default */
-  bool flush;      /* flush the CPU caches before each timed forward */
+  int token_count;      /* 0: the backend's default list */
+  int reps;             /* 0: enough for about a second per point (host timing) */
+  int warmup;           /* -1: the backend's default */
+  bool flush;           /* flush the CPU caches before each timed forward */
   bool batch_invariant; /* layers built with moe_config.batch_invariant */
   uint64_t seed;
   const char *json;

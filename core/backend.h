@@ -125,6 +125,8 @@ typedef enum moe_option_id {
   MOE_OPTION_CUDA_PDL,               /* choice: 0 off, 1 on */
   MOE_OPTION_CUDA_STREAM_OVERLAP,    /* choice: 0 on, 1 off */
   MOE_OPTION_CUDA_STREAM_CTAS,       /* choice: 0 one CTA per SM, 1 two */
+  MOE_OPTION_CUDA_STREAM_MAX_ROWS,   /* integer or auto (-1) */
+  MOE_OPTION_CUDA_WGMMA_MIN_ROWS,    /* integer or auto (-1) */
   MOE_OPTION_COUNT
 } moe_option_id;
 

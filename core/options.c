@@ -16,7 +16,9 @@
 
 /* One option: values is a '|'-separated list of names (the first is the
  * default) or NULL for an integer in [min, max]. The list must stay in the
- * order of the choice constants in backend.h. */
+ * order of the choice constants in backend.h. An integer option whose
+ * default is "auto" also takes "auto", parsed as -1: the backend's own
+ * value for the device (its tuning data). */
 typedef struct option_spec {
   const char *name;
   moe_backend backend;
@@ -52,6 +54,10 @@ static const option_spec specs[MOE_OPTION_COUNT] = {
     [MOE_OPTION_CUDA_STREAM_OVERLAP] = {"cuda.stream_overlap", MOE_BACKEND_CUDA, "on|off", "on", 0,
                                         0},
     [MOE_OPTION_CUDA_STREAM_CTAS] = {"cuda.stream_ctas", MOE_BACKEND_CUDA, "1|2", "2", 0, 0},
+    [MOE_OPTION_CUDA_STREAM_MAX_ROWS] = {"cuda.stream_max_rows", MOE_BACKEND_CUDA, NULL, "auto", 0,
+                                         INT32_MAX},
+    [MOE_OPTION_CUDA_WGMMA_MIN_ROWS] = {"cuda.wgmma_min_rows", MOE_BACKEND_CUDA, NULL, "auto", 1,
+                                        INT32_MAX},
 };
 
 const char *moe_option_default(moe_option_id id) {
@@ -81,6 +87,10 @@ static moe_status parse_value(const option_spec *spec, const char *value, int64_
     *parsed = index;
     return MOE_SUCCESS;
   }
+  if (strcmp(spec->default_value, "auto") == 0 && strcmp(value, "auto") == 0) {
+    *parsed = -1;
+    return MOE_SUCCESS;
+  }
   /* Digits only, with an optional minus (strtoll alone takes blanks, +). */
   const int starts_well = (*value >= '0' && *value <= '9') || *value == '-';
   char *end = NULL;
@@ -88,8 +98,9 @@ static moe_status parse_value(const option_spec *spec, const char *value, int64_
   const long long v = strtoll(value, &end, 10);
   if (!starts_well || *end || errno == ERANGE || v < spec->min || v > spec->max)
     return moe_set_error(MOE_ERROR_INVALID_ARGUMENT,
-                         "option %s = \"%s\" is not an integer in [%lld, %lld]", spec->name, value,
-                         (long long)spec->min, (long long)spec->max);
+                         "option %s = \"%s\" is not an integer in [%lld, %lld]%s", spec->name,
+                         value, (long long)spec->min, (long long)spec->max,
+                         strcmp(spec->default_value, "auto") == 0 ? " or auto" : "");
   *parsed = v;
   return MOE_SUCCESS;
 }

@@ -200,6 +200,13 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *   cuda.stream_ctas        2|1   resident CTAs per SM of the streaming
  *                           GEMM at token block 16 (each with 1/n of the
  *                           ring)
+ *   cuda.stream_max_rows    auto|integer >= 0   rows per expert up to which
+ *                           Hopper streams the weights (above: the mma.sync
+ *                           tiles until cuda.wgmma_min_rows); auto: the
+ *                           device class's tuning row (moe_layer_describe
+ *                           names it)
+ *   cuda.wgmma_min_rows     auto|integer >= 1   rows per expert from which
+ *                           Hopper runs the 128-row wgmma tiles
  *
  * An option of another backend is checked and has no effect, so one list
  * serves every backend. A layer with moe_config.batch_invariant set runs

@@ -43,6 +43,8 @@ static const option_values documented[] = {
     {"cuda.decode_persistent", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.wgmma_bn", MOE_BACKEND_CUDA, {"auto", "128", "256"}},
     {"cuda.pdl", MOE_BACKEND_CUDA, {"off", "on"}},
+    {"cuda.stream_max_rows", MOE_BACKEND_CUDA, {"auto", "0", "7", "31"}},
+    {"cuda.wgmma_min_rows", MOE_BACKEND_CUDA, {"auto", "1", "32", "64"}},
 };
 #define DOCUMENTED (sizeof documented / sizeof documented[0])
 
@@ -84,8 +86,16 @@ Test(options, defaults_and_every_value_read_back) {
 
 Test(options, unknown_names_and_values_are_refused_with_a_message) {
   moe_context *ctx = fresh_ctx();
-  const char *bad[][2] = {{"cuda.paths", "mma"}, {"CUDA.path", "mma"}, {"cpu.kernels", "sse2"},
-                          {"cuda.tile", "8x8"},  {"cuda.pdl", "1"},    {"opencl.route", "auto "}};
+  /* "auto" only where the integer option's default is auto. */
+  const char *bad[][2] = {{"cuda.paths", "mma"},
+                          {"CUDA.path", "mma"},
+                          {"cpu.kernels", "sse2"},
+                          {"cuda.tile", "8x8"},
+                          {"cuda.pdl", "1"},
+                          {"opencl.route", "auto "},
+                          {"cuda.gemv_max_rows", "auto"},
+                          {"cuda.wgmma_min_rows", "0"},
+                          {"cuda.stream_max_rows", "-1"}};
   for (size_t i = 0; i < sizeof bad / sizeof bad[0]; ++i) {
     th_case("option %s = %s", bad[i][0], bad[i][1]);
     const moe_status st = moe_context_set_option(ctx, bad[i][0], bad[i][1]);

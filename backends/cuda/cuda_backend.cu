@@ -76,6 +76,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->sm_count = prop.multiProcessorCount;
   st->wgmma = wgmma;
   st->hopper = prop.major >= 9;
+  st->tuning = cuda_tuning_for(prop.major, cuda_peak_read_gbps(device));
   /* The options' defaults (core/options.c). */
   st->pdl = false;
   st->path_option = MOE_CUDA_PATH_AUTO;
@@ -87,6 +88,8 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->stream_ctas = 2; /* bench/cuda_notes.md item 19 */
   st->decode_persistent = true;
   st->wgmma_bn_option = 0;
+  st->stream_max_rows = -1;
+  st->wgmma_min_rows = -1;
   if (own_stream) {
     moe_status s = cuda_status(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking),
                                "cudaStreamCreateWithFlags");
@@ -510,15 +513,16 @@ static moe_status cuda_layer_reserve(void *state, void *layer, int64_t max_token
  * The forward's plan: one place decides the path and align's row block.
  *
  * Paths, by rows per touched expert r (cuda_rows_per_expert) on a device
- * where the sm_90a kernels run (H100, H200):
+ * where the sm_90a kernels run (H100, H200), with the thresholds of the
+ * device class's tuning row (cuda_tuning.cu) or the options overriding it:
  *   decode  a few tokens whose picks are few against the experts
  *           (decode.cu's rule);
- *   stream  r < wgmma_min_rows: weight streaming with the operands swapped
- *           (gemm_stream.cu), token blocks of 16, 32 or 64 rows;
+ *   stream  r <= stream_max_rows: weight streaming with the operands
+ *           swapped (gemm_stream.cu), token blocks of 16, 32 or 64 rows;
+ *   mma     stream_max_rows < r < wgmma_min_rows: the mma.sync tiles;
  *   wgmma   r >= wgmma_min_rows: 128-row token tiles (gemm_wgmma.cu);
  * elsewhere (sm_80, shapes TMA cannot take, unaligned x) decode or the
- * mma.sync tiles of grouped_gemm.cu's table. The thresholds are data
- * (hopper_tuning), measured in bench/cuda_notes.md items 17-18.
+ * mma.sync tiles of grouped_gemm.cu's table.
  * Option cuda.path=stream|wgmma forces a Hopper path wherever it can run,
  * =decode the decode path wherever its shape fits, =mma the mma.sync tiles
  * (A/B runs and tests). A batch-invariant layer always gets the mma.sync
@@ -532,20 +536,19 @@ struct cuda_plan {
   int32_t block_m; /* align's row block (0 for decode) */
 };
 
-struct cuda_hopper_tuning {
-  int64_t wgmma_min_rows; /* from here the 128-row wgmma tiles */
-  /* the streaming GEMM's token block: 16 rows up to [0] rows per expert,
-   * 32 up to [1], 64 up to [2], else 128 */
-  int64_t stream_block_max_rows[3];
-};
-
-static const cuda_hopper_tuning hopper_tuning = {32, {16, 32, 64}};
-
-static int32_t stream_block(int64_t rows_per_expert) {
+static int32_t stream_block(const cuda_tuning *t, int64_t rows_per_expert) {
   int32_t block = 16;
-  for (int i = 0; i < 3 && rows_per_expert > hopper_tuning.stream_block_max_rows[i]; ++i)
+  for (int i = 0; i < 3 && rows_per_expert > t->stream_block_max_rows[i]; ++i)
     block *= 2;
   return block;
+}
+
+static int64_t stream_max_rows(const cuda_state *st) {
+  return st->stream_max_rows >= 0 ? st->stream_max_rows : st->tuning->stream_max_rows;
+}
+
+static int64_t wgmma_min_rows(const cuda_state *st) {
+  return st->wgmma_min_rows >= 0 ? st->wgmma_min_rows : st->tuning->wgmma_min_rows;
 }
 
 static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t T, const void *x,
@@ -559,11 +562,11 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   const bool force_mma = option == MOE_CUDA_PATH_MMA;
   const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
   if (hopper && force_wgmma) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
-  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(rows)};
+  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st->tuning, rows)};
   if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0};
-  if (hopper)
-    return rows >= hopper_tuning.wgmma_min_rows ? cuda_plan{CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M}
-                                                : cuda_plan{CUDA_PATH_STREAM, stream_block(rows)};
+  if (hopper && rows >= wgmma_min_rows(st)) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
+  if (hopper && rows <= stream_max_rows(st))
+    return {CUDA_PATH_STREAM, stream_block(st->tuning, rows)};
   return {CUDA_PATH_MMA, cuda_gemm_pick_block_m(st, slots, c->num_local_experts,
                                                 2 * c->intermediate_size, c->hidden_size)};
 }
@@ -607,6 +610,9 @@ static void describe_plan(const cuda_state *st, const cuda_layer *l, int64_t T, 
   const cuda_plan plan = plan_forward(st, l, T, aligned, &d);
   const int64_t slots = T * c->top_k, EL = c->num_local_experts;
   const int64_t rows = cuda_rows_per_expert(slots, EL);
+  const int head = snprintf(text, size, "%s: ", st->tuning->device_class);
+  if (head < 0 || (size_t)head >= size) return;
+  text += head, size -= (size_t)head;
   if (plan.path == CUDA_PATH_DECODE) {
     snprintf(text, size,
              "decode path: route, GEMM1 with the activation and GEMM2 with the top-k reduce on "
@@ -875,6 +881,12 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_WGMMA_BN:
     st->wgmma_bn_option = parsed == 1 ? 128 : parsed == 2 ? 256 : 0;
+    break;
+  case MOE_OPTION_CUDA_STREAM_MAX_ROWS:
+    st->stream_max_rows = parsed; /* -1: auto */
+    break;
+  case MOE_OPTION_CUDA_WGMMA_MIN_ROWS:
+    st->wgmma_min_rows = parsed; /* -1: auto */
     break;
   case MOE_OPTION_CUDA_PDL:
     st->pdl = st->hopper && parsed == 1; /* off|on; only Hopper has it */

@@ -12,6 +12,35 @@
 #include <cuda_runtime.h>
 #include <stdint.h>
 
+/*
+ * The forward's thresholds for one device class (cuda_tuning.cu holds the
+ * rows). Rows per expert are cuda_rows_per_expert's.
+ */
+struct cuda_tuning {
+  const char *device_class; /* shown by moe_layer_describe */
+  int major;                /* matches this compute capability major ... */
+  double min_read_gbps;     /* ... with at least this peak read rate (GB/s) */
+  /* Decode path: at most this many tokens with >= 64 local experts, or
+   * decode_max_tokens_few with fewer, and tokens x hidden at most
+   * decode_max_elements (decode.cu's rule; one token always decodes). */
+  int decode_max_tokens, decode_max_tokens_few;
+  int64_t decode_max_elements;
+  /* Hopper (sm_90a kernels): the streaming GEMM up to stream_max_rows
+   * rows per expert, the mma.sync tiles above it, the 128-row wgmma tiles
+   * from wgmma_min_rows. */
+  int64_t stream_max_rows, wgmma_min_rows;
+  /* The streaming GEMM's token block: 16 rows up to [0] rows per expert,
+   * 32 up to [1], 64 up to [2], else 128. */
+  int64_t stream_block_max_rows[3];
+};
+
+/* The row for a device: compute capability major and peak read rate. */
+const cuda_tuning *cuda_tuning_for(int major, double read_gbps);
+
+/* A device's peak memory read rate from its clock and bus width (GB/s),
+ * or 0 when the driver does not say. */
+double cuda_peak_read_gbps(int device);
+
 /* Per-context state: one device, one stream (ours or the caller's). */
 struct cuda_state {
   int device;
@@ -23,18 +52,21 @@ struct cuda_state {
                   bench/cuda_notes.md, 'Measurements behind the code's rules') */
   bool wgmma;  /* the sm_90a prefill path (gemm_wgmma.cu) can run here */
   bool hopper; /* compute capability 9.x: programmatic dependent launch */
+  const cuda_tuning *tuning; /* this device class's thresholds */
   /* Options (moe_context_set_option, core/options.c), set at creation to
    * their defaults; the plan and the launchers read them, never the
    * environment. */
-  int path_option;        /* cuda.path: MOE_CUDA_PATH_* */
-  char tile_option[16];   /* cuda.tile: "" (auto), "gemv" or a tile's name */
-  int64_t gemv_max_rows;  /* cuda.gemv_max_rows; -1: the measured default (1) */
-  int routing_option;     /* cuda.routing: MOE_CUDA_ROUTING_* */
-  bool decode_pdl;        /* cuda.decode_pdl */
-  bool stream_overlap;    /* cuda.stream_overlap */
-  int stream_ctas;        /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
-  bool decode_persistent; /* cuda.decode_persistent */
-  int wgmma_bn_option;    /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
+  int path_option;         /* cuda.path: MOE_CUDA_PATH_* */
+  char tile_option[16];    /* cuda.tile: "" (auto), "gemv" or a tile's name */
+  int64_t gemv_max_rows;   /* cuda.gemv_max_rows; -1: the measured default (1) */
+  int routing_option;      /* cuda.routing: MOE_CUDA_ROUTING_* */
+  bool decode_pdl;         /* cuda.decode_pdl */
+  bool stream_overlap;     /* cuda.stream_overlap */
+  int stream_ctas;         /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
+  bool decode_persistent;  /* cuda.decode_persistent */
+  int wgmma_bn_option;     /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
+  int64_t stream_max_rows; /* cuda.stream_max_rows; -1: the tuning row's */
+  int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated
    * by the first reserve of a layer that can stream, counters zeroed. */

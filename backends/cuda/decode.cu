@@ -54,18 +54,21 @@ constexpr int DECODE_DOWN_BATCH = 12; /* 16-byte loads per lane decode_down_kern
 constexpr int DECODE_LANE_SPAN = 32 * 8; /* elements one 16-byte load per lane covers */
 constexpr size_t DECODE_MAX_SMEM = 96 * 1024;
 /*
- * Default rule, fitted to sweeps of decode vs the tile path in one call.
- * Each slot streams its expert's weights on its own, so a repeated expert
- * is read again: decode needs the picks to be at most half the local
- * experts. T * hidden <= 16384: a wide hidden size loses to the tiles from
- * 4 tokens even with few repeats. With fewer than 64 local experts at most
- * 2 tokens: there decode lost at 4 tokens where a model with 128 experts
+ * Default rule, fitted to sweeps of decode vs the tile path in one call;
+ * its numbers are the device class's tuning row (cuda_tuning.cu). Each
+ * slot streams its expert's weights on its own, so a repeated expert is
+ * read again: decode needs the picks to be at most half the local experts.
+ * T * hidden is bounded: a wide hidden size loses to the tiles from 4
+ * tokens even with few repeats. Fewer tokens with fewer than 64 local
+ * experts: there decode lost at 4 tokens where a model with 128 experts
  * still won at 8. One token always takes decode. Measurements:
  * bench/cuda_notes.md, 'Measurements behind the code's rules'.
  */
-static bool decode_rule(const cuda_decode *d) {
-  const int64_t T = d->num_tokens, max_tokens = d->num_local >= 64 ? 8 : 2;
-  return T == 1 || (T <= max_tokens && 2 * T * d->top_k <= d->num_local && T * d->hidden <= 16384);
+static bool decode_rule(const cuda_tuning *t, const cuda_decode *d) {
+  const int64_t T = d->num_tokens;
+  const int64_t max_tokens = d->num_local >= 64 ? t->decode_max_tokens : t->decode_max_tokens_few;
+  return T == 1 || (T <= max_tokens && 2 * T * d->top_k <= d->num_local &&
+                    T * d->hidden <= t->decode_max_elements);
 }
 
 __device__ __forceinline__ uint4 load_weights(const bf16 *p, bool valid) {
@@ -342,7 +345,7 @@ bool cuda_decode_wanted(const cuda_state *st, const cuda_decode *d) {
   if (!fits) return false;
   if (st->path_option == MOE_CUDA_PATH_DECODE) return true;
   if (st->tile_option[0]) return false; /* a forced tile means the tile path */
-  return decode_rule(d);
+  return decode_rule(st->tuning, d);
 }
 
 /* Overlapped launches (Hopper; option cuda.decode_pdl=off turns them off). */

@@ -1,0 +1,52 @@
+/*
+ * cuda_tuning.cu - the CUDA forward's thresholds as data: one row per
+ * device class, chosen once at context creation by compute capability and
+ * the device's peak memory read rate, like a database of tuned parameters.
+ * The plan (cuda_backend.cu's plan_forward) and the decode rule read only
+ * the row; options cuda.stream_max_rows and cuda.wgmma_min_rows override
+ * its Hopper boundaries, and a tuning table (moe_layer_tune) can set them
+ * per token count. The measurements behind each row are in
+ * bench/cuda_notes.md, "Measurements behind the code's rules", and the
+ * device calls that produced them in bench/results.md.
+ */
+#include "cuda_internal.cuh"
+
+/*
+ * First matching row wins, so the most specific class comes first.
+ *
+ * H200 class: sm_90 with at least 4.3 TB/s of peak read rate (H200 SXM:
+ * 4.8). Streaming wins over the mma.sync tiles at every row count below
+ * the wgmma tiles' 32 rows per expert (cuda_notes items 17-18).
+ *
+ * H100 class: every other sm_90 device (H100 SXM: 3.35 TB/s). Its lower
+ * read rate makes the streaming GEMM's fixed costs weigh more against the
+ * mma.sync tiles between 8 and 31 rows per expert (item 19: the stream
+ * path lost 6-8% at Qwen3 and DeepSeek 256 tokens against the tiles'
+ * earlier run); the boundary below is the A/B of item 20.
+ *
+ * Generic: everything else (sm_80, sm_89, sm_100 without the sm_90a
+ * kernels). The Hopper fields are then unused: the mma.sync tiles run.
+ */
+static const cuda_tuning rows[] = {
+    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, {16, 32, 64}},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 31, 32, {16, 32, 64}},
+    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, {16, 32, 64}},
+};
+
+double cuda_peak_read_gbps(int device) {
+  int clock_khz = 0, bus_bits = 0;
+  if (cudaDeviceGetAttribute(&clock_khz, cudaDevAttrMemoryClockRate, device) != cudaSuccess ||
+      cudaDeviceGetAttribute(&bus_bits, cudaDevAttrGlobalMemoryBusWidth, device) != cudaSuccess) {
+    (void)cudaGetLastError(); /* unknown: the row that needs no bandwidth */
+    return 0.0;
+  }
+  /* Double data rate: two transfers per clock over bus_bits / 8 bytes. */
+  return 2.0 * clock_khz * 1e3 * (bus_bits / 8.0) / 1e9;
+}
+
+const cuda_tuning *cuda_tuning_for(int major, double read_gbps) {
+  const int count = (int)(sizeof rows / sizeof rows[0]);
+  for (int i = 0; i < count - 1; ++i)
+    if (major == rows[i].major && read_gbps >= rows[i].min_read_gbps) return &rows[i];
+  return &rows[count - 1];
+}

@@ -189,6 +189,10 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           token; reference: one thread per token)
  *   cuda.decode_pdl         on|off   overlapped launches of the decode
  *                           kernels (Hopper)
+ *   cuda.decode_route       fused|kernel   the decode kernels route their
+ *                           own token (fused: no routing launch) or read
+ *                           the picks of a routing kernel; cuda.routing
+ *                           other than auto means kernel
  *   cuda.decode_persistent  on|off   one-wave grids for the decode kernels
  *                           (off: grids as large as the work)
  *   cuda.wgmma_bn           auto|128|256   column tile of the wgmma path
@@ -205,6 +209,9 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           tiles until cuda.wgmma_min_rows); auto: the
  *                           device class's tuning row (moe_layer_describe
  *                           names it)
+ *   cuda.stream_block       auto|16|32|64|128   token block of the streaming
+ *                           GEMM (auto: the tuning row's, by rows per
+ *                           expert)
  *   cuda.wgmma_min_rows     auto|integer >= 1   rows per expert from which
  *                           Hopper runs the 128-row wgmma tiles
  *

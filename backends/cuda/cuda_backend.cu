@@ -84,6 +84,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->gemv_max_rows = -1; /* grouped_gemm.cu's GEMV_MAX_ROWS_PER_EXPERT */
   st->routing_option = MOE_CUDA_ROUTING_AUTO;
   st->decode_pdl = true;
+  st->decode_route_fused = true;
   st->stream_overlap = true;
   st->stream_ctas = 2; /* bench/cuda_notes.md item 19 */
   st->decode_persistent = true;
@@ -536,9 +537,13 @@ struct cuda_plan {
   int32_t block_m; /* align's row block (0 for decode) */
 };
 
-static int32_t stream_block(const cuda_tuning *t, int64_t rows_per_expert) {
+/* The streaming GEMM's token block (align's block_m): option
+ * cuda.stream_block, else the tuning row's by rows per expert. An expert
+ * with more rows than the block streams its weights once per block. */
+static int32_t stream_block(const cuda_state *st, int64_t rows_per_expert) {
+  if (st->stream_block) return st->stream_block;
   int32_t block = 16;
-  for (int i = 0; i < 3 && rows_per_expert > t->stream_block_max_rows[i]; ++i)
+  for (int i = 0; i < 3 && rows_per_expert > st->tuning->stream_block_max_rows[i]; ++i)
     block *= 2;
   return block;
 }
@@ -562,11 +567,10 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   const bool force_mma = option == MOE_CUDA_PATH_MMA;
   const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
   if (hopper && force_wgmma) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
-  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st->tuning, rows)};
+  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows)};
   if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0};
   if (hopper && rows >= wgmma_min_rows(st)) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
-  if (hopper && rows <= stream_max_rows(st))
-    return {CUDA_PATH_STREAM, stream_block(st->tuning, rows)};
+  if (hopper && rows <= stream_max_rows(st)) return {CUDA_PATH_STREAM, stream_block(st, rows)};
   return {CUDA_PATH_MMA, cuda_gemm_pick_block_m(st, slots, c->num_local_experts,
                                                 2 * c->intermediate_size, c->hidden_size)};
 }
@@ -769,9 +773,20 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
   const cuda_decode d = decode_args(l, T, x, out);
   const cuda_plan plan = plan_forward(st, l, T, x, &d);
   if (plan.path == CUDA_PATH_DECODE) {
-    if (logits) CUDA_TRY(cuda_route(st, &route));
-    CUDA_TRY(capture_picks(st, l, io, slot_bytes));
-    return cuda_decode_run(st, &d);
+    cuda_decode routed = d;
+    /* The decode kernels route their own token (no routing launch) unless
+     * option cuda.decode_route=kernel, or cuda.routing forces a routing
+     * kernel, asks otherwise. */
+    if (logits && st->decode_route_fused && st->routing_option == MOE_CUDA_ROUTING_AUTO) {
+      routed.rl = moe_rl_params_from_args(&route);
+      routed.route = routed.rl.num_groups > 1 ? CUDA_DECODE_ROUTE_GROUPED : CUDA_DECODE_ROUTE_PLAIN;
+      routed.logits = (const float *)logits;
+      routed.correction_bias = l->correction_bias;
+    } else if (logits) {
+      CUDA_TRY(cuda_route(st, &route));
+    }
+    CUDA_TRY(cuda_decode_run(st, &routed));
+    return capture_picks(st, l, io, slot_bytes);
   }
   const int32_t BM = plan.block_m;
 
@@ -870,6 +885,9 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
   case MOE_OPTION_CUDA_DECODE_PDL:
     st->decode_pdl = parsed == 0; /* on|off */
     break;
+  case MOE_OPTION_CUDA_DECODE_ROUTE:
+    st->decode_route_fused = parsed == 0; /* fused|kernel */
+    break;
   case MOE_OPTION_CUDA_STREAM_CTAS:
     st->stream_ctas = (int)parsed + 1; /* 1|2 */
     break;
@@ -884,6 +902,9 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_STREAM_MAX_ROWS:
     st->stream_max_rows = parsed; /* -1: auto */
+    break;
+  case MOE_OPTION_CUDA_STREAM_BLOCK:
+    st->stream_block = parsed == 0 ? 0 : 8 << parsed; /* auto|16|32|64|128 */
     break;
   case MOE_OPTION_CUDA_WGMMA_MIN_ROWS:
     st->wgmma_min_rows = parsed; /* -1: auto */

@@ -7,6 +7,7 @@
 #define MOE_CUDA_INTERNAL_CUH
 
 #include "backend.h"
+#include "routing.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -61,12 +62,14 @@ struct cuda_state {
   int64_t gemv_max_rows;   /* cuda.gemv_max_rows; -1: the measured default (1) */
   int routing_option;      /* cuda.routing: MOE_CUDA_ROUTING_* */
   bool decode_pdl;         /* cuda.decode_pdl */
+  bool decode_route_fused; /* cuda.decode_route=fused */
   bool stream_overlap;     /* cuda.stream_overlap */
   int stream_ctas;         /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
   bool decode_persistent;  /* cuda.decode_persistent */
   int wgmma_bn_option;     /* cuda.wgmma_bn: 0 (auto), 128 or 256 */
   int64_t stream_max_rows; /* cuda.stream_max_rows; -1: the tuning row's */
   int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
+  int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated
    * by the first reserve of a layer that can stream, counters zeroed. */
@@ -260,14 +263,29 @@ moe_status cuda_transpose(const cuda_state *st, const __nv_bfloat16 *src, __nv_b
 /* One forward of a few tokens after routing: x [T][hidden], the layer's
  * repacked weights (w13 [EL][2I][H] gate/up interleaved, w2 [EL][H][I]),
  * h [T*k][I] scratch, out [T][hidden]. */
+/* Where the decode kernels get a token's picks: the workspace (a routing
+ * kernel or the caller's picks filled it), or routing the token's logits
+ * themselves, with or without the expert-group steps. */
+enum cuda_decode_route {
+  CUDA_DECODE_ROUTE_NONE,
+  CUDA_DECODE_ROUTE_PLAIN,
+  CUDA_DECODE_ROUTE_GROUPED
+};
+
 struct cuda_decode {
   const __nv_bfloat16 *x;
   const __nv_bfloat16 *w13;
   const __nv_bfloat16 *w2;
   const float *w13_bias; /* [EL][2I] interleaved, or NULL */
   const float *w2_bias;  /* [EL][H], or NULL */
-  const int32_t *topk_ids;
-  const float *topk_weights;
+  /* The workspace's picks: read (route NONE), or written by
+   * decode_up_kernel for the capture of the routing (other routes). */
+  int32_t *topk_ids;
+  float *topk_weights;
+  cuda_decode_route route;
+  const float *logits;          /* [T][E] (route != NONE) */
+  const float *correction_bias; /* [E] or NULL */
+  moe_rl_params rl;
   const int32_t *expert_map; /* or NULL */
   __nv_bfloat16 *h;
   __nv_bfloat16 *out;

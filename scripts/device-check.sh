@@ -8,8 +8,8 @@
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
 # as '@(route|reduce)/*', SANITIZE_TIMEOUT the limit per tool, default 450 s:
 # the whole suite under racecheck needs more than 230 s on an H100; two
-# halves by filter side by side finished in 240 s, bench/cuda-sanitizers-
-# h100.log); bench times
+# halves by filter side by side finished in 240 s,
+# bench/results/cuda-sanitizers-h100.log); bench times
 # the CUDA layer and the Triton peer (bench/triton_peer.py) in the same run,
 # then (BENCH_OPENCL=1) the OpenCL layer on NVIDIA's OpenCL; profile runs ncu over the
 # kernels of one forward of ours and of the peer at each of PROFILE_POINTS

@@ -161,6 +161,7 @@ static void model_release(void) {
 #define AMX_STORE(t, p, s) model_store(t, p, s)
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
+#define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 

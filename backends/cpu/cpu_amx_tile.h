@@ -8,6 +8,7 @@
  *   AMX_STORE(t, p, s)     tilestored
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
+ *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -33,6 +34,12 @@
  * packed data is read. Loading a configuration zeroes the tiles, so the
  * accumulators go through c between the two (an exact fp32 store/load).
  * The order of operations on an output element depends only on kpairs.
+ *
+ * Prefetch: an item's weights come from memory once (its first row tile)
+ * and tileloadd waits for each line, so each k-step requests the B rows of
+ * the step CPU_AMX_PREFETCH_STEPS ahead in the order the loops visit them
+ * (this panel's next rows, then the next panel's first). A hint only: the
+ * results never depend on it.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H
@@ -43,6 +50,22 @@
 #include <string.h>
 
 #define CPU_AMX_PAIRS 16 /* k-pairs per full tile step (64 bytes of A row) */
+#define CPU_AMX_PREFETCH_STEPS 4
+
+/* Requests the B rows of step `ahead` steps after k-pair kp of panel p
+ * (steps of `pairs` k-pairs over [kp_begin, kp_end) in every panel). */
+static inline void cpu_amx_prefetch_b(const uint16_t *b, int64_t panel_stride, int panels, int p,
+                                      int64_t kp, int64_t kp_begin, int64_t kp_end, int pairs,
+                                      int ahead) {
+  int64_t next = kp + (int64_t)ahead * pairs;
+  while (next >= kp_end && ++p < panels)
+    next = kp_begin + (next - kp_end);
+  if (p >= panels) return;
+  const char *rows = (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  const int64_t bytes = (int64_t)pairs * CPU_PANEL_PAIR * 2;
+  for (int64_t line = 0; line < bytes; line += 64)
+    AMX_PREFETCH(rows + line);
+}
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
 typedef struct cpu_amx_config {
@@ -113,6 +136,8 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       }
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
+        cpu_amx_prefetch_b(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                           CPU_AMX_PREFETCH_STEPS);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);

@@ -75,6 +75,7 @@
 #define AMX_STORE(t, p, s) _tile_stored(t, p, s)
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()
+#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
 #include "cpu_amx_tile.h"
 
 #include "cpu_amx_probe.h"

@@ -493,7 +493,7 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   const int epi = hopper_epilogue_of(g);
   if (epi < 0) return MOE_ERROR_INTERNAL;
   stream_params p{};
-  static_cast<hopper_gemm_params &>(p) = hopper_gemm_params_from(g);
+  static_cast<hopper_gemm_params &>(p) = *g;
   p.n_tiles = (int32_t)n_tiles;
   p.m_tiles_cap = (int32_t)m_tiles;
   const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);

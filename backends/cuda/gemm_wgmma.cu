@@ -383,7 +383,7 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
   const int epi = hopper_epilogue_of(g);
   if (epi < 0) return MOE_ERROR_INTERNAL;
   wgmma_params p{};
-  static_cast<hopper_gemm_params &>(p) = hopper_gemm_params_from(g);
+  static_cast<hopper_gemm_params &>(p) = *g;
   p.m_tiles = (int32_t)m_tiles;
   p.n_tiles = (int32_t)n_tiles;
   CUtensorMap a, b;

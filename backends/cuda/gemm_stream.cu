@@ -413,11 +413,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
 /* ---- host side ---------------------------------------------------------- */
 
 template <int NT, int EPI, int CTAS> static bool set_smem_limit() {
-  const cudaError_t err = cudaFuncSetAttribute(stream_gemm_kernel<NT, EPI, CTAS>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               st_shape<NT, CTAS>::SMEM_BYTES);
-  if (err != cudaSuccess) cudaGetLastError();
-  return err == cudaSuccess;
+  return hopper_set_smem_limit(stream_gemm_kernel<NT, EPI, CTAS>, st_shape<NT, CTAS>::SMEM_BYTES);
 }
 
 template <int NT, int CTAS = 1> static bool set_smem_limits() {

@@ -288,11 +288,8 @@ bool cuda_wgmma_available(int cc_major, int cc_minor) {
 }
 
 template <int BN, int STAGES, int EPI> static bool set_smem_limit() {
-  const cudaError_t err = cudaFuncSetAttribute(wgmma_gemm_kernel<BN, STAGES, EPI>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               wg_shape<BN, STAGES>::SMEM_BYTES);
-  if (err != cudaSuccess) cudaGetLastError();
-  return err == cudaSuccess;
+  return hopper_set_smem_limit(wgmma_gemm_kernel<BN, STAGES, EPI>,
+                               wg_shape<BN, STAGES>::SMEM_BYTES);
 }
 
 template <int BN, int STAGES> static bool set_smem_limits() {

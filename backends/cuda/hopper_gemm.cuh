@@ -2,8 +2,9 @@
  * hopper_gemm.cuh - what the two Hopper grouped GEMMs (gemm_wgmma.cu's
  * 128-row tiles, gemm_stream.cu's weight streaming) share on the host and
  * in their kernel parameters: the epilogue index of their template tables
- * (the fields both kernels read, hopper_gemm_params, are the base of
- * cuda_wgmma_gemm in cuda_internal.cuh).
+ * and the raise of their shared-memory limit (the fields both kernels
+ * read, hopper_gemm_params, are the base of cuda_wgmma_gemm in
+ * cuda_internal.cuh).
  */
 #ifndef MOE_CUDA_HOPPER_GEMM_CUH
 #define MOE_CUDA_HOPPER_GEMM_CUH
@@ -37,6 +38,15 @@ static inline int hopper_epilogue_of(const cuda_wgmma_gemm *g) {
     return -1;
   }
   return 1 + (int)g->activation;
+}
+
+/* Raises kernel's dynamic shared-memory limit to bytes on the current
+ * device; false (the error cleared) when the device refuses. */
+template <typename Kernel> static inline bool hopper_set_smem_limit(Kernel *kernel, int bytes) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err == cudaSuccess;
 }
 
 #endif /* MOE_CUDA_HOPPER_GEMM_CUH */

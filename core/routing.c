@@ -7,17 +7,10 @@
 #include "routing.h"
 
 moe_rl_params moe_rl_params_from_args(const moe_route_args *a) {
-  return (moe_rl_params){
-      .num_experts = a->num_experts,
-      .top_k = a->top_k,
-      .scoring_sigmoid = a->scoring == MOE_SCORING_SIGMOID,
-      .renormalize = a->renormalize != 0,
-      .num_groups = a->num_groups,
-      .topk_groups = a->topk_groups,
-      .group_top2_sum = a->group_scoring == MOE_GROUP_SCORING_TOP2_SUM,
-      .has_bias = a->correction_bias != NULL,
-      .scaling = a->routed_scaling_factor,
-  };
+  return moe_rl_params_make(a->num_experts, a->top_k, a->scoring == MOE_SCORING_SIGMOID,
+                            a->renormalize != 0, a->num_groups, a->topk_groups,
+                            a->group_scoring == MOE_GROUP_SCORING_TOP2_SUM,
+                            a->correction_bias != NULL, a->routed_scaling_factor);
 }
 
 void moe_route_host(const moe_route_args *args) {

@@ -59,6 +59,17 @@ typedef struct moe_rl_params {
   float scaling;
 } moe_rl_params;
 
+/* The parameters from their values, in field order: the one constructor of
+ * the core (moe_rl_params_from_args) and of the OpenCL kernels (from their
+ * scalar arguments). */
+MOE_RL_FN moe_rl_params moe_rl_params_make(int num_experts, int top_k, int scoring_sigmoid,
+                                           int renormalize, int num_groups, int topk_groups,
+                                           int group_top2_sum, int has_bias, float scaling) {
+  const moe_rl_params p = {num_experts, top_k,          scoring_sigmoid, renormalize, num_groups,
+                           topk_groups, group_top2_sum, has_bias,        scaling};
+  return p;
+}
+
 /* 1 when (ka, ia) ranks strictly above (kb, ib). */
 MOE_RL_FN int moe_rl_better(float ka, int ia, float kb, int ib) {
   if (kb != kb) return (ka == ka) || ia < ib;

@@ -23,11 +23,8 @@
  * independent accumulators per row while four weight streams flow), with
  * software prefetch 16 k-pairs ahead; leftover panels one at a time.
  */
-#include "cpu_kernels.h"
+#include "cpu_tile_blocks.h"
 
-#include <immintrin.h>
-
-#define PREFETCH_PAIRS 16
 /* MXCSR for the call: DAZ (bit 6), FTZ (bit 15), every exception masked
  * (bits 7-12; tdpbf16ps raises none), round to nearest even (bits 13-14
  * clear), whatever the caller had set. */
@@ -46,11 +43,7 @@ static inline __attribute__((always_inline)) void
 tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const uint16_t *b,
             int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
   __m512 acc[CPU_AMX_MIN_ROWS - 1][8];
-#pragma GCC unroll 3
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < 2 * NP; ++v)
-      acc[r][v] = accumulate ? _mm512_loadu_ps(c + r * ldc + v * 16) : _mm512_setzero_ps();
+  cpu_acc_load(MR, NP, acc, c, ldc, accumulate);
 
   for (int64_t kp = 0; kp < kpairs; ++kp) {
     __m512 x_even[CPU_AMX_MIN_ROWS - 1], x_odd[CPU_AMX_MIN_ROWS - 1];
@@ -63,7 +56,7 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const
 #pragma GCC unroll 8
     for (int v = 0; v < 2 * NP; ++v) {
       const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;
-      _mm_prefetch((const char *)(src + PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);
+      _mm_prefetch((const char *)(src + CPU_PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);
       const __m512i w = _mm512_loadu_si512((const void *)src);
       const __m512 w_even = even_of(w), w_odd = odd_of(w);
 #pragma GCC unroll 3
@@ -74,47 +67,24 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const
     }
   }
 
-#pragma GCC unroll 3
-  for (int r = 0; r < MR; ++r)
-#pragma GCC unroll 8
-    for (int v = 0; v < 2 * NP; ++v)
-      _mm512_storeu_ps(c + r * ldc + v * 16, acc[r][v]);
+  cpu_acc_store(MR, NP, acc, c, ldc);
 }
 
-#define DEFINE_TILE(MR, NP)                                                                        \
-  static void tile_##MR##x##NP(int64_t kpairs, const uint32_t *a, const uint16_t *b,               \
-                               int64_t panel_stride, float *c, int64_t ldc, int accumulate) {      \
-    tile_kernel(MR, NP, kpairs, a, b, panel_stride, c, ldc, accumulate);                           \
-  }
+CPU_DECODE_BLOCKS(CPU_DEFINE_BLOCK)
 
-typedef void (*fixed_tile_fn)(int64_t, const uint32_t *, const uint16_t *, int64_t, float *,
-                              int64_t, int);
+_Static_assert(CPU_AMX_MIN_ROWS == 4, "the blocks above cover 1..3 rows");
 
-DEFINE_TILE(1, 1)
-DEFINE_TILE(2, 1)
-DEFINE_TILE(3, 1)
-DEFINE_TILE(1, 4)
-DEFINE_TILE(2, 4)
-DEFINE_TILE(3, 4)
-
-_Static_assert(CPU_AMX_MIN_ROWS == 4, "the kernels above cover 1..3 rows");
-
-static const fixed_tile_fn one_panel[CPU_AMX_MIN_ROWS] = {NULL, tile_1x1, tile_2x1, tile_3x1};
-static const fixed_tile_fn four_panels[CPU_AMX_MIN_ROWS] = {NULL, tile_1x4, tile_2x4, tile_3x4};
+static const cpu_block_fn one_panel[CPU_AMX_MIN_ROWS] = {NULL, tile_1x1, tile_2x1, tile_3x1};
+static const cpu_block_fn four_panels[CPU_AMX_MIN_ROWS] = CPU_FOUR_PANEL_TABLE;
 
 /* The FMAs run in out-of-line functions, so the compiler cannot move any of
  * them across the MXCSR writes around the calls. */
 static __attribute__((noinline)) void all_panels(int rows, int panels, int64_t kpairs,
-                                                 const uint32_t *a, const uint16_t *b,
+                                                 const void *a, const uint16_t *b,
                                                  int64_t panel_stride, float *c, int64_t ldc,
                                                  int accumulate) {
-  int p = 0;
-  for (; p + 4 <= panels; p += 4)
-    four_panels[rows](kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc,
-                      accumulate);
-  for (; p < panels; ++p)
-    one_panel[rows](kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc,
-                    accumulate);
+  cpu_run_panels(four_panels[rows], one_panel[rows], panels, kpairs, a, b, panel_stride, c, ldc,
+                 accumulate);
 }
 
 void cpu_amx_order_tile(int rows, int panels, int64_t kpairs, const void *a_packed,

@@ -14,12 +14,7 @@
  * weights stream through. The order of the FMAs into each accumulator is
  * the one cpu_kernels.h fixes.
  */
-#include "cpu_kernels.h"
-
-#include <immintrin.h>
-
-/* Software prefetch distance for the weight streams, in k-pairs. */
-#define PREFETCH_PAIRS 16
+#include "cpu_tile_blocks.h"
 
 /* The kernels are written with named accumulators and conditions on the
  * constant MR rather than arrays and loops, so that every compiler keeps
@@ -110,7 +105,7 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
 #define STEP(v)                                                                                    \
   {                                                                                                \
     const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;         \
-    _mm_prefetch((const char *)(src + PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);              \
+    _mm_prefetch((const char *)(src + CPU_PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);          \
     const __m512i w = _mm512_loadu_si512((const void *)src);                                       \
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));                         \
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));                             \
@@ -128,42 +123,24 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
 #undef STORE_RV
 }
 
-#define DEFINE_ONE_PANEL(MR)                                                                       \
+/* The blocks of cpu_tile_blocks.h: one panel with the next weights to
+ * prefetch (tile_rows_1panel), or four (tile_rows_4panels). */
+#define DEFINE_BLOCK(MR, NP) DEFINE_BLOCK_##NP(MR)
+#define DEFINE_BLOCK_1(MR)                                                                         \
   static void tile_##MR##x1(int64_t kpairs, const float *a, const uint16_t *b,                     \
                             const uint16_t *next, float *c, int64_t ldc, int accumulate) {         \
     tile_rows_1panel(MR, kpairs, a, b, next, c, ldc, accumulate);                                  \
   }
-#define DEFINE_FOUR_PANELS(MR)                                                                     \
-  static void tile_##MR##x4(int64_t kpairs, const float *a, const uint16_t *b,                     \
+#define DEFINE_BLOCK_4(MR)                                                                         \
+  static void tile_##MR##x4(int64_t kpairs, const void *a, const uint16_t *b,                      \
                             int64_t panel_stride, float *c, int64_t ldc, int accumulate) {         \
     tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                         \
   }
 
 typedef void (*one_panel_fn)(int64_t, const float *, const uint16_t *, const uint16_t *, float *,
                              int64_t, int);
-typedef void (*four_panels_fn)(int64_t, const float *, const uint16_t *, int64_t, float *, int64_t,
-                               int);
 
-DEFINE_ONE_PANEL(1)
-DEFINE_ONE_PANEL(2)
-DEFINE_ONE_PANEL(3)
-DEFINE_ONE_PANEL(4)
-DEFINE_ONE_PANEL(5)
-DEFINE_ONE_PANEL(6)
-DEFINE_ONE_PANEL(7)
-DEFINE_ONE_PANEL(8)
-DEFINE_ONE_PANEL(9)
-DEFINE_ONE_PANEL(10)
-DEFINE_ONE_PANEL(11)
-DEFINE_ONE_PANEL(12)
-DEFINE_FOUR_PANELS(1)
-DEFINE_FOUR_PANELS(2)
-DEFINE_FOUR_PANELS(3)
-
-static const one_panel_fn one_panel[CPU_MR_MAX + 1] = {
-    NULL,     tile_1x1, tile_2x1, tile_3x1,  tile_4x1,  tile_5x1, tile_6x1,
-    tile_7x1, tile_8x1, tile_9x1, tile_10x1, tile_11x1, tile_12x1};
-static const four_panels_fn four_panels[4] = {NULL, tile_1x4, tile_2x4, tile_3x4};
+CPU_DEFINE_ALL_BLOCKS(DEFINE_BLOCK, one_panel_fn)
 
 static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                         const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,

@@ -657,6 +657,42 @@ static void describe_plan(const cuda_state *st, const cuda_layer *l, int64_t T, 
   }
 }
 
+/* The fields the mma.sync GEMM (cuda_gemm) and the Hopper GEMMs
+ * (cuda_wgmma_gemm) name alike, for the layer's GEMM1 (w13 into h, the
+ * activation fused) and, on a copy of it, GEMM2 (w2 into y); the A side
+ * and the launch fields are the caller's. */
+template <typename Gemm>
+static void set_gemm1(Gemm *g, const cuda_layer *l, int32_t block_m, __nv_bfloat16 *h) {
+  const moe_config *c = &l->cfg;
+  g->sorted_token_ids = l->sorted_token_ids;
+  g->expert_ids = l->expert_ids;
+  g->num_tokens_post_padded = l->num_tokens_post_padded;
+  g->topk_weights = l->topk_weights;
+  g->bias = l->w13_bias;
+  g->c = h;
+  g->ldc = c->intermediate_size;
+  g->num_local_experts = c->num_local_experts;
+  g->n = (int32_t)(2 * c->intermediate_size);
+  g->k = (int32_t)c->hidden_size;
+  g->block_m = block_m;
+  moe_plan_routed_modes(c, &g->routed_weight, NULL);
+  g->epilogue = CUDA_EPILOGUE_GLU;
+  g->activation = c->activation;
+  g->alpha = c->swiglu_alpha;
+  g->limit = c->swiglu_limit;
+}
+
+template <typename Gemm> static void set_gemm2(Gemm *g, const cuda_layer *l) {
+  const moe_config *c = &l->cfg;
+  g->bias = l->w2_bias;
+  g->c = l->y;
+  g->ldc = c->hidden_size;
+  g->n = (int32_t)c->hidden_size;
+  g->k = (int32_t)c->intermediate_size;
+  moe_plan_routed_modes(c, NULL, &g->routed_weight);
+  g->epilogue = CUDA_EPILOGUE_STORE;
+}
+
 /* Permute, GEMM1 and GEMM2 of the Hopper paths (wgmma tiles or weight
  * streaming), after align ran with the plan's block_m; leaves y as the
  * mma.sync path does. */
@@ -671,45 +707,22 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, plan->block_m);
   CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
                               l->num_tokens_post_padded, slots, c->top_k, rows_bound));
-  moe_gemm_routed_weight routed1, routed2;
-  moe_plan_routed_modes(c, &routed1, &routed2);
   cuda_wgmma_gemm g1;
   memset(&g1, 0, sizeof g1);
+  set_gemm1(&g1, l, plan->block_m, l->h_sorted);
   g1.a_map = stream ? &l->xs_rows_map[rows_index] : &l->xs_map;
   g1.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, 2 * I);
   g1.b_map = &l->w13_map[g1.bn == 256 ? 1 : 0];
-  g1.sorted_token_ids = l->sorted_token_ids;
-  g1.expert_ids = l->expert_ids;
-  g1.num_tokens_post_padded = l->num_tokens_post_padded;
-  g1.topk_weights = l->topk_weights;
-  g1.bias = l->w13_bias;
-  g1.c = l->h_sorted;
-  g1.ldc = I;
   g1.num_slots = slots;
   g1.rows_bound = rows_bound;
-  g1.num_local_experts = EL;
-  g1.n = (int32_t)(2 * I);
-  g1.k = (int32_t)H;
-  g1.block_m = plan->block_m;
-  g1.routed_weight = routed1;
-  g1.epilogue = CUDA_EPILOGUE_GLU;
-  g1.activation = c->activation;
-  g1.alpha = c->swiglu_alpha;
-  g1.limit = c->swiglu_limit;
   g1.overlapped = stream && st->stream_overlap;
   CUDA_TRY(stream ? cuda_stream_gemm_run(st, &g1) : cuda_wgmma_gemm_run(st, &g1));
 
   cuda_wgmma_gemm g2 = g1;
+  set_gemm2(&g2, l);
   g2.a_map = stream ? &l->h_rows_map[rows_index] : &l->h_sorted_map;
   g2.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, H);
   g2.b_map = &l->w2_map[g2.bn == 256 ? 1 : 0];
-  g2.bias = l->w2_bias;
-  g2.c = l->y;
-  g2.ldc = H;
-  g2.n = (int32_t)H;
-  g2.k = (int32_t)I;
-  g2.routed_weight = routed2;
-  g2.epilogue = CUDA_EPILOGUE_STORE;
   return stream ? cuda_stream_gemm_run(st, &g2) : cuda_wgmma_gemm_run(st, &g2);
 }
 
@@ -748,7 +761,7 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
   CUDA_TRY(use_device(st));
   const moe_config *c = &l->cfg;
   const int64_t H = c->hidden_size, I = c->intermediate_size;
-  const int32_t k = c->top_k, EL = c->num_local_experts;
+  const int32_t k = c->top_k;
   const int64_t T = io->num_tokens, t0 = io->first_token;
   const int64_t slots = T * k;
   const size_t slot_bytes = (size_t)slots * 4;
@@ -806,53 +819,30 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
     return reduce_y(st, l, T, out);
   }
 
-  moe_gemm_routed_weight routed1, routed2;
-  moe_plan_routed_modes(c, &routed1, &routed2);
   cuda_gemm g1;
   memset(&g1, 0, sizeof g1);
+  set_gemm1(&g1, l, BM, l->h);
   g1.a = (const bf16 *)x;
   g1.lda = H;
   g1.b = l->w13;
   g1.b_expert_stride = 2 * I * H;
   g1.ldb = H;
-  g1.bias = l->w13_bias;
   g1.bias_stride = 2 * I;
-  g1.sorted_token_ids = l->sorted_token_ids;
-  g1.expert_ids = l->expert_ids;
-  g1.num_tokens_post_padded = l->num_tokens_post_padded;
-  g1.topk_weights = l->topk_weights;
-  g1.c = l->h;
-  g1.ldc = I;
   g1.num_tokens = T;
   g1.top_k = k;
-  g1.num_local_experts = EL;
-  g1.n = (int32_t)(2 * I);
-  g1.k = (int32_t)H;
-  g1.block_m = BM;
   g1.input_per_slot = false;
-  g1.routed_weight = routed1;
-  g1.epilogue = CUDA_EPILOGUE_GLU;
-  g1.activation = c->activation;
-  g1.alpha = c->swiglu_alpha;
-  g1.limit = c->swiglu_limit;
   g1.fixed_tile = c->batch_invariant != 0;
   CUDA_TRY(cuda_gemm_run(st, &g1));
 
   cuda_gemm g2 = g1;
+  set_gemm2(&g2, l);
   g2.a = l->h;
   g2.lda = I;
   g2.b = l->w2;
   g2.b_expert_stride = H * I;
   g2.ldb = I;
-  g2.bias = l->w2_bias;
   g2.bias_stride = H;
-  g2.c = l->y;
-  g2.ldc = H;
-  g2.n = (int32_t)H;
-  g2.k = (int32_t)I;
   g2.input_per_slot = true;
-  g2.routed_weight = routed2;
-  g2.epilogue = CUDA_EPILOGUE_STORE;
   CUDA_TRY(cuda_gemm_run(st, &g2));
   return reduce_y(st, l, T, out);
 }

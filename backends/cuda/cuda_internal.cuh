@@ -347,30 +347,38 @@ moe_status cuda_wgmma_permute(const cuda_state *st, const __nv_bfloat16 *x, __nv
                               int64_t hidden, const int32_t *sorted_token_ids, const int32_t *ntpp,
                               int64_t num_slots, int32_t top_k, int64_t rows_bound);
 
-/* One grouped GEMM of the wgmma path: A rows in sorted order (a_map, box
- * 64 x 128), B = [EL][n][k] (b_map, box 64 x bn). GLU writes
- * c[p][col / 2] for every sorted row p of a local block (zeros for padding
- * rows); STORE writes c[slot][col] for real rows only. */
-struct cuda_wgmma_gemm {
-  const cuda_tma_map *a_map;
-  const cuda_tma_map *b_map;
-  int bn;
+/* The kernel parameters both Hopper GEMMs (gemm_wgmma.cu, gemm_stream.cu)
+ * read; each kernel's own parameters derive from it (passed by value:
+ * trivially copyable). */
+struct hopper_gemm_params {
   const int32_t *sorted_token_ids;
-  const int32_t *expert_ids;
+  const int32_t *expert_ids; /* one per align block */
   const int32_t *num_tokens_post_padded;
   const float *topk_weights;
   const float *bias; /* [EL][n] or NULL */
   __nv_bfloat16 *c;
   int64_t ldc;
   int64_t num_slots;
-  int64_t rows_bound; /* >= *num_tokens_post_padded */
   int32_t num_local_experts;
-  int32_t n, k;
-  int32_t block_m; /* align's; must be CUDA_WGMMA_BLOCK_M */
+  int32_t n; /* weight rows per expert = output columns */
+  int32_t k;
   moe_gemm_routed_weight routed_weight;
+  float alpha, limit; /* of the activation */
+};
+
+/* One grouped GEMM of the wgmma path: A rows in sorted order (a_map, box
+ * 64 x 128), B = [EL][n][k] (b_map, box 64 x bn). GLU writes
+ * c[p][col / 2] for every sorted row p of a local block (zeros for padding
+ * rows); STORE writes c[slot][col] for real rows only. The kernels get its
+ * hopper_gemm_params part as it is; the fields below choose the launch. */
+struct cuda_wgmma_gemm : hopper_gemm_params {
+  const cuda_tma_map *a_map;
+  const cuda_tma_map *b_map;
+  int bn;
+  int64_t rows_bound; /* >= *num_tokens_post_padded */
+  int32_t block_m;    /* align's; must be CUDA_WGMMA_BLOCK_M */
   cuda_epilogue epilogue;
   moe_activation activation;
-  float alpha, limit;
   /* Streaming GEMM only: launched to overlap the kernel before it (which
    * must be the permute or a streaming GEMM: see cuda_stream_gemm_run) */
   bool overlapped;

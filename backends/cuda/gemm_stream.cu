@@ -413,11 +413,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
 /* ---- host side ---------------------------------------------------------- */
 
 template <int NT, int EPI, int CTAS> static bool set_smem_limit() {
-  const cudaError_t err = cudaFuncSetAttribute(stream_gemm_kernel<NT, EPI, CTAS>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               st_shape<NT, CTAS>::SMEM_BYTES);
-  if (err != cudaSuccess) cudaGetLastError();
-  return err == cudaSuccess;
+  return hopper_set_smem_limit(stream_gemm_kernel<NT, EPI, CTAS>, st_shape<NT, CTAS>::SMEM_BYTES);
 }
 
 template <int NT, int CTAS = 1> static bool set_smem_limits() {
@@ -493,7 +489,7 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   const int epi = hopper_epilogue_of(g);
   if (epi < 0) return MOE_ERROR_INTERNAL;
   stream_params p{};
-  static_cast<hopper_gemm_params &>(p) = hopper_gemm_params_from(g);
+  static_cast<hopper_gemm_params &>(p) = *g;
   p.n_tiles = (int32_t)n_tiles;
   p.m_tiles_cap = (int32_t)m_tiles;
   const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);

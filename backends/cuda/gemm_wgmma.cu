@@ -288,11 +288,8 @@ bool cuda_wgmma_available(int cc_major, int cc_minor) {
 }
 
 template <int BN, int STAGES, int EPI> static bool set_smem_limit() {
-  const cudaError_t err = cudaFuncSetAttribute(wgmma_gemm_kernel<BN, STAGES, EPI>,
-                                               cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                               wg_shape<BN, STAGES>::SMEM_BYTES);
-  if (err != cudaSuccess) cudaGetLastError();
-  return err == cudaSuccess;
+  return hopper_set_smem_limit(wgmma_gemm_kernel<BN, STAGES, EPI>,
+                               wg_shape<BN, STAGES>::SMEM_BYTES);
 }
 
 template <int BN, int STAGES> static bool set_smem_limits() {
@@ -383,7 +380,7 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
   const int epi = hopper_epilogue_of(g);
   if (epi < 0) return MOE_ERROR_INTERNAL;
   wgmma_params p{};
-  static_cast<hopper_gemm_params &>(p) = hopper_gemm_params_from(g);
+  static_cast<hopper_gemm_params &>(p) = *g;
   p.m_tiles = (int32_t)m_tiles;
   p.n_tiles = (int32_t)n_tiles;
   CUtensorMap a, b;

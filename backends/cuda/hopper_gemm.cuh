@@ -1,8 +1,10 @@
 /*
  * hopper_gemm.cuh - what the two Hopper grouped GEMMs (gemm_wgmma.cu's
  * 128-row tiles, gemm_stream.cu's weight streaming) share on the host and
- * in their kernel parameters: the fields both kernels read of a
- * cuda_wgmma_gemm, and the epilogue index of their template tables.
+ * in their kernel parameters: the epilogue index of their template tables
+ * and the raise of their shared-memory limit (the fields both kernels
+ * read, hopper_gemm_params, are the base of cuda_wgmma_gemm in
+ * cuda_internal.cuh).
  */
 #ifndef MOE_CUDA_HOPPER_GEMM_CUH
 #define MOE_CUDA_HOPPER_GEMM_CUH
@@ -26,43 +28,6 @@ static_assert(HOPPER_GLU_SWIGLU - 1 == MOE_ACTIVATION_SWIGLU &&
                   HOPPER_GLU_SWIGLU_CLAMP - 1 == MOE_ACTIVATION_SWIGLU_CLAMP,
               "HOPPER_GLU_* = 1 + the activation");
 
-/* The kernel parameters both GEMMs read; each kernel's own parameters
- * derive from it (passed by value: trivially copyable). */
-struct hopper_gemm_params {
-  const int32_t *sorted_token_ids;
-  const int32_t *expert_ids; /* one per align block */
-  const int32_t *num_tokens_post_padded;
-  const float *topk_weights;
-  const float *bias; /* [EL][n] or NULL */
-  __nv_bfloat16 *c;
-  int64_t ldc;
-  int64_t num_slots;
-  int32_t num_local_experts;
-  int32_t n; /* weight rows per expert = output columns */
-  int32_t k;
-  moe_gemm_routed_weight routed_weight;
-  float alpha, limit; /* of the activation */
-};
-
-static inline hopper_gemm_params hopper_gemm_params_from(const cuda_wgmma_gemm *g) {
-  hopper_gemm_params p{};
-  p.sorted_token_ids = g->sorted_token_ids;
-  p.expert_ids = g->expert_ids;
-  p.num_tokens_post_padded = g->num_tokens_post_padded;
-  p.topk_weights = g->topk_weights;
-  p.bias = g->bias;
-  p.c = g->c;
-  p.ldc = g->ldc;
-  p.num_slots = g->num_slots;
-  p.num_local_experts = g->num_local_experts;
-  p.n = g->n;
-  p.k = g->k;
-  p.routed_weight = g->routed_weight;
-  p.alpha = g->alpha;
-  p.limit = g->limit;
-  return p;
-}
-
 /* g's epilogue as an index of the kernels' tables, or -1 (with the error
  * set) for a GLU of an activation the kernels were not built for. */
 static inline int hopper_epilogue_of(const cuda_wgmma_gemm *g) {
@@ -73,6 +38,15 @@ static inline int hopper_epilogue_of(const cuda_wgmma_gemm *g) {
     return -1;
   }
   return 1 + (int)g->activation;
+}
+
+/* Raises kernel's dynamic shared-memory limit to bytes on the current
+ * device; false (the error cleared) when the device refuses. */
+template <typename Kernel> static inline bool hopper_set_smem_limit(Kernel *kernel, int bytes) {
+  const cudaError_t err =
+      cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize, bytes);
+  if (err != cudaSuccess) cudaGetLastError();
+  return err == cudaSuccess;
 }
 
 #endif /* MOE_CUDA_HOPPER_GEMM_CUH */

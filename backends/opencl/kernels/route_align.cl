@@ -13,23 +13,6 @@
  * the same expert in the chunk, so the order never depends on timing.
  */
 
-/* The routing parameters from the kernels' scalar arguments. */
-inline moe_rl_params moe_route_params(int num_experts, int top_k, int scoring_sigmoid,
-                                      int renormalize, int num_groups, int topk_groups,
-                                      int group_top2_sum, int has_bias, float scaling) {
-  moe_rl_params p;
-  p.num_experts = num_experts;
-  p.top_k = top_k;
-  p.scoring_sigmoid = scoring_sigmoid;
-  p.renormalize = renormalize;
-  p.num_groups = num_groups;
-  p.topk_groups = topk_groups;
-  p.group_top2_sum = group_top2_sum;
-  p.has_bias = has_bias;
-  p.scaling = scaling;
-  return p;
-}
-
 /* restrict: the rule rereads a token's logits k times; read-only loads let
  * them stay in the first-level cache (measured 15x faster for E = 128). */
 __kernel void moe_route(int num_tokens, __global const float *restrict logits,
@@ -40,8 +23,8 @@ __kernel void moe_route(int num_tokens, __global const float *restrict logits,
   int t = get_global_id(0);
   if (t >= num_tokens) return;
   const moe_rl_params p =
-      moe_route_params(num_experts, top_k, scoring_sigmoid, renormalize, num_groups, topk_groups,
-                       group_top2_sum, correction_bias != 0, routed_scaling_factor);
+      moe_rl_params_make(num_experts, top_k, scoring_sigmoid, renormalize, num_groups, topk_groups,
+                         group_top2_sum, correction_bias != 0, routed_scaling_factor);
   moe_rl_route_token(logits + (long)t * num_experts, correction_bias, &p,
                      topk_ids + (long)t * top_k, topk_weights + (long)t * top_k);
 }
@@ -82,8 +65,8 @@ moe_route_parallel(int num_tokens, __global const float *restrict logits,
    * final block ran on every work-item). */
   const int t = get_group_id(0), lid = get_local_id(0);
   const moe_rl_params p =
-      moe_route_params(num_experts, top_k, scoring_sigmoid, renormalize, num_groups, topk_groups,
-                       group_top2_sum, correction_bias != 0, routed_scaling_factor);
+      moe_rl_params_make(num_experts, top_k, scoring_sigmoid, renormalize, num_groups, topk_groups,
+                         group_top2_sum, correction_bias != 0, routed_scaling_factor);
   __global const float *row_logits = logits + (long)t * num_experts;
   const moe_rl_row row = moe_rl_row_stats(row_logits, &p);
   for (int e = lid; e < num_experts; e += MOE_ROUTE_WG) {

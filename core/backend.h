@@ -127,7 +127,6 @@ typedef enum moe_option_id {
   MOE_OPTION_CUDA_STREAM_CTAS,       /* choice: 0 one CTA per SM, 1 two */
   MOE_OPTION_CUDA_STREAM_MAX_ROWS,   /* integer or auto (-1) */
   MOE_OPTION_CUDA_WGMMA_MIN_ROWS,    /* integer or auto (-1) */
-  MOE_OPTION_CUDA_DECODE_ROUTE,      /* choice: 0 fused, 1 kernel */
   MOE_OPTION_CUDA_STREAM_BLOCK,      /* choice: 0 auto, 1 16, 2 32, 3 64, 4 128 */
   MOE_OPTION_COUNT
 } moe_option_id;

@@ -60,8 +60,6 @@ static const option_spec specs[MOE_OPTION_COUNT] = {
                                         INT32_MAX},
     [MOE_OPTION_CUDA_STREAM_BLOCK] = {"cuda.stream_block", MOE_BACKEND_CUDA, "auto|16|32|64|128",
                                       "auto", 0, 0},
-    [MOE_OPTION_CUDA_DECODE_ROUTE] = {"cuda.decode_route", MOE_BACKEND_CUDA, "fused|kernel",
-                                      "fused", 0, 0},
 };
 
 const char *moe_option_default(moe_option_id id) {

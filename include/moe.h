@@ -189,10 +189,6 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           token; reference: one thread per token)
  *   cuda.decode_pdl         on|off   overlapped launches of the decode
  *                           kernels (Hopper)
- *   cuda.decode_route       fused|kernel   the decode kernels route their
- *                           own token (fused: no routing launch) or read
- *                           the picks of a routing kernel; cuda.routing
- *                           other than auto means kernel
  *   cuda.decode_persistent  on|off   one-wave grids for the decode kernels
  *                           (off: grids as large as the work)
  *   cuda.wgmma_bn           auto|128|256   column tile of the wgmma path

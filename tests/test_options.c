@@ -38,7 +38,6 @@ static const option_values documented[] = {
     {"cuda.gemv_max_rows", MOE_BACKEND_CUDA, {"1", "0", "64"}},
     {"cuda.routing", MOE_BACKEND_CUDA, {"auto", "warp", "reference"}},
     {"cuda.decode_pdl", MOE_BACKEND_CUDA, {"on", "off"}},
-    {"cuda.decode_route", MOE_BACKEND_CUDA, {"fused", "kernel"}},
     {"cuda.stream_block", MOE_BACKEND_CUDA, {"auto", "16", "32", "64", "128"}},
     {"cuda.stream_overlap", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.stream_ctas", MOE_BACKEND_CUDA, {"2", "1"}},

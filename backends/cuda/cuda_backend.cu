@@ -84,7 +84,6 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->gemv_max_rows = -1; /* grouped_gemm.cu's GEMV_MAX_ROWS_PER_EXPERT */
   st->routing_option = MOE_CUDA_ROUTING_AUTO;
   st->decode_pdl = true;
-  st->decode_route_fused = true;
   st->stream_overlap = true;
   st->stream_ctas = 2; /* bench/cuda_notes.md item 19 */
   st->decode_persistent = true;
@@ -548,12 +547,15 @@ static int32_t stream_block(const cuda_state *st, int64_t rows_per_expert) {
   return block;
 }
 
-static int64_t stream_max_rows(const cuda_state *st) {
-  return st->stream_max_rows >= 0 ? st->stream_max_rows : st->tuning->stream_max_rows;
-}
-
 static int64_t wgmma_min_rows(const cuda_state *st) {
   return st->wgmma_min_rows >= 0 ? st->wgmma_min_rows : st->tuning->wgmma_min_rows;
+}
+
+/* The option, else the row's for a layer of that many local experts. */
+static int64_t stream_max_rows(const cuda_state *st, int32_t local_experts) {
+  if (st->stream_max_rows >= 0) return st->stream_max_rows;
+  return local_experts >= st->tuning->mma_min_experts ? st->tuning->stream_max_rows
+                                                      : wgmma_min_rows(st) - 1;
 }
 
 static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t T, const void *x,
@@ -570,7 +572,8 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows)};
   if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0};
   if (hopper && rows >= wgmma_min_rows(st)) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
-  if (hopper && rows <= stream_max_rows(st)) return {CUDA_PATH_STREAM, stream_block(st, rows)};
+  if (hopper && rows <= stream_max_rows(st, c->num_local_experts))
+    return {CUDA_PATH_STREAM, stream_block(st, rows)};
   return {CUDA_PATH_MMA, cuda_gemm_pick_block_m(st, slots, c->num_local_experts,
                                                 2 * c->intermediate_size, c->hidden_size)};
 }
@@ -786,20 +789,9 @@ static moe_status cuda_forward(const cuda_state *st, const cuda_layer *l,
   const cuda_decode d = decode_args(l, T, x, out);
   const cuda_plan plan = plan_forward(st, l, T, x, &d);
   if (plan.path == CUDA_PATH_DECODE) {
-    cuda_decode routed = d;
-    /* The decode kernels route their own token (no routing launch) unless
-     * option cuda.decode_route=kernel, or cuda.routing forces a routing
-     * kernel, asks otherwise. */
-    if (logits && st->decode_route_fused && st->routing_option == MOE_CUDA_ROUTING_AUTO) {
-      routed.rl = moe_rl_params_from_args(&route);
-      routed.route = routed.rl.num_groups > 1 ? CUDA_DECODE_ROUTE_GROUPED : CUDA_DECODE_ROUTE_PLAIN;
-      routed.logits = (const float *)logits;
-      routed.correction_bias = l->correction_bias;
-    } else if (logits) {
-      CUDA_TRY(cuda_route(st, &route));
-    }
-    CUDA_TRY(cuda_decode_run(st, &routed));
-    return capture_picks(st, l, io, slot_bytes);
+    if (logits) CUDA_TRY(cuda_route(st, &route));
+    CUDA_TRY(capture_picks(st, l, io, slot_bytes));
+    return cuda_decode_run(st, &d);
   }
   const int32_t BM = plan.block_m;
 
@@ -874,9 +866,6 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_DECODE_PDL:
     st->decode_pdl = parsed == 0; /* on|off */
-    break;
-  case MOE_OPTION_CUDA_DECODE_ROUTE:
-    st->decode_route_fused = parsed == 0; /* fused|kernel */
     break;
   case MOE_OPTION_CUDA_STREAM_CTAS:
     st->stream_ctas = (int)parsed + 1; /* 1|2 */

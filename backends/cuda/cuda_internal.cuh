@@ -7,7 +7,6 @@
 #define MOE_CUDA_INTERNAL_CUH
 
 #include "backend.h"
-#include "routing.h"
 
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
@@ -28,8 +27,11 @@ struct cuda_tuning {
   int64_t decode_max_elements;
   /* Hopper (sm_90a kernels): the streaming GEMM up to stream_max_rows
    * rows per expert, the mma.sync tiles above it, the 128-row wgmma tiles
-   * from wgmma_min_rows. */
+   * from wgmma_min_rows. The mma.sync band applies to layers with at least
+   * mma_min_experts local experts; with fewer, streaming runs up to
+   * wgmma_min_rows - 1. */
   int64_t stream_max_rows, wgmma_min_rows;
+  int32_t mma_min_experts;
   /* The streaming GEMM's token block: 16 rows up to [0] rows per expert,
    * 32 up to [1], 64 up to [2], else 128. */
   int64_t stream_block_max_rows[3];
@@ -62,7 +64,6 @@ struct cuda_state {
   int64_t gemv_max_rows;   /* cuda.gemv_max_rows; -1: the measured default (1) */
   int routing_option;      /* cuda.routing: MOE_CUDA_ROUTING_* */
   bool decode_pdl;         /* cuda.decode_pdl */
-  bool decode_route_fused; /* cuda.decode_route=fused */
   bool stream_overlap;     /* cuda.stream_overlap */
   int stream_ctas;         /* cuda.stream_ctas: 1 or 2 per SM at token block 16 */
   bool decode_persistent;  /* cuda.decode_persistent */
@@ -263,29 +264,14 @@ moe_status cuda_transpose(const cuda_state *st, const __nv_bfloat16 *src, __nv_b
 /* One forward of a few tokens after routing: x [T][hidden], the layer's
  * repacked weights (w13 [EL][2I][H] gate/up interleaved, w2 [EL][H][I]),
  * h [T*k][I] scratch, out [T][hidden]. */
-/* Where the decode kernels get a token's picks: the workspace (a routing
- * kernel or the caller's picks filled it), or routing the token's logits
- * themselves, with or without the expert-group steps. */
-enum cuda_decode_route {
-  CUDA_DECODE_ROUTE_NONE,
-  CUDA_DECODE_ROUTE_PLAIN,
-  CUDA_DECODE_ROUTE_GROUPED
-};
-
 struct cuda_decode {
   const __nv_bfloat16 *x;
   const __nv_bfloat16 *w13;
   const __nv_bfloat16 *w2;
   const float *w13_bias; /* [EL][2I] interleaved, or NULL */
   const float *w2_bias;  /* [EL][H], or NULL */
-  /* The workspace's picks: read (route NONE), or written by
-   * decode_up_kernel for the capture of the routing (other routes). */
-  int32_t *topk_ids;
-  float *topk_weights;
-  cuda_decode_route route;
-  const float *logits;          /* [T][E] (route != NONE) */
-  const float *correction_bias; /* [E] or NULL */
-  moe_rl_params rl;
+  const int32_t *topk_ids;
+  const float *topk_weights;
   const int32_t *expert_map; /* or NULL */
   __nv_bfloat16 *h;
   __nv_bfloat16 *out;

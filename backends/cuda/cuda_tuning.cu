@@ -18,19 +18,26 @@
  * 4.8). Streaming wins over the mma.sync tiles at every row count below
  * the wgmma tiles' 32 rows per expert (cuda_notes items 17-18).
  *
- * H100 class: every other sm_90 device (H100 SXM: 3.35 TB/s). Its lower
- * read rate makes the streaming GEMM's fixed costs weigh more against the
- * mma.sync tiles between 8 and 31 rows per expert (item 19: the stream
- * path lost 6-8% at Qwen3 and DeepSeek 256 tokens against the tiles'
- * earlier run); the boundary below is the A/B of item 20.
+ * H100 class: every other sm_90 device (H100 SXM: 3.35 TB/s). A/B runs on
+ * an H100 (bench/results.md, "The CUDA plan on an NVIDIA H100"; cuda_notes
+ * item 20) found the mma.sync tiles faster than streaming from 8 rows per
+ * expert where a layer has many experts (DeepSeek-V3, 256: 10% at 8 rows,
+ * 24% at 16; Qwen3, 128: 2% at 16 rows, 3% slower at 8) and slower where
+ * it has few (ernie 64, gpt-oss 32, Mixtral 8: 1-9% slower at 6-24 rows);
+ * so the band starts at 8 rows for 128 experts or more. With fewer, a
+ * 32-row token block from 16 rows was 5% faster for gpt-oss and Mixtral at
+ * 16 rows (a 16-row block streams the weights of an expert with more rows
+ * than that twice).
  *
  * Generic: everything else (sm_80, sm_89, sm_100 without the sm_90a
  * kernels). The Hopper fields are then unused: the mma.sync tiles run.
  */
 static const cuda_tuning rows[] = {
-    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, {16, 32, 64}},
-    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 31, 32, {16, 32, 64}},
-    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, {16, 32, 64}},
+    /* class, major, min GB/s, decode tokens (>= 64 experts, fewer), decode T x H,
+     * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks */
+    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}},
+    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}},
 };
 
 double cuda_peak_read_gbps(int device) {

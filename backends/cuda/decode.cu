@@ -42,7 +42,6 @@
  */
 #include "activation_math.cuh"
 #include "cuda_internal.cuh"
-#include "route_warp.cuh"
 
 #include <stdlib.h>
 #include <string.h>
@@ -110,17 +109,6 @@ __device__ __forceinline__ float warp_sum(float v) {
   return v;
 }
 
-/* Token t's picks routed by warp 0 of the CTA into shared memory (route
- * != NONE; the caller synchronizes). The logits are the forward's input,
- * complete before the forward's first kernel started. */
-template <int ROUTE>
-__device__ __forceinline__ void route_own_token(const cuda_decode &p, int64_t t, int32_t *ids,
-                                                float *weights) {
-  if (ROUTE != CUDA_DECODE_ROUTE_NONE && threadIdx.x < 32)
-    route_token_warp<ROUTE == CUDA_DECODE_ROUTE_GROUPED>(p.logits + t * p.num_experts,
-                                                         p.correction_bias, p.rl, ids, weights);
-}
-
 /*
  * Grid: (CTAs per token, num_tokens). A warp item is (pick j, gate/up pair
  * i) of token t, k x inter of them; the CTAs of a token walk them
@@ -130,33 +118,22 @@ __device__ __forceinline__ void route_own_token(const cuda_decode &p, int64_t t,
  * leave (option cuda.decode_persistent=off: one item a warp, for A/B runs).
  * Shared: x[t] (hidden), then the local expert of each of t's picks.
  */
-template <int ROUTE>
 __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_up[];
-  __shared__ int32_t routed_ids[MOE_MAX_TOP_K];
-  __shared__ float routed_weights[MOE_MAX_TOP_K];
   const int K = p.hidden;
   bf16 *xs = (bf16 *)smem_up;
   int *pick_expert = (int *)(xs + K); /* hidden % 8 == 0: 16-byte aligned */
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int64_t t = blockIdx.y, first_slot = t * p.top_k;
-  /* x is the forward's input, complete before the route kernel started
-   * (or, routing here, before this plain launch started): staged before
-   * waiting for the route (overlapped launch, see the file comment). */
-  route_own_token<ROUTE>(p, t, routed_ids, routed_weights);
+  /* x is the forward's input, complete before the route kernel started:
+   * staged before waiting for the route (overlapped launch, see the file
+   * comment). */
   stage_rows<4>(xs, p.x + t * K, 1, K, [](int) { return true; });
   cuda_grid_dependency_wait();
   cuda_allow_dependents(); /* decode_down_kernel may get resident during our tail */
-  const bool routed_here = ROUTE != CUDA_DECODE_ROUTE_NONE;
-  if (routed_here) __syncthreads(); /* warp 0's picks */
-  for (int j = threadIdx.x; j < p.top_k; j += blockDim.x) {
-    const int32_t id = routed_here ? routed_ids[j] : p.topk_ids[first_slot + j];
-    pick_expert[j] = cuda_local_expert(id, p.expert_map, p.num_experts, p.num_local);
-    if (routed_here && blockIdx.x == 0) { /* the workspace's picks, for the capture */
-      p.topk_ids[first_slot + j] = id;
-      p.topk_weights[first_slot + j] = routed_weights[j];
-    }
-  }
+  for (int j = threadIdx.x; j < p.top_k; j += blockDim.x)
+    pick_expert[j] =
+        cuda_local_expert(p.topk_ids[first_slot + j], p.expert_map, p.num_experts, p.num_local);
   __syncthreads();
 
   const int items = p.top_k * p.inter; /* cuda_decode_wanted: twice this fits an int */
@@ -195,9 +172,7 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_up_kernel(const cuda
     const int64_t slot = first_slot + j;
     const moe_gemm_routed_weight mode =
         p.weight_on_input ? MOE_GEMM_ROUTED_WEIGHT_BEFORE_BIAS : MOE_GEMM_ROUTED_WEIGHT_NONE;
-    const float weight = !p.weight_on_input ? 1.0f
-                         : routed_here      ? routed_weights[j]
-                                            : p.topk_weights[slot];
+    const float weight = p.weight_on_input ? p.topk_weights[slot] : 1.0f;
     const float *bias = p.w13_bias ? p.w13_bias + (int64_t)e * 2 * p.inter + 2 * pair : NULL;
     const float g = cuda_apply_routed(acc_gate, bias ? bias[0] : 0.0f, weight, mode);
     const float u = cuda_apply_routed(acc_up, bias ? bias[1] : 0.0f, weight, mode);
@@ -236,7 +211,6 @@ __host__ __device__ inline int down_row_groups(int top_k) {
  * reduce. A warp issues its first batch of the next tile before that
  * reduce, so its loads are in flight across the barriers.
  */
-template <int ROUTE>
 __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cuda_decode p) {
   extern __shared__ uint4 smem_down[];
   const int K = p.inter, top_k = p.top_k;
@@ -251,28 +225,17 @@ __global__ void __launch_bounds__(DECODE_WARPS * 32) decode_down_kernel(const cu
   const int loads_per_row = (K + DECODE_DOWN_SPAN - 1) / DECODE_DOWN_SPAN;
 
   static_assert(MOE_MAX_TOP_K <= 32, "lane j holds pick j");
-  /* Routing here too (ROUTE != NONE): the picks are known before waiting
-   * for decode_up_kernel, so the first weights are requested early. */
-  __shared__ int32_t routed_ids[MOE_MAX_TOP_K];
-  __shared__ float routed_weights[MOE_MAX_TOP_K];
-  const bool routed_here = ROUTE != CUDA_DECODE_ROUTE_NONE;
-  if (routed_here) {
-    route_own_token<ROUTE>(p, t, routed_ids, routed_weights);
-    __syncthreads();
-  }
   int pick_expert = -1; /* lane j: pick j's local expert */
   if (lane < top_k)
-    pick_expert = cuda_local_expert(routed_here ? routed_ids[lane] : p.topk_ids[first_slot + lane],
-                                    p.expert_map, p.num_experts, p.num_local);
+    pick_expert =
+        cuda_local_expert(p.topk_ids[first_slot + lane], p.expert_map, p.num_experts, p.num_local);
   /* The reduce's view of the picks, read once: read per row, they were a
    * chain of k dependent global loads in every tile's reduce. */
   __shared__ int reduce_expert[MOE_MAX_TOP_K];
   __shared__ float reduce_weight[MOE_MAX_TOP_K];
   if (warp == 0 && lane < top_k) {
     reduce_expert[lane] = pick_expert;
-    reduce_weight[lane] = p.weight_on_input ? 1.0f
-                          : routed_here     ? routed_weights[lane]
-                                            : p.topk_weights[first_slot + lane];
+    reduce_weight[lane] = p.weight_on_input ? 1.0f : p.topk_weights[first_slot + lane];
   }
 
   /* The weight row this lane reads for pair q of tile `tile_index` (NULL:
@@ -363,37 +326,15 @@ static size_t down_smem(const cuda_decode *d) {
          (size_t)d->top_k * (size_t)down_tile(d) * sizeof(float);
 }
 
-/* The kernels of one way of getting the picks. */
-struct decode_kernels {
-  void (*up)(const cuda_decode);
-  void (*down)(const cuda_decode);
-};
-
-static decode_kernels kernels_of(cuda_decode_route route) {
-  switch (route) {
-  case CUDA_DECODE_ROUTE_PLAIN:
-    return {decode_up_kernel<CUDA_DECODE_ROUTE_PLAIN>, decode_down_kernel<CUDA_DECODE_ROUTE_PLAIN>};
-  case CUDA_DECODE_ROUTE_GROUPED:
-    return {decode_up_kernel<CUDA_DECODE_ROUTE_GROUPED>,
-            decode_down_kernel<CUDA_DECODE_ROUTE_GROUPED>};
-  default:
-    return {decode_up_kernel<CUDA_DECODE_ROUTE_NONE>, decode_down_kernel<CUDA_DECODE_ROUTE_NONE>};
-  }
-}
-
 moe_status cuda_decode_init(void) {
-  const cuda_decode_route routes[] = {CUDA_DECODE_ROUTE_NONE, CUDA_DECODE_ROUTE_PLAIN,
-                                      CUDA_DECODE_ROUTE_GROUPED};
-  for (cuda_decode_route route : routes) {
-    const decode_kernels k = kernels_of(route);
-    CUDA_TRY(cuda_status(cudaFuncSetAttribute(k.up, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int)DECODE_MAX_SMEM),
-                         "cudaFuncSetAttribute of decode_up_kernel"));
-    CUDA_TRY(cuda_status(cudaFuncSetAttribute(k.down, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                              (int)DECODE_MAX_SMEM),
-                         "cudaFuncSetAttribute of decode_down_kernel"));
-  }
-  return MOE_SUCCESS;
+  CUDA_TRY(cuda_status(cudaFuncSetAttribute(decode_up_kernel,
+                                            cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                            (int)DECODE_MAX_SMEM),
+                       "cudaFuncSetAttribute of decode_up_kernel"));
+  return cuda_status(cudaFuncSetAttribute(decode_down_kernel,
+                                          cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                          (int)DECODE_MAX_SMEM),
+                     "cudaFuncSetAttribute of decode_down_kernel");
 }
 
 bool cuda_decode_wanted(const cuda_state *st, const cuda_decode *d) {
@@ -441,21 +382,17 @@ moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d) {
   st = &overlapped;
   const dim3 block(DECODE_WARPS * 32);
   const int64_t up_work = ((int64_t)d->top_k * d->inter + DECODE_WARPS - 1) / DECODE_WARPS;
-  const decode_kernels k = kernels_of(d->route);
-  const dim3 up_grid(grid_per_token(st, (const void *)k.up, up_smem(d), up_work, d->num_tokens),
-                     (unsigned)d->num_tokens);
-  /* Routing its own token, decode_up_kernel is the forward's first kernel:
-   * a plain launch, so that x and the logits it reads before waiting are
-   * complete (they may be the previous kernel's output). */
-  const bool up_dependent = d->route == CUDA_DECODE_ROUTE_NONE;
-  cudaError_t err = cuda_launch(st, up_dependent, k.up, up_grid, block, up_smem(d), *d);
+  const dim3 up_grid(
+      grid_per_token(st, (const void *)decode_up_kernel, up_smem(d), up_work, d->num_tokens),
+      (unsigned)d->num_tokens);
+  cudaError_t err = cuda_launch(st, true, decode_up_kernel, up_grid, block, up_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_up_kernel launch");
   CUDA_TRY(cuda_launch_status("decode_up_kernel"));
   const int64_t down_work = (d->hidden + down_tile(d) - 1) / down_tile(d);
   const dim3 down_grid(
-      grid_per_token(st, (const void *)k.down, down_smem(d), down_work, d->num_tokens),
+      grid_per_token(st, (const void *)decode_down_kernel, down_smem(d), down_work, d->num_tokens),
       (unsigned)d->num_tokens);
-  err = cuda_launch(st, true, k.down, down_grid, block, down_smem(d), *d);
+  err = cuda_launch(st, true, decode_down_kernel, down_grid, block, down_smem(d), *d);
   if (err != cudaSuccess) return cuda_status(err, "decode_down_kernel launch");
   return cuda_launch_status("decode_down_kernel");
 }

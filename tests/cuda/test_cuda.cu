@@ -331,14 +331,14 @@ Test(cuda, decode_kernel_variants) {
   set_option("cuda.path", "auto");
 }
 
-/* The decode path (decode.cu: GEMM1 and GEMM2 indexed by the slots'
- * experts, each routing its own token, the reduce in GEMM2): forced over
- * every variant at 1, 3 and 9 tokens, and over every other variant with
- * the picks of the routing kernel (cuda.decode_route=kernel); rows with tails past a round (hidden
- * 2056: 8 chunks of 256 plus one; inter 1032: two load batches of GEMM2), top_k 6 (a group of 4 and
- * one of 2) with expert parallelism, plain launches and work-sized grids, and the default rule
- * (here 1 and 2 tokens take the path, 4 do not). The default grids are one wave, so these shapes
- * walk several items a warp and several tiles a CTA. */
+/* The decode path (decode.cu: route, then GEMM1 and GEMM2 indexed by the
+ * slots' experts, the reduce in GEMM2): forced over every variant at 1, 3
+ * and 9 tokens; rows with tails past a round (hidden 2056: 8 chunks of 256
+ * plus one; inter 1032: two load batches of GEMM2), top_k 6 (a group of 4 and one
+ * of 2) with expert parallelism, plain launches and work-sized grids, and
+ * the default rule (here 1 and 2 tokens take the path, 4 do not). The
+ * default grids are one wave, so these shapes walk several items a warp
+ * and several tiles a CTA. */
 Test(cuda, decode_path_variants) {
   require_cuda();
   set_option("cuda.path", "decode");
@@ -356,12 +356,6 @@ Test(cuda, decode_path_variants) {
     odd.w13_bias = odd.w2_bias = true;
     layer_case(&odd);
   }
-  set_option("cuda.decode_route", "kernel");
-  for (int variant = 0; variant < 7; variant += 2) {
-    th_layer_spec s = variant_spec(variant, 3, 0xd000 + variant);
-    layer_case(&s);
-  }
-  set_option("cuda.decode_route", "fused");
   set_option("cuda.decode_pdl", "off"); /* plain launches too */
   for (int variant = 0; variant < 7; variant += 3) {
     th_layer_spec s = variant_spec(variant, 2, 0xce00 + variant);

@@ -32,6 +32,9 @@ struct moe_context {
   /* The options as last set (moe_context_get_option); the backend keeps
    * the parsed values. */
   char option_values[MOE_OPTION_COUNT][MOE_OPTION_VALUE_SIZE];
+  /* $MOE_TUNING_DIR as it was when the context was created ("" if unset
+   * or too long): the deployment's tuning cache (core/tuning.c). */
+  char tuning_dir[1024];
 };
 
 struct moe_buffer {

@@ -76,6 +76,10 @@ moe_status moe_context_adopt(const moe_backend_ops *ops, void *state, const char
   c->state = state;
   snprintf(c->device_name, sizeof c->device_name, "%s", device_name ? device_name : "");
   moe_options_init(c);
+  /* The one deployment variable of tuning, read once, here. */
+  const char *tuning_dir = getenv("MOE_TUNING_DIR");
+  if (tuning_dir && strlen(tuning_dir) < sizeof c->tuning_dir)
+    memcpy(c->tuning_dir, tuning_dir, strlen(tuning_dir) + 1);
   *ctx = c;
   return MOE_SUCCESS;
 }

@@ -270,7 +270,7 @@ void moe_tuning_cache_load(moe_layer *layer) {
   const bool look = !layer->tuning_cache_tried && !layer->tuning_count;
   layer->tuning_cache_tried = true;
   pthread_mutex_unlock(&layer->ctx->lock);
-  const char *dir = look ? getenv("MOE_TUNING_DIR") : NULL;
+  const char *dir = look ? layer->ctx->tuning_dir : NULL;
   if (!dir || !*dir) return;
   tuning_key key;
   make_key(layer, &key);
@@ -483,8 +483,8 @@ moe_status moe_layer_tune(moe_layer *layer, const int64_t *token_counts, int n,
   }
   install(layer, table, n);
   /* The deployment's cache, best effort. */
-  const char *dir = getenv("MOE_TUNING_DIR");
-  if (dir && *dir) {
+  const char *dir = layer->ctx->tuning_dir;
+  if (*dir) {
     tuning_key key;
     make_key(layer, &key);
     char path[4096];

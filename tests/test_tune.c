@@ -194,22 +194,30 @@ Test(tune, save_load_round_trip) {
     free(oa);
     free(ob);
   }
-  /* The cache: MOE_TUNING_DIR gets the tuned table, a new layer's reserve
-   * loads it. */
+  /* The cache: MOE_TUNING_DIR (read when a context is created) gets the
+   * tuned table, a new layer's reserve loads it. */
   char dir[512];
   snprintf(dir, sizeof dir, "%s/moe_test_tune_%ld_dir", P_tmpdir, (long)getpid());
   char cmd[600];
   snprintf(cmd, sizeof cmd, "mkdir -p '%s'", dir);
   TH_ASSERT(system(cmd) == 0, "cannot create %s", dir);
   setenv("MOE_TUNING_DIR", dir, 1);
-  TH_OK(moe_layer_tune(a, counts, 2, cands, nc, NULL));
-  moe_layer *c = make_layer(&d);
+  moe_context *cached = NULL;
+  TH_OK(moe_context_create(moe_context_backend(th_ctx()), 0, &cached));
   unsetenv("MOE_TUNING_DIR");
+  moe_layer *tuned_there = NULL, *c = NULL;
+  TH_OK(moe_layer_create(cached, &d.cfg, &d.weights, &tuned_there));
+  TH_OK(moe_layer_reserve(tuned_there, d.num_tokens));
+  TH_OK(moe_layer_tune(tuned_there, counts, 2, cands, nc, NULL));
+  TH_OK(moe_layer_create(cached, &d.cfg, &d.weights, &c));
+  TH_OK(moe_layer_reserve(c, d.num_tokens));
   TH_ASSERT(moe_layer_tuning_count(c) == 2, "reserve loaded %d points from the cache",
             moe_layer_tuning_count(c));
   snprintf(cmd, sizeof cmd, "rm -rf '%s'", dir);
   TH_ASSERT(system(cmd) == 0, "cannot remove %s", dir);
   moe_layer_destroy(c);
+  moe_layer_destroy(tuned_there);
+  moe_context_destroy(cached);
   remove(path);
   moe_layer_destroy(a);
   moe_layer_destroy(b);

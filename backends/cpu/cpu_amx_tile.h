@@ -50,7 +50,11 @@
 #include <string.h>
 
 #define CPU_AMX_PAIRS 16 /* k-pairs per full tile step (64 bytes of A row) */
+/* Steps of prefetch distance; 0 turns the hint off (a compile-time
+ * definition, for A/B builds: bench/results.md, "CPU AMX path"). */
+#ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
+#endif
 
 /* Requests the B rows of step `ahead` steps after k-pair kp of panel p
  * (steps of `pairs` k-pairs over [kp_begin, kp_end) in every panel). */
@@ -136,8 +140,9 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       }
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
-        cpu_amx_prefetch_b(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                           CPU_AMX_PREFETCH_STEPS);
+        if (CPU_AMX_PREFETCH_STEPS > 0)
+          cpu_amx_prefetch_b(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                             CPU_AMX_PREFETCH_STEPS);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);

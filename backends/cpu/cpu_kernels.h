@@ -54,19 +54,30 @@
 
 #include <stdint.h>
 
-#define CPU_PANEL_COLS 32  /* output columns per packed panel */
-#define CPU_PANEL_PAIR 64  /* uint16 elements per k-pair of a panel */
-#define CPU_MR_MAX 12      /* rows per tile kernel call (vector paths) */
+#define CPU_PANEL_COLS 32 /* output columns per packed panel */
+#define CPU_PANEL_PAIR 64 /* uint16 elements per k-pair of a panel */
+#define CPU_MR_MAX 12     /* rows per tile kernel call (vector paths) */
+/* The blocking below may be overridden at compile time (-D...) for A/B
+ * builds on a machine at hand; the defaults are the measured ones
+ * (bench/results.md, "CPU AMX path"). CPU_KC_PAIRS must stay a multiple of
+ * 16: the AMX tile steps, and so the bits, depend on it otherwise. */
+#ifndef CPU_GROUP_PANELS
 #define CPU_GROUP_PANELS 8 /* panels per work item */
-#define CPU_KC_PAIRS 256   /* k-pairs per K block (A tile fits L1, B slices L2) */
-#define CPU_MC_ROWS 48     /* rows per work item (vector paths) */
+#endif
+#ifndef CPU_KC_PAIRS
+#define CPU_KC_PAIRS 256 /* k-pairs per K block (A tile fits L1, B slices L2) */
+#endif
+_Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
+#define CPU_MC_ROWS 48                           /* rows per work item (vector paths) */
 #define CPU_A_STRIDE_F32 (2 * CPU_KC_PAIRS + 16) /* floats between packed A rows */
 #define CPU_A_STRIDE_U32 (CPU_KC_PAIRS + 16)     /* uint32 between packed A rows */
 
 /* The AMX path: two 16-row tiles of A per call (4 accumulator tiles of
  * 16 x 16 live), two such calls per work item. */
 #define CPU_AMX_TILE_ROWS 32
+#ifndef CPU_AMX_ITEM_ROWS
 #define CPU_AMX_ITEM_ROWS 64
+#endif
 /* Below this many rows per tile call, the AMX path may hand a tile to a
  * vector kernel (see cpu_amx_split_rows). 4: the AVX-512 decode kernels
  * handle up to 3 rows with 4 panels in flight, the shape that streams

@@ -73,10 +73,13 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #define CPU_A_STRIDE_U32 (CPU_KC_PAIRS + 16)     /* uint32 between packed A rows */
 
 /* The AMX path: two 16-row tiles of A per call (4 accumulator tiles of
- * 16 x 16 live), two such calls per work item. */
+ * 16 x 16 live), up to four such calls per work item: an expert's weights
+ * stream once per 128 of its rows. 128 against 64: 0.72-0.85x the time at
+ * Mixtral 512 and 4096 tokens and Qwen3 4096 on a 16-vCPU AMX host; 256
+ * was slower again (bench/results.md, "CPU AMX path"). */
 #define CPU_AMX_TILE_ROWS 32
 #ifndef CPU_AMX_ITEM_ROWS
-#define CPU_AMX_ITEM_ROWS 64
+#define CPU_AMX_ITEM_ROWS 128
 #endif
 /* Below this many rows per tile call, the AMX path may hand a tile to a
  * vector kernel (see cpu_amx_split_rows). 4: the AVX-512 decode kernels

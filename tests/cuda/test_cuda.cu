@@ -331,6 +331,45 @@ Test(cuda, decode_kernel_variants) {
   set_option("cuda.path", "auto");
 }
 
+/* The plan follows the device class's tuning row (cuda_tuning.cu), which
+ * moe_layer_describe names: at 16 rows per touched expert an H100 runs a
+ * layer of 128 experts on the mma.sync tiles and one of 32 experts on the
+ * streaming GEMM with 32-token blocks; an H200 streams both with 16-token
+ * blocks. On other devices only the row's name is checked. A fresh
+ * context: options set by MOE_TEST_OPTIONS would move the plan. */
+Test(cuda, plan_follows_the_device_class_row) {
+  require_cuda();
+  struct row_case {
+    int32_t experts, top_k;
+    int64_t tokens;
+    const char *on_h100, *on_h200;
+  } cases[] = {{128, 8, 256, "mma.sync", "token block 16"},
+               {32, 4, 128, "token block 32", "token block 16"}};
+  moe_context *ctx = NULL;
+  TH_OK(moe_context_create(MOE_BACKEND_CUDA, 0, &ctx));
+  for (const row_case &c : cases) {
+    th_layer_spec s = mixtral_like(1, 256, 128, c.experts, c.top_k, 0xd100 + c.experts);
+    th_layer_data d;
+    th_layer_data_make(&d, &s);
+    moe_layer *layer = NULL;
+    TH_OK(moe_layer_create(ctx, &d.cfg, &d.weights, &layer));
+    TH_OK(moe_layer_reserve(layer, c.tokens));
+    char text[1024];
+    TH_OK(moe_layer_describe(layer, c.tokens, text, sizeof text));
+    cr_log_info("E=%d T=%lld: %s", c.experts, (long long)c.tokens, text);
+    TH_ASSERT(strstr(text, " class (") || strstr(text, "generic ("), "no tuning row in \"%s\"",
+              text);
+    const char *want = strstr(text, "H100 class")   ? c.on_h100
+                       : strstr(text, "H200 class") ? c.on_h200
+                                                    : NULL;
+    TH_ASSERT(!want || strstr(text, want), "E=%d T=%lld: \"%s\" does not say \"%s\"", c.experts,
+              (long long)c.tokens, text, want);
+    moe_layer_destroy(layer);
+    th_layer_data_free(&d);
+  }
+  moe_context_destroy(ctx);
+}
+
 /* The decode path (decode.cu: route, then GEMM1 and GEMM2 indexed by the
  * slots' experts, the reduce in GEMM2): forced over every variant at 1, 3
  * and 9 tokens; rows with tails past a round (hidden 2056: 8 chunks of 256

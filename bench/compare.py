@@ -2,12 +2,17 @@
 """compare.py - per-point comparison of two moe_bench-style JSON files.
 
     python3 bench/compare.py OURS.json PEER.json [--labels ours,peer]
+    python3 bench/compare.py A1.json,A2.json B1.json,B2.json --labels a,b
 
 Prints, for each (model, tokens) present in both, both median times and the
 ratio (second / first: above 1 means the first is faster), then the geomean
 of the ratios, the minimum ratio and the number of points the first wins or
 ties. Used for our layer against bench/triton_peer.py's JSON of the same
 run (issue floors), and for A/B runs of our own (two moe_bench files).
+A side may be several files (comma-separated): repeated runs of the same
+variant, interleaved with the other side's on a noisy machine; a point's
+time is then the median of the runs' medians, and the ratio's range over
+the runs paired in order is printed too.
 """
 import argparse
 import json
@@ -21,6 +26,22 @@ def rows(path):
     return data, {(r["model"], int(r["tokens"])): r for r in data["rows"]}
 
 
+def runs(paths):
+    """The first file's JSON and, per point, the rows of every file."""
+    loaded = [rows(p) for p in paths.split(",")]
+    points = {}
+    for _, by_point in loaded:
+        for p, r in by_point.items():
+            points.setdefault(p, []).append(r)
+    return loaded[0][0], {p: rs for p, rs in points.items() if len(rs) == len(loaded)}
+
+
+def median(values):
+    v = sorted(values)
+    n = len(v)
+    return v[n // 2] if n % 2 else 0.5 * (v[n // 2 - 1] + v[n // 2])
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("first")
@@ -28,22 +49,29 @@ def main():
     ap.add_argument("--labels", default="ours,peer")
     args = ap.parse_args()
     a_label, b_label = args.labels.split(",")
-    a_data, a = rows(args.first)
-    b_data, b = rows(args.second)
+    a_data, a = runs(args.first)
+    b_data, b = runs(args.second)
+    repeated = any(len(rs) > 1 for rs in list(a.values()) + list(b.values()))
     for label, data in ((a_label, a_data), (b_label, b_data)):
         print(f"{label}: {data.get('device', '?')}, {data.get('date', '?')}")
     points = [p for p in a if p in b]
     if not points:
         sys.exit("no common (model, tokens) points")
-    print(f"| model | tokens | {a_label} us | {b_label} us | {b_label}/{a_label} | {a_label} % read BW |")
-    print("|---|---:|---:|---:|---:|---:|")
+    spread = " | paired runs" if repeated else ""
+    print(f"| model | tokens | {a_label} us | {b_label} us | {b_label}/{a_label} | {a_label} % read BW{spread} |")
+    print("|---|---:|---:|---:|---:|---:|" + ("---|" if repeated else ""))
     ratios = []
     for p in points:
-        ra, rb = a[p], b[p]
-        ratio = rb["median_us"] / ra["median_us"]
+        ta = median([r["median_us"] for r in a[p]])
+        tb = median([r["median_us"] for r in b[p]])
+        ratio = tb / ta
         ratios.append(ratio)
-        bw = 100.0 * ra.get("of_read_bw", 0.0)
-        print(f"| {p[0]} | {p[1]} | {ra['median_us']:.1f} | {rb['median_us']:.1f} | {ratio:.3f} | {bw:.1f} |")
+        bw = 100.0 * a[p][0].get("of_read_bw", 0.0)
+        line = f"| {p[0]} | {p[1]} | {ta:.1f} | {tb:.1f} | {ratio:.3f} | {bw:.1f} |"
+        if repeated:
+            paired = [rb["median_us"] / ra["median_us"] for ra, rb in zip(a[p], b[p])]
+            line += f" {min(paired):.3f}-{max(paired):.3f} |"
+        print(line)
     geomean = math.exp(sum(math.log(r) for r in ratios) / len(ratios))
     wins = sum(1 for r in ratios if r >= 1.0)
     print(f"\npoints {len(ratios)}, {a_label} at least as fast at {wins}; "

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|ab|tune|invariant|cpu|python|all]... Each step prints one summary
+# opencl|huge|sanitize|bench|profile|ab|tune|invariant|cpu|cpuab|python|all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
@@ -171,6 +171,16 @@ step_cpu() {
   echo "cpu torch peer rc=$?"
 }
 
+# Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
+# CPU_AB_VARIANTS "name=defs ..." (the first is the baseline), rounds
+# interleaved against the host's drift, on the AMX path by default.
+step_cpuab() {
+  MOE_CPU_AB_OPTION=${CPU_AB_OPTION:-cpu.kernels=amx} timeout "${CPU_AB_TIMEOUT:-400}" \
+    bench/cpu_ab.sh "$out" "${CPU_AB_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
+    "${CPU_AB_TOKENS:-128,512,4096}" "${CPU_AB_ROUNDS:-3}" \
+    ${CPU_AB_VARIANTS:-base= rows64=-DCPU_AMX_ITEM_ROWS=64}
+}
+
 # The Python package on CUDA, against the library built by step build:
 # wheels carried in .pywheels (pytest, transformers and their dependencies,
 # installed without an index), then pytest and the transformers blocks'
@@ -197,6 +207,7 @@ for step in "${@:-all}"; do
   tune) step_tune ;;
   invariant) step_invariant ;;
   cpu) step_cpu ;;
+  cpuab) step_cpuab ;;
   python) step_python ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl

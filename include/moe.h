@@ -488,10 +488,10 @@ MOE_API moe_status moe_layer_set_chunking(moe_layer *layer, int enabled);
  * table replaces the layer's. It is a load-time call: it reserves the layer
  * for the largest count, allocates buffers and synchronizes. When the
  * deployment variable MOE_TUNING_DIR names a directory (read once, when
- * the layer's context was created), the table is also written there as a cache file named by its key
- * (moe_layer_save_tuning's format; a failed write is ignored), and
- * moe_layer_reserve loads the layer's cache file from there, once per
- * layer, when the layer has no table.
+ * the layer's context was created), the table is also written there as
+ * a cache file named by its key (moe_layer_save_tuning's format; a failed
+ * write is ignored), and moe_layer_reserve loads the layer's cache file
+ * from there, once per layer, when the layer has no table.
  * Errors: NULL_POINTER (layer, token_counts, candidates or an entry),
  *         INVALID_ARGUMENT (n not in [1, MOE_TUNING_MAX_POINTS], n_candidates
  *         not in [1, MOE_TUNING_MAX_CANDIDATES], counts not ascending or < 1,

@@ -137,10 +137,10 @@ inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
 #define MOE_DEFINE_GEMM_SKINNY(NAME, LOAD8, WG, COLS, ROWS, UNROLL)                                \
   __kernel __attribute__((reqd_work_group_size(WG, 1, 1))) void NAME(                              \
       int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
-      int num_local_experts, int sorted_capacity, int c_fp32, __global const ushort *a, __global const ushort *b, __global const float *bias,              \
-      __global const int *sorted_token_ids, __global const int *expert_ids,                        \
-      __global const int *num_tokens_post_padded, __global const float *topk_weights,              \
-      __global ushort *c) {                                                                        \
+      int num_local_experts, int sorted_capacity, int c_fp32, __global const ushort *a,            \
+      __global const ushort *b, __global const float *bias, __global const int *sorted_token_ids,  \
+      __global const int *expert_ids, __global const int *num_tokens_post_padded,                  \
+      __global const float *topk_weights, __global ushort *c) {                                    \
     __local float partial[ROWS * COLS][WG + 1];                                                    \
     const int lid = get_local_id(0);                                                               \
     const int col0 = get_group_id(0) * COLS;                                                       \
@@ -221,7 +221,7 @@ inline float moe_dot8_bf16(uint4 x, uint4 w, float acc) {
           if (r == i) s = slot[r];                                                                 \
         if (s < num_slots && col < n)                                                              \
           moe_gemm_store(                                                                          \
-              c, c_fp32, (long)s * n + col,                                                        \
+              c, c_fp32, (long)s *n + col,                                                         \
               moe_gemm_epilogue(sum, s, col, expert, n, bias, topk_weights, routed_mode));         \
       }                                                                                            \
       barrier(CLK_LOCAL_MEM_FENCE);                                                                \
@@ -348,10 +348,10 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
   __kernel __attribute__((reqd_work_group_size(MOE_TL_THREADS, 1, 1))) void NAME(                  \
       int num_slots, int top_k, int per_slot_input, int n, int k, int block_m, int routed_mode,    \
       int num_local_experts, int sorted_capacity, int c_fp32, int b_in_out,                        \
-      __global const ushort *a, __global const ushort *b,                            \
-      __global const float *bias, __global const int *sorted_token_ids,                            \
-      __global const int *expert_ids, __global const int *num_tokens_post_padded,                  \
-      __global const float *topk_weights, __global ushort *c) {                                    \
+      __global const ushort *a, __global const ushort *b, __global const float *bias,              \
+      __global const int *sorted_token_ids, __global const int *expert_ids,                        \
+      __global const int *num_tokens_post_padded, __global const float *topk_weights,              \
+      __global ushort *c) {                                                                        \
     __local float a_tile[TK][TM] __attribute__((aligned(16)));                                     \
     __local float b_tile[TK][TN] __attribute__((aligned(16)));                                     \
     __local int tile_slot[TM];                                                                     \
@@ -420,7 +420,7 @@ inline float4 moe_load4(__global const ushort *p, int valid, int vec4) {
       for (int j = 0; j < NR; ++j) {                                                               \
         const int col = n0 + (j / 4) * 64 + tx * 4 + j % 4;                                        \
         if (col < n)                                                                               \
-          moe_gemm_store(c, c_fp32, (long)slot * n + col,                                          \
+          moe_gemm_store(c, c_fp32, (long)slot *n + col,                                           \
                          moe_gemm_epilogue(acc[i][j], slot, col, expert, n, bias, topk_weights,    \
                                            routed_mode));                                          \
       }                                                                                            \

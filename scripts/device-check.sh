@@ -2,7 +2,8 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|ab|tune|invariant|cpu|cpuab|python|all]... Each step prints one summary
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|tune|invariant|cpu|cpuab|python|
+# all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
 # cases; SANITIZE_TOOLS picks tools, SANITIZE_FILTER a Criterion filter such
@@ -106,6 +107,24 @@ step_profile() {
   done
 }
 
+# ncu's sections on memory workload, scheduler and warp-state stalls and
+# occupancy (speed of light for the DRAM share) for the two
+# streaming GEMM launches of one forward at each of DETAIL_POINTS: why a
+# GEMM that only streams weights reaches 80-84% of DRAM peak.
+step_profile_detail() {
+  local point model tokens
+  for point in ${DETAIL_POINTS:-qwen3-30b-a3b:64}; do
+    model=${point%:*} tokens=${point#*:}
+    timeout "${DETAIL_TIMEOUT:-240}" ncu --section SpeedOfLight --section MemoryWorkloadAnalysis \
+      --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats \
+      --section Occupancy -k 'regex:stream_gemm' \
+      --launch-skip 20 --launch-count 2 --print-details all \
+      "./$build/bench/moe_bench" --backend cuda --model "$model" --tokens "$tokens" \
+      --reps 10 --warmup 10 >"$out/detail-$model-$tokens.txt" 2>&1
+    echo "profile-detail $point rc=$?"
+  done
+}
+
 # A/B of the CUDA forward's launch and path options over the points where
 # the streaming GEMM runs (bench/ab.sh; AB_VARIANTS, AB_MODELS, AB_TOKENS).
 step_ab() {
@@ -203,6 +222,7 @@ for step in "${@:-all}"; do
   sanitize) step_sanitize ;;
   bench) step_bench ;;
   profile) step_profile ;;
+  profile-detail) step_profile_detail ;;
   ab) step_ab ;;
   tune) step_tune ;;
   invariant) step_invariant ;;

@@ -672,3 +672,20 @@ __attribute__((visibility("default"))) int main(int argc, char *argv[]) {
   criterion_finalize(tests);
   return result;
 }
+
+/* One forward of T tokens starting at token `first` of d, on a layer that
+ * holds a reservation of at least T; out receives [T][H]. */
+void th_layer_forward_tokens(moe_layer *layer, moe_context *ctx, const th_layer_data *d,
+                             int64_t first, int64_t T, uint16_t *out) {
+  const int64_t H = d->cfg.hidden_size, E = d->cfg.num_experts;
+  const size_t out_bytes = (size_t)(T * H) * 2;
+  moe_buffer *x = th_upload(ctx, d->x + first * H, (size_t)(T * H) * 2);
+  moe_buffer *logits = th_upload(ctx, d->logits + first * E, (size_t)(T * E) * sizeof(float));
+  moe_buffer *b_out = th_output(ctx, out_bytes);
+  TH_OK(moe_layer_forward(layer, T, x, logits, b_out));
+  th_download(b_out, out, out_bytes);
+  th_check_guard(b_out, out_bytes, "out");
+  moe_buffer_destroy(x);
+  moe_buffer_destroy(logits);
+  moe_buffer_destroy(b_out);
+}

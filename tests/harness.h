@@ -184,6 +184,12 @@ typedef struct th_layer_data {
 moe_config th_config(int64_t H, int64_t I, int32_t E, int32_t k);
 /* Generates the data of a spec and describes the case (th_case). */
 void th_layer_data_make(th_layer_data *data, const th_layer_spec *spec);
+
+/* One forward of T tokens starting at token `first` of d, on a layer of
+ * ctx that holds a reservation of at least T; out receives [T][H] (the
+ * output's guard bytes checked). */
+void th_layer_forward_tokens(moe_layer *layer, moe_context *ctx, const th_layer_data *d,
+                             int64_t first, int64_t T, uint16_t *out);
 void th_layer_data_free(th_layer_data *data);
 /* Logits of a kind for T tokens. */
 void th_fill_logits(th_rng *rng, float *logits, int64_t T, int32_t E, int32_t k,

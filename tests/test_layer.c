@@ -29,28 +29,11 @@ static moe_layer *layer_create_on(moe_context *ctx, const th_layer_data *d) {
   return layer;
 }
 
-/* One forward of T tokens starting at token `first` of d, on a layer that
- * holds a reservation of at least T; out receives [T][H]. */
-static void forward_on(moe_layer *layer, moe_context *ctx, const th_layer_data *d, int64_t first,
-                       int64_t T, uint16_t *out) {
-  const int64_t H = d->cfg.hidden_size, E = d->cfg.num_experts;
-  const size_t out_bytes = (size_t)(T * H) * 2;
-  moe_buffer *x = th_upload(ctx, d->x + first * H, (size_t)(T * H) * 2);
-  moe_buffer *logits = th_upload(ctx, d->logits + first * E, (size_t)(T * E) * sizeof(float));
-  moe_buffer *b_out = th_output(ctx, out_bytes);
-  TH_OK(moe_layer_forward(layer, T, x, logits, b_out));
-  th_download(b_out, out, out_bytes);
-  th_check_guard(b_out, out_bytes, "out");
-  moe_buffer_destroy(x);
-  moe_buffer_destroy(logits);
-  moe_buffer_destroy(b_out);
-}
-
 /* Create, reserve exactly T, forward all tokens, destroy. */
 static void layer_run_on(moe_context *ctx, const th_layer_data *d, uint16_t *out) {
   moe_layer *layer = layer_create_on(ctx, d);
   TH_OK(moe_layer_reserve(layer, d->num_tokens));
-  forward_on(layer, ctx, d, 0, d->num_tokens, out);
+  th_layer_forward_tokens(layer, ctx, d, 0, d->num_tokens, out);
   moe_layer_destroy(layer);
 }
 
@@ -408,11 +391,11 @@ Test(layer, reruns_are_bitwise_identical) {
   moe_context *ctx = th_ctx();
   moe_layer *layer = layer_create_on(ctx, &d);
   TH_OK(moe_layer_reserve(layer, 100));
-  forward_on(layer, ctx, &d, 0, 100, first);
+  th_layer_forward_tokens(layer, ctx, &d, 0, 100, first);
   check_layer_output(&d, first);
   for (int run = 0; run < 3; ++run) {
-    if (run == 1) forward_on(layer, ctx, &d, 50, 7, again); /* other work in between */
-    forward_on(layer, ctx, &d, 0, 100, again);
+    if (run == 1) th_layer_forward_tokens(layer, ctx, &d, 50, 7, again); /* other work in between */
+    th_layer_forward_tokens(layer, ctx, &d, 0, 100, again);
     TH_ASSERT(memcmp(first, again, bytes) == 0, "rerun %d differs from the first run", run);
   }
   moe_layer_destroy(layer);
@@ -444,14 +427,14 @@ static void batch_invariance_case(bool invariant, int64_t H, int64_t I, uint64_t
   moe_context *ctx = th_ctx();
   moe_layer *layer = layer_create_on(ctx, &d);
   TH_OK(moe_layer_reserve(layer, T));
-  forward_on(layer, ctx, &d, 0, T, batch);
+  th_layer_forward_tokens(layer, ctx, &d, 0, T, batch);
   check_layer_output(&d, batch);
   /* Alone, and in batches of other sizes and offsets. */
   const int64_t pieces[][2] = {{0, 1}, {57, 1}, {199, 1}, {3, 2}, {10, 33}, {100, 100}, {1, 199}};
   char differs[256] = "";
   for (size_t p = 0; p < sizeof pieces / sizeof pieces[0]; ++p) {
     const int64_t first = pieces[p][0], count = pieces[p][1];
-    forward_on(layer, ctx, &d, first, count, part);
+    th_layer_forward_tokens(layer, ctx, &d, first, count, part);
     if (memcmp(part, batch + first * H, (size_t)(count * H) * 2) != 0)
       snprintf(differs + strlen(differs), sizeof differs - strlen(differs), " tokens [%lld, %lld)",
                (long long)first, (long long)(first + count));
@@ -525,16 +508,16 @@ Test(layer, reservation_rules) {
   th_check_untouched(b_out, "out");
 
   /* T <= reserved works; a smaller reserve keeps the larger workspace. */
-  forward_on(layer, ctx, &d, 0, 16, out);
+  th_layer_forward_tokens(layer, ctx, &d, 0, 16, out);
   TH_OK(moe_layer_reserve(layer, 8));
-  forward_on(layer, ctx, &d, 0, 16, full);
+  th_layer_forward_tokens(layer, ctx, &d, 0, 16, full);
   TH_ASSERT(memcmp(out, full, (size_t)(16 * H) * 2) == 0,
             "reserve(8) after reserve(16) changed the result of 16 tokens");
-  forward_on(layer, ctx, &d, 0, 3, out);
+  th_layer_forward_tokens(layer, ctx, &d, 0, 3, out);
 
   /* Growing: 64 tokens after 16, then all of them checked. */
   TH_OK(moe_layer_reserve(layer, T));
-  forward_on(layer, ctx, &d, 0, T, full);
+  th_layer_forward_tokens(layer, ctx, &d, 0, T, full);
   check_layer_output(&d, full);
   TH_ASSERT(memcmp(out, full, (size_t)(3 * H) * 2) == 0 ||
                 !promises_batch_invariance(moe_context_backend(ctx)),
@@ -558,7 +541,7 @@ Test(layer, workspace_reuse_across_token_counts) {
   moe_layer *layer = layer_create_on(ctx, &d);
   TH_OK(moe_layer_reserve(layer, 300));
   uint16_t *out = th_malloc((size_t)(300 * 67) * 2);
-  forward_on(layer, ctx, &d, 0, 300, out);
+  th_layer_forward_tokens(layer, ctx, &d, 0, 300, out);
   check_layer_output(&d, out);
   const int64_t counts[] = {1, 5, 33, 2};
   for (size_t i = 0; i < sizeof counts / sizeof counts[0]; ++i) {
@@ -566,7 +549,7 @@ Test(layer, workspace_reuse_across_token_counts) {
     part.num_tokens = counts[i];
     part.x = d.x + 100 * 67;
     part.logits = d.logits + 100 * 16;
-    forward_on(layer, ctx, &d, 100, counts[i], out);
+    th_layer_forward_tokens(layer, ctx, &d, 100, counts[i], out);
     const int64_t T = counts[i];
     double *ref = th_malloc((size_t)(T * 67) * sizeof(double));
     ref_layer_forward(&part.cfg, &part.weights, T, part.x, part.logits, true, ref);

@@ -46,17 +46,7 @@ static moe_layer *make_layer(const th_layer_data *d) {
 }
 
 static void run(moe_layer *layer, const th_layer_data *d, int64_t T, uint16_t *out) {
-  moe_context *ctx = th_ctx();
-  const size_t out_bytes = (size_t)(T * d->cfg.hidden_size) * 2;
-  moe_buffer *x = th_upload(ctx, d->x, out_bytes);
-  moe_buffer *logits = th_upload(ctx, d->logits, (size_t)(T * d->cfg.num_experts) * sizeof(float));
-  moe_buffer *b_out = th_output(ctx, out_bytes);
-  TH_OK(moe_layer_forward(layer, T, x, logits, b_out));
-  th_download(b_out, out, out_bytes);
-  th_check_guard(b_out, out_bytes, "out");
-  moe_buffer_destroy(x);
-  moe_buffer_destroy(logits);
-  moe_buffer_destroy(b_out);
+  th_layer_forward_tokens(layer, th_ctx(), d, 0, T, out);
 }
 
 /* Sets each name=value of an option set on ctx, saving the old values. */

@@ -92,7 +92,9 @@ step_profile() {
   metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size
   metrics+=,launch__block_size,launch__registers_per_thread
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
-  local kernels='regex:^(route|align|gemm|topk|wgmma|reduce_kernel|decode)'
+  # Every kernel of ours (the stream GEMMs and the permute included); the
+  # peer's Triton and torch kernels likewise.
+  local kernels='regex:.'
   local point model tokens
   for point in ${PROFILE_POINTS:-qwen3-30b-a3b:1 mixtral-8x7b:16}; do
     model=${point%:*} tokens=${point#*:}

@@ -60,6 +60,10 @@ static const option_spec specs[MOE_OPTION_COUNT] = {
                                         INT32_MAX},
     [MOE_OPTION_CUDA_STREAM_BLOCK] = {"cuda.stream_block", MOE_BACKEND_CUDA, "auto|16|32|64|128",
                                       "auto", 0, 0},
+    [MOE_OPTION_CUDA_STREAM_SCHEDULE] = {"cuda.stream_schedule", MOE_BACKEND_CUDA, "static|dynamic",
+                                         "static", 0, 0},
+    [MOE_OPTION_CUDA_STREAM_GROUP] = {"cuda.stream_group", MOE_BACKEND_CUDA, NULL, "auto", 1,
+                                      INT32_MAX},
 };
 
 const char *moe_option_default(moe_option_id id) {

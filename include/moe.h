@@ -208,6 +208,13 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *   cuda.stream_block       auto|16|32|64|128   token block of the streaming
  *                           GEMM (auto: the tuning row's, by rows per
  *                           expert)
+ *   cuda.stream_schedule    static|dynamic   the streaming GEMM's CTAs take
+ *                           work items round robin, or claim them from a
+ *                           counter as they finish (same bits)
+ *   cuda.stream_group       auto|integer >= 1   the streaming GEMM's items
+ *                           in groups of this many token blocks, all
+ *                           feature tiles of a group first (auto: token
+ *                           block fastest)
  *   cuda.wgmma_min_rows     auto|integer >= 1   rows per expert from which
  *                           Hopper runs the 128-row wgmma tiles
  *

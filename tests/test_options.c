@@ -46,6 +46,8 @@ static const option_values documented[] = {
     {"cuda.pdl", MOE_BACKEND_CUDA, {"off", "on"}},
     {"cuda.stream_max_rows", MOE_BACKEND_CUDA, {"auto", "0", "7", "31"}},
     {"cuda.wgmma_min_rows", MOE_BACKEND_CUDA, {"auto", "1", "32", "64"}},
+    {"cuda.stream_schedule", MOE_BACKEND_CUDA, {"static", "dynamic"}},
+    {"cuda.stream_group", MOE_BACKEND_CUDA, {"auto", "1", "8"}},
 };
 #define DOCUMENTED (sizeof documented / sizeof documented[0])
 

@@ -423,7 +423,7 @@ static moe_status reserve_split_workspace(cuda_state *st) {
   if (st->split_partial) return MOE_SUCCESS;
   float *partial = NULL;
   int32_t *counters = NULL;
-  const size_t counter_bytes = CUDA_STREAM_SPLIT_COUNTERS * sizeof(int32_t);
+  const size_t counter_bytes = CUDA_STREAM_COUNTERS * sizeof(int32_t);
   moe_status s = cuda_status(cudaMalloc((void **)&partial, CUDA_STREAM_SPLIT_BYTES),
                              "cudaMalloc of the split-K workspace");
   if (s == MOE_SUCCESS)
@@ -881,6 +881,12 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_STREAM_MAX_ROWS:
     st->stream_max_rows = parsed; /* -1: auto */
+    break;
+  case MOE_OPTION_CUDA_STREAM_SCHEDULE:
+    st->stream_dynamic = parsed == 1; /* static|dynamic */
+    break;
+  case MOE_OPTION_CUDA_STREAM_GROUP:
+    st->stream_group = parsed < 0 ? 0 : (int32_t)parsed; /* -1: auto */
     break;
   case MOE_OPTION_CUDA_STREAM_BLOCK:
     st->stream_block = parsed == 0 ? 0 : 8 << parsed; /* auto|16|32|64|128 */

@@ -71,6 +71,8 @@ struct cuda_state {
   int64_t stream_max_rows; /* cuda.stream_max_rows; -1: the tuning row's */
   int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
+  int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: all */
+  bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated
    * by the first reserve of a layer that can stream, counters zeroed. */
@@ -396,6 +398,9 @@ int cuda_stream_splits(int64_t items, int k_steps, int sms);
  * the widest token block. */
 #define CUDA_STREAM_SPLIT_BYTES ((size_t)16 << 20)
 #define CUDA_STREAM_SPLIT_COUNTERS 4096
+/* The counters array holds CUDA_STREAM_SPLIT_COUNTERS for split K, then
+ * two per streaming GEMM of a forward for the dynamic schedule. */
+#define CUDA_STREAM_COUNTERS (CUDA_STREAM_SPLIT_COUNTERS + 4)
 
 /* One grouped GEMM of the streaming path, described as for the wgmma path:
  * a_map over the sorted token rows with boxes of block_m (= NT) rows, b_map

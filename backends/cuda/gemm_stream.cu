@@ -17,8 +17,14 @@
  *     ring: option cuda.stream_ctas) walks the items in order m-block
  *     fastest, so that CTAs running together read different experts' tiles
  *     (or, for an expert of several blocks, the same tile while it is in
- *     L2). The item count depends on *num_tokens_post_padded, read on the
- *     device only (no host synchronization).
+ *     L2); option cuda.stream_group orders them in groups of m-blocks
+ *     instead. The item count depends on *num_tokens_post_padded, read on
+ *     the device only (no host synchronization).
+ *   - Schedule: round robin over the CTAs (static), or claimed from a
+ *     counter by whichever CTA is free (option cuda.stream_schedule=
+ *     dynamic). The producer picks the units and tells the consumers, with
+ *     each stage, which unit it belongs to (stage_meta), so that only the
+ *     producer walks the schedule.
  *   - 288 threads: two consumer warpgroups (64 features each) and one
  *     producer warp whose lane 0 issues the TMA loads. The producer runs
  *     ahead across item boundaries, so the next item's weights stream while
@@ -99,12 +105,19 @@ template <int NT, int CTAS = 1> struct st_shape {
 struct stream_params : hopper_gemm_params {
   int32_t n_tiles;     /* ceil(n / ST_BM) */
   int32_t m_tiles_cap; /* NT-row blocks the buffers hold */
+  /* Raster: items go in groups of group_m token blocks, token block fastest
+   * inside a group (group_m >= the blocks: token block fastest overall). */
+  int32_t group_m;
   /* Split K: each item's k steps in `splits` ranges of k_steps_per_split
    * (1: no split). partial holds [item][split][256 consumer threads x NT/2]
    * fp32; counters[item] counts finished splits and is left at 0. */
   int32_t splits, k_steps_per_split;
   float *partial;
   int32_t *counters;
+  /* Dynamic schedule (option cuda.stream_schedule): NULL, or two counters
+   * of this GEMM (claimed units past the first wave, CTAs done claiming),
+   * left at 0 by the last CTA to finish claiming. */
+  uint32_t *claims;
   /* Overlapped launch: the producer issues the first ring's weight boxes
    * before waiting for the kernel before (which wrote only the token rows;
    * the align metadata is older, see cuda_stream_gemm_run). */
@@ -113,71 +126,108 @@ struct stream_params : hopper_gemm_params {
 
 /* ---- the kernel --------------------------------------------------------- */
 
-/* Where work unit `unit` lies: unit u is item u % items (its token block
- * m fastest, then its 128 features) and split u / items of its K. The
- * producer and the consumers walk the same sequence. */
+/* Where work unit `unit` lies: unit u is item u % items and split
+ * u / items of its K; items run in groups of group_m token blocks (all
+ * n tiles of a group before the next group), token block fastest inside
+ * a group. */
 struct unit_coords {
   int64_t item;
   int split, m_tile, n_tile;
 };
 
-__device__ __forceinline__ unit_coords coords_of(int64_t unit, int64_t items, int32_t m_count) {
+__device__ __forceinline__ unit_coords coords_of(const stream_params &p, int64_t unit,
+                                                 int64_t items, int32_t m_count) {
   unit_coords u;
   u.item = unit % items;
   u.split = (int)(unit / items);
-  u.m_tile = (int)(u.item % m_count);
-  u.n_tile = (int)(u.item / m_count);
+  const int64_t per_group = (int64_t)p.group_m * p.n_tiles;
+  const int64_t group = u.item / per_group;
+  const int64_t in_group = u.item - group * per_group;
+  const int32_t m_first = (int32_t)group * p.group_m;
+  const int32_t blocks = min(p.group_m, m_count - m_first);
+  u.m_tile = m_first + (int32_t)(in_group % blocks);
+  u.n_tile = (int32_t)(in_group / blocks);
   return u;
 }
 
-/* The local expert of a work unit's token block, or -1 (skipped: another
- * rank's expert) or -2 (past the last unit). Read one unit ahead by the
- * producer and the consumers, so that the load's latency hides behind the
- * current unit's stream. */
-__device__ __forceinline__ int unit_expert(const stream_params &p, int64_t unit, int64_t units,
-                                           int64_t items, int32_t m_count) {
-  if (unit >= units) return -2;
-  const int e = p.expert_ids[coords_of(unit, items, m_count).m_tile];
-  return e >= 0 && e < p.num_local_experts ? e : -1;
-}
+/* What the producer tells the consumers about the stage it fills: the
+ * work unit (-1: no more units, the consumers finish), its local expert
+ * and the stage's k step. Written before the stage's arrive (release),
+ * read after its wait (acquire). */
+struct stage_meta {
+  int64_t unit;
+  int32_t expert;
+  int32_t ks;
+};
 
 /* The producer's walk over its k steps: next() moves to the next step of
  * this CTA's units (skipping other ranks' experts) and says false past the
- * last. A copy walks the same steps again. */
+ * last, once. Units come round robin (unit += gridDim.x) or, with the
+ * dynamic schedule, from a counter shared by the grid, claimed one unit
+ * ahead so that the atomic's latency hides behind a unit's stream. */
 template <int NT> struct step_walk {
   const stream_params *p;
-  int64_t unit, units, items;
+  int64_t unit, pending, units, items;
   int32_t m_count;
   int k_steps, ks, ks_end;
-  int next_expert; /* of unit + gridDim.x: its load is in flight during a unit */
-  int32_t w_row, x_row;
+  int expert;
 
   __device__ step_walk(const stream_params &params, int64_t units_, int64_t items_,
                        int32_t m_count_, int k_steps_)
-      : p(&params), unit((int64_t)blockIdx.x - gridDim.x), units(units_), items(items_),
-        m_count(m_count_), k_steps(k_steps_), ks(0), ks_end(0), w_row(0), x_row(0) {
-    next_expert = unit_expert(params, blockIdx.x, units, items, m_count);
+      : p(&params), unit(-1), pending(blockIdx.x), units(units_), items(items_), m_count(m_count_),
+        k_steps(k_steps_), ks(0), ks_end(0), expert(-1) {}
+
+  __device__ int64_t claim_after(int64_t current) const {
+    if (!p->claims) return current + gridDim.x;
+    return (int64_t)gridDim.x + (int64_t)atomicAdd(&p->claims[0], 1u);
   }
 
   __device__ bool next() {
     if (++ks < ks_end) return true;
     for (;;) {
-      unit += gridDim.x;
+      unit = pending;
       if (unit >= units) return false;
-      const unit_coords u = coords_of(unit, items, m_count);
-      const int expert = next_expert;
-      next_expert = unit_expert(*p, unit + gridDim.x, units, items, m_count);
-      if (expert < 0) continue;
-      /* host checked EL * n + ST_BM < 2^31 and the sorted rows < 2^31 */
-      w_row = expert * p->n + u.n_tile * ST_BM;
-      x_row = u.m_tile * NT;
+      pending = claim_after(unit);
+      const unit_coords u = coords_of(*p, unit, items, m_count);
+      const int e = p->expert_ids[u.m_tile];
+      if (e < 0 || e >= p->num_local_experts) continue; /* another rank's expert */
+      expert = e;
       ks = u.split * p->k_steps_per_split;
       ks_end = min(k_steps, ks + p->k_steps_per_split);
       if (ks < ks_end) return true;
     }
   }
-  __device__ int k0() const { return ks * ST_BOX_K * ST_BOXES; }
+
+  /* This CTA claims no more: the last CTA to get here zeroes the counters
+   * for the next launch (every claim of this launch has returned). */
+  __device__ void finish() const {
+    if (p->claims && atomicAdd(&p->claims[1], 1u) == gridDim.x - 1) {
+      atomicExch(&p->claims[0], 0u);
+      atomicExch(&p->claims[1], 0u);
+    }
+  }
+
+  __device__ stage_meta meta() const {
+    stage_meta m;
+    m.unit = unit;
+    m.expert = expert;
+    m.ks = ks;
+    return m;
+  }
 };
+
+/* Where a stage's boxes come from. */
+__device__ __forceinline__ int32_t weight_row(const stream_params &p, const stage_meta &m,
+                                              int64_t items, int32_t m_count) {
+  /* host checked EL * n + ST_BM < 2^31 */
+  return m.expert * p.n + coords_of(p, m.unit, items, m_count).n_tile * ST_BM;
+}
+template <int NT>
+__device__ __forceinline__ int32_t token_row(const stream_params &p, const stage_meta &m,
+                                             int64_t items, int32_t m_count) {
+  /* host checked the sorted rows < 2^31 */
+  return coords_of(p, m.unit, items, m_count).m_tile * NT;
+}
 
 #ifdef MOE_WGMMA_DEVICE
 /* Barrier `id` over `threads` threads (a multiple of 32): the consumer
@@ -196,6 +246,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::STAGES];
   __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
+  __shared__ stage_meta meta[S::STAGES];
 
   const uint32_t smem = (smem_addr(smem_raw) + 1023u) & ~1023u;
   if (threadIdx.x == 0) {
@@ -233,48 +284,69 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
     tma_prefetch_map(&w_map);
     tma_prefetch_map(&x_map);
     step_walk<NT> steps(p, units, items, m_count, k_steps);
-    /* Overlapped: the weight boxes of the first ring (one stage per step)
-     * go out first; their stages expect the token boxes too, which follow
-     * the wait, so no stage completes before its tokens are in. */
-    int early = 0;
+    int s = 0;
+    uint32_t phase = 0;
+    bool more = true;
     if (overlapped) {
-      step_walk<NT> ahead = steps;
-      for (; early < S::STAGES && ahead.next(); ++early) {
-        const uint32_t full = smem_addr(&full_bar[early]);
+      /* The weight boxes of the first ring (one stage per step) go out
+       * first; their stages expect the token boxes too, which follow the
+       * wait, so no stage completes before its tokens are in. */
+      int early = 0;
+      for (; early < S::STAGES && (more = steps.next()); ++early) {
         const uint32_t stage = smem + (uint32_t)(early * S::STAGE_BYTES);
+        const uint32_t full = smem_addr(&full_bar[early]);
+        meta[early] = steps.meta();
         mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
+        const int32_t w_row = weight_row(p, meta[early], items, m_count);
 #pragma unroll
         for (int b = 0; b < ST_BOXES; ++b)
-          tma_load_2d(stage + b * S::W_BOX, &w_map, full, ahead.k0() + b * ST_BOX_K, ahead.w_row);
+          tma_load_2d(stage + b * S::W_BOX, &w_map, full,
+                      steps.ks * ST_BOX_K * ST_BOXES + b * ST_BOX_K, w_row);
       }
       cuda_grid_dependency_wait();
       cuda_allow_dependents();
-    }
-    int s = 0;
-    uint32_t phase = 0;
-    for (int issued = 0; steps.next(); ++issued) {
-      const uint32_t full = smem_addr(&full_bar[s]);
-      const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
-      if (issued >= early) {
-        mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
-        mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
+      for (int e = 0; e < early; ++e) {
+        const uint32_t stage = smem + (uint32_t)(e * S::STAGE_BYTES);
+        const int32_t x_row = token_row<NT>(p, meta[e], items, m_count);
 #pragma unroll
         for (int b = 0; b < ST_BOXES; ++b)
-          tma_load_2d(stage + b * S::W_BOX, &w_map, full, steps.k0() + b * ST_BOX_K, steps.w_row);
+          tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, smem_addr(&full_bar[e]),
+                      meta[e].ks * ST_BOX_K * ST_BOXES + b * ST_BOX_K, x_row);
       }
+      s = early % S::STAGES;
+      phase = early == S::STAGES ? 1u : 0u;
+    }
+    while (more && (more = steps.next())) {
+      const uint32_t full = smem_addr(&full_bar[s]);
+      const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
+      mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
+      meta[s] = steps.meta();
+      mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
+      const int k0 = steps.ks * ST_BOX_K * ST_BOXES;
+      const int32_t w_row = weight_row(p, meta[s], items, m_count);
+      const int32_t x_row = token_row<NT>(p, meta[s], items, m_count);
 #pragma unroll
       for (int b = 0; b < ST_BOXES; ++b)
-        tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, full,
-                    steps.k0() + b * ST_BOX_K, steps.x_row);
+        tma_load_2d(stage + b * S::W_BOX, &w_map, full, k0 + b * ST_BOX_K, w_row);
+#pragma unroll
+      for (int b = 0; b < ST_BOXES; ++b)
+        tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, full, k0 + b * ST_BOX_K,
+                    x_row);
       if (++s == S::STAGES) {
         s = 0;
         phase ^= 1u;
       }
     }
+    /* No more units: the next stage says so, without data. */
+    mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
+    meta[s].unit = -1;
+    mbar_arrive(smem_addr(&full_bar[s]));
+    steps.finish();
     return;
   }
 
-  /* Consumers: warpgroup wg owns features 64 wg .. 64 wg + 63 of an item. */
+  /* Consumers: warpgroup wg owns features 64 wg .. 64 wg + 63 of an item;
+   * the producer says which unit each stage belongs to. */
   const int wg = warp / 4, warp_in_wg = warp & 3;
   const uint64_t desc_w = smem_desc(smem + (uint32_t)(wg * 64 * ST_BOX_K * 2));
   const uint64_t desc_x = smem_desc(smem + (uint32_t)(ST_BOXES * S::W_BOX));
@@ -283,17 +355,17 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
   const int ctid = threadIdx.x;     /* 0..255 over the consumers */
   int s = 0;
   uint32_t phase = 0;
-  int next_expert = unit_expert(p, blockIdx.x, units, items, m_count);
-  for (int64_t unit = blockIdx.x; unit < units; unit += gridDim.x) {
-    const unit_coords u = coords_of(unit, items, m_count);
+  for (;;) {
+    mbar_wait(smem_addr(&full_bar[s]), phase);
+    const int64_t unit = meta[s].unit;
+    if (unit < 0) break;
+    const int expert = meta[s].expert;
+    const int ks_begin = meta[s].ks;
+    const unit_coords u = coords_of(p, unit, items, m_count);
     const int64_t item = u.item;
     const int split = u.split, m_tile = u.m_tile, n_tile = u.n_tile;
-    const int expert = next_expert;
-    next_expert = unit_expert(p, unit + gridDim.x, units, items, m_count);
-    if (expert < 0) continue;
     /* The epilogue's rows, loaded now so that their latency hides behind
-     * the k loop: this thread's tokens are 8 j + 2 (l % 4) + e, j < NT / 8;
-     * their routed weights are loaded after the first k step. */
+     * the k loop: this thread's tokens are 8 j + 2 (l % 4) + e, j < NT / 8. */
     const int64_t m0 = (int64_t)m_tile * NT;
     int32_t slot[NT / 8][2];
     float weight[NT / 8][2];
@@ -310,10 +382,10 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
     for (int i = 0; i < NT / 2; ++i)
       acc[i] = 0.0f;
     int prev = 0;
-    const int ks_begin = split * p.k_steps_per_split;
-    const int ks_end = min(k_steps, ks_begin + p.k_steps_per_split);
+    const int ks_end = min(k_steps, (split + 1) * p.k_steps_per_split);
+    const int weights_step = min(ks_begin + 1, ks_end - 1);
     for (int ks = ks_begin; ks < ks_end; ++ks) {
-      mbar_wait(smem_addr(&full_bar[s]), phase);
+      if (ks > ks_begin) mbar_wait(smem_addr(&full_bar[s]), phase);
       const uint64_t stage = (uint64_t)((s * S::STAGE_BYTES) >> 4);
       wgmma_fence();
 #pragma unroll
@@ -325,7 +397,9 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
           wgmma_k16<NT>(acc, desc_w + w_box + 2 * kk, desc_x + x_box + 2 * kk);
       }
       wgmma_commit();
-      if (ks == ks_begin && p.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE) {
+      /* The rows' routed weights one step later, when their slots are in
+       * (loaded after the unit's first wait). */
+      if (ks == weights_step && p.routed_weight != MOE_GEMM_ROUTED_WEIGHT_NONE) {
 #pragma unroll
         for (int j = 0; j < NT / 8; ++j)
 #pragma unroll
@@ -492,6 +566,11 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   static_cast<hopper_gemm_params &>(p) = *g;
   p.n_tiles = (int32_t)n_tiles;
   p.m_tiles_cap = (int32_t)m_tiles;
+  /* Raster (option cuda.stream_group): by default token block fastest over
+   * all blocks, so that CTAs running together read different experts'
+   * tiles, or an expert's tile while it is in L2 for its next block. */
+  p.group_m =
+      st->stream_group > 0 && st->stream_group < m_tiles ? st->stream_group : (int32_t)m_tiles;
   const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
   p.splits = 1;
   p.k_steps_per_split = k_steps;
@@ -510,6 +589,15 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
     p.partial = st->split_partial;
     p.counters = st->split_counters;
   }
+  /* Dynamic schedule (option cuda.stream_schedule): a CTA that finishes
+   * its unit early takes the next one, so that SMs served faster by the
+   * memory system do more of the work. Each GEMM of a forward has its own
+   * two counters: GEMM2 may claim while GEMM1's last CTAs run, and the
+   * same GEMM of the next forward claims only after this one finished (the
+   * kernels between them each wait for their predecessor). */
+  if (st->stream_dynamic && st->split_counters)
+    p.claims = (uint32_t *)(st->split_counters + CUDA_STREAM_SPLIT_COUNTERS +
+                            (epi == HOPPER_STORE ? 2 : 0));
   /* Overlapped launch (Hopper): the kernel may start while the one before
    * it runs and request its first weights before waiting. It reads the
    * align metadata before the wait too, which is safe only because the

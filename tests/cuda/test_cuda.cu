@@ -1017,12 +1017,17 @@ Test(cuda, stream_layer_variants) {
 }
 
 /* The launch choices of the streaming GEMM besides the defaults (two CTAs
- * per SM at token block 16, overlapped launches): one CTA per SM and plain
- * launches, on shapes with biases, the router weight
- * on the input and a wrapping ring. */
+ * per SM at token block 16, overlapped launches, static schedule, token
+ * block fastest): one CTA per SM, plain launches, the dynamic schedule and
+ * grouped rasters, on shapes with biases, the router weight on the input
+ * and a wrapping ring. */
 Test(cuda, stream_launch_options) {
   require_sm90a();
-  const char *const settings[][2] = {{"cuda.stream_ctas", "1"}, {"cuda.stream_overlap", "off"}};
+  const char *const settings[][2] = {{"cuda.stream_ctas", "1"},
+                                     {"cuda.stream_overlap", "off"},
+                                     {"cuda.stream_schedule", "dynamic"},
+                                     {"cuda.stream_group", "1"},
+                                     {"cuda.stream_group", "3"}};
   for (size_t i = 0; i < sizeof settings / sizeof settings[0]; ++i) {
     option_override choice(settings[i][0], settings[i][1]);
     for (int64_t T : {1, 8, 37}) {
@@ -1035,6 +1040,37 @@ Test(cuda, stream_launch_options) {
     }
     th_layer_spec split = mixtral_like(8, 2048, 2048, 8, 2, 0xd1f0 + i);
     hopper_layer_case(&split, "stream");
+  }
+}
+
+/* Which CTA computes a work item changes no bit: the dynamic schedule and
+ * another raster give the static schedule's output exactly (split K
+ * included), replay after replay (the claim counters are left at zero). */
+Test(cuda, stream_schedules_give_the_same_bits) {
+  require_sm90a();
+  option_override force("cuda.path", "stream");
+  const th_layer_spec specs[] = {mixtral_like(37, 1032, 520, 16, 2, 0xd200),
+                                 mixtral_like(8, 2048, 2048, 8, 2, 0xd201),
+                                 mixtral_like(150, 264, 200, 64, 6, 0xd202)};
+  for (const th_layer_spec &spec : specs) {
+    th_layer_data d;
+    th_layer_data_make(&d, &spec);
+    const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+    uint16_t *base = (uint16_t *)th_malloc(n * 2), *other = (uint16_t *)th_malloc(n * 2);
+    forward_plain(th_ctx(), &d, base);
+    const char *const settings[][2] = {{"cuda.stream_schedule", "dynamic"},
+                                       {"cuda.stream_group", "1"}};
+    for (const auto &setting : settings) {
+      option_override choice(setting[0], setting[1]);
+      for (int again = 0; again < 3; ++again) {
+        forward_plain(th_ctx(), &d, other);
+        TH_ASSERT(memcmp(base, other, n * 2) == 0, "T=%lld %s=%s, run %d: bits differ",
+                  (long long)d.num_tokens, setting[0], setting[1], again);
+      }
+    }
+    free(base);
+    free(other);
+    th_layer_data_free(&d);
   }
 }
 

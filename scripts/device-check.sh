@@ -92,9 +92,10 @@ step_profile() {
   metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size
   metrics+=,launch__block_size,launch__registers_per_thread
   metrics+=,sm__warps_active.avg.pct_of_peak_sustained_active
-  # Every kernel of ours (the stream GEMMs and the permute included); the
-  # peer's Triton and torch kernels likewise.
-  local kernels='regex:.'
+  # The forward's kernels of ours (the streaming GEMMs, the permute and the
+  # reduce included) and of the peer (its Triton kernels and torch's sum);
+  # not the setup kernels that fill and repack the weights.
+  local kernels='regex:^(route|align|gemm|topk|wgmma|stream|reduce_kernel|decode|activation)'
   local point model tokens
   for point in ${PROFILE_POINTS:-qwen3-30b-a3b:1 mixtral-8x7b:16}; do
     model=${point%:*} tokens=${point#*:}

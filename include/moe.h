@@ -213,8 +213,8 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           counter as they finish (same bits)
  *   cuda.stream_group       auto|integer >= 1   the streaming GEMM's items
  *                           in groups of this many token blocks, all
- *                           feature tiles of a group first (auto: token
- *                           block fastest)
+ *                           feature tiles of a group first (auto: the
+ *                           device class's tuning row, 8 on Hopper)
  *   cuda.wgmma_min_rows     auto|integer >= 1   rows per expert from which
  *                           Hopper runs the 128-row wgmma tiles
  *

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|tune|invariant|cpu|cpuab|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -147,6 +147,44 @@ step_tune() {
   echo "tune rc=$?"; tail -8 "$out/tune.log"
 }
 
+# A/B of this tree against another source tree (a kernel change with no
+# option to switch it): BASE_SRC (default .base-src, e.g. `git archive
+# BASE | tar -x -C .base-src`, carried) is built into build-base, then
+# moe_bench runs from both builds in AB_ROUNDS interleaved rounds (and
+# from this tree with each option of ABBASE_OPTIONS as a third side), and
+# bench/compare.py prints the median of the rounds' medians per point.
+step_abbase() {
+  local src=${BASE_SRC:-.base-src} rounds=${AB_ROUNDS:-2}
+  local models=${AB_MODELS:-qwen3-30b-a3b,ernie-4.5-21b-a3b,gpt-oss-20b,mixtral-8x7b,deepseek-v3}
+  local tokens=${AB_TOKENS:-16,64,256,1024,4096,16384}
+  [ -f "$src/CMakeLists.txt" ] || { echo "abbase: no source tree in $src"; return 1; }
+  { cmake -S "$src" -B build-base -G Ninja -DMOE_BACKEND=cuda -DCMAKE_CUDA_ARCHITECTURES=90a \
+      -DCMAKE_BUILD_TYPE=Release && cmake --build build-base --target moe_bench; } \
+    >"$out/build-base.log" 2>&1 || { echo "abbase: base build failed"; tail -20 "$out/build-base.log"; return 1; }
+  local r side option sides="base new" runs_base="" runs_new=""
+  for option in ${ABBASE_OPTIONS:-}; do sides+=" $option"; done
+  for r in $(seq "$rounds"); do
+    for side in $sides; do
+      local dir=$build args=()
+      [ "$side" = base ] && dir=build-base
+      [ "$side" != base ] && [ "$side" != new ] && args=(--option "$side")
+      timeout 200 "./$dir/bench/moe_bench" --backend cuda "${args[@]}" --model "$models" \
+        --tokens "$tokens" --json "$out/abbase-$side-$r.json" >"$out/abbase-$side-$r.log" 2>&1
+      echo "abbase $side round $r rc=$?"
+    done
+  done
+  local first="" list
+  for side in $sides; do
+    list=$(for r in $(seq "$rounds"); do printf '%s,' "$out/abbase-$side-$r.json"; done)
+    list=${list%,}
+    if [ -z "$first" ]; then
+      first=$list
+    else
+      python3 bench/compare.py "$first" "$list" --labels "base,$side" | cut -c1-110
+    fi
+  done
+}
+
 # What a batch-invariant layer costs on CUDA: moe_bench with the layers
 # built batch-invariant against the default plan, same points, same call.
 step_invariant() {
@@ -227,6 +265,7 @@ for step in "${@:-all}"; do
   profile) step_profile ;;
   profile-detail) step_profile_detail ;;
   ab) step_ab ;;
+  abbase) step_abbase ;;
   tune) step_tune ;;
   invariant) step_invariant ;;
   cpu) step_cpu ;;

@@ -35,6 +35,9 @@ struct cuda_tuning {
   /* The streaming GEMM's token block: 16 rows up to [0] rows per expert,
    * 32 up to [1], 64 up to [2], else 128. */
   int64_t stream_block_max_rows[3];
+  /* The streaming GEMM's raster: work items in groups of this many token
+   * blocks, every feature tile of a group before the next group. */
+  int32_t stream_group;
 };
 
 /* The row for a device: compute capability major and peak read rate. */
@@ -71,7 +74,7 @@ struct cuda_state {
   int64_t stream_max_rows; /* cuda.stream_max_rows; -1: the tuning row's */
   int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
-  int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: all */
+  int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: the row's */
   bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated

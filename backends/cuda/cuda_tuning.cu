@@ -29,15 +29,22 @@
  * 16 rows (a 16-row block streams the weights of an expert with more rows
  * than that twice).
  *
+ * Both Hopper rows order the streaming GEMM's work items in groups of 8
+ * token blocks (all feature tiles of a group, then the next group): on an
+ * H200, 3.4% faster over 15 points at 16-256 tokens than token block
+ * fastest over all blocks (up to 8% at DeepSeek, ernie and Qwen3), slower
+ * nowhere by more than 0.2% (bench/results.md, "Streaming GEMM: schedule
+ * and raster"); not yet measured on an H100.
+ *
  * Generic: everything else (sm_80, sm_89, sm_100 without the sm_90a
  * kernels). The Hopper fields are then unused: the mma.sync tiles run.
  */
 static const cuda_tuning rows[] = {
     /* class, major, min GB/s, decode tokens (>= 64 experts, fewer), decode T x H,
-     * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks */
-    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}},
-    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}},
-    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}},
+     * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks, stream group */
+    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}, 8},
+    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8},
 };
 
 double cuda_peak_read_gbps(int device) {

@@ -76,16 +76,26 @@ __device__ __forceinline__ bool slot_is_local(const reduce_params &p, int64_t sl
  * would fetch from DRAM). */
 constexpr int REDUCE_BATCH = 8;
 
-template <int VEC> __device__ __forceinline__ void load_row(const bf16 *row, float (&v)[VEC]) {
+/* VEC bf16 of a row of y, kept as loaded (VEC / 2 registers) until summed:
+ * converted at load, the batch's rows took 8 VEC registers and the kernel
+ * 102, two blocks per SM; now 78, three (bench/cuda_notes.md item 21). */
+template <int VEC> struct raw_row { uint32_t bits[VEC == 8 ? 4 : 1]; };
+
+template <int VEC> __device__ __forceinline__ raw_row<VEC> load_row(const bf16 *row) {
+  raw_row<VEC> r;
   if (VEC == 8) {
     const uint4 raw = *(const uint4 *)row;
-    const bf16 *vals = (const bf16 *)&raw;
-#pragma unroll
-    for (int i = 0; i < VEC; ++i)
-      v[i] = __bfloat162float(vals[i]);
+    r.bits[0] = raw.x, r.bits[1] = raw.y, r.bits[2] = raw.z, r.bits[3] = raw.w;
   } else {
-    v[0] = __bfloat162float(row[0]);
+    r.bits[0] = *(const uint16_t *)row;
   }
+  return r;
+}
+
+/* Element v of a loaded row as float (bf16 is the top half of a float). */
+template <int VEC> __device__ __forceinline__ float row_value(const raw_row<VEC> &r, int v) {
+  const uint32_t word = r.bits[v / 2];
+  return __uint_as_float(v % 2 ? word & 0xffff0000u : word << 16);
 }
 
 template <int VEC> __global__ void topk_reduce_kernel(const reduce_params p) {
@@ -111,16 +121,16 @@ template <int VEC> __global__ void topk_reduce_kernel(const reduce_params p) {
           used[b] = j0 + b < p.top_k && slot_is_local(p, slot);
           w[b] = used[b] && p.weights ? p.weights[slot] : 1.0f;
         }
-        float vals[REDUCE_BATCH][VEC];
+        raw_row<VEC> rows[REDUCE_BATCH];
 #pragma unroll
         for (int b = 0; b < REDUCE_BATCH; ++b)
-          if (used[b]) load_row<VEC>(p.y + (t * p.top_k + j0 + b) * p.hidden + col, vals[b]);
+          if (used[b]) rows[b] = load_row<VEC>(p.y + (t * p.top_k + j0 + b) * p.hidden + col);
 #pragma unroll
         for (int b = 0; b < REDUCE_BATCH; ++b)
           if (used[b])
 #pragma unroll
             for (int v = 0; v < VEC; ++v)
-              acc[v] += w[b] * vals[b][v];
+              acc[v] += w[b] * row_value<VEC>(rows[b], v);
       }
       bf16 *dst = p.out + t * p.hidden + col;
       if (VEC == 8) {

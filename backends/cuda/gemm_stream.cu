@@ -14,11 +14,13 @@
  * Kernel (stream_gemm_kernel<NT, EPI, CTAS>):
  *   - Work item: (NT-row block of one expert, 128 output features). A
  *     persistent grid (one CTA per SM; two at NT 16, each with half the
- *     ring: option cuda.stream_ctas) walks the items in order m-block
- *     fastest, so that CTAs running together read different experts' tiles
- *     (or, for an expert of several blocks, the same tile while it is in
- *     L2); option cuda.stream_group orders them in groups of m-blocks
- *     instead. The item count depends on *num_tokens_post_padded, read on
+ *     ring: option cuda.stream_ctas) walks the items in groups of m-blocks
+ *     (the tuning row's stream_group, option cuda.stream_group): every
+ *     128-feature tile of a group before the next group, m-block fastest
+ *     inside it, so that an expert of several blocks reads each tile while
+ *     it is in L2, and CTAs running together read neighbouring tiles of a
+ *     few experts (measured faster than m-block fastest over all blocks:
+ *     cuda_tuning.cu). The item count depends on *num_tokens_post_padded, read on
  *     the device only (no host synchronization).
  *   - Schedule: round robin over the CTAs (static), or claimed from a
  *     counter by whichever CTA is free (option cuda.stream_schedule=
@@ -566,11 +568,11 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   static_cast<hopper_gemm_params &>(p) = *g;
   p.n_tiles = (int32_t)n_tiles;
   p.m_tiles_cap = (int32_t)m_tiles;
-  /* Raster (option cuda.stream_group): by default token block fastest over
-   * all blocks, so that CTAs running together read different experts'
-   * tiles, or an expert's tile while it is in L2 for its next block. */
-  p.group_m =
-      st->stream_group > 0 && st->stream_group < m_tiles ? st->stream_group : (int32_t)m_tiles;
+  /* Raster: groups of the tuning row's token blocks (option
+   * cuda.stream_group overrides), token block fastest inside a group so
+   * that an expert's blocks read its tiles while they are in L2. */
+  const int32_t group = st->stream_group > 0 ? st->stream_group : st->tuning->stream_group;
+  p.group_m = group > 0 && group < m_tiles ? group : (int32_t)m_tiles;
   const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
   p.splits = 1;
   p.k_steps_per_split = k_steps;

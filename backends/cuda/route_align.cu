@@ -53,6 +53,9 @@
 #define CUDA_ALIGN_MAX_CHUNKS 2048
 /* Logits staged in shared memory by the one-block kernel (floats). */
 #define CUDA_ROUTE_STAGE_FLOATS 8192
+/* Router keys a lane of the warp routing keeps in registers: up to 256
+ * experts (bench/cuda_notes.md item 21). */
+#define CUDA_ROUTE_LANE_KEYS 8
 /* Slot ids a placing lane loads ahead (registers). */
 #define CUDA_PLACE_AHEAD 8
 
@@ -80,8 +83,9 @@ __device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p
   row.max = -INFINITY;
   row.inv_sum = 0.0f;
   if (!p.scoring_sigmoid) {
+    /* Unrolled: four logits in flight per lane, not one round trip each. */
     float m = -INFINITY;
-#pragma unroll 1
+#pragma unroll 4
     for (int e = lane; e < E; e += 32)
       if (logits[e] > m) m = logits[e];
     for (int offset = 16; offset > 0; offset >>= 1) {
@@ -90,7 +94,7 @@ __device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p
     }
     if (m != -INFINITY) {
       float sum = 0.0f;
-#pragma unroll 1
+#pragma unroll 4
       for (int e = lane; e < E; e += 32) {
         const float l = logits[e];
         if (l == l) sum += MOE_RL_EXP(l == m ? 0.0f : l - m);
@@ -105,7 +109,11 @@ __device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p
 }
 
 /* Routes one token with the 32 lanes of a warp (see the file comment);
- * lane 0 writes ids[k] and weights[k]. */
+ * lane 0 writes ids[k] and weights[k]. KEYS > 0 (E <= 32 KEYS): each lane
+ * computes the keys of its experts once, into registers, and the k picks
+ * compare registers; KEYS = 0 reads every key again at every pick (any E).
+ * Both make the same comparisons in the same order: the same picks. */
+template <int KEYS>
 __device__ void route_token_warp(const float *logits, const float *bias, const moe_rl_params &p,
                                  int32_t *ids, float *weights) {
   const int lane = threadIdx.x & 31, E = p.num_experts;
@@ -142,18 +150,43 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
     }
   }
 
+  float keys[KEYS > 0 ? KEYS : 1];
+  uint32_t has_key = 0; /* bit i: keys[i] is expert lane + 32 i, allowed */
+#pragma unroll
+  for (int i = 0; i < KEYS; ++i) {
+    const int e = lane + 32 * i;
+    keys[i] = 0.0f;
+    if (e < E && ((allowed >> (e / group_size)) & 1ull)) {
+      keys[i] = moe_rl_key(logits, bias, e, row, &p);
+      has_key |= 1u << i;
+    }
+  }
+
   float prev_key = 0.0f, sum = 0.0f, picked[MOE_MAX_TOP_K];
   int prev_e = -1;
   for (int j = 0; j < p.top_k; ++j) {
     float best_key = 0.0f;
     int best_e = -1;
-    for (int e = lane; e < E; e += 32) {
-      if (!((allowed >> (e / group_size)) & 1ull)) continue;
-      const float key = moe_rl_key(logits, bias, e, row, &p);
-      if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, key, e)) continue;
-      if (best_e < 0 || moe_rl_better(key, e, best_key, best_e)) {
-        best_key = key;
-        best_e = e;
+    if (KEYS > 0) {
+#pragma unroll
+      for (int i = 0; i < KEYS; ++i) {
+        const int e = lane + 32 * i;
+        if (!((has_key >> i) & 1u)) continue;
+        if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, keys[i], e)) continue;
+        if (best_e < 0 || moe_rl_better(keys[i], e, best_key, best_e)) {
+          best_key = keys[i];
+          best_e = e;
+        }
+      }
+    } else {
+      for (int e = lane; e < E; e += 32) {
+        if (!((allowed >> (e / group_size)) & 1ull)) continue;
+        const float key = moe_rl_key(logits, bias, e, row, &p);
+        if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, key, e)) continue;
+        if (best_e < 0 || moe_rl_better(key, e, best_key, best_e)) {
+          best_key = key;
+          best_e = e;
+        }
       }
     }
     warp_best(best_key, best_e);
@@ -182,9 +215,13 @@ __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const
   if (REFERENCE) {
     for (int64_t t = first * 32 + (threadIdx.x & 31); t < num_tokens; t += stride * 32)
       moe_rl_route_token(logits + t * E, bias, &rl, (int *)ids + t * k, weights + t * k);
+  } else if (E <= 32 * CUDA_ROUTE_LANE_KEYS) {
+    for (int64_t t = first; t < num_tokens; t += stride)
+      route_token_warp<CUDA_ROUTE_LANE_KEYS>(logits + t * E, bias, rl, ids + t * k,
+                                             weights + t * k);
   } else {
     for (int64_t t = first; t < num_tokens; t += stride)
-      route_token_warp(logits + t * E, bias, rl, ids + t * k, weights + t * k);
+      route_token_warp<0>(logits + t * E, bias, rl, ids + t * k, weights + t * k);
   }
 }
 
@@ -539,8 +576,12 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
                       int32_t *__restrict__ starts) {
   __shared__ int count[MOE_MAX_EXPERTS];
   __shared__ int64_t start[MOE_MAX_EXPERTS + 1];
+  /* One thread per expert walks the chunks; unrolled, so that 8 loads are
+   * in flight at a time instead of one round trip per chunk (16.6 us for 32
+   * chunks on an H200 under ncu, bench/cuda_notes.md item 21). */
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
     int total = 0; /* slots per expert fit int32: reserve bounds T*k */
+#pragma unroll 8
     for (int64_t c = 0; c < num_chunks; ++c)
       total += counts[c * p.num_local + e];
     count[e] = total;
@@ -549,6 +590,7 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
   align_layout(p, count, start);
   for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
     int64_t running = start[e];
+#pragma unroll 8
     for (int64_t c = 0; c < num_chunks; ++c) {
       starts[c * p.num_local + e] = (int32_t)running;
       running += counts[c * p.num_local + e];

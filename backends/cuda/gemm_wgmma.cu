@@ -257,21 +257,40 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 /* ---- the row permute ---------------------------------------------------- */
 
 /* xs[p] = x[sorted[p] / top_k] for p < min(*ntpp, rows_cap), zeros for
- * padding rows; a block per row at a time, 16-byte chunks over the row. */
-__global__ void wgmma_permute_kernel(const bf16 *x, bf16 *xs, int64_t hidden,
-                                     const int32_t *sorted_token_ids, const int32_t *ntpp,
-                                     int64_t num_slots, int32_t top_k, int64_t rows_cap) {
+ * padding rows. A warp per row, rows strided over the grid; each lane
+ * moves PERMUTE_BATCH 16-byte chunks at a time, all loads before the
+ * stores, so that a lane keeps that many in flight. (A block per row, one
+ * chunk per thread, took 78 us at Qwen3 4096 tokens on an H200 under ncu,
+ * 49% of DRAM peak, most of its 49k blocks exiting at once past *ntpp:
+ * bench/cuda_notes.md item 21.) */
+#define PERMUTE_BATCH 4
+#define PERMUTE_WARPS 8
+
+__global__ void __launch_bounds__(32 * PERMUTE_WARPS)
+    wgmma_permute_kernel(const bf16 *x, bf16 *xs, int64_t hidden, const int32_t *sorted_token_ids,
+                         const int32_t *ntpp, int64_t num_slots, int32_t top_k, int64_t rows_cap) {
   cuda_grid_dependency_wait();
   cuda_allow_dependents();
   const int64_t rows = min((int64_t)*ntpp, rows_cap);
   const int64_t chunks = hidden / 8;
-  for (int64_t p = blockIdx.x; p < rows; p += gridDim.x) {
+  const int lane = threadIdx.x & 31;
+  const int64_t warps = (int64_t)gridDim.x * PERMUTE_WARPS;
+  for (int64_t p = blockIdx.x * (int64_t)PERMUTE_WARPS + (threadIdx.x >> 5); p < rows; p += warps) {
     const int32_t slot = sorted_token_ids[p];
     const bool real = slot >= 0 && slot < num_slots;
     const uint4 *src = (const uint4 *)(x + (real ? (int64_t)(slot / top_k) : 0) * hidden);
     uint4 *dst = (uint4 *)(xs + p * hidden);
-    for (int64_t c = threadIdx.x; c < chunks; c += blockDim.x)
-      dst[c] = real ? __ldg(src + c) : make_uint4(0u, 0u, 0u, 0u);
+    for (int64_t c0 = lane; c0 < chunks; c0 += 32 * PERMUTE_BATCH) {
+      uint4 v[PERMUTE_BATCH];
+#pragma unroll
+      for (int b = 0; b < PERMUTE_BATCH; ++b) {
+        const int64_t c = c0 + 32 * b;
+        v[b] = real && c < chunks ? __ldg(src + c) : make_uint4(0u, 0u, 0u, 0u);
+      }
+#pragma unroll
+      for (int b = 0; b < PERMUTE_BATCH; ++b)
+        if (c0 + 32 * b < chunks) dst[c0 + 32 * b] = v[b];
+    }
   }
 }
 
@@ -351,10 +370,13 @@ int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n) {
 moe_status cuda_wgmma_permute(const cuda_state *st, const bf16 *x, bf16 *xs, int64_t hidden,
                               const int32_t *sorted_token_ids, const int32_t *ntpp,
                               int64_t num_slots, int32_t top_k, int64_t rows_bound) {
-  const int64_t blocks = rows_bound < 65536 ? (rows_bound > 0 ? rows_bound : 1) : 65536;
+  /* A warp per row up to 16 blocks per SM; the rest of the rows by stride. */
+  int64_t blocks = (rows_bound + PERMUTE_WARPS - 1) / PERMUTE_WARPS;
+  if (blocks > 16 * (int64_t)st->sm_count) blocks = 16 * (int64_t)st->sm_count;
+  if (blocks < 1) blocks = 1;
   const cudaError_t err =
-      cuda_launch(st, true, wgmma_permute_kernel, dim3((unsigned)blocks), dim3(256), 0, x, xs,
-                  hidden, sorted_token_ids, ntpp, num_slots, top_k, rows_bound);
+      cuda_launch(st, true, wgmma_permute_kernel, dim3((unsigned)blocks), dim3(32 * PERMUTE_WARPS),
+                  0, x, xs, hidden, sorted_token_ids, ntpp, num_slots, top_k, rows_bound);
   if (err != cudaSuccess) return cuda_status(err, "wgmma_permute_kernel launch");
   return cuda_launch_status("wgmma_permute_kernel");
 }

@@ -206,8 +206,10 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
 
 /* Routes tokens first, first + stride, ... below num_tokens: a warp per
  * token (first and stride count warps), or for the reference a thread per
- * token through moe_rl_route_token. Every lane of a warp must call it. */
-template <bool REFERENCE>
+ * token through moe_rl_route_token. Every lane of a warp must call it.
+ * LANE_KEYS: the warp routing's register keys (0 for the one-block kernel,
+ * whose 1024 threads get 64 registers each, and whose code stays small). */
+template <bool REFERENCE, int LANE_KEYS = CUDA_ROUTE_LANE_KEYS>
 __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const float *bias,
                              int64_t first, int64_t stride, int64_t num_tokens, int32_t *ids,
                              float *weights) {
@@ -215,10 +217,9 @@ __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const
   if (REFERENCE) {
     for (int64_t t = first * 32 + (threadIdx.x & 31); t < num_tokens; t += stride * 32)
       moe_rl_route_token(logits + t * E, bias, &rl, (int *)ids + t * k, weights + t * k);
-  } else if (E <= 32 * CUDA_ROUTE_LANE_KEYS) {
+  } else if (LANE_KEYS > 0 && E <= 32 * LANE_KEYS) {
     for (int64_t t = first; t < num_tokens; t += stride)
-      route_token_warp<CUDA_ROUTE_LANE_KEYS>(logits + t * E, bias, rl, ids + t * k,
-                                             weights + t * k);
+      route_token_warp<LANE_KEYS>(logits + t * E, bias, rl, ids + t * k, weights + t * k);
   } else {
     for (int64_t t = first; t < num_tokens; t += stride)
       route_token_warp<0>(logits + t * E, bias, rl, ids + t * k, weights + t * k);
@@ -528,8 +529,8 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
                                  keys + num_tokens * rl.num_experts, (int32_t *)p.topk_ids,
                                  topk_weights);
     } else {
-      route_tokens<ROUTE == FUSED_REFERENCE>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5,
-                                             num_tokens, (int32_t *)p.topk_ids, topk_weights);
+      route_tokens<ROUTE == FUSED_REFERENCE, 0>(rl, src, bias, threadIdx.x >> 5, blockDim.x >> 5,
+                                                num_tokens, (int32_t *)p.topk_ids, topk_weights);
     }
     __syncthreads(); /* the ids written above are read below by other threads */
   }

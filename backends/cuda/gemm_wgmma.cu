@@ -259,11 +259,13 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 /* xs[p] = x[sorted[p] / top_k] for p < min(*ntpp, rows_cap), zeros for
  * padding rows. A warp per row, rows strided over the grid; each lane
  * moves PERMUTE_BATCH 16-byte chunks at a time, all loads before the
- * stores, so that a lane keeps that many in flight. (A block per row, one
+ * stores, so that a row of up to 4096 elements takes one round trip to
+ * memory (four chunks at a time cost 1-3% at Mixtral and gpt-oss 256
+ * tokens, whose rows then took 3-4). (A block per row, one
  * chunk per thread, took 78 us at Qwen3 4096 tokens on an H200 under ncu,
  * 49% of DRAM peak, most of its 49k blocks exiting at once past *ntpp:
  * bench/cuda_notes.md item 21.) */
-#define PERMUTE_BATCH 4
+#define PERMUTE_BATCH 16
 #define PERMUTE_WARPS 8
 
 __global__ void __launch_bounds__(32 * PERMUTE_WARPS)
@@ -285,7 +287,11 @@ __global__ void __launch_bounds__(32 * PERMUTE_WARPS)
 #pragma unroll
       for (int b = 0; b < PERMUTE_BATCH; ++b) {
         const int64_t c = c0 + 32 * b;
-        v[b] = real && c < chunks ? __ldg(src + c) : make_uint4(0u, 0u, 0u, 0u);
+        /* A plain load, not __ldg: the compiler may sink a non-coherent
+         * load below the stores before it and pair each load with its
+         * store (two in flight, seen in the SASS); a plain load may alias
+         * dst, so all of them stay ahead of the stores. */
+        v[b] = real && c < chunks ? src[c] : make_uint4(0u, 0u, 0u, 0u);
       }
 #pragma unroll
       for (int b = 0; b < PERMUTE_BATCH; ++b)

@@ -17,12 +17,12 @@ for variant in "$@"; do
     *) option=cuda.path=$variant ;;
   esac
   timeout 200 "./$build/bench/moe_bench" --backend cuda --option "$option" \
-    --model "$models" --tokens "$tokens" --json "$out/ab-$variant.json" >"$out/ab-$variant.log" 2>&1
+    --model "$models" --tokens "$tokens" --json "$out/ab-${variant//=/-}.json" >"$out/ab-${variant//=/-}.log" 2>&1
   echo "ab $variant rc=$?"
   if [ -z "$first" ]; then
     first=$variant
   else
-    python3 bench/compare.py "$out/ab-$first.json" "$out/ab-$variant.json" \
+    python3 bench/compare.py "$out/ab-${first//=/-}.json" "$out/ab-${variant//=/-}.json" \
       --labels "$first,$variant" | cut -c1-100
   fi
 done

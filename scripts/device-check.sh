@@ -168,14 +168,16 @@ step_abbase() {
       local dir=$build args=()
       [ "$side" = base ] && dir=build-base
       [ "$side" != base ] && [ "$side" != new ] && args=(--option "$side")
+      # File names without '=' (the device tool returns no such name).
       timeout 200 "./$dir/bench/moe_bench" --backend cuda "${args[@]}" --model "$models" \
-        --tokens "$tokens" --json "$out/abbase-$side-$r.json" >"$out/abbase-$side-$r.log" 2>&1
+        --tokens "$tokens" --json "$out/abbase-${side//=/-}-$r.json" \
+        >"$out/abbase-${side//=/-}-$r.log" 2>&1
       echo "abbase $side round $r rc=$?"
     done
   done
   local first="" list
   for side in $sides; do
-    list=$(for r in $(seq "$rounds"); do printf '%s,' "$out/abbase-$side-$r.json"; done)
+    list=$(for r in $(seq "$rounds"); do printf '%s,' "$out/abbase-${side//=/-}-$r.json"; done)
     list=${list%,}
     if [ -z "$first" ]; then
       first=$list

@@ -143,7 +143,12 @@ enum {
   MOE_CUDA_PATH_WGMMA,
   MOE_CUDA_PATH_MMA
 };
-enum { MOE_CUDA_ROUTING_AUTO, MOE_CUDA_ROUTING_WARP, MOE_CUDA_ROUTING_REFERENCE };
+enum {
+  MOE_CUDA_ROUTING_AUTO,
+  MOE_CUDA_ROUTING_WARP,
+  MOE_CUDA_ROUTING_REFERENCE,
+  MOE_CUDA_ROUTING_RANK
+};
 
 /* The default value of an option, as text. */
 const char *moe_option_default(moe_option_id id);

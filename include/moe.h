@@ -184,9 +184,10 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *   cuda.gemv_max_rows      integer >= 0, default 1: rows per expert up to
  *                           which the mma path streams weights on the CUDA
  *                           cores (0: never)
- *   cuda.routing            auto|warp|reference   routing kernel (auto: the
- *                           block by ranks for a few tokens, else a warp per
- *                           token; reference: one thread per token)
+ *   cuda.routing            auto|warp|reference|rank   routing kernel (auto:
+ *                           the block by ranks for a few tokens, else a warp
+ *                           per token; reference: one thread per token;
+ *                           rank: by ranks on many blocks, any token count)
  *   cuda.decode_pdl         on|off   overlapped launches of the decode
  *                           kernels (Hopper)
  *   cuda.decode_persistent  on|off   one-wave grids for the decode kernels

@@ -36,7 +36,7 @@ static const option_values documented[] = {
      {"auto", "gemv", "16x32", "16x64", "16x64k64", "16x128", "16x32k256", "32x64", "32x128",
       "64x128", "128x128", "128x128k64", "128x256"}},
     {"cuda.gemv_max_rows", MOE_BACKEND_CUDA, {"1", "0", "64"}},
-    {"cuda.routing", MOE_BACKEND_CUDA, {"auto", "warp", "reference"}},
+    {"cuda.routing", MOE_BACKEND_CUDA, {"auto", "warp", "reference", "rank"}},
     {"cuda.decode_pdl", MOE_BACKEND_CUDA, {"on", "off"}},
     {"cuda.stream_block", MOE_BACKEND_CUDA, {"auto", "16", "32", "64", "128"}},
     {"cuda.stream_overlap", MOE_BACKEND_CUDA, {"on", "off"}},

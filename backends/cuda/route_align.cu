@@ -8,6 +8,9 @@
  *     reference;
  *   - for few tokens (route_tokens_by_rank): the whole block, each expert's
  *     pick number counted as its rank among the token's experts;
+ *     the same on many blocks of a few tokens each for any T, with
+ *     cuda.routing=rank (not the default: not yet timed against the warp
+ *     routing past 64 tokens);
  *   - otherwise one warp per token (cuda.routing=warp forces it). It
  *     calls the header's key, ranking and score functions (moe_rl_key,
  *     moe_rl_better, moe_rl_score) in the header's pick order (group
@@ -474,20 +477,25 @@ static bool rank_routing_fits(int64_t T, int32_t E, int32_t G) {
          T * E * E <= CUDA_RANK_ROUTE_COMPARISONS && T * G <= CUDA_RANK_ROUTE_MAX_GROUP_KEYS;
 }
 
-/* Rank routing alone (the route stage for few tokens): one block. */
+/* Rank routing alone: block b routes tokens [b tpb, (b + 1) tpb) of
+ * num_tokens (one block for few tokens; many with cuda.routing=rank). */
 template <bool GROUPED>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
-    route_rank_kernel(moe_rl_params rl, const float *logits, const float *bias, int32_t num_tokens,
-                      int32_t *ids, float *weights) {
+    route_rank_kernel(moe_rl_params rl, const float *logits, const float *bias, int64_t num_tokens,
+                      int32_t tokens_per_block, int32_t *ids, float *weights) {
   extern __shared__ float staged[];
   cuda_allow_dependents(); /* the decode path's GEMM1 may stage x meanwhile */
-  const int floats = num_tokens * rl.num_experts;
+  const int64_t first = (int64_t)blockIdx.x * tokens_per_block;
+  const int T = (int)min((int64_t)tokens_per_block, num_tokens - first);
+  const int64_t E = rl.num_experts;
+  const float *src = logits + first * E;
+  const int floats = T * rl.num_experts;
 #pragma unroll 1
   for (int i = threadIdx.x; i < floats; i += blockDim.x)
-    staged[i] = logits[i];
+    staged[i] = src[i];
   __syncthreads();
-  route_tokens_by_rank<GROUPED>(rl, staged, bias, num_tokens, staged + floats, staged + 2 * floats,
-                                ids, weights);
+  route_tokens_by_rank<GROUPED>(rl, staged, bias, T, staged + floats, staged + 2 * floats,
+                                ids + first * rl.top_k, weights + first * rl.top_k);
 }
 
 /* The routing a one-block launch does before align. Each is its own
@@ -629,11 +637,13 @@ int64_t cuda_align_scratch_elems(int64_t num_slots, int32_t num_local_experts) {
 
 /* Option cuda.routing: reference runs moe_rl_route_token itself, warp the
  * warp per token where the rank routing would run (so that a test can
- * compare them in one process). */
-enum routing_kind { ROUTING_DEFAULT, ROUTING_WARP, ROUTING_REFERENCE };
+ * compare them in one process), rank the rank routing on many blocks of a
+ * few tokens each wherever one token fits it (E <= 256), for any T. */
+enum routing_kind { ROUTING_DEFAULT, ROUTING_WARP, ROUTING_REFERENCE, ROUTING_RANK };
 static routing_kind routing_of(const cuda_state *st) {
   if (st->routing_option == MOE_CUDA_ROUTING_REFERENCE) return ROUTING_REFERENCE;
   if (st->routing_option == MOE_CUDA_ROUTING_WARP) return ROUTING_WARP;
+  if (st->routing_option == MOE_CUDA_ROUTING_RANK) return ROUTING_RANK;
   return ROUTING_DEFAULT;
 }
 
@@ -645,13 +655,24 @@ static size_t rank_routing_smem(int64_t T, int32_t E, int32_t G) {
 moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const moe_rl_params rl = moe_rl_params_from_args(args);
   const routing_kind kind = routing_of(st);
-  if (kind == ROUTING_DEFAULT &&
-      rank_routing_fits(args->num_tokens, args->num_experts, rl.num_groups)) {
+  const int64_t T = args->num_tokens;
+  /* Tokens per block of the rank routing: all of them in one block where
+   * they fit (the default for few tokens), else with cuda.routing=rank as
+   * many as fit one block, on as many blocks as it takes. */
+  int64_t per_block = 0;
+  if (kind == ROUTING_DEFAULT && rank_routing_fits(T, args->num_experts, rl.num_groups))
+    per_block = T;
+  else if (kind == ROUTING_RANK)
+    while (per_block < T && rank_routing_fits(per_block + 1, args->num_experts, rl.num_groups))
+      ++per_block;
+  if (per_block > 0) {
+    const int64_t blocks = (T + per_block - 1) / per_block;
+    if (blocks > INT32_MAX) return moe_set_error(MOE_ERROR_UNSUPPORTED, "too many tokens to route");
     (rl.num_groups > 1 ? route_rank_kernel<true> : route_rank_kernel<false>)<<<
-        1, CUDA_ALIGN_THREADS,
-        rank_routing_smem(args->num_tokens, args->num_experts, rl.num_groups), st->stream>>>(
-        rl, (const float *)args->logits, (const float *)args->correction_bias,
-        (int32_t)args->num_tokens, (int32_t *)args->topk_ids, (float *)args->topk_weights);
+        (unsigned)blocks, CUDA_ALIGN_THREADS,
+        rank_routing_smem(per_block, args->num_experts, rl.num_groups), st->stream>>>(
+        rl, (const float *)args->logits, (const float *)args->correction_bias, T,
+        (int32_t)per_block, (int32_t *)args->topk_ids, (float *)args->topk_weights);
     return cuda_launch_status("route_rank_kernel");
   }
   const bool reference = kind == ROUTING_REFERENCE;
@@ -680,7 +701,7 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
       rl = moe_rl_params_from_args(route);
       const int64_t floats = route->num_tokens * route->num_experts;
       if (floats <= CUDA_ROUTE_STAGE_FLOATS) stage_bytes = (size_t)floats * sizeof(float);
-      by_rank = kind == ROUTING_DEFAULT &&
+      by_rank = (kind == ROUTING_DEFAULT || kind == ROUTING_RANK) &&
                 rank_routing_fits(route->num_tokens, route->num_experts, rl.num_groups);
       if (by_rank)
         stage_bytes = rank_routing_smem(route->num_tokens, route->num_experts, rl.num_groups);

@@ -612,7 +612,9 @@ Test(cuda, warp_routing_matches_host_and_reference_kernel) {
       break;
     }
     /* 3 tokens take the block-wide rank routing where it fits (E <= 256),
-     * 77 the warp per token; both against the one-thread reference. */
+     * 77 the warp per token; both against the one-thread reference and the
+     * many-block rank routing (cuda.routing=rank: the warp's where one
+     * token does not fit a block). */
     for (int64_t T : {77, 3}) {
       th_case("routing variant %d T=%lld %s", variant, (long long)T, th_config_text(&cfg));
       th_rng rng = th_rng_make(0xc600 + (uint64_t)variant);
@@ -625,7 +627,7 @@ Test(cuda, warp_routing_matches_host_and_reference_kernel) {
       float *w = (float *)th_malloc(slots * 4), *w_ref = (float *)th_malloc(slots * 4);
       route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids, w);
       th_check_route(&cfg, T, logits, with_bias ? bias : NULL, ids, w);
-      for (const char *mode : {"reference", "warp"}) {
+      for (const char *mode : {"reference", "warp", "rank"}) {
         set_option("cuda.routing", mode);
         route_on(th_ctx(), &cfg, T, logits, with_bias ? bias : NULL, ids_ref, w_ref);
         set_option("cuda.routing", "auto");

@@ -216,6 +216,8 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           in groups of this many token blocks, all
  *                           feature tiles of a group first (auto: the
  *                           device class's tuning row, 8 on Hopper)
+ *   cuda.wgmma_gather       off|on   GEMM1 of the wgmma path gathers x's
+ *                           rows itself (no permute kernel; same bits)
  *   cuda.wgmma_min_rows     auto|integer >= 1   rows per expert from which
  *                           Hopper runs the 128-row wgmma tiles
  *

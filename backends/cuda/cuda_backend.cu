@@ -708,8 +708,12 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   const int rows_index = stream ? cuda_stream_rows_index(plan->block_m) : 0;
   static_assert(CUDA_STREAM_FEATURES == 128, "w13_map[0] and w2_map[0] have 128-row boxes");
   const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, plan->block_m);
-  CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
-                              l->num_tokens_post_padded, slots, c->top_k, rows_bound));
+  /* The wgmma GEMM1 may gather x's rows itself (option cuda.wgmma_gather);
+   * else the permute writes them in sorted order first. */
+  const bool gather = !stream && st->wgmma_gather;
+  if (!gather)
+    CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
+                                l->num_tokens_post_padded, slots, c->top_k, rows_bound));
   cuda_wgmma_gemm g1;
   memset(&g1, 0, sizeof g1);
   set_gemm1(&g1, l, plan->block_m, l->h_sorted);
@@ -719,10 +723,15 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   g1.num_slots = slots;
   g1.rows_bound = rows_bound;
   g1.overlapped = stream && st->stream_overlap;
+  if (gather) {
+    g1.gather_x = (const bf16 *)x;
+    g1.gather_top_k = c->top_k;
+  }
   CUDA_TRY(stream ? cuda_stream_gemm_run(st, &g1) : cuda_wgmma_gemm_run(st, &g1));
 
   cuda_wgmma_gemm g2 = g1;
   set_gemm2(&g2, l);
+  g2.gather_x = NULL; /* h_sorted is in sorted order already */
   g2.a_map = stream ? &l->h_rows_map[rows_index] : &l->h_sorted_map;
   g2.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, H);
   g2.b_map = &l->w2_map[g2.bn == 256 ? 1 : 0];
@@ -884,6 +893,9 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_STREAM_SCHEDULE:
     st->stream_dynamic = parsed == 1; /* static|dynamic */
+    break;
+  case MOE_OPTION_CUDA_WGMMA_GATHER:
+    st->wgmma_gather = parsed == 1; /* off|on */
     break;
   case MOE_OPTION_CUDA_STREAM_GROUP:
     st->stream_group = parsed < 0 ? 0 : (int32_t)parsed; /* -1: auto */

@@ -75,6 +75,7 @@ struct cuda_state {
   int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
   int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: the row's */
+  bool wgmma_gather;       /* cuda.wgmma_gather: GEMM1 of the wgmma path gathers x's rows */
   bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated
@@ -373,6 +374,10 @@ struct cuda_wgmma_gemm : hopper_gemm_params {
   /* Streaming GEMM only: launched to overlap the kernel before it (which
    * must be the permute or a streaming GEMM: see cuda_stream_gemm_run) */
   bool overlapped;
+  /* wgmma GEMM1 only: A rows gathered from x (row sorted[p] / gather_top_k,
+   * 16-byte aligned) instead of a_map's permuted rows; NULL: a_map. */
+  const __nv_bfloat16 *gather_x;
+  int32_t gather_top_k;
 };
 
 moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g);

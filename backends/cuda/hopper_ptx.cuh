@@ -1,9 +1,10 @@
 /*
  * hopper_ptx.cuh - sm_90 PTX for asynchronous copies: shared-memory
  * addresses and mbarriers (init, arrive with expected transaction bytes,
- * parity wait), apart from the kernels that use them (gemm_wgmma.cu's TMA
- * pipeline). Defined only in device passes for compute capability 9.0 and
- * up; callers guard their kernel bodies the same way.
+ * parity wait), cp.async completing on an mbarrier and the proxy fence
+ * that lets wgmma read what it wrote, apart from the kernels that use them
+ * (the TMA pipelines of gemm_wgmma.cu and gemm_stream.cu). Defined only in device passes for
+ * compute capability 9.0 and up; callers guard their kernel bodies the same way.
  */
 #ifndef MOE_CUDA_HOPPER_PTX_CUH
 #define MOE_CUDA_HOPPER_PTX_CUH
@@ -51,6 +52,27 @@ __device__ __forceinline__ void mbar_wait(uint32_t bar, uint32_t parity) {
                  : "r"(bar), "r"(parity)
                  : "memory");
   } while (!done);
+}
+
+/* 16 bytes global -> shared by cp.async; bytes = 0 writes zeros and reads
+ * nothing (rows past the data, K past its end). */
+__device__ __forceinline__ void cp_async16_zfill(uint32_t dst, const void *src, uint32_t bytes) {
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(bytes)
+               : "memory");
+}
+
+/* One arrival on bar once every cp.async this thread issued so far has
+ * landed (noinc: the arrival counts against the barrier's expected count,
+ * which must include it). */
+__device__ __forceinline__ void cp_async_mbar_arrive_noinc(uint32_t bar) {
+  asm volatile("cp.async.mbarrier.arrive.noinc.shared::cta.b64 [%0];\n" ::"r"(bar) : "memory");
+}
+
+/* Orders this thread's view of shared memory written through the generic
+ * proxy (st.shared, cp.async) before its later async-proxy reads (wgmma
+ * operands, TMA stores). */
+__device__ __forceinline__ void fence_proxy_async_shared() {
+  asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory");
 }
 
 #endif /* __CUDA_ARCH__ >= 900 */

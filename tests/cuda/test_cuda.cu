@@ -917,6 +917,39 @@ Test(cuda, wgmma_layer_variants) {
   }
 }
 
+/* GEMM1 gathering x's rows itself (cuda.wgmma_gather=on) multiplies the
+ * same values in the same order as the permuted rows: the same bits, on
+ * every layer variant (biases, expert map, router weight on the input,
+ * IN_OUT weights, grouped routing), with K past a 64-wide box (H = 264)
+ * and both column tiles; graph replays and the float64 bound as for the
+ * permuted path. */
+Test(cuda, wgmma_gather_gives_the_permute_bits) {
+  require_sm90a();
+  option_override force("cuda.path", "wgmma");
+  for (int variant = 0; variant < LAYER_VARIANTS; ++variant) {
+    for (const char *bn : {"128", "256"}) {
+      option_override tile("cuda.wgmma_bn", bn);
+      th_layer_spec spec = mixtral_like(300, 264, 200, 16, 4, 0xd300 + 16 * variant);
+      apply_layer_variant(&spec, variant);
+      th_layer_data d;
+      th_layer_data_make(&d, &spec);
+      const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+      uint16_t *permuted = (uint16_t *)th_malloc(n * 2), *gathered = (uint16_t *)th_malloc(n * 2);
+      forward_plain(th_ctx(), &d, permuted);
+      {
+        option_override gather("cuda.wgmma_gather", "on");
+        forward_plain(th_ctx(), &d, gathered);
+        hopper_layer_case(&spec, "wgmma");
+      }
+      TH_ASSERT(memcmp(permuted, gathered, n * 2) == 0,
+                "variant %d bn %s: gathered rows give other bits than permuted ones", variant, bn);
+      free(permuted);
+      free(gathered);
+      th_layer_data_free(&d);
+    }
+  }
+}
+
 /* The same data through both prefill paths: each within the bound of
  * float64, and within it of each other. */
 Test(cuda, wgmma_agrees_with_mma) {

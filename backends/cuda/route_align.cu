@@ -324,13 +324,21 @@ __device__ void align_layout(const align_params &p, const int *count, int64_t *s
   if (threadIdx.x == 0) start[p.num_local] = carry;
   __syncthreads();
   const int64_t padded_total = carry;
+  /* A warp per expert, its lanes on consecutive entries. With a thread per
+   * expert, each warp store scattered 32 words and an expert's padding took
+   * up to block_m - 1 of them one after another: the likely reason the scan
+   * kernel took 16 us at 32768 slots and block 128 on an H100, where its
+   * chunk loads were not the limit (bench/cuda_notes.md item 21). Same
+   * bytes. blockDim.x is a multiple of 32. */
+  const int lane = threadIdx.x & 31, warps = blockDim.x >> 5;
 #pragma unroll 1
-  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
+  for (int e = threadIdx.x >> 5; e < p.num_local; e += warps) {
+    const int64_t first = start[e], end = start[e + 1];
 #pragma unroll 1
-    for (int64_t b = start[e] >> shift; b < start[e + 1] >> shift; ++b)
+    for (int64_t b = (first >> shift) + lane; b < end >> shift; b += 32)
       p.expert_ids[b] = e;
 #pragma unroll 1
-    for (int64_t i = start[e] + count[e]; i < start[e + 1]; ++i)
+    for (int64_t i = first + count[e] + lane; i < end; i += 32)
       p.sorted[i] = sentinel;
   }
 #pragma unroll 1

@@ -167,7 +167,7 @@ struct stage_meta {
  * last, once. Units come round robin (unit += gridDim.x) or, with the
  * dynamic schedule, from a counter shared by the grid, claimed one unit
  * ahead so that the atomic's latency hides behind a unit's stream. */
-template <int NT> struct step_walk {
+struct step_walk {
   const stream_params *p;
   int64_t unit, pending, units, items;
   int32_t m_count;
@@ -285,7 +285,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
     }
     tma_prefetch_map(&w_map);
     tma_prefetch_map(&x_map);
-    step_walk<NT> steps(p, units, items, m_count, k_steps);
+    step_walk steps(p, units, items, m_count, k_steps);
     int s = 0;
     uint32_t phase = 0;
     bool more = true;

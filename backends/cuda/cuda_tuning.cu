@@ -33,8 +33,9 @@
  * token blocks (all feature tiles of a group, then the next group): on an
  * H200, 3.4% faster over 15 points at 16-256 tokens than token block
  * fastest over all blocks (up to 8% at DeepSeek, ernie and Qwen3), slower
- * nowhere by more than 0.2% (bench/results.md, "Streaming GEMM: schedule
- * and raster"); not yet measured on an H100.
+ * nowhere by more than 0.2% (bench/results.md, "CUDA on an NVIDIA H200:
+ * the streaming GEMM's raster and the kernels around the GEMMs"); not yet
+ * measured on its own on an H100.
  *
  * Generic: everything else (sm_80, sm_89, sm_100 without the sm_90a
  * kernels). The Hopper fields are then unused: the mma.sync tiles run.

@@ -107,6 +107,8 @@ step_profile() {
       python3 bench/triton_peer.py --quick --model "$model" --tokens "$tokens" \
       >"$out/profile-peer-$model-$tokens.csv" 2>&1
     echo "profile peer $point rc=$?"
+    python3 bench/profile_table.py "$out/profile-ours-$model-$tokens.csv" \
+      "$out/profile-peer-$model-$tokens.csv"
   done
 }
 

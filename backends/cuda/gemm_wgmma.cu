@@ -178,46 +178,22 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
 
   const int k_tiles = (p.k + WG_BK - 1) / WG_BK;
   const int warpgroup = threadIdx.x / 128;
-  if (warpgroup == 0 && GATHER) {
-    /* Producer, gathering: thread r copies row r of each A tile from x
-     * with cp.async into the swizzled layout TMA would have written (zeros
-     * for padding rows and K past its end); thread 0 also loads B by TMA. */
+  if (warpgroup == 0) {
+    /* Producer. Thread 0 loads B (and, unless gathering, A) by TMA. When
+     * gathering, thread r also copies row r of each A tile from x with
+     * cp.async into the swizzled layout TMA would have written (zeros for
+     * padding rows and K past its end); else the other 127 threads simply
+     * finish (no barrier involving the whole CTA follows). */
     setmaxnreg_dec<WG_PRODUCER_REGS>();
     const int r = threadIdx.x;
-    const int32_t slot = p.sorted_token_ids[m0 + r];
-    const bool real = slot >= 0 && slot < p.num_slots;
-    const bf16 *row = p.gather_x + (real ? (int64_t)(slot / p.gather_top_k) * p.k : 0);
-    if (r == 0) tma_prefetch_map(&b_map);
-    const int32_t b_row = expert * p.n + n0; /* host checked EL * n + BN < 2^31 */
-    int s = 0;
-    uint32_t phase = 0;
-    for (int kt = 0; kt < k_tiles; ++kt) {
-      mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
-      const uint32_t full = smem_addr(&full_bar[s]);
-      const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
+    if (GATHER || r == 0) {
+      const int32_t slot = GATHER ? p.sorted_token_ids[m0 + r] : -1;
+      const bool real = slot >= 0 && slot < p.num_slots;
+      const bf16 *row = GATHER && real ? p.gather_x + (int64_t)(slot / p.gather_top_k) * p.k : NULL;
       if (r == 0) {
-        mbar_arrive_expect_tx(full, S::B_BYTES);
-        tma_load_2d(stage + S::A_BYTES, &b_map, full, kt * WG_BK, b_row);
+        if (!GATHER) tma_prefetch_map(&a_map);
+        tma_prefetch_map(&b_map);
       }
-#pragma unroll
-      for (int c = 0; c < WG_BK / 8; ++c) {
-        const int k = kt * WG_BK + 8 * c;
-        const bool in = real && k < p.k; /* k % 8 == 0 and K % 8 == 0 */
-        cp_async16_zfill(stage + swizzled_chunk(r, c), in ? row + k : p.gather_x, in ? 16u : 0u);
-      }
-      cp_async_mbar_arrive_noinc(full);
-      if (++s == STAGES) {
-        s = 0;
-        phase ^= 1u;
-      }
-    }
-  } else if (warpgroup == 0) {
-    /* Producer. No barrier involving the whole CTA follows, so the other
-     * 127 threads may simply finish. */
-    setmaxnreg_dec<WG_PRODUCER_REGS>();
-    if (threadIdx.x == 0) {
-      tma_prefetch_map(&a_map);
-      tma_prefetch_map(&b_map);
       const int32_t b_row = expert * p.n + n0; /* host checked EL * n + BN < 2^31 */
       int s = 0;
       uint32_t phase = 0;
@@ -225,9 +201,21 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
         const uint32_t full = smem_addr(&full_bar[s]);
         const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
-        mbar_arrive_expect_tx(full, S::STAGE_BYTES);
-        tma_load_2d(stage, &a_map, full, kt * WG_BK, (int32_t)m0);
-        tma_load_2d(stage + S::A_BYTES, &b_map, full, kt * WG_BK, b_row);
+        if (r == 0) {
+          mbar_arrive_expect_tx(full, GATHER ? S::B_BYTES : S::STAGE_BYTES);
+          if (!GATHER) tma_load_2d(stage, &a_map, full, kt * WG_BK, (int32_t)m0);
+          tma_load_2d(stage + S::A_BYTES, &b_map, full, kt * WG_BK, b_row);
+        }
+        if (GATHER) {
+#pragma unroll
+          for (int c = 0; c < WG_BK / 8; ++c) {
+            const int k = kt * WG_BK + 8 * c;
+            const bool in = real && k < p.k; /* k % 8 == 0 and K % 8 == 0 */
+            cp_async16_zfill(stage + swizzled_chunk(r, c), in ? row + k : p.gather_x,
+                             in ? 16u : 0u);
+          }
+          cp_async_mbar_arrive_noinc(full);
+        }
         if (++s == STAGES) {
           s = 0;
           phase ^= 1u;

@@ -64,7 +64,8 @@ static const option_spec specs[MOE_OPTION_COUNT] = {
                                          "static", 0, 0},
     [MOE_OPTION_CUDA_STREAM_GROUP] = {"cuda.stream_group", MOE_BACKEND_CUDA, NULL, "auto", 1,
                                       INT32_MAX},
-    [MOE_OPTION_CUDA_WGMMA_GATHER] = {"cuda.wgmma_gather", MOE_BACKEND_CUDA, "off|on", "off", 0, 0},
+    [MOE_OPTION_CUDA_WGMMA_GATHER] = {"cuda.wgmma_gather", MOE_BACKEND_CUDA, "auto|off|on", "auto",
+                                      0, 0},
 };
 
 const char *moe_option_default(moe_option_id id) {

@@ -185,7 +185,8 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           which the mma path streams weights on the CUDA
  *                           cores (0: never)
  *   cuda.routing            auto|warp|reference|rank   routing kernel (auto:
- *                           the block by ranks for a few tokens, else a warp
+ *                           by ranks, on one block for a few tokens, on many
+ *                           up to the tuning row's token count, else a warp
  *                           per token; reference: one thread per token;
  *                           rank: by ranks on many blocks, any token count)
  *   cuda.decode_pdl         on|off   overlapped launches of the decode
@@ -216,8 +217,9 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           in groups of this many token blocks, all
  *                           feature tiles of a group first (auto: the
  *                           device class's tuning row, 8 on Hopper)
- *   cuda.wgmma_gather       off|on   GEMM1 of the wgmma path gathers x's
- *                           rows itself (no permute kernel; same bits)
+ *   cuda.wgmma_gather       auto|off|on   GEMM1 of the wgmma path gathers
+ *                           x's rows itself (no permute kernel; same bits;
+ *                           auto: up to the tuning row's rows per expert)
  *   cuda.wgmma_min_rows     auto|integer >= 1   rows per expert from which
  *                           Hopper runs the 128-row wgmma tiles
  *

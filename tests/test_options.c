@@ -48,7 +48,7 @@ static const option_values documented[] = {
     {"cuda.wgmma_min_rows", MOE_BACKEND_CUDA, {"auto", "1", "32", "64"}},
     {"cuda.stream_schedule", MOE_BACKEND_CUDA, {"static", "dynamic"}},
     {"cuda.stream_group", MOE_BACKEND_CUDA, {"auto", "1", "8"}},
-    {"cuda.wgmma_gather", MOE_BACKEND_CUDA, {"off", "on"}},
+    {"cuda.wgmma_gather", MOE_BACKEND_CUDA, {"auto", "off", "on"}},
 };
 #define DOCUMENTED (sizeof documented / sizeof documented[0])
 

@@ -90,6 +90,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->wgmma_bn_option = 0;
   st->stream_max_rows = -1;
   st->wgmma_min_rows = -1;
+  st->wgmma_gather = -1; /* auto: the tuning row's rule */
   if (own_stream) {
     moe_status s = cuda_status(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking),
                                "cudaStreamCreateWithFlags");
@@ -534,6 +535,7 @@ enum cuda_path { CUDA_PATH_DECODE, CUDA_PATH_STREAM, CUDA_PATH_WGMMA, CUDA_PATH_
 struct cuda_plan {
   cuda_path path;
   int32_t block_m; /* align's row block (0 for decode) */
+  bool gather;     /* wgmma: GEMM1 gathers x's rows, no permute */
 };
 
 /* The streaming GEMM's token block (align's block_m): option
@@ -558,24 +560,34 @@ static int64_t stream_max_rows(const cuda_state *st, int32_t local_experts) {
                                                       : wgmma_min_rows(st) - 1;
 }
 
+/* Whether the wgmma GEMM1 gathers x's rows (option cuda.wgmma_gather,
+ * else the row's rule by rows per expert). */
+static bool wgmma_gathers(const cuda_state *st, int64_t rows_per_expert) {
+  if (st->wgmma_gather >= 0) return st->wgmma_gather == 1;
+  return rows_per_expert <= st->tuning->wgmma_gather_max_rows;
+}
+
 static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t T, const void *x,
                               const cuda_decode *d) {
   const moe_config *c = &l->cfg;
   const int64_t slots = T * c->top_k, rows = cuda_rows_per_expert(slots, c->num_local_experts);
-  if (c->batch_invariant) return {CUDA_PATH_MMA, CUDA_FIXED_TILE_BLOCK_M};
+  if (c->batch_invariant) return {CUDA_PATH_MMA, CUDA_FIXED_TILE_BLOCK_M, false};
   const int option = st->path_option;
   const bool force_stream = option == MOE_CUDA_PATH_STREAM;
   const bool force_wgmma = option == MOE_CUDA_PATH_WGMMA;
   const bool force_mma = option == MOE_CUDA_PATH_MMA;
   const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
-  if (hopper && force_wgmma) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
-  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows)};
-  if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0};
-  if (hopper && rows >= wgmma_min_rows(st)) return {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M};
+  const cuda_plan wgmma = {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M, wgmma_gathers(st, rows)};
+  if (hopper && force_wgmma) return wgmma;
+  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows), false};
+  if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0, false};
+  if (hopper && rows >= wgmma_min_rows(st)) return wgmma;
   if (hopper && rows <= stream_max_rows(st, c->num_local_experts))
-    return {CUDA_PATH_STREAM, stream_block(st, rows)};
-  return {CUDA_PATH_MMA, cuda_gemm_pick_block_m(st, slots, c->num_local_experts,
-                                                2 * c->intermediate_size, c->hidden_size)};
+    return {CUDA_PATH_STREAM, stream_block(st, rows), false};
+  return {CUDA_PATH_MMA,
+          cuda_gemm_pick_block_m(st, slots, c->num_local_experts, 2 * c->intermediate_size,
+                                 c->hidden_size),
+          false};
 }
 
 /* The decode kernels' arguments for a forward of T tokens (plan_forward
@@ -646,8 +658,8 @@ static void describe_plan(const cuda_state *st, const cuda_layer *l, int64_t T, 
              (long long)bm);
     break;
   case CUDA_PATH_WGMMA:
-    snprintf(text, size,
-             "permute, GEMM1 (BN %d) and GEMM2 (BN %d) on wgmma tiles fed by TMA, reduce",
+    snprintf(text, size, "%s, GEMM1 (BN %d) and GEMM2 (BN %d) on wgmma tiles fed by TMA, reduce",
+             plan.gather ? "no permute (GEMM1 gathers x's rows with cp.async)" : "permute",
              cuda_wgmma_pick_bn(st, rows_bound, 2 * c->intermediate_size),
              cuda_wgmma_pick_bn(st, rows_bound, c->hidden_size));
     break;
@@ -708,9 +720,9 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   const int rows_index = stream ? cuda_stream_rows_index(plan->block_m) : 0;
   static_assert(CUDA_STREAM_FEATURES == 128, "w13_map[0] and w2_map[0] have 128-row boxes");
   const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, plan->block_m);
-  /* The wgmma GEMM1 may gather x's rows itself (option cuda.wgmma_gather);
-   * else the permute writes them in sorted order first. */
-  const bool gather = !stream && st->wgmma_gather;
+  /* The wgmma GEMM1 may gather x's rows itself (the plan's choice); else
+   * the permute writes them in sorted order first. */
+  const bool gather = !stream && plan->gather;
   if (!gather)
     CUDA_TRY(cuda_wgmma_permute(st, (const bf16 *)x, l->xs, H, l->sorted_token_ids,
                                 l->num_tokens_post_padded, slots, c->top_k, rows_bound));
@@ -895,7 +907,7 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     st->stream_dynamic = parsed == 1; /* static|dynamic */
     break;
   case MOE_OPTION_CUDA_WGMMA_GATHER:
-    st->wgmma_gather = parsed == 1; /* off|on */
+    st->wgmma_gather = parsed == 0 ? -1 : parsed == 2; /* auto|off|on */
     break;
   case MOE_OPTION_CUDA_STREAM_GROUP:
     st->stream_group = parsed < 0 ? 0 : (int32_t)parsed; /* -1: auto */

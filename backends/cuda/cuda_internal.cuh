@@ -38,6 +38,13 @@ struct cuda_tuning {
   /* The streaming GEMM's raster: work items in groups of this many token
    * blocks, every feature tile of a group before the next group. */
   int32_t stream_group;
+  /* The rank routing on many blocks of a few tokens each (route_align.cu)
+   * up to this many tokens; the warp per token above. */
+  int64_t rank_routing_max_tokens;
+  /* The wgmma GEMM1 gathers x's rows itself (no permute) up to this many
+   * rows per expert; with more, each gathered row feeds more column tiles
+   * and the permute's one contiguous copy costs less. */
+  int64_t wgmma_gather_max_rows;
 };
 
 /* The row for a device: compute capability major and peak read rate. */
@@ -75,7 +82,7 @@ struct cuda_state {
   int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
   int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: the row's */
-  bool wgmma_gather;       /* cuda.wgmma_gather: GEMM1 of the wgmma path gathers x's rows */
+  int wgmma_gather;        /* cuda.wgmma_gather: -1 auto (the row's rule), 0 off, 1 on */
   bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
    * context's layers (their forwards are ordered on one stream); allocated

@@ -37,16 +37,27 @@
  * the streaming GEMM's raster and the kernels around the GEMMs"); not yet
  * measured on its own on an H100.
  *
+ * Both Hopper rows route by ranks on many blocks up to 256 tokens (an
+ * H100: 2-3% faster forwards than the warp per token for Qwen3 at 16-256
+ * tokens, level for the other layers, up to 7% slower past 1024 tokens)
+ * and let the wgmma GEMM1 gather x's rows itself up to 96 rows per expert
+ * (an H100: 3-8% faster at 32-96 rows, slower from 128, where each
+ * gathered row feeds more column tiles); bench/cuda_notes.md item 22.
+ *
  * Generic: everything else (sm_80, sm_89, sm_100 without the sm_90a
  * kernels). The Hopper fields are then unused: the mma.sync tiles run.
  */
+/* One device class per line. */
+/* clang-format off */
 static const cuda_tuning rows[] = {
     /* class, major, min GB/s, decode tokens (>= 64 experts, fewer), decode T x H,
-     * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks, stream group */
-    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8},
-    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}, 8},
-    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8},
+     * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks, stream group,
+     * rank routing tokens, wgmma gather rows */
+    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 96},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}, 8, 256, 96},
+    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 0},
 };
+/* clang-format on */
 
 double cuda_peak_read_gbps(int device) {
   int clock_khz = 0, bus_bits = 0;

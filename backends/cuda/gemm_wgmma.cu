@@ -45,9 +45,10 @@
  *   - CTAs are rasterized in groups of 8 row blocks per column tile (as in
  *     grouped_gemm.cu), so that CTAs running together share B tiles in L2.
  *   - GATHER (option cuda.wgmma_gather, GEMM1 only): no permute; the
- *     producer warpgroup's thread r copies row r of each A tile from
- *     x[sorted[p] / top_k] by cp.async, 16-byte chunks placed where the
- *     128-byte swizzle puts them (zeros for padding rows and past K), and
+ *     producer warpgroup copies each A tile's rows from x[sorted[p] /
+ *     top_k] by cp.async, a warp four whole rows' 128-byte pieces per
+ *     instruction, 16-byte chunks placed where the 128-byte swizzle puts
+ *     them (zeros for padding rows and past K), and
  *     the copies complete on the stage's full barrier (one noinc arrival
  *     per thread besides the TMA thread's); consumers fence the proxies
  *     before wgmma reads them. Saves the permute's write and read of
@@ -96,6 +97,7 @@ static_assert(sizeof(cuda_tma_map) == sizeof(CUtensorMap), "cuda_tma_map holds o
  * the 65536 of an SM (one CTA per SM). Multiples of 8, as setmaxnreg needs. */
 #define WG_PRODUCER_REGS 40
 #define WG_CONSUMER_REGS 232
+static_assert(WG_BM == 128, "the producer warpgroup's gather covers 128 rows, 16 per pass");
 
 template <int BN, int STAGES> struct wg_shape {
   static constexpr int A_BYTES = WG_BM * WG_BK * 2;
@@ -180,17 +182,26 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
   const int warpgroup = threadIdx.x / 128;
   if (warpgroup == 0) {
     /* Producer. Thread 0 loads B (and, unless gathering, A) by TMA. When
-     * gathering, thread r also copies row r of each A tile from x with
+     * gathering, the warpgroup also copies each A tile from x with
      * cp.async into the swizzled layout TMA would have written (zeros for
-     * padding rows and K past its end); else the other 127 threads simply
-     * finish (no barrier involving the whole CTA follows). */
+     * padding rows and K past its end): thread t copies 16-byte chunk t % 8
+     * of rows t / 8 + 16 j, so that a warp's copy reads four whole 128-byte
+     * row pieces (a thread per row read 32 rows' 16 bytes each, half of
+     * every 32-byte sector, per instruction). Without gathering, the other
+     * 127 threads simply finish (no barrier involving the whole CTA
+     * follows). */
     setmaxnreg_dec<WG_PRODUCER_REGS>();
-    const int r = threadIdx.x;
-    if (GATHER || r == 0) {
-      const int32_t slot = GATHER ? p.sorted_token_ids[m0 + r] : -1;
-      const bool real = slot >= 0 && slot < p.num_slots;
-      const bf16 *row = GATHER && real ? p.gather_x + (int64_t)(slot / p.gather_top_k) * p.k : NULL;
-      if (r == 0) {
+    const int t = threadIdx.x;
+    if (GATHER || t == 0) {
+      constexpr int GATHER_ROWS = GATHER ? WG_BM / 16 : 1; /* rows per thread */
+      const int chunk = t & 7;
+      int32_t token[GATHER_ROWS]; /* x's row of each of this thread's rows; -1: padding */
+#pragma unroll
+      for (int j = 0; j < GATHER_ROWS; ++j) {
+        const int32_t slot = GATHER ? p.sorted_token_ids[m0 + (t >> 3) + 16 * j] : -1;
+        token[j] = slot >= 0 && slot < p.num_slots ? slot / p.gather_top_k : -1;
+      }
+      if (t == 0) {
         if (!GATHER) tma_prefetch_map(&a_map);
         tma_prefetch_map(&b_map);
       }
@@ -201,17 +212,18 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
         mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
         const uint32_t full = smem_addr(&full_bar[s]);
         const uint32_t stage = smem + (uint32_t)(s * S::STAGE_BYTES);
-        if (r == 0) {
+        if (t == 0) {
           mbar_arrive_expect_tx(full, GATHER ? S::B_BYTES : S::STAGE_BYTES);
           if (!GATHER) tma_load_2d(stage, &a_map, full, kt * WG_BK, (int32_t)m0);
           tma_load_2d(stage + S::A_BYTES, &b_map, full, kt * WG_BK, b_row);
         }
         if (GATHER) {
+          const int k = kt * WG_BK + 8 * chunk; /* k % 8 == 0 and K % 8 == 0 */
 #pragma unroll
-          for (int c = 0; c < WG_BK / 8; ++c) {
-            const int k = kt * WG_BK + 8 * c;
-            const bool in = real && k < p.k; /* k % 8 == 0 and K % 8 == 0 */
-            cp_async16_zfill(stage + swizzled_chunk(r, c), in ? row + k : p.gather_x,
+          for (int j = 0; j < GATHER_ROWS; ++j) {
+            const bool in = token[j] >= 0 && k < p.k;
+            cp_async16_zfill(stage + swizzled_chunk((t >> 3) + 16 * j, chunk),
+                             in ? p.gather_x + (int64_t)token[j] * p.k + k : p.gather_x,
                              in ? 16u : 0u);
           }
           cp_async_mbar_arrive_noinc(full);

@@ -8,9 +8,11 @@
  *     reference;
  *   - for few tokens (route_tokens_by_rank): the whole block, each expert's
  *     pick number counted as its rank among the token's experts;
- *     the same on many blocks of a few tokens each for any T, with
- *     cuda.routing=rank (not the default: not yet timed against the warp
- *     routing past 64 tokens);
+ *     the same on many blocks of a few tokens each up to the tuning row's
+ *     rank_routing_max_tokens (or any T with cuda.routing=rank): on an
+ *     H100 2-3% faster forwards than the warp per token for Qwen3 at
+ *     16-256 tokens, level elsewhere, slower past 1024 tokens (up to 7%,
+ *     DeepSeek at 16384; bench/cuda_notes.md item 22);
  *   - otherwise one warp per token (cuda.routing=warp forces it). It
  *     calls the header's key, ranking and score functions (moe_rl_key,
  *     moe_rl_better, moe_rl_score) in the header's pick order (group
@@ -665,12 +667,14 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const routing_kind kind = routing_of(st);
   const int64_t T = args->num_tokens;
   /* Tokens per block of the rank routing: all of them in one block where
-   * they fit (the default for few tokens), else with cuda.routing=rank as
-   * many as fit one block, on as many blocks as it takes. */
+   * they fit (the default for few tokens), else (cuda.routing=rank, or by
+   * default up to the tuning row's rank_routing_max_tokens) as many as fit
+   * one block, on as many blocks as it takes. */
   int64_t per_block = 0;
   if (kind == ROUTING_DEFAULT && rank_routing_fits(T, args->num_experts, rl.num_groups))
     per_block = T;
-  else if (kind == ROUTING_RANK)
+  else if (kind == ROUTING_RANK ||
+           (kind == ROUTING_DEFAULT && T <= st->tuning->rank_routing_max_tokens))
     while (per_block < T && rank_routing_fits(per_block + 1, args->num_experts, rl.num_groups))
       ++per_block;
   if (per_block > 0) {

@@ -917,7 +917,8 @@ Test(cuda, wgmma_layer_variants) {
   }
 }
 
-/* GEMM1 gathering x's rows itself (cuda.wgmma_gather=on) multiplies the
+/* GEMM1 gathering x's rows itself (cuda.wgmma_gather=on; auto does at
+ * this shape's 75 rows per expert) multiplies the
  * same values in the same order as the permuted rows: the same bits, on
  * every layer variant (biases, expert map, router weight on the input,
  * IN_OUT weights, grouped routing), with K past a 64-wide box (H = 264)
@@ -935,7 +936,10 @@ Test(cuda, wgmma_gather_gives_the_permute_bits) {
       th_layer_data_make(&d, &spec);
       const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
       uint16_t *permuted = (uint16_t *)th_malloc(n * 2), *gathered = (uint16_t *)th_malloc(n * 2);
-      forward_plain(th_ctx(), &d, permuted);
+      {
+        option_override permute("cuda.wgmma_gather", "off");
+        forward_plain(th_ctx(), &d, permuted);
+      }
       {
         option_override gather("cuda.wgmma_gather", "on");
         forward_plain(th_ctx(), &d, gathered);

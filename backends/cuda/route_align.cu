@@ -33,7 +33,9 @@
  *   - three launches for more slots: per-chunk counts, one block that scans
  *     them into each chunk's start inside each expert's run, and per-chunk
  *     placement.
- * Placement is stable because one warp walks a chunk's slots in ascending
+ * Placement is stable: a block cuts its range into one run per warp, each
+ * warp's cursors start after the slots of the runs before it (per-warp
+ * counts, summed in warp order), and each warp walks its run in ascending
  * order, 32 at a time: lanes with the same expert (__match_any_sync) take
  * consecutive positions by lane order, and the group's leader advances the
  * expert's cursor. Counts use atomics, whose order does not matter.
@@ -59,7 +61,8 @@
 /* Logits staged in shared memory by the one-block kernel (floats). */
 #define CUDA_ROUTE_STAGE_FLOATS 8192
 /* Router keys a lane of the warp routing keeps in registers: up to 256
- * experts (bench/cuda_notes.md item 21). */
+ * experts (bench/cuda_notes.md item 21); the kernel has an instance for 4
+ * (up to 128 experts) and one for 8. */
 #define CUDA_ROUTE_LANE_KEYS 8
 /* Slot ids a placing lane loads ahead (registers). */
 #define CUDA_PLACE_AHEAD 8
@@ -117,8 +120,9 @@ __device__ moe_rl_row warp_row_stats(const float *logits, const moe_rl_params &p
  * lane 0 writes ids[k] and weights[k]. KEYS > 0 (E <= 32 KEYS): each lane
  * computes the keys of its experts once, into registers, and the k picks
  * compare registers; KEYS = 0 reads every key again at every pick (any E).
- * Both make the same comparisons in the same order: the same picks. */
-template <int KEYS>
+ * Both make the same comparisons in the same order: the same picks.
+ * GROUPED = false compiles the group steps out (num_groups must be 1). */
+template <int KEYS, bool GROUPED = true>
 __device__ void route_token_warp(const float *logits, const float *bias, const moe_rl_params &p,
                                  int32_t *ids, float *weights) {
   const int lane = threadIdx.x & 31, E = p.num_experts;
@@ -128,7 +132,7 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
    * warp picks topk_groups of them. */
   const int group_size = E / p.num_groups;
   unsigned long long allowed = ~0ull;
-  if (p.num_groups > 1) {
+  if (GROUPED && p.num_groups > 1) {
     float group_key[2];
 #pragma unroll
     for (int h = 0; h < 2; ++h) {
@@ -161,13 +165,16 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
   for (int i = 0; i < KEYS; ++i) {
     const int e = lane + 32 * i;
     keys[i] = 0.0f;
-    if (e < E && ((allowed >> (e / group_size)) & 1ull)) {
+    if (e < E && (!GROUPED || ((allowed >> (e / group_size)) & 1ull))) {
       keys[i] = moe_rl_key(logits, bias, e, row, &p);
       has_key |= 1u << i;
     }
   }
 
-  float prev_key = 0.0f, sum = 0.0f, picked[MOE_MAX_TOP_K];
+  /* Lane 0 stores each pick's weight as it goes: an array of k weights in
+   * registers, indexed by the pick number, made the compiler unroll the
+   * pick loop for every k up to MOE_MAX_TOP_K. */
+  float prev_key = 0.0f, sum = 0.0f;
   int prev_e = -1;
   for (int j = 0; j < p.top_k; ++j) {
     float best_key = 0.0f;
@@ -185,7 +192,7 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
       }
     } else {
       for (int e = lane; e < E; e += 32) {
-        if (!((allowed >> (e / group_size)) & 1ull)) continue;
+        if (GROUPED && !((allowed >> (e / group_size)) & 1ull)) continue;
         const float key = moe_rl_key(logits, bias, e, row, &p);
         if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, key, e)) continue;
         if (best_e < 0 || moe_rl_better(key, e, best_key, best_e)) {
@@ -198,23 +205,22 @@ __device__ void route_token_warp(const float *logits, const float *bias, const m
     prev_key = best_key;
     prev_e = best_e;
     const float w = best_e >= 0 ? moe_rl_score(logits[best_e], row, &p) : 0.0f;
-    picked[j] = w;
     sum += w;
-    if (lane == 0) ids[j] = best_e;
+    if (lane == 0) {
+      ids[j] = best_e;
+      weights[j] = w;
+    }
   }
-  if (lane == 0) {
-    for (int j = 0; j < p.top_k; ++j)
-      weights[j] = picked[j];
-    moe_rl_finish_weights(weights, sum, &p); /* the host's order: no overflow */
-  }
+  if (lane == 0) moe_rl_finish_weights(weights, sum, &p); /* the host's order: no overflow */
 }
 
 /* Routes tokens first, first + stride, ... below num_tokens: a warp per
  * token (first and stride count warps), or for the reference a thread per
  * token through moe_rl_route_token. Every lane of a warp must call it.
- * LANE_KEYS: the warp routing's register keys (0 for the one-block kernel,
- * whose 1024 threads get 64 registers each, and whose code stays small). */
-template <bool REFERENCE, int LANE_KEYS = CUDA_ROUTE_LANE_KEYS>
+ * LANE_KEYS: the warp routing's register keys (the caller guarantees
+ * E <= 32 LANE_KEYS; 0 for any E, as in the one-block kernel, whose 1024
+ * threads get 64 registers each). */
+template <bool REFERENCE, int LANE_KEYS, bool GROUPED = true>
 __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const float *bias,
                              int64_t first, int64_t stride, int64_t num_tokens, int32_t *ids,
                              float *weights) {
@@ -222,23 +228,24 @@ __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const
   if (REFERENCE) {
     for (int64_t t = first * 32 + (threadIdx.x & 31); t < num_tokens; t += stride * 32)
       moe_rl_route_token(logits + t * E, bias, &rl, (int *)ids + t * k, weights + t * k);
-  } else if (LANE_KEYS > 0 && E <= 32 * LANE_KEYS) {
-    for (int64_t t = first; t < num_tokens; t += stride)
-      route_token_warp<LANE_KEYS>(logits + t * E, bias, rl, ids + t * k, weights + t * k);
   } else {
     for (int64_t t = first; t < num_tokens; t += stride)
-      route_token_warp<0>(logits + t * E, bias, rl, ids + t * k, weights + t * k);
+      route_token_warp<LANE_KEYS, GROUPED>(logits + t * E, bias, rl, ids + t * k, weights + t * k);
   }
 }
 
-/* Routing alone, on many blocks. */
-template <bool REFERENCE>
+/* Routing alone, on many blocks. One instance per (keys, groups): a
+ * kernel holding every variant was 8224 instructions (131 KB), which a
+ * launch with the L2 cold fetches from DRAM miss by miss (the one-block
+ * kernel's lesson, below). */
+template <bool REFERENCE, int LANE_KEYS, bool GROUPED>
 __global__ void route_kernel(moe_rl_params rl, const float *logits, const float *bias,
                              int64_t num_tokens, int32_t *ids, float *weights) {
   cuda_allow_dependents(); /* the decode path's GEMM1 may stage x meanwhile */
   const int64_t warps = blockDim.x >> 5;
-  route_tokens<REFERENCE>(rl, logits, bias, blockIdx.x * warps + (threadIdx.x >> 5),
-                          (int64_t)gridDim.x * warps, num_tokens, ids, weights);
+  route_tokens<REFERENCE, LANE_KEYS, GROUPED>(rl, logits, bias,
+                                              blockIdx.x * warps + (threadIdx.x >> 5),
+                                              (int64_t)gridDim.x * warps, num_tokens, ids, weights);
 }
 
 /* ---- align ---------------------------------------------------------------- */
@@ -354,9 +361,10 @@ __device__ void align_layout(const align_params &p, const int *count, int64_t *s
 
 /* One warp places slots [begin, end) in ascending order at cursor[e];
  * each lane loads CUDA_PLACE_AHEAD rounds of ids before placing them, so
- * the loads overlap instead of each round waiting for its own. */
+ * the loads overlap instead of each round waiting for its own. Positions
+ * fit int32 (sorted_token_ids is indexed by int32 starts). */
 __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t end,
-                                 int64_t *cursor) {
+                                 int32_t *cursor) {
   const int lane = threadIdx.x & 31;
   const unsigned lower = (1u << lane) - 1u;
   for (int64_t base = begin; base < end; base += 32 * CUDA_PLACE_AHEAD) {
@@ -378,6 +386,63 @@ __device__ void align_place_warp(const align_params &p, int64_t begin, int64_t e
       __syncwarp();
     }
   }
+}
+
+/* Warps of align_place_block for num_slots slots: a warp per 32 slots, at
+ * most the block's warps and as many as CUDA_PLACE_HIST_INTS counters
+ * hold (one per warp and expert). */
+#define CUDA_PLACE_HIST_INTS 6144
+__host__ __device__ inline int align_place_warps(int64_t num_slots, int num_local,
+                                                 int block_warps) {
+  int64_t warps = (num_slots + 31) / 32;
+  if (warps > block_warps) warps = block_warps;
+  if (warps > CUDA_PLACE_HIST_INTS / num_local) warps = CUDA_PLACE_HIST_INTS / num_local;
+  return warps < 1 ? 1 : (int)warps;
+}
+
+/*
+ * Places slots [begin, end) stably with the block's warps: expert e's
+ * first slot of the range goes to first[e], the others after it in slot
+ * order. The range is cut into one run of whole 32-slot rounds per warp;
+ * each warp counts its run's slots per expert (hist, warps * num_local
+ * ints of shared memory), a thread per expert turns the counts into each
+ * warp's cursors, then every warp places its run (align_place_warp). One
+ * warp alone walked all the rounds one after another: 28 us for 2048
+ * slots on an H200 under ncu (bench/cuda_notes.md item 22). Every thread
+ * of the block calls it.
+ */
+template <typename FIRST>
+__device__ void align_place_block(const align_params &p, int64_t begin, int64_t end,
+                                  const FIRST *first, int32_t *hist) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int warps = align_place_warps(end - begin, p.num_local, blockDim.x >> 5);
+  const int64_t rounds = (end - begin + 31) / 32;
+  const int64_t run = (rounds + warps - 1) / warps * 32; /* slots per warp */
+  const int64_t my_begin = min(begin + warp * run, end), my_end = min(my_begin + run, end);
+#pragma unroll 1
+  for (int i = threadIdx.x; i < warps * p.num_local; i += blockDim.x)
+    hist[i] = 0;
+  __syncthreads();
+  if (warp < warps) {
+#pragma unroll 4
+    for (int64_t s = my_begin + lane; s < my_end; s += 32) {
+      const int e = cuda_local_expert(p.topk_ids[s], p.expert_map, p.num_experts, p.num_local);
+      if (e >= 0) atomicAdd(&hist[warp * p.num_local + e], 1);
+    }
+  }
+  __syncthreads();
+#pragma unroll 1
+  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x) {
+    int32_t cursor = (int32_t)first[e];
+#pragma unroll 1
+    for (int w = 0; w < warps; ++w) {
+      const int32_t n = hist[w * p.num_local + e];
+      hist[w * p.num_local + e] = cursor;
+      cursor += n;
+    }
+  }
+  __syncthreads();
+  if (warp < warps) align_place_warp(p, my_begin, my_end, hist + warp * p.num_local);
 }
 
 /*
@@ -520,7 +585,7 @@ enum fused_route { FUSED_NONE, FUSED_RANK, FUSED_WARP, FUSED_REFERENCE };
 /*
  * The whole metadata pipeline in one block: optional routing (by ranks, or
  * a warp per token; logits staged in shared memory when they fit), then
- * count, layout and a one-warp stable placement.
+ * count, layout and the block's stable placement.
  */
 template <fused_route ROUTE>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
@@ -564,9 +629,8 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
   }
   __syncthreads();
   align_layout(p, count, start);
-  /* start[] becomes the placement cursor; layout finished reading it. */
-  __syncthreads();
-  if (threadIdx.x < 32) align_place_warp(p, 0, p.num_slots, start);
+  /* The routing's staged logits are dead: the counters take their place. */
+  align_place_block(p, 0, p.num_slots, start, (int32_t *)staged_logits);
 }
 
 /* Multi-block align, step 1: counts[chunk][e] of each chunk's slots. */
@@ -617,18 +681,23 @@ __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
   }
 }
 
-/* Step 3: one warp per chunk places its slots from the chunk's starts. */
-__global__ void align_place_kernel(align_params p, int64_t chunk, const int32_t *starts) {
-  __shared__ int64_t cursor[MOE_MAX_EXPERTS];
+/* Step 3: a block per chunk places its slots from the chunk's starts. */
+__global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
+    align_place_kernel(align_params p, int64_t chunk, const int32_t *starts) {
+  extern __shared__ int32_t place_hist[];
   cuda_allow_dependents(); /* GEMM1 may get resident; it waits for us */
-  for (int e = threadIdx.x; e < p.num_local; e += blockDim.x)
-    cursor[e] = starts[(int64_t)blockIdx.x * p.num_local + e];
-  __syncthreads();
   const int64_t begin = blockIdx.x * chunk;
-  align_place_warp(p, begin, min(begin + chunk, p.num_slots), cursor);
+  align_place_block(p, begin, min(begin + chunk, p.num_slots),
+                    starts + (int64_t)blockIdx.x * p.num_local, place_hist);
 }
 
 /* ---- launchers ---------------------------------------------------------- */
+
+/* Shared memory of align_place_block's counters for a range of slots. */
+static size_t place_hist_bytes(int64_t slots, int32_t num_local) {
+  return (size_t)align_place_warps(slots, num_local, CUDA_ALIGN_THREADS / 32) * num_local *
+         sizeof(int32_t);
+}
 
 static void align_chunking(int64_t num_slots, int64_t *chunk, int64_t *num_chunks) {
   int64_t c = CUDA_ALIGN_CHUNK_MIN;
@@ -691,8 +760,18 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   const int threads = 128, tokens_per_block = reference ? threads : threads / 32;
   int64_t blocks = (args->num_tokens + tokens_per_block - 1) / tokens_per_block;
   if (blocks > 65536) blocks = 65536;
-  (reference ? route_kernel<true>
-             : route_kernel<false>)<<<(unsigned)blocks, threads, 0, st->stream>>>(
+  typedef void (*route_fn)(moe_rl_params, const float *, const float *, int64_t, int32_t *,
+                           float *);
+  /* [lane keys 4, 8, 0][grouped] */
+  static const route_fn warp_kernels[3][2] = {
+      {route_kernel<false, 4, false>, route_kernel<false, 4, true>},
+      {route_kernel<false, 8, false>, route_kernel<false, 8, true>},
+      {route_kernel<false, 0, false>, route_kernel<false, 0, true>}};
+  const int32_t E = args->num_experts;
+  const int keys = E <= 32 * 4 ? 0 : E <= 32 * CUDA_ROUTE_LANE_KEYS ? 1 : 2;
+  static_assert(CUDA_ROUTE_LANE_KEYS == 8, "the instances above");
+  (reference ? route_kernel<true, 0, true>
+             : warp_kernels[keys][rl.num_groups > 1])<<<(unsigned)blocks, threads, 0, st->stream>>>(
       rl, (const float *)args->logits, (const float *)args->correction_bias, args->num_tokens,
       (int32_t *)args->topk_ids, (float *)args->topk_weights);
   return cuda_launch_status("route_kernel");
@@ -723,19 +802,22 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
     float *weights = fuse ? (float *)route->topk_weights : NULL;
     const int32_t T = (int32_t)align->num_tokens;
     const bool staged = stage_bytes > 0;
+    /* The placement's counters reuse the staged logits' shared memory:
+     * at most 32 KB of logits + 24 KB of counters' max + 14 KB static. */
+    const size_t hist_bytes = place_hist_bytes(p.num_slots, p.num_local);
+    const size_t smem = stage_bytes > hist_bytes ? stage_bytes : hist_bytes;
     if (!fuse)
       route_align_one_block_kernel<FUSED_NONE>
-          <<<1, CUDA_ALIGN_THREADS, 0, st->stream>>>(p, rl, logits, bias, T, weights, false);
+          <<<1, CUDA_ALIGN_THREADS, smem, st->stream>>>(p, rl, logits, bias, T, weights, false);
     else if (by_rank)
-      route_align_one_block_kernel<FUSED_RANK><<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
-          p, rl, logits, bias, T, weights, staged);
+      route_align_one_block_kernel<FUSED_RANK>
+          <<<1, CUDA_ALIGN_THREADS, smem, st->stream>>>(p, rl, logits, bias, T, weights, staged);
     else if (kind == ROUTING_REFERENCE)
       route_align_one_block_kernel<FUSED_REFERENCE>
-          <<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(p, rl, logits, bias, T, weights,
-                                                               staged);
+          <<<1, CUDA_ALIGN_THREADS, smem, st->stream>>>(p, rl, logits, bias, T, weights, staged);
     else
-      route_align_one_block_kernel<FUSED_WARP><<<1, CUDA_ALIGN_THREADS, stage_bytes, st->stream>>>(
-          p, rl, logits, bias, T, weights, staged);
+      route_align_one_block_kernel<FUSED_WARP>
+          <<<1, CUDA_ALIGN_THREADS, smem, st->stream>>>(p, rl, logits, bias, T, weights, staged);
     return cuda_launch_status("route_align_one_block_kernel");
   }
   if (route) CUDA_TRY(cuda_route(st, route));
@@ -755,7 +837,8 @@ moe_status cuda_route_align(const cuda_state *st, const moe_route_args *route,
     status = cuda_launch_status("align_scan_kernel");
   }
   if (status == MOE_SUCCESS) {
-    align_place_kernel<<<(unsigned)num_chunks, 32, 0, st->stream>>>(p, chunk, starts);
+    align_place_kernel<<<(unsigned)num_chunks, CUDA_ALIGN_THREADS,
+                         place_hist_bytes(chunk, p.num_local), st->stream>>>(p, chunk, starts);
     status = cuda_launch_status("align_place_kernel");
   }
   if (!scratch) {

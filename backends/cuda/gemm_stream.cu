@@ -408,9 +408,15 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
           for (int e = 0; e < 2; ++e)
             if (slot[j][e] >= 0) weight[j][e] = p.topk_weights[slot[j][e]];
       }
-      /* The previous step's wgmmas are done: its stage may be refilled. */
+      /* The previous step's wgmmas are done: its stage may be refilled.
+       * The warp meets first, so that lane 0's arrival also orders the
+       * other lanes' reads of the stage's meta before the producer
+       * rewrites it (racecheck reported them without). */
       wgmma_wait<1>();
-      if (ks > ks_begin && lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
+      if (ks > ks_begin) {
+        __syncwarp();
+        if (lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
+      }
       prev = s;
       if (++s == S::STAGES) {
         s = 0;
@@ -418,6 +424,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
       }
     }
     wgmma_wait<0>();
+    __syncwarp();
     if (lane == 0) mbar_arrive(smem_addr(&empty_bar[prev]));
     fence_registers(acc);
 

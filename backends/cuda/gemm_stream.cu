@@ -173,11 +173,16 @@ struct step_walk {
   int32_t m_count;
   int k_steps, ks, ks_end;
   int expert;
+  /* The unit's token block and feature tile, found once per unit: each
+   * stage's box rows follow from them without coords_of's four 64-bit
+   * divisions, which the producer's one thread ran twice per stage
+   * between its empty-barrier wait and the stage's TMA issue. */
+  int32_t m_tile, n_tile;
 
   __device__ step_walk(const stream_params &params, int64_t units_, int64_t items_,
                        int32_t m_count_, int k_steps_)
       : p(&params), unit(-1), pending(blockIdx.x), units(units_), items(items_), m_count(m_count_),
-        k_steps(k_steps_), ks(0), ks_end(0), expert(-1) {}
+        k_steps(k_steps_), ks(0), ks_end(0), expert(-1), m_tile(0), n_tile(0) {}
 
   __device__ int64_t claim_after(int64_t current) const {
     if (!p->claims) return current + gridDim.x;
@@ -194,6 +199,8 @@ struct step_walk {
       const int e = p->expert_ids[u.m_tile];
       if (e < 0 || e >= p->num_local_experts) continue; /* another rank's expert */
       expert = e;
+      m_tile = u.m_tile;
+      n_tile = u.n_tile;
       ks = u.split * p->k_steps_per_split;
       ks_end = min(k_steps, ks + p->k_steps_per_split);
       if (ks < ks_end) return true;
@@ -325,8 +332,9 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
       meta[s] = steps.meta();
       mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
       const int k0 = steps.ks * ST_BOX_K * ST_BOXES;
-      const int32_t w_row = weight_row(p, meta[s], items, m_count);
-      const int32_t x_row = token_row<NT>(p, meta[s], items, m_count);
+      /* weight_row and token_row of this unit, from the walk's tiles */
+      const int32_t w_row = steps.expert * p.n + steps.n_tile * ST_BM;
+      const int32_t x_row = steps.m_tile * NT;
 #pragma unroll
       for (int b = 0; b < ST_BOXES; ++b)
         tma_load_2d(stage + b * S::W_BOX, &w_map, full, k0 + b * ST_BOX_K, w_row);
@@ -359,10 +367,16 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
   uint32_t phase = 0;
   for (;;) {
     mbar_wait(smem_addr(&full_bar[s]), phase);
-    const int64_t unit = meta[s].unit;
+    /* Lane 0 alone reads the stage's meta and hands it to its warp: every
+     * thread that reads it then also arrives on the stage's empty barrier
+     * (racecheck reported lanes 1-31's reads against the producer's next
+     * write, bench/cuda_notes.md item 22). */
+    stage_meta m = {0, 0, 0};
+    if (lane == 0) m = meta[s];
+    const int64_t unit = __shfl_sync(0xffffffffu, lane == 0 ? m.unit : 0, 0);
     if (unit < 0) break;
-    const int expert = meta[s].expert;
-    const int ks_begin = meta[s].ks;
+    const int expert = __shfl_sync(0xffffffffu, lane == 0 ? m.expert : 0, 0);
+    const int ks_begin = __shfl_sync(0xffffffffu, lane == 0 ? m.ks : 0, 0);
     const unit_coords u = coords_of(p, unit, items, m_count);
     const int64_t item = u.item;
     const int split = u.split, m_tile = u.m_tile, n_tile = u.n_tile;

@@ -217,6 +217,9 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           in groups of this many token blocks, all
  *                           feature tiles of a group first (auto: the
  *                           device class's tuning row, 8 on Hopper)
+ *   cuda.stream_k           auto|128|256   elements of K per stage of the
+ *                           streaming GEMM at token block 16 (256: three
+ *                           72 KB stages, one CTA per SM; auto: 128)
  *   cuda.wgmma_gather       auto|off|on   GEMM1 of the wgmma path gathers
  *                           x's rows itself (no permute kernel; same bits;
  *                           auto: up to the tuning row's rows per expert)

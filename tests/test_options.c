@@ -49,6 +49,7 @@ static const option_values documented[] = {
     {"cuda.stream_schedule", MOE_BACKEND_CUDA, {"static", "dynamic"}},
     {"cuda.stream_group", MOE_BACKEND_CUDA, {"auto", "1", "8"}},
     {"cuda.wgmma_gather", MOE_BACKEND_CUDA, {"auto", "off", "on"}},
+    {"cuda.stream_k", MOE_BACKEND_CUDA, {"auto", "128", "256"}},
 };
 #define DOCUMENTED (sizeof documented / sizeof documented[0])
 

@@ -91,6 +91,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->stream_max_rows = -1;
   st->wgmma_min_rows = -1;
   st->wgmma_gather = -1; /* auto: the tuning row's rule */
+  st->stream_k = 128;
   if (own_stream) {
     moe_status s = cuda_status(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking),
                                "cudaStreamCreateWithFlags");
@@ -911,6 +912,9 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_STREAM_GROUP:
     st->stream_group = parsed < 0 ? 0 : (int32_t)parsed; /* -1: auto */
+    break;
+  case MOE_OPTION_CUDA_STREAM_K:
+    st->stream_k = parsed == 2 ? 256 : 128; /* auto|128|256; auto: 128 */
     break;
   case MOE_OPTION_CUDA_STREAM_BLOCK:
     st->stream_block = parsed == 0 ? 0 : 8 << parsed; /* auto|16|32|64|128 */

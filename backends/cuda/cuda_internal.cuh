@@ -82,6 +82,7 @@ struct cuda_state {
   int64_t wgmma_min_rows;  /* cuda.wgmma_min_rows; -1: the tuning row's */
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
   int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: the row's */
+  int stream_k;            /* cuda.stream_k: elements of K per streaming stage at token block 16 */
   int wgmma_gather;        /* cuda.wgmma_gather: -1 auto (the row's rule), 0 off, 1 on */
   bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the

@@ -35,7 +35,9 @@
  *     the 128 weight rows and of the NT token rows: 256 contiguous bytes
  *     per weight row and step. STAGES stages (6, 5, 4, 3 at NT 16, 32,
  *     64, 128) keep 96-192 KB of weights in flight per SM (bench/cuda_notes.md,
- *     item 18). full[s] completes with the stage's TMA bytes; empty[s]
+ *     item 18). Option cuda.stream_k=256 (token block 16 only): four
+ *     boxes per stage, 512 contiguous bytes per weight row, three 72 KB
+ *     stages and one CTA per SM. full[s] completes with the stage's TMA bytes; empty[s]
  *     when the 8 consumer warps have retired the wgmmas that read it. TMA
  *     fills zeros past K (also a box wholly past it, in the last step when
  *     K % 128 <= 64) and past the last expert's rows, so every step
@@ -81,19 +83,20 @@ typedef __nv_bfloat16 bf16;
 
 /* ---- shape -------------------------------------------------------------- */
 
-#define ST_BM CUDA_STREAM_FEATURES               /* weight rows (output features) per item */
-#define ST_BOX_K 64                              /* one 128-byte swizzle row of bf16 */
-#define ST_BOXES 2                               /* boxes per stage: 128 elements of K */
-#define ST_CONSUMER_WARPS 8                      /* two warpgroups */
+#define ST_BM CUDA_STREAM_FEATURES /* weight rows (output features) per item */
+#define ST_BOX_K 64                /* one 128-byte swizzle row of bf16 */
+#define ST_BOXES 2                 /* boxes per stage: 128 elements of K */
+#define ST_WIDE_BOXES 4            /* option cuda.stream_k=256: 256 elements, token block 16 only */
+#define ST_CONSUMER_WARPS 8        /* two warpgroups */
 #define ST_THREADS (32 * ST_CONSUMER_WARPS + 32) /* + the producer warp */
 #define ST_SMEM_BUDGET (220 * 1024)              /* of the 228 KB an SM has, per SM */
 
 /* CTAS resident CTAs per SM share the budget (2: only at NT 16, whose
  * three 36 KB stages fit in half of it). */
-template <int NT, int CTAS = 1> struct st_shape {
+template <int NT, int CTAS = 1, int BOXES = ST_BOXES> struct st_shape {
   static constexpr int W_BOX = ST_BM * ST_BOX_K * 2;
   static constexpr int X_BOX = NT * ST_BOX_K * 2;
-  static constexpr int STAGE_BYTES = ST_BOXES * (W_BOX + X_BOX);
+  static constexpr int STAGE_BYTES = BOXES * (W_BOX + X_BOX);
   static constexpr int BUDGET = ST_SMEM_BUDGET / CTAS;
   static constexpr int STAGES = BUDGET / STAGE_BYTES < 8 ? BUDGET / STAGE_BYTES : 8;
   /* + 1024: the base is aligned up to the swizzle period in the kernel. */
@@ -246,12 +249,12 @@ __device__ __forceinline__ void named_barrier_sync(int id, int threads) {
 }
 #endif
 
-template <int NT, int EPI, int CTAS>
+template <int NT, int EPI, int CTAS, int BOXES>
 __global__ void __launch_bounds__(ST_THREADS, CTAS)
     stream_gemm_kernel(const __grid_constant__ CUtensorMap w_map,
                        const __grid_constant__ CUtensorMap x_map, const stream_params p) {
 #ifdef MOE_WGMMA_DEVICE
-  typedef st_shape<NT, CTAS> S;
+  typedef st_shape<NT, CTAS, BOXES> S;
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[S::STAGES];
   __shared__ __align__(8) uint64_t empty_bar[S::STAGES];
@@ -281,7 +284,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
   const int32_t m_count = min((padded + NT - 1) / NT, p.m_tiles_cap);
   const int64_t items = (int64_t)m_count * p.n_tiles;
   const int64_t units = items * p.splits; /* unit u: item u % items, split u / items */
-  const int k_steps = (p.k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
+  const int k_steps = (p.k + ST_BOX_K * BOXES - 1) / (ST_BOX_K * BOXES);
   const int warp = threadIdx.x / 32, lane = threadIdx.x & 31;
 
   if (producer) {
@@ -308,9 +311,9 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
         mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
         const int32_t w_row = weight_row(p, meta[early], items, m_count);
 #pragma unroll
-        for (int b = 0; b < ST_BOXES; ++b)
+        for (int b = 0; b < BOXES; ++b)
           tma_load_2d(stage + b * S::W_BOX, &w_map, full,
-                      steps.ks * ST_BOX_K * ST_BOXES + b * ST_BOX_K, w_row);
+                      steps.ks * ST_BOX_K * BOXES + b * ST_BOX_K, w_row);
       }
       cuda_grid_dependency_wait();
       cuda_allow_dependents();
@@ -318,9 +321,9 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
         const uint32_t stage = smem + (uint32_t)(e * S::STAGE_BYTES);
         const int32_t x_row = token_row<NT>(p, meta[e], items, m_count);
 #pragma unroll
-        for (int b = 0; b < ST_BOXES; ++b)
-          tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, smem_addr(&full_bar[e]),
-                      meta[e].ks * ST_BOX_K * ST_BOXES + b * ST_BOX_K, x_row);
+        for (int b = 0; b < BOXES; ++b)
+          tma_load_2d(stage + BOXES * S::W_BOX + b * S::X_BOX, &x_map, smem_addr(&full_bar[e]),
+                      meta[e].ks * ST_BOX_K * BOXES + b * ST_BOX_K, x_row);
       }
       s = early % S::STAGES;
       phase = early == S::STAGES ? 1u : 0u;
@@ -331,16 +334,16 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
       mbar_wait(smem_addr(&empty_bar[s]), phase ^ 1u);
       meta[s] = steps.meta();
       mbar_arrive_expect_tx(full, (uint32_t)S::STAGE_BYTES);
-      const int k0 = steps.ks * ST_BOX_K * ST_BOXES;
+      const int k0 = steps.ks * ST_BOX_K * BOXES;
       /* weight_row and token_row of this unit, from the walk's tiles */
       const int32_t w_row = steps.expert * p.n + steps.n_tile * ST_BM;
       const int32_t x_row = steps.m_tile * NT;
 #pragma unroll
-      for (int b = 0; b < ST_BOXES; ++b)
+      for (int b = 0; b < BOXES; ++b)
         tma_load_2d(stage + b * S::W_BOX, &w_map, full, k0 + b * ST_BOX_K, w_row);
 #pragma unroll
-      for (int b = 0; b < ST_BOXES; ++b)
-        tma_load_2d(stage + ST_BOXES * S::W_BOX + b * S::X_BOX, &x_map, full, k0 + b * ST_BOX_K,
+      for (int b = 0; b < BOXES; ++b)
+        tma_load_2d(stage + BOXES * S::W_BOX + b * S::X_BOX, &x_map, full, k0 + b * ST_BOX_K,
                     x_row);
       if (++s == S::STAGES) {
         s = 0;
@@ -359,7 +362,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
    * the producer says which unit each stage belongs to. */
   const int wg = warp / 4, warp_in_wg = warp & 3;
   const uint64_t desc_w = smem_desc(smem + (uint32_t)(wg * 64 * ST_BOX_K * 2));
-  const uint64_t desc_x = smem_desc(smem + (uint32_t)(ST_BOXES * S::W_BOX));
+  const uint64_t desc_x = smem_desc(smem + (uint32_t)(BOXES * S::W_BOX));
   const bool odd = (lane >> 2) & 1; /* this lane holds the up rows (odd features) */
   __shared__ int last_split;        /* this CTA finished an item's last split */
   const int ctid = threadIdx.x;     /* 0..255 over the consumers */
@@ -405,7 +408,7 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
       const uint64_t stage = (uint64_t)((s * S::STAGE_BYTES) >> 4);
       wgmma_fence();
 #pragma unroll
-      for (int b = 0; b < ST_BOXES; ++b) {
+      for (int b = 0; b < BOXES; ++b) {
         const uint64_t w_box = stage + (uint64_t)((b * S::W_BOX) >> 4);
         const uint64_t x_box = stage + (uint64_t)((b * S::X_BOX) >> 4);
 #pragma unroll
@@ -509,19 +512,21 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
 
 /* ---- host side ---------------------------------------------------------- */
 
-template <int NT, int EPI, int CTAS> static bool set_smem_limit() {
-  return hopper_set_smem_limit(stream_gemm_kernel<NT, EPI, CTAS>, st_shape<NT, CTAS>::SMEM_BYTES);
+template <int NT, int EPI, int CTAS, int BOXES> static bool set_smem_limit() {
+  return hopper_set_smem_limit(stream_gemm_kernel<NT, EPI, CTAS, BOXES>,
+                               st_shape<NT, CTAS, BOXES>::SMEM_BYTES);
 }
 
-template <int NT, int CTAS = 1> static bool set_smem_limits() {
-  return set_smem_limit<NT, HOPPER_STORE, CTAS>() &&
-         set_smem_limit<NT, HOPPER_GLU_SWIGLU, CTAS>() &&
-         set_smem_limit<NT, HOPPER_GLU_GEGLU, CTAS>() &&
-         set_smem_limit<NT, HOPPER_GLU_SWIGLU_CLAMP, CTAS>();
+template <int NT, int CTAS = 1, int BOXES = ST_BOXES> static bool set_smem_limits() {
+  return set_smem_limit<NT, HOPPER_STORE, CTAS, BOXES>() &&
+         set_smem_limit<NT, HOPPER_GLU_SWIGLU, CTAS, BOXES>() &&
+         set_smem_limit<NT, HOPPER_GLU_GEGLU, CTAS, BOXES>() &&
+         set_smem_limit<NT, HOPPER_GLU_SWIGLU_CLAMP, CTAS, BOXES>();
 }
 
 bool cuda_stream_init(void) {
-  return set_smem_limits<16>() && set_smem_limits<16, 2>() && set_smem_limits<32>() &&
+  return set_smem_limits<16>() && set_smem_limits<16, 2>() &&
+         set_smem_limits<16, 1, ST_WIDE_BOXES>() && set_smem_limits<32>() &&
          set_smem_limits<64>() && set_smem_limits<128>();
 }
 
@@ -565,11 +570,11 @@ int cuda_stream_rows_index(int rows) {
   }
 }
 
-template <int NT, int EPI, int CTAS = 1>
+template <int NT, int EPI, int CTAS = 1, int BOXES = ST_BOXES>
 static cudaError_t launch_stream(const cuda_state *st, unsigned ctas, const CUtensorMap &w,
                                  const CUtensorMap &x, const stream_params &p) {
-  return cuda_launch(st, true, stream_gemm_kernel<NT, EPI, CTAS>, dim3(ctas), dim3(ST_THREADS),
-                     (size_t)st_shape<NT, CTAS>::SMEM_BYTES, w, x, p);
+  return cuda_launch(st, true, stream_gemm_kernel<NT, EPI, CTAS, BOXES>, dim3(ctas),
+                     dim3(ST_THREADS), (size_t)st_shape<NT, CTAS, BOXES>::SMEM_BYTES, w, x, p);
 }
 
 moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
@@ -594,7 +599,11 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
    * that an expert's blocks read its tiles while they are in L2. */
   const int32_t group = st->stream_group > 0 ? st->stream_group : st->tuning->stream_group;
   p.group_m = group > 0 && group < m_tiles ? group : (int32_t)m_tiles;
-  const int k_steps = (g->k + ST_BOX_K * ST_BOXES - 1) / (ST_BOX_K * ST_BOXES);
+  /* Stages of 256 elements of K (option cuda.stream_k=256): token block
+   * 16 only, one CTA per SM (three 72 KB stages take its shared memory). */
+  const bool wide = index == 0 && st->stream_k == 256;
+  const int boxes = wide ? ST_WIDE_BOXES : ST_BOXES;
+  const int k_steps = (g->k + ST_BOX_K * boxes - 1) / (ST_BOX_K * boxes);
   p.splits = 1;
   p.k_steps_per_split = k_steps;
   const int64_t items = m_tiles * n_tiles;
@@ -602,7 +611,7 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   /* Two CTAs per SM (option cuda.stream_ctas, token block 16 only): each
    * with half the ring, so that one streams while the other runs its
    * epilogue. */
-  const int per_sm = index == 0 && st->stream_ctas == 2 ? 2 : 1;
+  const int per_sm = index == 0 && st->stream_ctas == 2 && !wide ? 2 : 1;
   const int64_t slots = (int64_t)per_sm * st->sm_count;
   const int splits = cuda_stream_splits(items, k_steps, (int)slots);
   if (splits > 1 && st->split_partial && items <= st->split_counters_len &&
@@ -654,8 +663,13 @@ moe_status cuda_stream_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) 
   static const launcher two_per_sm[4] = {
       launch_stream<16, HOPPER_STORE, 2>, launch_stream<16, HOPPER_GLU_SWIGLU, 2>,
       launch_stream<16, HOPPER_GLU_GEGLU, 2>, launch_stream<16, HOPPER_GLU_SWIGLU_CLAMP, 2>};
-  const cudaError_t err =
-      (per_sm == 2 ? two_per_sm[epi] : launchers[index][epi])(st, ctas, w, x, p);
+  static const launcher wide_k[4] = {launch_stream<16, HOPPER_STORE, 1, ST_WIDE_BOXES>,
+                                     launch_stream<16, HOPPER_GLU_SWIGLU, 1, ST_WIDE_BOXES>,
+                                     launch_stream<16, HOPPER_GLU_GEGLU, 1, ST_WIDE_BOXES>,
+                                     launch_stream<16, HOPPER_GLU_SWIGLU_CLAMP, 1, ST_WIDE_BOXES>};
+  const cudaError_t err = (wide          ? wide_k[epi]
+                           : per_sm == 2 ? two_per_sm[epi]
+                                         : launchers[index][epi])(st, ctas, w, x, p);
   if (err != cudaSuccess) return cuda_status(err, "stream_gemm_kernel launch");
   return cuda_launch_status("stream_gemm_kernel");
 }

@@ -1057,16 +1057,16 @@ Test(cuda, stream_layer_variants) {
 
 /* The launch choices of the streaming GEMM besides the defaults (two CTAs
  * per SM at token block 16, overlapped launches, static schedule, token
- * block fastest): one CTA per SM, plain launches, the dynamic schedule and
- * grouped rasters, on shapes with biases, the router weight on the input
- * and a wrapping ring. */
+ * block fastest): one CTA per SM, plain launches, the dynamic schedule,
+ * grouped rasters and stages of 256 elements of K (K = 264 leaves three
+ * boxes of its last stage wholly past K), on shapes with biases, the
+ * router weight on the input and a wrapping ring. */
 Test(cuda, stream_launch_options) {
   require_sm90a();
-  const char *const settings[][2] = {{"cuda.stream_ctas", "1"},
-                                     {"cuda.stream_overlap", "off"},
-                                     {"cuda.stream_schedule", "dynamic"},
-                                     {"cuda.stream_group", "1"},
-                                     {"cuda.stream_group", "3"}};
+  const char *const settings[][2] = {
+      {"cuda.stream_ctas", "1"},           {"cuda.stream_overlap", "off"},
+      {"cuda.stream_schedule", "dynamic"}, {"cuda.stream_group", "1"},
+      {"cuda.stream_group", "3"},          {"cuda.stream_k", "256"}};
   for (size_t i = 0; i < sizeof settings / sizeof settings[0]; ++i) {
     option_override choice(settings[i][0], settings[i][1]);
     for (int64_t T : {1, 8, 37}) {

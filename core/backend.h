@@ -130,7 +130,7 @@ typedef enum moe_option_id {
   MOE_OPTION_CUDA_STREAM_BLOCK,      /* choice: 0 auto, 1 16, 2 32, 3 64, 4 128 */
   MOE_OPTION_CUDA_STREAM_SCHEDULE,   /* choice: 0 static, 1 dynamic */
   MOE_OPTION_CUDA_STREAM_GROUP,      /* integer or auto (-1) */
-  MOE_OPTION_CUDA_WGMMA_GATHER,      /* choice: 0 off, 1 on */
+  MOE_OPTION_CUDA_WGMMA_GATHER,      /* choice: 0 auto, 1 off, 2 on */
   MOE_OPTION_COUNT
 } moe_option_id;
 

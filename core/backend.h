@@ -132,6 +132,7 @@ typedef enum moe_option_id {
   MOE_OPTION_CUDA_STREAM_GROUP,      /* integer or auto (-1) */
   MOE_OPTION_CUDA_WGMMA_GATHER,      /* choice: 0 auto, 1 off, 2 on */
   MOE_OPTION_CUDA_STREAM_K,          /* choice: 0 auto, 1 128, 2 256 */
+  MOE_OPTION_CUDA_WGMMA_BM,          /* choice: 0 auto, 1 128, 2 64 */
   MOE_OPTION_COUNT
 } moe_option_id;
 

@@ -67,6 +67,7 @@ static const option_spec specs[MOE_OPTION_COUNT] = {
     [MOE_OPTION_CUDA_WGMMA_GATHER] = {"cuda.wgmma_gather", MOE_BACKEND_CUDA, "auto|off|on", "auto",
                                       0, 0},
     [MOE_OPTION_CUDA_STREAM_K] = {"cuda.stream_k", MOE_BACKEND_CUDA, "auto|128|256", "auto", 0, 0},
+    [MOE_OPTION_CUDA_WGMMA_BM] = {"cuda.wgmma_bm", MOE_BACKEND_CUDA, "auto|128|64", "auto", 0, 0},
 };
 
 const char *moe_option_default(moe_option_id id) {

@@ -50,6 +50,7 @@ static const option_values documented[] = {
     {"cuda.stream_group", MOE_BACKEND_CUDA, {"auto", "1", "8"}},
     {"cuda.wgmma_gather", MOE_BACKEND_CUDA, {"auto", "off", "on"}},
     {"cuda.stream_k", MOE_BACKEND_CUDA, {"auto", "128", "256"}},
+    {"cuda.wgmma_bm", MOE_BACKEND_CUDA, {"auto", "128", "64"}},
 };
 #define DOCUMENTED (sizeof documented / sizeof documented[0])
 

@@ -92,6 +92,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->wgmma_min_rows = -1;
   st->wgmma_gather = -1; /* auto: the tuning row's rule */
   st->stream_k = 128;
+  st->wgmma_bm = 128;
   if (own_stream) {
     moe_status s = cuda_status(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking),
                                "cudaStreamCreateWithFlags");
@@ -578,7 +579,10 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   const bool force_wgmma = option == MOE_CUDA_PATH_WGMMA;
   const bool force_mma = option == MOE_CUDA_PATH_MMA;
   const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
-  const cuda_plan wgmma = {CUDA_PATH_WGMMA, CUDA_WGMMA_BLOCK_M, wgmma_gathers(st, rows)};
+  const cuda_plan wgmma = {CUDA_PATH_WGMMA,
+                           st->wgmma_bm == CUDA_WGMMA_NARROW_BLOCK_M ? CUDA_WGMMA_NARROW_BLOCK_M
+                                                                     : CUDA_WGMMA_BLOCK_M,
+                           wgmma_gathers(st, rows)};
   if (hopper && force_wgmma) return wgmma;
   if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows), false};
   if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0, false};
@@ -659,10 +663,11 @@ static void describe_plan(const cuda_state *st, const cuda_layer *l, int64_t T, 
              (long long)bm);
     break;
   case CUDA_PATH_WGMMA:
-    snprintf(text, size, "%s, GEMM1 (BN %d) and GEMM2 (BN %d) on wgmma tiles fed by TMA, reduce",
+    snprintf(text, size,
+             "%s, GEMM1 (BN %d) and GEMM2 (BN %d) on %lld-row wgmma tiles fed by TMA, reduce",
              plan.gather ? "no permute (GEMM1 gathers x's rows with cp.async)" : "permute",
-             cuda_wgmma_pick_bn(st, rows_bound, 2 * c->intermediate_size),
-             cuda_wgmma_pick_bn(st, rows_bound, c->hidden_size));
+             cuda_wgmma_pick_bn(st, (int)bm, rows_bound, 2 * c->intermediate_size),
+             cuda_wgmma_pick_bn(st, (int)bm, rows_bound, c->hidden_size), (long long)bm);
     break;
   default:
     snprintf(text, size, "GEMM1 and GEMM2 on %s, reduce",
@@ -718,7 +723,11 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   const int64_t H = c->hidden_size, I = c->intermediate_size, slots = T * c->top_k;
   const int32_t EL = c->num_local_experts;
   const bool stream = plan->path == CUDA_PATH_STREAM;
-  const int rows_index = stream ? cuda_stream_rows_index(plan->block_m) : 0;
+  /* The streaming GEMM's and the 64-row wgmma tiles' maps have boxes of
+   * block_m rows (xs_rows_map, h_rows_map); the 128-row tiles' are
+   * xs_map and h_sorted_map. */
+  const bool narrow = !stream && plan->block_m == CUDA_WGMMA_NARROW_BLOCK_M;
+  const int rows_index = stream || narrow ? cuda_stream_rows_index(plan->block_m) : 0;
   static_assert(CUDA_STREAM_FEATURES == 128, "w13_map[0] and w2_map[0] have 128-row boxes");
   const int64_t rows_bound = cuda_padded_rows_bound(slots, EL, plan->block_m);
   /* The wgmma GEMM1 may gather x's rows itself (the plan's choice); else
@@ -730,8 +739,8 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   cuda_wgmma_gemm g1;
   memset(&g1, 0, sizeof g1);
   set_gemm1(&g1, l, plan->block_m, l->h_sorted);
-  g1.a_map = stream ? &l->xs_rows_map[rows_index] : &l->xs_map;
-  g1.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, 2 * I);
+  g1.a_map = stream || narrow ? &l->xs_rows_map[rows_index] : &l->xs_map;
+  g1.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, plan->block_m, rows_bound, 2 * I);
   g1.b_map = &l->w13_map[g1.bn == 256 ? 1 : 0];
   g1.num_slots = slots;
   g1.rows_bound = rows_bound;
@@ -745,8 +754,8 @@ static moe_status hopper_forward(const cuda_state *st, const cuda_layer *l, int6
   cuda_wgmma_gemm g2 = g1;
   set_gemm2(&g2, l);
   g2.gather_x = NULL; /* h_sorted is in sorted order already */
-  g2.a_map = stream ? &l->h_rows_map[rows_index] : &l->h_sorted_map;
-  g2.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, rows_bound, H);
+  g2.a_map = stream || narrow ? &l->h_rows_map[rows_index] : &l->h_sorted_map;
+  g2.bn = stream ? CUDA_STREAM_FEATURES : cuda_wgmma_pick_bn(st, plan->block_m, rows_bound, H);
   g2.b_map = &l->w2_map[g2.bn == 256 ? 1 : 0];
   return stream ? cuda_stream_gemm_run(st, &g2) : cuda_wgmma_gemm_run(st, &g2);
 }
@@ -915,6 +924,9 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     break;
   case MOE_OPTION_CUDA_STREAM_K:
     st->stream_k = parsed == 2 ? 256 : 128; /* auto|128|256; auto: 128 */
+    break;
+  case MOE_OPTION_CUDA_WGMMA_BM:
+    st->wgmma_bm = parsed == 2 ? 64 : 128; /* auto|128|64; auto: 128 */
     break;
   case MOE_OPTION_CUDA_STREAM_BLOCK:
     st->stream_block = parsed == 0 ? 0 : 8 << parsed; /* auto|16|32|64|128 */

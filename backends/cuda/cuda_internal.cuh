@@ -83,6 +83,7 @@ struct cuda_state {
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
   int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: the row's */
   int stream_k;            /* cuda.stream_k: elements of K per streaming stage at token block 16 */
+  int wgmma_bm;            /* cuda.wgmma_bm: token rows of the wgmma tiles, 128 or 64 */
   int wgmma_gather;        /* cuda.wgmma_gather: -1 auto (the row's rule), 0 off, 1 on */
   bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the
@@ -312,8 +313,10 @@ moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d);
 /* ---- Hopper prefill: wgmma fed by TMA (gemm_wgmma.cu) ------------------ */
 
 /* Rows of one CTA of the wgmma GEMMs; align runs with this block_m on that
- * path (== CUDA_GEMM_MAX_BLOCK_M, so the workspace's align capacity holds). */
+ * path (== CUDA_GEMM_MAX_BLOCK_M, so the workspace's align capacity holds),
+ * or with CUDA_WGMMA_NARROW_BLOCK_M under option cuda.wgmma_bm=64. */
 #define CUDA_WGMMA_BLOCK_M 128
+#define CUDA_WGMMA_NARROW_BLOCK_M 64
 
 /* The 128 opaque bytes of a CUtensorMap, as plain words: a struct holding
  * one then needs no 64-byte alignment (the launch passes a copy). */
@@ -336,10 +339,10 @@ bool cuda_wgmma_init(void);
 bool cuda_tma_map_bf16(cuda_tma_map *map, const void *base, int64_t rows, int64_t cols,
                        int box_rows);
 
-/* The column tile (128 or 256; option cuda.wgmma_bn forces one) for a GEMM of
- * at most rows_bound sorted rows and n columns. B maps are encoded with
- * this many rows per box. */
-int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n);
+/* The column tile (128 or 256; option cuda.wgmma_bn forces one; 128 for
+ * 64-row token tiles) for a GEMM of at most rows_bound sorted rows and n
+ * columns. B maps are encoded with this many rows per box. */
+int cuda_wgmma_pick_bn(const cuda_state *st, int block_m, int64_t rows_bound, int64_t n);
 
 /* xs[p] = x[sorted_token_ids[p] / top_k] for p < *ntpp (at most
  * rows_bound), zeros for padding rows. hidden % 8 == 0, 16-byte aligned. */
@@ -376,7 +379,7 @@ struct cuda_wgmma_gemm : hopper_gemm_params {
   const cuda_tma_map *b_map;
   int bn;
   int64_t rows_bound; /* >= *num_tokens_post_padded */
-  int32_t block_m;    /* align's; must be CUDA_WGMMA_BLOCK_M */
+  int32_t block_m;    /* align's: CUDA_WGMMA_BLOCK_M, or CUDA_WGMMA_NARROW_BLOCK_M with bn 128 */
   cuda_epilogue epilogue;
   moe_activation activation;
   /* Streaming GEMM only: launched to overlap the kernel before it (which

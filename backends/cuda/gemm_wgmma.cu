@@ -89,18 +89,25 @@ static_assert(sizeof(cuda_tma_map) == sizeof(CUtensorMap), "cuda_tma_map holds o
 
 /* ---- shape -------------------------------------------------------------- */
 
-#define WG_BM CUDA_WGMMA_BLOCK_M /* rows per CTA == align's block_m */
-#define WG_BK 64                 /* K per stage: 128 bytes, one swizzle row */
-#define WG_THREADS 384           /* producer + 2 consumer warpgroups */
-#define WG_CONSUMER_WARPS 8      /* arrivals that free a stage */
+#define WG_BM CUDA_WGMMA_BLOCK_M /* rows per CTA == align's block_m (or WG_BM_NARROW) */
+/* Option cuda.wgmma_bm=64: 64-row token tiles with BN 128, each consumer
+ * warpgroup on 64 of the 128 columns (half the padding of 128-row tiles
+ * where experts hold 32-64 rows; the peer's tile there is 64 x 128). */
+#define WG_BM_NARROW 64
+#define WG_BK 64            /* K per stage: 128 bytes, one swizzle row */
+#define WG_THREADS 384      /* producer + 2 consumer warpgroups */
+#define WG_CONSUMER_WARPS 8 /* arrivals that free a stage */
 /* Registers per thread after setmaxnreg: 128 * 40 + 256 * 232 = 64512 of
  * the 65536 of an SM (one CTA per SM). Multiples of 8, as setmaxnreg needs. */
 #define WG_PRODUCER_REGS 40
 #define WG_CONSUMER_REGS 232
-static_assert(WG_BM == 128, "the producer warpgroup's gather covers 128 rows, 16 per pass");
+static_assert(WG_BM == 128, "the 128-row tile: two consumer warpgroups of 64 rows");
 
-template <int BN, int STAGES> struct wg_shape {
-  static constexpr int A_BYTES = WG_BM * WG_BK * 2;
+template <int BN, int STAGES, int BM = WG_BM> struct wg_shape {
+  /* Columns of the tile each consumer warpgroup owns: all of them on its
+   * 64 rows (BM 128), or half of them on all 64 rows (BM 64). */
+  static constexpr int WG_N = BM == 128 ? BN : BN / 2;
+  static constexpr int A_BYTES = BM * WG_BK * 2;
   static constexpr int B_BYTES = BN * WG_BK * 2;
   static constexpr int STAGE_BYTES = A_BYTES + B_BYTES;
   /* + 1024: the dynamic shared memory base is aligned up to 1024 bytes in
@@ -110,12 +117,14 @@ template <int BN, int STAGES> struct wg_shape {
   static_assert(A_BYTES % 1024 == 0 && B_BYTES % 1024 == 0, "stages keep 1024-byte alignment");
   static_assert(BN == 128 || BN == 256, "wgmma n of the instantiated wrappers");
   static_assert(BN <= 256, "a TMA box has at most 256 rows");
+  static_assert(BM == 128 || BM == 64, "the producer's gather passes of 16 rows, two warpgroups");
 };
 
 /* The two tiles: BN 256 with 4 stages (48 KB each), BN 128 with 6 (32 KB
  * each): 192 KB of the 227 KB a Hopper (sm_90) block may take either way. */
 #define WG_STAGES_256 4
 #define WG_STAGES_128 6
+#define WG_STAGES_NARROW 8 /* BM 64, BN 128: 24 KB each */
 
 /* ---- kernel parameters -------------------------------------------------- */
 
@@ -137,12 +146,12 @@ __device__ __forceinline__ uint32_t swizzled_chunk(int r, int c) {
 
 /* ---- the GEMM kernel ---------------------------------------------------- */
 
-template <int BN, int STAGES, int EPI, bool GATHER>
+template <int BN, int STAGES, int EPI, bool GATHER, int BM>
 __global__ void __launch_bounds__(WG_THREADS, 1)
     wgmma_gemm_kernel(const __grid_constant__ CUtensorMap a_map,
                       const __grid_constant__ CUtensorMap b_map, const wgmma_params p) {
 #ifdef MOE_WGMMA_DEVICE
-  typedef wg_shape<BN, STAGES> S;
+  typedef wg_shape<BN, STAGES, BM> S;
   extern __shared__ unsigned char smem_raw[];
   __shared__ __align__(8) uint64_t full_bar[STAGES];
   __shared__ __align__(8) uint64_t empty_bar[STAGES];
@@ -158,7 +167,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
   const int64_t in_group = tile_index % group_tiles;
   const int m_tile = first_m + (int)(in_group % group_m);
   const int n_tile = (int)(in_group / group_m);
-  const int64_t m0 = (int64_t)m_tile * WG_BM;
+  const int64_t m0 = (int64_t)m_tile * BM;
   const int n0 = n_tile * BN;
   /* Uniform over the CTA, so the early exits come before any barrier. */
   if (m0 >= *p.num_tokens_post_padded) return;
@@ -193,7 +202,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     setmaxnreg_dec<WG_PRODUCER_REGS>();
     const int t = threadIdx.x;
     if (GATHER || t == 0) {
-      constexpr int GATHER_ROWS = GATHER ? WG_BM / 16 : 1; /* rows per thread */
+      constexpr int GATHER_ROWS = GATHER ? BM / 16 : 1; /* rows per thread */
       const int chunk = t & 7;
       int32_t token[GATHER_ROWS]; /* x's row of each of this thread's rows; -1: padding */
 #pragma unroll
@@ -236,14 +245,18 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     }
   } else {
     setmaxnreg_inc<WG_CONSUMER_REGS>();
-    const int wg = warpgroup - 1; /* rows 64 wg .. 64 wg + 63 of the tile */
+    /* BM 128: rows 64 wg .. 64 wg + 63 of the tile, all columns; BM 64:
+     * every row, columns WG_N wg .. WG_N wg + WG_N - 1. */
+    const int wg = warpgroup - 1;
+    const int row0 = BM == 128 ? 64 * wg : 0, col0 = BM == 128 ? 0 : S::WG_N * wg;
     const int lane = threadIdx.x & 31, warp = (threadIdx.x >> 5) & 3;
-    float acc[BN / 2];
+    float acc[S::WG_N / 2];
 #pragma unroll
-    for (int i = 0; i < BN / 2; ++i)
+    for (int i = 0; i < S::WG_N / 2; ++i)
       acc[i] = 0.0f;
-    const uint64_t desc_a = smem_desc(smem + (uint32_t)(wg * 64 * WG_BK * 2));
-    const uint64_t desc_b = smem_desc(smem + (uint32_t)S::A_BYTES);
+    /* B's rows are 128 bytes apart: column c's row starts at c * 128. */
+    const uint64_t desc_a = smem_desc(smem + (uint32_t)(row0 * WG_BK * 2));
+    const uint64_t desc_b = smem_desc(smem + (uint32_t)(S::A_BYTES + col0 * WG_BK * 2));
     int s = 0, prev = 0;
     uint32_t phase = 0;
     for (int kt = 0; kt < k_tiles; ++kt) {
@@ -255,7 +268,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
       wgmma_fence();
 #pragma unroll
       for (int kk = 0; kk < WG_BK / 16; ++kk)
-        wgmma_k16<BN>(acc, desc_a + stage + 2 * kk, desc_b + stage + 2 * kk);
+        wgmma_k16<S::WG_N>(acc, desc_a + stage + 2 * kk, desc_b + stage + 2 * kk);
       wgmma_commit();
       /* The previous k-tile's wgmmas are done: its stage may be refilled. */
       wgmma_wait<1>();
@@ -270,7 +283,7 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     fence_registers(acc);
 
     /* Epilogue: this thread's rows are r and r + 8 of the tile. */
-    const int r = wg * 64 + warp * 16 + (lane >> 2);
+    const int r = row0 + warp * 16 + (lane >> 2);
     int64_t pos[2];
     int32_t slot[2];
     bool real[2];
@@ -286,8 +299,8 @@ __global__ void __launch_bounds__(WG_THREADS, 1)
     }
     const float *bias = p.bias ? p.bias + (int64_t)expert * p.n : NULL;
 #pragma unroll
-    for (int j = 0; j < BN / 8; ++j) {
-      const int col = n0 + 8 * j + 2 * (lane & 3);
+    for (int j = 0; j < S::WG_N / 8; ++j) {
+      const int col = n0 + col0 + 8 * j + 2 * (lane & 3);
       if (col >= p.n) continue; /* n % 8 == 0: col + 1 < n too */
       const float b0 = bias ? bias[col] : 0.0f, b1 = bias ? bias[col + 1] : 0.0f;
 #pragma unroll
@@ -369,24 +382,26 @@ bool cuda_wgmma_available(int cc_major, int cc_minor) {
 #endif
 }
 
-template <int BN, int STAGES, int EPI, bool GATHER = false> static bool set_smem_limit() {
-  return hopper_set_smem_limit(wgmma_gemm_kernel<BN, STAGES, EPI, GATHER>,
-                               wg_shape<BN, STAGES>::SMEM_BYTES);
+template <int BN, int STAGES, int EPI, bool GATHER = false, int BM = WG_BM>
+static bool set_smem_limit() {
+  return hopper_set_smem_limit(wgmma_gemm_kernel<BN, STAGES, EPI, GATHER, BM>,
+                               wg_shape<BN, STAGES, BM>::SMEM_BYTES);
 }
 
 /* Every epilogue; the gathering variants exist for GEMM1's (GLU) only. */
-template <int BN, int STAGES> static bool set_smem_limits() {
-  return set_smem_limit<BN, STAGES, HOPPER_STORE>() &&
-         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU>() &&
-         set_smem_limit<BN, STAGES, HOPPER_GLU_GEGLU>() &&
-         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU_CLAMP>() &&
-         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU, true>() &&
-         set_smem_limit<BN, STAGES, HOPPER_GLU_GEGLU, true>() &&
-         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU_CLAMP, true>();
+template <int BN, int STAGES, int BM = WG_BM> static bool set_smem_limits() {
+  return set_smem_limit<BN, STAGES, HOPPER_STORE, false, BM>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU, false, BM>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_GEGLU, false, BM>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU_CLAMP, false, BM>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU, true, BM>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_GEGLU, true, BM>() &&
+         set_smem_limit<BN, STAGES, HOPPER_GLU_SWIGLU_CLAMP, true, BM>();
 }
 
 bool cuda_wgmma_init(void) {
-  return set_smem_limits<256, WG_STAGES_256>() && set_smem_limits<128, WG_STAGES_128>();
+  return set_smem_limits<256, WG_STAGES_256>() && set_smem_limits<128, WG_STAGES_128>() &&
+         set_smem_limits<128, WG_STAGES_NARROW, WG_BM_NARROW>();
 }
 
 /* cuTensorMapEncodeTiled from the driver, or NULL (no driver, or one older
@@ -426,7 +441,8 @@ bool cuda_tma_map_bf16(cuda_tma_map *out, const void *base, int64_t rows, int64_
   return true;
 }
 
-int cuda_wgmma_pick_bn(const cuda_state *st, int64_t rows_bound, int64_t n) {
+int cuda_wgmma_pick_bn(const cuda_state *st, int block_m, int64_t rows_bound, int64_t n) {
+  if (block_m == WG_BM_NARROW) return 128; /* the 64-row tile's only BN */
   if (st->wgmma_bn_option == 128 || st->wgmma_bn_option == 256) return st->wgmma_bn_option;
   /* The wide tile (twice the arithmetic intensity per shared-memory byte)
    * unless it would leave SMs without a CTA. */
@@ -448,19 +464,20 @@ moe_status cuda_wgmma_permute(const cuda_state *st, const bf16 *x, bf16 *xs, int
   return cuda_launch_status("wgmma_permute_kernel");
 }
 
-template <int BN, int STAGES, int EPI, bool GATHER = false>
+template <int BN, int STAGES, int EPI, bool GATHER = false, int BM = WG_BM>
 static cudaError_t launch_gemm(const cuda_state *st, unsigned ctas, const CUtensorMap &a,
                                const CUtensorMap &b, const wgmma_params &p) {
-  return cuda_launch(st, true, wgmma_gemm_kernel<BN, STAGES, EPI, GATHER>, dim3(ctas),
-                     dim3(WG_THREADS), (size_t)wg_shape<BN, STAGES>::SMEM_BYTES, a, b, p);
+  return cuda_launch(st, true, wgmma_gemm_kernel<BN, STAGES, EPI, GATHER, BM>, dim3(ctas),
+                     dim3(WG_THREADS), (size_t)wg_shape<BN, STAGES, BM>::SMEM_BYTES, a, b, p);
 }
 
 moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
+  const bool narrow = g->block_m == WG_BM_NARROW;
   if ((g->bn != 128 && g->bn != 256) || g->n <= 0 || g->k <= 0 || g->n % 8 != 0 || g->k % 8 != 0 ||
-      g->block_m != WG_BM)
+      (g->block_m != WG_BM && !(narrow && g->bn == 128)))
     return moe_set_error(MOE_ERROR_INTERNAL, "wgmma GEMM with bn %d, n %d, k %d, block_m %d", g->bn,
                          g->n, g->k, g->block_m);
-  const int64_t m_tiles = (g->rows_bound + WG_BM - 1) / WG_BM;
+  const int64_t m_tiles = (g->rows_bound + g->block_m - 1) / g->block_m;
   const int64_t n_tiles = (g->n + g->bn - 1) / g->bn;
   if (m_tiles <= 0) return MOE_SUCCESS;
   if (m_tiles * n_tiles > INT_MAX)
@@ -503,9 +520,21 @@ moe_status cuda_wgmma_gemm_run(const cuda_state *st, const cuda_wgmma_gemm *g) {
        launch_gemm<256, WG_STAGES_256, HOPPER_GLU_GEGLU, true>,
        launch_gemm<256, WG_STAGES_256, HOPPER_GLU_SWIGLU_CLAMP, true>},
   };
+  /* The 64-row tile (BN 128): [epilogue], and gathering [GLU epilogue - 1] */
+  static const launcher narrow_launchers[4] = {
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_STORE, false, WG_BM_NARROW>,
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_GLU_SWIGLU, false, WG_BM_NARROW>,
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_GLU_GEGLU, false, WG_BM_NARROW>,
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_GLU_SWIGLU_CLAMP, false, WG_BM_NARROW>};
+  static const launcher narrow_gathering[3] = {
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_GLU_SWIGLU, true, WG_BM_NARROW>,
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_GLU_GEGLU, true, WG_BM_NARROW>,
+      launch_gemm<128, WG_STAGES_NARROW, HOPPER_GLU_SWIGLU_CLAMP, true, WG_BM_NARROW>};
   const int wide = g->bn == 256 ? 1 : 0;
-  const cudaError_t err =
-      (gather ? gathering[wide][epi - 1] : launchers[wide][epi])(st, ctas, a, b, p);
+  const launcher launch = narrow   ? (gather ? narrow_gathering[epi - 1] : narrow_launchers[epi])
+                          : gather ? gathering[wide][epi - 1]
+                                   : launchers[wide][epi];
+  const cudaError_t err = launch(st, ctas, a, b, p);
   if (err != cudaSuccess) return cuda_status(err, "wgmma_gemm_kernel launch");
   return cuda_launch_status("wgmma_gemm_kernel");
 }

@@ -954,6 +954,39 @@ Test(cuda, wgmma_gather_gives_the_permute_bits) {
   }
 }
 
+/* 64-row token tiles (cuda.wgmma_bm=64: BN 128, each consumer warpgroup
+ * on half the columns, align padding to 64): every layer variant within
+ * the float64 bound, with the permute and gathering, and the same bits
+ * either way. */
+Test(cuda, wgmma_64_row_tiles) {
+  require_sm90a();
+  option_override narrow("cuda.wgmma_bm", "64");
+  option_override force("cuda.path", "wgmma");
+  for (int variant = 0; variant < LAYER_VARIANTS; ++variant) {
+    th_layer_spec spec = mixtral_like(300, 264, 200, 16, 4, 0xd400 + 16 * variant);
+    apply_layer_variant(&spec, variant);
+    th_layer_data d;
+    th_layer_data_make(&d, &spec);
+    const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+    uint16_t *permuted = (uint16_t *)th_malloc(n * 2), *gathered = (uint16_t *)th_malloc(n * 2);
+    {
+      option_override permute("cuda.wgmma_gather", "off");
+      forward_plain(th_ctx(), &d, permuted);
+      hopper_layer_case(&spec, "wgmma");
+    }
+    {
+      option_override gather("cuda.wgmma_gather", "on");
+      forward_plain(th_ctx(), &d, gathered);
+      hopper_layer_case(&spec, "wgmma");
+    }
+    TH_ASSERT(memcmp(permuted, gathered, n * 2) == 0,
+              "variant %d: 64-row tiles give other bits gathering than permuted", variant);
+    free(permuted);
+    free(gathered);
+    th_layer_data_free(&d);
+  }
+}
+
 /* The same data through both prefill paths: each within the bound of
  * float64, and within it of each other. */
 Test(cuda, wgmma_agrees_with_mma) {

@@ -428,7 +428,8 @@ __global__ void __launch_bounds__(ST_THREADS, CTAS)
       /* The previous step's wgmmas are done: its stage may be refilled.
        * The warp meets first, so that lane 0's arrival also orders the
        * other lanes' reads of the stage's meta before the producer
-       * rewrites it (racecheck reported them without). */
+       * rewrites it (racecheck still reports that pair: it does not follow
+       * the order through the warp barrier; bench/cuda_notes.md item 22). */
       wgmma_wait<1>();
       if (ks > ks_begin) {
         __syncwarp();

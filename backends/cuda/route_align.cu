@@ -234,18 +234,40 @@ __device__ void route_tokens(const moe_rl_params &rl, const float *logits, const
   }
 }
 
-/* Routing alone, on many blocks. One instance per (keys, groups): a
+/* What a routing kernel instance compiles for: PLAIN is softmax scoring
+ * without a correction bias or groups (Mixtral, Qwen3, gpt-oss, ernie),
+ * so that moe_rl_key and moe_rl_score lose their other branches;
+ * UNGROUPED any scoring on one group; GROUPED everything. */
+enum route_shape { ROUTE_PLAIN, ROUTE_UNGROUPED, ROUTE_GROUPED };
+
+static route_shape route_shape_of(const moe_rl_params &rl) {
+  if (rl.num_groups > 1) return ROUTE_GROUPED;
+  return !rl.scoring_sigmoid && !rl.has_bias ? ROUTE_PLAIN : ROUTE_UNGROUPED;
+}
+
+/* rl with the fields the instance's shape fixes written as constants (the
+ * host chose the shape from the same fields: route_shape_of). */
+template <int SHAPE> __device__ __forceinline__ moe_rl_params shaped_params(moe_rl_params rl) {
+  if (SHAPE != ROUTE_GROUPED) rl.num_groups = 1;
+  if (SHAPE == ROUTE_PLAIN) {
+    rl.scoring_sigmoid = 0;
+    rl.has_bias = 0;
+  }
+  return rl;
+}
+
+/* Routing alone, on many blocks. One instance per (keys, shape): a
  * kernel holding every variant was 8224 instructions (131 KB), which a
  * launch with the L2 cold fetches from DRAM miss by miss (the one-block
  * kernel's lesson, below). */
-template <bool REFERENCE, int LANE_KEYS, bool GROUPED>
+template <bool REFERENCE, int LANE_KEYS, int SHAPE>
 __global__ void route_kernel(moe_rl_params rl, const float *logits, const float *bias,
                              int64_t num_tokens, int32_t *ids, float *weights) {
   cuda_allow_dependents(); /* the decode path's GEMM1 may stage x meanwhile */
   const int64_t warps = blockDim.x >> 5;
-  route_tokens<REFERENCE, LANE_KEYS, GROUPED>(rl, logits, bias,
-                                              blockIdx.x * warps + (threadIdx.x >> 5),
-                                              (int64_t)gridDim.x * warps, num_tokens, ids, weights);
+  route_tokens<REFERENCE, LANE_KEYS, SHAPE == ROUTE_GROUPED>(
+      shaped_params<SHAPE>(rl), logits, bias, blockIdx.x * warps + (threadIdx.x >> 5),
+      (int64_t)gridDim.x * warps, num_tokens, ids, weights);
 }
 
 /* ---- align ---------------------------------------------------------------- */
@@ -419,6 +441,16 @@ __device__ void align_place_block(const align_params &p, int64_t begin, int64_t 
   const int64_t rounds = (end - begin + 31) / 32;
   const int64_t run = (rounds + warps - 1) / warps * 32; /* slots per warp */
   const int64_t my_begin = min(begin + warp * run, end), my_end = min(my_begin + run, end);
+  if (warps == 1) {
+    /* One warp places everything (a decode step's few slots): the starts
+     * are its cursors, without the counting pass. */
+#pragma unroll 1
+    for (int e = threadIdx.x; e < p.num_local; e += blockDim.x)
+      hist[e] = (int32_t)first[e];
+    __syncthreads();
+    if (warp == 0) align_place_warp(p, begin, end, hist);
+    return;
+  }
 #pragma unroll 1
   for (int i = threadIdx.x; i < warps * p.num_local; i += blockDim.x)
     hist[i] = 0;
@@ -554,10 +586,12 @@ static bool rank_routing_fits(int64_t T, int32_t E, int32_t G) {
 
 /* Rank routing alone: block b routes tokens [b tpb, (b + 1) tpb) of
  * num_tokens (one block for few tokens; many with cuda.routing=rank). */
-template <bool GROUPED>
+template <int SHAPE>
 __global__ void __launch_bounds__(CUDA_ALIGN_THREADS)
-    route_rank_kernel(moe_rl_params rl, const float *logits, const float *bias, int64_t num_tokens,
-                      int32_t tokens_per_block, int32_t *ids, float *weights) {
+    route_rank_kernel(moe_rl_params params, const float *logits, const float *bias,
+                      int64_t num_tokens, int32_t tokens_per_block, int32_t *ids, float *weights) {
+  constexpr bool GROUPED = SHAPE == ROUTE_GROUPED;
+  const moe_rl_params rl = shaped_params<SHAPE>(params);
   extern __shared__ float staged[];
   cuda_allow_dependents(); /* the decode path's GEMM1 may stage x meanwhile */
   const int64_t first = (int64_t)blockIdx.x * tokens_per_block;
@@ -749,9 +783,14 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   if (per_block > 0) {
     const int64_t blocks = (T + per_block - 1) / per_block;
     if (blocks > INT32_MAX) return moe_set_error(MOE_ERROR_UNSUPPORTED, "too many tokens to route");
-    (rl.num_groups > 1 ? route_rank_kernel<true> : route_rank_kernel<false>)<<<
-        (unsigned)blocks, CUDA_ALIGN_THREADS,
-        rank_routing_smem(per_block, args->num_experts, rl.num_groups), st->stream>>>(
+    typedef void (*rank_fn)(moe_rl_params, const float *, const float *, int64_t, int32_t,
+                            int32_t *, float *);
+    static const rank_fn rank_kernels[3] = {route_rank_kernel<ROUTE_PLAIN>,
+                                            route_rank_kernel<ROUTE_UNGROUPED>,
+                                            route_rank_kernel<ROUTE_GROUPED>};
+    rank_kernels[route_shape_of(
+        rl)]<<<(unsigned)blocks, CUDA_ALIGN_THREADS,
+               rank_routing_smem(per_block, args->num_experts, rl.num_groups), st->stream>>>(
         rl, (const float *)args->logits, (const float *)args->correction_bias, T,
         (int32_t)per_block, (int32_t *)args->topk_ids, (float *)args->topk_weights);
     return cuda_launch_status("route_rank_kernel");
@@ -762,16 +801,20 @@ moe_status cuda_route(const cuda_state *st, const moe_route_args *args) {
   if (blocks > 65536) blocks = 65536;
   typedef void (*route_fn)(moe_rl_params, const float *, const float *, int64_t, int32_t *,
                            float *);
-  /* [lane keys 4, 8, 0][grouped] */
-  static const route_fn warp_kernels[3][2] = {
-      {route_kernel<false, 4, false>, route_kernel<false, 4, true>},
-      {route_kernel<false, 8, false>, route_kernel<false, 8, true>},
-      {route_kernel<false, 0, false>, route_kernel<false, 0, true>}};
+  /* [lane keys 4, 8, 0][shape] */
+  static const route_fn warp_kernels[3][3] = {
+      {route_kernel<false, 4, ROUTE_PLAIN>, route_kernel<false, 4, ROUTE_UNGROUPED>,
+       route_kernel<false, 4, ROUTE_GROUPED>},
+      {route_kernel<false, 8, ROUTE_PLAIN>, route_kernel<false, 8, ROUTE_UNGROUPED>,
+       route_kernel<false, 8, ROUTE_GROUPED>},
+      {route_kernel<false, 0, ROUTE_PLAIN>, route_kernel<false, 0, ROUTE_UNGROUPED>,
+       route_kernel<false, 0, ROUTE_GROUPED>}};
   const int32_t E = args->num_experts;
   const int keys = E <= 32 * 4 ? 0 : E <= 32 * CUDA_ROUTE_LANE_KEYS ? 1 : 2;
   static_assert(CUDA_ROUTE_LANE_KEYS == 8, "the instances above");
-  (reference ? route_kernel<true, 0, true>
-             : warp_kernels[keys][rl.num_groups > 1])<<<(unsigned)blocks, threads, 0, st->stream>>>(
+  (reference
+       ? route_kernel<true, 0, ROUTE_GROUPED>
+       : warp_kernels[keys][route_shape_of(rl)])<<<(unsigned)blocks, threads, 0, st->stream>>>(
       rl, (const float *)args->logits, (const float *)args->correction_bias, args->num_tokens,
       (int32_t *)args->topk_ids, (float *)args->topk_weights);
   return cuda_launch_status("route_kernel");

@@ -163,7 +163,7 @@ step_abbase() {
   { cmake -S "$src" -B build-base -G Ninja -DMOE_BACKEND=cuda -DCMAKE_CUDA_ARCHITECTURES=90a \
       -DCMAKE_BUILD_TYPE=Release && cmake --build build-base --target moe_bench; } \
     >"$out/build-base.log" 2>&1 || { echo "abbase: base build failed"; tail -20 "$out/build-base.log"; return 1; }
-  local r side option sides="base new" runs_base="" runs_new=""
+  local r side option sides="base new"
   for option in ${ABBASE_OPTIONS:-}; do sides+=" $option"; done
   for r in $(seq "$rounds"); do
     for side in $sides; do

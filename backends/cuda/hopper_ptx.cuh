@@ -3,8 +3,9 @@
  * addresses and mbarriers (init, arrive with expected transaction bytes,
  * parity wait), cp.async completing on an mbarrier and the proxy fence
  * that lets wgmma read what it wrote, apart from the kernels that use them
- * (the TMA pipelines of gemm_wgmma.cu and gemm_stream.cu). Defined only in device passes for
- * compute capability 9.0 and up; callers guard their kernel bodies the same way.
+ * (the TMA pipelines of gemm_wgmma.cu and gemm_stream.cu). Defined only in
+ * device passes for compute capability 9.0 and up; callers guard their
+ * kernel bodies the same way.
  */
 #ifndef MOE_CUDA_HOPPER_PTX_CUH
 #define MOE_CUDA_HOPPER_PTX_CUH

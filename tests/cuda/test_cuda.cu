@@ -918,12 +918,11 @@ Test(cuda, wgmma_layer_variants) {
 }
 
 /* GEMM1 gathering x's rows itself (cuda.wgmma_gather=on; auto does at
- * this shape's 75 rows per expert) multiplies the
- * same values in the same order as the permuted rows: the same bits, on
- * every layer variant (biases, expert map, router weight on the input,
- * IN_OUT weights, grouped routing), with K past a 64-wide box (H = 264)
- * and both column tiles; graph replays and the float64 bound as for the
- * permuted path. */
+ * this shape's 75 rows per expert) multiplies the same values in the same
+ * order as the permuted rows: the same bits, on every layer variant
+ * (biases, expert map, router weight on the input, IN_OUT weights, grouped
+ * routing), with K past a 64-wide box (H = 264) and both column tiles;
+ * graph replays and the float64 bound as for the permuted path. */
 Test(cuda, wgmma_gather_gives_the_permute_bits) {
   require_sm90a();
   option_override force("cuda.path", "wgmma");

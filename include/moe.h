@@ -222,7 +222,7 @@ MOE_API moe_status moe_context_synchronize(moe_context *ctx);
  *                           72 KB stages, one CTA per SM; auto: 128)
  *   cuda.wgmma_bm           auto|128|64   token rows of the wgmma tiles (64:
  *                           BN 128, half the padding where experts hold
- *                           32-64 rows; auto: 128)
+ *                           32-64 rows; auto: the tuning row's rule)
  *   cuda.wgmma_gather       auto|off|on   GEMM1 of the wgmma path gathers
  *                           x's rows itself (no permute kernel; same bits;
  *                           auto: up to the tuning row's rows per expert)

@@ -92,7 +92,7 @@ static moe_status state_create(int device, void *stream, bool own_stream, void *
   st->wgmma_min_rows = -1;
   st->wgmma_gather = -1; /* auto: the tuning row's rule */
   st->stream_k = 128;
-  st->wgmma_bm = 128;
+  st->wgmma_bm = 0; /* auto: the tuning row's rule */
   if (own_stream) {
     moe_status s = cuda_status(cudaStreamCreateWithFlags(&st->stream, cudaStreamNonBlocking),
                                "cudaStreamCreateWithFlags");
@@ -569,6 +569,15 @@ static bool wgmma_gathers(const cuda_state *st, int64_t rows_per_expert) {
   return rows_per_expert <= st->tuning->wgmma_gather_max_rows;
 }
 
+/* The wgmma tiles' token rows (option cuda.wgmma_bm, else the row's rule
+ * by rows per expert and local experts). */
+static int32_t wgmma_block_m(const cuda_state *st, int64_t rows_per_expert, int32_t local_experts) {
+  if (st->wgmma_bm) return st->wgmma_bm;
+  const bool narrow = rows_per_expert <= st->tuning->wgmma_narrow_max_rows &&
+                      local_experts <= st->tuning->wgmma_narrow_max_experts;
+  return narrow ? CUDA_WGMMA_NARROW_BLOCK_M : CUDA_WGMMA_BLOCK_M;
+}
+
 static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t T, const void *x,
                               const cuda_decode *d) {
   const moe_config *c = &l->cfg;
@@ -579,9 +588,7 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   const bool force_wgmma = option == MOE_CUDA_PATH_WGMMA;
   const bool force_mma = option == MOE_CUDA_PATH_MMA;
   const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
-  const cuda_plan wgmma = {CUDA_PATH_WGMMA,
-                           st->wgmma_bm == CUDA_WGMMA_NARROW_BLOCK_M ? CUDA_WGMMA_NARROW_BLOCK_M
-                                                                     : CUDA_WGMMA_BLOCK_M,
+  const cuda_plan wgmma = {CUDA_PATH_WGMMA, wgmma_block_m(st, rows, c->num_local_experts),
                            wgmma_gathers(st, rows)};
   if (hopper && force_wgmma) return wgmma;
   if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows), false};
@@ -926,7 +933,7 @@ static moe_status cuda_set_option(void *state, moe_option_id id, const char *val
     st->stream_k = parsed == 2 ? 256 : 128; /* auto|128|256; auto: 128 */
     break;
   case MOE_OPTION_CUDA_WGMMA_BM:
-    st->wgmma_bm = parsed == 2 ? 64 : 128; /* auto|128|64; auto: 128 */
+    st->wgmma_bm = parsed == 0 ? 0 : parsed == 1 ? 128 : 64; /* auto|128|64 */
     break;
   case MOE_OPTION_CUDA_STREAM_BLOCK:
     st->stream_block = parsed == 0 ? 0 : 8 << parsed; /* auto|16|32|64|128 */

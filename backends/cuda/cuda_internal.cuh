@@ -45,6 +45,12 @@ struct cuda_tuning {
    * rows per expert; with more, each gathered row feeds more column tiles
    * and the permute's one contiguous copy costs less. */
   int64_t wgmma_gather_max_rows;
+  /* The wgmma GEMMs run 64-row token tiles (CUDA_WGMMA_NARROW_BLOCK_M)
+   * up to this many rows per expert, for layers of at most
+   * wgmma_narrow_max_experts local experts: half the padding of the
+   * 128-row tiles where experts hold 32-64 rows. */
+  int64_t wgmma_narrow_max_rows;
+  int32_t wgmma_narrow_max_experts;
 };
 
 /* The row for a device: compute capability major and peak read rate. */
@@ -83,7 +89,7 @@ struct cuda_state {
   int stream_block;        /* cuda.stream_block: 0 (the tuning row's), 16 ... 128 */
   int32_t stream_group;    /* cuda.stream_group: token blocks per raster group; 0: the row's */
   int stream_k;            /* cuda.stream_k: elements of K per streaming stage at token block 16 */
-  int wgmma_bm;            /* cuda.wgmma_bm: token rows of the wgmma tiles, 128 or 64 */
+  int wgmma_bm;            /* cuda.wgmma_bm: 0 (auto: the tuning row's rule), 128 or 64 */
   int wgmma_gather;        /* cuda.wgmma_gather: -1 auto (the row's rule), 0 off, 1 on */
   bool stream_dynamic;     /* cuda.stream_schedule=dynamic */
   /* Split-K workspace of the streaming GEMM (gemm_stream.cu), shared by the

@@ -44,6 +44,12 @@
  * (an H100: 3-8% faster at 32-96 rows, slower from 128, where each
  * gathered row feeds more column tiles); bench/cuda_notes.md item 22.
  *
+ * Both Hopper rows run 64 x 128 wgmma tiles up to 64 rows per expert for
+ * layers of at most 128 local experts (an H100: 14% faster at gpt-oss 256
+ * tokens, 10% at Qwen3 512, 8% at ernie 512, 2-3% at 64 rows; 8-38%
+ * slower from 96 rows, and 2.5% slower at DeepSeek-V3's 256 experts with
+ * 32 rows, where the 128 x 256 tiles stay); bench/cuda_notes.md item 23.
+ *
  * Generic: everything else (sm_80, sm_89, sm_100 without the sm_90a
  * kernels). The Hopper fields are then unused: the mma.sync tiles run.
  */
@@ -52,10 +58,10 @@
 static const cuda_tuning rows[] = {
     /* class, major, min GB/s, decode tokens (>= 64 experts, fewer), decode T x H,
      * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks, stream group,
-     * rank routing tokens, wgmma gather rows */
-    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 96},
-    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}, 8, 256, 96},
-    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 0},
+     * rank routing tokens, wgmma gather rows, 64-row wgmma tiles (rows, experts) */
+    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 96, 64, 128},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}, 8, 256, 96, 64, 128},
+    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 0, 0, 0},
 };
 /* clang-format on */
 

@@ -335,8 +335,10 @@ Test(cuda, decode_kernel_variants) {
  * moe_layer_describe names: at 16 rows per touched expert an H100 runs a
  * layer of 128 experts on the mma.sync tiles and one of 32 experts on the
  * streaming GEMM with 32-token blocks; an H200 streams both with 16-token
- * blocks. On other devices only the row's name is checked. A fresh
- * context: options set by MOE_TEST_OPTIONS would move the plan. */
+ * blocks. Both run 64-row wgmma tiles at 64 rows per expert with 32
+ * experts, and 128-row ones at 128 rows, or with 256 experts. On other
+ * devices only the row's name is checked. A fresh context: options set by
+ * MOE_TEST_OPTIONS would move the plan. */
 Test(cuda, plan_follows_the_device_class_row) {
   require_cuda();
   struct row_case {
@@ -344,7 +346,10 @@ Test(cuda, plan_follows_the_device_class_row) {
     int64_t tokens;
     const char *on_h100, *on_h200;
   } cases[] = {{128, 8, 256, "mma.sync", "token block 16"},
-               {32, 4, 128, "token block 32", "token block 16"}};
+               {32, 4, 128, "token block 32", "token block 16"},
+               {32, 4, 512, "64-row wgmma", "64-row wgmma"},
+               {32, 4, 1024, "128-row wgmma", "128-row wgmma"},
+               {256, 8, 1024, "128-row wgmma", "128-row wgmma"}};
   moe_context *ctx = NULL;
   TH_OK(moe_context_create(MOE_BACKEND_CUDA, 0, &ctx));
   for (const row_case &c : cases) {

@@ -87,6 +87,8 @@ step_bench() {
 
 # ncu over one forward per point: duration, DRAM bytes and throughput,
 # grid, registers and occupancy of every kernel of ours and of the peer.
+# PROFILE_NCU_FLAGS adds ncu flags (e.g. "--clock-control none
+# --cache-control none": the clocks and caches of a timed run).
 step_profile() {
   local metrics=gpu__time_duration.sum,dram__bytes_read.sum
   metrics+=,dram__throughput.avg.pct_of_peak_sustained_elapsed,launch__grid_size
@@ -99,11 +101,11 @@ step_profile() {
   local point model tokens
   for point in ${PROFILE_POINTS:-qwen3-30b-a3b:1 mixtral-8x7b:16}; do
     model=${point%:*} tokens=${point#*:}
-    ncu --csv --metrics "$metrics" -k "$kernels" --launch-skip 40 --launch-count 12 \
+    ncu --csv ${PROFILE_NCU_FLAGS:-} --metrics "$metrics" -k "$kernels" --launch-skip 40 --launch-count 12 \
       "./$build/bench/moe_bench" --backend cuda --model "$model" --tokens "$tokens" \
       --reps 10 --warmup 10 >"$out/profile-ours-$model-$tokens.csv" 2>&1
     echo "profile ours $point rc=$?"
-    ncu --csv --metrics "$metrics" -k "$kernels" --launch-skip 40 --launch-count 12 \
+    ncu --csv ${PROFILE_NCU_FLAGS:-} --metrics "$metrics" -k "$kernels" --launch-skip 40 --launch-count 12 \
       python3 bench/triton_peer.py --quick --model "$model" --tokens "$tokens" \
       >"$out/profile-peer-$model-$tokens.csv" 2>&1
     echo "profile peer $point rc=$?"
@@ -113,20 +115,26 @@ step_profile() {
 }
 
 # ncu's sections on memory workload, scheduler and warp-state stalls and
-# occupancy (speed of light for the DRAM share) for the two
-# streaming GEMM launches of one forward at each of DETAIL_POINTS: why a
-# GEMM that only streams weights reaches 80-84% of DRAM peak.
+# occupancy (speed of light for the DRAM share) for two GEMM launches of one
+# forward at each of DETAIL_POINTS: why a GEMM that only streams weights
+# reaches 80-84% of DRAM peak. DETAIL_KERNELS picks our kernels (default
+# the streaming GEMM); DETAIL_PEER=1 profiles the peer's GEMMs beside them.
 step_profile_detail() {
   local point model tokens
+  local sections=(--section SpeedOfLight --section MemoryWorkloadAnalysis
+    --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats
+    --section Occupancy --launch-count 2 --print-details all)
   for point in ${DETAIL_POINTS:-qwen3-30b-a3b:64}; do
     model=${point%:*} tokens=${point#*:}
-    timeout "${DETAIL_TIMEOUT:-240}" ncu --section SpeedOfLight --section MemoryWorkloadAnalysis \
-      --section MemoryWorkloadAnalysis_Tables --section WarpStateStats --section SchedulerStats \
-      --section Occupancy -k 'regex:stream_gemm' \
-      --launch-skip 20 --launch-count 2 --print-details all \
-      "./$build/bench/moe_bench" --backend cuda --model "$model" --tokens "$tokens" \
-      --reps 10 --warmup 10 >"$out/detail-$model-$tokens.txt" 2>&1
+    timeout "${DETAIL_TIMEOUT:-240}" ncu "${sections[@]}" -k "${DETAIL_KERNELS:-regex:stream_gemm}" \
+      --launch-skip 20 "./$build/bench/moe_bench" --backend cuda --model "$model" \
+      --tokens "$tokens" --reps 10 --warmup 10 >"$out/detail-$model-$tokens.txt" 2>&1
     echo "profile-detail $point rc=$?"
+    [ "${DETAIL_PEER:-0}" = 1 ] || continue
+    timeout "${DETAIL_TIMEOUT:-240}" ncu "${sections[@]}" -k 'regex:gemm[12]_kernel' \
+      --launch-skip 4 python3 bench/triton_peer.py --quick --model "$model" --tokens "$tokens" \
+      >"$out/detail-peer-$model-$tokens.txt" 2>&1
+    echo "profile-detail peer $point rc=$?"
   done
 }
 

@@ -18,16 +18,14 @@
  * 4.8). Streaming wins over the mma.sync tiles at every row count below
  * the wgmma tiles' 32 rows per expert (cuda_notes items 17-18).
  *
- * H100 class: every other sm_90 device (H100 SXM: 3.35 TB/s). A/B runs on
- * an H100 (bench/results.md, "The CUDA plan on an NVIDIA H100"; cuda_notes
- * item 20) found the mma.sync tiles faster than streaming from 8 rows per
- * expert where a layer has many experts (DeepSeek-V3, 256: 10% at 8 rows,
- * 24% at 16; Qwen3, 128: 2% at 16 rows, 3% slower at 8) and slower where
- * it has few (ernie 64, gpt-oss 32, Mixtral 8: 1-9% slower at 6-24 rows);
- * so the band starts at 8 rows for 128 experts or more. With fewer, a
- * 32-row token block from 16 rows was 5% faster for gpt-oss and Mixtral at
- * 16 rows (a 16-row block streams the weights of an expert with more rows
- * than that twice).
+ * H100 class: every other sm_90 device (H100 SXM: 3.35 TB/s). Streaming
+ * up to 31 rows per expert as on the H200: since the streaming producer
+ * takes each stage's rows once per unit (cuda_notes item 23) it beat the
+ * mma.sync tiles at Qwen3 8 and 16 rows by 5.6% and 4.3% and was level at
+ * DeepSeek-V3's (the mma.sync band from 8 rows for 128 or more experts of
+ * item 20 is gone). With fewer experts, a 32-token block from 16 rows was
+ * 5% faster for gpt-oss and Mixtral at 16 rows (a 16-row block streams the
+ * weights of an expert with more rows than that twice).
  *
  * Both Hopper rows order the streaming GEMM's work items in groups of 8
  * token blocks (all feature tiles of a group, then the next group): on an
@@ -60,7 +58,7 @@ static const cuda_tuning rows[] = {
      * stream_max_rows, wgmma_min_rows, mma_min_experts, stream blocks, stream group,
      * rank routing tokens, wgmma gather rows, 64-row wgmma tiles (rows, experts) */
     {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 96, 64, 128},
-    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 7, 32, 128, {15, 32, 64}, 8, 256, 96, 64, 128},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 31, 32, 0, {15, 32, 64}, 8, 256, 96, 64, 128},
     {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, 0, {16, 32, 64}, 8, 256, 0, 0, 0},
 };
 /* clang-format on */

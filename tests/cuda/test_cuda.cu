@@ -332,10 +332,9 @@ Test(cuda, decode_kernel_variants) {
 }
 
 /* The plan follows the device class's tuning row (cuda_tuning.cu), which
- * moe_layer_describe names: at 16 rows per touched expert an H100 runs a
- * layer of 128 experts on the mma.sync tiles and one of 32 experts on the
- * streaming GEMM with 32-token blocks; an H200 streams both with 16-token
- * blocks. Both run 64-row wgmma tiles at 64 rows per expert with 32
+ * moe_layer_describe names: at 16 rows per touched expert an H100 streams
+ * layers of 128 and of 32 experts with 32-token blocks, an H200 with
+ * 16-token blocks. Both run 64-row wgmma tiles at 64 rows per expert with 32
  * experts, and 128-row ones at 128 rows, or with 256 experts. On other
  * devices only the row's name is checked. A fresh context: options set by
  * MOE_TEST_OPTIONS would move the plan. */
@@ -345,7 +344,7 @@ Test(cuda, plan_follows_the_device_class_row) {
     int32_t experts, top_k;
     int64_t tokens;
     const char *on_h100, *on_h200;
-  } cases[] = {{128, 8, 256, "mma.sync", "token block 16"},
+  } cases[] = {{128, 8, 256, "token block 32", "token block 16"},
                {32, 4, 128, "token block 32", "token block 16"},
                {32, 4, 512, "64-row wgmma", "64-row wgmma"},
                {32, 4, 1024, "128-row wgmma", "128-row wgmma"},

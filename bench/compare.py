@@ -13,6 +13,9 @@ A side may be several files (comma-separated): repeated runs of the same
 variant, interleaved with the other side's on a noisy machine; a point's
 time is then the median of the runs' medians, and the ratio's range over
 the runs paired in order is printed too.
+Points where the two sides' routing touched different experts (different
+router logits: bench/triton_peer.py drew its own before 2026-12-05) are
+listed after the table, as their times then cover different weight bytes.
 """
 import argparse
 import json
@@ -60,8 +63,11 @@ def main():
     spread = " | paired runs" if repeated else ""
     print(f"| model | tokens | {a_label} us | {b_label} us | {b_label}/{a_label} | {a_label} % read BW{spread} |")
     print("|---|---:|---:|---:|---:|---:|" + ("---|" if repeated else ""))
-    ratios = []
+    ratios, unlike = [], []
     for p in points:
+        touched = (a[p][0].get("experts_touched"), b[p][0].get("experts_touched"))
+        if None not in touched and touched[0] != touched[1]:
+            unlike.append(f"{p[0]} {p[1]}: {touched[0]} against {touched[1]}")
         ta = median([r["median_us"] for r in a[p]])
         tb = median([r["median_us"] for r in b[p]])
         ratio = tb / ta
@@ -76,6 +82,9 @@ def main():
     wins = sum(1 for r in ratios if r >= 1.0)
     print(f"\npoints {len(ratios)}, {a_label} at least as fast at {wins}; "
           f"geomean {b_label}/{a_label} {geomean:.3f}; min {min(ratios):.3f}")
+    if unlike:
+        print(f"experts touched differ ({a_label} against {b_label}; other router logits): "
+              + "; ".join(unlike))
 
 
 if __name__ == "__main__":

@@ -921,73 +921,57 @@ Test(cuda, wgmma_layer_variants) {
   }
 }
 
+/* One layer variant (300 tokens, 16 experts, top 4: 75 rows per expert;
+ * H = 264, K past a 64-wide box) on the wgmma path with the tiles the
+ * caller's options set, permuted and gathering: each within the float64
+ * bound with graph replays, and the same bits. */
+static void gather_matches_permute(int variant, uint64_t seed, const char *tiles) {
+  th_layer_spec spec = mixtral_like(300, 264, 200, 16, 4, seed);
+  apply_layer_variant(&spec, variant);
+  th_layer_data d;
+  th_layer_data_make(&d, &spec);
+  const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
+  uint16_t *permuted = (uint16_t *)th_malloc(n * 2), *gathered = (uint16_t *)th_malloc(n * 2);
+  {
+    option_override permute("cuda.wgmma_gather", "off");
+    forward_plain(th_ctx(), &d, permuted);
+    hopper_layer_case(&spec, "wgmma");
+  }
+  {
+    option_override gather("cuda.wgmma_gather", "on");
+    forward_plain(th_ctx(), &d, gathered);
+    hopper_layer_case(&spec, "wgmma");
+  }
+  TH_ASSERT(memcmp(permuted, gathered, n * 2) == 0,
+            "variant %d, %s: gathered rows give other bits than permuted ones", variant, tiles);
+  free(permuted);
+  free(gathered);
+  th_layer_data_free(&d);
+}
+
 /* GEMM1 gathering x's rows itself (cuda.wgmma_gather=on; auto does at
  * this shape's 75 rows per expert) multiplies the same values in the same
  * order as the permuted rows: the same bits, on every layer variant
  * (biases, expert map, router weight on the input, IN_OUT weights, grouped
- * routing), with K past a 64-wide box (H = 264) and both column tiles;
- * graph replays and the float64 bound as for the permuted path. */
+ * routing) and both column tiles. */
 Test(cuda, wgmma_gather_gives_the_permute_bits) {
   require_sm90a();
   option_override force("cuda.path", "wgmma");
-  for (int variant = 0; variant < LAYER_VARIANTS; ++variant) {
+  for (int variant = 0; variant < LAYER_VARIANTS; ++variant)
     for (const char *bn : {"128", "256"}) {
       option_override tile("cuda.wgmma_bn", bn);
-      th_layer_spec spec = mixtral_like(300, 264, 200, 16, 4, 0xd300 + 16 * variant);
-      apply_layer_variant(&spec, variant);
-      th_layer_data d;
-      th_layer_data_make(&d, &spec);
-      const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
-      uint16_t *permuted = (uint16_t *)th_malloc(n * 2), *gathered = (uint16_t *)th_malloc(n * 2);
-      {
-        option_override permute("cuda.wgmma_gather", "off");
-        forward_plain(th_ctx(), &d, permuted);
-      }
-      {
-        option_override gather("cuda.wgmma_gather", "on");
-        forward_plain(th_ctx(), &d, gathered);
-        hopper_layer_case(&spec, "wgmma");
-      }
-      TH_ASSERT(memcmp(permuted, gathered, n * 2) == 0,
-                "variant %d bn %s: gathered rows give other bits than permuted ones", variant, bn);
-      free(permuted);
-      free(gathered);
-      th_layer_data_free(&d);
+      gather_matches_permute(variant, 0xd300 + 16 * variant, bn[0] == '1' ? "BN 128" : "BN 256");
     }
-  }
 }
 
 /* 64-row token tiles (cuda.wgmma_bm=64: BN 128, each consumer warpgroup
- * on half the columns, align padding to 64): every layer variant within
- * the float64 bound, with the permute and gathering, and the same bits
- * either way. */
+ * on half the columns, align padding to 64), permuted and gathering. */
 Test(cuda, wgmma_64_row_tiles) {
   require_sm90a();
   option_override narrow("cuda.wgmma_bm", "64");
   option_override force("cuda.path", "wgmma");
-  for (int variant = 0; variant < LAYER_VARIANTS; ++variant) {
-    th_layer_spec spec = mixtral_like(300, 264, 200, 16, 4, 0xd400 + 16 * variant);
-    apply_layer_variant(&spec, variant);
-    th_layer_data d;
-    th_layer_data_make(&d, &spec);
-    const size_t n = (size_t)(d.num_tokens * d.cfg.hidden_size);
-    uint16_t *permuted = (uint16_t *)th_malloc(n * 2), *gathered = (uint16_t *)th_malloc(n * 2);
-    {
-      option_override permute("cuda.wgmma_gather", "off");
-      forward_plain(th_ctx(), &d, permuted);
-      hopper_layer_case(&spec, "wgmma");
-    }
-    {
-      option_override gather("cuda.wgmma_gather", "on");
-      forward_plain(th_ctx(), &d, gathered);
-      hopper_layer_case(&spec, "wgmma");
-    }
-    TH_ASSERT(memcmp(permuted, gathered, n * 2) == 0,
-              "variant %d: 64-row tiles give other bits gathering than permuted", variant);
-    free(permuted);
-    free(gathered);
-    th_layer_data_free(&d);
-  }
+  for (int variant = 0; variant < LAYER_VARIANTS; ++variant)
+    gather_matches_permute(variant, 0xd400 + 16 * variant, "64-row tiles");
 }
 
 /* The same data through both prefill paths: each within the bound of

@@ -555,11 +555,9 @@ static int64_t wgmma_min_rows(const cuda_state *st) {
   return st->wgmma_min_rows >= 0 ? st->wgmma_min_rows : st->tuning->wgmma_min_rows;
 }
 
-/* The option, else the row's for a layer of that many local experts. */
-static int64_t stream_max_rows(const cuda_state *st, int32_t local_experts) {
-  if (st->stream_max_rows >= 0) return st->stream_max_rows;
-  return local_experts >= st->tuning->mma_min_experts ? st->tuning->stream_max_rows
-                                                      : wgmma_min_rows(st) - 1;
+/* The option, else the row's. */
+static int64_t stream_max_rows(const cuda_state *st) {
+  return st->stream_max_rows >= 0 ? st->stream_max_rows : st->tuning->stream_max_rows;
 }
 
 /* Whether the wgmma GEMM1 gathers x's rows (option cuda.wgmma_gather,
@@ -594,7 +592,7 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows), false};
   if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0, false};
   if (hopper && rows >= wgmma_min_rows(st)) return wgmma;
-  if (hopper && rows <= stream_max_rows(st, c->num_local_experts))
+  if (hopper && rows <= stream_max_rows(st))
     return {CUDA_PATH_STREAM, stream_block(st, rows), false};
   return {CUDA_PATH_MMA,
           cuda_gemm_pick_block_m(st, slots, c->num_local_experts, 2 * c->intermediate_size,

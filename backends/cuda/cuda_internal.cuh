@@ -26,12 +26,10 @@ struct cuda_tuning {
   int decode_max_tokens, decode_max_tokens_few;
   int64_t decode_max_elements;
   /* Hopper (sm_90a kernels): the streaming GEMM up to stream_max_rows
-   * rows per expert, the mma.sync tiles above it, the 128-row wgmma tiles
-   * from wgmma_min_rows. The mma.sync band applies to layers with at least
-   * mma_min_experts local experts; with fewer, streaming runs up to
-   * wgmma_min_rows - 1. */
+   * rows per expert, the mma.sync tiles above it (none where it is
+   * wgmma_min_rows - 1, as in every row now), the wgmma tiles from
+   * wgmma_min_rows. */
   int64_t stream_max_rows, wgmma_min_rows;
-  int32_t mma_min_experts;
   /* The streaming GEMM's token block: 16 rows up to [0] rows per expert,
    * 32 up to [1], 64 up to [2], else 128. */
   int64_t stream_block_max_rows[3];

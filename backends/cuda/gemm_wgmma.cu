@@ -4,9 +4,9 @@
  * GEMMs on warpgroup MMA (wgmma) fed by the tensor memory accelerator (TMA).
  *
  * Data flow (cuda_backend.cu's forward, when it takes this path):
- *   align with block_m 128
- *   -> permute: xs[p] = x[sorted[p] / top_k] for p < *num_tokens_post_padded,
- *      zeros for padding rows;
+ *   align with block_m 128 (64 for the 64-row tiles)
+ *   -> permute (unless GEMM1 gathers, below): xs[p] = x[sorted[p] / top_k] for p <
+ * *num_tokens_post_padded, zeros for padding rows;
  *   -> GEMM1: h_sorted[p][i] = act(gate, up) of xs[p] @ w13[e]^T (w13 rows
  *      interleave gate/up), bias and the input-side routed weight first;
  *   -> GEMM2: y[slot] = h_sorted[p] @ w2[e]^T + bias, routed weight, stored
@@ -14,8 +14,8 @@
  *   -> the reduce of the mma.sync path, unchanged.
  * Both operands of both GEMMs are then plain row-major tiles that TMA loads.
  *
- * GEMM kernel (wgmma_gemm_kernel<BN, STAGES, EPI, GATHER>):
- *   - One CTA per (128-row block, BN-column tile). A 128-row block is one
+ * GEMM kernel (wgmma_gemm_kernel<BN, STAGES, EPI, GATHER, BM>):
+ *   - One CTA per (BM-row block, BN-column tile). A BM-row block is one
  *     align block, so one expert: expert_ids[m_tile]. CTAs whose block starts
  *     at or past *num_tokens_post_padded, or whose expert is not local, exit
  *     at once: the grid is sized on the host by a bound, and the real count
@@ -23,9 +23,11 @@
  *   - 384 threads in three warpgroups. Warpgroup 0 produces: one thread
  *     issues the TMA loads, and the warpgroup hands registers back
  *     (setmaxnreg.dec). Warpgroups 1 and 2 consume: each owns 64 rows x BN of
- *     the tile as m64nBNk16 fp32 accumulators in registers (setmaxnreg.inc).
+ *     the tile as m64nBNk16 fp32 accumulators in registers (setmaxnreg.inc);
+ *     with the 64-row tiles (BM 64, BN 128, option cuda.wgmma_bm or the
+ *     tuning row's rule) each owns all 64 rows x 64 of the columns.
  *   - K advances in 64-element (128-byte) tiles through a ring of STAGES
- *     shared-memory stages, each holding A (128 x 64) and B (BN x 64) as TMA
+ *     shared-memory stages, each holding A (BM x 64) and B (BN x 64) as TMA
  *     wrote them with the 128-byte swizzle that the wgmma descriptors read.
  *     full[s] completes when both loads of stage s have landed (expect_tx);
  *     empty[s] when all 8 consumer warps have finished the wgmmas reading

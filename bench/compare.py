@@ -16,6 +16,10 @@ the runs paired in order is printed too.
 Points where the two sides' routing touched different experts (different
 router logits: bench/triton_peer.py drew its own before 2026-12-05) are
 listed after the table, as their times then cover different weight bytes.
+Last, the ceiling: the geomean of the second side's time over the first
+side's roofline (max(bytes / read bandwidth, flops / dense peak), both
+measured by moe_bench in that run), which is the most the first side could
+reach against the second if every point ran at its roofline.
 """
 import argparse
 import json
@@ -63,7 +67,7 @@ def main():
     spread = " | paired runs" if repeated else ""
     print(f"| model | tokens | {a_label} us | {b_label} us | {b_label}/{a_label} | {a_label} % read BW{spread} |")
     print("|---|---:|---:|---:|---:|---:|" + ("---|" if repeated else ""))
-    ratios, unlike = [], []
+    ratios, unlike, ceilings = [], [], []
     for p in points:
         touched = (a[p][0].get("experts_touched"), b[p][0].get("experts_touched"))
         if None not in touched and touched[0] != touched[1]:
@@ -72,6 +76,8 @@ def main():
         tb = median([r["median_us"] for r in b[p]])
         ratio = tb / ta
         ratios.append(ratio)
+        if a[p][0].get("roofline_us"):
+            ceilings.append(tb / a[p][0]["roofline_us"])
         bw = 100.0 * a[p][0].get("of_read_bw", 0.0)
         line = f"| {p[0]} | {p[1]} | {ta:.1f} | {tb:.1f} | {ratio:.3f} | {bw:.1f} |"
         if repeated:
@@ -82,6 +88,10 @@ def main():
     wins = sum(1 for r in ratios if r >= 1.0)
     print(f"\npoints {len(ratios)}, {a_label} at least as fast at {wins}; "
           f"geomean {b_label}/{a_label} {geomean:.3f}; min {min(ratios):.3f}")
+    if len(ceilings) == len(ratios):
+        ceiling = math.exp(sum(math.log(c) for c in ceilings) / len(ceilings))
+        print(f"ceiling: {a_label} at 100% of its roofline everywhere would reach geomean "
+              f"{b_label}/{a_label} {ceiling:.3f}")
     if unlike:
         print(f"experts touched differ ({a_label} against {b_label}; other router logits): "
               + "; ".join(unlike))

@@ -40,6 +40,8 @@ import time
 import warnings
 from dataclasses import dataclass
 
+from peer_random import bench_random_f32, random_normal
+
 TOKENS = [1, 16, 512]  # moe_bench's CPU default
 
 
@@ -101,19 +103,6 @@ MODEL_BY_NAME = {m.name: m for m in MODELS}
 # The layer
 # ---------------------------------------------------------------------------
 
-def random_normal(torch, shape, scale, gen, dtype):
-    """Approximately N(0, scale^2) as bench_random.c draws it (the sum of four
-    uniforms, rescaled), in chunks so that the fp32 temporaries stay small."""
-    out = torch.empty(shape, dtype=dtype)
-    flat = out.view(-1)
-    chunk = 1 << 24
-    for begin in range(0, flat.numel(), chunk):
-        n = min(chunk, flat.numel() - begin)
-        u = torch.rand((4, n), generator=gen, dtype=torch.float32).sum(0)
-        flat[begin:begin + n] = ((u - 2.0) * (math.sqrt(3.0) * scale)).to(dtype)
-    return out
-
-
 class Layer:
     """bf16 weights in [out][in] layout (w13[E][2I][H]: gate rows, then up;
     w2[E][H][I]), fp32 biases, and the inputs of the largest token count."""
@@ -124,16 +113,17 @@ class Layer:
         gen.manual_seed(seed)
         bf16, f32 = torch.bfloat16, torch.float32
         in_h, in_i = 1.0 / math.sqrt(m.H), 1.0 / math.sqrt(m.I)
-        self.w13 = random_normal(torch, (m.E, 2 * m.I, m.H), in_h, gen, bf16)
-        self.w2 = random_normal(torch, (m.E, m.H, m.I), in_i, gen, bf16)
+        self.w13 = random_normal((m.E, 2 * m.I, m.H), in_h, gen, bf16)
+        self.w2 = random_normal((m.E, m.H, m.I), in_i, gen, bf16)
         self.b13 = self.b2 = self.correction = None
         if m.biases:
-            self.b13 = random_normal(torch, (m.E, 2 * m.I), in_h, gen, f32)
-            self.b2 = random_normal(torch, (m.E, m.H), in_i, gen, f32)
+            self.b13 = random_normal((m.E, 2 * m.I), in_h, gen, f32)
+            self.b2 = random_normal((m.E, m.H), in_i, gen, f32)
         if m.correction:
-            self.correction = random_normal(torch, (m.E,), 0.1, gen, f32)
-        self.x = random_normal(torch, (max_tokens, m.H), 1.0, gen, bf16)
-        self.logits = random_normal(torch, (max_tokens, m.E), 1.0, gen, f32)
+            self.correction = bench_random_f32(m.E, 0.1, seed + 5)  # moe_bench's seed + 5
+        self.x = random_normal((max_tokens, m.H), 1.0, gen, bf16)
+        # moe_bench's logits (seed + 7): the same routing, so the same bytes.
+        self.logits = bench_random_f32(max_tokens * m.E, 1.0, seed + 7).view(max_tokens, m.E)
         # F.linear on bf16 activations takes a bf16 bias.
         self.b13_bf16 = self.b13.to(bf16) if self.b13 is not None else None
         self.b2_bf16 = self.b2.to(bf16) if self.b2 is not None else None

@@ -55,6 +55,7 @@ INTERPRET = os.environ.get("TRITON_INTERPRET") == "1"
 import torch  # noqa: E402
 import triton  # noqa: E402
 import triton.language as tl  # noqa: E402
+from peer_random import bench_random_f32, random_normal  # noqa: E402
 
 L2_FLUSH_BYTES = 256 << 20
 TOKENS = [1, 4, 16, 64, 256, 1024, 4096, 16384]
@@ -428,62 +429,6 @@ def candidates_for(model, T):
 # The layer and its forward
 # ---------------------------------------------------------------------------
 
-def random_normal(shape, scale, device, gen, dtype):
-    """Approximately N(0, scale^2) as bench_random.c draws it: the sum of four
-    uniforms (Irwin-Hall of order 4) rescaled to unit variance. Filled in
-    chunks so that the fp32 temporaries stay small next to the weights."""
-    out = torch.empty(shape, dtype=dtype, device=device)
-    flat = out.view(-1)
-    chunk = 1 << 24
-    for begin in range(0, flat.numel(), chunk):
-        n = min(chunk, flat.numel() - begin)
-        u = torch.rand((4, n), generator=gen, device=device, dtype=torch.float32).sum(0)
-        flat[begin:begin + n] = ((u - 2.0) * (math.sqrt(3.0) * scale)).to(dtype)
-    return out
-
-
-M32, M64 = (1 << 32) - 1, (1 << 64) - 1
-
-
-def _splitmix64(z):
-    z = (z + 0x9E3779B97F4A7C15) & M64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & M64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & M64
-    return z ^ (z >> 31)
-
-
-def _keyed_hash(x, lo, hi):
-    """bench_random.c's keyed_hash on int64 tensors holding uint32 values
-    (the products wrap, their low 32 bits are the C ones)."""
-    x = x ^ lo
-    x = x ^ (x >> 16)
-    x = (x * 0x7FEB352D) & M32
-    x = x ^ hi
-    x = x ^ (x >> 15)
-    x = (x * 0x846CA68B) & M32
-    return x ^ (x >> 16)
-
-
-def bench_random_f32(count, scale, seed):
-    """The values of bench_random.c's bench_random_f32(count, scale, seed),
-    bit for bit: the router logits (and DeepSeek's correction bias) are
-    moe_bench's own, so both sides route the same tokens to the same
-    experts and read the same weight bytes."""
-    chunk = 1 << 16
-    out = torch.empty(count, dtype=torch.float32)
-    step = torch.tensor(1.7320508, dtype=torch.float32) / 65536.0
-    for c in range((count + chunk - 1) // chunk):
-        key = _splitmix64(seed ^ _splitmix64(c))
-        lo, hi = key & M32, key >> 32
-        n = min(chunk, count - c * chunk)
-        j = torch.arange(n, dtype=torch.int64)
-        a, b = _keyed_hash(2 * j, lo, hi), _keyed_hash(2 * j + 1, lo, hi)
-        total = (a & 0xFFFF) + (a >> 16) + (b & 0xFFFF) + (b >> 16)
-        normal = (total - 131070).to(torch.float32) * step
-        out[c * chunk:c * chunk + n] = torch.tensor(scale, dtype=torch.float32) * normal
-    return out
-
-
 class Layer:
     """The weights of one model (bf16, vLLM's [out][in] layout: w13[E][2I][H]
     with gate rows 0..I-1 and up rows I..2I-1, w2[E][H][I]) and the inputs
@@ -505,15 +450,15 @@ class Layer:
         gen.manual_seed(seed)
         bf16, f32 = torch.bfloat16, torch.float32
         in_h, in_i = 1.0 / math.sqrt(m.H), 1.0 / math.sqrt(m.I)  # N(0,1)/sqrt(fan-in)
-        self.w13 = random_normal((m.E, 2 * m.I, m.H), in_h, device, gen, bf16)
-        self.w2 = random_normal((m.E, m.H, m.I), in_i, device, gen, bf16)
+        self.w13 = random_normal((m.E, 2 * m.I, m.H), in_h, gen, bf16, device)
+        self.w2 = random_normal((m.E, m.H, m.I), in_i, gen, bf16, device)
         self.b13 = self.b2 = self.correction = None
         if m.biases:
-            self.b13 = random_normal((m.E, 2 * m.I), in_h, device, gen, f32)
-            self.b2 = random_normal((m.E, m.H), in_i, device, gen, f32)
+            self.b13 = random_normal((m.E, 2 * m.I), in_h, gen, f32, device)
+            self.b2 = random_normal((m.E, m.H), in_i, gen, f32, device)
         if m.correction:  # moe_bench's seed + 5
             self.correction = bench_random_f32(m.E, 0.1, seed + 5).to(device)
-        self.x = random_normal((max_tokens, m.H), 1.0, device, gen, bf16)
+        self.x = random_normal((max_tokens, m.H), 1.0, gen, bf16, device)
         # moe_bench's logits (seed + 7): the same routing, so the same bytes.
         self.logits = bench_random_f32(max_tokens * m.E, 1.0, seed + 7).view(max_tokens, m.E).to(device)
 

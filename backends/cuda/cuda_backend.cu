@@ -551,6 +551,21 @@ static int32_t stream_block(const cuda_state *st, int64_t rows_per_expert) {
   return block;
 }
 
+/* Rows per touched expert that the streaming GEMM's token block is chosen
+ * by. Grouped routing takes each token's picks from topk_groups of
+ * num_groups groups; with a correction bias it concentrated moe_bench's
+ * DeepSeek-V3 batch of 256 tokens on 159 of 256 experts, 12.9 rows each
+ * where slots / experts says 8, and the 16-row block streamed the weights
+ * of every expert past 16 rows twice (the GEMMs read 30% and 21% more than
+ * the touched weights). So for grouped routing the estimate takes the
+ * picks as landing on the chosen groups' share of the experts (an H100:
+ * block 32 9% faster at DeepSeek 256 tokens, 3% slower at 64, where the
+ * estimate stays under 16; bench/cuda_notes.md item 24). */
+static int64_t stream_rows_per_expert(const moe_config *c, int64_t rows_per_expert) {
+  if (c->num_groups <= 1 || c->topk_groups >= c->num_groups) return rows_per_expert;
+  return rows_per_expert * c->num_groups / c->topk_groups;
+}
+
 static int64_t wgmma_min_rows(const cuda_state *st) {
   return st->wgmma_min_rows >= 0 ? st->wgmma_min_rows : st->tuning->wgmma_min_rows;
 }
@@ -561,10 +576,11 @@ static int64_t stream_max_rows(const cuda_state *st) {
 }
 
 /* Whether the wgmma GEMM1 gathers x's rows (option cuda.wgmma_gather,
- * else the row's rule by rows per expert). */
-static bool wgmma_gathers(const cuda_state *st, int64_t rows_per_expert) {
+ * else the row's rule by rows per expert and GEMM1's output columns). */
+static bool wgmma_gathers(const cuda_state *st, int64_t rows_per_expert, int64_t gemm1_n) {
   if (st->wgmma_gather >= 0) return st->wgmma_gather == 1;
-  return rows_per_expert <= st->tuning->wgmma_gather_max_rows;
+  return rows_per_expert <= st->tuning->wgmma_gather_max_rows ||
+         gemm1_n <= st->tuning->wgmma_gather_max_n;
 }
 
 /* The wgmma tiles' token rows (option cuda.wgmma_bm, else the row's rule
@@ -587,13 +603,13 @@ static cuda_plan plan_forward(const cuda_state *st, const cuda_layer *l, int64_t
   const bool force_mma = option == MOE_CUDA_PATH_MMA;
   const bool hopper = l->wgmma_ready && ((uintptr_t)x & 15u) == 0 && !force_mma;
   const cuda_plan wgmma = {CUDA_PATH_WGMMA, wgmma_block_m(st, rows, c->num_local_experts),
-                           wgmma_gathers(st, rows)};
+                           wgmma_gathers(st, rows, 2 * c->intermediate_size)};
   if (hopper && force_wgmma) return wgmma;
-  if (hopper && force_stream) return {CUDA_PATH_STREAM, stream_block(st, rows), false};
+  const int32_t block = stream_block(st, stream_rows_per_expert(c, rows));
+  if (hopper && force_stream) return {CUDA_PATH_STREAM, block, false};
   if (!force_mma && cuda_decode_wanted(st, d)) return {CUDA_PATH_DECODE, 0, false};
   if (hopper && rows >= wgmma_min_rows(st)) return wgmma;
-  if (hopper && rows <= stream_max_rows(st))
-    return {CUDA_PATH_STREAM, stream_block(st, rows), false};
+  if (hopper && rows <= stream_max_rows(st)) return {CUDA_PATH_STREAM, block, false};
   return {CUDA_PATH_MMA,
           cuda_gemm_pick_block_m(st, slots, c->num_local_experts, 2 * c->intermediate_size,
                                  c->hidden_size),

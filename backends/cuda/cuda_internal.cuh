@@ -40,9 +40,11 @@ struct cuda_tuning {
    * up to this many tokens; the warp per token above. */
   int64_t rank_routing_max_tokens;
   /* The wgmma GEMM1 gathers x's rows itself (no permute) up to this many
-   * rows per expert; with more, each gathered row feeds more column tiles
-   * and the permute's one contiguous copy costs less. */
-  int64_t wgmma_gather_max_rows;
+   * rows per expert, or at any rows where GEMM1 has at most
+   * wgmma_gather_max_n output columns (2 x intermediate): each column
+   * tile copies its rows from x again (through L2), so with many column
+   * tiles the permute's one contiguous copy costs less. */
+  int64_t wgmma_gather_max_rows, wgmma_gather_max_n;
   /* The wgmma GEMMs run 64-row token tiles (CUDA_WGMMA_NARROW_BLOCK_M)
    * up to this many rows per expert, for layers of at most
    * wgmma_narrow_max_experts local experts: half the padding of the

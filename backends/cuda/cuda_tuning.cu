@@ -56,10 +56,10 @@
 static const cuda_tuning rows[] = {
     /* class, major, min GB/s, decode tokens (>= 64 experts, fewer), decode T x H,
      * stream_max_rows, wgmma_min_rows, stream blocks, stream group,
-     * rank routing tokens, wgmma gather rows, 64-row wgmma tiles (rows, experts) */
-    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, {16, 32, 64}, 8, 256, 96, 64, 128},
-    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 31, 32, {15, 32, 64}, 8, 256, 96, 64, 128},
-    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, {16, 32, 64}, 8, 256, 0, 0, 0},
+     * rank routing tokens, wgmma gather (rows, GEMM1 columns), 64-row wgmma tiles (rows, experts) */
+    {"H200 class (sm_90, >= 4.3 TB/s)", 9, 4300.0, 8, 2, 16384, 31, 32, {16, 32, 64}, 8, 256, 96, 4096, 64, 128},
+    {"H100 class (sm_90)", 9, 0.0, 8, 2, 16384, 31, 32, {15, 32, 64}, 8, 256, 96, 4096, 64, 128},
+    {"generic (mma.sync tiles)", 0, 0.0, 8, 2, 16384, 31, 32, {16, 32, 64}, 8, 256, 0, 0, 0, 0},
 };
 /* clang-format on */
 

@@ -39,8 +39,13 @@
  * H100: 2-3% faster forwards than the warp per token for Qwen3 at 16-256
  * tokens, level for the other layers, up to 7% slower past 1024 tokens)
  * and let the wgmma GEMM1 gather x's rows itself up to 96 rows per expert
- * (an H100: 3-8% faster at 32-96 rows, slower from 128, where each
- * gathered row feeds more column tiles); bench/cuda_notes.md item 22.
+ * (an H100: 3-8% faster at 32-96 rows; bench/cuda_notes.md item 22), and
+ * at any rows where GEMM1 has at most 4096 columns: each column tile
+ * copies its rows from x again, which an H200 measured 4% faster than the
+ * permute at Qwen3 4096/16384 tokens (1536 columns) and 1-2% at
+ * DeepSeek-V3's (4096), but 2-5% slower for gpt-oss (5760) and Mixtral
+ * (28672); ncu on an H100 put Qwen3 4096's permute at 78 us of a 1042 us
+ * forward (item 24).
  *
  * Both Hopper rows run 64 x 128 wgmma tiles up to 64 rows per expert for
  * layers of at most 128 local experts (an H100: 14% faster at gpt-oss 256

@@ -559,8 +559,9 @@ static int32_t stream_block(const cuda_state *st, int64_t rows_per_expert) {
  * of every expert past 16 rows twice (the GEMMs read 30% and 21% more than
  * the touched weights). So for grouped routing the estimate takes the
  * picks as landing on the chosen groups' share of the experts (an H100:
- * block 32 9% faster at DeepSeek 256 tokens, 3% slower at 64, where the
- * estimate stays under 16; bench/cuda_notes.md item 24). */
+ * block 32 9% faster at DeepSeek 256 tokens; forced at 64 tokens it was 3%
+ * slower, and there the estimate, 4 rows, keeps block 16; bench/cuda_notes.md
+ * item 24). */
 static int64_t stream_rows_per_expert(const moe_config *c, int64_t rows_per_expert) {
   if (c->num_groups <= 1 || c->topk_groups >= c->num_groups) return rows_per_expert;
   return rows_per_expert * c->num_groups / c->topk_groups;

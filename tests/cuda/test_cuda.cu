@@ -335,24 +335,32 @@ Test(cuda, decode_kernel_variants) {
  * moe_layer_describe names: at 16 rows per touched expert an H100 streams
  * layers of 128 and of 32 experts with 32-token blocks, an H200 with
  * 16-token blocks. Both run 64-row wgmma tiles at 64 rows per expert with 32
- * experts, and 128-row ones at 128 rows, or with 256 experts. On other
- * devices only the row's name is checked. A fresh context: options set by
- * MOE_TEST_OPTIONS would move the plan. */
+ * experts, and 128-row ones at 128 rows, or with 256 experts. Grouped
+ * routing (4 of 8 groups) at 8 rows per expert picks the block from 16
+ * rows: 32 on an H100, 16 on an H200. On other devices only the row's
+ * name is checked. A fresh context: options set by MOE_TEST_OPTIONS would
+ * move the plan. */
 Test(cuda, plan_follows_the_device_class_row) {
   require_cuda();
   struct row_case {
     int32_t experts, top_k;
     int64_t tokens;
     const char *on_h100, *on_h200;
-  } cases[] = {{128, 8, 256, "token block 32", "token block 16"},
-               {32, 4, 128, "token block 32", "token block 16"},
-               {32, 4, 512, "64-row wgmma", "64-row wgmma"},
-               {32, 4, 1024, "128-row wgmma", "128-row wgmma"},
-               {256, 8, 1024, "128-row wgmma", "128-row wgmma"}};
+    bool grouped; /* 4 of 8 groups: the streaming block from 8 x 8 / 4 = 16 rows */
+  } cases[] = {{128, 8, 256, "token block 32", "token block 16", false},
+               {32, 4, 128, "token block 32", "token block 16", false},
+               {32, 4, 512, "64-row wgmma", "64-row wgmma", false},
+               {32, 4, 1024, "128-row wgmma", "128-row wgmma", false},
+               {256, 8, 1024, "128-row wgmma", "128-row wgmma", false},
+               {256, 8, 256, "token block 32", "token block 16", true}};
   moe_context *ctx = NULL;
   TH_OK(moe_context_create(MOE_BACKEND_CUDA, 0, &ctx));
   for (const row_case &c : cases) {
     th_layer_spec s = mixtral_like(1, 256, 128, c.experts, c.top_k, 0xd100 + c.experts);
+    if (c.grouped) {
+      s.cfg.num_groups = 8;
+      s.cfg.topk_groups = 4;
+    }
     th_layer_data d;
     th_layer_data_make(&d, &s);
     moe_layer *layer = NULL;

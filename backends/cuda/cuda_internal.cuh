@@ -31,7 +31,9 @@ struct cuda_tuning {
    * wgmma_min_rows. */
   int64_t stream_max_rows, wgmma_min_rows;
   /* The streaming GEMM's token block: 16 rows up to [0] rows per expert,
-   * 32 up to [1], 64 up to [2], else 128. */
+   * 32 up to [1], 64 up to [2], else 128 (rows per expert as the plan
+   * estimates them for the block: x num_groups / topk_groups for grouped
+   * routing, cuda_backend.cu's stream_rows_per_expert). */
   int64_t stream_block_max_rows[3];
   /* The streaming GEMM's raster: work items in groups of this many token
    * blocks, every feature tile of a group before the next group. */
@@ -320,7 +322,8 @@ moe_status cuda_decode_run(const cuda_state *st, const cuda_decode *d);
 
 /* Rows of one CTA of the wgmma GEMMs; align runs with this block_m on that
  * path (== CUDA_GEMM_MAX_BLOCK_M, so the workspace's align capacity holds),
- * or with CUDA_WGMMA_NARROW_BLOCK_M under option cuda.wgmma_bm=64. */
+ * or with CUDA_WGMMA_NARROW_BLOCK_M for the 64-row tiles (the tuning row's
+ * wgmma_narrow rule, or option cuda.wgmma_bm=64). */
 #define CUDA_WGMMA_BLOCK_M 128
 #define CUDA_WGMMA_NARROW_BLOCK_M 64
 

@@ -5,8 +5,8 @@
  *
  * Data flow (cuda_backend.cu's forward, when it takes this path):
  *   align with block_m 128 (64 for the 64-row tiles)
- *   -> permute (unless GEMM1 gathers, below): xs[p] = x[sorted[p] / top_k] for p <
- * *num_tokens_post_padded, zeros for padding rows;
+ *   -> permute (unless GEMM1 gathers, below): xs[p] = x[sorted[p] / top_k]
+ *      for p < *num_tokens_post_padded, zeros for padding rows;
  *   -> GEMM1: h_sorted[p][i] = act(gate, up) of xs[p] @ w13[e]^T (w13 rows
  *      interleave gate/up), bias and the input-side routed weight first;
  *   -> GEMM2: y[slot] = h_sorted[p] @ w2[e]^T + bias, routed weight, stored

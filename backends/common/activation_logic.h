@@ -69,7 +69,8 @@ static inline float moe_act_expf(float x) {
   memcpy(&bits, &shifted, sizeof bits);
   const int32_t ni = (int32_t)(bits - 0x4b400000u);
   const int32_t half = ni >> 1; /* floor(n / 2) */
-  const uint32_t s1_bits = (uint32_t)(half + 127) << 23, s2_bits = (uint32_t)(ni - half + 127) << 23;
+  const uint32_t s1_bits = (uint32_t)(half + 127) << 23, s2_bits = (uint32_t)(ni - half + 127)
+                                                                   << 23;
   float s1, s2;
   memcpy(&s1, &s1_bits, sizeof s1);
   memcpy(&s2, &s2_bits, sizeof s2);

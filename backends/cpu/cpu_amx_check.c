@@ -187,13 +187,23 @@ static void model_tile(int rows, int panels, int64_t kpairs, const void *a, cons
                        const uint16_t *prefetch_after) {
   (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, b, panel_stride, c, ldc, accumulate);
+  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate);
+}
+
+static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                               int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                               float *c, int64_t ldc, int accumulate,
+                               const uint16_t *prefetch_after) {
+  (void)prefetch_after;
+  if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 static const cpu_kernel_path model_path = {
     .name = "amx-model",
     .a_format = CPU_A_BF16_PAIRS,
     .tile = model_tile,
+    .tile_strided = model_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };
@@ -317,20 +327,25 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
 
 /* The driver over runs of several sizes, K of two blocks plus a tail, N of
  * two panel groups; out must be bf16 of the scalar loop, exactly when
- * exact, else within bf16 rounding of float64. */
-static void check_driver(const cpu_kernel_path *path, int threads, int exact) {
-  const int64_t K = 600, N = 300;
+ * exact, else within bf16 rounding of float64. in_place: A and out by
+ * sorted position with padded pitches, as the layer lays them out (the
+ * path's tile_strided reads A where it has one), K and N odd so that the
+ * zero pair half and the zero column are exercised. */
+static void check_driver(const cpu_kernel_path *path, int threads, int exact, int in_place) {
+  const int64_t K = in_place ? 601 : 600, N = in_place ? 301 : 300;
+  const int64_t lda = in_place ? K + 33 : K, ld_out = in_place ? N + 7 : N;
   static const int32_t run_rows[] = {1, 3, 17, 33, 64, 65, 130};
   enum { RUNS = sizeof run_rows / sizeof run_rows[0] };
   int64_t slots = 0;
   for (int i = 0; i < RUNS; ++i)
     slots += run_rows[i];
   uint16_t *x = malloc((size_t)(slots * K) * 2), *w = malloc((size_t)(RUNS * N * K) * 2);
-  uint16_t *out = malloc((size_t)(slots * N) * 2);
+  uint16_t *a_sorted = calloc((size_t)(slots * lda), 2);
+  uint16_t *out = malloc((size_t)(slots * ld_out) * 2);
   int32_t *order = malloc((size_t)slots * sizeof *order);
   const size_t stride = (cpu_gemm_scratch_bytes(0) + 63) / 64 * 64;
   unsigned char *scratch = aligned_alloc(64, stride * (size_t)threads);
-  if (!x || !w || !out || !order || !scratch) {
+  if (!x || !w || !a_sorted || !out || !order || !scratch) {
     fprintf(stderr, "out of memory\n");
     exit(1);
   }
@@ -342,21 +357,33 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact) {
   cpu_gemm_run runs[RUNS];
   int64_t used = 0;
   for (int i = 0; i < RUNS; ++i) {
-    runs[i] = (cpu_gemm_run){.expert = i, .rows = run_rows[i], .slots = order + used};
+    runs[i] =
+        (cpu_gemm_run){.expert = i, .rows = run_rows[i], .slots = order + used, .position = used};
     used += run_rows[i];
   }
+  /* Sorted A: row i is x's row of slot order[i]; the column past K stays 0
+   * (the pair rule), the rest of the pitch is garbage that must not be read. */
+  for (int64_t i = 0; i < slots; ++i) {
+    memcpy(a_sorted + i * lda, x + (int64_t)order[i] * K, (size_t)K * 2);
+    for (int64_t k = K + 1; k < lda; ++k)
+      a_sorted[i * lda + k] = 0x7fc1; /* NaN */
+  }
+  for (int64_t i = 0; i < slots * ld_out; ++i)
+    out[i] = 0xffff;
   const cpu_gemm_problem pb = {
       .path = path,
-      .a = x,
-      .lda = K,
+      .a = in_place ? a_sorted : x,
+      .lda = lda,
       .a_row_div = 1,
+      .a_by_position = in_place,
       .b_source = {.layout = MOE_WEIGHT_LAYOUT_OUT_IN, .n = N, .k = K, .gated_half = 0},
       .b_raw = w,
       .b_raw_expert_stride = N * K,
       .epi = {.gated = 0,
               .n_out = N,
               .out = out,
-              .ld_out = N,
+              .ld_out = ld_out,
+              .out_by_position = in_place,
               .weight_mode = MOE_GEMM_ROUTED_WEIGHT_NONE},
   };
   cpu_gemm_execute(&pb, runs, RUNS, threads, scratch, stride);
@@ -365,9 +392,11 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact) {
   for (int i = 0; i < RUNS; ++i)
     for (int r = 0; r < runs[i].rows; ++r) {
       const int64_t s = runs[i].slots[r];
+      const int64_t out_row = in_place ? runs[i].position + r : s;
+      if (in_place && out[out_row * ld_out + N] != 0) bad++; /* the zero column */
       for (int64_t n = 0; n < N; ++n) {
         const uint16_t *xa = x + s * K, *wb = w + ((int64_t)i * N + n) * K;
-        const uint16_t got = out[s * N + n];
+        const uint16_t got = out[out_row * ld_out + n];
         if (exact) {
           bad += got != moe_bf16_from_float(dot_even_first(0.0f, xa, wb, K));
         } else {
@@ -386,9 +415,10 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact) {
     fail(exact ? "driver: %g outputs differ from bf16 of the scalar loop"
                : "driver: %g outputs beyond bf16 rounding of float64",
          path->name, 0, 0, K, 0, (double)bad);
-  printf("  driver with %s, %d threads: %lld rows x %lld columns, K = %lld: %s\n", path->name,
-         threads, (long long)slots, (long long)N, (long long)K, bad ? "FAILED" : "ok");
-  free(x), free(w), free(out), free(order), free(scratch);
+  printf("  driver with %s, %d threads, A %s: %lld rows x %lld columns, K = %lld: %s\n", path->name,
+         threads, in_place ? "in place by sorted position" : "gathered by slot", (long long)slots,
+         (long long)N, (long long)K, bad ? "FAILED" : "ok");
+  free(x), free(w), free(a_sorted), free(out), free(order), free(scratch);
 }
 
 /* ---- The FMA-order decode kernel against the model --------------------- */
@@ -528,7 +558,8 @@ int main(void) {
   printf("  tile grid: %d cases, bitwise against the scalar loop and within fp32 of float64: "
          "%s\n",
          cases, failures || model_faults ? "FAILED" : "ok");
-  check_driver(&model_path, 2, 1);
+  check_driver(&model_path, 2, 1, 0);
+  check_driver(&model_path, 2, 1, 1);
 #ifdef MOE_CPU_HAVE_AMX_ORDER
   check_order();
 #else
@@ -558,7 +589,8 @@ int main(void) {
     else
       printf("AMX hardware: tdpbf16ps differs in some bits from vdpbf16ps and from the "
              "fma-order kernel: AMX takes every tile\n");
-    check_driver(&cpu_path_amx, omp_get_max_threads(), 0);
+    check_driver(&cpu_path_amx, omp_get_max_threads(), 0, 0);
+    check_driver(&cpu_path_amx, omp_get_max_threads(), 0, 1);
   } else {
     printf("AMX hardware: SKIPPED (no AMX here, or the OS refused the tile state)\n");
   }

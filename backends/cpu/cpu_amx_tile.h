@@ -16,9 +16,10 @@
  * and loop bounds below are verified on machines without AMX, and under
  * AddressSanitizer.
  *
- * Operands (cpu_kernels.h): A is CPU_A_BF16_PAIRS, row r at
- * a + r * CPU_A_STRIDE_U32, one uint32 per k-pair: 16 k-pairs of 16 rows
- * are a TDPBF16PS A tile (16 rows x 64 bytes) with stride CPU_A_STRIDE_U32 * 4.
+ * Operands (cpu_kernels.h): A is bf16 pairs, row r at a + r * a_stride
+ * (uint32 units: CPU_A_STRIDE_U32 for a packed A tile, the row pitch of
+ * the activations for the path's strided entry), one uint32 per k-pair:
+ * 16 k-pairs of 16 rows are a TDPBF16PS A tile (16 rows x 64 bytes).
  * A packed weight panel is [k-pair][32 columns][2]: its columns 0-15 (and
  * 16-31) of 16 k-pairs are a B tile in the instruction's VNNI layout
  * (K/2 rows x 16 columns x 2), rows 128 bytes apart. So the layer's packed
@@ -104,13 +105,13 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
 
 /* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
-                                     const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                                     int accumulate) {
-  const int64_t a_stride = CPU_A_STRIDE_U32 * (int64_t)sizeof(uint32_t);
+                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                                     float *c, int64_t ldc, int accumulate) {
+  const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
   const int two = rows > 16; /* the second row block exists */
-  const uint32_t *a1 = a + 16 * (int64_t)CPU_A_STRIDE_U32;
+  const uint32_t *a1 = a + 16 * a_stride_u32;
   const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
   cpu_amx_config cfg;
   for (int pass = 0; pass < 2; ++pass) {

@@ -42,6 +42,9 @@
 #if defined(__x86_64__) || defined(__i386__)
 #include <cpuid.h>
 #endif
+#ifdef __linux__
+#include <sys/mman.h>
+#endif
 
 _Static_assert(MOE_ACT_SWIGLU == (int)MOE_ACTIVATION_SWIGLU &&
                    MOE_ACT_GEGLU == (int)MOE_ACTIVATION_GEGLU &&
@@ -63,9 +66,18 @@ static int64_t div_up(int64_t a, int64_t b) {
   return (a + b - 1) / b;
 }
 
+/* 64-byte aligned. Large blocks (the packed weights, the workspace) are
+ * 2 MiB aligned and, on Linux, offered transparent huge pages (the usual
+ * "madvise" mode gives none unasked): the GEMMs stream the weights, and a
+ * 4 KiB page per 4 KiB read costs a page walk each. A hint only. */
+#define HUGE_PAGE ((size_t)2 << 20)
 static void *aligned_malloc(size_t bytes) {
   void *p = NULL;
-  if (posix_memalign(&p, ALIGNMENT, bytes ? bytes : 1) != 0) return NULL;
+  const size_t alignment = bytes >= 2 * HUGE_PAGE ? HUGE_PAGE : ALIGNMENT;
+  if (posix_memalign(&p, alignment, bytes ? bytes : 1) != 0) return NULL;
+#ifdef MADV_HUGEPAGE
+  if (alignment == HUGE_PAGE) madvise(p, bytes, MADV_HUGEPAGE);
+#endif
   return p;
 }
 
@@ -399,8 +411,14 @@ typedef struct cpu_workspace {
   int32_t *expert_ids; /* block_m = 1: one per sorted row */
   int32_t *num_tokens_post_padded;
   cpu_gemm_run *runs; /* <= EL */
-  uint16_t *h;        /* bf16 [T*k][I] */
-  uint16_t *y;        /* bf16 [T*k][H] */
+  /* GEMM1's output and GEMM2's A, rows in expert-sorted order, so that a
+   * run's rows are consecutive and the AMX path reads them in place. */
+  uint16_t *h; /* bf16 [T*k][ld_h] */
+  uint16_t *y; /* bf16 [T*k][H], rows by slot for the reduce */
+  /* GEMM1's A on a path that reads A in place: x's rows gathered into the
+   * sorted order, in y's memory (y is written only after GEMM1). */
+  uint16_t *xs; /* bf16 [T*k][ld_xs] */
+  int64_t ld_h, ld_xs;
   unsigned char *scratch;
   size_t scratch_stride;
 } cpu_workspace;
@@ -507,6 +525,14 @@ static moe_status cpu_layer_create(void *state, const moe_layer_desc *desc, void
   return MOE_SUCCESS;
 }
 
+/* The row pitch (elements) of a sorted activation matrix of k columns:
+ * whole 64-byte lines plus one, so that rows are 64-byte aligned and a tile
+ * of 16 rows does not map them all to the same L1 sets (a pitch of a
+ * multiple of 4 KiB, such as Mixtral's 14336 or 4096 bf16, would). */
+static int64_t sorted_row_pitch(int64_t k) {
+  return (k + 31) / 32 * 32 + 32;
+}
+
 static moe_status cpu_layer_reserve(void *state, void *impl, int64_t max_tokens) {
   (void)state;
   cpu_layer *l = impl;
@@ -526,12 +552,14 @@ static moe_status cpu_layer_reserve(void *state, void *impl, int64_t max_tokens)
       0,                                                               /* y */
       scratch_stride * (size_t)threads,                                /* scratch */
   };
-  const double big = (double)slots * (double)(cfg->intermediate_size + cfg->hidden_size) * 2.0;
+  const int64_t ld_h = sorted_row_pitch(cfg->intermediate_size);
+  const int64_t ld_xs = sorted_row_pitch(cfg->hidden_size); /* > H: y fits too */
+  const double big = (double)slots * (double)(ld_h + ld_xs) * 2.0;
   if (big > (double)(SIZE_MAX / 4))
     return moe_set_error(MOE_ERROR_OUT_OF_MEMORY, "the workspace for %lld tokens is too large",
                          (long long)max_tokens);
-  parts[6] = align_up(slots * (size_t)cfg->intermediate_size * sizeof(uint16_t));
-  parts[7] = align_up(slots * (size_t)cfg->hidden_size * sizeof(uint16_t));
+  parts[6] = align_up(slots * (size_t)ld_h * sizeof(uint16_t));
+  parts[7] = align_up(slots * (size_t)ld_xs * sizeof(uint16_t));
   size_t total = 0;
   for (int i = 0; i < 9; ++i)
     total += parts[i];
@@ -557,6 +585,9 @@ static moe_status cpu_layer_reserve(void *state, void *impl, int64_t max_tokens)
       .runs = (cpu_gemm_run *)p[5],
       .h = (uint16_t *)p[6],
       .y = (uint16_t *)p[7],
+      .xs = (uint16_t *)p[7],
+      .ld_h = ld_h,
+      .ld_xs = ld_xs,
       .scratch = p[8],
       .scratch_stride = scratch_stride,
   };
@@ -571,12 +602,27 @@ static int64_t layer_runs(const cpu_workspace *ws) {
     const int32_t e = ws->expert_ids[i];
     if (num_runs == 0 || ws->runs[num_runs - 1].expert != e) {
       ws->runs[num_runs] =
-          (cpu_gemm_run){.expert = e, .rows = 0, .slots = ws->sorted_token_ids + i};
+          (cpu_gemm_run){.expert = e, .rows = 0, .slots = ws->sorted_token_ids + i, .position = i};
       num_runs++;
     }
     ws->runs[num_runs - 1].rows++;
   }
   return num_runs;
+}
+
+/* xs row i = x row of sorted slot i (its token), and 0 at column H where H
+ * is odd (cpu_tile_strided_fn's pair rule). Serial when small: a parallel
+ * region costs more than the copy of a decode step's rows. */
+static void gather_sorted_rows(const cpu_workspace *ws, const uint16_t *x, int64_t H, int top_k,
+                               int64_t num_rows, int threads) {
+  const int32_t *sorted = ws->sorted_token_ids;
+  const int64_t ld = ws->ld_xs;
+  if (num_rows * H <= (int64_t)1 << 16) threads = 1;
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < num_rows; ++i) {
+    memcpy(ws->xs + i * ld, x + (int64_t)(sorted[i] / top_k) * H, (size_t)H * sizeof *x);
+    if (H & 1) ws->xs[i * ld + H] = 0;
+  }
 }
 
 /* The forward of both entries: routes logits into the workspace (and copies
@@ -615,11 +661,16 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
   moe_gemm_routed_weight mode1, mode2;
   moe_plan_routed_modes(cfg, &mode1, &mode2);
 
+  /* A path that reads A in place gets x's rows in sorted order: one copy
+   * per slot, instead of one per slot and panel group. */
+  const int gather_x = st->path->tile_strided != NULL;
+  if (gather_x) gather_sorted_rows(ws, x, H, (int)cfg->top_k, *ws->num_tokens_post_padded, threads);
   cpu_gemm_problem gemm1 = {
       .path = st->path,
-      .a = x,
-      .lda = H,
+      .a = gather_x ? ws->xs : x,
+      .lda = gather_x ? ws->ld_xs : H,
       .a_row_div = cfg->top_k,
+      .a_by_position = gather_x,
       .b_source = l->w13.source,
       .b_packed = l->w13.data,
       .b_expert_stride = l->w13.expert_stride,
@@ -632,7 +683,8 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
               .limit = cfg->swiglu_limit,
               .n_out = I,
               .out = ws->h,
-              .ld_out = I,
+              .ld_out = ws->ld_h,
+              .out_by_position = 1,
               .bias = l->w13_bias,
               .bias_stride = 2 * I,
               .weight_mode = mode1,
@@ -644,8 +696,9 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
   cpu_gemm_problem gemm2 = {
       .path = st->path,
       .a = ws->h,
-      .lda = I,
+      .lda = ws->ld_h,
       .a_row_div = 1,
+      .a_by_position = 1,
       .b_source = l->w2.source,
       .b_packed = l->w2.data,
       .b_expert_stride = l->w2.expert_stride,

@@ -15,6 +15,12 @@
  * into an fp32 C tile; the epilogue then rounds to bf16. Splitting K into
  * blocks stores and reloads the fp32 accumulator exactly, so the
  * per-element reduction order of cpu_kernels.h is kept.
+ *
+ * A path with an in-place entry (AMX: tileloadd takes any row stride)
+ * reads A where it lies when the problem's rows are in sorted order, as the
+ * layer's are: the packing above would copy each row once per panel group
+ * (112 times for Mixtral's GEMM1), for a kernel that reads it from L1 or L2
+ * either way.
  */
 #include "cpu_gemm.h"
 
@@ -88,14 +94,21 @@ size_t cpu_gemm_scratch_bytes(int b_packed) {
   return A_TILE_BYTES + C_TILE_BYTES + (b_packed ? 0 : B_GROUP_BYTES);
 }
 
-/* Gathers the A rows of `rows` slots, k-pairs [kp0, kp0 + kpairs), into the
- * path's packed format (cpu_kernels.h), zero beyond K. */
-static void pack_a(const cpu_gemm_problem *pb, const int32_t *slots, int rows, int64_t kp0,
-                   int64_t kpairs, void *dst) {
+/* The A row of row r of a run. */
+static const uint16_t *a_row(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t r) {
+  const int64_t index = pb->a_by_position ? run->position + r : run->slots[r] / pb->a_row_div;
+  return pb->a + index * pb->lda;
+}
+
+/* Gathers the A rows of run rows [row0, row0 + rows), k-pairs
+ * [kp0, kp0 + kpairs), into the path's packed format (cpu_kernels.h), zero
+ * beyond K. */
+static void pack_a(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t row0, int rows,
+                   int64_t kp0, int64_t kpairs, void *dst) {
   const int64_t K = pb->b_source.k, k_begin = 2 * kp0;
   const int64_t width = 2 * kpairs, real = min64(width, K - k_begin);
   for (int r = 0; r < rows; ++r) {
-    const uint16_t *row = pb->a + (int64_t)(slots[r] / pb->a_row_div) * pb->lda + k_begin;
+    const uint16_t *row = a_row(pb, run, row0 + r) + k_begin;
     if (pb->path->a_format == CPU_A_FP32) {
       float *d = (float *)dst + (int64_t)r * CPU_A_STRIDE_F32;
       for (int64_t i = 0; i < real; ++i)
@@ -157,14 +170,17 @@ static void store_bf16(uint16_t *dst, const float *src, int n) {
 
 /* Rounds a finished C tile (rows x panels) into the output rows; the tile
  * is overwritten on the way. */
-static void apply_epilogue(const cpu_epilogue *ep, int32_t expert, const int32_t *slots, int rows,
+static void apply_epilogue(const cpu_epilogue *ep, const cpu_gemm_run *run, int64_t row0, int rows,
                            int64_t panel0, int panels, float *c) {
+  const int32_t expert = run->expert;
+  const int32_t *slots = run->slots + row0;
   const float *bias = ep->bias ? ep->bias + (int64_t)expert * ep->bias_stride : NULL;
   const int half = CPU_PANEL_COLS / 2;
   for (int r = 0; r < rows; ++r) {
     const int64_t s = slots[r];
     const float w = ep->weight_mode != MOE_GEMM_ROUTED_WEIGHT_NONE ? ep->slot_weights[s] : 1.0f;
-    uint16_t *out = ep->out + s * ep->ld_out;
+    const int64_t out_row = ep->out_by_position ? run->position + row0 + r : s;
+    uint16_t *out = ep->out + out_row * ep->ld_out;
     float *c_row = c + (int64_t)r * C_TILE_LD;
     if (ep->gated) {
       for (int p = 0; p < panels; ++p) {
@@ -175,12 +191,14 @@ static void apply_epilogue(const cpu_epilogue *ep, int32_t expert, const int32_t
         finish_values(ep->weight_mode, u, bias ? bias + ep->n_out + col0 : NULL, w, count);
         activate(ep, g, u, count);
         store_bf16(out + col0, g, count);
+        if (ep->out_by_position && (ep->n_out & 1) && col0 + count == ep->n_out) out[ep->n_out] = 0;
       }
     } else {
       const int64_t col0 = panel0 * CPU_PANEL_COLS;
       const int count = (int)min64((int64_t)panels * CPU_PANEL_COLS, ep->n_out - col0);
       finish_values(ep->weight_mode, c_row, bias ? bias + col0 : NULL, w, count);
       store_bf16(out + col0, c_row, count);
+      if (ep->out_by_position && (ep->n_out & 1) && col0 + count == ep->n_out) out[ep->n_out] = 0;
     }
   }
 }
@@ -194,8 +212,10 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   const int item_rows = pb->path->item_rows;
   const int64_t chunks = div_up(run->rows, item_rows);
   const int64_t chunk = local % chunks, group = local / chunks;
-  const int32_t *slots = run->slots + chunk * item_rows;
-  const int rows = (int)min64(item_rows, run->rows - chunk * item_rows);
+  const int64_t row0 = chunk * item_rows;
+  const int rows = (int)min64(item_rows, run->rows - row0);
+  /* The path reads A in place: no copy (the layer's sorted activations). */
+  const int a_in_place = pb->a_by_position && pb->path->tile_strided;
   const int64_t panels_total = cpu_b_panels(&pb->b_source);
   const int64_t panel0 = group * CPU_GROUP_PANELS;
   const int panels = (int)min64(CPU_GROUP_PANELS, panels_total - panel0);
@@ -225,12 +245,19 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
         pb->b_packed && kp0 + kpairs < kpairs_total ? b + kpairs * CPU_PANEL_PAIR : NULL;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
-      pack_a(pb, slots + r0, tr, kp0, kpairs, a_tile);
-      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c_tile + (int64_t)r0 * C_TILE_LD,
-                     C_TILE_LD, kp0 > 0, next_block);
+      float *c = c_tile + (int64_t)r0 * C_TILE_LD;
+      if (a_in_place) {
+        const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;
+        pb->path->tile_strided(tr, panels, kpairs, a, pb->lda / 2, b, panel_stride, c, C_TILE_LD,
+                               kp0 > 0, next_block);
+        continue;
+      }
+      pack_a(pb, run, row0 + r0, tr, kp0, kpairs, a_tile);
+      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c, C_TILE_LD, kp0 > 0,
+                     next_block);
     }
   }
-  apply_epilogue(&pb->epi, run->expert, slots, rows, panel0, panels, c_tile);
+  apply_epilogue(&pb->epi, run, row0, rows, panel0, panels, c_tile);
 }
 
 void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t num_runs, int threads,

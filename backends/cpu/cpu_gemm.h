@@ -14,11 +14,13 @@
 #include <stddef.h>
 #include <stdint.h>
 
-/* A run of rows of one expert: slots[0..rows) are slot indices s. */
+/* A run of rows of one expert: slots[0..rows) are slot indices s, and
+ * row r of the run is row position + r of the expert-sorted order. */
 typedef struct cpu_gemm_run {
   int32_t expert;
   int32_t rows;
   const int32_t *slots;
+  int64_t position;
   int64_t first_item; /* filled by cpu_gemm_execute */
 } cpu_gemm_run;
 
@@ -47,6 +49,10 @@ typedef struct cpu_epilogue {
   int64_t n_out; /* columns written per row (I when gated) */
   uint16_t *out; /* bf16; the row of slot s is out + s * ld_out */
   int64_t ld_out;
+  /* 1: rows by sorted position instead (run row r at out + (position + r) *
+   * ld_out), the next GEMM's in-place A: where n_out is odd, column n_out
+   * is written 0, the upper half of the last k-pair. */
+  int out_by_position;
   const float *bias; /* fp32, expert e at bias + e * bias_stride (gated: gate
                         [0, I), up [I, 2I)); NULL for none */
   int64_t bias_stride;
@@ -56,10 +62,14 @@ typedef struct cpu_epilogue {
 
 typedef struct cpu_gemm_problem {
   const cpu_kernel_path *path;
-  /* A: the row of slot s is a + (s / a_row_div) * lda, k elements. */
+  /* A: the row of slot s is a + (s / a_row_div) * lda, k elements; with
+   * a_by_position, run row r is a + (position + r) * lda instead, lda even
+   * and 4-byte aligned rows, so that a path with tile_strided reads it in
+   * place (with the pair rule of cpu_tile_strided_fn where k is odd). */
   const uint16_t *a;
   int64_t lda;
   int32_t a_row_div;
+  int a_by_position;
   /* B: either packed (expert e, panel p at b_packed + e * b_expert_stride +
    * p * b_panel_stride, b_kpairs k-pairs per panel) or raw (b_raw, packed
    * per work item). */

@@ -103,12 +103,25 @@ typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a,
                             int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                             const uint16_t *prefetch_after);
 
+/* A tile kernel that reads A in place: as cpu_tile_fn with A in bf16 pairs,
+ * but row r at a + r * a_stride_u32 (uint32 units) instead of a packed A
+ * tile, so the driver copies nothing. Where K is odd, the upper half of the
+ * last pair (k = K) must be zero, as in a packed tile: the weights there are
+ * zero, and a NaN or inf times zero is NaN. */
+typedef void (*cpu_tile_strided_fn)(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                                    int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                                    float *c, int64_t ldc, int accumulate,
+                                    const uint16_t *prefetch_after);
+
 /* One kernel path: how A is packed for it, its tile kernel, and the row
  * blocking the driver uses with it. */
 typedef struct cpu_kernel_path {
   const char *name; /* "portable", "avx512", "avx512bf16", "amx" */
   cpu_a_format a_format;
   cpu_tile_fn tile;
+  /* NULL, or the in-place entry (the AMX path: tileloadd takes any stride,
+   * while the vector kernels address A with constant displacements). */
+  cpu_tile_strided_fn tile_strided;
   int tile_rows; /* most rows per tile call (<= CPU_TILE_ROWS_MAX) */
   int item_rows; /* rows per work item (<= CPU_ITEM_ROWS_MAX) */
 } cpu_kernel_path;

@@ -49,6 +49,7 @@
 #include <immintrin.h>
 #include <pthread.h>
 #include <stdlib.h>
+#include <string.h>
 #include <sys/syscall.h>
 #include <unistd.h>
 
@@ -159,7 +160,25 @@ static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                    prefetch_after);
     return;
   }
-  cpu_amx_tile_body(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate);
+  cpu_amx_tile_body(rows, panels, kpairs, a_packed, CPU_A_STRIDE_U32, b, panel_stride, c, ldc,
+                    accumulate);
+}
+
+/* A in place (the layer's sorted activation rows); the few rows of a split
+ * tile are copied into the packed form the vector kernels read. */
+static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                             int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                             float *c, int64_t ldc, int accumulate,
+                             const uint16_t *prefetch_after) {
+  if (rows < amx_split_rows) {
+    uint32_t packed[(CPU_AMX_MIN_ROWS - 1) * CPU_A_STRIDE_U32];
+    for (int r = 0; r < rows; ++r)
+      memcpy(packed + r * CPU_A_STRIDE_U32, a + r * a_stride_u32, (size_t)kpairs * sizeof *a);
+    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate,
+                   prefetch_after);
+    return;
+  }
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 _Static_assert(CPU_AMX_MIN_ROWS <= CPU_MR_MAX + 1, "the AVX-512 kernels take <= CPU_MR_MAX rows");
@@ -168,6 +187,7 @@ const cpu_kernel_path cpu_path_amx = {
     .name = "amx",
     .a_format = CPU_A_BF16_PAIRS,
     .tile = amx_tile,
+    .tile_strided = amx_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };

@@ -7,6 +7,7 @@
 # alike), then bench/compare.py of each variant against the first over
 # its rounds (median of the rounds' medians, and the paired range).
 # Usage: bench/cpu_ab.sh OUT_DIR "MODELS" "TOKENS" ROUNDS NAME=DEFS...
+# (DEFS: definitions separated by commas)
 #   e.g. bench/cpu_ab.sh out mixtral-8x7b,qwen3-30b-a3b 128,512 3 \
 #          base= rows64=-DCPU_AMX_ITEM_ROWS=64
 # The first variant is the baseline. MOE_CPU_AB_OPTION (default
@@ -19,6 +20,7 @@ mkdir -p "$out"
 names=()
 for variant in "$@"; do
   name=${variant%%=*} defs=${variant#*=}
+  defs=${defs//,/ } # several definitions: -DA=1,-DB=2
   names+=("$name")
   { cmake -S . -B "build-cpu-ab-$name" -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
       "-DCMAKE_C_FLAGS=$defs" && cmake --build "build-cpu-ab-$name"; } >"$out/build-$name.log" 2>&1

@@ -37,7 +37,9 @@
  *     weight, gate and up (never rounded inside the layer: the activation
  *     reads the fp32 GEMM1 result), and the reduce's sum. The activation
  *     formulas are one shared header (backends/common/activation_logic.h)
- *     on CPU, CUDA and OpenCL. A NaN in gives NaN out: the clamps of
+ *     on CPU, CUDA and OpenCL; their exp is the device's own on CUDA and
+ *     OpenCL, and on the CPU a branch-free polynomial within 1 ulp of expf
+ *     (so that the epilogue vectorizes). A NaN in gives NaN out: the clamps of
  *     SWIGLU_CLAMP keep NaN (no fminf), the router ranks NaN last, and
  *     bf16 rounding keeps NaN a NaN. (Known exception, CUDA only: the
  *     decode path of backends/cuda/decode.cu fuses the reduce into GEMM2

@@ -76,7 +76,12 @@
 #define AMX_STORE(t, p, s) _tile_stored(t, p, s)
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()
-#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
+/* The cache level the weight prefetch fills: T0 (L1) by default; T1 (L2)
+ * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1). */
+#ifndef CPU_AMX_PREFETCH_HINT
+#define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
+#endif
+#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
 #include "cpu_amx_tile.h"
 
 #include "cpu_amx_probe.h"

@@ -610,19 +610,28 @@ static int64_t layer_runs(const cpu_workspace *ws) {
   return num_runs;
 }
 
-/* xs row i = x row of sorted slot i (its token), and 0 at column H where H
- * is odd (cpu_tile_strided_fn's pair rule). Serial when small: a parallel
- * region costs more than the copy of a decode step's rows. */
+/* xs row i = x's row of sorted slot i (its token), and 0 at column H where
+ * H is odd (cpu_tile_strided_fn's pair rule). */
+static void gather_sorted_row(const cpu_workspace *ws, const uint16_t *x, int64_t H, int top_k,
+                              int64_t i) {
+  uint16_t *row = ws->xs + i * ws->ld_xs;
+  memcpy(row, x + (int64_t)(ws->sorted_token_ids[i] / top_k) * H, (size_t)H * sizeof *x);
+  if (H & 1) row[H] = 0;
+}
+
+/* Serial when small: a parallel region costs more than a decode step's
+ * rows, and an explicit branch, not an if() clause, as in
+ * moe_route_host. */
 static void gather_sorted_rows(const cpu_workspace *ws, const uint16_t *x, int64_t H, int top_k,
                                int64_t num_rows, int threads) {
-  const int32_t *sorted = ws->sorted_token_ids;
-  const int64_t ld = ws->ld_xs;
-  if (num_rows * H <= (int64_t)1 << 16) threads = 1;
-#pragma omp parallel for num_threads(threads) schedule(static)
-  for (int64_t i = 0; i < num_rows; ++i) {
-    memcpy(ws->xs + i * ld, x + (int64_t)(sorted[i] / top_k) * H, (size_t)H * sizeof *x);
-    if (H & 1) ws->xs[i * ld + H] = 0;
+  if (num_rows * H <= (int64_t)1 << 16) {
+    for (int64_t i = 0; i < num_rows; ++i)
+      gather_sorted_row(ws, x, H, top_k, i);
+    return;
   }
+#pragma omp parallel for num_threads(threads) schedule(static)
+  for (int64_t i = 0; i < num_rows; ++i)
+    gather_sorted_row(ws, x, H, top_k, i);
 }
 
 /* The forward of both entries: routes logits into the workspace (and copies

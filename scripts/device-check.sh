@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -213,15 +213,19 @@ step_invariant() {
     --labels default,invariant >"$out/inv-compare.txt" && tail -1 "$out/inv-compare.txt"
 }
 
+cpu_build() { # the CPU-only Release build in build-cpu
+  { cmake -S . -B build-cpu -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
+      cmake --build build-cpu; } >"$out/cpu-build.log" 2>&1 || { tail -20 "$out/cpu-build.log"; return 1; }
+  lscpu | grep -E 'Model name|^CPU\(s\)' | tr -s ' '
+}
+
 # The CPU backend on the GPU machine's host (a Xeon with AMX): the CPU
 # entries of the suite (each kernel path), the AMX layout check, then
 # moe_bench per kernel path on 1, 2 and all cores, and the PyTorch CPU peer
 # on all cores (bench/results.md, "CPU AMX path").
 step_cpu() {
   local dir=build-cpu
-  { cmake -S . -B $dir -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
-      cmake --build $dir; } >"$out/cpu-build.log" 2>&1 || { tail -20 "$out/cpu-build.log"; return 1; }
-  lscpu | grep -E 'Model name|^CPU\(s\)' | tr -s ' '
+  cpu_build || return 1
   timeout "${CPU_SUITE_TIMEOUT:-300}" ctest --test-dir $dir -R '^cpu' --output-on-failure \
     >"$out/cpu-ctest.log" 2>&1
   echo "cpu ctest rc=$?"; grep -E 'tests passed|Failed|Passed|Skipped|\*\*\*' "$out/cpu-ctest.log" | head -12
@@ -241,6 +245,33 @@ step_cpu() {
   OMP_NUM_THREADS=$(nproc) timeout 300 python3 bench/torch_cpu_peer.py --no-install --model "$models" \
     --tokens "$tokens" --json "$out/cpu-torch-peer.json" >"$out/cpu-torch-peer.log" 2>&1
   echo "cpu torch peer rc=$?"
+}
+
+# Issue 14's CPU figures in one call, most important first, so that a call
+# cut short keeps what finished: the AMX check (real tiles, both A modes),
+# moe_bench on all cores at the floors' points, the PyTorch CPU peer, the
+# AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: the L2
+# prefetch hint against the default).
+step_cpufloors() {
+  local dir=build-cpu n
+  n=$(nproc)
+  cpu_build || return 1
+  cat /sys/kernel/mm/transparent_hugepage/enabled
+  ./$dir/backends/cpu/moe_cpu_amx_check >"$out/amx-check.log" 2>&1
+  echo "amx check rc=$?"; tail -6 "$out/amx-check.log"
+  OMP_NUM_THREADS=$n timeout 150 "./$dir/bench/moe_bench" --backend cpu \
+    --model mixtral-8x7b,qwen3-30b-a3b --tokens 1,16,128,512,4096 --json "$out/cpu-amx-$n.json" \
+    >"$out/cpu-amx-$n.log" 2>&1
+  echo "cpu bench rc=$?"; tail -13 "$out/cpu-amx-$n.log"
+  OMP_NUM_THREADS=$n timeout 150 python3 bench/torch_cpu_peer.py --no-install \
+    --model mixtral-8x7b,qwen3-30b-a3b --tokens 1,16,128,512 --json "$out/cpu-torch-peer.json" \
+    >"$out/cpu-torch-peer.log" 2>&1
+  echo "cpu torch peer rc=$?"; tail -10 "$out/cpu-torch-peer.log"
+  timeout 100 ctest --test-dir $dir -R 'cpu-amx' --output-on-failure >"$out/cpu-ctest-amx.log" 2>&1
+  echo "cpu ctest amx rc=$?"; tail -4 "$out/cpu-ctest-amx.log"
+  CPU_AB_TIMEOUT=${CPU_AB_TIMEOUT:-150} CPU_AB_ROUNDS=${CPU_AB_ROUNDS:-1} \
+    CPU_AB_TOKENS=${CPU_AB_TOKENS:-512,4096} \
+    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= t1=-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1"} step_cpuab
 }
 
 # Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
@@ -282,6 +313,7 @@ for step in "${@:-all}"; do
   invariant) step_invariant ;;
   cpu) step_cpu ;;
   cpuab) step_cpuab ;;
+  cpufloors) step_cpufloors ;;
   python) step_python ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl

@@ -40,11 +40,12 @@
 #include <string.h>
 
 /* exp for the CPU backend, branch-free so that its loops vectorize (a call
- * of libm's expf stops that: in the fused GEMM1 epilogue the scalar calls
- * took as long as a quarter of the AMX tile work). 2^n * e^r with
- * n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r by
- * Cephes' degree-7 polynomial; within 1 ulp of exp over fp32's range (0.99 measured)
- * (tests check the layer against float64). x >= 88.8 gives +inf,
+ * of libm's expf stops that; the fused GEMM1 epilogue's scalar loop cost
+ * Qwen3's 4096-token forward 14% on the development machine). 2^n * e^r
+ * with n = round(x / ln 2), r = x - n ln 2 in two parts (Cody-Waite), e^r
+ * by Cephes' degree-7 polynomial: within 0.99 ulp of exp at every float in
+ * [-110, 90] (measured against double exp; tests check the layer against
+ * float64). x >= 88.8 gives +inf,
  * x <= -104 gives 0, NaN stays NaN (the clamps are comparisons). The scale
  * 2^n is applied as two factors 2^(n/2) and 2^(n - n/2), both normal for
  * every n in [-150, 128]. */

@@ -23,7 +23,7 @@ for variant in "$@"; do
   defs=${defs//,/ } # several definitions: -DA=1,-DB=2
   names+=("$name")
   { cmake -S . -B "build-cpu-ab-$name" -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
-      "-DCMAKE_C_FLAGS=$defs" && cmake --build "build-cpu-ab-$name"; } >"$out/build-$name.log" 2>&1
+      "-DCMAKE_C_FLAGS=$defs" && cmake --build "build-cpu-ab-$name" --target moe_bench; } >"$out/build-$name.log" 2>&1
   echo "build $name ($defs) rc=$?"
 done
 for round in $(seq 1 "$rounds"); do

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -274,6 +274,28 @@ step_cpufloors() {
     CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= t1=-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1"} step_cpuab
 }
 
+# Where the AMX forward's time goes (backends/cpu/cpu_phase_times.h: a
+# build with -DCPU_PHASE_TIMES prints each stage's mean per forward), on
+# all hardware threads and on one thread per core, then the A/B of
+# step cpuab. The host has no perf.
+step_cpuphase() {
+  local dir=build-cpu-phase n
+  n=$(nproc)
+  lscpu | grep -E 'Model name|^CPU\(s\)|Thread|Core|Socket|L1d|L2|L3' | tr -s ' '
+  { cmake -S . -B $dir -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
+      -DCMAKE_C_FLAGS=-DCPU_PHASE_TIMES && cmake --build $dir --target moe_bench; } \
+    >"$out/cpu-phase-build.log" 2>&1 || { tail -20 "$out/cpu-phase-build.log"; return 1; }
+  local setting
+  for setting in "$n threads" "$((n / 2)) cores"; do
+    set -- $setting
+    OMP_NUM_THREADS=$1 OMP_PLACES=$2 OMP_PROC_BIND=close timeout 150 "./$dir/bench/moe_bench" \
+      --backend cpu --option cpu.kernels=amx --model mixtral-8x7b,qwen3-30b-a3b \
+      --tokens "${CPU_PHASE_TOKENS:-512,4096}" --json "$out/cpu-phase-$1-$2.json" \
+      >"$out/cpu-phase-$1-$2.log" 2>&1
+    echo "cpu phase bench $1 $2 rc=$?"; grep -E 'roof|peak|^mixtral|^qwen|phases' "$out/cpu-phase-$1-$2.log"
+  done
+}
+
 # Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
 # CPU_AB_VARIANTS "name=defs ..." (the first is the baseline), rounds
 # interleaved against the host's drift, on the AMX path by default.
@@ -314,6 +336,7 @@ for step in "${@:-all}"; do
   cpu) step_cpu ;;
   cpuab) step_cpuab ;;
   cpufloors) step_cpufloors ;;
+  cpuphase) step_cpuphase ;;
   python) step_python ;;
   opencl)
     suite opencl-suite MOE_TEST_BACKEND=opencl

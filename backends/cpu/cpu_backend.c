@@ -30,6 +30,7 @@
 #include "backend.h"
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
+#include "cpu_phase_times.h"
 
 #include "../common/activation_logic.h"
 #include "../common/bf16_logic.h"
@@ -439,6 +440,7 @@ typedef struct cpu_layer {
   float *correction_bias; /* [E] or NULL */
   int32_t *expert_map;    /* [E] or NULL */
   cpu_workspace ws;
+  CPU_PHASE_FIELD /* -DCPU_PHASE_TIMES only */
 } cpu_layer;
 
 static void *copy_of(const void *src, size_t bytes, int *failed) {
@@ -456,6 +458,7 @@ static void cpu_layer_destroy(void *state, void *impl) {
   (void)state;
   cpu_layer *l = impl;
   if (!l) return;
+  CPU_PHASE_FINISH(l, l->cfg.hidden_size, l->cfg.intermediate_size, l->cfg.top_k);
   free(l->w13.data);
   free(l->w2.data);
   free(l->w13_bias);
@@ -652,6 +655,7 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
     topk_ids = io->topk_ids_in;
     topk_weights = io->topk_weights_in;
   }
+  CPU_PHASE_START(l, num_tokens, H, I, cfg->top_k);
 
   moe_route_args route = moe_plan_route_args(cfg, num_tokens, logits, l->correction_bias,
                                              ws->topk_ids, ws->topk_weights);
@@ -669,11 +673,13 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
   const int64_t num_runs = layer_runs(ws);
   moe_gemm_routed_weight mode1, mode2;
   moe_plan_routed_modes(cfg, &mode1, &mode2);
+  CPU_PHASE_MARK(l, PHASE_ROUTE);
 
   /* A path that reads A in place gets x's rows in sorted order: one copy
    * per slot, instead of one per slot and panel group. */
   const int gather_x = st->path->tile_strided != NULL;
   if (gather_x) gather_sorted_rows(ws, x, H, (int)cfg->top_k, *ws->num_tokens_post_padded, threads);
+  CPU_PHASE_MARK(l, PHASE_GATHER);
   cpu_gemm_problem gemm1 = {
       .path = st->path,
       .a = gather_x ? ws->xs : x,
@@ -701,6 +707,7 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
           },
   };
   cpu_gemm_execute(&gemm1, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
+  CPU_PHASE_MARK(l, PHASE_GEMM1);
 
   cpu_gemm_problem gemm2 = {
       .path = st->path,
@@ -725,11 +732,13 @@ static moe_status cpu_forward(const cpu_state *st, cpu_layer *l, const moe_forwa
           },
   };
   cpu_gemm_execute(&gemm2, ws->runs, num_runs, threads, ws->scratch, ws->scratch_stride);
+  CPU_PHASE_MARK(l, PHASE_GEMM2);
 
   /* Caller picks may hold -1 without a map: their rows of y are unwritten. */
   const moe_reduce_args reduce = moe_plan_reduce_args(
       cfg, num_tokens, ws->y, (l->expert_map || !logits) ? topk_ids : NULL, l->expert_map, out);
   reduce_tokens(&reduce, threads);
+  CPU_PHASE_MARK(l, PHASE_REDUCE);
   return MOE_SUCCESS;
 }
 

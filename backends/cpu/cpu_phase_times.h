@@ -29,10 +29,11 @@ static inline void cpu_phase_print(cpu_phase_times *t, int64_t hidden, int64_t i
   if (t->forwards == 0) return;
   static const char *names[PHASE_COUNT] = {"route+align", "gather", "gemm1", "gemm2", "reduce"};
   const double n = (double)t->forwards, slots = (double)(t->tokens * top_k);
-  const double flops[PHASE_COUNT] = {0, 0, 2 * slots * hidden * 2 * inter, 2 * slots * inter * hidden,
-                                     0};
+  const double flops[PHASE_COUNT] = {0, 0, 2 * slots * hidden * 2 * inter,
+                                     2 * slots * inter * hidden, 0};
   double total = 0;
-  for (int i = 0; i < PHASE_COUNT; ++i) total += t->seconds[i] / n;
+  for (int i = 0; i < PHASE_COUNT; ++i)
+    total += t->seconds[i] / n;
   fprintf(stderr, "cpu phases H=%lld I=%lld tokens=%lld (%lld forwards), ms per forward:",
           (long long)hidden, (long long)inter, (long long)t->tokens, (long long)t->forwards);
   for (int i = 0; i < PHASE_COUNT; ++i) {
@@ -46,7 +47,7 @@ static inline void cpu_phase_print(cpu_phase_times *t, int64_t hidden, int64_t i
 }
 
 #define CPU_PHASE_FIELD cpu_phase_times phases;
-#define CPU_PHASE_START(layer, num_tokens, hidden, inter, top_k)                                    \
+#define CPU_PHASE_START(layer, num_tokens, hidden, inter, top_k)                                   \
   if ((layer)->phases.tokens != (num_tokens)) {                                                    \
     cpu_phase_print(&(layer)->phases, hidden, inter, top_k);                                       \
     (layer)->phases.tokens = (num_tokens);                                                         \

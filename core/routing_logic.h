@@ -182,19 +182,23 @@ MOE_RL_FN void moe_rl_route_token(const MOE_RL_GLOBAL float *logits,
   }
 
   /* The j-th pick is the best expert ranked strictly below pick j-1, so no
-   * list of taken experts is needed. */
+   * list of taken experts is needed. Experts in ascending order, a group at
+   * a time (no division per expert: it was most of the host's routing
+   * time at 128 experts, top 8). */
   float prev_key = 0.0f, sum = 0.0f;
   int prev_e = -1;
   for (int j = 0; j < p->top_k; ++j) {
     float best_key = 0.0f;
     int best_e = -1;
-    for (int e = 0; e < p->num_experts; ++e) {
-      if (!group_allowed[e / group_size]) continue;
-      float key = moe_rl_key(logits, bias, e, row, p);
-      if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, key, e)) continue;
-      if (best_e < 0 || moe_rl_better(key, e, best_key, best_e)) {
-        best_key = key;
-        best_e = e;
+    for (int g = 0; g < p->num_groups; ++g) {
+      if (!group_allowed[g]) continue;
+      for (int e = g * group_size; e < (g + 1) * group_size; ++e) {
+        float key = moe_rl_key(logits, bias, e, row, p);
+        if (prev_e >= 0 && !moe_rl_better(prev_key, prev_e, key, e)) continue;
+        if (best_e < 0 || moe_rl_better(key, e, best_key, best_e)) {
+          best_key = key;
+          best_e = e;
+        }
       }
     }
     prev_key = best_key;

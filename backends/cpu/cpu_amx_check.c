@@ -14,7 +14,7 @@
  *    hardware would, so AddressSanitizer (scripts/sanitize.sh) also checks
  *    the addressing.
  * 2. The same model as a kernel path through the real driver
- *    (cpu_gemm_execute: tile_rows 32, item_rows 64, K blocks, two threads),
+ *    (cpu_gemm_execute: tile_rows 32, item_rows 128, K blocks, two threads),
  *    against bf16 of the same scalar loop, exactly.
  * 3. Where the CPU has AVX-512F: the fma-order decode kernel
  *    (cpu_kernels_amx_order.c) against the model, bit for bit over the whole
@@ -357,7 +357,7 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
 static void check_driver(const cpu_kernel_path *path, int threads, int exact, int in_place) {
   const int64_t K = in_place ? 601 : 600, N = in_place ? 301 : 300;
   const int64_t lda = in_place ? K + 33 : K, ld_out = in_place ? N + 7 : N;
-  static const int32_t run_rows[] = {1, 3, 17, 33, 64, 65, 130};
+  static const int32_t run_rows[] = {1, 3, 17, 33, 64, 65, 130, 191, 200};
   enum { RUNS = sizeof run_rows / sizeof run_rows[0] };
   int64_t slots = 0;
   for (int i = 0; i < RUNS; ++i)

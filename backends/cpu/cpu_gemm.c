@@ -1,7 +1,7 @@
 /*
  * cpu_gemm.c - the grouped GEMM driver of the CPU backend (see cpu_gemm.h).
  *
- * Work item = (expert run chunk of <= item_rows rows (the path's), group of
+ * Work item = (expert run chunk of about item_rows rows (the path's), group of
  * <= CPU_GROUP_PANELS panels of 32 output columns). Items are handed out
  * dynamically to the OpenMP threads; within an expert the chunks of one
  * panel group are consecutive, so threads working on the same expert share
@@ -30,12 +30,16 @@
 #include <omp.h>
 #include <string.h>
 
+#ifndef CPU_BALANCED_CHUNKS
+#define CPU_BALANCED_CHUNKS 1
+#endif
+#define CPU_CHUNK_ROWS_MAX (CPU_ITEM_ROWS_MAX * 3 / 2) /* see run_chunks */
 #define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS)
 /* The larger of the two A formats at each one's most rows per tile. */
 #define A_F32_BYTES ((size_t)CPU_MR_MAX * CPU_A_STRIDE_F32 * sizeof(float))
 #define A_U32_BYTES ((size_t)CPU_TILE_ROWS_MAX * CPU_A_STRIDE_U32 * sizeof(uint32_t))
 #define A_TILE_BYTES (A_F32_BYTES > A_U32_BYTES ? A_F32_BYTES : A_U32_BYTES)
-#define C_TILE_BYTES ((size_t)CPU_ITEM_ROWS_MAX * C_TILE_LD * sizeof(float))
+#define C_TILE_BYTES ((size_t)CPU_CHUNK_ROWS_MAX * C_TILE_LD * sizeof(float))
 #define B_GROUP_BYTES ((size_t)CPU_GROUP_PANELS * CPU_KC_PAIRS * CPU_PANEL_PAIR * sizeof(uint16_t))
 
 static int64_t div_up(int64_t a, int64_t b) {
@@ -209,6 +213,24 @@ CPU_VECTOR_CLONES static void apply_epilogue(const cpu_epilogue *ep, const cpu_g
   }
 }
 
+/* An expert's run is cut into round(rows / item_rows) chunks (at least
+ * one) of balanced size: each chunk reads its groups' weights from memory
+ * once, so 140 rows run as one chunk, not as 128 + 12 with a whole weight
+ * read for 12 rows (about half the experts of a 512-token Mixtral step
+ * have a few rows more than 128). A chunk has under 1.5 item_rows rows.
+ * -DCPU_BALANCED_CHUNKS=0: fixed chunks of item_rows, for A/B builds. */
+static int64_t run_chunks(int64_t rows, int item_rows) {
+  if (!CPU_BALANCED_CHUNKS) return div_up(rows, item_rows);
+  const int64_t chunks = (2 * rows + item_rows) / (2 * item_rows);
+  return chunks > 0 ? chunks : 1;
+}
+
+/* The first row of chunk `chunk` of `chunks`; the next chunk's is its end. */
+static int64_t chunk_row(int64_t rows, int item_rows, int64_t chunks, int64_t chunk) {
+  if (!CPU_BALANCED_CHUNKS) return min64(chunk * item_rows, rows);
+  return chunk * rows / chunks;
+}
+
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
                      unsigned char *scratch) {
   void *a_tile = scratch;
@@ -216,10 +238,10 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
 
   const int item_rows = pb->path->item_rows;
-  const int64_t chunks = div_up(run->rows, item_rows);
+  const int64_t chunks = run_chunks(run->rows, item_rows);
   const int64_t chunk = local % chunks, group = local / chunks;
-  const int64_t row0 = chunk * item_rows;
-  const int rows = (int)min64(item_rows, run->rows - row0);
+  const int64_t row0 = chunk_row(run->rows, item_rows, chunks, chunk);
+  const int rows = (int)(chunk_row(run->rows, item_rows, chunks, chunk + 1) - row0);
   /* The path reads A in place: no copy (the layer's sorted activations). */
   const int a_in_place = pb->a_by_position && pb->path->tile_strided;
   const int64_t panels_total = cpu_b_panels(&pb->b_source);
@@ -282,7 +304,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
   int64_t items = 0;
   for (int64_t i = 0; i < num_runs; ++i) {
     runs[i].first_item = items;
-    items += div_up(runs[i].rows, pb->path->item_rows) * groups;
+    items += run_chunks(runs[i].rows, pb->path->item_rows) * groups;
   }
   if (items == 0) return;
   if (threads > items) threads = (int)items;

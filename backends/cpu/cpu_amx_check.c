@@ -623,6 +623,7 @@ int main(void) {
          cases, failures || model_faults ? "FAILED" : "ok");
   check_driver(&model_path, 2, 1, 0);
   check_driver(&model_path, 2, 1, 1);
+  check_driver(&model_path, 24, 1, 1); /* few items per thread: fewer panels per item */
   const int stream_ok = check_stream(3, 32, 20, 3) & check_stream(8, 256, 256, 1) &
                         check_stream(5, 48, 7, 2) & check_stream(1, 16, 256, 3);
   printf("  next-block streaming: each line of the next K block requested once: %s\n",

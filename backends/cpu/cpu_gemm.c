@@ -33,6 +33,11 @@
 #ifndef CPU_BALANCED_CHUNKS
 #define CPU_BALANCED_CHUNKS 1
 #endif
+/* Fewest work items per thread before items get fewer panels
+ * (cpu_gemm_execute); 0 keeps CPU_GROUP_PANELS always, for A/B builds. */
+#ifndef CPU_MIN_ITEMS_PER_THREAD
+#define CPU_MIN_ITEMS_PER_THREAD 4
+#endif
 #define CPU_CHUNK_ROWS_MAX (CPU_ITEM_ROWS_MAX * 3 / 2) /* see run_chunks */
 #define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS)
 /* The larger of the two A formats at each one's most rows per tile. */
@@ -232,7 +237,7 @@ static int64_t chunk_row(int64_t rows, int item_rows, int64_t chunks, int64_t ch
 }
 
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
-                     unsigned char *scratch) {
+                     int group_panels, unsigned char *scratch) {
   void *a_tile = scratch;
   float *c_tile = (float *)(scratch + A_TILE_BYTES);
   uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
@@ -245,8 +250,8 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   /* The path reads A in place: no copy (the layer's sorted activations). */
   const int a_in_place = pb->a_by_position && pb->path->tile_strided;
   const int64_t panels_total = cpu_b_panels(&pb->b_source);
-  const int64_t panel0 = group * CPU_GROUP_PANELS;
-  const int panels = (int)min64(CPU_GROUP_PANELS, panels_total - panel0);
+  const int64_t panel0 = group * group_panels;
+  const int panels = (int)min64(group_panels, panels_total - panel0);
   const int64_t kpairs_total = div_up(pb->b_source.k, 2);
   /* Balanced tiles: 13 rows run as 7 + 6, not 12 + 1. */
   const int tiles = (int)div_up(rows, pb->path->tile_rows);
@@ -298,13 +303,29 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   apply_epilogue(&pb->epi, run, row0, rows, panel0, panels, c_tile);
 }
 
-void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t num_runs, int threads,
-                      unsigned char *scratch, size_t scratch_stride) {
-  const int64_t groups = div_up(cpu_b_panels(&pb->b_source), CPU_GROUP_PANELS);
+/* Work items (and each run's first) with `group_panels` panels per item. */
+static int64_t count_items(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t num_runs,
+                           int group_panels) {
+  const int64_t groups = div_up(cpu_b_panels(&pb->b_source), group_panels);
   int64_t items = 0;
   for (int64_t i = 0; i < num_runs; ++i) {
     runs[i].first_item = items;
     items += run_chunks(runs[i].rows, pb->path->item_rows) * groups;
+  }
+  return items;
+}
+
+void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t num_runs, int threads,
+                      unsigned char *scratch, size_t scratch_stride) {
+  /* A decode step has few items (Mixtral's GEMM2 at one token: 2 experts x
+   * 16 groups for 16 threads), so one slow item idles the other threads:
+   * halve the panels per item until each thread has a few. Prefill keeps
+   * CPU_GROUP_PANELS, whose weight reuse it needs. */
+  int group_panels = CPU_GROUP_PANELS;
+  int64_t items = count_items(pb, runs, num_runs, group_panels);
+  while (group_panels > 1 && items < (int64_t)CPU_MIN_ITEMS_PER_THREAD * threads) {
+    group_panels /= 2;
+    items = count_items(pb, runs, num_runs, group_panels);
   }
   if (items == 0) return;
   if (threads > items) threads = (int)items;
@@ -325,7 +346,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
           hi = mid - 1;
       }
       run = lo;
-      run_item(pb, &runs[run], item - runs[run].first_item, mine);
+      run_item(pb, &runs[run], item - runs[run].first_item, group_panels, mine);
     }
   }
 }

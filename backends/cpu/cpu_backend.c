@@ -351,7 +351,7 @@ static moe_status cpu_activation(void *state, const moe_activation_args *args) {
  * whose expert is not local when topk_ids is given: through expert_map when
  * there is one, else ids outside [0, EL) (the routed forward's -1; the
  * reduce stage passes topk_ids only with a map). */
-CPU_VECTOR_CLONES static void reduce_tokens(const moe_reduce_args *args, int threads) {
+static void reduce_tokens(const moe_reduce_args *args, int threads) {
   enum { CHUNK = 512 };
   const int64_t k = args->top_k, H = args->hidden_size;
   const uint16_t *y = args->y;

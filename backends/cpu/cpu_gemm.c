@@ -181,9 +181,8 @@ static void store_bf16(uint16_t *dst, const float *src, int n) {
 
 /* Rounds a finished C tile (rows x panels) into the output rows; the tile
  * is overwritten on the way. */
-CPU_VECTOR_CLONES static void apply_epilogue(const cpu_epilogue *ep, const cpu_gemm_run *run,
-                                             int64_t row0, int rows, int64_t panel0, int panels,
-                                             float *c) {
+static void apply_epilogue(const cpu_epilogue *ep, const cpu_gemm_run *run, int64_t row0, int rows,
+                           int64_t panel0, int panels, float *c) {
   const int32_t expert = run->expert;
   const int32_t *slots = run->slots + row0;
   const float *bias = ep->bias ? ep->bias + (int64_t)expert * ep->bias_stride : NULL;

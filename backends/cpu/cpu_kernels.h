@@ -100,19 +100,6 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS
 #define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
 
-/* The element-wise loops of the files compiled for any x86-64 CPU (the
- * GEMM epilogue, the reduce) are also compiled for AVX-512 (x86-64-v4),
- * chosen once at load time (GCC's target_clones, through an ifunc): four
- * times SSE2's lanes at the same bits, since every element still goes
- * through the same IEEE operations in the same order (-ffp-contract=off).
- * -DCPU_NO_VECTOR_CLONES turns it off, for A/B builds. */
-#if defined(__GNUC__) && !defined(__clang__) && defined(__x86_64__) && defined(__linux__) &&       \
-    !defined(CPU_NO_VECTOR_CLONES)
-#define CPU_VECTOR_CLONES __attribute__((target_clones("arch=x86-64-v4", "default")))
-#else
-#define CPU_VECTOR_CLONES
-#endif
-
 typedef enum cpu_a_format {
   CPU_A_FP32 = 0,
   CPU_A_BF16_PAIRS = 1,

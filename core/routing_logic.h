@@ -183,8 +183,8 @@ MOE_RL_FN void moe_rl_route_token(const MOE_RL_GLOBAL float *logits,
 
   /* The j-th pick is the best expert ranked strictly below pick j-1, so no
    * list of taken experts is needed. Experts in ascending order, a group at
-   * a time (no division per expert: it was most of the host's routing
-   * time at 128 experts, top 8). */
+   * a time: no integer division per expert and pick (about 15% of the
+   * host's routing time at 128 experts, top 8, on the AMD EPYC). */
   float prev_key = 0.0f, sum = 0.0f;
   int prev_e = -1;
   for (int j = 0; j < p->top_k; ++j) {

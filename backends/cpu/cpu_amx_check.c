@@ -162,8 +162,6 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
-static void model_stream_line(const void *p);
-#define AMX_PREFETCH_L2(p) model_stream_line(p)
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -189,37 +187,16 @@ static void model_tile(int rows, int panels, int64_t kpairs, const void *a, cons
                        const uint16_t *prefetch_after) {
   (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate,
-                    NULL);
+  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate);
 }
 
 static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                float *c, int64_t ldc, int accumulate,
-                               const uint16_t *prefetch_after, const cpu_stream_hint *stream) {
+                               const uint16_t *prefetch_after) {
   (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                    stream);
-}
-
-/* ---- The next K block's streaming (cpu_stream_hint) ------------------------ */
-
-/* Lines requested toward L2, counted per line of the weights under check;
- * a request elsewhere is counted as outside. */
-static const char *stream_base;
-static int64_t stream_lines;
-static int *stream_count;
-static long stream_outside;
-
-static void model_stream_line(const void *p) {
-  const char *q = p;
-  if (!stream_count) return;
-  if (q < stream_base || q >= stream_base + stream_lines * 64 || (q - stream_base) % 64) {
-    stream_outside++;
-    return;
-  }
-  stream_count[(q - stream_base) / 64]++;
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 static const cpu_kernel_path model_path = {
@@ -444,46 +421,6 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
   free(x), free(w), free(a_sorted), free(out), free(order), free(scratch);
 }
 
-/* Calls over one K block of `panels` panels, each given part i of `parts`:
- * together they request every line of the next block's slices exactly
- * once (kpairs_next k-pairs per panel, after this block's kpairs), and
- * nothing else of the weights or outside them. */
-static int check_stream(int panels, int64_t kpairs, int64_t kpairs_next, int parts) {
-  const int64_t panel_stride = (kpairs + kpairs_next + 16) * CPU_PANEL_PAIR;
-  const int64_t ldc = CPU_GROUP_PANELS * CPU_PANEL_COLS, rows = 17;
-  uint16_t *b = aligned_alloc(64, (size_t)(panels * panel_stride) * 2);
-  uint32_t *a = calloc((size_t)(rows * CPU_A_STRIDE_U32), sizeof *a);
-  float *c = calloc((size_t)(rows * ldc), sizeof *c);
-  stream_lines = panels * panel_stride * 2 / 64;
-  stream_count = calloc((size_t)stream_lines, sizeof *stream_count);
-  if (!b || !a || !c || !stream_count) {
-    fprintf(stderr, "out of memory\n");
-    exit(1);
-  }
-  memset(b, 0, (size_t)(panels * panel_stride) * 2);
-  stream_base = (const char *)b;
-  stream_outside = 0;
-  for (int part = 0; part < parts; ++part) {
-    const cpu_stream_hint hint = {.kpairs = kpairs_next, .part = part, .parts = parts};
-    model_tile_strided((int)rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, 0,
-                       NULL, &hint);
-  }
-  int64_t wrong = 0;
-  for (int64_t line = 0; line < stream_lines; ++line) {
-    const int64_t in_panel = line * 64 % (panel_stride * 2) / 128; /* k-pair of the line */
-    const int wanted = in_panel >= kpairs && in_panel < kpairs + kpairs_next;
-    wrong += stream_count[line] != wanted;
-  }
-  const int ok = wrong == 0 && stream_outside == 0;
-  if (!ok)
-    fail("stream: %g lines requested other than once (or outside)", "model", (int)rows, panels,
-         2 * kpairs, 0, (double)(wrong + stream_outside));
-  free(stream_count);
-  stream_count = NULL;
-  free(b), free(a), free(c);
-  return ok;
-}
-
 /* ---- The FMA-order decode kernel against the model --------------------- */
 
 #ifdef MOE_CPU_HAVE_AMX_ORDER
@@ -624,10 +561,6 @@ int main(void) {
   check_driver(&model_path, 2, 1, 0);
   check_driver(&model_path, 2, 1, 1);
   check_driver(&model_path, 24, 1, 1); /* few items per thread: fewer panels per item */
-  const int stream_ok = check_stream(3, 32, 20, 3) & check_stream(8, 256, 256, 1) &
-                        check_stream(5, 48, 7, 2) & check_stream(1, 16, 256, 3);
-  printf("  next-block streaming: each line of the next K block requested once: %s\n",
-         stream_ok ? "ok" : "FAILED");
 #ifdef MOE_CPU_HAVE_AMX_ORDER
   check_order();
 #else

@@ -9,7 +9,6 @@
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
- *   AMX_PREFETCH_L2(p)     the same toward L2 (cpu_stream_hint's lines)
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -41,9 +40,7 @@
  * and tileloadd waits for each line, so each k-step requests the B rows of
  * the step CPU_AMX_PREFETCH_STEPS ahead in the order the loops visit them
  * (this panel's next rows, then the next panel's first). A hint only: the
- * results never depend on it. A call given a cpu_stream_hint also requests
- * its share of the next K block's lines toward L2, spread evenly over its
- * full k-steps.
+ * results never depend on it.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H
@@ -73,43 +70,6 @@ static inline void cpu_amx_prefetch_b(const uint16_t *b, int64_t panel_stride, i
   const int64_t bytes = (int64_t)pairs * CPU_PANEL_PAIR * 2;
   for (int64_t line = 0; line < bytes; line += 64)
     AMX_PREFETCH(rows + line);
-}
-
-/* A cursor over the lines of a cpu_stream_hint's share: the next K block's
- * slices (kpairs * CPU_PANEL_PAIR bf16 each) of `panels` panels. */
-typedef struct cpu_amx_streamer {
-  const char *first;   /* the next block's slice of panel 0 */
-  int64_t panel_bytes; /* between panels */
-  int64_t slice_lines; /* lines per slice */
-  int64_t panel, line; /* the next line to request */
-  int64_t left;        /* lines of the share not yet requested */
-  int64_t per_step;    /* lines per k-step */
-} cpu_amx_streamer;
-
-static inline void cpu_amx_streamer_init(cpu_amx_streamer *s, const cpu_stream_hint *hint,
-                                         const uint16_t *b, int64_t panel_stride, int panels,
-                                         int64_t kpairs, int64_t steps) {
-  *s = (cpu_amx_streamer){0};
-  if (!hint || steps == 0) return;
-  s->first = (const char *)(b + kpairs * CPU_PANEL_PAIR);
-  s->panel_bytes = panel_stride * (int64_t)sizeof(uint16_t);
-  s->slice_lines = hint->kpairs * CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t) / 64;
-  const int64_t total = s->slice_lines * panels;
-  const int64_t begin = total * hint->part / hint->parts;
-  s->left = total * (hint->part + 1) / hint->parts - begin;
-  s->panel = begin / s->slice_lines;
-  s->line = begin % s->slice_lines;
-  s->per_step = (s->left + steps - 1) / steps;
-}
-
-static inline void cpu_amx_streamer_step(cpu_amx_streamer *s) {
-  for (int64_t i = 0; i < s->per_step && s->left > 0; ++i, --s->left) {
-    AMX_PREFETCH_L2(s->first + s->panel * s->panel_bytes + s->line * 64);
-    if (++s->line == s->slice_lines) {
-      s->line = 0;
-      ++s->panel;
-    }
-  }
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -146,8 +106,7 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
 /* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                     float *c, int64_t ldc, int accumulate,
-                                     const cpu_stream_hint *stream) {
+                                     float *c, int64_t ldc, int accumulate) {
   const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
@@ -155,9 +114,6 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
   const uint32_t *a1 = a + 16 * a_stride_u32;
   const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
   cpu_amx_config cfg;
-  cpu_amx_streamer streamer;
-  cpu_amx_streamer_init(&streamer, stream, b, panel_stride, panels, kpairs,
-                        panels * (full / CPU_AMX_PAIRS));
   for (int pass = 0; pass < 2; ++pass) {
     const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
     if (kp_end == kp_begin) continue;
@@ -188,7 +144,6 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
         if (CPU_AMX_PREFETCH_STEPS > 0)
           cpu_amx_prefetch_b(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                              CPU_AMX_PREFETCH_STEPS);
-        if (!pass) cpu_amx_streamer_step(&streamer);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);

@@ -280,18 +280,8 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
       if (a_in_place) {
         const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;
-        /* The first row tile reads this block from memory; the later ones
-         * share the next block's streaming (cpu_stream_hint). */
-        const int tile = r0 / tile_rows;
-        const cpu_stream_hint stream = {
-            .kpairs = min64(CPU_KC_PAIRS, kpairs_total - kp0 - kpairs),
-            .part = tiles > 1 ? tile - 1 : 0,
-            .parts = tiles > 1 ? tiles - 1 : 1,
-        };
-        const int streams = next_block && (tile > 0 || (tiles == 1 && CPU_AMX_STREAM_NEXT >= 2));
         pb->path->tile_strided(tr, panels, kpairs, a, pb->lda / 2, b, panel_stride, c, C_TILE_LD,
-                               kp0 > 0, next_block,
-                               CPU_AMX_STREAM_NEXT && streams ? &stream : NULL);
+                               kp0 > 0, next_block);
         continue;
       }
       pack_a(pb, run, row0 + r0, tr, kp0, kpairs, a_tile);

@@ -78,12 +78,6 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
  * Mixtral 512 and 4096 tokens and Qwen3 4096 on a 16-vCPU AMX host; 256
  * was slower again (bench/results.md, "CPU AMX path"). */
 #define CPU_AMX_TILE_ROWS 32
-/* Streaming the next K block (cpu_stream_hint) on the AMX path: 0 off,
- * 1 during an item's later row tiles, 2 also during the only tile of an
- * item of <= CPU_AMX_TILE_ROWS rows. */
-#ifndef CPU_AMX_STREAM_NEXT
-#define CPU_AMX_STREAM_NEXT 0
-#endif
 #ifndef CPU_AMX_ITEM_ROWS
 #define CPU_AMX_ITEM_ROWS 128
 #endif
@@ -114,23 +108,10 @@ typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a,
  * tile, so the driver copies nothing. Where K is odd, the upper half of the
  * last pair (k = K) must be zero, as in a packed tile: the weights there are
  * zero, and a NaN or inf times zero is NaN. */
-typedef struct cpu_stream_hint cpu_stream_hint;
 typedef void (*cpu_tile_strided_fn)(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                     float *c, int64_t ldc, int accumulate,
-                                    const uint16_t *prefetch_after, const cpu_stream_hint *stream);
-
-/* Weights a tile call brings toward L2 while it computes (a hint: results
- * never depend on it): part `part` of `parts` equal parts of the next K
- * block's slices of the call's panels (packed weights, `kpairs` k-pairs
- * each, right after this block's). An item's first row tile reads its
- * weights from memory, at one core's memory bandwidth, while its later
- * row tiles read them from L2 at the tile rate: streaming the next block
- * during those calls lets the next first tile find it in L2 too. */
-struct cpu_stream_hint {
-  int64_t kpairs;
-  int part, parts;
-};
+                                    const uint16_t *prefetch_after);
 
 /* One kernel path: how A is packed for it, its tile kernel, and the row
  * blocking the driver uses with it. */

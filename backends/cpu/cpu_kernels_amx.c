@@ -82,7 +82,6 @@
 #define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
 #endif
 #define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
-#define AMX_PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 #include "cpu_amx_tile.h"
 
 #include "cpu_amx_probe.h"
@@ -167,15 +166,15 @@ static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
     return;
   }
   cpu_amx_tile_body(rows, panels, kpairs, a_packed, CPU_A_STRIDE_U32, b, panel_stride, c, ldc,
-                    accumulate, NULL);
+                    accumulate);
 }
 
 /* A in place (the layer's sorted activation rows); the few rows of a split
  * tile are copied into the packed form the vector kernels read. */
 static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                              int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                             float *c, int64_t ldc, int accumulate, const uint16_t *prefetch_after,
-                             const cpu_stream_hint *stream) {
+                             float *c, int64_t ldc, int accumulate,
+                             const uint16_t *prefetch_after) {
   if (rows < amx_split_rows) {
     uint32_t packed[(CPU_AMX_MIN_ROWS - 1) * CPU_A_STRIDE_U32];
     for (int r = 0; r < rows; ++r)
@@ -184,8 +183,7 @@ static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_
                    prefetch_after);
     return;
   }
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                    stream);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 _Static_assert(CPU_AMX_MIN_ROWS <= CPU_MR_MAX + 1, "the AVX-512 kernels take <= CPU_MR_MAX rows");

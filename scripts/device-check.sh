@@ -276,8 +276,9 @@ step_cpufloors() {
 
 # Where the AMX forward's time goes (backends/cpu/cpu_phase_times.h: a
 # build with -DCPU_PHASE_TIMES prints each stage's mean per forward), on
-# all hardware threads and on one thread per core, then the A/B of
-# step cpuab. The host has no perf.
+# all hardware threads, then on half of them pinned one per core
+# (OMP_PLACES=cores: one per physical core on a host with SMT, half the
+# cores on one without). The host has no perf.
 step_cpuphase() {
   local dir=build-cpu-phase n
   n=$(nproc)

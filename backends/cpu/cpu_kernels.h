@@ -68,13 +68,14 @@
 #define CPU_KC_PAIRS 256 /* k-pairs per K block (A tile fits L1, B slices L2) */
 #endif
 _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
-#define CPU_MC_ROWS 48                           /* rows per work item (vector paths) */
+#define CPU_MC_ROWS 48                           /* about the rows per work item (vector paths) */
 #define CPU_A_STRIDE_F32 (2 * CPU_KC_PAIRS + 16) /* floats between packed A rows */
 #define CPU_A_STRIDE_U32 (CPU_KC_PAIRS + 16)     /* uint32 between packed A rows */
 
 /* The AMX path: two 16-row tiles of A per call (4 accumulator tiles of
- * 16 x 16 live), up to four such calls per work item: an expert's weights
- * stream once per 128 of its rows. 128 against 64: 0.72-0.85x the time at
+ * 16 x 16 live), about four such calls per work item: an expert's weights
+ * stream once per about 128 of its rows (a run is cut into balanced
+ * chunks of under 1.5 item_rows, cpu_gemm.c's run_chunks). 128 against 64: 0.72-0.85x the time at
  * Mixtral 512 and 4096 tokens and Qwen3 4096 on a 16-vCPU AMX host; 256
  * was slower again (bench/results.md, "CPU AMX path"). */
 #define CPU_AMX_TILE_ROWS 32
@@ -90,7 +91,8 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
  * cpu.kernels=avx512bf16 vs amx at 1, 4, 16 tokens). Must stay
  * <= CPU_MR_MAX + 1. */
 #define CPU_AMX_MIN_ROWS 4
-/* The largest tile_rows / item_rows of any path (scratch sizing). */
+/* The largest tile_rows / item_rows of any path (scratch sizing; a chunk
+ * may hold up to 1.5 item_rows). */
 #define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS
 #define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
 
@@ -123,7 +125,7 @@ typedef struct cpu_kernel_path {
    * while the vector kernels address A with constant displacements). */
   cpu_tile_strided_fn tile_strided;
   int tile_rows; /* most rows per tile call (<= CPU_TILE_ROWS_MAX) */
-  int item_rows; /* rows per work item (<= CPU_ITEM_ROWS_MAX) */
+  int item_rows; /* target rows per work item (<= CPU_ITEM_ROWS_MAX; see run_chunks) */
 } cpu_kernel_path;
 
 extern const cpu_kernel_path cpu_path_portable;

@@ -162,6 +162,7 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
+#define AMX_PREFETCH_FAR(p) ((void)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -334,7 +335,7 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
 static void check_driver(const cpu_kernel_path *path, int threads, int exact, int in_place) {
   const int64_t K = in_place ? 601 : 600, N = in_place ? 301 : 300;
   const int64_t lda = in_place ? K + 33 : K, ld_out = in_place ? N + 7 : N;
-  static const int32_t run_rows[] = {1, 3, 17, 33, 64, 65, 130, 191, 200};
+  static const int32_t run_rows[] = {1, 3, 17, 33, 64, 65, 130, 191, 200, 400, 700};
   enum { RUNS = sizeof run_rows / sizeof run_rows[0] };
   int64_t slots = 0;
   for (int i = 0; i < RUNS; ++i)

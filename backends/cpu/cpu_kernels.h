@@ -80,7 +80,7 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
  * was slower again (bench/results.md, "CPU AMX path"). */
 #define CPU_AMX_TILE_ROWS 32
 #ifndef CPU_AMX_ITEM_ROWS
-#define CPU_AMX_ITEM_ROWS 128
+#define CPU_AMX_ITEM_ROWS 256
 #endif
 /* Below this many rows per tile call, the AMX path may hand a tile to a
  * vector kernel (see cpu_amx_split_rows). 4: the AVX-512 decode kernels

@@ -250,8 +250,8 @@ step_cpu() {
 # Issue 14's CPU figures in one call, most important first, so that a call
 # cut short keeps what finished: the AMX check (real tiles, both A modes),
 # moe_bench on all cores at the floors' points, the PyTorch CPU peer, the
-# AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: cold
-# weights prefetched into L1 against the default, into L2).
+# AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: the L2
+# prefetch hint against the default).
 step_cpufloors() {
   local dir=build-cpu n
   n=$(nproc)
@@ -271,7 +271,7 @@ step_cpufloors() {
   echo "cpu ctest amx rc=$?"; tail -4 "$out/cpu-ctest-amx.log"
   CPU_AB_TIMEOUT=${CPU_AB_TIMEOUT:-150} CPU_AB_ROUNDS=${CPU_AB_ROUNDS:-1} \
     CPU_AB_TOKENS=${CPU_AB_TOKENS:-512,4096} \
-    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= coldl1=-DCPU_AMX_COLD_HINT=_MM_HINT_T0"} step_cpuab
+    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= t1=-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1"} step_cpuab
 }
 
 # Where the AMX forward's time goes (backends/cpu/cpu_phase_times.h: a

@@ -162,7 +162,7 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
-#define AMX_PREFETCH_COLD(p) ((void)(p))
+#define AMX_PREFETCH_FAR(p) ((void)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -184,22 +184,20 @@ static void model_config(const struct cpu_amx_config *cfg) {
 }
 
 static void model_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
-                       int64_t panel_stride, float *c, int64_t ldc, int accumulate, int b_cold,
+                       int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                        const uint16_t *prefetch_after) {
   (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate,
-                    b_cold);
+  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate);
 }
 
 static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                               float *c, int64_t ldc, int accumulate, int b_cold,
+                               float *c, int64_t ldc, int accumulate,
                                const uint16_t *prefetch_after) {
   (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                    b_cold);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 static const cpu_kernel_path model_path = {
@@ -273,7 +271,7 @@ static int check_tile(cpu_tile_fn tile, const char *what, int exact, int rows, i
   const cpu_b_source src = {.layout = MOE_WEIGHT_LAYOUT_OUT_IN, .n = N, .k = K, .gated_half = 0};
   for (int p = 0; p < panels; ++p)
     cpu_pack_b_panel(&src, b_raw, p, 0, kpairs, b + p * panel_stride);
-  tile(rows, panels, kpairs, a, b, panel_stride, c, ldc, accumulate, 1, NULL);
+  tile(rows, panels, kpairs, a, b, panel_stride, c, ldc, accumulate, NULL);
   int same = 1;
   double worst = 0, worst_bits = 0;
   for (int r = 0; r < rows; ++r)
@@ -457,9 +455,9 @@ static void order_case(int rows, int panels, int64_t kpairs, int accumulate, int
   memcpy(c_vec, c_init, bytes);
   memcpy(c_again, c_init, bytes);
   const long ftz_before = model_ftz;
-  model_tile(rows, panels, kpairs, a, b, panel_stride, c_model, ldc, accumulate, 1, NULL);
-  cpu_amx_order_tile(rows, panels, kpairs, a, b, panel_stride, c_vec, ldc, accumulate, 1, NULL);
-  cpu_amx_order_tile(rows, panels, kpairs, a, b, panel_stride, c_again, ldc, accumulate, 1, NULL);
+  model_tile(rows, panels, kpairs, a, b, panel_stride, c_model, ldc, accumulate, NULL);
+  cpu_amx_order_tile(rows, panels, kpairs, a, b, panel_stride, c_vec, ldc, accumulate, NULL);
+  cpu_amx_order_tile(rows, panels, kpairs, a, b, panel_stride, c_again, ldc, accumulate, NULL);
   int64_t differ = 0;
   for (int64_t i = 0; i < rows * ldc; ++i)
     differ += memcmp(&c_model[i], &c_vec[i], sizeof(float)) != 0;
@@ -494,8 +492,8 @@ static void order_edges(void) {
     c_model[0] = c_vec[0] = cases[i][0];
     a[0] = moe_bf16_from_float(cases[i][1]);
     b[0] = moe_bf16_from_float(cases[i][2]);
-    model_tile(1, 1, 1, a, b, CPU_PANEL_PAIR, c_model, CPU_PANEL_COLS, 1, 1, NULL);
-    cpu_amx_order_tile(1, 1, 1, a, b, CPU_PANEL_PAIR, c_vec, CPU_PANEL_COLS, 1, 1, NULL);
+    model_tile(1, 1, 1, a, b, CPU_PANEL_PAIR, c_model, CPU_PANEL_COLS, 1, NULL);
+    cpu_amx_order_tile(1, 1, 1, a, b, CPU_PANEL_PAIR, c_vec, CPU_PANEL_COLS, 1, NULL);
     if (memcmp(c_model, c_vec, sizeof c_vec) != 0)
       fail("fma-order edge case: model %a", "order", 1, 1, 2, 1, (double)c_model[0]);
     order_cases++;

@@ -9,7 +9,7 @@
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
- *   AMX_PREFETCH_COLD(p)   the same, for weights that come from memory
+ *   AMX_PREFETCH_FAR(p)    the same, for the far stream (into L2)
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -37,16 +37,11 @@
  * accumulators go through c between the two (an exact fp32 store/load).
  * The order of operations on an output element depends only on kpairs.
  *
- * Prefetch: an item's weights come from memory once (its first row tile,
- * b_cold) and tileloadd waits for each line, so each k-step requests the B
- * rows of the step CPU_AMX_PREFETCH_STEPS ahead in the order the loops
- * visit them (this panel's next rows, then the next panel's first). Cold
- * rows are requested into L2 (AMX_PREFETCH_COLD), warm ones (later row
- * tiles, which find the K block in L2) into L1: a request into L1 holds
- * one of the core's few L1 fill buffers for a whole memory latency, and
- * measured 3-11% slower at the streaming points (bench/results.md, "CPU
- * AMX path: cold weights prefetched into L2"). A hint only: the results
- * never depend on it.
+ * Prefetch: an item's weights come from memory once (its first row tile)
+ * and tileloadd waits for each line, so each k-step requests the B rows of
+ * the step CPU_AMX_PREFETCH_STEPS ahead in the order the loops visit them
+ * (this panel's next rows, then the next panel's first). A hint only: the
+ * results never depend on it.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H
@@ -61,6 +56,12 @@
  * definition, for A/B builds: bench/results.md, "CPU AMX path"). */
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
+#endif
+/* A second, farther stream of requests (AMX_PREFETCH_FAR: into L2), so
+ * that more of a core's weight misses are in flight than its L1 fill
+ * buffers hold; 0 turns it off (an A/B definition). */
+#ifndef CPU_AMX_PREFETCH_FAR_STEPS
+#define CPU_AMX_PREFETCH_FAR_STEPS 0
 #endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
@@ -110,7 +111,7 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
 /* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                     float *c, int64_t ldc, int accumulate, int b_cold) {
+                                     float *c, int64_t ldc, int accumulate) {
   const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
@@ -122,7 +123,6 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
     const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
     if (kp_end == kp_begin) continue;
     const int pairs = pass ? (int)(kpairs - full) : CPU_AMX_PAIRS;
-    const int64_t step_bytes = (int64_t)pairs * b_stride; /* the B rows of one step */
     cpu_amx_make_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
@@ -146,14 +146,18 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       }
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
+        const int64_t step_bytes = (int64_t)pairs * CPU_PANEL_PAIR * 2;
         if (CPU_AMX_PREFETCH_STEPS > 0) {
-          const char *ahead = cpu_amx_rows_ahead(b, panel_stride, panels, p, kp, kp_begin, kp_end,
-                                                 pairs, CPU_AMX_PREFETCH_STEPS);
-          for (int64_t line = 0; ahead && line < step_bytes; line += 64)
-            if (b_cold)
-              AMX_PREFETCH_COLD(ahead + line);
-            else
-              AMX_PREFETCH(ahead + line);
+          const char *rows = cpu_amx_rows_ahead(b, panel_stride, panels, p, kp, kp_begin, kp_end,
+                                                pairs, CPU_AMX_PREFETCH_STEPS);
+          for (int64_t line = 0; rows && line < step_bytes; line += 64)
+            AMX_PREFETCH(rows + line);
+        }
+        if (CPU_AMX_PREFETCH_FAR_STEPS > 0) {
+          const char *rows = cpu_amx_rows_ahead(b, panel_stride, panels, p, kp, kp_begin, kp_end,
+                                                pairs, CPU_AMX_PREFETCH_FAR_STEPS);
+          for (int64_t line = 0; rows && line < step_bytes; line += 64)
+            AMX_PREFETCH_FAR(rows + line);
         }
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);

@@ -278,17 +278,14 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
-      /* The first row tile reads the block's packed weights from memory;
-       * later ones find them in L2 (packed on the fly: in L1 or L2). */
-      const int b_cold = pb->b_packed && r0 == 0;
       if (a_in_place) {
         const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;
         pb->path->tile_strided(tr, panels, kpairs, a, pb->lda / 2, b, panel_stride, c, C_TILE_LD,
-                               kp0 > 0, b_cold, next_block);
+                               kp0 > 0, next_block);
         continue;
       }
       pack_a(pb, run, row0 + r0, tr, kp0, kpairs, a_tile);
-      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c, C_TILE_LD, kp0 > 0, b_cold,
+      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c, C_TILE_LD, kp0 > 0,
                      next_block);
     }
   }

@@ -29,9 +29,6 @@
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
  * prefetch_after (may be NULL) is where the caller reads weights next; a
  * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
- * b_cold is 1 when the call is the first to read these weights in its
- * work item (they come from memory), 0 when an earlier call of the item
- * has read them (they are in L2): a hint for the kernel's prefetch.
  *
  * Reduction order (the determinism contract): every C element has ONE
  * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair
@@ -105,7 +102,7 @@ typedef enum cpu_a_format {
 } cpu_a_format;
 
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
-                            int64_t panel_stride, float *c, int64_t ldc, int accumulate, int b_cold,
+                            int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                             const uint16_t *prefetch_after);
 
 /* A tile kernel that reads A in place: as cpu_tile_fn with A in bf16 pairs,
@@ -115,7 +112,7 @@ typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a,
  * zero, and a NaN or inf times zero is NaN. */
 typedef void (*cpu_tile_strided_fn)(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                    float *c, int64_t ldc, int accumulate, int b_cold,
+                                    float *c, int64_t ldc, int accumulate,
                                     const uint16_t *prefetch_after);
 
 /* One kernel path: how A is packed for it, its tile kernel, and the row
@@ -157,7 +154,7 @@ const char *cpu_amx_split_kernel(void);
  * each an fp32 FMA with DAZ and FTZ) with AVX-512F: cpu_kernels_amx_order.c.
  * Needs a CPU with AVX-512F. */
 void cpu_amx_order_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
-                        int64_t panel_stride, float *c, int64_t ldc, int accumulate, int b_cold,
+                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                         const uint16_t *prefetch_after);
 #endif
 

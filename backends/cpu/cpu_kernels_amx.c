@@ -76,14 +76,13 @@
 #define AMX_STORE(t, p, s) _tile_stored(t, p, s)
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()
-/* The cache level the weight prefetch fills: L1 for weights the item has
- * read before (in L2), and for cold weights (from memory) the level of
- * CPU_AMX_COLD_HINT: L2 by default, L1 (_MM_HINT_T0) for A/B builds. */
-#ifndef CPU_AMX_COLD_HINT
-#define CPU_AMX_COLD_HINT _MM_HINT_T1
+/* The cache level the weight prefetch fills: T0 (L1) by default; T1 (L2)
+ * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1). */
+#ifndef CPU_AMX_PREFETCH_HINT
+#define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
 #endif
-#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
-#define AMX_PREFETCH_COLD(p) _mm_prefetch((const char *)(p), CPU_AMX_COLD_HINT)
+#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
+#define AMX_PREFETCH_FAR(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 #include "cpu_amx_tile.h"
 
 #include "cpu_amx_probe.h"
@@ -160,33 +159,32 @@ const char *cpu_amx_split_kernel(void) {
 
 /* Selected only after cpu_amx_usable(), so amx_split_rows is set. */
 static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed, const uint16_t *b,
-                     int64_t panel_stride, float *c, int64_t ldc, int accumulate, int b_cold,
+                     int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                      const uint16_t *prefetch_after) {
   if (rows < amx_split_rows) {
-    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate, b_cold,
+    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate,
                    prefetch_after);
     return;
   }
   cpu_amx_tile_body(rows, panels, kpairs, a_packed, CPU_A_STRIDE_U32, b, panel_stride, c, ldc,
-                    accumulate, b_cold);
+                    accumulate);
 }
 
 /* A in place (the layer's sorted activation rows); the few rows of a split
  * tile are copied into the packed form the vector kernels read. */
 static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                              int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                             float *c, int64_t ldc, int accumulate, int b_cold,
+                             float *c, int64_t ldc, int accumulate,
                              const uint16_t *prefetch_after) {
   if (rows < amx_split_rows) {
     uint32_t packed[(CPU_AMX_MIN_ROWS - 1) * CPU_A_STRIDE_U32];
     for (int r = 0; r < rows; ++r)
       memcpy(packed + r * CPU_A_STRIDE_U32, a + r * a_stride_u32, (size_t)kpairs * sizeof *a);
-    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate, b_cold,
+    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate,
                    prefetch_after);
     return;
   }
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                    b_cold);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 _Static_assert(CPU_AMX_MIN_ROWS <= CPU_MR_MAX + 1, "the AVX-512 kernels take <= CPU_MR_MAX rows");

@@ -144,8 +144,7 @@ CPU_DEFINE_ALL_BLOCKS(DEFINE_BLOCK, one_panel_fn)
 
 static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                         const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                        int accumulate, int b_cold, const uint16_t *prefetch_after) {
-  (void)b_cold;
+                        int accumulate, const uint16_t *prefetch_after) {
   const float *a = a_packed;
   int p = 0;
   if (rows <= 3)

@@ -11,8 +11,7 @@
 
 static void portable_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                           const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                          int accumulate, int b_cold, const uint16_t *prefetch_after) {
-  (void)b_cold;
+                          int accumulate, const uint16_t *prefetch_after) {
   (void)prefetch_after;
   const float *a = a_packed;
   for (int p = 0; p < panels; ++p) {

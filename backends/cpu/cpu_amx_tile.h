@@ -9,7 +9,6 @@
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
- *   AMX_PREFETCH_FAR(p)    the same, for the far stream (into L2)
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -56,12 +55,6 @@
  * definition, for A/B builds: bench/results.md, "CPU AMX path"). */
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
-#endif
-/* A second, farther stream of requests (AMX_PREFETCH_FAR: into L2), so
- * that more of a core's weight misses are in flight than its L1 fill
- * buffers hold; 0 turns it off (an A/B definition). */
-#ifndef CPU_AMX_PREFETCH_FAR_STEPS
-#define CPU_AMX_PREFETCH_FAR_STEPS 0
 #endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
@@ -152,12 +145,6 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                                 pairs, CPU_AMX_PREFETCH_STEPS);
           for (int64_t line = 0; rows && line < step_bytes; line += 64)
             AMX_PREFETCH(rows + line);
-        }
-        if (CPU_AMX_PREFETCH_FAR_STEPS > 0) {
-          const char *rows = cpu_amx_rows_ahead(b, panel_stride, panels, p, kp, kp_begin, kp_end,
-                                                pairs, CPU_AMX_PREFETCH_FAR_STEPS);
-          for (int64_t line = 0; rows && line < step_bytes; line += 64)
-            AMX_PREFETCH_FAR(rows + line);
         }
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);

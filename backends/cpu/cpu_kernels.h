@@ -73,11 +73,13 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #define CPU_A_STRIDE_U32 (CPU_KC_PAIRS + 16)     /* uint32 between packed A rows */
 
 /* The AMX path: two 16-row tiles of A per call (4 accumulator tiles of
- * 16 x 16 live), about four such calls per work item: an expert's weights
- * stream once per about 128 of its rows (a run is cut into balanced
- * chunks of under 1.5 item_rows, cpu_gemm.c's run_chunks). 128 against 64: 0.72-0.85x the time at
- * Mixtral 512 and 4096 tokens and Qwen3 4096 on a 16-vCPU AMX host; 256
- * was slower again (bench/results.md, "CPU AMX path"). */
+ * 16 x 16 live), about eight such calls per work item: an expert's weights
+ * stream once per about 256 of its rows (a run is cut into balanced
+ * chunks of under 1.5 item_rows, cpu_gemm.c's run_chunks). With balanced
+ * chunks, 256 against 128 took 0.77x the time at Mixtral 4096 tokens and
+ * 0.92x at Qwen3 4096 on 16-core AMX hosts, and changes nothing where runs
+ * have under 384 rows; 512 was no faster (bench/results.md, "CPU AMX path
+ * on two classes of 16-core hosts"). */
 #define CPU_AMX_TILE_ROWS 32
 #ifndef CPU_AMX_ITEM_ROWS
 #define CPU_AMX_ITEM_ROWS 256

@@ -57,17 +57,19 @@
 #define CPU_AMX_PREFETCH_STEPS 4
 #endif
 
-/* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
- * of `pairs` k-pairs over [kp_begin, kp_end) in every panel), or NULL
- * past the last panel. */
-static inline const char *cpu_amx_rows_ahead(const uint16_t *b, int64_t panel_stride, int panels,
-                                             int p, int64_t kp, int64_t kp_begin, int64_t kp_end,
-                                             int pairs, int ahead) {
+/* Requests the B rows of step `ahead` steps after k-pair kp of panel p
+ * (steps of `pairs` k-pairs over [kp_begin, kp_end) in every panel). */
+static inline void cpu_amx_prefetch_b(const uint16_t *b, int64_t panel_stride, int panels, int p,
+                                      int64_t kp, int64_t kp_begin, int64_t kp_end, int pairs,
+                                      int ahead) {
   int64_t next = kp + (int64_t)ahead * pairs;
   while (next >= kp_end && ++p < panels)
     next = kp_begin + (next - kp_end);
-  if (p >= panels) return NULL;
-  return (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  if (p >= panels) return;
+  const char *rows = (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  const int64_t bytes = (int64_t)pairs * CPU_PANEL_PAIR * 2;
+  for (int64_t line = 0; line < bytes; line += 64)
+    AMX_PREFETCH(rows + line);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -139,13 +141,9 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       }
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
-        const int64_t step_bytes = (int64_t)pairs * CPU_PANEL_PAIR * 2;
-        if (CPU_AMX_PREFETCH_STEPS > 0) {
-          const char *rows = cpu_amx_rows_ahead(b, panel_stride, panels, p, kp, kp_begin, kp_end,
-                                                pairs, CPU_AMX_PREFETCH_STEPS);
-          for (int64_t line = 0; rows && line < step_bytes; line += 64)
-            AMX_PREFETCH(rows + line);
-        }
+        if (CPU_AMX_PREFETCH_STEPS > 0)
+          cpu_amx_prefetch_b(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                             CPU_AMX_PREFETCH_STEPS);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);

@@ -250,8 +250,8 @@ step_cpu() {
 # Issue 14's CPU figures in one call, most important first, so that a call
 # cut short keeps what finished: the AMX check (real tiles, both A modes),
 # moe_bench on all cores at the floors' points, the PyTorch CPU peer, the
-# AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: the L2
-# prefetch hint against the default).
+# AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: the
+# lead of bench/results.md, K blocks of 128 with 16 panels per item).
 step_cpufloors() {
   local dir=build-cpu n
   n=$(nproc)
@@ -269,9 +269,9 @@ step_cpufloors() {
   echo "cpu torch peer rc=$?"; tail -10 "$out/cpu-torch-peer.log"
   timeout 100 ctest --test-dir $dir -R 'cpu-amx' --output-on-failure >"$out/cpu-ctest-amx.log" 2>&1
   echo "cpu ctest amx rc=$?"; tail -4 "$out/cpu-ctest-amx.log"
-  CPU_AB_TIMEOUT=${CPU_AB_TIMEOUT:-150} CPU_AB_ROUNDS=${CPU_AB_ROUNDS:-1} \
-    CPU_AB_TOKENS=${CPU_AB_TOKENS:-512,4096} \
-    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= t1=-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1"} step_cpuab
+  CPU_AB_TIMEOUT=${CPU_AB_TIMEOUT:-250} CPU_AB_ROUNDS=${CPU_AB_ROUNDS:-4} \
+    CPU_AB_TOKENS=${CPU_AB_TOKENS:-16,128,512,4096} \
+    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= kc128gp16=-DCPU_KC_PAIRS=128,-DCPU_GROUP_PANELS=16"} step_cpuab
 }
 
 # Where the AMX forward's time goes (backends/cpu/cpu_phase_times.h: a

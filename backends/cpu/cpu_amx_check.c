@@ -14,8 +14,8 @@
  *    hardware would, so AddressSanitizer (scripts/sanitize.sh) also checks
  *    the addressing.
  * 2. The same model as a kernel path through the real driver
- *    (cpu_gemm_execute: tile_rows 32, item_rows 128, K blocks, two threads),
- *    against bf16 of the same scalar loop, exactly.
+ *    (cpu_gemm_execute: the AMX path's tile_rows and item_rows, K blocks,
+ *    2 and 24 threads), against bf16 of the same scalar loop, exactly.
  * 3. Where the CPU has AVX-512F: the fma-order decode kernel
  *    (cpu_kernels_amx_order.c) against the model, bit for bit over the whole
  *    C, on the three kinds of data of cpu_amx_probe.h (wide normal range;

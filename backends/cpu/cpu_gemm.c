@@ -219,9 +219,10 @@ static void apply_epilogue(const cpu_epilogue *ep, const cpu_gemm_run *run, int6
 
 /* An expert's run is cut into round(rows / item_rows) chunks (at least
  * one) of balanced size: each chunk reads its groups' weights from memory
- * once, so 140 rows run as one chunk, not as 128 + 12 with a whole weight
- * read for 12 rows (about half the experts of a 512-token Mixtral step
- * have a few rows more than 128). A chunk has under 1.5 item_rows rows.
+ * once, so with item_rows 128, 140 rows run as one chunk, not as 128 + 12
+ * with a whole weight read for 12 rows (about half the experts of a
+ * 512-token Mixtral step had a few rows more than 128 when that was the
+ * AMX path's item size). A chunk has under 1.5 item_rows rows.
  * -DCPU_BALANCED_CHUNKS=0: fixed chunks of item_rows, for A/B builds. */
 static int64_t run_chunks(int64_t rows, int item_rows) {
   if (!CPU_BALANCED_CHUNKS) return div_up(rows, item_rows);

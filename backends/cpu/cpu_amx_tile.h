@@ -56,20 +56,33 @@
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
 #endif
+#ifndef CPU_AMX_PREFETCH_SPREAD
+#define CPU_AMX_PREFETCH_SPREAD 1
+#endif
 
-/* Requests the B rows of step `ahead` steps after k-pair kp of panel p
- * (steps of `pairs` k-pairs over [kp_begin, kp_end) in every panel). */
-static inline void cpu_amx_prefetch_b(const uint16_t *b, int64_t panel_stride, int panels, int p,
-                                      int64_t kp, int64_t kp_begin, int64_t kp_end, int pairs,
-                                      int ahead) {
+/* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
+ * of `pairs` k-pairs over [kp_begin, kp_end) in every panel), or NULL past
+ * the last panel. */
+static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t panel_stride,
+                                                  int panels, int p, int64_t kp, int64_t kp_begin,
+                                                  int64_t kp_end, int pairs, int ahead) {
   int64_t next = kp + (int64_t)ahead * pairs;
   while (next >= kp_end && ++p < panels)
     next = kp_begin + (next - kp_end);
-  if (p >= panels) return;
-  const char *rows = (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
-  const int64_t bytes = (int64_t)pairs * CPU_PANEL_PAIR * 2;
-  for (int64_t line = 0; line < bytes; line += 64)
-    AMX_PREFETCH(rows + line);
+  if (p >= panels) return NULL;
+  return (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+}
+
+/* Requests part `part` of `parts` of the 2 * pairs lines at rows (NULL:
+ * nothing). A step's requests go out in parts between its tile
+ * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
+ * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
+ * "CPU AMX path: the weight stream per core"). */
+static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, int parts) {
+  if (!rows || part >= parts) return;
+  const int lines = 2 * pairs; /* a k-pair of a panel is 128 bytes */
+  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+    AMX_PREFETCH(rows + 64 * line);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -141,17 +154,25 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       }
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
-        if (CPU_AMX_PREFETCH_STEPS > 0)
-          cpu_amx_prefetch_b(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                             CPU_AMX_PREFETCH_STEPS);
+        const char *ahead = CPU_AMX_PREFETCH_STEPS > 0
+                                ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
+                                                          kp_end, pairs, CPU_AMX_PREFETCH_STEPS)
+                                : NULL;
+        /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
+         * at the step's start, for A/B builds). */
+        const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
+        cpu_amx_prefetch_part(ahead, pairs, 0, parts);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
+        cpu_amx_prefetch_part(ahead, pairs, 1, parts);
         AMX_DP(1, 4, 7);
         if (two) {
+          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
+          cpu_amx_prefetch_part(ahead, pairs, 3, parts);
           AMX_DP(3, 5, 7);
         }
       }

@@ -57,31 +57,7 @@
 #define ARCH_REQ_XCOMP_PERM 0x1023
 #define XFEATURE_XTILEDATA 18
 
-/* GCC 12's ldtilecfg and tileloadd asm statements declare no memory read
- * (ldtilecfg names 8 of its 64 bytes), so the compiler could keep the
- * configuration's or the operands' stores after them: each goes after a
- * barrier that hands the address to an asm reading all memory. */
-#define AMX_ESCAPE(p) __asm__ volatile("" : : "r"(p) : "memory")
-#define AMX_CONFIG(cfg)                                                                            \
-  do {                                                                                             \
-    AMX_ESCAPE(cfg);                                                                               \
-    _tile_loadconfig(cfg);                                                                         \
-  } while (0)
-#define AMX_ZERO(t) _tile_zero(t)
-#define AMX_LOAD(t, p, s)                                                                          \
-  do {                                                                                             \
-    AMX_ESCAPE(p);                                                                                 \
-    _tile_loadd(t, p, s);                                                                          \
-  } while (0)
-#define AMX_STORE(t, p, s) _tile_stored(t, p, s)
-#define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
-#define AMX_RELEASE() _tile_release()
-/* The cache level the weight prefetch fills: T0 (L1) by default; T1 (L2)
- * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1). */
-#ifndef CPU_AMX_PREFETCH_HINT
-#define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
-#endif
-#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
+#include "cpu_amx_intrinsics.h"
 #include "cpu_amx_tile.h"
 
 #include "cpu_amx_probe.h"

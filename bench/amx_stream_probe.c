@@ -1,0 +1,357 @@
+/*
+ * amx_stream_probe.c - how fast one core streams packed weights through
+ * AMX tiles: the CPU backend's AMX kernel body (cpu_amx_tile.h) and
+ * candidate variants of its prefetch and panel order, on synthetic work
+ * items shaped like the library's (8 panels of 32 columns, K = 2048 in
+ * blocks of CPU_KC_PAIRS k-pairs), all in one process so that they are
+ * compared on the same host state, rounds interleaved, medians printed.
+ *
+ * The forward's streaming points (about 32 rows per expert: Qwen3 512
+ * tokens, Mixtral 128) move about 8 GB/s of weights per core on 16-core
+ * AMX hosts, against about 13 for the plain read that sets moe_bench's
+ * roofline (bench/results.md, "CPU AMX path"); this tool separates the
+ * kernel's share of that from the driver's. Not a test: the outputs are
+ * not checked (cpu_amx_check does that for the kernel body); the tool is
+ * built only where the compiler has AMX, and runs only where the CPU does.
+ *
+ * Usage: amx_stream_probe [THREADS...]   (default: 1, 2, half and all)
+ * Per variant, rows per item and thread count: ns per 16-k-pair tile step,
+ * the weights' GB/s per core and in all, and TFLOP/s.
+ */
+#include "cpu_amx_intrinsics.h"
+#include "cpu_amx_tile.h"
+
+#include <cpuid.h>
+#include <omp.h>
+#include <stdint.h>
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <sys/mman.h>
+#include <sys/syscall.h>
+#include <unistd.h>
+
+enum {
+  KPAIRS = 1024,                                   /* K = 2048, Qwen3's hidden size */
+  PANELS = 8,                                      /* CPU_GROUP_PANELS */
+  STEP_BYTES = CPU_AMX_PAIRS * CPU_PANEL_PAIR * 2, /* one panel's B per tile step */
+  ROUNDS = 7,
+};
+#define PANEL_STRIDE ((int64_t)KPAIRS * CPU_PANEL_PAIR) /* uint16 */
+#define ITEM_BYTES ((int64_t)PANELS * PANEL_STRIDE * 2) /* 1 MiB */
+#define WINDOW_PER_THREAD ((int64_t)64 << 20)
+
+/* A variant of the tile kernel: how it prefetches and in which order it
+ * visits the panels and rows. Kernel KERNEL_LIBRARY is cpu_amx_tile_body as
+ * compiled into the library (its prefetch fixed at build time). */
+typedef enum { KERNEL_LIBRARY, KERNEL_ONE_PANEL, KERNEL_DOUBLE_BUFFERED } kernel_kind;
+typedef struct variant {
+  const char *name;
+  kernel_kind kernel;
+  int ahead;      /* prefetch distance in tile steps; 0: none */
+  int every;      /* prefetch one line in `every` of the step's 32 */
+  int hint;       /* 0 T0, 1 T1 */
+  int streams;    /* prefetch this many panels' steps (the current and the next ones) */
+  int cold_only;  /* prefetch in a K block's first row tile only (the later find B in L2) */
+  int spread;     /* issue a step's prefetches in parts between its tile operations */
+  int interleave; /* load each B tile just before its first TDPBF16PS */
+} variant;
+
+static const variant variants[] = {
+    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0, 0, 0},
+    {"pf2", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 0, 0},
+    {"pf4", KERNEL_ONE_PANEL, 4, 1, 0, 1, 0, 0, 0},
+    {"pf2-spread", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 1, 0},
+    {"pf4-spread", KERNEL_ONE_PANEL, 4, 1, 0, 1, 0, 1, 0},
+    {"pf2-interleave", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 0, 1},
+    {"pf2-spread-interleave", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 1, 1},
+    {"pf3-spread", KERNEL_ONE_PANEL, 3, 1, 0, 1, 0, 1, 0},
+};
+enum { VARIANTS = sizeof variants / sizeof variants[0] };
+
+/* The lines of panel p's tile step `step` (steps of the K block in
+ * [0, steps)), `ahead` steps later in visiting order, for `streams` panels
+ * from p on; `next_panel` panels on is the panel visited after p. */
+static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p, int next_panel,
+                          int step, int steps, int part, int parts) {
+  if (v->ahead == 0) return;
+  for (int s = 0; s < v->streams; ++s) {
+    int panel = p + s, next = step + v->ahead;
+    while (next >= steps && (panel += next_panel) < panels)
+      next -= steps;
+    if (panel >= panels) return;
+    const char *lines = (const char *)(b + panel * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
+    const int every = 64 * v->every;
+    const int begin = STEP_BYTES / parts * part, end = begin + STEP_BYTES / parts;
+    if (v->hint == 1)
+      for (int off = begin; off < end; off += every)
+        _mm_prefetch(lines + off, _MM_HINT_T1);
+    else
+      for (int off = begin; off < end; off += every)
+        _mm_prefetch(lines + off, _MM_HINT_T0);
+  }
+}
+
+static void prefetch_steps(const variant *v, const uint16_t *b, int panels, int p, int next_panel,
+                           int step, int steps) {
+  prefetch_part(v, b, panels, p, next_panel, step, steps, 0, 1);
+}
+
+/* The library's loop with a run-time prefetch: one panel at a time, rows
+ * <= 32 as two 16-row blocks. */
+static void one_panel(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
+                      int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc) {
+  const int two = rows > 16, steps = kpairs / CPU_AMX_PAIRS;
+  const uint32_t *a1 = a + 16 * lda_u32;
+  cpu_amx_config cfg;
+  cpu_amx_make_config(&cfg, rows, CPU_AMX_PAIRS);
+  AMX_CONFIG(&cfg);
+  for (int p = 0; p < panels; ++p) {
+    const uint16_t *panel = b + p * PANEL_STRIDE;
+    float *c0 = c + p * 32, *c1 = c0 + 16 * ldc;
+    AMX_LOAD(0, c0, ldc * 4);
+    AMX_LOAD(1, c0 + 16, ldc * 4);
+    if (two) {
+      AMX_LOAD(2, c1, ldc * 4);
+      AMX_LOAD(3, c1 + 16, ldc * 4);
+    }
+    for (int step = 0; step < steps; ++step) {
+      const uint16_t *w = panel + step * (STEP_BYTES / 2);
+      const int parts = v->spread ? (two ? 4 : 2) : 1;
+      prefetch_part(v, b, panels, p, 1, step, steps, 0, parts);
+      if (v->interleave) {
+        AMX_LOAD(6, w, 128);
+        AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
+        AMX_DP(0, 4, 6);
+        if (parts > 1) prefetch_part(v, b, panels, p, 1, step, steps, 1, parts);
+        AMX_LOAD(7, w + 32, 128);
+        AMX_DP(1, 4, 7);
+      } else {
+        AMX_LOAD(6, w, 128);
+        AMX_LOAD(7, w + 32, 128);
+        AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
+        AMX_DP(0, 4, 6);
+        if (parts > 1) prefetch_part(v, b, panels, p, 1, step, steps, 1, parts);
+        AMX_DP(1, 4, 7);
+      }
+      if (two) {
+        if (parts > 2) prefetch_part(v, b, panels, p, 1, step, steps, 2, parts);
+        AMX_LOAD(5, a1 + step * CPU_AMX_PAIRS, lda_u32 * 4);
+        AMX_DP(2, 5, 6);
+        if (parts > 3) prefetch_part(v, b, panels, p, 1, step, steps, 3, parts);
+        AMX_DP(3, 5, 7);
+      }
+    }
+    AMX_STORE(0, c0, ldc * 4);
+    AMX_STORE(1, c0 + 16, ldc * 4);
+    if (two) {
+      AMX_STORE(2, c1, ldc * 4);
+      AMX_STORE(3, c1 + 16, ldc * 4);
+    }
+  }
+  AMX_RELEASE();
+}
+
+/* Per panel, one 16-row block at a time, with A and B double-buffered
+ * across tile steps (two accumulators: the two column halves), so that a
+ * step's tile loads do not wait for the previous step's TDPBF16PS to free
+ * their tiles; the second row block finds the panel's weights in L1. Rows
+ * > 16 must split into equal blocks here (the probe's 32 and 256 do). */
+static void double_buffered(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
+                            int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc) {
+  const int steps = kpairs / CPU_AMX_PAIRS, block = rows < 16 ? rows : 16;
+  cpu_amx_config cfg;
+  memset(&cfg, 0, sizeof cfg);
+  cfg.palette = 1;
+  for (int t = 0; t < 8; ++t) {
+    cfg.rows[t] = (uint8_t)(t < 4 ? block : CPU_AMX_PAIRS);
+    cfg.colsb[t] = 64;
+  }
+  AMX_CONFIG(&cfg);
+  for (int p = 0; p < panels; ++p) {
+    const uint16_t *panel = b + p * PANEL_STRIDE;
+    for (int r0 = 0; r0 < rows; r0 += 16) {
+      const uint32_t *ar = a + r0 * lda_u32;
+      float *cr = c + r0 * ldc + p * 32;
+      AMX_LOAD(0, cr, ldc * 4);
+      AMX_LOAD(1, cr + 16, ldc * 4);
+      for (int step = 0; step < steps; step += 2) {
+        const uint16_t *w = panel + step * (STEP_BYTES / 2);
+        if (r0 == 0) prefetch_steps(v, b, panels, p, 1, step, steps);
+        AMX_LOAD(2, ar + step * CPU_AMX_PAIRS, lda_u32 * 4);
+        AMX_LOAD(4, w, 128);
+        AMX_LOAD(5, w + 32, 128);
+        AMX_DP(0, 2, 4);
+        AMX_DP(1, 2, 5);
+        if (r0 == 0) prefetch_steps(v, b, panels, p, 1, step + 1, steps);
+        AMX_LOAD(3, ar + (step + 1) * CPU_AMX_PAIRS, lda_u32 * 4);
+        AMX_LOAD(6, w + STEP_BYTES / 2, 128);
+        AMX_LOAD(7, w + STEP_BYTES / 2 + 32, 128);
+        AMX_DP(0, 3, 6);
+        AMX_DP(1, 3, 7);
+      }
+      AMX_STORE(0, cr, ldc * 4);
+      AMX_STORE(1, cr + 16, ldc * 4);
+    }
+  }
+  AMX_RELEASE();
+}
+
+/* One work item as the driver runs it: K blocks, row tiles of <= 32. */
+static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
+                     const uint16_t *b, float *c, int64_t ldc) {
+  for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
+    for (int r0 = 0; r0 < rows; r0 += CPU_AMX_TILE_ROWS) {
+      const int tr = rows - r0 < CPU_AMX_TILE_ROWS ? rows - r0 : CPU_AMX_TILE_ROWS;
+      const uint32_t *at = a + r0 * lda_u32 + kp0;
+      const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
+      float *ct = c + r0 * ldc;
+      variant quiet = *v; /* a later row tile of a cold-only variant */
+      quiet.ahead = 0;
+      const variant *tile_v = v->cold_only && r0 > 0 ? &quiet : v;
+      if (v->kernel == KERNEL_LIBRARY)
+        cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1);
+      else if (v->kernel == KERNEL_DOUBLE_BUFFERED)
+        double_buffered(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
+      else
+        one_panel(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
+    }
+}
+
+/* The next window of 64 MiB per thread: consecutive passes read different
+ * parts of the region, so no pass finds its weights in L3. */
+static int64_t region_bytes; /* two windows of the most threads, at least 2 GiB (7x L3) */
+static const uint16_t *next_window(const uint16_t *region, int threads) {
+  static int64_t pass;
+  const int64_t window = WINDOW_PER_THREAD * threads, windows = region_bytes / window;
+  return region + (pass++ % windows) * (window / 2);
+}
+
+/* Seconds for every thread to run its 64 items of a window. */
+static double timed_pass(const variant *v, int rows, int threads, const uint16_t *region,
+                         const uint32_t *a_all, int64_t lda_u32, float *c_all) {
+  const int64_t per = WINDOW_PER_THREAD / ITEM_BYTES;
+  const uint16_t *window = next_window(region, threads);
+  const double t0 = omp_get_wtime();
+#pragma omp parallel num_threads(threads)
+  {
+    const int id = omp_get_thread_num();
+    const uint32_t *a = a_all + (int64_t)id * 256 * lda_u32;
+    float *c = c_all + (int64_t)id * 256 * PANELS * 32;
+    for (int64_t i = id * per; i < (id + 1) * per; ++i)
+      run_item(v, rows, a, lda_u32, window + i * (ITEM_BYTES / 2), c, PANELS * 32);
+  }
+  return omp_get_wtime() - t0;
+}
+
+/* The same bytes read with AVX-512 loads, one line per load, four streams
+ * per thread (moe_bench's roofline reader): the per-core rate to aim at. */
+static double read_pass(int threads, const uint16_t *region) {
+  const uint16_t *window = next_window(region, threads);
+  const double t0 = omp_get_wtime();
+  long long total = 0;
+#pragma omp parallel num_threads(threads) reduction(+ : total)
+  {
+    const int id = omp_get_thread_num();
+    const int64_t per = WINDOW_PER_THREAD;
+    const char *base = (const char *)window + id * per;
+    const int64_t quarter = per / 4;
+    __m512i s = _mm512_setzero_si512();
+    for (int64_t i = 0; i < quarter; i += 64) {
+      s = _mm512_add_epi64(s, _mm512_load_si512(base + i));
+      s = _mm512_add_epi64(s, _mm512_load_si512(base + quarter + i));
+      s = _mm512_add_epi64(s, _mm512_load_si512(base + 2 * quarter + i));
+      s = _mm512_add_epi64(s, _mm512_load_si512(base + 3 * quarter + i));
+    }
+    total += _mm512_reduce_add_epi64(s);
+  }
+  volatile long long sink = total;
+  (void)sink;
+  return omp_get_wtime() - t0;
+}
+
+static int cmp_double(const void *x, const void *y) {
+  const double a = *(const double *)x, b = *(const double *)y;
+  return (a > b) - (a < b);
+}
+
+static int have_amx(void) {
+  unsigned eax, ebx, ecx, edx;
+  if (!__get_cpuid_count(7, 0, &eax, &ebx, &ecx, &edx)) return 0;
+  if (!(edx & (1u << 22)) || !(edx & (1u << 24))) return 0;
+  return syscall(SYS_arch_prctl, 0x1023 /* ARCH_REQ_XCOMP_PERM */, 18 /* XTILEDATA */) == 0;
+}
+
+int main(int argc, char **argv) {
+  if (!have_amx()) {
+    printf("amx_stream_probe: SKIPPED (no AMX here)\n");
+    return 0;
+  }
+  int thread_counts[8] = {1, 2, omp_get_max_threads() / 2, omp_get_max_threads()}, counts = 4;
+  if (argc > 1) {
+    counts = 0;
+    for (int i = 1; i < argc && counts < 8; ++i)
+      thread_counts[counts++] = atoi(argv[i]);
+  }
+  int max_threads = 1;
+  for (int i = 0; i < counts; ++i)
+    if (thread_counts[i] > max_threads) max_threads = thread_counts[i];
+
+  region_bytes = 2 * WINDOW_PER_THREAD * max_threads;
+  if (region_bytes < ((int64_t)2 << 30)) region_bytes = (int64_t)2 << 30;
+  uint16_t *region = aligned_alloc((size_t)2 << 20, (size_t)region_bytes);
+  const int64_t lda_u32 = KPAIRS + 16; /* the layer's sorted row pitch, in pairs */
+  const int64_t a_words = (int64_t)max_threads * 256 * lda_u32;
+  uint32_t *a = aligned_alloc(64, (size_t)a_words * 4);
+  float *c = aligned_alloc(64, (size_t)max_threads * 256 * PANELS * 32 * 4);
+  if (!region || !a || !c) return 1;
+  madvise(region, (size_t)region_bytes, MADV_HUGEPAGE);
+  /* Small normal bf16 values, so the sums stay finite; first touch by the
+   * threads that read them. */
+#pragma omp parallel for schedule(static) num_threads(max_threads)
+  for (int64_t i = 0; i < region_bytes / 2; ++i)
+    region[i] = (uint16_t)(0x3c00 + (i & 0xff));
+  for (int64_t i = 0; i < a_words; ++i)
+    a[i] = 0x3c003c00u + (uint32_t)(i & 0xff);
+  memset(c, 0, (size_t)max_threads * 256 * PANELS * 32 * 4);
+
+  static const int row_counts[] = {1, 16, 32, 256};
+  enum { ROWS = sizeof row_counts / sizeof row_counts[0] };
+  printf("K = %d, %d panels per item, K blocks of %d k-pairs, library prefetch %d steps; "
+         "%d items of %lld KiB per thread and pass; medians of %d rounds\n",
+         2 * KPAIRS, PANELS, CPU_KC_PAIRS, CPU_AMX_PREFETCH_STEPS,
+         (int)(WINDOW_PER_THREAD / ITEM_BYTES), (long long)(ITEM_BYTES >> 10), ROUNDS);
+  for (int t = 0; t < counts; ++t) {
+    const int threads = thread_counts[t];
+    static double seconds[VARIANTS][ROWS][ROUNDS], reads[ROUNDS];
+    for (int round = 0; round < ROUNDS; ++round) {
+      reads[round] = read_pass(threads, region);
+      for (int v = 0; v < VARIANTS; ++v)
+        for (int r = 0; r < ROWS; ++r)
+          seconds[v][r][round] =
+              timed_pass(&variants[v], row_counts[r], threads, region, a, lda_u32, c);
+    }
+    qsort(reads, ROUNDS, sizeof *reads, cmp_double);
+    const double bytes = (double)WINDOW_PER_THREAD * threads;
+    printf("\n%d threads: AVX-512 4-stream read %.1f GB/s (%.1f per core)\n", threads,
+           bytes / reads[ROUNDS / 2] * 1e-9, bytes / reads[ROUNDS / 2] * 1e-9 / threads);
+    printf("%-24s %5s %10s %12s %10s %9s\n", "variant", "rows", "ns/step", "GB/s/core", "GB/s",
+           "TFLOP/s");
+    for (int v = 0; v < VARIANTS; ++v)
+      for (int r = 0; r < ROWS; ++r) {
+        double *s = seconds[v][r];
+        qsort(s, ROUNDS, sizeof *s, cmp_double);
+        const double median = s[ROUNDS / 2];
+        const double steps = bytes / STEP_BYTES / threads; /* per thread, one row tile */
+        const double tiles = (row_counts[r] + 31) / 32;
+        const double flops = 2.0 * row_counts[r] * (bytes / 2);
+        printf("%-24s %5d %10.1f %12.2f %10.1f %9.3f\n", variants[v].name, row_counts[r],
+               median / (steps * tiles) * 1e9, bytes / median * 1e-9 / threads,
+               bytes / median * 1e-9, flops / median * 1e-12);
+      }
+  }
+  free(region);
+  free(a);
+  free(c);
+  return 0;
+}

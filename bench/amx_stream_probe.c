@@ -1,7 +1,7 @@
 /*
  * amx_stream_probe.c - how fast one core streams packed weights through
  * AMX tiles: the CPU backend's AMX kernel body (cpu_amx_tile.h) and
- * candidate variants of its prefetch and panel order, on synthetic work
+ * candidate variants of its weight prefetch, on synthetic work
  * items shaped like the library's (8 panels of 32 columns, K = 2048 in
  * blocks of CPU_KC_PAIRS k-pairs), all in one process so that they are
  * compared on the same host state, rounds interleaved, medians printed.
@@ -41,60 +41,51 @@ enum {
 #define ITEM_BYTES ((int64_t)PANELS * PANEL_STRIDE * 2) /* 1 MiB */
 #define WINDOW_PER_THREAD ((int64_t)64 << 20)
 
-/* A variant of the tile kernel: how it prefetches and in which order it
- * visits the panels and rows. Kernel KERNEL_LIBRARY is cpu_amx_tile_body as
- * compiled into the library (its prefetch fixed at build time). */
-typedef enum { KERNEL_LIBRARY, KERNEL_ONE_PANEL, KERNEL_DOUBLE_BUFFERED } kernel_kind;
+/* A variant of the tile kernel: how it prefetches the weights. Kernel KERNEL_LIBRARY is
+ * cpu_amx_tile_body as compiled into the library (its prefetch fixed at build time). */
+typedef enum { KERNEL_LIBRARY, KERNEL_ONE_PANEL } kernel_kind;
 typedef struct variant {
   const char *name;
   kernel_kind kernel;
-  int ahead;      /* prefetch distance in tile steps; 0: none */
-  int every;      /* prefetch one line in `every` of the step's 32 */
-  int hint;       /* 0 T0, 1 T1 */
-  int streams;    /* prefetch this many panels' steps (the current and the next ones) */
-  int cold_only;  /* prefetch in a K block's first row tile only (the later find B in L2) */
-  int spread;     /* issue a step's prefetches in parts between its tile operations */
-  int interleave; /* load each B tile just before its first TDPBF16PS */
+  int ahead;     /* prefetch distance in tile steps; 0: none */
+  int every;     /* prefetch one line in `every` of the step's 32 */
+  int hint;      /* 0 T0, 1 T1 */
+  int cold_only; /* prefetch in a K block's first row tile only (the later find B in L2) */
+  int parts;     /* issue a step's prefetches in this many parts between its tile operations */
 } variant;
 
 static const variant variants[] = {
-    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0, 0, 0},
-    {"pf2", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 0, 0},
-    {"pf4", KERNEL_ONE_PANEL, 4, 1, 0, 1, 0, 0, 0},
-    {"pf2-spread", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 1, 0},
-    {"pf4-spread", KERNEL_ONE_PANEL, 4, 1, 0, 1, 0, 1, 0},
-    {"pf2-interleave", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 0, 1},
-    {"pf2-spread-interleave", KERNEL_ONE_PANEL, 2, 1, 0, 1, 0, 1, 1},
-    {"pf3-spread", KERNEL_ONE_PANEL, 3, 1, 0, 1, 0, 1, 0},
+    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0},
+    {"pf4-parts1", KERNEL_ONE_PANEL, 4, 1, 0, 0, 1},
+    {"pf4-parts2", KERNEL_ONE_PANEL, 4, 1, 0, 0, 2},
+    {"pf4-parts4", KERNEL_ONE_PANEL, 4, 1, 0, 0, 4},
+    {"pf4-parts8", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8},
+    {"pf4-parts16", KERNEL_ONE_PANEL, 4, 1, 0, 0, 16},
+    {"pf6-parts8", KERNEL_ONE_PANEL, 6, 1, 0, 0, 8},
+    {"pf2-parts8", KERNEL_ONE_PANEL, 2, 1, 0, 0, 8},
+    {"pf4-parts8-cold", KERNEL_ONE_PANEL, 4, 1, 0, 1, 8},
 };
 enum { VARIANTS = sizeof variants / sizeof variants[0] };
 
-/* The lines of panel p's tile step `step` (steps of the K block in
- * [0, steps)), `ahead` steps later in visiting order, for `streams` panels
- * from p on; `next_panel` panels on is the panel visited after p. */
-static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p, int next_panel,
-                          int step, int steps, int part, int parts) {
+/* Part `part` of `parts` of the lines of panel p's tile step `step`
+ * (steps of the K block in [0, steps)), `ahead` steps later in visiting
+ * order (this panel's next steps, then the next panel's first). */
+static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p, int step,
+                          int steps, int part, int parts) {
   if (v->ahead == 0) return;
-  for (int s = 0; s < v->streams; ++s) {
-    int panel = p + s, next = step + v->ahead;
-    while (next >= steps && (panel += next_panel) < panels)
-      next -= steps;
-    if (panel >= panels) return;
-    const char *lines = (const char *)(b + panel * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
-    const int every = 64 * v->every;
-    const int begin = STEP_BYTES / parts * part, end = begin + STEP_BYTES / parts;
-    if (v->hint == 1)
-      for (int off = begin; off < end; off += every)
-        _mm_prefetch(lines + off, _MM_HINT_T1);
-    else
-      for (int off = begin; off < end; off += every)
-        _mm_prefetch(lines + off, _MM_HINT_T0);
-  }
-}
-
-static void prefetch_steps(const variant *v, const uint16_t *b, int panels, int p, int next_panel,
-                           int step, int steps) {
-  prefetch_part(v, b, panels, p, next_panel, step, steps, 0, 1);
+  int next = step + v->ahead;
+  while (next >= steps && ++p < panels)
+    next -= steps;
+  if (p >= panels) return;
+  const char *lines = (const char *)(b + p * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
+  const int every = 64 * v->every;
+  const int begin = STEP_BYTES / parts * part, end = begin + STEP_BYTES / parts;
+  if (v->hint == 1)
+    for (int off = begin; off < end; off += every)
+      _mm_prefetch(lines + off, _MM_HINT_T1);
+  else
+    for (int off = begin; off < end; off += every)
+      _mm_prefetch(lines + off, _MM_HINT_T0);
 }
 
 /* The library's loop with a run-time prefetch: one panel at a time, rows
@@ -115,83 +106,41 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
       AMX_LOAD(2, c1, ldc * 4);
       AMX_LOAD(3, c1 + 16, ldc * 4);
     }
+    /* The step's prefetch parts go out at the tile operations' positions
+     * (8 with two row blocks, 5 with one), spread evenly: position i issues
+     * parts [ceil(i * parts / positions), ceil((i + 1) * parts / positions)). */
+    const int parts = v->parts > 0 ? v->parts : 1, positions = two ? 8 : 5;
+#define AT(i)                                                                                      \
+  for (int part = ((i)*parts + positions - 1) / positions;                                         \
+       part < (((i) + 1) * parts + positions - 1) / positions; ++part)                             \
+  prefetch_part(v, b, panels, p, step, steps, part, parts)
     for (int step = 0; step < steps; ++step) {
       const uint16_t *w = panel + step * (STEP_BYTES / 2);
-      const int parts = v->spread ? (two ? 4 : 2) : 1;
-      prefetch_part(v, b, panels, p, 1, step, steps, 0, parts);
-      if (v->interleave) {
-        AMX_LOAD(6, w, 128);
-        AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
-        AMX_DP(0, 4, 6);
-        if (parts > 1) prefetch_part(v, b, panels, p, 1, step, steps, 1, parts);
-        AMX_LOAD(7, w + 32, 128);
-        AMX_DP(1, 4, 7);
-      } else {
-        AMX_LOAD(6, w, 128);
-        AMX_LOAD(7, w + 32, 128);
-        AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
-        AMX_DP(0, 4, 6);
-        if (parts > 1) prefetch_part(v, b, panels, p, 1, step, steps, 1, parts);
-        AMX_DP(1, 4, 7);
-      }
+      AT(0);
+      AMX_LOAD(6, w, 128);
+      AT(1);
+      AMX_LOAD(7, w + 32, 128);
+      AT(2);
+      AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
+      AT(3);
+      AMX_DP(0, 4, 6);
+      AT(4);
+      AMX_DP(1, 4, 7);
       if (two) {
-        if (parts > 2) prefetch_part(v, b, panels, p, 1, step, steps, 2, parts);
+        AT(5);
         AMX_LOAD(5, a1 + step * CPU_AMX_PAIRS, lda_u32 * 4);
+        AT(6);
         AMX_DP(2, 5, 6);
-        if (parts > 3) prefetch_part(v, b, panels, p, 1, step, steps, 3, parts);
+        AT(7);
         AMX_DP(3, 5, 7);
       }
     }
+#undef AT
     AMX_STORE(0, c0, ldc * 4);
     AMX_STORE(1, c0 + 16, ldc * 4);
     if (two) {
       AMX_STORE(2, c1, ldc * 4);
       AMX_STORE(3, c1 + 16, ldc * 4);
-    }
-  }
-  AMX_RELEASE();
-}
-
-/* Per panel, one 16-row block at a time, with A and B double-buffered
- * across tile steps (two accumulators: the two column halves), so that a
- * step's tile loads do not wait for the previous step's TDPBF16PS to free
- * their tiles; the second row block finds the panel's weights in L1. Rows
- * > 16 must split into equal blocks here (the probe's 32 and 256 do). */
-static void double_buffered(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
-                            int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc) {
-  const int steps = kpairs / CPU_AMX_PAIRS, block = rows < 16 ? rows : 16;
-  cpu_amx_config cfg;
-  memset(&cfg, 0, sizeof cfg);
-  cfg.palette = 1;
-  for (int t = 0; t < 8; ++t) {
-    cfg.rows[t] = (uint8_t)(t < 4 ? block : CPU_AMX_PAIRS);
-    cfg.colsb[t] = 64;
-  }
-  AMX_CONFIG(&cfg);
-  for (int p = 0; p < panels; ++p) {
-    const uint16_t *panel = b + p * PANEL_STRIDE;
-    for (int r0 = 0; r0 < rows; r0 += 16) {
-      const uint32_t *ar = a + r0 * lda_u32;
-      float *cr = c + r0 * ldc + p * 32;
-      AMX_LOAD(0, cr, ldc * 4);
-      AMX_LOAD(1, cr + 16, ldc * 4);
-      for (int step = 0; step < steps; step += 2) {
-        const uint16_t *w = panel + step * (STEP_BYTES / 2);
-        if (r0 == 0) prefetch_steps(v, b, panels, p, 1, step, steps);
-        AMX_LOAD(2, ar + step * CPU_AMX_PAIRS, lda_u32 * 4);
-        AMX_LOAD(4, w, 128);
-        AMX_LOAD(5, w + 32, 128);
-        AMX_DP(0, 2, 4);
-        AMX_DP(1, 2, 5);
-        if (r0 == 0) prefetch_steps(v, b, panels, p, 1, step + 1, steps);
-        AMX_LOAD(3, ar + (step + 1) * CPU_AMX_PAIRS, lda_u32 * 4);
-        AMX_LOAD(6, w + STEP_BYTES / 2, 128);
-        AMX_LOAD(7, w + STEP_BYTES / 2 + 32, 128);
-        AMX_DP(0, 3, 6);
-        AMX_DP(1, 3, 7);
-      }
-      AMX_STORE(0, cr, ldc * 4);
-      AMX_STORE(1, cr + 16, ldc * 4);
     }
   }
   AMX_RELEASE();
@@ -211,8 +160,6 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       const variant *tile_v = v->cold_only && r0 > 0 ? &quiet : v;
       if (v->kernel == KERNEL_LIBRARY)
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1);
-      else if (v->kernel == KERNEL_DOUBLE_BUFFERED)
-        double_buffered(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
       else
         one_panel(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
     }

@@ -39,8 +39,8 @@
  * Prefetch: an item's weights come from memory once (its first row tile)
  * and tileloadd waits for each line, so each k-step requests the B rows of
  * the step CPU_AMX_PREFETCH_STEPS ahead in the order the loops visit them
- * (this panel's next rows, then the next panel's first). A hint only: the
- * results never depend on it.
+ * (this panel's next rows, then the next panel's first), in parts, one
+ * before each TDPBF16PS. A hint only: the results never depend on it.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H

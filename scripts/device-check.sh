@@ -271,7 +271,7 @@ step_cpufloors() {
   echo "cpu ctest amx rc=$?"; tail -4 "$out/cpu-ctest-amx.log"
   CPU_AB_TIMEOUT=${CPU_AB_TIMEOUT:-250} CPU_AB_ROUNDS=${CPU_AB_ROUNDS:-4} \
     CPU_AB_TOKENS=${CPU_AB_TOKENS:-16,128,512,4096} \
-    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= kc128gp16=-DCPU_KC_PAIRS=128,-DCPU_GROUP_PANELS=16"} step_cpuab
+    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= nospread=-DCPU_AMX_PREFETCH_SPREAD=0"} step_cpuab
 }
 
 # Where the AMX forward's time goes (backends/cpu/cpu_phase_times.h: a

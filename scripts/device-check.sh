@@ -251,7 +251,8 @@ step_cpu() {
 # cut short keeps what finished: the AMX check (real tiles, both A modes),
 # moe_bench on all cores at the floors' points, the PyTorch CPU peer, the
 # AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: the
-# lead of bench/results.md, K blocks of 128 with 16 panels per item).
+# spread weight prefetches against -DCPU_AMX_PREFETCH_SPREAD=0, not yet
+# measured on the faster kind of host; bench/results.md).
 step_cpufloors() {
   local dir=build-cpu n
   n=$(nproc)

@@ -279,7 +279,8 @@ step_cpufloors() {
 # build with -DCPU_PHASE_TIMES prints each stage's mean per forward), on
 # all hardware threads, then on half of them pinned one per core
 # (OMP_PLACES=cores: one per physical core on a host with SMT, half the
-# cores on one without). The host has no perf.
+# cores on one without); CPU_PHASE_SETTINGS="2:cores 1:cores" picks others
+# (threads:places). The host has no perf.
 step_cpuphase() {
   local dir=build-cpu-phase n
   n=$(nproc)
@@ -288,8 +289,8 @@ step_cpuphase() {
       -DCMAKE_C_FLAGS=-DCPU_PHASE_TIMES && cmake --build $dir --target moe_bench; } \
     >"$out/cpu-phase-build.log" 2>&1 || { tail -20 "$out/cpu-phase-build.log"; return 1; }
   local setting
-  for setting in "$n threads" "$((n / 2)) cores"; do
-    set -- $setting
+  for setting in ${CPU_PHASE_SETTINGS:-$n:threads $((n / 2)):cores}; do
+    set -- ${setting/:/ }
     OMP_NUM_THREADS=$1 OMP_PLACES=$2 OMP_PROC_BIND=close timeout 150 "./$dir/bench/moe_bench" \
       --backend cpu --option cpu.kernels=amx --model mixtral-8x7b,qwen3-30b-a3b \
       --tokens "${CPU_PHASE_TOKENS:-512,4096}" --json "$out/cpu-phase-$1-$2.json" \

@@ -205,6 +205,7 @@ static const cpu_kernel_path model_path = {
     .tile = model_tile,
     .tile_strided = model_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
+    .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };
 

@@ -81,6 +81,11 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
  * have under 384 rows; 512 was no faster (bench/results.md, "CPU AMX path
  * on two classes of 16-core hosts"). */
 #define CPU_AMX_TILE_ROWS 32
+/* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
+ * vector paths do, for A/B builds. */
+#ifndef CPU_AMX_ROW_BLOCK
+#define CPU_AMX_ROW_BLOCK 16
+#endif
 #ifndef CPU_AMX_ITEM_ROWS
 #define CPU_AMX_ITEM_ROWS 256
 #endif
@@ -127,6 +132,10 @@ typedef struct cpu_kernel_path {
    * while the vector kernels address A with constant displacements). */
   cpu_tile_strided_fn tile_strided;
   int tile_rows; /* most rows per tile call (<= CPU_TILE_ROWS_MAX) */
+  /* Rows the kernel computes as one block, at one block's cost however few
+   * of them are real (AMX: 16-row A tiles): the driver cuts tiles in whole
+   * blocks (cpu_gemm.c's tile_rows_for). 1: rows cost what they are. */
+  int row_block;
   int item_rows; /* target rows per work item (<= CPU_ITEM_ROWS_MAX; see run_chunks) */
 } cpu_kernel_path;
 

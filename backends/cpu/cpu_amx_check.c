@@ -162,6 +162,7 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
+#define AMX_PREFETCH_FAR(p) ((void)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 

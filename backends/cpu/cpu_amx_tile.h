@@ -9,6 +9,7 @@
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
+ *   AMX_PREFETCH_FAR(p)    the same into L2 only
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -59,6 +60,11 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
+/* A second, farther stream of hints into L2 (AMX_PREFETCH_FAR), this many
+ * steps ahead; 0: none (for A/B builds). */
+#ifndef CPU_AMX_PREFETCH_FAR_STEPS
+#define CPU_AMX_PREFETCH_FAR_STEPS 0
+#endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
  * of `pairs` k-pairs over [kp_begin, kp_end) in every panel), or NULL past
@@ -78,11 +84,14 @@ static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t pan
  * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
  * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
  * "CPU AMX path: the weight stream per core"). */
-static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, int parts) {
-  if (!rows || part >= parts) return;
+static inline void cpu_amx_prefetch_part(const char *rows, const char *far, int pairs, int part,
+                                         int parts) {
+  if (part >= parts) return;
   const int lines = 2 * pairs; /* a k-pair of a panel is 128 bytes */
-  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
-    AMX_PREFETCH(rows + 64 * line);
+  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
+    if (rows) AMX_PREFETCH(rows + 64 * line);
+    if (far) AMX_PREFETCH_FAR(far + 64 * line);
+  }
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -158,21 +167,25 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
                                                           kp_end, pairs, CPU_AMX_PREFETCH_STEPS)
                                 : NULL;
+        const char *far = CPU_AMX_PREFETCH_FAR_STEPS > 0
+                              ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
+                                                        kp_end, pairs, CPU_AMX_PREFETCH_FAR_STEPS)
+                              : NULL;
         /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
-        cpu_amx_prefetch_part(ahead, pairs, 0, parts);
+        cpu_amx_prefetch_part(ahead, far, pairs, 0, parts);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        cpu_amx_prefetch_part(ahead, pairs, 1, parts);
+        cpu_amx_prefetch_part(ahead, far, pairs, 1, parts);
         AMX_DP(1, 4, 7);
         if (two) {
-          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
+          cpu_amx_prefetch_part(ahead, far, pairs, 2, parts);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          cpu_amx_prefetch_part(ahead, pairs, 3, parts);
+          cpu_amx_prefetch_part(ahead, far, pairs, 3, parts);
           AMX_DP(3, 5, 7);
         }
       }

@@ -262,7 +262,7 @@ int main(int argc, char **argv) {
     a[i] = 0x3c003c00u + (uint32_t)(i & 0xff);
   memset(c, 0, (size_t)max_threads * 256 * PANELS * 32 * 4);
 
-  static const int row_counts[] = {1, 16, 32, 256};
+  static const int row_counts[] = {1, 16, 24, 32, 40, 256};
   enum { ROWS = sizeof row_counts / sizeof row_counts[0] };
   printf("K = %d, %d panels per item, K blocks of %d k-pairs, library prefetch %d steps; "
          "%d items of %lld KiB per thread and pass; medians of %d rounds\n",

@@ -60,6 +60,13 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
+/* A's rows CPU_AMX_PREFETCH_STEPS ahead: 1 in the first panel's steps, 2 in
+ * every panel's (A's rows of a K block, 32 KiB at 32 rows, do not stay in
+ * L1 while a panel's weights pass through), each after requesting the first
+ * steps' rows at the call's start; 0: none. */
+#ifndef CPU_AMX_PREFETCH_A
+#define CPU_AMX_PREFETCH_A 0
+#endif
 /* A second, farther stream of hints into L2 (AMX_PREFETCH_FAR), this many
  * steps ahead; 0: none (for A/B builds). */
 #ifndef CPU_AMX_PREFETCH_FAR_STEPS
@@ -92,6 +99,15 @@ static inline void cpu_amx_prefetch_part(const char *rows, const char *far, int 
     if (rows) AMX_PREFETCH(rows + 64 * line);
     if (far) AMX_PREFETCH_FAR(far + 64 * line);
   }
+}
+
+/* Requests part `part` of `parts` of A's lines at k-pair kp: one 64-byte
+ * line per row and tile step (rows 64-byte aligned, kp a multiple of 16). */
+static inline void cpu_amx_prefetch_a_part(const uint32_t *a, int64_t a_stride_u32, int rows,
+                                           int64_t kp, int part, int parts) {
+  if (part >= parts) return;
+  for (int r = rows * part / parts; r < rows * (part + 1) / parts; ++r)
+    AMX_PREFETCH(a + r * a_stride_u32 + kp);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -143,6 +159,11 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
     cpu_amx_make_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
+    /* A's rows of the steps before the stream below reaches them. */
+    const int64_t a_ahead = (int64_t)CPU_AMX_PREFETCH_STEPS * pairs;
+    if (CPU_AMX_PREFETCH_A)
+      for (int64_t kp = kp_begin; kp < kp_end && kp < kp_begin + a_ahead; kp += pairs)
+        cpu_amx_prefetch_a_part(a, a_stride_u32, rows, kp, 0, 1);
     for (int p = 0; p < panels; ++p) {
       float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
       const uint16_t *panel = b + p * panel_stride;
@@ -174,17 +195,28 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
         /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
+        /* A's step a_ahead later in visiting order (the next panel's first
+         * steps where every panel requests A). */
+        int64_t a_kp = kp + a_ahead;
+        if (a_kp >= kp_end && CPU_AMX_PREFETCH_A == 2 && p + 1 < panels) a_kp -= kp_end - kp_begin;
+        const int a_rows =
+            (CPU_AMX_PREFETCH_A == 2 || (CPU_AMX_PREFETCH_A == 1 && p == 0)) && a_kp < kp_end ? rows
+                                                                                              : 0;
+        cpu_amx_prefetch_a_part(a, a_stride_u32, a_rows, a_kp, 0, parts);
         cpu_amx_prefetch_part(ahead, far, pairs, 0, parts);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
+        cpu_amx_prefetch_a_part(a, a_stride_u32, a_rows, a_kp, 1, parts);
         cpu_amx_prefetch_part(ahead, far, pairs, 1, parts);
         AMX_DP(1, 4, 7);
         if (two) {
+          cpu_amx_prefetch_a_part(a, a_stride_u32, a_rows, a_kp, 2, parts);
           cpu_amx_prefetch_part(ahead, far, pairs, 2, parts);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
+          cpu_amx_prefetch_a_part(a, a_stride_u32, a_rows, a_kp, 3, parts);
           cpu_amx_prefetch_part(ahead, far, pairs, 3, parts);
           AMX_DP(3, 5, 7);
         }

@@ -162,7 +162,6 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
-#define AMX_PREFETCH_FAR(p) ((void)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -187,7 +186,7 @@ static void model_tile(int rows, int panels, int64_t kpairs, const void *a, cons
                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                        const uint16_t *prefetch_after) {
   (void)prefetch_after;
-  if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
+  if (rows < 1 || rows > CPU_AMX_TILE_ROWS_MAX) model_fault("rows out of range", rows);
   cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate);
 }
 
@@ -196,7 +195,7 @@ static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint3
                                float *c, int64_t ldc, int accumulate,
                                const uint16_t *prefetch_after) {
   (void)prefetch_after;
-  if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
+  if (rows < 1 || rows > CPU_AMX_TILE_ROWS_MAX) model_fault("rows out of range", rows);
   cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
@@ -205,7 +204,8 @@ static const cpu_kernel_path model_path = {
     .a_format = CPU_A_BF16_PAIRS,
     .tile = model_tile,
     .tile_strided = model_tile_strided,
-    .tile_rows = CPU_AMX_TILE_ROWS,
+    .tile_rows = CPU_AMX_TILE_ROWS_MAX,
+    .cut_rows = CPU_AMX_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };
@@ -313,7 +313,7 @@ static int check_tile(cpu_tile_fn tile, const char *what, int exact, int rows, i
 }
 
 static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) {
-  static const int rows_list[] = {1, 2, 3, 4, 5, 12, 15, 16, 17, 20, 31, 32};
+  static const int rows_list[] = {1, 2, 3, 4, 5, 12, 15, 16, 17, 20, 31, 32, 33, 40, 47, 48};
   static const int panels_list[] = {1, 3, 8};
   static const int64_t k_list[] = {1, 2, 30, 31, 32, 33, 63, 64, 65, 97, 511, 512};
   int all_same = 1;
@@ -338,7 +338,7 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
 static void check_driver(const cpu_kernel_path *path, int threads, int exact, int in_place) {
   const int64_t K = in_place ? 601 : 600, N = in_place ? 301 : 300;
   const int64_t lda = in_place ? K + 33 : K, ld_out = in_place ? N + 7 : N;
-  static const int32_t run_rows[] = {1, 3, 17, 33, 64, 65, 130, 191, 200, 400, 700};
+  static const int32_t run_rows[] = {1, 3, 17, 33, 40, 48, 49, 64, 65, 130, 191, 200, 400, 700};
   enum { RUNS = sizeof run_rows / sizeof run_rows[0] };
   int64_t slots = 0;
   for (int i = 0; i < RUNS; ++i)

@@ -147,17 +147,12 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
   AMX_RELEASE();
 }
 
-/* One work item as the driver runs it: K blocks, row tiles of <= 32, or
- * one tile of up to 48 rows for the library's kernel (the variants' loop
- * takes two row blocks at most). */
+/* One work item as the driver runs it: K blocks, row tiles of <= 32. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
-  const int tile = v->kernel == KERNEL_LIBRARY && rows <= CPU_AMX_TILE_ROWS_MAX
-                       ? CPU_AMX_TILE_ROWS_MAX
-                       : CPU_AMX_TILE_ROWS;
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
-    for (int r0 = 0; r0 < rows; r0 += tile) {
-      const int tr = rows - r0 < tile ? rows - r0 : tile;
+    for (int r0 = 0; r0 < rows; r0 += CPU_AMX_TILE_ROWS) {
+      const int tr = rows - r0 < CPU_AMX_TILE_ROWS ? rows - r0 : CPU_AMX_TILE_ROWS;
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
@@ -268,7 +263,7 @@ int main(int argc, char **argv) {
     a[i] = 0x3c003c00u + (uint32_t)(i & 0xff);
   memset(c, 0, (size_t)max_threads * 256 * PANELS * 32 * 4);
 
-  static const int row_counts[] = {1, 16, 24, 32, 40, 48, 256};
+  static const int row_counts[] = {1, 16, 24, 32, 40, 256};
   enum { ROWS = sizeof row_counts / sizeof row_counts[0] };
   printf("K = %d, %d panels per item, K blocks of %d k-pairs, library prefetch %d steps; "
          "%d items of %lld KiB per thread and pass; medians of %d rounds\n",

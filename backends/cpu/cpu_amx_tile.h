@@ -116,102 +116,10 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
   }
 }
 
-/* Configuration of the three-row-block kernel: C(i) = tmm(i) and A(i) =
- * tmm(3 + i) for row block i (rows 16i..16i+15) of `rows` (33..48), one
- * column half's B = tmm6. */
-static inline void cpu_amx_make_config3(cpu_amx_config *cfg, int rows, int pairs) {
-  memset(cfg, 0, sizeof *cfg);
-  cfg->palette = 1;
-  for (int i = 0; i < 3; ++i) {
-    const int r = rows - 16 * i;
-    const uint8_t block_rows = (uint8_t)(r > 16 ? 16 : r);
-    cfg->rows[i] = cfg->rows[3 + i] = block_rows;
-    cfg->colsb[i] = 16 * sizeof(float);
-    cfg->colsb[3 + i] = (uint16_t)(pairs * sizeof(uint32_t));
-  }
-  cfg->rows[6] = (uint8_t)pairs;
-  cfg->colsb[6] = 16 * 2 * sizeof(uint16_t);
-}
-
-/* The tile kernel for 33..48 rows: three row blocks, which with both column
- * halves would need 6 accumulators besides A and B, so each panel runs its
- * column halves one after the other (3 accumulators, 3 A tiles, 1 B). A
- * panel's first half reads its weights from memory (the B tile of a half
- * is every other line of a step), the second finds them in L1 or L2; the
- * hints go out during both halves, the next panel's lines during the
- * second. Each accumulator sums its k-pairs in order, as in
- * cpu_amx_tile_body: the same bits for every row. */
-static inline void cpu_amx_tile_body3(int rows, int panels, int64_t kpairs, const uint32_t *a,
-                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                      float *c, int64_t ldc, int accumulate) {
-  const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
-  const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
-  const int64_t c_stride = ldc * (int64_t)sizeof(float);
-  const uint32_t *a1 = a + 16 * a_stride_u32, *a2 = a + 32 * a_stride_u32;
-  const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
-  cpu_amx_config cfg;
-  for (int pass = 0; pass < 2; ++pass) {
-    const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
-    if (kp_end == kp_begin) continue;
-    const int pairs = pass ? (int)(kpairs - full) : CPU_AMX_PAIRS;
-    cpu_amx_make_config3(&cfg, rows, pairs);
-    AMX_CONFIG(&cfg);
-    const int load_c = accumulate || kp_begin > 0;
-    for (int p = 0; p < panels; ++p)
-      for (int half = 0; half < 2; ++half) {
-        float *c0 = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
-        float *c1 = c0 + 16 * ldc, *c2 = c0 + 32 * ldc;
-        const uint16_t *panel = b + p * panel_stride;
-        if (load_c) {
-          AMX_LOAD(0, c0, c_stride);
-          AMX_LOAD(1, c1, c_stride);
-          AMX_LOAD(2, c2, c_stride);
-        } else {
-          AMX_ZERO(0);
-          AMX_ZERO(1);
-          AMX_ZERO(2);
-        }
-        for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
-          const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
-          /* First half: this panel's lines CPU_AMX_PREFETCH_STEPS ahead (then
-           * the next panel's first); second half: the next panel's lines of
-           * this step, so the stream keeps going while the second half
-           * computes from cache. */
-          const char *ahead = NULL;
-          if (CPU_AMX_PREFETCH_STEPS > 0 && half == 0)
-            ahead = cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                            CPU_AMX_PREFETCH_STEPS);
-          else if (CPU_AMX_PREFETCH_STEPS > 0 && p + 1 < panels)
-            ahead = (const char *)(panel + panel_stride + kp * CPU_PANEL_PAIR);
-          const int parts = CPU_AMX_PREFETCH_SPREAD ? 3 : 1;
-          cpu_amx_prefetch_part(ahead, pairs, 0, parts);
-          AMX_LOAD(6, w + 32 * half, b_stride);
-          AMX_LOAD(3, a + kp, a_stride);
-          AMX_DP(0, 3, 6);
-          cpu_amx_prefetch_part(ahead, pairs, 1, parts);
-          AMX_LOAD(4, a1 + kp, a_stride);
-          AMX_DP(1, 4, 6);
-          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
-          AMX_LOAD(5, a2 + kp, a_stride);
-          AMX_DP(2, 5, 6);
-        }
-        AMX_STORE(0, c0, c_stride);
-        AMX_STORE(1, c1, c_stride);
-        AMX_STORE(2, c2, c_stride);
-      }
-  }
-  AMX_RELEASE();
-}
-
-/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS_MAX (more
- * than CPU_AMX_TILE_ROWS: cpu_amx_tile_body3). */
+/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                      float *c, int64_t ldc, int accumulate) {
-  if (rows > CPU_AMX_TILE_ROWS) {
-    cpu_amx_tile_body3(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
-    return;
-  }
   const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
   const int64_t c_stride = ldc * (int64_t)sizeof(float);

@@ -236,16 +236,14 @@ static int64_t chunk_row(int64_t rows, int item_rows, int64_t chunks, int64_t ch
   return chunk * rows / chunks;
 }
 
-/* Rows per tile call for a chunk of `rows` rows: one tile up to the path's
- * tile_rows, else the fewest tiles of up to cut_rows, balanced in whole row
- * blocks of the path. Vector paths (blocks of 1 row): 13 rows run as 7 + 6,
- * not 12 + 1. AMX (16): 70 rows run as 32 + 32 + 6, five 16-row blocks of
- * tdpbf16ps, not 24 + 23 + 23, six. */
+/* Rows per tile call for a chunk of `rows` rows: the fewest tiles, balanced
+ * in whole row blocks of the path. Vector paths (blocks of 1 row): 13 rows
+ * run as 7 + 6, not 12 + 1. AMX (16): 40 rows run as 32 + 8, three 16-row
+ * blocks of tdpbf16ps, not 20 + 20, four. */
 static int tile_rows_for(const cpu_kernel_path *path, int rows) {
-  if (rows <= path->tile_rows) return rows;
-  const int64_t tiles = div_up(rows, path->cut_rows);
+  const int64_t tiles = div_up(rows, path->tile_rows);
   const int64_t block = path->row_block;
-  return (int)min64(path->cut_rows, div_up(div_up(rows, tiles), block) * block);
+  return (int)min64(path->tile_rows, div_up(div_up(rows, tiles), block) * block);
 }
 
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,

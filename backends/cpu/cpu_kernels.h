@@ -81,15 +81,6 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
  * have under 384 rows; 512 was no faster (bench/results.md, "CPU AMX path
  * on two classes of 16-core hosts"). */
 #define CPU_AMX_TILE_ROWS 32
-/* A chunk of 33-48 rows runs as one tile of three 16-row blocks, one
- * column half at a time (cpu_amx_tile.h): its weights pass through the
- * core once, with the multiplies of all its rows overlapping the stream,
- * where 32 rows and a second tile of the rest reread them from L2 without
- * any stream to overlap. Longer chunks are cut into tiles of 32 (the
- * 2 x 2 kernel loads fewer operand bytes per multiply). */
-#ifndef CPU_AMX_TILE_ROWS_MAX /* 32: no three-block tiles, for A/B builds */
-#define CPU_AMX_TILE_ROWS_MAX 48
-#endif
 /* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
  * vector paths do, for A/B builds. */
 #ifndef CPU_AMX_ROW_BLOCK
@@ -109,7 +100,7 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #define CPU_AMX_MIN_ROWS 4
 /* The largest tile_rows / item_rows of any path (scratch sizing; a chunk
  * may hold up to 1.5 item_rows). */
-#define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS_MAX
+#define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS
 #define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
 
 typedef enum cpu_a_format {
@@ -141,9 +132,6 @@ typedef struct cpu_kernel_path {
    * while the vector kernels address A with constant displacements). */
   cpu_tile_strided_fn tile_strided;
   int tile_rows; /* most rows per tile call (<= CPU_TILE_ROWS_MAX) */
-  /* A chunk of more than tile_rows rows runs as tiles of about this many
-   * (<= tile_rows; cpu_gemm.c's tile_rows_for). */
-  int cut_rows;
   /* Rows the kernel computes as one block, at one block's cost however few
    * of them are real (AMX: 16-row A tiles): the driver cuts tiles in whole
    * blocks (cpu_gemm.c's tile_rows_for). 1: rows cost what they are. */

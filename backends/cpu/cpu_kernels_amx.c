@@ -169,8 +169,7 @@ const cpu_kernel_path cpu_path_amx = {
     .a_format = CPU_A_BF16_PAIRS,
     .tile = amx_tile,
     .tile_strided = amx_tile_strided,
-    .tile_rows = CPU_AMX_TILE_ROWS_MAX,
-    .cut_rows = CPU_AMX_TILE_ROWS,
+    .tile_rows = CPU_AMX_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };

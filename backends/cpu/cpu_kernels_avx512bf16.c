@@ -56,7 +56,6 @@ const cpu_kernel_path cpu_path_avx512bf16 = {
     .a_format = CPU_A_BF16_PAIRS,
     .tile = avx512bf16_tile,
     .tile_rows = CPU_MR_MAX,
-    .cut_rows = CPU_MR_MAX,
     .row_block = 1,
     .item_rows = CPU_MC_ROWS,
 };

@@ -41,7 +41,6 @@ const cpu_kernel_path cpu_path_portable = {
     .a_format = CPU_A_FP32,
     .tile = portable_tile,
     .tile_rows = CPU_MR_MAX,
-    .cut_rows = CPU_MR_MAX,
     .row_block = 1,
     .item_rows = CPU_MC_ROWS,
 };

@@ -14,7 +14,8 @@
  * not checked (cpu_amx_check does that for the kernel body); the tool is
  * built only where the compiler has AMX, and runs only where the CPU does.
  *
- * Usage: amx_stream_probe [THREADS...]   (default: 1, 2, half and all)
+ * Usage: amx_stream_probe [-l] [THREADS...]   (default: 1, 2, half and all;
+ * -l: the library's kernel only)
  * Per variant, rows per item and thread count: ns per 16-k-pair step of
  * the weights (all of the item's row tiles),
  * the weights' GB/s per core and in all, and TFLOP/s.
@@ -235,12 +236,16 @@ int main(int argc, char **argv) {
     printf("amx_stream_probe: SKIPPED (no AMX here)\n");
     return 0;
   }
+  /* -l: the library's kernel only (builds with other definitions compared
+   * by scripts/device-check.sh probeab). */
+  const int library_only = argc > 1 && strcmp(argv[1], "-l") == 0;
   int thread_counts[8] = {1, 2, omp_get_max_threads() / 2, omp_get_max_threads()}, counts = 4;
-  if (argc > 1) {
+  if (argc > 1 + library_only) {
     counts = 0;
-    for (int i = 1; i < argc && counts < 8; ++i)
+    for (int i = 1 + library_only; i < argc && counts < 8; ++i)
       thread_counts[counts++] = atoi(argv[i]);
   }
+  const int variant_count = library_only ? 1 : VARIANTS;
   int max_threads = 1;
   for (int i = 0; i < counts; ++i)
     if (thread_counts[i] > max_threads) max_threads = thread_counts[i];
@@ -274,7 +279,7 @@ int main(int argc, char **argv) {
     static double seconds[VARIANTS][ROWS][ROUNDS], reads[ROUNDS];
     for (int round = 0; round < ROUNDS; ++round) {
       reads[round] = read_pass(threads, region);
-      for (int v = 0; v < VARIANTS; ++v)
+      for (int v = 0; v < variant_count; ++v)
         for (int r = 0; r < ROWS; ++r)
           seconds[v][r][round] =
               timed_pass(&variants[v], row_counts[r], threads, region, a, lda_u32, c);
@@ -285,7 +290,7 @@ int main(int argc, char **argv) {
            bytes / reads[ROUNDS / 2] * 1e-9, bytes / reads[ROUNDS / 2] * 1e-9 / threads);
     printf("%-24s %5s %10s %12s %10s %9s\n", "variant", "rows", "ns/step", "GB/s/core", "GB/s",
            "TFLOP/s");
-    for (int v = 0; v < VARIANTS; ++v)
+    for (int v = 0; v < variant_count; ++v)
       for (int r = 0; r < ROWS; ++r) {
         double *s = seconds[v][r];
         qsort(s, ROUNDS, sizeof *s, cmp_double);

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|cpuphase|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -299,6 +299,34 @@ step_cpuphase() {
   done
 }
 
+# Compile-time A/B of the AMX kernel body alone: bench/amx_stream_probe -l
+# built once per PROBE_AB_VARIANTS "name=defs ..." (defs comma-separated,
+# as cpu_ab.sh's), run in PROBE_AB_ROUNDS interleaved rounds on each of
+# PROBE_AB_THREADS; prints each build's GB/s per core by rows, per round.
+step_probeab() {
+  local variants=${PROBE_AB_VARIANTS:-base= stream=-DCPU_AMX_B_STREAM=1} names=() v name defs
+  for v in $variants; do
+    name=${v%%=*} defs=${v#*=}
+    names+=("$name")
+    { cmake -S . -B "build-probe-$name" -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
+        "-DCMAKE_C_FLAGS=${defs//,/ }" && cmake --build "build-probe-$name" --target amx_stream_probe; } \
+      >"$out/probe-build-$name.log" 2>&1
+    echo "probe build $name (${defs//,/ }) rc=$?"
+  done
+  local round threads
+  for round in $(seq 1 "${PROBE_AB_ROUNDS:-3}"); do
+    for threads in ${PROBE_AB_THREADS:-2 16}; do
+      for name in "${names[@]}"; do
+        OMP_PLACES=cores OMP_PROC_BIND=close timeout 60 "./build-probe-$name/bench/amx_stream_probe" \
+          -l "$threads" >"$out/probe-$name-$threads-$round.log" 2>&1
+        printf 'round %s threads %-3s %-12s read %s | GB/s per core at 1 16 24 32 40 256 rows: %s\n' \
+          "$round" "$threads" "$name" "$(grep -oE 'read [0-9.]+ GB/s' "$out/probe-$name-$threads-$round.log" | cut -d' ' -f2)" \
+          "$(awk '$1 == "library" { printf "%s ", $4 }' "$out/probe-$name-$threads-$round.log")"
+      done
+    done
+  done
+}
+
 # Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
 # CPU_AB_VARIANTS "name=defs ..." (the first is the baseline), rounds
 # interleaved against the host's drift, on the AMX path by default.
@@ -339,6 +367,7 @@ for step in "${@:-all}"; do
   cpu) step_cpu ;;
   cpuab) step_cpuab ;;
   cpufloors) step_cpufloors ;;
+  probeab) step_probeab ;;
   cpuphase) step_cpuphase ;;
   python) step_python ;;
   opencl)

@@ -158,6 +158,7 @@ static void model_release(void) {
 #define AMX_CONFIG(cfg) model_config(cfg)
 #define AMX_ZERO(t) model_zero(t)
 #define AMX_LOAD(t, p, s) model_load(t, p, s)
+#define AMX_LOAD_STREAM(t, p, s) model_load(t, p, s) /* a cache hint only */
 #define AMX_STORE(t, p, s) model_store(t, p, s)
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()

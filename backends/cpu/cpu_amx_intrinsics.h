@@ -26,6 +26,11 @@
     AMX_ESCAPE(p);                                                                                 \
     _tile_loadd(t, p, s);                                                                          \
   } while (0)
+#define AMX_LOAD_STREAM(t, p, s)                                                                   \
+  do {                                                                                             \
+    AMX_ESCAPE(p);                                                                                 \
+    _tile_stream_loadd(t, p, s);                                                                   \
+  } while (0)
 #define AMX_STORE(t, p, s) _tile_stored(t, p, s)
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()

@@ -5,6 +5,8 @@
  *   AMX_CONFIG(cfg)        load a cpu_amx_config (ldtilecfg; zeroes every tile)
  *   AMX_ZERO(t)            tilezero
  *   AMX_LOAD(t, p, s)      tileloadd: configured rows x colsb bytes, row r at p + r*s
+ *   AMX_LOAD_STREAM(t, p, s) the same with the hint that the data is not reused
+ *                          (tileloaddt1)
  *   AMX_STORE(t, p, s)     tilestored
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
@@ -58,6 +60,18 @@
 #endif
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
+#endif
+/* 1: the weight tiles load with tileloaddt1, so that they may pass by L1
+ * and leave A's rows there (with -DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1 the
+ * hints fill L2 only); 0: tileloadd. For A/B builds (bench/results.md,
+ * "CPU AMX path at 2 threads"). */
+#ifndef CPU_AMX_B_STREAM
+#define CPU_AMX_B_STREAM 0
+#endif
+#if CPU_AMX_B_STREAM
+#define AMX_LOAD_B AMX_LOAD_STREAM
+#else
+#define AMX_LOAD_B AMX_LOAD
 #endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
@@ -162,8 +176,8 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
         cpu_amx_prefetch_part(ahead, pairs, 0, parts);
-        AMX_LOAD(6, w, b_stride);
-        AMX_LOAD(7, w + 32, b_stride);
+        AMX_LOAD_B(6, w, b_stride);
+        AMX_LOAD_B(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
         cpu_amx_prefetch_part(ahead, pairs, 1, parts);

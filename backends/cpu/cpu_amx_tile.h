@@ -62,10 +62,6 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
-/* 1: the weight tiles load with tileloaddt1, so that they may pass by L1
- * and leave A's rows there (with -DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1 the
- * hints fill L2 only); 0: tileloadd. For A/B builds (bench/results.md,
- * "CPU AMX path at 2 threads"). */
 /* 1: a K block's last row tile of two or more (whose weights come from L2,
  * with no memory stream to overlap) requests the next K block's weights
  * into L2 at the pace it computes, so that the block's first tile finds
@@ -75,6 +71,10 @@
 #ifndef CPU_AMX_NEXT_BLOCK_L2
 #define CPU_AMX_NEXT_BLOCK_L2 0
 #endif
+/* 1: the weight tiles load with tileloaddt1, so that they may pass by L1
+ * and leave A's rows there (with -DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1 the
+ * hints fill L2 only); 0: tileloadd. For A/B builds (bench/results.md,
+ * "CPU AMX path at 2 threads"). */
 #ifndef CPU_AMX_B_STREAM
 #define CPU_AMX_B_STREAM 0
 #endif
@@ -190,13 +190,13 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
                                                           kp_end, pairs, CPU_AMX_PREFETCH_STEPS)
                                 : NULL;
-        /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
-         * at the step's start, for A/B builds). */
         /* The next K block's lines at this step's place (full steps only). */
         const char *later =
             next_block && pass == 0
                 ? (const char *)(next_block + p * panel_stride + kp * CPU_PANEL_PAIR)
                 : NULL;
+        /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
+         * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
         cpu_amx_prefetch_part(ahead, later, pairs, 0, parts);
         AMX_LOAD_B(6, w, b_stride);

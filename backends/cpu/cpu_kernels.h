@@ -84,8 +84,8 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #define CPU_AMX_TILE_ROWS 32
 /* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
  * vector paths do, for A/B builds: that took 1.06-1.07x the time at Qwen3
- * 512 tokens on 2 threads of a 16-core AMX host, and the same on 16
- * (bench/results.md, "CPU AMX path at 2 threads"). */
+ * 512 tokens on 2 threads of a 16-core AMX host and made no difference on
+ * 16 (bench/results.md, "CPU AMX path at 2 threads"). */
 #ifndef CPU_AMX_ROW_BLOCK
 #define CPU_AMX_ROW_BLOCK 16
 #endif

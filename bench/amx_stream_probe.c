@@ -148,9 +148,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
   AMX_RELEASE();
 }
 
-/* One work item as the driver runs it: K blocks, row tiles of <= 32 (as
- * the AMX path's whole 16-row blocks cut them: 40 rows run as 32 + 8), the
- * next K block handed to the last tile of several. */
+/* One work item as the driver runs it: K blocks, row tiles of <= 32. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
@@ -162,13 +160,8 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       variant quiet = *v; /* a later row tile of a cold-only variant */
       quiet.ahead = 0;
       const variant *tile_v = v->cold_only && r0 > 0 ? &quiet : v;
-      const int last_of_several = r0 > 0 && r0 + tr == rows;
-      const uint16_t *next = last_of_several && kp0 + CPU_KC_PAIRS < KPAIRS
-                                 ? bt + CPU_KC_PAIRS * CPU_PANEL_PAIR
-                                 : NULL;
       if (v->kernel == KERNEL_LIBRARY)
-        cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
-                          next);
+        cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1);
       else
         one_panel(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
     }

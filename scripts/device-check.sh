@@ -304,7 +304,7 @@ step_cpuphase() {
 # as cpu_ab.sh's), run in PROBE_AB_ROUNDS interleaved rounds on each of
 # PROBE_AB_THREADS; prints each build's GB/s per core by rows, per round.
 step_probeab() {
-  local variants=${PROBE_AB_VARIANTS:-base= next=-DCPU_AMX_NEXT_BLOCK_L2=1 stream=-DCPU_AMX_B_STREAM=1} names=() v name defs
+  local variants=${PROBE_AB_VARIANTS:-base= t1=-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1} names=() v name defs
   for v in $variants; do
     name=${v%%=*} defs=${v#*=}
     names+=("$name")

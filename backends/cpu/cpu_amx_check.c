@@ -158,12 +158,10 @@ static void model_release(void) {
 #define AMX_CONFIG(cfg) model_config(cfg)
 #define AMX_ZERO(t) model_zero(t)
 #define AMX_LOAD(t, p, s) model_load(t, p, s)
-#define AMX_LOAD_STREAM(t, p, s) model_load(t, p, s) /* a cache hint only */
 #define AMX_STORE(t, p, s) model_store(t, p, s)
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
-#define AMX_PREFETCH_L2(p) ((void)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -187,18 +185,18 @@ static void model_config(const struct cpu_amx_config *cfg) {
 static void model_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                        const uint16_t *prefetch_after) {
+  (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate,
-                    prefetch_after);
+  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate);
 }
 
 static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                float *c, int64_t ldc, int accumulate,
                                const uint16_t *prefetch_after) {
+  (void)prefetch_after;
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                    prefetch_after);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 static const cpu_kernel_path model_path = {
@@ -208,7 +206,6 @@ static const cpu_kernel_path model_path = {
     .tile_strided = model_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
-    .next_block_to_last_tile = 1,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };
 

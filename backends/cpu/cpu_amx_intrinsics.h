@@ -26,20 +26,16 @@
     AMX_ESCAPE(p);                                                                                 \
     _tile_loadd(t, p, s);                                                                          \
   } while (0)
-#define AMX_LOAD_STREAM(t, p, s)                                                                   \
-  do {                                                                                             \
-    AMX_ESCAPE(p);                                                                                 \
-    _tile_stream_loadd(t, p, s);                                                                   \
-  } while (0)
 #define AMX_STORE(t, p, s) _tile_stored(t, p, s)
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()
 /* The cache level the weight prefetch fills: T0 (L1) by default; T1 (L2)
- * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1). */
+ * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1: 0.97x the time on
+ * 2 threads, 1.00-1.09x on 16, on two hosts; bench/results.md, "CPU AMX
+ * path: the prepared prefetch variants"). */
 #ifndef CPU_AMX_PREFETCH_HINT
 #define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
 #endif
 #define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
-#define AMX_PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 #endif /* MOE_CPU_AMX_INTRINSICS_H */

@@ -1,17 +1,14 @@
 /*
- * cpu_amx_tile.h - the AMX tile kernel's body, written once against six
+ * cpu_amx_tile.h - the AMX tile kernel's body, written once against seven
  * tile operations that the includer defines:
  *
  *   AMX_CONFIG(cfg)        load a cpu_amx_config (ldtilecfg; zeroes every tile)
  *   AMX_ZERO(t)            tilezero
  *   AMX_LOAD(t, p, s)      tileloadd: configured rows x colsb bytes, row r at p + r*s
- *   AMX_LOAD_STREAM(t, p, s) the same with the hint that the data is not reused
- *                          (tileloaddt1)
  *   AMX_STORE(t, p, s)     tilestored
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
- *   AMX_PREFETCH_L2(p)     the same into L2 only
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -62,27 +59,6 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
-/* 1: a K block's last row tile of two or more (whose weights come from L2,
- * with no memory stream to overlap) requests the next K block's weights
- * into L2 at the pace it computes, so that the block's first tile finds
- * them there; 0: no such stream. For A/B builds (bench/results.md, "CPU AMX
- * path at 2 threads": the second tile of a 40-row item adds 40 ns to a
- * 160 ns step). */
-#ifndef CPU_AMX_NEXT_BLOCK_L2
-#define CPU_AMX_NEXT_BLOCK_L2 0
-#endif
-/* 1: the weight tiles load with tileloaddt1, so that they may pass by L1
- * and leave A's rows there (with -DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1 the
- * hints fill L2 only); 0: tileloadd. For A/B builds (bench/results.md,
- * "CPU AMX path at 2 threads"). */
-#ifndef CPU_AMX_B_STREAM
-#define CPU_AMX_B_STREAM 0
-#endif
-#if CPU_AMX_B_STREAM
-#define AMX_LOAD_B AMX_LOAD_STREAM
-#else
-#define AMX_LOAD_B AMX_LOAD
-#endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
  * of `pairs` k-pairs over [kp_begin, kp_end) in every panel), or NULL past
@@ -97,20 +73,16 @@ static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t pan
   return (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
 }
 
-/* Requests part `part` of `parts` of the 2 * pairs lines at rows, and into
- * L2 those at l2_rows (either NULL: nothing). A step's requests go out in
- * parts between its tile operations: all at the step's start took 1.1-1.2x
- * the time at 32 rows per tile on a 16-core AMX host
- * (bench/amx_stream_probe.c; bench/results.md, "CPU AMX path: the weight
- * stream per core"). */
-static inline void cpu_amx_prefetch_part(const char *rows, const char *l2_rows, int pairs, int part,
-                                         int parts) {
-  if (part >= parts) return;
+/* Requests part `part` of `parts` of the 2 * pairs lines at rows (NULL:
+ * nothing). A step's requests go out in parts between its tile
+ * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
+ * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
+ * "CPU AMX path: the weight stream per core"). */
+static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, int parts) {
+  if (!rows || part >= parts) return;
   const int lines = 2 * pairs; /* a k-pair of a panel is 128 bytes */
-  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line) {
-    if (rows) AMX_PREFETCH(rows + 64 * line);
-    if (l2_rows) AMX_PREFETCH_L2(l2_rows + 64 * line);
-  }
+  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+    AMX_PREFETCH(rows + 64 * line);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -144,14 +116,10 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
   }
 }
 
-/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS;
- * next_block: the prefetch_after of a K block's last tile of several (see
- * CPU_AMX_NEXT_BLOCK_L2), or NULL. */
+/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                     float *c, int64_t ldc, int accumulate,
-                                     const uint16_t *next_block) {
-  if (!CPU_AMX_NEXT_BLOCK_L2) next_block = NULL;
+                                     float *c, int64_t ldc, int accumulate) {
   const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
@@ -190,26 +158,21 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
                                                           kp_end, pairs, CPU_AMX_PREFETCH_STEPS)
                                 : NULL;
-        /* The next K block's lines at this step's place (full steps only). */
-        const char *later =
-            next_block && pass == 0
-                ? (const char *)(next_block + p * panel_stride + kp * CPU_PANEL_PAIR)
-                : NULL;
         /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
-        cpu_amx_prefetch_part(ahead, later, pairs, 0, parts);
-        AMX_LOAD_B(6, w, b_stride);
-        AMX_LOAD_B(7, w + 32, b_stride);
+        cpu_amx_prefetch_part(ahead, pairs, 0, parts);
+        AMX_LOAD(6, w, b_stride);
+        AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        cpu_amx_prefetch_part(ahead, later, pairs, 1, parts);
+        cpu_amx_prefetch_part(ahead, pairs, 1, parts);
         AMX_DP(1, 4, 7);
         if (two) {
-          cpu_amx_prefetch_part(ahead, later, pairs, 2, parts);
+          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          cpu_amx_prefetch_part(ahead, later, pairs, 3, parts);
+          cpu_amx_prefetch_part(ahead, pairs, 3, parts);
           AMX_DP(3, 5, 7);
         }
       }

@@ -287,17 +287,15 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
-      const int last_of_several = r0 > 0 && r0 + tr == rows;
-      const uint16_t *after =
-          pb->path->next_block_to_last_tile && !last_of_several ? NULL : next_block;
       if (a_in_place) {
         const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;
         pb->path->tile_strided(tr, panels, kpairs, a, pb->lda / 2, b, panel_stride, c, C_TILE_LD,
-                               kp0 > 0, after);
+                               kp0 > 0, next_block);
         continue;
       }
       pack_a(pb, run, row0 + r0, tr, kp0, kpairs, a_tile);
-      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c, C_TILE_LD, kp0 > 0, after);
+      pb->path->tile(tr, panels, kpairs, a_tile, b, panel_stride, c, C_TILE_LD, kp0 > 0,
+                     next_block);
     }
   }
   apply_epilogue(&pb->epi, run, row0, rows, panel0, panels, c_tile);

@@ -27,9 +27,8 @@
  * (<= CPU_GROUP_PANELS) and j < 32,
  *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
- * prefetch_after (may be NULL) is where the caller reads weights next, in
- * the layout of b (panel p at prefetch_after + p*panel_stride); a kernel may
- * prefetch kpairs k-pairs of it (a hint, never dereferenced).
+ * prefetch_after (may be NULL) is where the caller reads weights next; a
+ * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
  *
  * Reduction order (the determinism contract): every C element has ONE
  * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair
@@ -139,10 +138,6 @@ typedef struct cpu_kernel_path {
    * of them are real (AMX: 16-row A tiles): the driver cuts tiles in whole
    * blocks (cpu_gemm.c's tile_rows_for). 1: rows cost what they are. */
   int row_block;
-  /* 1: of a K block's row tiles, only the last of two or more gets
-   * prefetch_after (the AMX kernel may stream the next block into L2 while
-   * that tile computes from cache); 0: every tile gets it. */
-  int next_block_to_last_tile;
   int item_rows; /* target rows per work item (<= CPU_ITEM_ROWS_MAX; see run_chunks) */
 } cpu_kernel_path;
 

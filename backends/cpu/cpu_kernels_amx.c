@@ -142,7 +142,7 @@ static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
     return;
   }
   cpu_amx_tile_body(rows, panels, kpairs, a_packed, CPU_A_STRIDE_U32, b, panel_stride, c, ldc,
-                    accumulate, prefetch_after);
+                    accumulate);
 }
 
 /* A in place (the layer's sorted activation rows); the few rows of a split
@@ -159,8 +159,7 @@ static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_
                    prefetch_after);
     return;
   }
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                    prefetch_after);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
 }
 
 _Static_assert(CPU_AMX_MIN_ROWS <= CPU_MR_MAX + 1, "the AVX-512 kernels take <= CPU_MR_MAX rows");
@@ -172,6 +171,5 @@ const cpu_kernel_path cpu_path_amx = {
     .tile_strided = amx_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
-    .next_block_to_last_tile = 1,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };

@@ -15,14 +15,15 @@
  *     DeepSeek at 16384; bench/cuda_notes.md item 22);
  *   - otherwise one warp per token (cuda.routing=warp forces it). It
  *     calls the header's key, ranking and score functions (moe_rl_key,
- *     moe_rl_better, moe_rl_score) in the header's pick order (group
- *     scores, then k picks, each the best expert ranked strictly below the
- *     previous one); lanes scan E/32 experts each and a butterfly of
+ *     moe_rl_better, moe_rl_score) for the header's picks (group scores,
+ *     then k picks, each the best expert ranked strictly below the
+ *     previous one; the header finds them in one insertion pass, the warp
+ *     in k argmax passes): lanes scan E/32 experts each and a butterfly of
  *     moe_rl_better agrees on the winner.
  * Only the softmax denominator is summed in another order, so weights may
- * differ from the host in the last bit. One thread needs O(k*E) dependent
- * steps, the warp O(k*(E/32 + 5)) (measurements: bench/cuda_notes.md,
- * 'Measurements behind the code's rules').
+ * differ from the host in the last bit. One thread needs O(E) dependent
+ * steps plus an insertion per list change, the warp O(k*(E/32 + 5)) (measurements:
+ * bench/cuda_notes.md, 'Measurements behind the code's rules').
  *
  * Align has two shapes:
  *   - one block (slots <= CUDA_ALIGN_ONE_BLOCK_SLOTS): count, scan, place,

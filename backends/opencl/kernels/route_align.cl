@@ -13,8 +13,10 @@
  * the same expert in the chunk, so the order never depends on timing.
  */
 
-/* restrict: the rule rereads a token's logits k times; read-only loads let
- * them stay in the first-level cache (measured 15x faster for E = 128). */
+/* restrict: the rule reads a token's logits several times (softmax
+ * statistics, keys, scores); read-only loads let them stay in the
+ * first-level cache (measured 15x faster for E = 128 when the picks were
+ * k passes over them). */
 __kernel void moe_route(int num_tokens, __global const float *restrict logits,
                         __global const float *restrict correction_bias, __global int *topk_ids,
                         __global float *topk_weights, int num_experts, int top_k,

@@ -27,8 +27,9 @@
  * (<= CPU_GROUP_PANELS) and j < 32,
  *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
- * prefetch_after (may be NULL) is where the caller reads weights next; a
- * kernel may prefetch kpairs k-pairs of it (a hint, never dereferenced).
+ * prefetch_after (may be NULL) is where the caller reads weights next, in
+ * the layout of b (panel p at prefetch_after + p*panel_stride); a kernel may
+ * prefetch kpairs k-pairs of it (a hint, never dereferenced).
  *
  * Reduction order (the determinism contract): every C element has ONE
  * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair

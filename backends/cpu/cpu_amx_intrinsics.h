@@ -30,8 +30,8 @@
 #define AMX_DP(c, a, b) _tile_dpbf16ps(c, a, b)
 #define AMX_RELEASE() _tile_release()
 /* The cache level the weight prefetch fills: T0 (L1) by default; T1 (L2)
- * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1: 0.97x the time on
- * 2 threads, 1.00-1.09x on 16, on two hosts; bench/results.md, "CPU AMX
+ * for A/B builds (-DCPU_AMX_PREFETCH_HINT=_MM_HINT_T1: geomean 0.97x and
+ * 1.08x the time on 2 threads, 1.00x and 1.09x on 16, on two hosts; bench/results.md, "CPU AMX
  * path: the prepared prefetch variants"). */
 #ifndef CPU_AMX_PREFETCH_HINT
 #define CPU_AMX_PREFETCH_HINT _MM_HINT_T0

@@ -162,7 +162,8 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       quiet.ahead = 0;
       const variant *tile_v = v->cold_only && r0 > 0 ? &quiet : v;
       if (v->kernel == KERNEL_LIBRARY)
-        cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1);
+        cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
+                          NULL);
       else
         one_panel(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
     }

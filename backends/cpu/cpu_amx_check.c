@@ -162,6 +162,7 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
+#define AMX_PREFETCH_L2(p) ((void)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -184,19 +185,19 @@ static void model_config(const struct cpu_amx_config *cfg) {
 
 static void model_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
-                       const uint16_t *prefetch_after) {
-  (void)prefetch_after;
+                       const cpu_weight_prefetch *prefetch) {
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate);
+  cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate,
+                    prefetch);
 }
 
 static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                float *c, int64_t ldc, int accumulate,
-                               const uint16_t *prefetch_after) {
-  (void)prefetch_after;
+                               const cpu_weight_prefetch *prefetch) {
   if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
+                    prefetch);
 }
 
 static const cpu_kernel_path model_path = {

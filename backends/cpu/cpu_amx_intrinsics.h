@@ -37,5 +37,6 @@
 #define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
 #endif
 #define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
+#define AMX_PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 #endif /* MOE_CPU_AMX_INTRINSICS_H */

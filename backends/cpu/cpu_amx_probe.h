@@ -92,7 +92,7 @@ static inline int cpu_amx_probe_same(cpu_amx_probe *p, int rows, cpu_tile_fn til
   memcpy(p->c_amx, p->c_init, sizeof p->c_init);
   memcpy(p->c_vec, p->c_init, sizeof p->c_init);
   cpu_amx_tile_body(rows, CPU_PROBE_PANELS, CPU_PROBE_PAIRS, p->a, CPU_A_STRIDE_U32, p->b, stride,
-                    p->c_amx, CPU_PROBE_LDC, 1);
+                    p->c_amx, CPU_PROBE_LDC, 1, NULL);
   tile(rows, CPU_PROBE_PANELS, CPU_PROBE_PAIRS, p->a, p->b, stride, p->c_vec, CPU_PROBE_LDC, 1,
        NULL);
   return memcmp(p->c_amx, p->c_vec, (size_t)rows * CPU_PROBE_LDC * sizeof(float)) == 0;

@@ -9,6 +9,7 @@
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
+ *   AMX_PREFETCH_L2(p)     the same hint, into L2 only
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -41,6 +42,10 @@
  * the step CPU_AMX_PREFETCH_STEPS ahead in the order the loops visit them
  * (this panel's next rows, then the next panel's first), in parts, one
  * before each TDPBF16PS. A hint only: the results never depend on it.
+ * `stream` (may be NULL; cpu_weight_prefetch) is the caller's share of the
+ * next K block's weights: each panel's part goes to L2 spread evenly over
+ * the panel's steps, so that the next block's first row tile finds its
+ * weights there instead of waiting on memory.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H
@@ -119,7 +124,8 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
 /* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                     float *c, int64_t ldc, int accumulate) {
+                                     float *c, int64_t ldc, int accumulate,
+                                     const cpu_weight_prefetch *stream) {
   const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
@@ -152,6 +158,11 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
           AMX_ZERO(3);
         }
       }
+      /* The stream runs in the full steps only (a tail, where K is not a
+       * multiple of 32, is one step). */
+      const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
+      const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
+      int64_t stream_credit = 0;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead = CPU_AMX_PREFETCH_STEPS > 0
@@ -174,6 +185,12 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
           AMX_DP(2, 5, 6);
           cpu_amx_prefetch_part(ahead, pairs, 3, parts);
           AMX_DP(3, 5, 7);
+        }
+        for (stream_credit += pairs * stream_pairs; stream_credit >= kp_end;
+             stream_credit -= kp_end) {
+          AMX_PREFETCH_L2(stream_next);
+          AMX_PREFETCH_L2(stream_next + 64);
+          stream_next += CPU_PANEL_PAIR * sizeof(uint16_t);
         }
       }
       AMX_STORE(0, c0, c_stride);

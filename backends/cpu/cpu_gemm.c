@@ -35,6 +35,10 @@
 #endif
 /* Fewest work items per thread before items get fewer panels
  * (cpu_gemm_execute); 0 keeps CPU_GROUP_PANELS always, for A/B builds. */
+/* -DCPU_NEXT_BLOCK_STREAM=0: no next-K-block hints, for A/B builds. */
+#ifndef CPU_NEXT_BLOCK_STREAM
+#define CPU_NEXT_BLOCK_STREAM 1
+#endif
 #ifndef CPU_MIN_ITEMS_PER_THREAD
 #define CPU_MIN_ITEMS_PER_THREAD 4
 #endif
@@ -280,12 +284,18 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
         cpu_pack_b_panel(&pb->b_source, raw, panel0 + p, kp0, kpairs, b_group + p * panel_stride);
       b = b_group;
     }
-    /* Packed weights: the group's first panel in the next K block follows
-     * this block's slice of it. */
-    const uint16_t *next_block =
-        pb->b_packed && kp0 + kpairs < kpairs_total ? b + kpairs * CPU_PANEL_PAIR : NULL;
+    /* Packed weights: each panel's slice of the next K block follows this
+     * block's; row tile t of `tiles` requests its share of them. */
+    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM
+                                   ? min64(CPU_KC_PAIRS, kpairs_total - kp0 - kpairs)
+                                   : 0;
+    const int tiles = (int)div_up(rows, tile_rows);
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
+      const int t = r0 / tile_rows;
+      const int64_t share0 = next_pairs * t / tiles, share1 = next_pairs * (t + 1) / tiles;
+      const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0};
+      const cpu_weight_prefetch *next_block = next.pairs > 0 ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
       if (a_in_place) {
         const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;

@@ -27,9 +27,9 @@
  * (<= CPU_GROUP_PANELS) and j < 32,
  *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
- * prefetch_after (may be NULL) is where the caller reads weights next, in
- * the layout of b (panel p at prefetch_after + p*panel_stride); a kernel may
- * prefetch kpairs k-pairs of it (a hint, never dereferenced).
+ * prefetch (may be NULL) names weights the caller reads next, which a
+ * kernel may request into L2 while it computes (a hint: never dereferenced,
+ * and no result depends on it); see cpu_weight_prefetch.
  *
  * Reduction order (the determinism contract): every C element has ONE
  * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair
@@ -111,9 +111,19 @@ typedef enum cpu_a_format {
   CPU_A_BF16_PAIRS = 1,
 } cpu_a_format;
 
+/* The next weights a tile call may request: k-pairs [0, pairs) of its
+ * panels p < panels at b + p * panel_stride (the call's own panel stride).
+ * The driver hands each row tile of a K block an equal share of the next K
+ * block's slices, so that the weights stream from memory evenly under all
+ * of the block's tiles instead of under its first tile only. */
+typedef struct cpu_weight_prefetch {
+  const uint16_t *b;
+  int64_t pairs;
+} cpu_weight_prefetch;
+
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                             int64_t panel_stride, float *c, int64_t ldc, int accumulate,
-                            const uint16_t *prefetch_after);
+                            const cpu_weight_prefetch *prefetch);
 
 /* A tile kernel that reads A in place: as cpu_tile_fn with A in bf16 pairs,
  * but row r at a + r * a_stride_u32 (uint32 units) instead of a packed A
@@ -123,7 +133,7 @@ typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a,
 typedef void (*cpu_tile_strided_fn)(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                     float *c, int64_t ldc, int accumulate,
-                                    const uint16_t *prefetch_after);
+                                    const cpu_weight_prefetch *prefetch);
 
 /* One kernel path: how A is packed for it, its tile kernel, and the row
  * blocking the driver uses with it. */
@@ -169,7 +179,7 @@ const char *cpu_amx_split_kernel(void);
  * Needs a CPU with AVX-512F. */
 void cpu_amx_order_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                         int64_t panel_stride, float *c, int64_t ldc, int accumulate,
-                        const uint16_t *prefetch_after);
+                        const cpu_weight_prefetch *prefetch);
 #endif
 
 #endif /* MOE_CPU_KERNELS_H */

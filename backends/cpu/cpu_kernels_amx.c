@@ -135,14 +135,13 @@ const char *cpu_amx_split_kernel(void) {
 /* Selected only after cpu_amx_usable(), so amx_split_rows is set. */
 static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed, const uint16_t *b,
                      int64_t panel_stride, float *c, int64_t ldc, int accumulate,
-                     const uint16_t *prefetch_after) {
+                     const cpu_weight_prefetch *prefetch) {
   if (rows < amx_split_rows) {
-    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate,
-                   prefetch_after);
+    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate, prefetch);
     return;
   }
   cpu_amx_tile_body(rows, panels, kpairs, a_packed, CPU_A_STRIDE_U32, b, panel_stride, c, ldc,
-                    accumulate);
+                    accumulate, prefetch);
 }
 
 /* A in place (the layer's sorted activation rows); the few rows of a split
@@ -150,16 +149,16 @@ static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
 static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_t *a,
                              int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                              float *c, int64_t ldc, int accumulate,
-                             const uint16_t *prefetch_after) {
+                             const cpu_weight_prefetch *prefetch) {
   if (rows < amx_split_rows) {
     uint32_t packed[(CPU_AMX_MIN_ROWS - 1) * CPU_A_STRIDE_U32];
     for (int r = 0; r < rows; ++r)
       memcpy(packed + r * CPU_A_STRIDE_U32, a + r * a_stride_u32, (size_t)kpairs * sizeof *a);
-    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate,
-                   prefetch_after);
+    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate, prefetch);
     return;
   }
-  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate);
+  cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
+                    prefetch);
 }
 
 _Static_assert(CPU_AMX_MIN_ROWS <= CPU_MR_MAX + 1, "the AVX-512 kernels take <= CPU_MR_MAX rows");

@@ -89,8 +89,8 @@ static __attribute__((noinline)) void all_panels(int rows, int panels, int64_t k
 
 void cpu_amx_order_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                         const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                        int accumulate, const uint16_t *prefetch_after) {
-  (void)prefetch_after;
+                        int accumulate, const cpu_weight_prefetch *prefetch) {
+  (void)prefetch;
   const unsigned saved = _mm_getcsr();
   _mm_setcsr(MXCSR_TDPBF16PS);
   all_panels(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate);

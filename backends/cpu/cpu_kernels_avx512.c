@@ -30,8 +30,10 @@
  * block streams weights from DRAM under the FMAs. */
 static inline __attribute__((always_inline)) void
 tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
-                 const uint16_t *next_panel, float *c, int64_t ldc, int accumulate) {
+                 const uint16_t *next_panel, const uint16_t *stream, int64_t stream_pairs, float *c,
+                 int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
+  int64_t stream_credit = 0; /* stream_pairs k-pairs spread evenly over kpairs steps */
 #define DECLARE(r)                                                                                 \
   __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
   if (MR > r && accumulate) {                                                                      \
@@ -44,6 +46,13 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
     const uint16_t *next = next_panel + kp * CPU_PANEL_PAIR;
     _mm_prefetch((const char *)next, _MM_HINT_T1);
     _mm_prefetch((const char *)(next + 32), _MM_HINT_T1);
+    stream_credit += stream_pairs;
+    if (stream_credit >= kpairs) {
+      stream_credit -= kpairs;
+      _mm_prefetch((const char *)stream, _MM_HINT_T1);
+      _mm_prefetch((const char *)(stream + 32), _MM_HINT_T1);
+      stream += CPU_PANEL_PAIR;
+    }
     const __m512i w_lo = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR));
     const __m512i w_hi = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR + 32));
     const __m512 odd_lo = _mm512_castsi512_ps(_mm512_and_si512(w_lo, odd_mask));
@@ -128,8 +137,9 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
 #define DEFINE_BLOCK(MR, NP) DEFINE_BLOCK_##NP(MR)
 #define DEFINE_BLOCK_1(MR)                                                                         \
   static void tile_##MR##x1(int64_t kpairs, const float *a, const uint16_t *b,                     \
-                            const uint16_t *next, float *c, int64_t ldc, int accumulate) {         \
-    tile_rows_1panel(MR, kpairs, a, b, next, c, ldc, accumulate);                                  \
+                            const uint16_t *next, const uint16_t *stream, int64_t stream_pairs,    \
+                            float *c, int64_t ldc, int accumulate) {                               \
+    tile_rows_1panel(MR, kpairs, a, b, next, stream, stream_pairs, c, ldc, accumulate);            \
   }
 #define DEFINE_BLOCK_4(MR)                                                                         \
   static void tile_##MR##x4(int64_t kpairs, const void *a, const uint16_t *b,                      \
@@ -137,14 +147,14 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
     tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                         \
   }
 
-typedef void (*one_panel_fn)(int64_t, const float *, const uint16_t *, const uint16_t *, float *,
-                             int64_t, int);
+typedef void (*one_panel_fn)(int64_t, const float *, const uint16_t *, const uint16_t *,
+                             const uint16_t *, int64_t, float *, int64_t, int);
 
 CPU_DEFINE_ALL_BLOCKS(DEFINE_BLOCK, one_panel_fn)
 
 static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                         const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                        int accumulate, const uint16_t *prefetch_after) {
+                        int accumulate, const cpu_weight_prefetch *prefetch) {
   const float *a = a_packed;
   int p = 0;
   if (rows <= 3)
@@ -153,9 +163,10 @@ static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_pack
                         accumulate);
   for (; p < panels; ++p) {
     const uint16_t *panel = b + p * panel_stride;
-    const uint16_t *next =
-        p + 1 < panels ? panel + panel_stride : (prefetch_after ? prefetch_after : panel);
-    one_panel[rows](kpairs, a, panel, next, c + p * CPU_PANEL_COLS, ldc, accumulate);
+    const uint16_t *next = p + 1 < panels ? panel + panel_stride : panel;
+    const int stream = prefetch && prefetch->pairs > 0;
+    one_panel[rows](kpairs, a, panel, next, stream ? prefetch->b + p * panel_stride : panel,
+                    stream ? prefetch->pairs : 0, c + p * CPU_PANEL_COLS, ldc, accumulate);
   }
 }
 

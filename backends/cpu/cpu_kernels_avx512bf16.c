@@ -45,8 +45,8 @@ CPU_DEFINE_ALL_BLOCKS(CPU_DEFINE_BLOCK, cpu_block_fn)
 
 static void avx512bf16_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                             const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                            int accumulate, const uint16_t *prefetch_after) {
-  (void)prefetch_after;
+                            int accumulate, const cpu_weight_prefetch *prefetch) {
+  (void)prefetch;
   cpu_run_panels(rows <= 3 ? four_panels[rows] : NULL, one_panel[rows], panels, kpairs, a_packed, b,
                  panel_stride, c, ldc, accumulate);
 }

@@ -11,8 +11,8 @@
 
 static void portable_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                           const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
-                          int accumulate, const uint16_t *prefetch_after) {
-  (void)prefetch_after;
+                          int accumulate, const cpu_weight_prefetch *prefetch) {
+  (void)prefetch;
   const float *a = a_packed;
   for (int p = 0; p < panels; ++p) {
     const uint16_t *panel = b + p * panel_stride;

@@ -285,19 +285,20 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       b = b_group;
     }
     /* Packed weights: each panel's slice of the next K block follows this
-     * block's. The row tiles after the first request equal shares of them:
-     * the first tile of the item's first block streams its own weights
-     * from memory, and a block of one tile has no time to spare (streaming
-     * there took 1.13-1.26x the time at 128 tokens on two AMX cores). */
-    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM
+     * block's. In a block of three or more row tiles, the tiles after the
+     * first request shares of it in proportion to their rows: the first
+     * tile of an item streams its own weights from memory, and a short
+     * tail tile cannot hide a whole block (one 8-row tile streaming it
+     * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
+    const int tiles = (int)div_up(rows, tile_rows);
+    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
                                    ? min64(CPU_KC_PAIRS, kpairs_total - kp0 - kpairs)
                                    : 0;
-    const int streaming_tiles = (int)div_up(rows, tile_rows) - 1;
+    const int first_rows = rows < tile_rows ? rows : tile_rows;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
-      const int t = r0 / tile_rows - 1; /* -1: the first tile */
-      const int64_t share0 = t < 0 ? 0 : next_pairs * t / streaming_tiles;
-      const int64_t share1 = t < 0 ? 0 : next_pairs * (t + 1) / streaming_tiles;
+      const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
+      const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
       const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0};
       const cpu_weight_prefetch *next_block = next.pairs > 0 ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;

@@ -12,9 +12,11 @@
  * Inside an item: for each K block of CPU_KC_PAIRS k-pairs, each tile of
  * <= tile_rows rows is gathered and packed (A, L1-resident) and the
  * kernel sweeps the group's panels (B slices, L2-resident), accumulating
- * into an fp32 C tile; the epilogue then rounds to bf16. Splitting K into
- * blocks stores and reloads the fp32 accumulator exactly, so the
- * per-element reduction order of cpu_kernels.h is kept.
+ * into an fp32 C tile; the epilogue then rounds to bf16. While they run,
+ * the tiles after a block's first request the next block's slices into L2
+ * (cpu_weight_prefetch), so that only an item's first block waits on
+ * memory. Splitting K into blocks stores and reloads the fp32 accumulator
+ * exactly, so the per-element reduction order of cpu_kernels.h is kept.
  *
  * A path with an in-place entry (AMX: tileloadd takes any row stride)
  * reads A where it lies when the problem's rows are in sorted order, as the

@@ -25,9 +25,10 @@
 
 /* MR (<= 12) rows x 1 panel: 2*MR accumulators, the panel's two vectors
  * widened once per k-pair and reused by every row. While it computes, it
- * prefetches the weights the caller reads next (the next panel, or the
- * next K block) into L2 at the same pace, so that the first tile of a K
- * block streams weights from DRAM under the FMAs. */
+ * requests into L2 the next panel (so that the first tile of an item
+ * streams its weights from DRAM under the FMAs) and, spread evenly over
+ * its k-pairs, the stream_pairs k-pairs at `stream`: its share of the next
+ * K block (cpu_weight_prefetch). */
 static inline __attribute__((always_inline)) void
 tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
                  const uint16_t *next_panel, const uint16_t *stream, int64_t stream_pairs, float *c,

@@ -162,7 +162,18 @@ static void model_release(void) {
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
 #define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
-#define AMX_PREFETCH_L2(p) ((void)(p))
+
+/* The next-K-block stream (cpu_weight_prefetch) is a hint too, but its
+ * addresses come from the driver's share arithmetic: while check_driver
+ * runs on packed weights, each must fall inside them. */
+static const char *stream_lo, *stream_hi;
+static long stream_lines, stream_outside;
+static void model_stream(const char *p) {
+  __atomic_fetch_add(&stream_lines, 1, __ATOMIC_RELAXED);
+  if (stream_lo && (p < stream_lo || p >= stream_hi))
+    __atomic_fetch_add(&stream_outside, 1, __ATOMIC_RELAXED);
+}
+#define AMX_PREFETCH_L2(p) model_stream((const char *)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -331,10 +342,12 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
 
 /* The driver over runs of several sizes, K of two blocks plus a tail, N of
  * two panel groups; out must be bf16 of the scalar loop, exactly when
- * exact, else within bf16 rounding of float64. in_place: A and out by
- * sorted position with padded pitches, as the layer lays them out (the
- * path's tile_strided reads A where it has one), K and N odd so that the
- * zero pair half and the zero column are exercised. */
+ * exact, else within bf16 rounding of float64. in_place: as the layer lays
+ * things out: A and out by sorted position with padded pitches (the path's
+ * tile_strided reads A where it has one), the weights packed once (so the
+ * row tiles stream the next K block, cpu_weight_prefetch), K and N odd so
+ * that the zero pair half and the zero column are exercised. Otherwise A
+ * is gathered by slot and the raw weights packed per item. */
 static void check_driver(const cpu_kernel_path *path, int threads, int exact, int in_place) {
   const int64_t K = in_place ? 601 : 600, N = in_place ? 301 : 300;
   const int64_t lda = in_place ? K + 33 : K, ld_out = in_place ? N + 7 : N;
@@ -374,14 +387,35 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
   }
   for (int64_t i = 0; i < slots * ld_out; ++i)
     out[i] = 0xffff;
+  const cpu_b_source b_source = {.layout = MOE_WEIGHT_LAYOUT_OUT_IN, .n = N, .k = K};
+  const int64_t panels = cpu_b_panels(&b_source), kpairs = (K + 1) / 2;
+  const int64_t panel_stride = kpairs * CPU_PANEL_PAIR, expert_stride = panels * panel_stride;
+  uint16_t *packed = NULL;
+  if (in_place) {
+    packed = malloc((size_t)(RUNS * expert_stride) * sizeof *packed);
+    if (!packed) {
+      fprintf(stderr, "out of memory\n");
+      exit(1);
+    }
+    for (int i = 0; i < RUNS; ++i)
+      for (int64_t p = 0; p < panels; ++p)
+        cpu_pack_b_panel(&b_source, w + (int64_t)i * N * K, p, 0, kpairs,
+                         packed + i * expert_stride + p * panel_stride);
+    stream_lo = (const char *)packed;
+    stream_hi = (const char *)(packed + RUNS * expert_stride);
+  }
+  stream_lines = stream_outside = 0;
   const cpu_gemm_problem pb = {
       .path = path,
       .a = in_place ? a_sorted : x,
       .lda = lda,
       .a_row_div = 1,
       .a_by_position = in_place,
-      .b_source = {.layout = MOE_WEIGHT_LAYOUT_OUT_IN, .n = N, .k = K, .gated_half = 0},
-      .b_raw = w,
+      .b_source = b_source,
+      .b_packed = packed,
+      .b_expert_stride = expert_stride,
+      .b_panel_stride = panel_stride,
+      .b_raw = in_place ? NULL : w,
       .b_raw_expert_stride = N * K,
       .epi = {.gated = 0,
               .n_out = N,
@@ -391,6 +425,13 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
               .weight_mode = MOE_GEMM_ROUTED_WEIGHT_NONE},
   };
   cpu_gemm_execute(&pb, runs, RUNS, threads, scratch, stride);
+  stream_lo = stream_hi = NULL;
+  /* The model path streams in blocks of 3+ row tiles (the 400- and
+   * 700-row runs), on hardware the hint is not observed. */
+  if (path == &model_path && in_place && (stream_lines == 0 || stream_outside))
+    fail("driver: %g of the next-K-block stream's lines fall outside the packed weights (or "
+         "none streamed)",
+         path->name, 0, 0, K, 0, (double)stream_outside);
   int64_t bad = 0;
   double worst = 0;
   for (int i = 0; i < RUNS; ++i)
@@ -419,10 +460,15 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
     fail(exact ? "driver: %g outputs differ from bf16 of the scalar loop"
                : "driver: %g outputs beyond bf16 rounding of float64",
          path->name, 0, 0, K, 0, (double)bad);
-  printf("  driver with %s, %d threads, A %s: %lld rows x %lld columns, K = %lld: %s\n", path->name,
-         threads, in_place ? "in place by sorted position" : "gathered by slot", (long long)slots,
-         (long long)N, (long long)K, bad ? "FAILED" : "ok");
-  free(x), free(w), free(a_sorted), free(out), free(order), free(scratch);
+  printf("  driver with %s, %d threads, %s: %lld rows x %lld columns, K = %lld: %s\n", path->name,
+         threads,
+         in_place ? "A in place by sorted position, packed weights"
+                  : "A gathered by slot, raw weights",
+         (long long)slots, (long long)N, (long long)K, bad ? "FAILED" : "ok");
+  if (path == &model_path && in_place)
+    printf("    next-K-block stream: %ld lines requested, all inside the packed weights\n",
+           stream_lines);
+  free(x), free(w), free(a_sorted), free(out), free(order), free(scratch), free(packed);
 }
 
 /* ---- The FMA-order decode kernel against the model --------------------- */

@@ -159,7 +159,8 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
         }
       }
       /* The stream runs in the full steps only (a tail, where K is not a
-       * multiple of 32, is one step). */
+       * multiple of 32, is one step): stream_pairs k-pairs over this pass's
+       * kp_end k-pairs (kp_begin is 0). */
       const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;

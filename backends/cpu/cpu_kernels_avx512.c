@@ -34,7 +34,9 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
                  const uint16_t *next_panel, const uint16_t *stream, int64_t stream_pairs, float *c,
                  int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
-  int64_t stream_credit = 0; /* stream_pairs k-pairs spread evenly over kpairs steps */
+  /* stream_pairs k-pairs spread evenly over the kpairs steps, at most one
+   * per step: a share of the next K block is no longer than this block. */
+  int64_t stream_credit = 0;
 #define DECLARE(r)                                                                                 \
   __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
   if (MR > r && accumulate) {                                                                      \

@@ -466,8 +466,7 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
                   : "A gathered by slot, raw weights",
          (long long)slots, (long long)N, (long long)K, bad ? "FAILED" : "ok");
   if (path == &model_path && in_place)
-    printf("    weight stream (next K block, next item): %ld lines requested, all inside the "
-           "packed weights\n",
+    printf("    next-K-block stream: %ld lines requested, all inside the packed weights\n",
            stream_lines);
   free(x), free(w), free(a_sorted), free(out), free(order), free(scratch), free(packed);
 }

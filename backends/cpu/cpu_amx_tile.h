@@ -43,10 +43,9 @@
  * (this panel's next rows, then the next panel's first), in parts, one
  * before each TDPBF16PS. A hint only: the results never depend on it.
  * `stream` (may be NULL; cpu_weight_prefetch) is the caller's share of the
- * weights it reads next (the next K block, or the next item's first): each
- * panel's part goes to L2 spread evenly over the panel's steps, so that
- * the next block's first row tile finds its weights there instead of
- * waiting on memory.
+ * next K block's weights: each panel's part goes to L2 spread evenly over
+ * the panel's steps, so that the next block's first row tile finds its
+ * weights there instead of waiting on memory.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H
@@ -162,7 +161,7 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       /* The stream runs in the full steps only (a tail, where K is not a
        * multiple of 32, is one step): stream_pairs k-pairs over this pass's
        * kp_end k-pairs (kp_begin is 0). */
-      const int64_t stream_pairs = stream && !pass && p < stream->panels ? stream->pairs : 0;
+      const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {

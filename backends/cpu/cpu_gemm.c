@@ -37,13 +37,9 @@
 #endif
 /* Fewest work items per thread before items get fewer panels
  * (cpu_gemm_execute); 0 keeps CPU_GROUP_PANELS always, for A/B builds. */
-/* -DCPU_NEXT_BLOCK_STREAM=0: no next-K-block hints; -DCPU_NEXT_ITEM_STREAM=0:
- * none for the thread's next item; for A/B builds (run_item). */
+/* -DCPU_NEXT_BLOCK_STREAM=0: no next-K-block hints, for A/B builds. */
 #ifndef CPU_NEXT_BLOCK_STREAM
 #define CPU_NEXT_BLOCK_STREAM 1
-#endif
-#ifndef CPU_NEXT_ITEM_STREAM
-#define CPU_NEXT_ITEM_STREAM 1
 #endif
 #ifndef CPU_MIN_ITEMS_PER_THREAD
 #define CPU_MIN_ITEMS_PER_THREAD 4
@@ -256,70 +252,24 @@ static int tile_rows_for(const cpu_kernel_path *path, int rows) {
   return (int)min64(path->tile_rows, div_up(div_up(rows, tiles), block) * block);
 }
 
-/* The work queue of one cpu_gemm_execute: items are claimed in order, one
- * at a time, by whichever thread is free. */
-typedef struct item_queue {
-  const cpu_gemm_run *runs;
-  int64_t num_runs, items;
-  int group_panels;
-  int64_t next; /* the next unclaimed item */
-} item_queue;
-
-static int64_t claim_item(item_queue *queue) {
-  int64_t item;
-#pragma omp atomic capture
-  item = queue->next++;
-  return item;
-}
-
-/* The run holding `item`, searched from `hint` (a thread's items arrive in
- * increasing order). */
-static int64_t run_of_item(const item_queue *queue, int64_t item, int64_t hint) {
-  if (item < queue->runs[hint].first_item) hint = 0;
-  int64_t lo = hint, hi = queue->num_runs - 1;
-  while (lo < hi) {
-    int64_t mid = (lo + hi + 1) / 2;
-    if (queue->runs[mid].first_item <= item)
-      lo = mid;
-    else
-      hi = mid - 1;
-  }
-  return lo;
-}
-
-/* Item `local` of a run: its rows [*row0, *row0 + *rows) and its panels
- * [*panel0, *panel0 + *panels). */
-static void item_extent(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
-                        int group_panels, int64_t *row0, int *rows, int64_t *panel0, int *panels) {
-  const int item_rows = pb->path->item_rows;
-  const int64_t chunks = run_chunks(run->rows, item_rows);
-  const int64_t chunk = local % chunks, group = local / chunks;
-  *row0 = chunk_row(run->rows, item_rows, chunks, chunk);
-  *rows = (int)(chunk_row(run->rows, item_rows, chunks, chunk + 1) - *row0);
-  *panel0 = group * group_panels;
-  *panels = (int)min64(group_panels, cpu_b_panels(&pb->b_source) - *panel0);
-}
-
-/* Runs item `local` of `run`. With packed weights, the tiles after the
- * first of each K block request the next block's weights
- * (cpu_weight_prefetch); in the last block, the thread claims its next
- * item from the queue and they request that item's first block instead,
- * so that it does not start by waiting on memory. Returns the claimed
- * item, or -1 when none was claimed. */
-static int64_t run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
-                        item_queue *queue, int64_t run_index, unsigned char *scratch) {
+static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
+                     int group_panels, unsigned char *scratch) {
   void *a_tile = scratch;
   float *c_tile = (float *)(scratch + A_TILE_BYTES);
   uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
 
-  int64_t row0, panel0;
-  int rows, panels;
-  item_extent(pb, run, local, queue->group_panels, &row0, &rows, &panel0, &panels);
+  const int item_rows = pb->path->item_rows;
+  const int64_t chunks = run_chunks(run->rows, item_rows);
+  const int64_t chunk = local % chunks, group = local / chunks;
+  const int64_t row0 = chunk_row(run->rows, item_rows, chunks, chunk);
+  const int rows = (int)(chunk_row(run->rows, item_rows, chunks, chunk + 1) - row0);
   /* The path reads A in place: no copy (the layer's sorted activations). */
   const int a_in_place = pb->a_by_position && pb->path->tile_strided;
+  const int64_t panels_total = cpu_b_panels(&pb->b_source);
+  const int64_t panel0 = group * group_panels;
+  const int panels = (int)min64(group_panels, panels_total - panel0);
   const int64_t kpairs_total = div_up(pb->b_source.k, 2);
   const int tile_rows = tile_rows_for(pb->path, rows);
-  int64_t claimed = -1;
 
   for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += CPU_KC_PAIRS) {
     const int64_t kpairs = min64(CPU_KC_PAIRS, kpairs_total - kp0);
@@ -343,30 +293,15 @@ static int64_t run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int
      * tail tile cannot hide a whole block (one 8-row tile streaming it
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int tiles = (int)div_up(rows, tile_rows);
-    const int stream = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3;
-    const uint16_t *next_b = b + kpairs * CPU_PANEL_PAIR;
-    int64_t next_pairs = stream ? min64(CPU_KC_PAIRS, kpairs_total - kp0 - kpairs) : 0;
-    int next_panels = panels;
-    if (stream && CPU_NEXT_ITEM_STREAM && kp0 + kpairs == kpairs_total) {
-      claimed = claim_item(queue);
-      if (claimed < queue->items) {
-        const int64_t next_run = run_of_item(queue, claimed, run_index);
-        const cpu_gemm_run *nr = &queue->runs[next_run];
-        int64_t next_row0, next_panel0;
-        int next_rows;
-        item_extent(pb, nr, claimed - nr->first_item, queue->group_panels, &next_row0, &next_rows,
-                    &next_panel0, &next_panels);
-        next_b = pb->b_packed + nr->expert * pb->b_expert_stride + next_panel0 * pb->b_panel_stride;
-        next_pairs = min64(CPU_KC_PAIRS, kpairs_total);
-      }
-    }
+    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
+                                   ? min64(CPU_KC_PAIRS, kpairs_total - kp0 - kpairs)
+                                   : 0;
     const int first_rows = rows < tile_rows ? rows : tile_rows;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
       const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
-      const cpu_weight_prefetch next = {next_b + share0 * CPU_PANEL_PAIR, share1 - share0,
-                                        next_panels};
+      const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0};
       const cpu_weight_prefetch *next_block = next.pairs > 0 ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
       if (a_in_place) {
@@ -381,7 +316,6 @@ static int64_t run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int
     }
   }
   apply_epilogue(&pb->epi, run, row0, rows, panel0, panels, c_tile);
-  return claimed;
 }
 
 /* Work items (and each run's first) with `group_panels` panels per item. */
@@ -410,17 +344,24 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
   }
   if (items == 0) return;
   if (threads > items) threads = (int)items;
-  item_queue queue = {
-      .runs = runs, .num_runs = num_runs, .items = items, .group_panels = group_panels};
 #pragma omp parallel num_threads(threads)
   {
     unsigned char *mine = scratch + (size_t)omp_get_thread_num() * scratch_stride;
     int64_t run = 0;
-    for (int64_t item = claim_item(&queue); item < items;) {
-      run = run_of_item(&queue, item, run);
-      const int64_t claimed =
-          run_item(pb, &runs[run], item - runs[run].first_item, &queue, run, mine);
-      item = claimed >= 0 ? claimed : claim_item(&queue);
+#pragma omp for schedule(dynamic, 1)
+    for (int64_t item = 0; item < items; ++item) {
+      /* Items arrive in increasing order per thread: advance, else search. */
+      if (item < runs[run].first_item) run = 0;
+      int64_t lo = run, hi = num_runs - 1;
+      while (lo < hi) {
+        int64_t mid = (lo + hi + 1) / 2;
+        if (runs[mid].first_item <= item)
+          lo = mid;
+        else
+          hi = mid - 1;
+      }
+      run = lo;
+      run_item(pb, &runs[run], item - runs[run].first_item, group_panels, mine);
     }
   }
 }

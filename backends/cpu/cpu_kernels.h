@@ -111,17 +111,14 @@ typedef enum cpu_a_format {
   CPU_A_BF16_PAIRS = 1,
 } cpu_a_format;
 
-/* The next weights a tile call may request: k-pairs [0, pairs) of panels
- * p < min(panels, the call's panels) at b + p * panel_stride (the call's
- * own panel stride). The driver hands the row tiles of a K block after its
- * first shares of the next K block's slices (or, in an item's last block,
- * of the first block of the thread's next item), so that the weights
- * stream from memory under all of the block's tiles instead of stalling
- * the next block's first one. */
+/* The next weights a tile call may request: k-pairs [0, pairs) of its
+ * panels p < panels at b + p * panel_stride (the call's own panel stride).
+ * The driver hands each row tile of a K block an equal share of the next K
+ * block's slices, so that the weights stream from memory evenly under all
+ * of the block's tiles instead of under its first tile only. */
 typedef struct cpu_weight_prefetch {
   const uint16_t *b;
   int64_t pairs;
-  int panels;
 } cpu_weight_prefetch;
 
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,

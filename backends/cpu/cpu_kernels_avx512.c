@@ -34,7 +34,9 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
                  const uint16_t *next_panel, const uint16_t *stream, int64_t stream_pairs, float *c,
                  int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
-  int64_t stream_credit = 0; /* stream_pairs k-pairs spread evenly over the kpairs steps */
+  /* stream_pairs k-pairs spread evenly over the kpairs steps, at most one
+   * per step: a share of the next K block is no longer than this block. */
+  int64_t stream_credit = 0;
 #define DECLARE(r)                                                                                 \
   __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
   if (MR > r && accumulate) {                                                                      \
@@ -47,7 +49,9 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
     const uint16_t *next = next_panel + kp * CPU_PANEL_PAIR;
     _mm_prefetch((const char *)next, _MM_HINT_T1);
     _mm_prefetch((const char *)(next + 32), _MM_HINT_T1);
-    for (stream_credit += stream_pairs; stream_credit >= kpairs; stream_credit -= kpairs) {
+    stream_credit += stream_pairs;
+    if (stream_credit >= kpairs) {
+      stream_credit -= kpairs;
       _mm_prefetch((const char *)stream, _MM_HINT_T1);
       _mm_prefetch((const char *)(stream + 32), _MM_HINT_T1);
       stream += CPU_PANEL_PAIR;
@@ -163,7 +167,7 @@ static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_pack
   for (; p < panels; ++p) {
     const uint16_t *panel = b + p * panel_stride;
     const uint16_t *next = p + 1 < panels ? panel + panel_stride : panel;
-    const int stream = prefetch && prefetch->pairs > 0 && p < prefetch->panels;
+    const int stream = prefetch && prefetch->pairs > 0;
     one_panel[rows](kpairs, a, panel, next, stream ? prefetch->b + p * panel_stride : panel,
                     stream ? prefetch->pairs : 0, c + p * CPU_PANEL_COLS, ldc, accumulate);
   }

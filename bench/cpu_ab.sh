@@ -4,7 +4,7 @@
 # -DCPU_AMX_ITEM_ROWS=64, backends/cpu/cpu_kernels.h), then ROUNDS rounds
 # that run every variant's moe_bench in turn (interleaved, so that a
 # machine whose speed drifts during the call weighs on every variant
-# alike), then bench/compare.py of each variant against the first over
+# alike; each round starts with the next variant), then bench/compare.py of each variant against the first over
 # its rounds (median of the rounds' medians, and the paired range).
 # Usage: bench/cpu_ab.sh OUT_DIR "MODELS" "TOKENS" ROUNDS NAME=DEFS...
 # (DEFS: definitions separated by commas)
@@ -27,7 +27,11 @@ for variant in "$@"; do
   echo "build $name ($defs) rc=$?"
 done
 for round in $(seq 1 "$rounds"); do
-  for name in "${names[@]}"; do
+  # Each round starts one variant later than the last, so that no variant
+  # always runs first (after the previous round's last) or last.
+  order=()
+  for i in "${!names[@]}"; do order+=("${names[$(((i + round - 1) % ${#names[@]}))]}"); done
+  for name in "${order[@]}"; do
     OMP_NUM_THREADS=${OMP_NUM_THREADS:-$(nproc)} timeout 200 \
       "./build-cpu-ab-$name/bench/moe_bench" --backend cpu \
       --option "${MOE_CPU_AB_OPTION:-cpu.kernels=auto}" --model "$models" --tokens "$tokens" \

@@ -111,11 +111,12 @@ typedef enum cpu_a_format {
   CPU_A_BF16_PAIRS = 1,
 } cpu_a_format;
 
-/* The next weights a tile call may request: k-pairs [0, pairs) of its
- * panels p < panels at b + p * panel_stride (the call's own panel stride).
- * The driver hands each row tile of a K block an equal share of the next K
- * block's slices, so that the weights stream from memory evenly under all
- * of the block's tiles instead of under its first tile only. */
+/* The next weights a tile call may request: k-pairs [0, pairs) of each of
+ * its panels p at b + p * panel_stride (the call's own panel stride). The
+ * driver (cpu_gemm.c's run_item) hands the row tiles after a K block's
+ * first shares of the next K block's slices, so that the weights stream
+ * from memory under the block's later tiles instead of stalling the next
+ * block's first one. A share is never longer than the call's kpairs. */
 typedef struct cpu_weight_prefetch {
   const uint16_t *b;
   int64_t pairs;

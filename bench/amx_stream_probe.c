@@ -149,7 +149,9 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
 }
 
 /* One work item as the driver runs it: K blocks, row tiles of <= 32 (as
- * the AMX path's whole 16-row blocks cut them: 40 rows run as 32 + 8). */
+ * the AMX path's whole 16-row blocks cut them: 40 rows run as 32 + 8), but
+ * without the driver's next-K-block stream (cpu_weight_prefetch): each
+ * tile's own weight stream is what this probe times. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)

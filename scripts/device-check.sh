@@ -251,8 +251,8 @@ step_cpu() {
 # cut short keeps what finished: the AMX check (real tiles, both A modes),
 # moe_bench on all cores at the floors' points, the PyTorch CPU peer, the
 # AMX suite entry, then step_cpuab (CPU_AB_VARIANTS, default here: the
-# lead of bench/results.md, K blocks of 512 and 1024 k-pairs, so that
-# short-K GEMMs such as Qwen3's reload their fp32 accumulators less).
+# shipped next-K-block stream against -DCPU_NEXT_BLOCK_STREAM=0, whose
+# 16-thread A/B on these noisy hosts ranged 0.92-1.04; bench/results.md).
 step_cpufloors() {
   local dir=build-cpu n
   n=$(nproc)
@@ -272,7 +272,7 @@ step_cpufloors() {
   echo "cpu ctest amx rc=$?"; tail -4 "$out/cpu-ctest-amx.log"
   CPU_AB_TIMEOUT=${CPU_AB_TIMEOUT:-250} CPU_AB_ROUNDS=${CPU_AB_ROUNDS:-4} \
     CPU_AB_TOKENS=${CPU_AB_TOKENS:-16,128,512,4096} \
-    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= kc512=-DCPU_KC_PAIRS=512 kc1024=-DCPU_KC_PAIRS=1024"} step_cpuab
+    CPU_AB_VARIANTS=${CPU_AB_VARIANTS:-"base= nostream=-DCPU_NEXT_BLOCK_STREAM=0"} step_cpuab
 }
 
 # Where the AMX forward's time goes (backends/cpu/cpu_phase_times.h: a

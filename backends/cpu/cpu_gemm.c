@@ -40,12 +40,13 @@
  * IEEE operations round alike at every vector width, and this file is
  * compiled without contraction (-ffp-contract=off), so both clones give
  * the same bits. */
-#if defined(__x86_64__) && defined(__ELF__) && defined(__GLIBC__) && defined(__has_attribute)
+#if !defined(CPU_VECTOR_CLONES) && defined(__x86_64__) && defined(__ELF__) &&                      \
+    defined(__GLIBC__) && defined(__has_attribute)
 #if __has_attribute(target_clones)
 #define CPU_VECTOR_CLONES __attribute__((target_clones("avx512f", "default")))
 #endif
 #endif
-#ifndef CPU_VECTOR_CLONES
+#ifndef CPU_VECTOR_CLONES /* -DCPU_VECTOR_CLONES= : the baseline only, for A/B builds */
 #define CPU_VECTOR_CLONES
 #endif
 /* Helpers of the cloned functions, inlined into each clone. */

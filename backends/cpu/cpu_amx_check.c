@@ -174,7 +174,6 @@ static void model_stream(const char *p) {
     __atomic_fetch_add(&stream_outside, 1, __ATOMIC_RELAXED);
 }
 #define AMX_PREFETCH_L2(p) model_stream((const char *)(p))
-#define AMX_PREFETCH_FAR(p) ((void)(p)) /* a hint inside the call's panels */
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 

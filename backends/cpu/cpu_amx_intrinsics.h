@@ -38,6 +38,5 @@
 #endif
 #define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
 #define AMX_PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
-#define AMX_PREFETCH_FAR(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
 
 #endif /* MOE_CPU_AMX_INTRINSICS_H */

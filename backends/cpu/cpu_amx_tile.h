@@ -9,8 +9,7 @@
  *   AMX_DP(c, a, b)        tdpbf16ps
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
- *   AMX_PREFETCH_L2(p)     the same hint, into L2 only (the next K block)
- *   AMX_PREFETCH_FAR(p)    the same hint, into L2 only (the far requests)
+ *   AMX_PREFETCH_L2(p)     the same hint, into L2 only
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -62,13 +61,6 @@
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
 #endif
-/* Steps of a second, farther request into L2 (AMX_PREFETCH_FAR) for the
- * step that far ahead, so that more of the stream is in flight than the
- * near requests into L1 allow; 0: none (a compile-time definition, for A/B
- * builds). */
-#ifndef CPU_AMX_PREFETCH_FAR_STEPS
-#define CPU_AMX_PREFETCH_FAR_STEPS 0
-#endif
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
@@ -96,14 +88,6 @@ static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, 
   const int lines = 2 * pairs; /* a k-pair of a panel is 128 bytes */
   for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
     AMX_PREFETCH(rows + 64 * line);
-}
-
-/* The same for the far requests (CPU_AMX_PREFETCH_FAR_STEPS). */
-static inline void cpu_amx_prefetch_far_part(const char *rows, int pairs, int part, int parts) {
-  if (!rows || part >= parts) return;
-  const int lines = 2 * pairs;
-  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
-    AMX_PREFETCH_FAR(rows + 64 * line);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -189,25 +173,17 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
         /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
-        const char *far = CPU_AMX_PREFETCH_FAR_STEPS > 0
-                              ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
-                                                        kp_end, pairs, CPU_AMX_PREFETCH_FAR_STEPS)
-                              : NULL;
-        cpu_amx_prefetch_far_part(far, pairs, 0, parts);
         cpu_amx_prefetch_part(ahead, pairs, 0, parts);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        cpu_amx_prefetch_far_part(far, pairs, 1, parts);
         cpu_amx_prefetch_part(ahead, pairs, 1, parts);
         AMX_DP(1, 4, 7);
         if (two) {
-          cpu_amx_prefetch_far_part(far, pairs, 2, parts);
           cpu_amx_prefetch_part(ahead, pairs, 2, parts);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          cpu_amx_prefetch_far_part(far, pairs, 3, parts);
           cpu_amx_prefetch_part(ahead, pairs, 3, parts);
           AMX_DP(3, 5, 7);
         }

@@ -9,7 +9,8 @@
  * has experts x groups items, so every core streams weights. An expert with
  * no rows has no run and costs nothing.
  *
- * Inside an item: for each K block of CPU_KC_PAIRS k-pairs, each tile of
+ * Inside an item: for each K block of CPU_KC_PAIRS k-pairs (fewer on few
+ * threads: CPU_KC_PAIRS_FEW_THREADS), each tile of
  * <= tile_rows rows is gathered and packed (A, L1-resident) and the
  * kernel sweeps the group's panels (B slices, L2-resident), accumulating
  * into an fp32 C tile; the epilogue then rounds to bf16. While they run,
@@ -55,12 +56,29 @@
 #ifndef CPU_BALANCED_CHUNKS
 #define CPU_BALANCED_CHUNKS 1
 #endif
-/* Fewest work items per thread before items get fewer panels
- * (cpu_gemm_execute); 0 keeps CPU_GROUP_PANELS always, for A/B builds. */
 /* -DCPU_NEXT_BLOCK_STREAM=0: no next-K-block hints, for A/B builds. */
 #ifndef CPU_NEXT_BLOCK_STREAM
 #define CPU_NEXT_BLOCK_STREAM 1
 #endif
+/* K blocks on few threads: a GEMM run by at most CPU_FEW_THREADS threads
+ * sweeps K blocks of CPU_KC_PAIRS_FEW_THREADS k-pairs instead of
+ * CPU_KC_PAIRS. Then a 32-row AMX tile's A slice (16 KiB) and a panel's
+ * weight slice (16 KiB) fit L1 together, so A is not evicted by the
+ * weights streaming through every panel. Measured on 16-core AMX hosts
+ * (bench/results.md, "CPU: K blocks of 128 k-pairs on two cores"): on 2
+ * pinned cores 0.86 and 0.96x the time (geomean of two calls; Mixtral 128
+ * tokens 0.90 and 0.91x), on 16 threads 1.04x (Mixtral 4096 1.20x: more
+ * accumulator reloads per flop, where the cores share the memory). The
+ * bits do not depend on the K blocks (cpu_kernels.h); 0 keeps CPU_KC_PAIRS
+ * everywhere, for A/B builds. */
+#ifndef CPU_KC_PAIRS_FEW_THREADS
+#define CPU_KC_PAIRS_FEW_THREADS 128
+#endif
+#define CPU_FEW_THREADS 2
+_Static_assert(CPU_KC_PAIRS_FEW_THREADS % 16 == 0 && CPU_KC_PAIRS_FEW_THREADS <= CPU_KC_PAIRS,
+               "K blocks of whole AMX tile steps, within the scratch's A tile");
+/* Fewest work items per thread before items get fewer panels
+ * (cpu_gemm_execute); 0 keeps CPU_GROUP_PANELS always, for A/B builds. */
 #ifndef CPU_MIN_ITEMS_PER_THREAD
 #define CPU_MIN_ITEMS_PER_THREAD 4
 #endif
@@ -276,7 +294,7 @@ static int tile_rows_for(const cpu_kernel_path *path, int rows) {
 }
 
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
-                     int group_panels, unsigned char *scratch) {
+                     int group_panels, int64_t block_pairs, unsigned char *scratch) {
   void *a_tile = scratch;
   float *c_tile = (float *)(scratch + A_TILE_BYTES);
   uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
@@ -294,8 +312,8 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   const int64_t kpairs_total = div_up(pb->b_source.k, 2);
   const int tile_rows = tile_rows_for(pb->path, rows);
 
-  for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += CPU_KC_PAIRS) {
-    const int64_t kpairs = min64(CPU_KC_PAIRS, kpairs_total - kp0);
+  for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += block_pairs) {
+    const int64_t kpairs = min64(block_pairs, kpairs_total - kp0);
     const uint16_t *b;
     int64_t panel_stride;
     if (pb->b_packed) {
@@ -317,7 +335,7 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int tiles = (int)div_up(rows, tile_rows);
     const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
-                                   ? min64(CPU_KC_PAIRS, kpairs_total - kp0 - kpairs)
+                                   ? min64(block_pairs, kpairs_total - kp0 - kpairs)
                                    : 0;
     const int first_rows = rows < tile_rows ? rows : tile_rows;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
@@ -366,6 +384,9 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
     items = count_items(pb, runs, num_runs, group_panels);
   }
   if (items == 0) return;
+  const int64_t block_pairs = CPU_KC_PAIRS_FEW_THREADS > 0 && threads <= CPU_FEW_THREADS
+                                  ? CPU_KC_PAIRS_FEW_THREADS
+                                  : CPU_KC_PAIRS;
   if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
   {
@@ -384,7 +405,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
           hi = mid - 1;
       }
       run = lo;
-      run_item(pb, &runs[run], item - runs[run].first_item, group_panels, mine);
+      run_item(pb, &runs[run], item - runs[run].first_item, group_panels, block_pairs, mine);
     }
   }
 }

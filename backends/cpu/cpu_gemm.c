@@ -64,13 +64,13 @@
  * sweeps K blocks of CPU_KC_PAIRS_FEW_THREADS k-pairs instead of
  * CPU_KC_PAIRS. Then a 32-row AMX tile's A slice (16 KiB) and a panel's
  * weight slice (16 KiB) fit L1 together, so A is not evicted by the
- * weights streaming through every panel. Measured on 16-core AMX hosts
- * (bench/results.md, "CPU: K blocks of 128 k-pairs on two cores"): on 2
- * pinned cores 0.86 and 0.96x the time (geomean of two calls; Mixtral 128
- * tokens 0.90 and 0.91x), on 16 threads 1.04x (Mixtral 4096 1.20x: more
- * accumulator reloads per flop, where the cores share the memory). The
- * bits do not depend on the K blocks (cpu_kernels.h); 0 keeps CPU_KC_PAIRS
- * everywhere, for A/B builds. */
+ * weights streaming through every panel. Measured on 2 pinned cores of
+ * 16-core AMX hosts, three calls on two host kinds: 0.86, 0.96 and 1.00x
+ * the time of 256 (Mixtral 128 tokens 0.90, 0.91 and 0.97x); on 16 threads
+ * 1.04x (Mixtral 4096 1.20x), so 256 stays there (bench/results.md, "CPU:
+ * the epilogue and A packing compiled for AVX-512F; ..."). The bits do not
+ * depend on the K blocks (cpu_kernels.h); 0 keeps CPU_KC_PAIRS everywhere,
+ * for A/B builds. */
 #ifndef CPU_KC_PAIRS_FEW_THREADS
 #define CPU_KC_PAIRS_FEW_THREADS 128
 #endif

@@ -4,12 +4,14 @@
  * sizes that are multiples of no tile, E from 1 to 512, top_k up to 16,
  * every routing variant, activation, weight layout, biases, expert maps,
  * router weight on input; special logits; bitwise reruns; batch
- * invariance; T = 0; the reservation rules; and the stage pipeline
+ * invariance; the CPU's thread counts and kernel paths agreeing bit for bit;
+ * T = 0; the reservation rules; and the stage pipeline
  * composed by hand giving the same answer.
  */
 #include "harness.h"
 
 #include <math.h>
+#include <omp.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -559,6 +561,35 @@ Test(layer, workspace_reuse_across_token_counts) {
   }
   moe_layer_destroy(layer);
   free(out);
+  th_layer_data_free(&d);
+}
+
+/* The CPU backend's bits do not depend on its thread count: on at most 2
+ * threads its GEMMs sweep K in blocks of 128 k-pairs, on more in blocks of
+ * 256 (backends/cpu/cpu_gemm.c), and every item is run by whichever thread
+ * is free. */
+Test(layer, cpu_thread_counts_agree_bitwise) {
+  if (moe_context_backend(th_ctx()) != MOE_BACKEND_CPU)
+    cr_skip_test("cpu only: the CPU backend's OpenMP threads");
+  th_layer_spec s = spec(200, 600, 300, 8, 2, 0x672);
+  s.w13_bias = s.w2_bias = true;
+  th_layer_data d;
+  th_layer_data_make(&d, &s);
+  const size_t bytes = (size_t)(200 * 600) * 2;
+  const int thread_counts[3] = {1, 2, 5};
+  uint16_t *out[3];
+  const int saved = omp_get_max_threads();
+  for (int i = 0; i < 3; ++i) {
+    out[i] = th_malloc(bytes);
+    omp_set_num_threads(thread_counts[i]);
+    layer_run_on(th_ctx(), &d, out[i]);
+  }
+  omp_set_num_threads(saved);
+  check_layer_output(&d, out[0]);
+  for (int i = 1; i < 3; ++i)
+    TH_ASSERT(memcmp(out[0], out[i], bytes) == 0, "%d threads differ from 1", thread_counts[i]);
+  for (int i = 0; i < 3; ++i)
+    free(out[i]);
   th_layer_data_free(&d);
 }
 

@@ -564,18 +564,25 @@ Test(layer, workspace_reuse_across_token_counts) {
   th_layer_data_free(&d);
 }
 
+/* The data of a CPU-only bitwise comparison (skips on other backends): a
+ * layer with both biases; returns the bytes of its output. */
+static size_t cpu_case(th_layer_data *d, int64_t T, int64_t H, int64_t I, int32_t E, int32_t k,
+                       uint64_t seed) {
+  if (moe_context_backend(th_ctx()) != MOE_BACKEND_CPU)
+    cr_skip_test("cpu only: compares runs of the CPU backend");
+  th_layer_spec s = spec(T, H, I, E, k, seed);
+  s.w13_bias = s.w2_bias = true;
+  th_layer_data_make(d, &s);
+  return (size_t)(T * H) * 2;
+}
+
 /* The CPU backend's bits do not depend on its thread count: on at most 2
  * threads its GEMMs sweep K in blocks of 128 k-pairs, on more in blocks of
  * 256 (backends/cpu/cpu_gemm.c), and every item is run by whichever thread
  * is free. */
 Test(layer, cpu_thread_counts_agree_bitwise) {
-  if (moe_context_backend(th_ctx()) != MOE_BACKEND_CPU)
-    cr_skip_test("cpu only: the CPU backend's OpenMP threads");
-  th_layer_spec s = spec(200, 600, 300, 8, 2, 0x672);
-  s.w13_bias = s.w2_bias = true;
   th_layer_data d;
-  th_layer_data_make(&d, &s);
-  const size_t bytes = (size_t)(200 * 600) * 2;
+  const size_t bytes = cpu_case(&d, 200, 600, 300, 8, 2, 0x672);
   const int thread_counts[3] = {1, 2, 5};
   uint16_t *out[3];
   const int saved = omp_get_max_threads();
@@ -596,13 +603,8 @@ Test(layer, cpu_thread_counts_agree_bitwise) {
 /* The CPU backend promises that its portable and AVX-512F kernel paths
  * agree bit for bit (backends/cpu/cpu_kernels.h). */
 Test(layer, cpu_kernel_paths_agree_bitwise) {
-  if (moe_context_backend(th_ctx()) != MOE_BACKEND_CPU)
-    cr_skip_test("cpu only: compares the CPU backend's kernel paths");
-  th_layer_spec s = spec(65, 129, 67, 16, 4, 0x671);
-  s.w13_bias = s.w2_bias = true;
   th_layer_data d;
-  th_layer_data_make(&d, &s);
-  const size_t bytes = (size_t)(65 * 129) * 2;
+  const size_t bytes = cpu_case(&d, 65, 129, 67, 16, 4, 0x671);
   uint16_t *out[2] = {th_malloc(bytes), th_malloc(bytes)};
   const char *paths[2] = {"portable", "avx512"};
   for (int p = 0; p < 2; ++p) {

@@ -54,40 +54,53 @@ typedef struct variant {
   int hint;      /* 0 T0, 1 T1 */
   int cold_only; /* prefetch in a K block's first row tile only (the later find B in L2) */
   int parts;     /* issue a step's prefetches in this many parts between its tile operations */
+  int l2_ahead;  /* also request the step this many steps ahead into L2 (T1); 0: no */
+  int probe;     /* diagnostics, not candidates: PROBE_NO_DP, PROBE_HOT_B */
 } variant;
 
+/* PROBE_NO_DP: the loads and prefetches without the TDPBF16PS (is the
+ * compute's time added to the stream's?). PROBE_HOT_B: the same prefetches,
+ * but the B tiles loaded from one L1-hot step (would the stream overlap the
+ * compute if the tile loads did not wait for it?). */
+enum { PROBE_NO_DP = 1, PROBE_HOT_B = 2 };
+
 static const variant variants[] = {
-    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0},
-    {"pf4-parts1", KERNEL_ONE_PANEL, 4, 1, 0, 0, 1},
-    {"pf4-parts2", KERNEL_ONE_PANEL, 4, 1, 0, 0, 2},
-    {"pf4-parts4", KERNEL_ONE_PANEL, 4, 1, 0, 0, 4},
-    {"pf4-parts8", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8},
-    {"pf4-parts16", KERNEL_ONE_PANEL, 4, 1, 0, 0, 16},
-    {"pf6-parts8", KERNEL_ONE_PANEL, 6, 1, 0, 0, 8},
-    {"pf2-parts8", KERNEL_ONE_PANEL, 2, 1, 0, 0, 8},
-    {"pf4-parts8-cold", KERNEL_ONE_PANEL, 4, 1, 0, 1, 8},
+    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0, 0, 0},
+    {"pf4-parts8", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 0, 0},
+    {"no-prefetch", KERNEL_ONE_PANEL, 0, 1, 0, 0, 8, 0, 0},
+    {"pf8-parts8", KERNEL_ONE_PANEL, 8, 1, 0, 0, 8, 0, 0},
+    {"pf2-parts8+l2-16", KERNEL_ONE_PANEL, 2, 1, 0, 0, 8, 16, 0},
+    {"pf4-parts8+l2-32", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 32, 0},
+    {"diag:no-dp", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 0, PROBE_NO_DP},
+    {"diag:hot-b", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 0, PROBE_HOT_B},
 };
 enum { VARIANTS = sizeof variants / sizeof variants[0] };
 
 /* Part `part` of `parts` of the lines of panel p's tile step `step`
  * (steps of the K block in [0, steps)), `ahead` steps later in visiting
  * order (this panel's next steps, then the next panel's first). */
-static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p, int step,
-                          int steps, int part, int parts) {
-  if (v->ahead == 0) return;
-  int next = step + v->ahead;
+static void prefetch_lines(const uint16_t *b, int panels, int p, int step, int steps, int ahead,
+                           int every_lines, int hint, int part, int parts) {
+  int next = step + ahead;
   while (next >= steps && ++p < panels)
     next -= steps;
   if (p >= panels) return;
   const char *lines = (const char *)(b + p * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
-  const int every = 64 * v->every;
+  const int every = 64 * every_lines;
   const int begin = STEP_BYTES / parts * part, end = begin + STEP_BYTES / parts;
-  if (v->hint == 1)
+  if (hint == 1)
     for (int off = begin; off < end; off += every)
       _mm_prefetch(lines + off, _MM_HINT_T1);
   else
     for (int off = begin; off < end; off += every)
       _mm_prefetch(lines + off, _MM_HINT_T0);
+}
+
+static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p, int step,
+                          int steps, int part, int parts) {
+  if (v->ahead > 0)
+    prefetch_lines(b, panels, p, step, steps, v->ahead, v->every, v->hint, part, parts);
+  if (v->l2_ahead > 0) prefetch_lines(b, panels, p, step, steps, v->l2_ahead, 1, 1, part, parts);
 }
 
 /* The library's loop with a run-time prefetch: one panel at a time, rows
@@ -116,8 +129,10 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
   for (int part = ((i)*parts + positions - 1) / positions;                                         \
        part < (((i) + 1) * parts + positions - 1) / positions; ++part)                             \
   prefetch_part(v, b, panels, p, step, steps, part, parts)
+    static _Thread_local uint16_t hot[STEP_BYTES / 2] __attribute__((aligned(64)));
+    const int dp = v->probe != PROBE_NO_DP;
     for (int step = 0; step < steps; ++step) {
-      const uint16_t *w = panel + step * (STEP_BYTES / 2);
+      const uint16_t *w = v->probe == PROBE_HOT_B ? hot : panel + step * (STEP_BYTES / 2);
       AT(0);
       AMX_LOAD(6, w, 128);
       AT(1);
@@ -125,16 +140,16 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
       AT(2);
       AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
       AT(3);
-      AMX_DP(0, 4, 6);
+      if (dp) AMX_DP(0, 4, 6);
       AT(4);
-      AMX_DP(1, 4, 7);
+      if (dp) AMX_DP(1, 4, 7);
       if (two) {
         AT(5);
         AMX_LOAD(5, a1 + step * CPU_AMX_PAIRS, lda_u32 * 4);
         AT(6);
-        AMX_DP(2, 5, 6);
+        if (dp) AMX_DP(2, 5, 6);
         AT(7);
-        AMX_DP(3, 5, 7);
+        if (dp) AMX_DP(3, 5, 7);
       }
     }
 #undef AT
@@ -162,6 +177,7 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       float *ct = c + r0 * ldc;
       variant quiet = *v; /* a later row tile of a cold-only variant */
       quiet.ahead = 0;
+      quiet.l2_ahead = 0;
       const variant *tile_v = v->cold_only && r0 > 0 ? &quiet : v;
       if (v->kernel == KERNEL_LIBRARY)
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
@@ -272,7 +288,7 @@ int main(int argc, char **argv) {
     a[i] = 0x3c003c00u + (uint32_t)(i & 0xff);
   memset(c, 0, (size_t)max_threads * 256 * PANELS * 32 * 4);
 
-  static const int row_counts[] = {1, 16, 24, 32, 40, 256};
+  static const int row_counts[] = {1, 16, 32, 256};
   enum { ROWS = sizeof row_counts / sizeof row_counts[0] };
   printf("K = %d, %d panels per item, K blocks of %d k-pairs, library prefetch %d steps; "
          "%d items of %lld KiB per thread and pass; medians of %d rounds\n",

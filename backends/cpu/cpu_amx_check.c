@@ -161,19 +161,20 @@ static void model_release(void) {
 #define AMX_STORE(t, p, s) model_store(t, p, s)
 #define AMX_DP(c, a, b) model_dp(c, a, b)
 #define AMX_RELEASE() model_release()
-#define AMX_PREFETCH(p) ((void)(p)) /* a hint: nothing to model */
-
-/* The next-K-block stream (cpu_weight_prefetch) is a hint too, but its
- * addresses come from the driver's share arithmetic: while check_driver
- * runs on packed weights, each must fall inside them. */
+/* The weight requests are hints, with no effect to model, but their
+ * addresses come from the kernel's and the driver's arithmetic (the steps
+ * ahead, the next-K-block stream and the follow-on into the next block,
+ * cpu_weight_prefetch): while check_driver runs on packed weights, each
+ * must fall inside them. */
 static const char *stream_lo, *stream_hi;
-static long stream_lines, stream_outside;
-static void model_stream(const char *p) {
-  __atomic_fetch_add(&stream_lines, 1, __ATOMIC_RELAXED);
+static long stream_lines, stream_outside, near_lines, near_outside;
+static void model_request(const char *p, long *lines, long *outside) {
+  __atomic_fetch_add(lines, 1, __ATOMIC_RELAXED);
   if (stream_lo && (p < stream_lo || p >= stream_hi))
-    __atomic_fetch_add(&stream_outside, 1, __ATOMIC_RELAXED);
+    __atomic_fetch_add(outside, 1, __ATOMIC_RELAXED);
 }
-#define AMX_PREFETCH_L2(p) model_stream((const char *)(p))
+#define AMX_PREFETCH(p) model_request((const char *)(p), &near_lines, &near_outside)
+#define AMX_PREFETCH_L2(p) model_request((const char *)(p), &stream_lines, &stream_outside)
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -404,7 +405,7 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
     stream_lo = (const char *)packed;
     stream_hi = (const char *)(packed + RUNS * expert_stride);
   }
-  stream_lines = stream_outside = 0;
+  stream_lines = stream_outside = near_lines = near_outside = 0;
   const cpu_gemm_problem pb = {
       .path = path,
       .a = in_place ? a_sorted : x,
@@ -432,6 +433,9 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
     fail("driver: %g of the next-K-block stream's lines fall outside the packed weights (or "
          "none streamed)",
          path->name, 0, 0, K, 0, (double)stream_outside);
+  if (path == &model_path && in_place && near_outside)
+    fail("driver: %g of the steps-ahead requests fall outside the packed weights", path->name, 0, 0,
+         K, 0, (double)near_outside);
   int64_t bad = 0;
   double worst = 0;
   for (int i = 0; i < RUNS; ++i)
@@ -466,8 +470,9 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
                   : "A gathered by slot, raw weights",
          (long long)slots, (long long)N, (long long)K, bad ? "FAILED" : "ok");
   if (path == &model_path && in_place)
-    printf("    next-K-block stream: %ld lines requested, all inside the packed weights\n",
-           stream_lines);
+    printf("    next-K-block stream: %ld lines requested, steps ahead (with the follow-on into "
+           "the next block) %ld, all inside the packed weights\n",
+           stream_lines, near_lines);
   free(x), free(w), free(a_sorted), free(out), free(order), free(scratch), free(packed);
 }
 

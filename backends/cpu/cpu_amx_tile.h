@@ -45,7 +45,11 @@
  * `stream` (may be NULL; cpu_weight_prefetch) is the caller's share of the
  * next K block's weights: each panel's part goes to L2 spread evenly over
  * the panel's steps, so that the next block's first row tile finds its
- * weights there instead of waiting on memory.
+ * weights there instead of waiting on memory. Where the caller's next call
+ * reads the following K block (stream->follow_pairs), the requests of the
+ * last panel's last steps run on into that block's first steps instead of
+ * stopping, so that the next call does not start with CPU_AMX_PREFETCH_STEPS
+ * steps of cold weights.
  */
 #ifndef MOE_CPU_AMX_TILE_H
 #define MOE_CPU_AMX_TILE_H
@@ -66,16 +70,20 @@
 #endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
- * of `pairs` k-pairs over [kp_begin, kp_end) in every panel), or NULL past
- * the last panel. */
+ * of `pairs` k-pairs over [kp_begin, kp_end) in every panel). Past the last
+ * panel: the first panel's steps of the K block that follows (its first
+ * follow_pairs k-pairs, right after kp_end in the packed panel; see
+ * cpu_weight_prefetch), else NULL. */
 static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t panel_stride,
                                                   int panels, int p, int64_t kp, int64_t kp_begin,
-                                                  int64_t kp_end, int pairs, int ahead) {
+                                                  int64_t kp_end, int pairs, int ahead,
+                                                  int64_t follow_pairs) {
   int64_t next = kp + (int64_t)ahead * pairs;
   while (next >= kp_end && ++p < panels)
     next = kp_begin + (next - kp_end);
-  if (p >= panels) return NULL;
-  return (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  if (p < panels) return (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  if (next - kp_end + pairs <= follow_pairs) return (const char *)(b + next * CPU_PANEL_PAIR);
+  return NULL;
 }
 
 /* Requests part `part` of `parts` of the 2 * pairs lines at rows (NULL:
@@ -162,14 +170,18 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
        * multiple of 32, is one step): stream_pairs k-pairs over this pass's
        * kp_end k-pairs (kp_begin is 0). */
       const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
+      /* The next K block starts right after this one only where this pass
+       * ends the block (a block that has a next one is whole steps). */
+      const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
-        const char *ahead = CPU_AMX_PREFETCH_STEPS > 0
-                                ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin,
-                                                          kp_end, pairs, CPU_AMX_PREFETCH_STEPS)
-                                : NULL;
+        const char *ahead =
+            CPU_AMX_PREFETCH_STEPS > 0
+                ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                                          CPU_AMX_PREFETCH_STEPS, follow_pairs)
+                : NULL;
         /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;

@@ -60,6 +60,12 @@
 #ifndef CPU_NEXT_BLOCK_STREAM
 #define CPU_NEXT_BLOCK_STREAM 1
 #endif
+/* -DCPU_FOLLOW_NEXT_BLOCK=0: no requests into the next K block from the
+ * end of the last row tile of a block (cpu_weight_prefetch.follow_pairs),
+ * for A/B builds. */
+#ifndef CPU_FOLLOW_NEXT_BLOCK
+#define CPU_FOLLOW_NEXT_BLOCK 1
+#endif
 /* K blocks on few threads: a GEMM run by at most CPU_FEW_THREADS threads
  * sweeps K blocks of CPU_KC_PAIRS_FEW_THREADS k-pairs instead of
  * CPU_KC_PAIRS. Then a 32-row AMX tile's A slice (16 KiB) and a panel's
@@ -337,13 +343,19 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
     const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
                                    ? min64(block_pairs, kpairs_total - kp0 - kpairs)
                                    : 0;
+    /* The block's last row tile is followed by the next K block's first:
+     * its weight requests may run on into it (cpu_weight_prefetch). */
+    const int64_t follow_pairs =
+        pb->b_packed && CPU_FOLLOW_NEXT_BLOCK ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
     const int first_rows = rows < tile_rows ? rows : tile_rows;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
       const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
-      const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0};
-      const cpu_weight_prefetch *next_block = next.pairs > 0 ? &next : NULL;
+      const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
+                                        r0 + tr == rows ? follow_pairs : 0};
+      const cpu_weight_prefetch *next_block =
+          next.pairs > 0 || next.follow_pairs > 0 ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
       if (a_in_place) {
         const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;

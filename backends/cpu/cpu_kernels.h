@@ -111,15 +111,24 @@ typedef enum cpu_a_format {
   CPU_A_BF16_PAIRS = 1,
 } cpu_a_format;
 
-/* The next weights a tile call may request: k-pairs [0, pairs) of each of
- * its panels p at b + p * panel_stride (the call's own panel stride). The
- * driver (cpu_gemm.c's run_item) hands the row tiles after a K block's
- * first shares of the next K block's slices, so that the weights stream
- * from memory under the block's later tiles instead of stalling the next
- * block's first one. A share is never longer than the call's kpairs. */
+/* The next weights a tile call may request, two hints:
+ * - stream: k-pairs [0, pairs) of each of its panels p at b + p *
+ *   panel_stride (the call's own panel stride). The driver (cpu_gemm.c's
+ *   run_item) hands the row tiles after a K block's first shares of the
+ *   next K block's slices, so that the weights stream from memory under the
+ *   block's later tiles instead of stalling the next block's first one. A
+ *   share is never longer than the call's kpairs (0: none).
+ * - follow_pairs: the caller's next tile call reads the K block that
+ *   follows this call's, follow_pairs k-pairs long, in the same panels.
+ *   Packed panels hold K contiguously, so it starts right after the call's
+ *   own slice of each panel (call b + kpairs * CPU_PANEL_PAIR for the first
+ *   panel), and a kernel whose prefetch runs ahead of its reads may carry
+ *   it on into that block's first steps instead of stopping at the end of
+ *   the call (0: none; only for packed weights). */
 typedef struct cpu_weight_prefetch {
   const uint16_t *b;
   int64_t pairs;
+  int64_t follow_pairs;
 } cpu_weight_prefetch;
 
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,

@@ -26,7 +26,8 @@
 /* MR (<= 12) rows x 1 panel: 2*MR accumulators, the panel's two vectors
  * widened once per k-pair and reused by every row. While it computes, it
  * requests into L2 the next panel (so that the first tile of an item
- * streams its weights from DRAM under the FMAs) and, spread evenly over
+ * streams its weights from DRAM under the FMAs; after the last panel, the
+ * next K block's first, when the caller reads it next) and, spread evenly over
  * its k-pairs, the stream_pairs k-pairs at `stream`: its share of the next
  * K block (cpu_weight_prefetch). */
 static inline __attribute__((always_inline)) void
@@ -164,9 +165,14 @@ static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_pack
     for (; p + 4 <= panels; p += 4)
       four_panels[rows](kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc,
                         accumulate);
+  /* After the last panel: the first panel's next K block, when the caller
+   * reads a whole one next (cpu_weight_prefetch.follow_pairs). */
+  const uint16_t *after_last = prefetch && prefetch->follow_pairs >= kpairs
+                                   ? b + kpairs * CPU_PANEL_PAIR
+                                   : b + (panels - 1) * panel_stride;
   for (; p < panels; ++p) {
     const uint16_t *panel = b + p * panel_stride;
-    const uint16_t *next = p + 1 < panels ? panel + panel_stride : panel;
+    const uint16_t *next = p + 1 < panels ? panel + panel_stride : after_last;
     const int stream = prefetch && prefetch->pairs > 0;
     one_panel[rows](kpairs, a, panel, next, stream ? prefetch->b + p * panel_stride : panel,
                     stream ? prefetch->pairs : 0, c + p * CPU_PANEL_COLS, ldc, accumulate);

@@ -14,6 +14,11 @@
  * not checked (cpu_amx_check does that for the kernel body); the tool is
  * built only where the compiler has AMX, and runs only where the CPU does.
  *
+ * The K blocks are CPU_KC_PAIRS k-pairs at every thread count, while the
+ * library's driver takes 128 on 1-2 threads (cpu_gemm.c): a build with
+ * -DCPU_KC_PAIRS=128 probes those (at 32 rows it streamed 12.5 GB/s per core
+ * against 9.5 with 256; bench/results.md, "a core's stream at 32 rows").
+ *
  * Usage: amx_stream_probe [-l] [THREADS...]   (default: 1, 2, half and all;
  * -l: the library's kernel only)
  * Per variant, rows per item and thread count: ns per 16-k-pair step of

@@ -28,8 +28,8 @@
  *   C[r][p*32 + j] = (accumulate ? C[r][p*32 + j] : 0) + sum over kpairs of A.B
  * with C fp32 at c[r*ldc + p*32 + j] and panel p at b + p*panel_stride.
  * prefetch (may be NULL) names weights the caller reads next, which a
- * kernel may request into L2 while it computes (a hint: never dereferenced,
- * and no result depends on it); see cpu_weight_prefetch.
+ * kernel may request into its caches while it computes (a hint: never
+ * dereferenced, and no result depends on it); see cpu_weight_prefetch.
  *
  * Reduction order (the determinism contract): every C element has ONE
  * accumulator, updated for k-pair 0, 1, 2, ... in order, and within a pair

@@ -61,12 +61,6 @@
 #ifndef CPU_NEXT_BLOCK_STREAM
 #define CPU_NEXT_BLOCK_STREAM 1
 #endif
-/* -DCPU_TWO_TILE_SHARE=1: in a block of two row tiles, the second requests
- * a share of the next K block in proportion to its rows of the block's
- * (an A/B build; off: blocks of two tiles do not stream). */
-#ifndef CPU_TWO_TILE_SHARE
-#define CPU_TWO_TILE_SHARE 0
-#endif
 /* -DCPU_FOLLOW_NEXT_BLOCK=0: no requests into the next K block from the
  * end of the last row tile of a block (cpu_weight_prefetch.follow_pairs),
  * for A/B builds. */
@@ -347,16 +341,14 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
      * tail tile cannot hide a whole block (one 8-row tile streaming it
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int tiles = (int)div_up(rows, tile_rows);
-    const int first_rows = rows < tile_rows ? rows : tile_rows;
-    int64_t next_pairs =
-        pb->b_packed && CPU_NEXT_BLOCK_STREAM && (tiles >= 3 || (CPU_TWO_TILE_SHARE && tiles == 2))
-            ? min64(block_pairs, kpairs_total - kp0 - kpairs)
-            : 0;
-    if (tiles == 2) next_pairs = next_pairs * (rows - first_rows) / rows;
+    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
+                                   ? min64(block_pairs, kpairs_total - kp0 - kpairs)
+                                   : 0;
     /* The block's last row tile is followed by the next K block's first:
      * its weight requests may run on into it (cpu_weight_prefetch). */
     const int64_t follow_pairs =
         pb->b_packed && CPU_FOLLOW_NEXT_BLOCK ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
+    const int first_rows = rows < tile_rows ? rows : tile_rows;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;

@@ -54,13 +54,12 @@ typedef enum { KERNEL_LIBRARY, KERNEL_ONE_PANEL } kernel_kind;
 typedef struct variant {
   const char *name;
   kernel_kind kernel;
-  int ahead;     /* prefetch distance in tile steps; 0: none */
-  int every;     /* prefetch one line in `every` of the step's 32 */
-  int hint;      /* 0 T0, 1 T1 */
-  int cold_only; /* prefetch in a K block's first row tile only (the later find B in L2) */
-  int parts;     /* issue a step's prefetches in this many parts between its tile operations */
-  int l2_ahead;  /* also request the step this many steps ahead into L2 (T1); 0: no */
-  int probe;     /* diagnostics, not candidates: PROBE_NO_DP, PROBE_HOT_B */
+  int ahead;    /* prefetch distance in tile steps; 0: none */
+  int every;    /* prefetch one line in `every` of the step's 32 */
+  int hint;     /* 0 T0, 1 T1 */
+  int parts;    /* issue a step's prefetches in this many parts between its tile operations */
+  int l2_ahead; /* also request the step this many steps ahead into L2 (T1); 0: no */
+  int probe;    /* diagnostics, not candidates: PROBE_NO_DP, PROBE_HOT_B */
 } variant;
 
 /* PROBE_NO_DP: the loads and prefetches without the TDPBF16PS (is the
@@ -70,14 +69,14 @@ typedef struct variant {
 enum { PROBE_NO_DP = 1, PROBE_HOT_B = 2 };
 
 static const variant variants[] = {
-    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0, 0, 0},
-    {"pf4-parts8", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 0, 0},
-    {"no-prefetch", KERNEL_ONE_PANEL, 0, 1, 0, 0, 8, 0, 0},
-    {"pf8-parts8", KERNEL_ONE_PANEL, 8, 1, 0, 0, 8, 0, 0},
-    {"pf2-parts8+l2-16", KERNEL_ONE_PANEL, 2, 1, 0, 0, 8, 16, 0},
-    {"pf4-parts8+l2-32", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 32, 0},
-    {"diag:no-dp", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 0, PROBE_NO_DP},
-    {"diag:hot-b", KERNEL_ONE_PANEL, 4, 1, 0, 0, 8, 0, PROBE_HOT_B},
+    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0, 0},
+    {"pf4-parts8", KERNEL_ONE_PANEL, 4, 1, 0, 8, 0, 0},
+    {"no-prefetch", KERNEL_ONE_PANEL, 0, 1, 0, 8, 0, 0},
+    {"pf8-parts8", KERNEL_ONE_PANEL, 8, 1, 0, 8, 0, 0},
+    {"pf2-parts8+l2-16", KERNEL_ONE_PANEL, 2, 1, 0, 8, 16, 0},
+    {"pf4-parts8+l2-32", KERNEL_ONE_PANEL, 4, 1, 0, 8, 32, 0},
+    {"diag:no-dp", KERNEL_ONE_PANEL, 4, 1, 0, 8, 0, PROBE_NO_DP},
+    {"diag:hot-b", KERNEL_ONE_PANEL, 4, 1, 0, 8, 0, PROBE_HOT_B},
 };
 enum { VARIANTS = sizeof variants / sizeof variants[0] };
 
@@ -180,15 +179,11 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
-      variant quiet = *v; /* a later row tile of a cold-only variant */
-      quiet.ahead = 0;
-      quiet.l2_ahead = 0;
-      const variant *tile_v = v->cold_only && r0 > 0 ? &quiet : v;
       if (v->kernel == KERNEL_LIBRARY)
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
                           NULL);
       else
-        one_panel(tile_v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
+        one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
     }
 }
 

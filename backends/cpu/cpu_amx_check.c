@@ -166,11 +166,11 @@ static void model_release(void) {
  * ahead, the next-K-block stream and the follow-on into the next block,
  * cpu_weight_prefetch): while check_driver runs on packed weights, each
  * must fall inside them. */
-static const char *stream_lo, *stream_hi;
+static const char *weights_lo, *weights_hi;
 static long stream_lines, stream_outside, near_lines, near_outside;
 static void model_request(const char *p, long *lines, long *outside) {
   __atomic_fetch_add(lines, 1, __ATOMIC_RELAXED);
-  if (stream_lo && (p < stream_lo || p >= stream_hi))
+  if (weights_lo && (p < weights_lo || p >= weights_hi))
     __atomic_fetch_add(outside, 1, __ATOMIC_RELAXED);
 }
 #define AMX_PREFETCH(p) model_request((const char *)(p), &near_lines, &near_outside)
@@ -402,8 +402,8 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
       for (int64_t p = 0; p < panels; ++p)
         cpu_pack_b_panel(&b_source, w + (int64_t)i * N * K, p, 0, kpairs,
                          packed + i * expert_stride + p * panel_stride);
-    stream_lo = (const char *)packed;
-    stream_hi = (const char *)(packed + RUNS * expert_stride);
+    weights_lo = (const char *)packed;
+    weights_hi = (const char *)(packed + RUNS * expert_stride);
   }
   stream_lines = stream_outside = near_lines = near_outside = 0;
   const cpu_gemm_problem pb = {
@@ -426,7 +426,7 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
               .weight_mode = MOE_GEMM_ROUTED_WEIGHT_NONE},
   };
   cpu_gemm_execute(&pb, runs, RUNS, threads, scratch, stride);
-  stream_lo = stream_hi = NULL;
+  weights_lo = weights_hi = NULL;
   /* The model path streams in blocks of 3+ row tiles (the 400- and
    * 700-row runs), on hardware the hint is not observed. */
   if (path == &model_path && in_place && (stream_lines == 0 || stream_outside))

@@ -17,8 +17,9 @@
  * the tiles after a block's first request the next block's slices into L2
  * (cpu_weight_prefetch), so that only an item's first block waits on
  * memory, and the block's last tile runs its requests on into the next
- * block's first steps, so that no block starts cold. Splitting K into blocks stores and reloads the
- * fp32 accumulator exactly, so the per-element reduction order of cpu_kernels.h is kept.
+ * block's first steps, so that no block starts cold. Splitting K into
+ * blocks stores and reloads the fp32 accumulator exactly, so the
+ * per-element reduction order of cpu_kernels.h is kept.
  *
  * A path with an in-place entry (AMX: tileloadd takes any row stride)
  * reads A where it lies when the problem's rows are in sorted order, as the

@@ -38,14 +38,19 @@
 #include <sys/syscall.h>
 #include <unistd.h>
 
+/* K in pairs: 1024 is Qwen3's hidden size (2048); -DPROBE_KPAIRS=2048 gives
+ * Mixtral's GEMM1 (K = 4096, panels 256 KiB apart), 7168 its GEMM2. */
+#ifndef PROBE_KPAIRS
+#define PROBE_KPAIRS 1024
+#endif
 enum {
-  KPAIRS = 1024,                                   /* K = 2048, Qwen3's hidden size */
+  KPAIRS = PROBE_KPAIRS,
   PANELS = 8,                                      /* CPU_GROUP_PANELS */
   STEP_BYTES = CPU_AMX_PAIRS * CPU_PANEL_PAIR * 2, /* one panel's B per tile step */
   ROUNDS = 7,
 };
 #define PANEL_STRIDE ((int64_t)KPAIRS * CPU_PANEL_PAIR) /* uint16 */
-#define ITEM_BYTES ((int64_t)PANELS * PANEL_STRIDE * 2) /* 1 MiB */
+#define ITEM_BYTES ((int64_t)PANELS * PANEL_STRIDE * 2) /* 1 MiB at K = 2048 */
 #define WINDOW_PER_THREAD ((int64_t)64 << 20)
 
 /* A variant of the tile kernel: how it prefetches the weights. Kernel KERNEL_LIBRARY is
@@ -213,9 +218,34 @@ static double timed_pass(const variant *v, int rows, int threads, const uint16_t
   return omp_get_wtime() - t0;
 }
 
-/* The same bytes read with AVX-512 loads, one line per load, four streams
- * per thread (moe_bench's roofline reader): the per-core rate to aim at. */
-static double read_pass(int threads, const uint16_t *region) {
+/* The ways a core can request the same bytes without AMX: AVX-512 loads
+ * (moe_bench's roofline reader is four streams per thread: the per-core
+ * rate to aim at) and prefetch instructions alone, into L1 (T0) or L2
+ * (T2), one line per request, over one or four sequential streams. A
+ * prefetch retires once a fill buffer takes it, so a loop of them runs at
+ * the rate the core keeps lines in flight. */
+typedef enum { REQ_LOAD, REQ_T0, REQ_T2 } request_kind;
+typedef struct request_pattern {
+  const char *name;
+  request_kind kind;
+  int streams;  /* 1 or 4 */
+  int ahead;    /* loads only: also prefetch each line this many bytes ahead (0: no) */
+  int ahead_t2; /* that prefetch into L2 (T2) instead of L1 */
+} request_pattern;
+static const request_pattern patterns[] = {
+    {"load, 4 streams", REQ_LOAD, 4},
+    {"load, 1 stream", REQ_LOAD, 1},
+    {"prefetch T0, 1 stream", REQ_T0, 1},
+    {"prefetch T0, 4 streams", REQ_T0, 4},
+    {"prefetch T2, 1 stream", REQ_T2, 1},
+    {"prefetch T2, 4 streams", REQ_T2, 4},
+    {"load + T0 8 KiB ahead", REQ_LOAD, 1, 8192, 0},
+    {"load + T2 8 KiB ahead", REQ_LOAD, 1, 8192, 1},
+    {"load + T2 32 KiB ahead", REQ_LOAD, 1, 32768, 1},
+};
+enum { PATTERNS = sizeof patterns / sizeof patterns[0] };
+
+static double request_pass(const request_pattern *pat, int threads, const uint16_t *region) {
   const uint16_t *window = next_window(region, threads);
   const double t0 = omp_get_wtime();
   long long total = 0;
@@ -224,14 +254,40 @@ static double read_pass(int threads, const uint16_t *region) {
     const int id = omp_get_thread_num();
     const int64_t per = WINDOW_PER_THREAD;
     const char *base = (const char *)window + id * per;
-    const int64_t quarter = per / 4;
+    const int64_t part = per / pat->streams;
     __m512i s = _mm512_setzero_si512();
-    for (int64_t i = 0; i < quarter; i += 64) {
-      s = _mm512_add_epi64(s, _mm512_load_si512(base + i));
-      s = _mm512_add_epi64(s, _mm512_load_si512(base + quarter + i));
-      s = _mm512_add_epi64(s, _mm512_load_si512(base + 2 * quarter + i));
-      s = _mm512_add_epi64(s, _mm512_load_si512(base + 3 * quarter + i));
-    }
+    if (pat->kind == REQ_LOAD && pat->streams == 4)
+      for (int64_t i = 0; i < part; i += 64) {
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + i));
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + part + i));
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + 2 * part + i));
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + 3 * part + i));
+      }
+    else if (pat->kind == REQ_LOAD && pat->ahead)
+      for (int64_t i = 0; i < part; i += 256)
+        for (int line = 0; line < 256; line += 64) {
+          const char *next = base + i + line + pat->ahead;
+          if (pat->ahead_t2)
+            _mm_prefetch(next, _MM_HINT_T2);
+          else
+            _mm_prefetch(next, _MM_HINT_T0);
+          s = _mm512_add_epi64(s, _mm512_load_si512(base + i + line));
+        }
+    else if (pat->kind == REQ_LOAD)
+      for (int64_t i = 0; i < part; i += 256) {
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + i));
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + i + 64));
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + i + 128));
+        s = _mm512_add_epi64(s, _mm512_load_si512(base + i + 192));
+      }
+    else
+      for (int64_t i = 0; i < part; i += 64)
+        for (int st = 0; st < pat->streams; ++st) {
+          if (pat->kind == REQ_T0)
+            _mm_prefetch(base + st * part + i, _MM_HINT_T0);
+          else
+            _mm_prefetch(base + st * part + i, _MM_HINT_T2);
+        }
     total += _mm512_reduce_add_epi64(s);
   }
   volatile long long sink = total;
@@ -288,7 +344,7 @@ int main(int argc, char **argv) {
     a[i] = 0x3c003c00u + (uint32_t)(i & 0xff);
   memset(c, 0, (size_t)max_threads * 256 * PANELS * 32 * 4);
 
-  static const int row_counts[] = {1, 16, 32, 256};
+  static const int row_counts[] = {1, 16, 32, 40, 256};
   enum { ROWS = sizeof row_counts / sizeof row_counts[0] };
   printf("K = %d, %d panels per item, K blocks of %d k-pairs, library prefetch %d steps; "
          "%d items of %lld KiB per thread and pass; medians of %d rounds\n",
@@ -296,18 +352,25 @@ int main(int argc, char **argv) {
          (int)(WINDOW_PER_THREAD / ITEM_BYTES), (long long)(ITEM_BYTES >> 10), ROUNDS);
   for (int t = 0; t < counts; ++t) {
     const int threads = thread_counts[t];
-    static double seconds[VARIANTS][ROWS][ROUNDS], reads[ROUNDS];
+    static double seconds[VARIANTS][ROWS][ROUNDS], requests[PATTERNS][ROUNDS];
     for (int round = 0; round < ROUNDS; ++round) {
-      reads[round] = read_pass(threads, region);
+      for (int q = 0; q < PATTERNS; ++q)
+        requests[q][round] = request_pass(&patterns[q], threads, region);
       for (int v = 0; v < variant_count; ++v)
         for (int r = 0; r < ROWS; ++r)
           seconds[v][r][round] =
               timed_pass(&variants[v], row_counts[r], threads, region, a, lda_u32, c);
     }
-    qsort(reads, ROUNDS, sizeof *reads, cmp_double);
     const double bytes = (double)WINDOW_PER_THREAD * threads;
-    printf("\n%d threads: AVX-512 4-stream read %.1f GB/s (%.1f per core)\n", threads,
-           bytes / reads[ROUNDS / 2] * 1e-9, bytes / reads[ROUNDS / 2] * 1e-9 / threads);
+    /* A window holds whole items only (7 MiB ones at -DPROBE_KPAIRS=7168). */
+    const double item_bytes = (double)(WINDOW_PER_THREAD / ITEM_BYTES) * ITEM_BYTES * threads;
+    printf("\n%d threads:\n", threads);
+    for (int q = 0; q < PATTERNS; ++q) {
+      qsort(requests[q], ROUNDS, sizeof **requests, cmp_double);
+      const double rate = bytes / requests[q][ROUNDS / 2] * 1e-9;
+      /* The first pattern's line keeps the "read N GB/s" that scripts grep. */
+      printf("  %-24s read %.1f GB/s (%.1f per core)\n", patterns[q].name, rate, rate / threads);
+    }
     printf("%-24s %5s %10s %12s %10s %9s\n", "variant", "rows", "ns/step", "GB/s/core", "GB/s",
            "TFLOP/s");
     for (int v = 0; v < variant_count; ++v)
@@ -315,11 +378,11 @@ int main(int argc, char **argv) {
         double *s = seconds[v][r];
         qsort(s, ROUNDS, sizeof *s, cmp_double);
         const double median = s[ROUNDS / 2];
-        const double steps = bytes / STEP_BYTES / threads; /* per thread */
-        const double flops = 2.0 * row_counts[r] * (bytes / 2);
+        const double steps = item_bytes / STEP_BYTES / threads; /* per thread */
+        const double flops = 2.0 * row_counts[r] * (item_bytes / 2);
         printf("%-24s %5d %10.1f %12.2f %10.1f %9.3f\n", variants[v].name, row_counts[r],
-               median / steps * 1e9, bytes / median * 1e-9 / threads, bytes / median * 1e-9,
-               flops / median * 1e-12);
+               median / steps * 1e9, item_bytes / median * 1e-9 / threads,
+               item_bytes / median * 1e-9, flops / median * 1e-12);
       }
   }
   free(region);

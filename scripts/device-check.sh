@@ -320,7 +320,7 @@ step_probeab() {
         OMP_PLACES=cores OMP_PROC_BIND=close timeout 60 "./build-probe-$name/bench/amx_stream_probe" \
           -l "$threads" >"$out/probe-$name-$threads-$round.log" 2>&1
         printf 'round %s threads %-3s %-12s read %s | GB/s per core at 1 16 32 256 rows: %s\n' \
-          "$round" "$threads" "$name" "$(grep -oE 'read [0-9.]+ GB/s' "$out/probe-$name-$threads-$round.log" | cut -d' ' -f2)" \
+          "$round" "$threads" "$name" "$(grep -oE 'read [0-9.]+ GB/s' "$out/probe-$name-$threads-$round.log" | head -1 | cut -d' ' -f2)" \
           "$(awk '$1 == "library" { printf "%s ", $4 }' "$out/probe-$name-$threads-$round.log")"
       done
     done

@@ -231,6 +231,7 @@ typedef struct request_pattern {
   int streams;  /* 1 or 4 */
   int ahead;    /* loads only: also prefetch each line this many bytes ahead (0: no) */
   int ahead_t2; /* that prefetch into L2 (T2) instead of L1 */
+  int sparse;   /* that prefetch for one line in `sparse` only (0, 1: every line) */
 } request_pattern;
 static const request_pattern patterns[] = {
     {"load, 4 streams", REQ_LOAD, 4},
@@ -242,6 +243,8 @@ static const request_pattern patterns[] = {
     {"load + T0 8 KiB ahead", REQ_LOAD, 1, 8192, 0},
     {"load + T2 8 KiB ahead", REQ_LOAD, 1, 8192, 1},
     {"load + T2 32 KiB ahead", REQ_LOAD, 1, 32768, 1},
+    {"load + T2 8 KiB ahead, 1 in 4", REQ_LOAD, 1, 8192, 1, 4},
+    {"load + T0 8 KiB ahead, 1 in 4", REQ_LOAD, 1, 8192, 0, 4},
 };
 enum { PATTERNS = sizeof patterns / sizeof patterns[0] };
 
@@ -267,9 +270,10 @@ static double request_pass(const request_pattern *pat, int threads, const uint16
       for (int64_t i = 0; i < part; i += 256)
         for (int line = 0; line < 256; line += 64) {
           const char *next = base + i + line + pat->ahead;
-          if (pat->ahead_t2)
+          const int requested = pat->sparse < 2 || (i + line) / 64 % pat->sparse == 0;
+          if (requested && pat->ahead_t2)
             _mm_prefetch(next, _MM_HINT_T2);
-          else
+          else if (requested)
             _mm_prefetch(next, _MM_HINT_T0);
           s = _mm512_add_epi64(s, _mm512_load_si512(base + i + line));
         }

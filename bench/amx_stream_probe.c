@@ -373,7 +373,7 @@ int main(int argc, char **argv) {
       qsort(requests[q], ROUNDS, sizeof **requests, cmp_double);
       const double rate = bytes / requests[q][ROUNDS / 2] * 1e-9;
       /* The first pattern's line keeps the "read N GB/s" that scripts grep. */
-      printf("  %-24s read %.1f GB/s (%.1f per core)\n", patterns[q].name, rate, rate / threads);
+      printf("  %-30s read %.1f GB/s (%.1f per core)\n", patterns[q].name, rate, rate / threads);
     }
     printf("%-24s %5s %10s %12s %10s %9s\n", "variant", "rows", "ns/step", "GB/s/core", "GB/s",
            "TFLOP/s");

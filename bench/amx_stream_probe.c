@@ -65,6 +65,11 @@ typedef struct variant {
   int parts;    /* issue a step's prefetches in this many parts between its tile operations */
   int l2_ahead; /* also request the step this many steps ahead into L2 (T1); 0: no */
   int probe;    /* diagnostics, not candidates: PROBE_NO_DP, PROBE_HOT_B */
+  /* Also request into L2 the first line of each 4 KiB page this many steps
+   * ahead (0: no): one request per page, for the L2's own stream
+   * prefetcher to fill the page, where every other request waits for a
+   * fill buffer of the core for the whole memory latency. */
+  int kick_ahead;
 } variant;
 
 /* PROBE_NO_DP: the loads and prefetches without the TDPBF16PS (is the
@@ -74,14 +79,35 @@ typedef struct variant {
 enum { PROBE_NO_DP = 1, PROBE_HOT_B = 2 };
 
 static const variant variants[] = {
-    {"library", KERNEL_LIBRARY, 0, 0, 0, 0, 0, 0},
-    {"pf4-parts8", KERNEL_ONE_PANEL, 4, 1, 0, 8, 0, 0},
-    {"no-prefetch", KERNEL_ONE_PANEL, 0, 1, 0, 8, 0, 0},
-    {"pf8-parts8", KERNEL_ONE_PANEL, 8, 1, 0, 8, 0, 0},
-    {"pf2-parts8+l2-16", KERNEL_ONE_PANEL, 2, 1, 0, 8, 16, 0},
-    {"pf4-parts8+l2-32", KERNEL_ONE_PANEL, 4, 1, 0, 8, 32, 0},
-    {"diag:no-dp", KERNEL_ONE_PANEL, 4, 1, 0, 8, 0, PROBE_NO_DP},
-    {"diag:hot-b", KERNEL_ONE_PANEL, 4, 1, 0, 8, 0, PROBE_HOT_B},
+    {.name = "library", .kernel = KERNEL_LIBRARY},
+    {.name = "pf4-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 1, .parts = 8},
+    {.name = "no-prefetch", .kernel = KERNEL_ONE_PANEL, .every = 1, .parts = 8},
+    {.name = "pf2-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 2, .every = 1, .parts = 8},
+    {.name = "pf4-parts8-1in2", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 2, .parts = 8},
+    {.name = "pf2-parts8+kick8",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 2,
+     .every = 1,
+     .parts = 8,
+     .kick_ahead = 8},
+    {.name = "pf4-parts8+kick16",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .kick_ahead = 16},
+    {.name = "pf4-parts8+kick32",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .kick_ahead = 32},
+    {.name = "diag:hot-b",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .probe = PROBE_HOT_B},
 };
 enum { VARIANTS = sizeof variants / sizeof variants[0] };
 
@@ -110,6 +136,9 @@ static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p
   if (v->ahead > 0)
     prefetch_lines(b, panels, p, step, steps, v->ahead, v->every, v->hint, part, parts);
   if (v->l2_ahead > 0) prefetch_lines(b, panels, p, step, steps, v->l2_ahead, 1, 1, part, parts);
+  /* A step is half a page: the even steps start one (panels are whole pages apart). */
+  if (v->kick_ahead > 0 && part == 0 && (step + v->kick_ahead) % 2 == 0)
+    prefetch_lines(b, panels, p, step, steps, v->kick_ahead, 64, 1, 0, 1);
 }
 
 /* The library's loop with a run-time prefetch: one panel at a time, rows
@@ -234,17 +263,30 @@ typedef struct request_pattern {
   int sparse;   /* that prefetch for one line in `sparse` only (0, 1: every line) */
 } request_pattern;
 static const request_pattern patterns[] = {
-    {"load, 4 streams", REQ_LOAD, 4},
-    {"load, 1 stream", REQ_LOAD, 1},
-    {"prefetch T0, 1 stream", REQ_T0, 1},
-    {"prefetch T0, 4 streams", REQ_T0, 4},
-    {"prefetch T2, 1 stream", REQ_T2, 1},
-    {"prefetch T2, 4 streams", REQ_T2, 4},
-    {"load + T0 8 KiB ahead", REQ_LOAD, 1, 8192, 0},
-    {"load + T2 8 KiB ahead", REQ_LOAD, 1, 8192, 1},
-    {"load + T2 32 KiB ahead", REQ_LOAD, 1, 32768, 1},
-    {"load + T2 8 KiB ahead, 1 in 4", REQ_LOAD, 1, 8192, 1, 4},
-    {"load + T0 8 KiB ahead, 1 in 4", REQ_LOAD, 1, 8192, 0, 4},
+    {.name = "load, 4 streams", .kind = REQ_LOAD, .streams = 4},
+    {.name = "load, 1 stream", .kind = REQ_LOAD, .streams = 1},
+    {.name = "prefetch T0, 1 stream", .kind = REQ_T0, .streams = 1},
+    {.name = "prefetch T0, 4 streams", .kind = REQ_T0, .streams = 4},
+    {.name = "prefetch T2, 1 stream", .kind = REQ_T2, .streams = 1},
+    {.name = "prefetch T2, 4 streams", .kind = REQ_T2, .streams = 4},
+    {.name = "load + T0 8 KiB ahead", .kind = REQ_LOAD, .streams = 1, .ahead = 8192},
+    {.name = "load + T2 8 KiB ahead", .kind = REQ_LOAD, .streams = 1, .ahead = 8192, .ahead_t2 = 1},
+    {.name = "load + T2 32 KiB ahead",
+     .kind = REQ_LOAD,
+     .streams = 1,
+     .ahead = 32768,
+     .ahead_t2 = 1},
+    {.name = "load + T2 8 KiB ahead, 1 in 4",
+     .kind = REQ_LOAD,
+     .streams = 1,
+     .ahead = 8192,
+     .ahead_t2 = 1,
+     .sparse = 4},
+    {.name = "load + T0 8 KiB ahead, 1 in 4",
+     .kind = REQ_LOAD,
+     .streams = 1,
+     .ahead = 8192,
+     .sparse = 4},
 };
 enum { PATTERNS = sizeof patterns / sizeof patterns[0] };
 

@@ -3,8 +3,12 @@
  * AMX tiles: the CPU backend's AMX kernel body (cpu_amx_tile.h) and
  * candidate variants of its weight prefetch, on synthetic work
  * items shaped like the library's (8 panels of 32 columns, K = 2048 in
- * blocks of CPU_KC_PAIRS k-pairs), all in one process so that they are
+ * blocks of CPU_KC_PAIRS k-pairs; -DPROBE_KPAIRS=2048 or 7168 for
+ * Mixtral's GEMM1 or GEMM2 items), all in one process so that they are
  * compared on the same host state, rounds interleaved, medians printed.
+ * Before the kernels, each thread count times the ways a core can request
+ * the same bytes without AMX (request_pass): loads, prefetch instructions
+ * alone into L1 or L2, loads with a prefetch ahead; one or four streams.
  *
  * The forward's streaming points (about 32 rows per expert: Qwen3 512
  * tokens, Mixtral 128) move about 8 GB/s of weights per core on 16-core
@@ -21,9 +25,10 @@
  *
  * Usage: amx_stream_probe [-l] [THREADS...]   (default: 1, 2, half and all;
  * -l: the library's kernel only)
- * Per variant, rows per item and thread count: ns per 16-k-pair step of
- * the weights (all of the item's row tiles),
- * the weights' GB/s per core and in all, and TFLOP/s.
+ * Per request pattern and thread count: GB/s in all and per core. Per
+ * variant, rows per item and thread count: ns per 16-k-pair step of the
+ * weights (all of the item's row tiles), the weights' GB/s per core and in
+ * all, and TFLOP/s.
  */
 #include "cpu_amx_intrinsics.h"
 #include "cpu_amx_tile.h"

@@ -68,12 +68,6 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
-/* Steps ahead of a request into L2 for the first line of each 4 KiB page of
- * the weights, for the L2's stream prefetcher to fill the page before the
- * near requests reach it (0: none; an A/B definition). */
-#ifndef CPU_AMX_KICK_STEPS
-#define CPU_AMX_KICK_STEPS 0
-#endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
  * of `pairs` k-pairs over [kp_begin, kp_end) in every panel). Past the last
@@ -188,14 +182,6 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                           CPU_AMX_PREFETCH_STEPS, follow_pairs)
                 : NULL;
-        if (CPU_AMX_KICK_STEPS > 0) {
-          const char *far =
-              cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                      CPU_AMX_KICK_STEPS, follow_pairs);
-          const uintptr_t page = far ? ((uintptr_t)far + 4095) & ~(uintptr_t)4095 : 0;
-          if (far && page < (uintptr_t)far + (uintptr_t)pairs * 2 * 64)
-            AMX_PREFETCH_L2((const char *)page);
-        }
         /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
          * at the step's start, for A/B builds). */
         const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;

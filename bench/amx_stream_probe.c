@@ -66,7 +66,7 @@ typedef struct variant {
   kernel_kind kernel;
   int ahead;    /* prefetch distance in tile steps; 0: none */
   int every;    /* prefetch one line in `every` of the step's 32 */
-  int hint;     /* 0 T0, 1 T1 */
+  int hint;     /* 0 T0, 1 T1, 2 a plain 64-byte load (trains the core's own prefetchers) */
   int parts;    /* issue a step's prefetches in this many parts between its tile operations */
   int l2_ahead; /* also request the step this many steps ahead into L2 (T1); 0: no */
   int probe;    /* diagnostics, not candidates: PROBE_NO_DP, PROBE_HOT_B */
@@ -88,6 +88,30 @@ static const variant variants[] = {
     {.name = "pf4-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 1, .parts = 8},
     {.name = "no-prefetch", .kernel = KERNEL_ONE_PANEL, .every = 1, .parts = 8},
     {.name = "pf2-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 2, .every = 1, .parts = 8},
+    {.name = "load4-parts8",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .hint = 2,
+     .parts = 8},
+    {.name = "load2-parts8",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 2,
+     .every = 1,
+     .hint = 2,
+     .parts = 8},
+    {.name = "load8-parts8",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 8,
+     .every = 1,
+     .hint = 2,
+     .parts = 8},
+    {.name = "load1-parts8",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 1,
+     .every = 1,
+     .hint = 2,
+     .parts = 8},
     {.name = "pf4-parts8-1in2", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 2, .parts = 8},
     {.name = "pf2-parts8+kick8",
      .kernel = KERNEL_ONE_PANEL,
@@ -128,7 +152,10 @@ static void prefetch_lines(const uint16_t *b, int panels, int p, int step, int s
   const char *lines = (const char *)(b + p * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
   const int every = 64 * every_lines;
   const int begin = STEP_BYTES / parts * part, end = begin + STEP_BYTES / parts;
-  if (hint == 1)
+  if (hint == 2) /* loaded and dropped: the asm keeps the load */
+    for (int off = begin; off < end; off += every)
+      __asm__ volatile("" ::"v"(_mm512_load_si512(lines + off)));
+  else if (hint == 1)
     for (int off = begin; off < end; off += every)
       _mm_prefetch(lines + off, _MM_HINT_T1);
   else

@@ -31,6 +31,7 @@
 #include "cpu_gemm.h"
 #include "cpu_kernels.h"
 #include "cpu_phase_times.h"
+#include "cpu_vector_clones.h"
 
 #include "../common/activation_logic.h"
 #include "../common/bf16_logic.h"
@@ -351,42 +352,51 @@ static moe_status cpu_activation(void *state, const moe_activation_args *args) {
  * whose expert is not local when topk_ids is given: through expert_map when
  * there is one, else ids outside [0, EL) (the routed forward's -1; the
  * reduce stage passes topk_ids only with a map). */
-static void reduce_tokens(const moe_reduce_args *args, int threads) {
-  enum { CHUNK = 512 };
+enum { REDUCE_CHUNK = 512 }; /* columns per reduce work item */
+
+/* out[t][h0, h0 + len) = the sum over j = 0..k-1, in order, of the token's
+ * slot rows (times their weights when given), skipping slots routed to
+ * other ranks. Plain loops, compiled for AVX-512F too (cpu_vector_clones.h). */
+CPU_VECTOR_CLONES static void reduce_token_chunk(const moe_reduce_args *args, int64_t t, int64_t h0,
+                                                 int64_t len) {
   const int64_t k = args->top_k, H = args->hidden_size;
   const uint16_t *y = args->y;
   const float *weights = args->topk_weights;
   const int32_t *ids = args->topk_ids, *map = args->expert_map;
-  uint16_t *out = args->out;
-  const int64_t chunks = div_up(H, CHUNK);
+  float acc[REDUCE_CHUNK];
+  for (int64_t h = 0; h < len; ++h)
+    acc[h] = 0.0f;
+  for (int64_t j = 0; j < k; ++j) {
+    const int64_t s = t * k + j;
+    if (ids) {
+      const int32_t id = ids[s];
+      const int32_t local = !map ? id : (id >= 0 && id < args->num_experts) ? map[id] : -1;
+      if (local < 0 || local >= args->num_local_experts) continue;
+    }
+    const uint16_t *row = y + s * H + h0;
+    if (weights) {
+      const float w = weights[s];
+      for (int64_t h = 0; h < len; ++h)
+        acc[h] += w * moe_bf16_to_float(row[h]);
+    } else {
+      for (int64_t h = 0; h < len; ++h)
+        acc[h] += moe_bf16_to_float(row[h]);
+    }
+  }
+  uint16_t *out = (uint16_t *)args->out + t * H + h0;
+  for (int64_t h = 0; h < len; ++h)
+    out[h] = moe_bf16_from_float(acc[h]);
+}
+
+static void reduce_tokens(const moe_reduce_args *args, int threads) {
+  const int64_t k = args->top_k, H = args->hidden_size;
+  const int64_t chunks = div_up(H, REDUCE_CHUNK);
   const int64_t work = args->num_tokens * chunks;
 #pragma omp parallel for schedule(static)                                                          \
     num_threads(threads) if (work > 1 && args->num_tokens * H * k > (1 << 15))
   for (int64_t i = 0; i < work; ++i) {
-    const int64_t t = i / chunks, h0 = (i % chunks) * CHUNK;
-    const int64_t len = H - h0 < CHUNK ? H - h0 : CHUNK;
-    float acc[CHUNK];
-    for (int64_t h = 0; h < len; ++h)
-      acc[h] = 0.0f;
-    for (int64_t j = 0; j < k; ++j) {
-      const int64_t s = t * k + j;
-      if (ids) {
-        const int32_t id = ids[s];
-        const int32_t local = !map ? id : (id >= 0 && id < args->num_experts) ? map[id] : -1;
-        if (local < 0 || local >= args->num_local_experts) continue;
-      }
-      const uint16_t *row = y + s * H + h0;
-      if (weights) {
-        const float w = weights[s];
-        for (int64_t h = 0; h < len; ++h)
-          acc[h] += w * moe_bf16_to_float(row[h]);
-      } else {
-        for (int64_t h = 0; h < len; ++h)
-          acc[h] += moe_bf16_to_float(row[h]);
-      }
-    }
-    for (int64_t h = 0; h < len; ++h)
-      out[t * H + h0 + h] = moe_bf16_from_float(acc[h]);
+    const int64_t h0 = (i % chunks) * REDUCE_CHUNK;
+    reduce_token_chunk(args, i / chunks, h0, H - h0 < REDUCE_CHUNK ? H - h0 : REDUCE_CHUNK);
   }
 }
 

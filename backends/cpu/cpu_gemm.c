@@ -28,32 +28,13 @@
  * either way.
  */
 #include "cpu_gemm.h"
+#include "cpu_vector_clones.h" /* the A packing and the epilogue */
 
 #include "../common/activation_logic.h"
 #include "../common/bf16_logic.h"
 
 #include <omp.h>
 #include <string.h>
-
-/* The A packing and the epilogue are plain loops that the compiler
- * vectorizes. On x86-64 with GCC or Clang they are compiled twice, for
- * AVX-512F and for the baseline, and the loader picks the one the CPU runs
- * (target_clones, an ifunc): at the baseline's 4 lanes they took about
- * 4% of the GEMM time of Qwen3's shapes on the AVX-512F path. Elementwise
- * IEEE operations round alike at every vector width, and this file is
- * compiled without contraction (-ffp-contract=off), so both clones give
- * the same bits. */
-#if !defined(CPU_VECTOR_CLONES) && defined(__x86_64__) && defined(__ELF__) &&                      \
-    defined(__GLIBC__) && defined(__has_attribute)
-#if __has_attribute(target_clones)
-#define CPU_VECTOR_CLONES __attribute__((target_clones("avx512f", "default")))
-#endif
-#endif
-#ifndef CPU_VECTOR_CLONES /* -DCPU_VECTOR_CLONES= : the baseline only, for A/B builds */
-#define CPU_VECTOR_CLONES
-#endif
-/* Helpers of the cloned functions, inlined into each clone. */
-#define CPU_CLONE_INLINE static inline __attribute__((always_inline))
 
 #ifndef CPU_BALANCED_CHUNKS
 #define CPU_BALANCED_CHUNKS 1

@@ -348,15 +348,10 @@ static moe_status cpu_activation(void *state, const moe_activation_args *args) {
   return MOE_SUCCESS;
 }
 
-/* out[t] = bf16(sum_j w[t][j] * y[t*k + j]), j ascending, skipping slots
- * whose expert is not local when topk_ids is given: through expert_map when
- * there is one, else ids outside [0, EL) (the routed forward's -1; the
- * reduce stage passes topk_ids only with a map). */
 enum { REDUCE_CHUNK = 512 }; /* columns per reduce work item */
 
-/* out[t][h0, h0 + len) = the sum over j = 0..k-1, in order, of the token's
- * slot rows (times their weights when given), skipping slots routed to
- * other ranks. Plain loops, compiled for AVX-512F too (cpu_vector_clones.h). */
+/* Columns [h0, h0 + len) of token t's output (reduce_tokens). Plain loops,
+ * compiled for AVX-512F too (cpu_vector_clones.h). */
 CPU_VECTOR_CLONES static void reduce_token_chunk(const moe_reduce_args *args, int64_t t, int64_t h0,
                                                  int64_t len) {
   const int64_t k = args->top_k, H = args->hidden_size;
@@ -388,6 +383,10 @@ CPU_VECTOR_CLONES static void reduce_token_chunk(const moe_reduce_args *args, in
     out[h] = moe_bf16_from_float(acc[h]);
 }
 
+/* out[t] = bf16(sum_j w[t][j] * y[t*k + j]), j ascending, skipping slots
+ * whose expert is not local when topk_ids is given: through expert_map when
+ * there is one, else ids outside [0, EL) (the routed forward's -1; the
+ * reduce stage passes topk_ids only with a map). */
 static void reduce_tokens(const moe_reduce_args *args, int threads) {
   const int64_t k = args->top_k, H = args->hidden_size;
   const int64_t chunks = div_up(H, REDUCE_CHUNK);

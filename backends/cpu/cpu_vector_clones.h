@@ -7,11 +7,8 @@
  * of Qwen3's shapes on the AVX-512F path, and the reduce ran at SSE width.
  * Elementwise IEEE operations round alike at every vector width, and the
  * backend is compiled without contraction (-ffp-contract=off), so both
- * clones give the same bits.
- *
- * A function holding an OpenMP region is outlined by the compiler, and the
- * outlined body is not cloned: put the loop body in a cloned function and
- * call it from the region.
+ * clones give the same bits (a forward of the -DCPU_VECTOR_CLONES= build and
+ * of the default one hash alike on an AVX-512 machine).
  */
 #ifndef MOE_CPU_VECTOR_CLONES_H
 #define MOE_CPU_VECTOR_CLONES_H

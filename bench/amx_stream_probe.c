@@ -75,13 +75,16 @@ typedef struct variant {
    * prefetcher to fill the page, where every other request waits for a
    * fill buffer of the core for the whole memory latency. */
   int kick_ahead;
+  int first_tile_only; /* prefetch in a K block's first row tile only (the later ones read L2) */
 } variant;
 
 /* PROBE_NO_DP: the loads and prefetches without the TDPBF16PS (is the
  * compute's time added to the stream's?). PROBE_HOT_B: the same prefetches,
  * but the B tiles loaded from one L1-hot step (would the stream overlap the
- * compute if the tile loads did not wait for it?). */
-enum { PROBE_NO_DP = 1, PROBE_HOT_B = 2 };
+ * compute if the tile loads did not wait for it?). PROBE_NO_C: the fp32
+ * accumulators zeroed instead of loaded per panel and K block, and not
+ * stored (what the C round trip costs where many row tiles run from L2). */
+enum { PROBE_NO_DP = 1, PROBE_HOT_B = 2, PROBE_NO_C = 3 };
 
 static const variant variants[] = {
     {.name = "library", .kernel = KERNEL_LIBRARY},
@@ -131,12 +134,24 @@ static const variant variants[] = {
      .every = 1,
      .parts = 8,
      .kick_ahead = 32},
+    {.name = "pf4-parts8-first-tile",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .first_tile_only = 1},
     {.name = "diag:hot-b",
      .kernel = KERNEL_ONE_PANEL,
      .ahead = 4,
      .every = 1,
      .parts = 8,
      .probe = PROBE_HOT_B},
+    {.name = "diag:no-c",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .probe = PROBE_NO_C},
 };
 enum { VARIANTS = sizeof variants / sizeof variants[0] };
 
@@ -176,7 +191,7 @@ static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p
 /* The library's loop with a run-time prefetch: one panel at a time, rows
  * <= 32 as two 16-row blocks. */
 static void one_panel(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
-                      int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc) {
+                      int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc, int first_tile) {
   const int two = rows > 16, steps = kpairs / CPU_AMX_PAIRS;
   const uint32_t *a1 = a + 16 * lda_u32;
   cpu_amx_config cfg;
@@ -185,19 +200,30 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
   for (int p = 0; p < panels; ++p) {
     const uint16_t *panel = b + p * PANEL_STRIDE;
     float *c0 = c + p * 32, *c1 = c0 + 16 * ldc;
-    AMX_LOAD(0, c0, ldc * 4);
-    AMX_LOAD(1, c0 + 16, ldc * 4);
-    if (two) {
-      AMX_LOAD(2, c1, ldc * 4);
-      AMX_LOAD(3, c1 + 16, ldc * 4);
+    const int keep_c = v->probe != PROBE_NO_C;
+    if (keep_c) {
+      AMX_LOAD(0, c0, ldc * 4);
+      AMX_LOAD(1, c0 + 16, ldc * 4);
+      if (two) {
+        AMX_LOAD(2, c1, ldc * 4);
+        AMX_LOAD(3, c1 + 16, ldc * 4);
+      }
+    } else {
+      AMX_ZERO(0);
+      AMX_ZERO(1);
+      if (two) {
+        AMX_ZERO(2);
+        AMX_ZERO(3);
+      }
     }
     /* The step's prefetch parts go out at the tile operations' positions
      * (8 with two row blocks, 5 with one), spread evenly: position i issues
      * parts [ceil(i * parts / positions), ceil((i + 1) * parts / positions)). */
     const int parts = v->parts > 0 ? v->parts : 1, positions = two ? 8 : 5;
+    const int requests = first_tile || !v->first_tile_only;
 #define AT(i)                                                                                      \
   for (int part = ((i)*parts + positions - 1) / positions;                                         \
-       part < (((i) + 1) * parts + positions - 1) / positions; ++part)                             \
+       requests && part < (((i) + 1) * parts + positions - 1) / positions; ++part)                 \
   prefetch_part(v, b, panels, p, step, steps, part, parts)
     static _Thread_local uint16_t hot[STEP_BYTES / 2] __attribute__((aligned(64)));
     const int dp = v->probe != PROBE_NO_DP;
@@ -223,11 +249,13 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
       }
     }
 #undef AT
-    AMX_STORE(0, c0, ldc * 4);
-    AMX_STORE(1, c0 + 16, ldc * 4);
-    if (two) {
-      AMX_STORE(2, c1, ldc * 4);
-      AMX_STORE(3, c1 + 16, ldc * 4);
+    if (keep_c) {
+      AMX_STORE(0, c0, ldc * 4);
+      AMX_STORE(1, c0 + 16, ldc * 4);
+      if (two) {
+        AMX_STORE(2, c1, ldc * 4);
+        AMX_STORE(3, c1 + 16, ldc * 4);
+      }
     }
   }
   AMX_RELEASE();
@@ -249,7 +277,7 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
                           NULL);
       else
-        one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
+        one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc, r0 == 0);
     }
 }
 

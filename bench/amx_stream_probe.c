@@ -69,7 +69,7 @@ typedef struct variant {
   int hint;     /* 0 T0, 1 T1, 2 a plain 64-byte load (trains the core's own prefetchers) */
   int parts;    /* issue a step's prefetches in this many parts between its tile operations */
   int l2_ahead; /* also request the step this many steps ahead into L2 (T1); 0: no */
-  int probe;    /* diagnostics, not candidates: PROBE_NO_DP, PROBE_HOT_B */
+  int probe;    /* diagnostics, not candidates: PROBE_HOT_B, PROBE_NO_C */
   /* Also request into L2 the first line of each 4 KiB page this many steps
    * ahead (0: no): one request per page, for the L2's own stream
    * prefetcher to fill the page, where every other request waits for a
@@ -78,13 +78,12 @@ typedef struct variant {
   int first_tile_only; /* prefetch in a K block's first row tile only (the later ones read L2) */
 } variant;
 
-/* PROBE_NO_DP: the loads and prefetches without the TDPBF16PS (is the
- * compute's time added to the stream's?). PROBE_HOT_B: the same prefetches,
- * but the B tiles loaded from one L1-hot step (would the stream overlap the
- * compute if the tile loads did not wait for it?). PROBE_NO_C: the fp32
- * accumulators zeroed instead of loaded per panel and K block, and not
- * stored (what the C round trip costs where many row tiles run from L2). */
-enum { PROBE_NO_DP = 1, PROBE_HOT_B = 2, PROBE_NO_C = 3 };
+/* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
+ * step (would the stream overlap the compute if the tile loads did not wait
+ * for it?). PROBE_NO_C: the fp32 accumulators zeroed instead of loaded per
+ * panel and K block, and not stored (what the C round trip costs where many
+ * row tiles run from L2). */
+enum { PROBE_HOT_B = 1, PROBE_NO_C = 2 };
 
 static const variant variants[] = {
     {.name = "library", .kernel = KERNEL_LIBRARY},
@@ -201,21 +200,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
     const uint16_t *panel = b + p * PANEL_STRIDE;
     float *c0 = c + p * 32, *c1 = c0 + 16 * ldc;
     const int keep_c = v->probe != PROBE_NO_C;
-    if (keep_c) {
-      AMX_LOAD(0, c0, ldc * 4);
-      AMX_LOAD(1, c0 + 16, ldc * 4);
-      if (two) {
-        AMX_LOAD(2, c1, ldc * 4);
-        AMX_LOAD(3, c1 + 16, ldc * 4);
-      }
-    } else {
-      AMX_ZERO(0);
-      AMX_ZERO(1);
-      if (two) {
-        AMX_ZERO(2);
-        AMX_ZERO(3);
-      }
-    }
+    cpu_amx_c_open(c0, c1, ldc * 4, two, keep_c);
     /* The step's prefetch parts go out at the tile operations' positions
      * (8 with two row blocks, 5 with one), spread evenly: position i issues
      * parts [ceil(i * parts / positions), ceil((i + 1) * parts / positions)). */
@@ -226,7 +211,6 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
        requests && part < (((i) + 1) * parts + positions - 1) / positions; ++part)                 \
   prefetch_part(v, b, panels, p, step, steps, part, parts)
     static _Thread_local uint16_t hot[STEP_BYTES / 2] __attribute__((aligned(64)));
-    const int dp = v->probe != PROBE_NO_DP;
     for (int step = 0; step < steps; ++step) {
       const uint16_t *w = v->probe == PROBE_HOT_B ? hot : panel + step * (STEP_BYTES / 2);
       AT(0);
@@ -236,27 +220,20 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
       AT(2);
       AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
       AT(3);
-      if (dp) AMX_DP(0, 4, 6);
+      AMX_DP(0, 4, 6);
       AT(4);
-      if (dp) AMX_DP(1, 4, 7);
+      AMX_DP(1, 4, 7);
       if (two) {
         AT(5);
         AMX_LOAD(5, a1 + step * CPU_AMX_PAIRS, lda_u32 * 4);
         AT(6);
-        if (dp) AMX_DP(2, 5, 6);
+        AMX_DP(2, 5, 6);
         AT(7);
-        if (dp) AMX_DP(3, 5, 7);
+        AMX_DP(3, 5, 7);
       }
     }
 #undef AT
-    if (keep_c) {
-      AMX_STORE(0, c0, ldc * 4);
-      AMX_STORE(1, c0 + 16, ldc * 4);
-      if (two) {
-        AMX_STORE(2, c1, ldc * 4);
-        AMX_STORE(3, c1 + 16, ldc * 4);
-      }
-    }
+    if (keep_c) cpu_amx_c_close(c0, c1, ldc * 4, two);
   }
   AMX_RELEASE();
 }

@@ -129,6 +129,36 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
   }
 }
 
+/* A panel's accumulators C(i, j) (tmm 2i + j; the second row block only
+ * when `two`) at c0 (rows 0-15) and c1 (rows 16-31), c_stride bytes apart:
+ * loaded (or zeroed when !load) before the panel's steps, stored after. */
+static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int two, int load) {
+  if (load) {
+    AMX_LOAD(0, c0, c_stride);
+    AMX_LOAD(1, c0 + 16, c_stride);
+    if (two) {
+      AMX_LOAD(2, c1, c_stride);
+      AMX_LOAD(3, c1 + 16, c_stride);
+    }
+  } else {
+    AMX_ZERO(0);
+    AMX_ZERO(1);
+    if (two) {
+      AMX_ZERO(2);
+      AMX_ZERO(3);
+    }
+  }
+}
+
+static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int two) {
+  AMX_STORE(0, c0, c_stride);
+  AMX_STORE(1, c0 + 16, c_stride);
+  if (two) {
+    AMX_STORE(2, c1, c_stride);
+    AMX_STORE(3, c1 + 16, c_stride);
+  }
+}
+
 /* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
@@ -151,21 +181,7 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
     for (int p = 0; p < panels; ++p) {
       float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
       const uint16_t *panel = b + p * panel_stride;
-      if (load_c) {
-        AMX_LOAD(0, c0, c_stride);
-        AMX_LOAD(1, c0 + 16, c_stride);
-        if (two) {
-          AMX_LOAD(2, c1, c_stride);
-          AMX_LOAD(3, c1 + 16, c_stride);
-        }
-      } else {
-        AMX_ZERO(0);
-        AMX_ZERO(1);
-        if (two) {
-          AMX_ZERO(2);
-          AMX_ZERO(3);
-        }
-      }
+      cpu_amx_c_open(c0, c1, c_stride, two, load_c);
       /* The stream runs in the full steps only (a tail, where K is not a
        * multiple of 32, is one step): stream_pairs k-pairs over this pass's
        * kp_end k-pairs (kp_begin is 0). */
@@ -206,12 +222,7 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
           stream_next += CPU_PANEL_PAIR * sizeof(uint16_t);
         }
       }
-      AMX_STORE(0, c0, c_stride);
-      AMX_STORE(1, c0 + 16, c_stride);
-      if (two) {
-        AMX_STORE(2, c1, c_stride);
-        AMX_STORE(3, c1 + 16, c_stride);
-      }
+      cpu_amx_c_close(c0, c1, c_stride, two);
     }
   }
   AMX_RELEASE();

@@ -76,6 +76,10 @@ typedef struct variant {
    * fill buffer of the core for the whole memory latency. */
   int kick_ahead;
   int first_tile_only; /* prefetch in a K block's first row tile only (the later ones read L2) */
+  /* Request the next panel's accumulator lines (or the next row tile's
+   * first panel's) during a panel's steps: 0 no, 1 into L1, 2 for writing
+   * (prefetchw). */
+  int c_ahead;
 } variant;
 
 /* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
@@ -139,6 +143,18 @@ static const variant variants[] = {
      .every = 1,
      .parts = 8,
      .first_tile_only = 1},
+    {.name = "pf4-parts8+c-t0",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .c_ahead = 1},
+    {.name = "pf4-parts8+c-w",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .c_ahead = 2},
     {.name = "diag:hot-b",
      .kernel = KERNEL_ONE_PANEL,
      .ahead = 4,
@@ -211,8 +227,19 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
        requests && part < (((i) + 1) * parts + positions - 1) / positions; ++part)                 \
   prefetch_part(v, b, panels, p, step, steps, part, parts)
     static _Thread_local uint16_t hot[STEP_BYTES / 2] __attribute__((aligned(64)));
+    /* The accumulators loaded next: the next panel's, after the last panel
+     * the next row tile's first (the probe's C has room for it). */
+    const float *c_next = p + 1 < panels ? c0 + 32 : c + 32 * ldc;
     for (int step = 0; step < steps; ++step) {
       const uint16_t *w = v->probe == PROBE_HOT_B ? hot : panel + step * (STEP_BYTES / 2);
+      for (int r = step * 32 / steps; v->c_ahead && r < (step + 1) * 32 / steps; ++r)
+        for (int half = 0; half < 2; ++half) {
+          const char *line = (const char *)(c_next + r * ldc + 16 * half);
+          if (v->c_ahead == 2)
+            __asm__ volatile("prefetchw %0" : : "m"(*line));
+          else
+            _mm_prefetch(line, _MM_HINT_T0);
+        }
       AT(0);
       AMX_LOAD(6, w, 128);
       AT(1);
@@ -244,9 +271,12 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
  * tile's own weight stream is what this probe times. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
+  /* The library's row tiles (-DCPU_AMX_TILE_ROWS=64: its 4 x 1 kernel); the
+   * probe's own kernel takes 32 at most. */
+  const int tile_rows = v->kernel == KERNEL_LIBRARY ? CPU_AMX_TILE_ROWS : 32;
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
-    for (int r0 = 0; r0 < rows; r0 += CPU_AMX_TILE_ROWS) {
-      const int tr = rows - r0 < CPU_AMX_TILE_ROWS ? rows - r0 : CPU_AMX_TILE_ROWS;
+    for (int r0 = 0; r0 < rows; r0 += tile_rows) {
+      const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
@@ -415,7 +445,9 @@ int main(int argc, char **argv) {
   const int64_t lda_u32 = KPAIRS + 16; /* the layer's sorted row pitch, in pairs */
   const int64_t a_words = (int64_t)max_threads * 256 * lda_u32;
   uint32_t *a = aligned_alloc(64, (size_t)a_words * 4);
-  float *c = aligned_alloc(64, (size_t)max_threads * 256 * PANELS * 32 * 4);
+  /* 32 rows past the last thread's: the c-* variants' requests for a next row tile. */
+  const size_t c_bytes = ((size_t)max_threads * 256 + 32) * PANELS * 32 * 4;
+  float *c = aligned_alloc(64, c_bytes);
   if (!region || !a || !c) return 1;
   madvise(region, (size_t)region_bytes, MADV_HUGEPAGE);
   /* Small normal bf16 values, so the sums stay finite; first touch by the
@@ -425,9 +457,9 @@ int main(int argc, char **argv) {
     region[i] = (uint16_t)(0x3c00 + (i & 0xff));
   for (int64_t i = 0; i < a_words; ++i)
     a[i] = 0x3c003c00u + (uint32_t)(i & 0xff);
-  memset(c, 0, (size_t)max_threads * 256 * PANELS * 32 * 4);
+  memset(c, 0, c_bytes);
 
-  static const int row_counts[] = {1, 16, 32, 40, 256};
+  static const int row_counts[] = {1, 16, 32, 40, 64, 128, 256};
   enum { ROWS = sizeof row_counts / sizeof row_counts[0] };
   printf("K = %d, %d panels per item, K blocks of %d k-pairs, library prefetch %d steps; "
          "%d items of %lld KiB per thread and pass; medians of %d rounds\n",

@@ -175,6 +175,10 @@ static void model_request(const char *p, long *lines, long *outside) {
 }
 #define AMX_PREFETCH(p) model_request((const char *)(p), &near_lines, &near_outside)
 #define AMX_PREFETCH_L2(p) model_request((const char *)(p), &stream_lines, &stream_outside)
+/* The accumulator requests address the caller's C tile, next to what the
+ * kernel stores: counted only. */
+static long c_lines;
+#define AMX_PREFETCH_C(p) ((void)(p), __atomic_fetch_add(&c_lines, 1, __ATOMIC_RELAXED))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -325,12 +329,14 @@ static int check_tile(cpu_tile_fn tile, const char *what, int exact, int rows, i
 }
 
 static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) {
-  static const int rows_list[] = {1, 2, 3, 4, 5, 12, 15, 16, 17, 20, 31, 32};
+  static const int rows_list[] = {1,  2,  3,  4,  5,  12, 15, 16, 17,
+                                  20, 31, 32, 33, 40, 47, 48, 49, 64};
   static const int panels_list[] = {1, 3, 8};
   static const int64_t k_list[] = {1, 2, 30, 31, 32, 33, 63, 64, 65, 97, 511, 512};
   int all_same = 1;
   for (size_t i = 0; i < sizeof rows_list / sizeof *rows_list; ++i)
-    for (size_t j = 0; j < sizeof panels_list / sizeof *panels_list; ++j)
+    for (size_t j = 0;
+         j < sizeof panels_list / sizeof *panels_list && rows_list[i] <= CPU_AMX_TILE_ROWS; ++j)
       for (size_t k = 0; k < sizeof k_list / sizeof *k_list; ++k)
         for (int acc = 0; acc < 2 && k_list[k] <= 2 * CPU_KC_PAIRS; ++acc) {
           /* One K block at most, as the driver calls a tile (A/B builds
@@ -405,7 +411,7 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
     weights_lo = (const char *)packed;
     weights_hi = (const char *)(packed + RUNS * expert_stride);
   }
-  stream_lines = stream_outside = near_lines = near_outside = 0;
+  stream_lines = stream_outside = near_lines = near_outside = c_lines = 0;
   const cpu_gemm_problem pb = {
       .path = path,
       .a = in_place ? a_sorted : x,
@@ -471,8 +477,8 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
          (long long)slots, (long long)N, (long long)K, bad ? "FAILED" : "ok");
   if (path == &model_path && in_place)
     printf("    next-K-block stream: %ld lines requested, steps ahead (with the follow-on into "
-           "the next block) %ld, all inside the packed weights\n",
-           stream_lines, near_lines);
+           "the next block) %ld, all inside the packed weights; accumulator lines %ld\n",
+           stream_lines, near_lines, c_lines);
   free(x), free(w), free(a_sorted), free(out), free(order), free(scratch), free(packed);
 }
 

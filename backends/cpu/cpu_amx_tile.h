@@ -10,6 +10,8 @@
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
  *   AMX_PREFETCH_L2(p)     the same hint, into L2 only
+ *   AMX_PREFETCH_C(p)      a hint for a line of fp32 accumulators that the
+ *                          kernel loads and stores next
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -68,6 +70,15 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
+/* Request the next panel's fp32 accumulators during a panel's steps (1:
+ * into L1; 2: into L1 for writing, prefetchw), for A/B builds. Where an
+ * item has many row tiles, each panel's accumulators come from L2 at the
+ * start of each K block and go back at its end: 4 tile loads and 4 tile
+ * stores per 32 TDPBF16PS at K blocks of 128, with nothing requesting them
+ * early (bench/amx_stream_probe's diag:no-c drops that round trip). */
+#ifndef CPU_AMX_C_PREFETCH
+#define CPU_AMX_C_PREFETCH 0
+#endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
  * of `pairs` k-pairs over [kp_begin, kp_end) in every panel). Past the last
@@ -96,6 +107,17 @@ static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, 
   const int lines = 2 * pairs; /* a k-pair of a panel is 128 bytes */
   for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
     AMX_PREFETCH(rows + 64 * line);
+}
+
+/* Requests step `step` of `steps`'s share of the accumulator lines of a
+ * panel of `rows` rows at c (32 floats, two lines, per row; NULL: none). */
+static inline void cpu_amx_prefetch_c(const float *c, int64_t ldc, int rows, int64_t step,
+                                      int64_t steps) {
+  if (!c) return;
+  for (int64_t r = step * rows / steps; r < (step + 1) * rows / steps; ++r) {
+    AMX_PREFETCH_C(c + r * ldc);
+    AMX_PREFETCH_C(c + r * ldc + 16);
+  }
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -159,8 +181,9 @@ static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int t
   }
 }
 
-/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. */
-static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
+/* The 2 x 2 kernel: rows <= 32, two row blocks by the panel's two column
+ * halves, each A and B tile loaded once per step. */
+static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                      float *c, int64_t ldc, int accumulate,
                                      const cpu_weight_prefetch *stream) {
@@ -191,7 +214,10 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
       const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
+      const float *c_next = CPU_AMX_C_PREFETCH && p + 1 < panels ? c0 + CPU_PANEL_COLS : NULL;
+      const int64_t steps = (kp_end - kp_begin) / pairs;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
+        cpu_amx_prefetch_c(c_next, ldc, rows, (kp - kp_begin) / pairs, steps);
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead =
             CPU_AMX_PREFETCH_STEPS > 0
@@ -226,6 +252,164 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
     }
   }
   AMX_RELEASE();
+}
+
+/* ---- The 4 x 1 kernel: 32 < rows <= 64 ---------------------------------- */
+
+/* Tiles: C(i) = tmm i for row block i (3 or 4 blocks) of one column half;
+ * B(half) = tmm 6; A(i) = tmm 4 and 5 in turn for the full blocks, tmm 7
+ * for the last one, which may be partial (an A tile's rows must equal its
+ * C tile's). A step loads one weight tile per 3-4 TDPBF16PS instead of
+ * one per two: where an item has many row tiles, the later ones read the
+ * weights from L2, and the 2 x 2 kernel's two weight tiles per step (with
+ * the accumulators' round trip per K block) left the tiles idle: at 256
+ * rows per item a core reached 0.85 TFLOP/s against about 2 from L1 on
+ * two cores (bench/results.md, "a core's stream at 32 rows"). The A tiles
+ * are loaded twice per panel (once per column half), from L1. */
+static inline void cpu_amx_make_tall_config(cpu_amx_config *cfg, int rows, int pairs) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->palette = 1;
+  const int blocks = (rows + 15) / 16;
+  for (int i = 0; i < blocks; ++i) {
+    const int r = rows - 16 * i;
+    cfg->rows[i] = (uint8_t)(r > 16 ? 16 : r);
+    cfg->colsb[i] = 16 * sizeof(float);
+  }
+  cfg->rows[4] = cfg->rows[5] = 16;
+  cfg->colsb[4] = cfg->colsb[5] = (uint16_t)(pairs * sizeof(uint32_t));
+  cfg->rows[7] = cfg->rows[blocks - 1];
+  cfg->colsb[7] = (uint16_t)(pairs * sizeof(uint32_t));
+  cfg->rows[6] = (uint8_t)pairs;
+  cfg->colsb[6] = 16 * 2 * sizeof(uint16_t);
+}
+
+/* One column half's accumulators C(i) at c + 16 i rows: loaded (or zeroed
+ * when !load) before the half's steps, stored after. */
+static inline void cpu_amx_tall_c_open(float *c, int64_t ldc, int four, int load) {
+  const int64_t c_stride = ldc * (int64_t)sizeof(float);
+  if (load) {
+    AMX_LOAD(0, c, c_stride);
+    AMX_LOAD(1, c + 16 * ldc, c_stride);
+    AMX_LOAD(2, c + 32 * ldc, c_stride);
+    if (four) AMX_LOAD(3, c + 48 * ldc, c_stride);
+  } else {
+    AMX_ZERO(0);
+    AMX_ZERO(1);
+    AMX_ZERO(2);
+    if (four) AMX_ZERO(3);
+  }
+}
+
+static inline void cpu_amx_tall_c_close(float *c, int64_t ldc, int four) {
+  const int64_t c_stride = ldc * (int64_t)sizeof(float);
+  AMX_STORE(0, c, c_stride);
+  AMX_STORE(1, c + 16 * ldc, c_stride);
+  AMX_STORE(2, c + 32 * ldc, c_stride);
+  if (four) AMX_STORE(3, c + 48 * ldc, c_stride);
+}
+
+/* Requests step `step` of `steps`'s share of one column half's accumulator
+ * lines (one per row) at c (NULL: none). */
+static inline void cpu_amx_prefetch_c_half(const float *c, int64_t ldc, int rows, int64_t step,
+                                           int64_t steps) {
+  if (!c) return;
+  for (int64_t r = step * rows / steps; r < (step + 1) * rows / steps; ++r)
+    AMX_PREFETCH_C(c + r * ldc);
+}
+
+static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                                     float *c, int64_t ldc, int accumulate,
+                                     const cpu_weight_prefetch *stream) {
+  const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
+  const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
+  const int four = rows > 48; /* the fourth row block exists */
+  const uint32_t *a1 = a + 16 * a_stride_u32, *a2 = a + 32 * a_stride_u32,
+                 *a3 = a + 48 * a_stride_u32;
+  const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
+  cpu_amx_config cfg;
+  for (int pass = 0; pass < 2; ++pass) {
+    const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
+    if (kp_end == kp_begin) continue;
+    const int pairs = pass ? (int)(kpairs - full) : CPU_AMX_PAIRS;
+    cpu_amx_make_tall_config(&cfg, rows, pairs);
+    AMX_CONFIG(&cfg);
+    const int load_c = accumulate || kp_begin > 0;
+    const int64_t steps = (kp_end - kp_begin) / pairs;
+    for (int p = 0; p < panels; ++p) {
+      const uint16_t *panel = b + p * panel_stride;
+      /* As in the 2 x 2 kernel (stream and follow-on in the full steps). */
+      const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
+      const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
+      const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
+      int64_t stream_credit = 0;
+      for (int half = 0; half < 2; ++half) {
+        float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
+        cpu_amx_tall_c_open(ch, ldc, four, load_c);
+        const float *c_next = !CPU_AMX_C_PREFETCH ? NULL
+                              : half == 0         ? ch + 16
+                              : p + 1 < panels    ? ch + 16
+                                                  : NULL;
+        for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
+          const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
+          /* A step's request covers both halves' lines: the first half's
+           * pass requests the steps ahead within the panel, the second's
+           * those past its end (the next panel's first steps, or the
+           * follow-on into the next K block). */
+          const int crosses = kp + (int64_t)CPU_AMX_PREFETCH_STEPS * pairs >= kp_end;
+          const char *ahead =
+              CPU_AMX_PREFETCH_STEPS > 0 && crosses == half
+                  ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                                            CPU_AMX_PREFETCH_STEPS, follow_pairs)
+                  : NULL;
+          const int parts = four ? 4 : 3;
+          cpu_amx_prefetch_c_half(c_next, ldc, rows, (kp - kp_begin) / pairs, steps);
+          cpu_amx_prefetch_part(ahead, pairs, 0, parts);
+          AMX_LOAD(6, w, b_stride);
+          AMX_LOAD(4, a + kp, a_stride);
+          AMX_DP(0, 4, 6);
+          cpu_amx_prefetch_part(ahead, pairs, 1, parts);
+          AMX_LOAD(5, a1 + kp, a_stride);
+          AMX_DP(1, 5, 6);
+          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
+          if (four) {
+            AMX_LOAD(4, a2 + kp, a_stride);
+            AMX_DP(2, 4, 6);
+            cpu_amx_prefetch_part(ahead, pairs, 3, parts);
+            AMX_LOAD(7, a3 + kp, a_stride);
+            AMX_DP(3, 7, 6);
+          } else {
+            AMX_LOAD(7, a2 + kp, a_stride);
+            AMX_DP(2, 7, 6);
+          }
+          if (half == 0)
+            for (stream_credit += pairs * stream_pairs; stream_credit >= kp_end;
+                 stream_credit -= kp_end) {
+              AMX_PREFETCH_L2(stream_next);
+              AMX_PREFETCH_L2(stream_next + 64);
+              stream_next += CPU_PANEL_PAIR * sizeof(uint16_t);
+            }
+        }
+        cpu_amx_tall_c_close(ch, ldc, four);
+      }
+    }
+  }
+  AMX_RELEASE();
+}
+
+/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. The
+ * bits do not depend on which kernel runs: each accumulator element sees
+ * the same tdpbf16ps steps in the same order. */
+static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                                     float *c, int64_t ldc, int accumulate,
+                                     const cpu_weight_prefetch *stream) {
+  if (rows > 32)
+    cpu_amx_tall_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
+                      stream);
+  else
+    cpu_amx_wide_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
+                      stream);
 }
 
 #endif /* MOE_CPU_AMX_TILE_H */

@@ -81,7 +81,11 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
  * 0.92x at Qwen3 4096 on 16-core AMX hosts, and changes nothing where runs
  * have under 384 rows; 512 was no faster (bench/results.md, "CPU AMX path
  * on two classes of 16-core hosts"). */
+#ifndef CPU_AMX_TILE_ROWS
 #define CPU_AMX_TILE_ROWS 32
+#endif
+_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= 64,
+               "AMX tiles of whole 16-row blocks, at most the 4 x 1 kernel's four");
 /* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
  * vector paths do, for A/B builds: that took 1.06-1.07x the time at Qwen3
  * 512 tokens on 2 threads of a 16-core AMX host and made no difference on

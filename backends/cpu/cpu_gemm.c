@@ -64,6 +64,14 @@
 #define CPU_KC_PAIRS_FEW_THREADS 128
 #endif
 #define CPU_FEW_THREADS 2
+/* K blocks of an item whose tiles exceed 32 rows (the AMX path's 4 x 1
+ * kernel, -DCPU_AMX_TILE_ROWS=64): at most this many k-pairs, so that its
+ * 64-row A slice stays in L1 (32 KiB at 128); 0: the GEMM's K blocks. An
+ * A/B definition: the bits do not depend on the K blocks. */
+#ifndef CPU_KC_PAIRS_TALL
+#define CPU_KC_PAIRS_TALL 0
+#endif
+_Static_assert(CPU_KC_PAIRS_TALL % 16 == 0, "K blocks of whole AMX tile steps");
 _Static_assert(CPU_KC_PAIRS_FEW_THREADS % 16 == 0 && CPU_KC_PAIRS_FEW_THREADS <= CPU_KC_PAIRS,
                "K blocks of whole AMX tile steps, within the scratch's A tile");
 /* Fewest work items per thread before items get fewer panels
@@ -300,6 +308,7 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   const int panels = (int)min64(group_panels, panels_total - panel0);
   const int64_t kpairs_total = div_up(pb->b_source.k, 2);
   const int tile_rows = tile_rows_for(pb->path, rows);
+  if (CPU_KC_PAIRS_TALL > 0 && tile_rows > 32) block_pairs = min64(block_pairs, CPU_KC_PAIRS_TALL);
 
   for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += block_pairs) {
     const int64_t kpairs = min64(block_pairs, kpairs_total - kp0);

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpuphase|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cputall|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -327,6 +327,50 @@ step_probeab() {
   done
 }
 
+# The 4 x 1 AMX kernel (-DCPU_AMX_TILE_ROWS=64) on the host, most important
+# first: the AMX check and the AMX suite entry with it (real tiles against
+# the scalar model), then A/Bs with rounds interleaved on 2 pinned cores
+# (base, tall, tall + accumulator requests; Mixtral 128 / 512, Qwen3 512)
+# and on all cores (base, tall, tall + K blocks of 128 for its items;
+# 128-4096 tokens), each followed by the PyTorch CPU peer at those threads.
+step_cputall() {
+  local n v
+  n=$(nproc)
+  cpu_ab_build() { # name defs: moe_bench and the AMX check (tests on)
+    { cmake -S . -B "build-cpu-ab-$1" -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
+        "-DCMAKE_C_FLAGS=$2" && cmake --build "build-cpu-ab-$1" --target moe_bench \
+        --target moe_cpu_amx_check; } >"$out/build-$1.log" 2>&1
+    echo "build $1 ($2) rc=$?"
+  }
+  cpu_ab_build base "" &
+  cpu_ab_build tall "-DCPU_AMX_TILE_ROWS=64" &
+  cpu_ab_build tallcpf "-DCPU_AMX_TILE_ROWS=64 -DCPU_AMX_C_PREFETCH=2" &
+  cpu_ab_build tallkt "-DCPU_AMX_TILE_ROWS=64 -DCPU_KC_PAIRS_TALL=128" &
+  wait
+  for v in base tall; do
+    timeout 60 "./build-cpu-ab-$v/backends/cpu/moe_cpu_amx_check" >"$out/amx-check-$v.log" 2>&1
+    echo "amx check $v rc=$?"; grep -E 'hardware|FAIL|passed' "$out/amx-check-$v.log" | head -4
+  done
+  cmake --build build-cpu-ab-tall >"$out/build-tall-suite.log" 2>&1 &&
+    timeout 150 ctest --test-dir build-cpu-ab-tall -R 'cpu-amx' --output-on-failure \
+      >"$out/ctest-amx-tall.log" 2>&1
+  echo "ctest cpu-amx (tall) rc=$?"; tail -3 "$out/ctest-amx-tall.log"
+  OMP_NUM_THREADS=2 OMP_PLACES=cores OMP_PROC_BIND=close timeout 200 bench/cpu_ab.sh "$out/ab2" \
+    mixtral-8x7b,qwen3-30b-a3b 128,512 2 base= tall=-DCPU_AMX_TILE_ROWS=64 \
+    tallcpf=-DCPU_AMX_TILE_ROWS=64,-DCPU_AMX_C_PREFETCH=2 | grep -v '^round\|^build'
+  OMP_NUM_THREADS=2 OMP_PLACES=cores OMP_PROC_BIND=close timeout 100 python3 bench/torch_cpu_peer.py \
+    --no-install --reps 3 --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 \
+    --json "$out/torch2.json" >"$out/torch2.log" 2>&1
+  echo "torch 2 cores rc=$?"; tail -5 "$out/torch2.log"
+  OMP_NUM_THREADS=$n timeout 200 bench/cpu_ab.sh "$out/ab$n" mixtral-8x7b,qwen3-30b-a3b \
+    128,512,4096 2 base= tall=-DCPU_AMX_TILE_ROWS=64 \
+    tallkt=-DCPU_AMX_TILE_ROWS=64,-DCPU_KC_PAIRS_TALL=128 | grep -v '^round\|^build'
+  OMP_NUM_THREADS=$n timeout 80 python3 bench/torch_cpu_peer.py --no-install --reps 5 \
+    --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$n.json" \
+    >"$out/torch$n.log" 2>&1
+  echo "torch $n threads rc=$?"; tail -5 "$out/torch$n.log"
+}
+
 # Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
 # CPU_AB_VARIANTS "name=defs ..." (the first is the baseline), rounds
 # interleaved against the host's drift, on the AMX path by default.
@@ -368,6 +412,7 @@ for step in "${@:-all}"; do
   cpuab) step_cpuab ;;
   cpufloors) step_cpufloors ;;
   probeab) step_probeab ;;
+  cputall) step_cputall ;;
   cpuphase) step_cpuphase ;;
   python) step_python ;;
   opencl)

@@ -109,6 +109,33 @@ static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, 
     AMX_PREFETCH(rows + 64 * line);
 }
 
+/* The K range and step of pass 0 (the full steps of CPU_AMX_PAIRS k-pairs)
+ * and pass 1 (the remaining kpairs % 16, one step under its own
+ * configuration); an empty range where a pass has nothing. */
+typedef struct cpu_amx_pass {
+  int64_t begin, end;
+  int pairs;
+} cpu_amx_pass;
+
+static inline cpu_amx_pass cpu_amx_pass_range(int64_t kpairs, int pass) {
+  const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
+  cpu_amx_pass r = {0, full, CPU_AMX_PAIRS};
+  if (pass) r = (cpu_amx_pass){full, kpairs, (int)(kpairs - full)};
+  return r;
+}
+
+/* The next-K-block stream after a step of `pairs` k-pairs: stream_pairs
+ * k-pairs of the panel spread evenly over its kp_end k-pairs, two lines
+ * each, into L2. */
+static inline void cpu_amx_stream_step(const char **next, int64_t *credit, int pairs,
+                                       int64_t stream_pairs, int64_t kp_end) {
+  for (*credit += pairs * stream_pairs; *credit >= kp_end; *credit -= kp_end) {
+    AMX_PREFETCH_L2(*next);
+    AMX_PREFETCH_L2(*next + 64);
+    *next += CPU_PANEL_PAIR * sizeof(uint16_t);
+  }
+}
+
 /* Requests step `step` of `steps`'s share of the accumulator lines of a
  * panel of `rows` rows at c (32 floats, two lines, per row; NULL: none). */
 static inline void cpu_amx_prefetch_c(const float *c, int64_t ldc, int rows, int64_t step,
@@ -192,12 +219,12 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
   const int two = rows > 16; /* the second row block exists */
   const uint32_t *a1 = a + 16 * a_stride_u32;
-  const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
   cpu_amx_config cfg;
   for (int pass = 0; pass < 2; ++pass) {
-    const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
+    const cpu_amx_pass range = cpu_amx_pass_range(kpairs, pass);
+    const int64_t kp_begin = range.begin, kp_end = range.end;
+    const int pairs = range.pairs;
     if (kp_end == kp_begin) continue;
-    const int pairs = pass ? (int)(kpairs - full) : CPU_AMX_PAIRS;
     cpu_amx_make_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
@@ -241,12 +268,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
           cpu_amx_prefetch_part(ahead, pairs, 3, parts);
           AMX_DP(3, 5, 7);
         }
-        for (stream_credit += pairs * stream_pairs; stream_credit >= kp_end;
-             stream_credit -= kp_end) {
-          AMX_PREFETCH_L2(stream_next);
-          AMX_PREFETCH_L2(stream_next + 64);
-          stream_next += CPU_PANEL_PAIR * sizeof(uint16_t);
-        }
+        cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
       }
       cpu_amx_c_close(c0, c1, c_stride, two);
     }
@@ -269,7 +291,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
 static inline void cpu_amx_make_tall_config(cpu_amx_config *cfg, int rows, int pairs) {
   memset(cfg, 0, sizeof *cfg);
   cfg->palette = 1;
-  const int blocks = (rows + 15) / 16;
+  const int blocks = rows > 48 ? 4 : 3; /* 33 <= rows <= 64 */
   for (int i = 0; i < blocks; ++i) {
     const int r = rows - 16 * i;
     cfg->rows[i] = (uint8_t)(r > 16 ? 16 : r);
@@ -326,12 +348,12 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
   const int four = rows > 48; /* the fourth row block exists */
   const uint32_t *a1 = a + 16 * a_stride_u32, *a2 = a + 32 * a_stride_u32,
                  *a3 = a + 48 * a_stride_u32;
-  const int64_t full = kpairs / CPU_AMX_PAIRS * CPU_AMX_PAIRS;
   cpu_amx_config cfg;
   for (int pass = 0; pass < 2; ++pass) {
-    const int64_t kp_begin = pass ? full : 0, kp_end = pass ? kpairs : full;
+    const cpu_amx_pass range = cpu_amx_pass_range(kpairs, pass);
+    const int64_t kp_begin = range.begin, kp_end = range.end;
+    const int pairs = range.pairs;
     if (kp_end == kp_begin) continue;
-    const int pairs = pass ? (int)(kpairs - full) : CPU_AMX_PAIRS;
     cpu_amx_make_tall_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
@@ -383,12 +405,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
             AMX_DP(2, 7, 6);
           }
           if (half == 0)
-            for (stream_credit += pairs * stream_pairs; stream_credit >= kp_end;
-                 stream_credit -= kp_end) {
-              AMX_PREFETCH_L2(stream_next);
-              AMX_PREFETCH_L2(stream_next + 64);
-              stream_next += CPU_PANEL_PAIR * sizeof(uint16_t);
-            }
+            cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
         }
         cpu_amx_tall_c_close(ch, ldc, four);
       }
@@ -404,7 +421,7 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                      float *c, int64_t ldc, int accumulate,
                                      const cpu_weight_prefetch *stream) {
-  if (rows > 32)
+  if (CPU_AMX_TILE_ROWS > 32 && rows > 32)
     cpu_amx_tall_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                       stream);
   else

@@ -358,7 +358,8 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
 static void check_driver(const cpu_kernel_path *path, int threads, int exact, int in_place) {
   const int64_t K = in_place ? 601 : 600, N = in_place ? 301 : 300;
   const int64_t lda = in_place ? K + 33 : K, ld_out = in_place ? N + 7 : N;
-  static const int32_t run_rows[] = {1, 3, 17, 33, 40, 48, 49, 64, 65, 130, 191, 200, 400, 700};
+  static const int32_t run_rows[] = {1,  3,   17,  33,  40,  48,  49, 64,
+                                     65, 120, 130, 191, 200, 400, 700};
   enum { RUNS = sizeof run_rows / sizeof run_rows[0] };
   int64_t slots = 0;
   for (int i = 0; i < RUNS; ++i)

@@ -330,16 +330,20 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
      * first request shares of it in proportion to their rows: the first
      * tile of an item streams its own weights from memory, and a short
      * tail tile cannot hide a whole block (one 8-row tile streaming it
-     * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
+     * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores).
+     * Tiles over 32 rows (the AMX 4 x 1 kernel) stream from two tiles on,
+     * where the later one has over 32 rows: as much work as a 32-row path's
+     * three tiles give. */
     const int tiles = (int)div_up(rows, tile_rows);
-    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
+    const int first_rows = rows < tile_rows ? rows : tile_rows;
+    const int enough_after_first = tiles >= 3 || rows - first_rows > 32;
+    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && enough_after_first
                                    ? min64(block_pairs, kpairs_total - kp0 - kpairs)
                                    : 0;
     /* The block's last row tile is followed by the next K block's first:
      * its weight requests may run on into it (cpu_weight_prefetch). */
     const int64_t follow_pairs =
         pb->b_packed && CPU_FOLLOW_NEXT_BLOCK ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
-    const int first_rows = rows < tile_rows ? rows : tile_rows;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;

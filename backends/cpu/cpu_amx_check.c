@@ -334,9 +334,9 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
   static const int panels_list[] = {1, 3, 8};
   static const int64_t k_list[] = {1, 2, 30, 31, 32, 33, 63, 64, 65, 97, 511, 512};
   int all_same = 1;
-  for (size_t i = 0; i < sizeof rows_list / sizeof *rows_list; ++i)
-    for (size_t j = 0;
-         j < sizeof panels_list / sizeof *panels_list && rows_list[i] <= CPU_AMX_TILE_ROWS; ++j)
+  for (size_t i = 0; i < sizeof rows_list / sizeof *rows_list; ++i) {
+    if (rows_list[i] > CPU_AMX_TILE_ROWS) continue; /* 33-64: -DCPU_AMX_TILE_ROWS=64 builds */
+    for (size_t j = 0; j < sizeof panels_list / sizeof *panels_list; ++j)
       for (size_t k = 0; k < sizeof k_list / sizeof *k_list; ++k)
         for (int acc = 0; acc < 2 && k_list[k] <= 2 * CPU_KC_PAIRS; ++acc) {
           /* One K block at most, as the driver calls a tile (A/B builds
@@ -344,6 +344,7 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
           all_same &= check_tile(tile, what, exact, rows_list[i], panels_list[j], k_list[k], acc);
           ++*cases;
         }
+  }
   return all_same;
 }
 

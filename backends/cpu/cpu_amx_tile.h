@@ -136,15 +136,15 @@ static inline void cpu_amx_stream_step(const char **next, int64_t *credit, int p
   }
 }
 
-/* Requests step `step` of `steps`'s share of the accumulator lines of a
- * panel of `rows` rows at c (32 floats, two lines, per row; NULL: none). */
-static inline void cpu_amx_prefetch_c(const float *c, int64_t ldc, int rows, int64_t step,
-                                      int64_t steps) {
+/* Requests step `step` of `steps`'s share of the accumulator lines at c
+ * (NULL: none): `rows` rows, each `lines` lines of 16 floats (2: a whole
+ * panel, 1: one column half). */
+static inline void cpu_amx_prefetch_c(const float *c, int64_t ldc, int rows, int lines,
+                                      int64_t step, int64_t steps) {
   if (!c) return;
-  for (int64_t r = step * rows / steps; r < (step + 1) * rows / steps; ++r) {
-    AMX_PREFETCH_C(c + r * ldc);
-    AMX_PREFETCH_C(c + r * ldc + 16);
-  }
+  for (int64_t r = step * rows / steps; r < (step + 1) * rows / steps; ++r)
+    for (int line = 0; line < lines; ++line)
+      AMX_PREFETCH_C(c + r * ldc + 16 * line);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -244,7 +244,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       const float *c_next = CPU_AMX_C_PREFETCH && p + 1 < panels ? c0 + CPU_PANEL_COLS : NULL;
       const int64_t steps = (kp_end - kp_begin) / pairs;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
-        cpu_amx_prefetch_c(c_next, ldc, rows, (kp - kp_begin) / pairs, steps);
+        cpu_amx_prefetch_c(c_next, ldc, rows, 2, (kp - kp_begin) / pairs, steps);
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead =
             CPU_AMX_PREFETCH_STEPS > 0
@@ -330,15 +330,6 @@ static inline void cpu_amx_tall_c_close(float *c, int64_t ldc, int four) {
   if (four) AMX_STORE(3, c + 48 * ldc, c_stride);
 }
 
-/* Requests step `step` of `steps`'s share of one column half's accumulator
- * lines (one per row) at c (NULL: none). */
-static inline void cpu_amx_prefetch_c_half(const float *c, int64_t ldc, int rows, int64_t step,
-                                           int64_t steps) {
-  if (!c) return;
-  for (int64_t r = step * rows / steps; r < (step + 1) * rows / steps; ++r)
-    AMX_PREFETCH_C(c + r * ldc);
-}
-
 static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                      float *c, int64_t ldc, int accumulate,
@@ -368,10 +359,9 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
         cpu_amx_tall_c_open(ch, ldc, four, load_c);
-        const float *c_next = !CPU_AMX_C_PREFETCH ? NULL
-                              : half == 0         ? ch + 16
-                              : p + 1 < panels    ? ch + 16
-                                                  : NULL;
+        /* The accumulators opened next: this panel's second half, then the
+         * next panel's first. */
+        const float *c_next = CPU_AMX_C_PREFETCH && (half == 0 || p + 1 < panels) ? ch + 16 : NULL;
         for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
           const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
           /* A step's request covers both halves' lines: the first half's
@@ -385,7 +375,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
                                             CPU_AMX_PREFETCH_STEPS, follow_pairs)
                   : NULL;
           const int parts = four ? 4 : 3;
-          cpu_amx_prefetch_c_half(c_next, ldc, rows, (kp - kp_begin) / pairs, steps);
+          cpu_amx_prefetch_c(c_next, ldc, rows, 1, (kp - kp_begin) / pairs, steps);
           cpu_amx_prefetch_part(ahead, pairs, 0, parts);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);

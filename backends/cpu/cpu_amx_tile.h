@@ -28,9 +28,11 @@
  * (K/2 rows x 16 columns x 2), rows 128 bytes apart. So the layer's packed
  * weights serve AMX as they are, with no second copy.
  *
- * Tiles: C(i, j) = tmm(2i + j) for row block i (rows 16i..16i+15) and
- * column half j of the panel; A(i) = tmm(4 + i); B(j) = tmm(6 + j).
- * Four accumulators stay live over the panel's whole K range.
+ * Tiles (the 2 x 2 kernel, rows <= 32): C(i, j) = tmm(2i + j) for row
+ * block i (rows 16i..16i+15) and column half j of the panel; A(i) =
+ * tmm(4 + i); B(j) = tmm(6 + j). Four accumulators stay live over the
+ * panel's whole K range. Tiles of 33-64 rows (-DCPU_AMX_TILE_ROWS=64) run
+ * the 4 x 1 kernel at the end of this file instead.
  *
  * K: full steps of 16 k-pairs under one configuration, then the remaining
  * kpairs % 16 (K not a multiple of 32) under a second one whose A tiles

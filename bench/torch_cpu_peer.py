@@ -38,8 +38,8 @@ import subprocess
 import sys
 import time
 import warnings
-from dataclasses import dataclass
 
+from peer_models import MODEL_BY_NAME, MODELS, Model
 from peer_random import bench_random_f32, random_normal
 
 TOKENS = [1, 16, 512]  # moe_bench's CPU default
@@ -62,41 +62,6 @@ def import_torch(allow_install):
     except ImportError as exc:
         sys.exit(f"torch_cpu_peer: pip install torch exited {rc} and torch still does not "
                  f"import ({exc})")
-
-
-# ---------------------------------------------------------------------------
-# Models: the table of bench/bench_models.c
-# ---------------------------------------------------------------------------
-
-@dataclass(frozen=True)
-class Model:
-    name: str
-    H: int
-    I: int
-    E: int
-    k: int
-    sigmoid: bool = False
-    renormalize: bool = True
-    groups: int = 1
-    topk_groups: int = 1
-    group_top2: bool = False
-    scaling: float = 1.0
-    clamp: bool = False  # gpt-oss SwiGLU: clamp at limit, g * sigmoid(alpha g) * (u + 1)
-    alpha: float = 1.702
-    limit: float = 7.0
-    biases: bool = False
-    correction: bool = False
-
-
-MODELS = [
-    Model("mixtral-8x7b", 4096, 14336, 8, 2),
-    Model("qwen3-30b-a3b", 2048, 768, 128, 8),
-    Model("deepseek-v3", 7168, 2048, 256, 8, sigmoid=True, groups=8, topk_groups=4,
-          group_top2=True, scaling=2.5, correction=True),
-    Model("ernie-4.5-21b-a3b", 2560, 1536, 64, 6),
-    Model("gpt-oss-20b", 2880, 2880, 32, 4, clamp=True, biases=True),
-]
-MODEL_BY_NAME = {m.name: m for m in MODELS}
 
 
 # ---------------------------------------------------------------------------

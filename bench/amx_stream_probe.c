@@ -266,14 +266,17 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
 }
 
 /* One work item as the driver runs it: K blocks, row tiles of <= 32 (as
- * the AMX path's whole 16-row blocks cut them: 40 rows run as 32 + 8), but
+ * the AMX path's whole 16-row blocks cut them: 80 rows run as 32 + 32 +
+ * 16; the library's kernel takes an item of up to CPU_AMX_ONE_TILE_ROWS
+ * rows as one tile, 40 rows through its 4 x 1 kernel), but
  * without the driver's next-K-block stream (cpu_weight_prefetch): each
  * tile's own weight stream is what this probe times. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
-  /* The library's row tiles (-DCPU_AMX_TILE_ROWS=64: its 4 x 1 kernel); the
-   * probe's own kernel takes 32 at most. */
-  const int tile_rows = v->kernel == KERNEL_LIBRARY ? CPU_AMX_TILE_ROWS : 32;
+  /* The probe's own kernel takes 32 rows at most. */
+  const int tile_rows = v->kernel != KERNEL_LIBRARY     ? 32
+                        : rows <= CPU_AMX_ONE_TILE_ROWS ? rows
+                                                        : CPU_AMX_TILE_ROWS;
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;

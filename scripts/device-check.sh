@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cputall|cpuphase|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpuone|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -327,48 +327,35 @@ step_probeab() {
   done
 }
 
-# The 4 x 1 AMX kernel (-DCPU_AMX_TILE_ROWS=64) on the host, most important
-# first: the AMX check and the AMX suite entry with it (real tiles against
-# the scalar model), then A/Bs with rounds interleaved on 2 pinned cores
-# (base, tall, tall + accumulator requests; Mixtral 128 / 512, Qwen3 512)
-# and on all cores (base, tall, tall + K blocks of 128 for its items;
-# 128-4096 tokens), each followed by the PyTorch CPU peer at those threads.
-step_cputall() {
-  local n v
+# The AMX path on the host, most important first: the AMX check and the
+# AMX suite entry (real tiles against the scalar model), then A/Bs with
+# rounds interleaved of items of 33-64 rows as one 4 x 1 tile (shipped)
+# against 32-row tiles plus a tail (-DCPU_AMX_ONE_TILE_ROWS=32), on 2
+# pinned cores and on all cores, each followed by the PyTorch CPU peer at
+# those threads. The A/B JSON goes to /tmp and back as one archive.
+step_cpuone() {
+  local n t tokens
   n=$(nproc)
-  cpu_ab_build() { # name defs: moe_bench and the AMX check (tests on)
-    { cmake -S . -B "build-cpu-ab-$1" -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
-        "-DCMAKE_C_FLAGS=$2" && cmake --build "build-cpu-ab-$1" --target moe_bench \
-        --target moe_cpu_amx_check; } >"$out/build-$1.log" 2>&1
-    echo "build $1 ($2) rc=$?"
-  }
-  cpu_ab_build base "" &
-  cpu_ab_build tall "-DCPU_AMX_TILE_ROWS=64" &
-  cpu_ab_build tallcpf "-DCPU_AMX_TILE_ROWS=64 -DCPU_AMX_C_PREFETCH=2" &
-  cpu_ab_build tallkt "-DCPU_AMX_TILE_ROWS=64 -DCPU_KC_PAIRS_TALL=128" &
-  wait
-  for v in base tall; do
-    timeout 60 "./build-cpu-ab-$v/backends/cpu/moe_cpu_amx_check" >"$out/amx-check-$v.log" 2>&1
-    echo "amx check $v rc=$?"; grep -E 'hardware|FAIL|passed' "$out/amx-check-$v.log" | head -4
+  { cmake -S . -B build-cpu-one -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
+      cmake --build build-cpu-one; } >"$out/build-cpu-one.log" 2>&1
+  echo "build rc=$?"
+  timeout 60 ./build-cpu-one/backends/cpu/moe_cpu_amx_check >"$out/amx-check.log" 2>&1
+  echo "amx check rc=$?"; grep -E 'hardware|passed' "$out/amx-check.log" | head -3
+  timeout 120 ctest --test-dir build-cpu-one -R 'cpu-amx' -j4 >"$out/ctest-amx.log" 2>&1
+  echo "ctest cpu-amx rc=$?"; tail -2 "$out/ctest-amx.log"
+  for t in 2 "$n"; do
+    tokens=128,512 # and 4096 (compute-bound) on all cores
+    [ "$t" = 2 ] || tokens+=,4096
+    env OMP_NUM_THREADS=$t $([ "$t" = 2 ] && echo OMP_PLACES=cores OMP_PROC_BIND=close) \
+      timeout 200 bench/cpu_ab.sh "/tmp/ab$t" mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 \
+      tiles32=-DCPU_AMX_ONE_TILE_ROWS=32 one= | grep -v '^round\|^build'
+    env OMP_NUM_THREADS=$t $([ "$t" = 2 ] && echo OMP_PLACES=cores OMP_PROC_BIND=close) \
+      timeout 90 python3 bench/torch_cpu_peer.py --no-install --reps 3 \
+      --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$t.json" \
+      >"$out/torch$t.log" 2>&1
+    echo "torch $t threads rc=$?"; tail -5 "$out/torch$t.log"
   done
-  cmake --build build-cpu-ab-tall >"$out/build-tall-suite.log" 2>&1 &&
-    timeout 150 ctest --test-dir build-cpu-ab-tall -R 'cpu-amx' --output-on-failure \
-      >"$out/ctest-amx-tall.log" 2>&1
-  echo "ctest cpu-amx (tall) rc=$?"; tail -3 "$out/ctest-amx-tall.log"
-  OMP_NUM_THREADS=2 OMP_PLACES=cores OMP_PROC_BIND=close timeout 200 bench/cpu_ab.sh "$out/ab2" \
-    mixtral-8x7b,qwen3-30b-a3b 128,512 2 base= tall=-DCPU_AMX_TILE_ROWS=64 \
-    tallcpf=-DCPU_AMX_TILE_ROWS=64,-DCPU_AMX_C_PREFETCH=2 | grep -v '^round\|^build'
-  OMP_NUM_THREADS=2 OMP_PLACES=cores OMP_PROC_BIND=close timeout 100 python3 bench/torch_cpu_peer.py \
-    --no-install --reps 3 --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 \
-    --json "$out/torch2.json" >"$out/torch2.log" 2>&1
-  echo "torch 2 cores rc=$?"; tail -5 "$out/torch2.log"
-  OMP_NUM_THREADS=$n timeout 200 bench/cpu_ab.sh "$out/ab$n" mixtral-8x7b,qwen3-30b-a3b \
-    128,512,4096 2 base= tall=-DCPU_AMX_TILE_ROWS=64 \
-    tallkt=-DCPU_AMX_TILE_ROWS=64,-DCPU_KC_PAIRS_TALL=128 | grep -v '^round\|^build'
-  OMP_NUM_THREADS=$n timeout 80 python3 bench/torch_cpu_peer.py --no-install --reps 5 \
-    --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$n.json" \
-    >"$out/torch$n.log" 2>&1
-  echo "torch $n threads rc=$?"; tail -5 "$out/torch$n.log"
+  tar czf "$out/ab.tgz" /tmp/ab2/*.json "/tmp/ab$n"/*.json 2>/dev/null
 }
 
 # Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
@@ -412,7 +399,7 @@ for step in "${@:-all}"; do
   cpuab) step_cpuab ;;
   cpufloors) step_cpufloors ;;
   probeab) step_probeab ;;
-  cputall) step_cputall ;;
+  cpuone) step_cpuone ;;
   cpuphase) step_cpuphase ;;
   python) step_python ;;
   opencl)

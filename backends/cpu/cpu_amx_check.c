@@ -177,8 +177,6 @@ static void model_request(const char *p, long *lines, long *outside) {
 #define AMX_PREFETCH_L2(p) model_request((const char *)(p), &stream_lines, &stream_outside)
 /* The accumulator requests address the caller's C tile, next to what the
  * kernel stores: counted only. */
-static long c_lines;
-#define AMX_PREFETCH_C(p) ((void)(p), __atomic_fetch_add(&c_lines, 1, __ATOMIC_RELAXED))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -202,7 +200,7 @@ static void model_config(const struct cpu_amx_config *cfg) {
 static void model_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                        const cpu_weight_prefetch *prefetch) {
-  if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
+  if (rows < 1 || rows > CPU_TILE_ROWS_MAX) model_fault("rows out of range", rows);
   cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate,
                     prefetch);
 }
@@ -211,7 +209,7 @@ static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint3
                                int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                float *c, int64_t ldc, int accumulate,
                                const cpu_weight_prefetch *prefetch) {
-  if (rows < 1 || rows > CPU_AMX_TILE_ROWS) model_fault("rows out of range", rows);
+  if (rows < 1 || rows > CPU_TILE_ROWS_MAX) model_fault("rows out of range", rows);
   cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                     prefetch);
 }
@@ -222,6 +220,7 @@ static const cpu_kernel_path model_path = {
     .tile = model_tile,
     .tile_strided = model_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
+    .one_tile_rows = CPU_AMX_ONE_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };
@@ -335,7 +334,7 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
   static const int64_t k_list[] = {1, 2, 30, 31, 32, 33, 63, 64, 65, 97, 511, 512};
   int all_same = 1;
   for (size_t i = 0; i < sizeof rows_list / sizeof *rows_list; ++i) {
-    if (rows_list[i] > CPU_AMX_TILE_ROWS) continue; /* 33-64: -DCPU_AMX_TILE_ROWS=64 builds */
+    if (rows_list[i] > CPU_TILE_ROWS_MAX) continue; /* 33-64: the 4 x 1 kernel, when built */
     for (size_t j = 0; j < sizeof panels_list / sizeof *panels_list; ++j)
       for (size_t k = 0; k < sizeof k_list / sizeof *k_list; ++k)
         for (int acc = 0; acc < 2 && k_list[k] <= 2 * CPU_KC_PAIRS; ++acc) {
@@ -413,7 +412,7 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
     weights_lo = (const char *)packed;
     weights_hi = (const char *)(packed + RUNS * expert_stride);
   }
-  stream_lines = stream_outside = near_lines = near_outside = c_lines = 0;
+  stream_lines = stream_outside = near_lines = near_outside = 0;
   const cpu_gemm_problem pb = {
       .path = path,
       .a = in_place ? a_sorted : x,
@@ -479,8 +478,8 @@ static void check_driver(const cpu_kernel_path *path, int threads, int exact, in
          (long long)slots, (long long)N, (long long)K, bad ? "FAILED" : "ok");
   if (path == &model_path && in_place)
     printf("    next-K-block stream: %ld lines requested, steps ahead (with the follow-on into "
-           "the next block) %ld, all inside the packed weights; accumulator lines %ld\n",
-           stream_lines, near_lines, c_lines);
+           "the next block) %ld, all inside the packed weights\n",
+           stream_lines, near_lines);
   free(x), free(w), free(a_sorted), free(out), free(order), free(scratch), free(packed);
 }
 

@@ -38,10 +38,5 @@
 #endif
 #define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
 #define AMX_PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
-#if defined(CPU_AMX_C_PREFETCH) && CPU_AMX_C_PREFETCH == 2
-#define AMX_PREFETCH_C(p) __asm__ volatile("prefetchw %0" : : "m"(*(const char *)(p)))
-#else
-#define AMX_PREFETCH_C(p) _mm_prefetch((const char *)(p), _MM_HINT_T0)
-#endif
 
 #endif /* MOE_CPU_AMX_INTRINSICS_H */

@@ -10,8 +10,6 @@
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
  *   AMX_PREFETCH_L2(p)     the same hint, into L2 only
- *   AMX_PREFETCH_C(p)      a hint for a line of fp32 accumulators that the
- *                          kernel loads and stores next
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -31,7 +29,7 @@
  * Tiles (the 2 x 2 kernel, rows <= 32): C(i, j) = tmm(2i + j) for row
  * block i (rows 16i..16i+15) and column half j of the panel; A(i) =
  * tmm(4 + i); B(j) = tmm(6 + j). Four accumulators stay live over the
- * panel's whole K range. Tiles of 33-64 rows (-DCPU_AMX_TILE_ROWS=64) run
+ * panel's whole K range. Tiles of 33-64 rows (items of that many rows, CPU_AMX_ONE_TILE_ROWS) run
  * the 4 x 1 kernel at the end of this file instead.
  *
  * K: full steps of 16 k-pairs under one configuration, then the remaining
@@ -71,15 +69,6 @@
 #endif
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
-#endif
-/* Request the next panel's fp32 accumulators during a panel's steps (1:
- * into L1; 2: into L1 for writing, prefetchw), for A/B builds. Where an
- * item has many row tiles, each panel's accumulators come from L2 at the
- * start of each K block and go back at its end: 4 tile loads and 4 tile
- * stores per 32 TDPBF16PS at K blocks of 128, with nothing requesting them
- * early (bench/amx_stream_probe's diag:no-c drops that round trip). */
-#ifndef CPU_AMX_C_PREFETCH
-#define CPU_AMX_C_PREFETCH 0
 #endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
@@ -136,17 +125,6 @@ static inline void cpu_amx_stream_step(const char **next, int64_t *credit, int p
     AMX_PREFETCH_L2(*next + 64);
     *next += CPU_PANEL_PAIR * sizeof(uint16_t);
   }
-}
-
-/* Requests step `step` of `steps`'s share of the accumulator lines at c
- * (NULL: none): `rows` rows, each `lines` lines of 16 floats (2: a whole
- * panel, 1: one column half). */
-static inline void cpu_amx_prefetch_c(const float *c, int64_t ldc, int rows, int lines,
-                                      int64_t step, int64_t steps) {
-  if (!c) return;
-  for (int64_t r = step * rows / steps; r < (step + 1) * rows / steps; ++r)
-    for (int line = 0; line < lines; ++line)
-      AMX_PREFETCH_C(c + r * ldc + 16 * line);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -243,10 +221,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
-      const float *c_next = CPU_AMX_C_PREFETCH && p + 1 < panels ? c0 + CPU_PANEL_COLS : NULL;
-      const int64_t steps = (kp_end - kp_begin) / pairs;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
-        cpu_amx_prefetch_c(c_next, ldc, rows, 2, (kp - kp_begin) / pairs, steps);
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead =
             CPU_AMX_PREFETCH_STEPS > 0
@@ -350,7 +325,6 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
     cpu_amx_make_tall_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
-    const int64_t steps = (kp_end - kp_begin) / pairs;
     for (int p = 0; p < panels; ++p) {
       const uint16_t *panel = b + p * panel_stride;
       /* As in the 2 x 2 kernel (stream and follow-on in the full steps). */
@@ -361,9 +335,6 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
         cpu_amx_tall_c_open(ch, ldc, four, load_c);
-        /* The accumulators opened next: this panel's second half, then the
-         * next panel's first. */
-        const float *c_next = CPU_AMX_C_PREFETCH && (half == 0 || p + 1 < panels) ? ch + 16 : NULL;
         for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
           const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
           /* A step's request covers both halves' lines: the first half's
@@ -377,7 +348,6 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
                                             CPU_AMX_PREFETCH_STEPS, follow_pairs)
                   : NULL;
           const int parts = four ? 4 : 3;
-          cpu_amx_prefetch_c(c_next, ldc, rows, 1, (kp - kp_begin) / pairs, steps);
           cpu_amx_prefetch_part(ahead, pairs, 0, parts);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);
@@ -406,14 +376,14 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
   AMX_RELEASE();
 }
 
-/* The tile kernel of cpu_kernels.h for rows <= CPU_AMX_TILE_ROWS. The
+/* The tile kernel of cpu_kernels.h for rows <= CPU_TILE_ROWS_MAX. The
  * bits do not depend on which kernel runs: each accumulator element sees
  * the same tdpbf16ps steps in the same order. */
 static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
                                      int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
                                      float *c, int64_t ldc, int accumulate,
                                      const cpu_weight_prefetch *stream) {
-  if (CPU_AMX_TILE_ROWS > 32 && rows > 32)
+  if (CPU_TILE_ROWS_MAX > 32 && rows > 32)
     cpu_amx_tall_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                       stream);
   else

@@ -64,14 +64,6 @@
 #define CPU_KC_PAIRS_FEW_THREADS 128
 #endif
 #define CPU_FEW_THREADS 2
-/* K blocks of an item whose tiles exceed 32 rows (the AMX path's 4 x 1
- * kernel, -DCPU_AMX_TILE_ROWS=64): at most this many k-pairs, so that its
- * 64-row A slice stays in L1 (32 KiB at 128); 0: the GEMM's K blocks. An
- * A/B definition: the bits do not depend on the K blocks. */
-#ifndef CPU_KC_PAIRS_TALL
-#define CPU_KC_PAIRS_TALL 0
-#endif
-_Static_assert(CPU_KC_PAIRS_TALL % 16 == 0, "K blocks of whole AMX tile steps");
 _Static_assert(CPU_KC_PAIRS_FEW_THREADS % 16 == 0 && CPU_KC_PAIRS_FEW_THREADS <= CPU_KC_PAIRS,
                "K blocks of whole AMX tile steps, within the scratch's A tile");
 /* Fewest work items per thread before items get fewer panels
@@ -280,11 +272,13 @@ static int64_t chunk_row(int64_t rows, int item_rows, int64_t chunks, int64_t ch
   return chunk * rows / chunks;
 }
 
-/* Rows per tile call for a chunk of `rows` rows: the fewest tiles, balanced
- * in whole row blocks of the path. Vector paths (blocks of 1 row): 13 rows
- * run as 7 + 6, not 12 + 1. AMX (16): 40 rows run as 32 + 8, three 16-row
- * blocks of tdpbf16ps, not 20 + 20, four. */
+/* Rows per tile call for a chunk of `rows` rows: one tile up to the path's
+ * one_tile_rows, else the fewest tiles, balanced in whole row blocks of
+ * the path. Vector paths (blocks of 1 row): 13 rows run as 7 + 6, not
+ * 12 + 1. AMX (16): 40 rows run as one tile of the 4 x 1 kernel; 80 as
+ * 32 + 32 + 16, five 16-row blocks of tdpbf16ps, not 27 + 27 + 26, six. */
 static int tile_rows_for(const cpu_kernel_path *path, int rows) {
+  if (rows <= path->one_tile_rows) return (int)(div_up(rows, path->row_block) * path->row_block);
   const int64_t tiles = div_up(rows, path->tile_rows);
   const int64_t block = path->row_block;
   return (int)min64(path->tile_rows, div_up(div_up(rows, tiles), block) * block);
@@ -308,7 +302,6 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
   const int panels = (int)min64(group_panels, panels_total - panel0);
   const int64_t kpairs_total = div_up(pb->b_source.k, 2);
   const int tile_rows = tile_rows_for(pb->path, rows);
-  if (CPU_KC_PAIRS_TALL > 0 && tile_rows > 32) block_pairs = min64(block_pairs, CPU_KC_PAIRS_TALL);
 
   for (int64_t kp0 = 0; kp0 < kpairs_total; kp0 += block_pairs) {
     const int64_t kpairs = min64(block_pairs, kpairs_total - kp0);

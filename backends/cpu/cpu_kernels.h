@@ -84,7 +84,19 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #ifndef CPU_AMX_TILE_ROWS
 #define CPU_AMX_TILE_ROWS 32
 #endif
-_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= 64,
+/* An item of 33 to this many rows runs as one tile call of the 4 x 1
+ * kernel (cpu_amx_tile.h) instead of 32-row tiles plus a short tail tile
+ * that reads the weights again: at Mixtral 128 tokens (32 rows per expert
+ * on average, some experts 40) that took 0.93x the time on 2 and on 16
+ * cores of a 16-core AMX host. Items of more rows keep tiles of
+ * CPU_AMX_TILE_ROWS: cutting them into 64-row tiles of the 4 x 1 kernel
+ * took 1.09-1.15x the time at 128-256 rows per item (bench/results.md,
+ * "CPU: the 4 x 1 AMX kernel for items of 33-64 rows"). 32: off. */
+#ifndef CPU_AMX_ONE_TILE_ROWS
+#define CPU_AMX_ONE_TILE_ROWS 64
+#endif
+_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_ONE_TILE_ROWS % 16 == 0 &&
+                   CPU_AMX_TILE_ROWS <= CPU_AMX_ONE_TILE_ROWS && CPU_AMX_ONE_TILE_ROWS <= 64,
                "AMX tiles of whole 16-row blocks, at most the 4 x 1 kernel's four");
 /* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
  * vector paths do, for A/B builds: that took 1.06-1.07x the time at Qwen3
@@ -107,7 +119,7 @@ _Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= 64,
 #define CPU_AMX_MIN_ROWS 4
 /* The largest tile_rows / item_rows of any path (scratch sizing; a chunk
  * may hold up to 1.5 item_rows). */
-#define CPU_TILE_ROWS_MAX CPU_AMX_TILE_ROWS
+#define CPU_TILE_ROWS_MAX CPU_AMX_ONE_TILE_ROWS
 #define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
 
 typedef enum cpu_a_format {
@@ -158,7 +170,10 @@ typedef struct cpu_kernel_path {
   /* NULL, or the in-place entry (the AMX path: tileloadd takes any stride,
    * while the vector kernels address A with constant displacements). */
   cpu_tile_strided_fn tile_strided;
-  int tile_rows; /* most rows per tile call (<= CPU_TILE_ROWS_MAX) */
+  int tile_rows; /* most rows per tile call of an item cut into several */
+  /* An item of up to this many rows runs as one tile call (0: tile_rows;
+   * <= CPU_TILE_ROWS_MAX). */
+  int one_tile_rows;
   /* Rows the kernel computes as one block, at one block's cost however few
    * of them are real (AMX: 16-row A tiles): the driver cuts tiles in whole
    * blocks (cpu_gemm.c's tile_rows_for). 1: rows cost what they are. */

@@ -169,6 +169,7 @@ const cpu_kernel_path cpu_path_amx = {
     .tile = amx_tile,
     .tile_strided = amx_tile_strided,
     .tile_rows = CPU_AMX_TILE_ROWS,
+    .one_tile_rows = CPU_AMX_ONE_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
 };

@@ -334,7 +334,7 @@ static int tile_grid(cpu_tile_fn tile, const char *what, int exact, int *cases) 
   static const int64_t k_list[] = {1, 2, 30, 31, 32, 33, 63, 64, 65, 97, 511, 512};
   int all_same = 1;
   for (size_t i = 0; i < sizeof rows_list / sizeof *rows_list; ++i) {
-    if (rows_list[i] > CPU_TILE_ROWS_MAX) continue; /* 33-64: the 4 x 1 kernel, when built */
+    if (rows_list[i] > CPU_TILE_ROWS_MAX) continue; /* up to CPU_AMX_ONE_TILE_ROWS */
     for (size_t j = 0; j < sizeof panels_list / sizeof *panels_list; ++j)
       for (size_t k = 0; k < sizeof k_list / sizeof *k_list; ++k)
         for (int acc = 0; acc < 2 && k_list[k] <= 2 * CPU_KC_PAIRS; ++acc) {

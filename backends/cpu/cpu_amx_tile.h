@@ -29,7 +29,8 @@
  * Tiles (the 2 x 2 kernel, rows <= 32): C(i, j) = tmm(2i + j) for row
  * block i (rows 16i..16i+15) and column half j of the panel; A(i) =
  * tmm(4 + i); B(j) = tmm(6 + j). Four accumulators stay live over the
- * panel's whole K range. Tiles of 33-64 rows (items of that many rows, CPU_AMX_ONE_TILE_ROWS) run
+ * panel's whole K range. Tiles of 33-64 rows (an item of up to
+ * CPU_AMX_ONE_TILE_ROWS rows, cpu_kernels.h) run
  * the 4 x 1 kernel at the end of this file instead.
  *
  * K: full steps of 16 k-pairs under one configuration, then the remaining

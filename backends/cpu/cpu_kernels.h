@@ -85,15 +85,18 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #define CPU_AMX_TILE_ROWS 32
 #endif
 /* An item of 33 to this many rows runs as one tile call of the 4 x 1
- * kernel (cpu_amx_tile.h) instead of 32-row tiles plus a short tail tile
- * that reads the weights again: at Mixtral 128 tokens (32 rows per expert
- * on average, some experts 40) that took 0.93x the time on 2 and on 16
- * cores of a 16-core AMX host. Items of more rows keep tiles of
- * CPU_AMX_TILE_ROWS: cutting them into 64-row tiles of the 4 x 1 kernel
+ * kernel (cpu_amx_tile.h) instead of a 32-row tile plus a tail tile of
+ * one 16-row block that reads the weights again from L2: at Mixtral 128
+ * tokens (32 rows per expert on average, some experts 33-48) that took
+ * 0.93x the time on 2 and on 16 cores of a 16-core AMX host. 48, not 64:
+ * those wins came from items of 33-48 rows; an item of 49-64 rows already
+ * runs as two whole 2 x 2 tiles (32 + 17-32), untimed against one 64-row
+ * tile, and cutting larger items into 64-row tiles of the 4 x 1 kernel
  * took 1.09-1.15x the time at 128-256 rows per item (bench/results.md,
- * "CPU: the 4 x 1 AMX kernel for items of 33-64 rows"). 32: off. */
+ * "CPU: the 4 x 1 AMX kernel for items of 33-64 rows"). Items of more rows
+ * keep tiles of CPU_AMX_TILE_ROWS. 32: off; 64: up to four blocks. */
 #ifndef CPU_AMX_ONE_TILE_ROWS
-#define CPU_AMX_ONE_TILE_ROWS 64
+#define CPU_AMX_ONE_TILE_ROWS 48
 #endif
 _Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_ONE_TILE_ROWS % 16 == 0 &&
                    CPU_AMX_TILE_ROWS <= CPU_AMX_ONE_TILE_ROWS && CPU_AMX_ONE_TILE_ROWS <= 64,

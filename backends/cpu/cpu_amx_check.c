@@ -175,8 +175,6 @@ static void model_request(const char *p, long *lines, long *outside) {
 }
 #define AMX_PREFETCH(p) model_request((const char *)(p), &near_lines, &near_outside)
 #define AMX_PREFETCH_L2(p) model_request((const char *)(p), &stream_lines, &stream_outside)
-/* The accumulator requests address the caller's C tile, next to what the
- * kernel stores: counted only. */
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 

@@ -323,14 +323,10 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
      * first request shares of it in proportion to their rows: the first
      * tile of an item streams its own weights from memory, and a short
      * tail tile cannot hide a whole block (one 8-row tile streaming it
-     * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores).
-     * Tiles over 32 rows (the AMX 4 x 1 kernel) stream from two tiles on,
-     * where the later one has over 32 rows: as much work as a 32-row path's
-     * three tiles give. */
+     * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int tiles = (int)div_up(rows, tile_rows);
     const int first_rows = rows < tile_rows ? rows : tile_rows;
-    const int enough_after_first = tiles >= 3 || rows - first_rows > 32;
-    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && enough_after_first
+    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
                                    ? min64(block_pairs, kpairs_total - kp0 - kpairs)
                                    : 0;
     /* The block's last row tile is followed by the next K block's first:

@@ -98,9 +98,11 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #ifndef CPU_AMX_ONE_TILE_ROWS
 #define CPU_AMX_ONE_TILE_ROWS 48
 #endif
-_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_ONE_TILE_ROWS % 16 == 0 &&
-                   CPU_AMX_TILE_ROWS <= CPU_AMX_ONE_TILE_ROWS && CPU_AMX_ONE_TILE_ROWS <= 64,
-               "AMX tiles of whole 16-row blocks, at most the 4 x 1 kernel's four");
+_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= 32,
+               "an item cut into several AMX tiles: 2 x 2 kernel tiles of whole 16-row blocks");
+_Static_assert(CPU_AMX_ONE_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= CPU_AMX_ONE_TILE_ROWS &&
+                   CPU_AMX_ONE_TILE_ROWS <= 64,
+               "one AMX tile of whole 16-row blocks, at most the 4 x 1 kernel's four");
 /* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
  * vector paths do, for A/B builds: that took 1.06-1.07x the time at Qwen3
  * 512 tokens on 2 threads of a 16-core AMX host and made no difference on

@@ -329,12 +329,12 @@ step_probeab() {
 
 # The AMX path on the host, most important first: the AMX check and the
 # AMX suite entry (real tiles against the scalar model), then A/Bs with
-# rounds interleaved of items of 33-64 rows as one 4 x 1 tile (shipped)
+# rounds interleaved of items of 33-48 rows as one 4 x 1 tile (shipped)
 # against 32-row tiles plus a tail (-DCPU_AMX_ONE_TILE_ROWS=32), on 2
 # pinned cores and on all cores, each followed by the PyTorch CPU peer at
 # those threads. The A/B JSON goes to /tmp and back as one archive.
 step_cpuone() {
-  local n t tokens
+  local n t tokens pin
   n=$(nproc)
   { cmake -S . -B build-cpu-one -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
       cmake --build build-cpu-one; } >"$out/build-cpu-one.log" 2>&1
@@ -346,12 +346,12 @@ step_cpuone() {
   for t in 2 "$n"; do
     tokens=128,512 # and 4096 (compute-bound) on all cores
     [ "$t" = 2 ] || tokens+=,4096
-    env OMP_NUM_THREADS=$t $([ "$t" = 2 ] && echo OMP_PLACES=cores OMP_PROC_BIND=close) \
-      timeout 200 bench/cpu_ab.sh "/tmp/ab$t" mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 \
-      tiles32=-DCPU_AMX_ONE_TILE_ROWS=32 one= | grep -v '^round\|^build'
-    env OMP_NUM_THREADS=$t $([ "$t" = 2 ] && echo OMP_PLACES=cores OMP_PROC_BIND=close) \
-      timeout 90 python3 bench/torch_cpu_peer.py --no-install --reps 3 \
-      --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$t.json" \
+    pin=() # 2 threads pinned to 2 cores
+    [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
+    env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 200 bench/cpu_ab.sh "/tmp/ab$t" \
+      mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 tiles32=-DCPU_AMX_ONE_TILE_ROWS=32 one= | grep -v '^round\|^build'
+    env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 90 python3 bench/torch_cpu_peer.py \
+      --no-install --reps 3 --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$t.json" \
       >"$out/torch$t.log" 2>&1
     echo "torch $t threads rc=$?"; tail -5 "$out/torch$t.log"
   done

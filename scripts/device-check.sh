@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpuone|cpuphase|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpupf|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -329,33 +329,37 @@ step_probeab() {
 
 # The AMX path on the host, most important first: the AMX check and the
 # AMX suite entry (real tiles against the scalar model), then A/Bs with
-# rounds interleaved of items of 33-48 rows as one 4 x 1 tile (shipped)
-# against 32-row tiles plus a tail (-DCPU_AMX_ONE_TILE_ROWS=32), on 2
-# pinned cores and on all cores, each followed by the PyTorch CPU peer at
-# those threads. The A/B JSON goes to /tmp and back as one archive.
-step_cpuone() {
-  local n t tokens pin
+# rounds interleaved of the kernel's near weight requests, which until
+# 2026-12-07 the compiler deleted (cpu_amx_intrinsics.h): none
+# (-DCPU_AMX_PREFETCH_STEPS=0, the code every earlier AMX figure measured),
+# 4 steps ahead (the default) and 8, on 2 pinned cores and on all cores
+# (CPU_PF_THREADS), each followed by the PyTorch CPU peer at those
+# threads; then (unless CPU_PF_PROBE is empty) the same three in the kernel
+# probe at 2 threads. The A/B JSON goes to /tmp and back as one archive.
+step_cpupf() {
+  local n t tokens pin variants=(nopf=-DCPU_AMX_PREFETCH_STEPS=0 pf4= pf8=-DCPU_AMX_PREFETCH_STEPS=8)
   n=$(nproc)
-  { cmake -S . -B build-cpu-one -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
-      cmake --build build-cpu-one; } >"$out/build-cpu-one.log" 2>&1
+  { cmake -S . -B build-cpu-pf -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
+      cmake --build build-cpu-pf; } >"$out/build-cpu-pf.log" 2>&1
   echo "build rc=$?"
-  timeout 60 ./build-cpu-one/backends/cpu/moe_cpu_amx_check >"$out/amx-check.log" 2>&1
+  timeout 60 ./build-cpu-pf/backends/cpu/moe_cpu_amx_check >"$out/amx-check.log" 2>&1
   echo "amx check rc=$?"; grep -E 'hardware|passed' "$out/amx-check.log" | head -3
-  timeout 120 ctest --test-dir build-cpu-one -R 'cpu-amx' -j4 >"$out/ctest-amx.log" 2>&1
+  timeout 120 ctest --test-dir build-cpu-pf -R 'cpu-amx' -j4 >"$out/ctest-amx.log" 2>&1
   echo "ctest cpu-amx rc=$?"; tail -2 "$out/ctest-amx.log"
-  for t in 2 "$n"; do
-    tokens=128,512 # and 4096 (compute-bound) on all cores
-    [ "$t" = 2 ] || tokens+=,4096
+  for t in ${CPU_PF_THREADS:-2 $n}; do
+    tokens=128,512
     pin=() # 2 threads pinned to 2 cores
     [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
-    env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 200 bench/cpu_ab.sh "/tmp/ab$t" \
-      mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 tiles32=-DCPU_AMX_ONE_TILE_ROWS=32 one= | grep -v '^round\|^build'
+    env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 260 bench/cpu_ab.sh "/tmp/ab$t" \
+      mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 "${variants[@]}" | grep -v '^round\|^build'
     env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 90 python3 bench/torch_cpu_peer.py \
       --no-install --reps 3 --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$t.json" \
       >"$out/torch$t.log" 2>&1
     echo "torch $t threads rc=$?"; tail -5 "$out/torch$t.log"
   done
-  tar czf "$out/ab.tgz" /tmp/ab2/*.json "/tmp/ab$n"/*.json 2>/dev/null
+  tar czf "$out/ab.tgz" /tmp/ab*/*.json 2>/dev/null
+  [ -n "${CPU_PF_PROBE-1}" ] || return 0
+  PROBE_AB_VARIANTS="${variants[*]}" PROBE_AB_THREADS=2 PROBE_AB_ROUNDS=2 step_probeab
 }
 
 # Compile-time A/B of the CPU blocking on the host (bench/cpu_ab.sh):
@@ -399,7 +403,7 @@ for step in "${@:-all}"; do
   cpuab) step_cpuab ;;
   cpufloors) step_cpufloors ;;
   probeab) step_probeab ;;
-  cpuone) step_cpuone ;;
+  cpupf) step_cpupf ;;
   cpuphase) step_cpuphase ;;
   python) step_python ;;
   opencl)

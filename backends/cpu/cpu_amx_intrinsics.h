@@ -36,7 +36,22 @@
 #ifndef CPU_AMX_PREFETCH_HINT
 #define CPU_AMX_PREFETCH_HINT _MM_HINT_T0
 #endif
-#define AMX_PREFETCH(p) _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT)
-#define AMX_PREFETCH_L2(p) _mm_prefetch((const char *)(p), _MM_HINT_T1)
+/* Each request is followed by an empty volatile asm that takes its address:
+ * GCC 12 counts a prefetch as no side effect, so a loop of nothing but
+ * prefetches (cpu_amx_prefetch_part's) is dead code to it and was deleted
+ * at -O1 and above: until 2026-12-07 the library's AMX kernel issued none
+ * of its near weight requests, only the next-K-block stream, whose loop
+ * also advances a pointer. The asm keeps every request. */
+#define AMX_KEEP(p) __asm__ volatile("" : : "r"(p))
+#define AMX_PREFETCH(p)                                                                            \
+  do {                                                                                             \
+    _mm_prefetch((const char *)(p), CPU_AMX_PREFETCH_HINT);                                        \
+    AMX_KEEP(p);                                                                                   \
+  } while (0)
+#define AMX_PREFETCH_L2(p)                                                                         \
+  do {                                                                                             \
+    _mm_prefetch((const char *)(p), _MM_HINT_T1);                                                  \
+    AMX_KEEP(p);                                                                                   \
+  } while (0)
 
 #endif /* MOE_CPU_AMX_INTRINSICS_H */

@@ -89,15 +89,27 @@ static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t pan
   return NULL;
 }
 
-/* Requests part `part` of `parts` of the 2 * pairs lines at rows (NULL:
- * nothing). A step's requests go out in parts between its tile
+/* Requests part `part` of the step's lines at rows (NULL: nothing). A
+ * step's requests go out in parts between its tile
  * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
  * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
  * "CPU AMX path: the weight stream per core"). */
-static inline void cpu_amx_prefetch_part(const char *rows, int pairs, int part, int parts) {
-  if (!rows || part >= parts) return;
-  const int lines = 2 * pairs; /* a k-pair of a panel is 128 bytes */
-  for (int line = lines * part / parts; line < lines * (part + 1) / parts; ++line)
+typedef struct cpu_amx_parts {
+  int first_line[5]; /* part i: lines [first_line[i], first_line[i + 1]) */
+} cpu_amx_parts;
+
+/* Cuts a step's 2 * pairs lines (a k-pair of a panel is 128 bytes) into
+ * `parts` (<= 4) parts, once per pass: no division in the steps. */
+static inline cpu_amx_parts cpu_amx_make_parts(int pairs, int parts) {
+  cpu_amx_parts r = {{0}};
+  for (int i = 0; i <= parts; ++i)
+    r.first_line[i] = 2 * pairs * i / parts;
+  return r;
+}
+
+static inline void cpu_amx_prefetch_part(const char *rows, const cpu_amx_parts *parts, int part) {
+  if (!rows) return;
+  for (int line = parts->first_line[part]; line < parts->first_line[part + 1]; ++line)
     AMX_PREFETCH(rows + 64 * line);
 }
 
@@ -209,6 +221,10 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
     cpu_amx_make_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
+    /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all at
+     * the step's start, for A/B builds). */
+    const int spread = CPU_AMX_PREFETCH_SPREAD;
+    const cpu_amx_parts parts = cpu_amx_make_parts(pairs, spread ? (two ? 4 : 2) : 1);
     for (int p = 0; p < panels; ++p) {
       float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
       const uint16_t *panel = b + p * panel_stride;
@@ -229,21 +245,18 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                           CPU_AMX_PREFETCH_STEPS, follow_pairs)
                 : NULL;
-        /* One part before each TDPBF16PS (-DCPU_AMX_PREFETCH_SPREAD=0: all
-         * at the step's start, for A/B builds). */
-        const int parts = CPU_AMX_PREFETCH_SPREAD ? (two ? 4 : 2) : 1;
-        cpu_amx_prefetch_part(ahead, pairs, 0, parts);
+        cpu_amx_prefetch_part(ahead, &parts, 0);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        cpu_amx_prefetch_part(ahead, pairs, 1, parts);
+        if (spread) cpu_amx_prefetch_part(ahead, &parts, 1);
         AMX_DP(1, 4, 7);
         if (two) {
-          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
+          if (spread) cpu_amx_prefetch_part(ahead, &parts, 2);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          cpu_amx_prefetch_part(ahead, pairs, 3, parts);
+          if (spread) cpu_amx_prefetch_part(ahead, &parts, 3);
           AMX_DP(3, 5, 7);
         }
         cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
@@ -326,6 +339,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
     cpu_amx_make_tall_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
+    const cpu_amx_parts parts = cpu_amx_make_parts(pairs, four ? 4 : 3);
     for (int p = 0; p < panels; ++p) {
       const uint16_t *panel = b + p * panel_stride;
       /* As in the 2 x 2 kernel (stream and follow-on in the full steps). */
@@ -348,19 +362,18 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
                   ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                             CPU_AMX_PREFETCH_STEPS, follow_pairs)
                   : NULL;
-          const int parts = four ? 4 : 3;
-          cpu_amx_prefetch_part(ahead, pairs, 0, parts);
+          cpu_amx_prefetch_part(ahead, &parts, 0);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);
           AMX_DP(0, 4, 6);
-          cpu_amx_prefetch_part(ahead, pairs, 1, parts);
+          cpu_amx_prefetch_part(ahead, &parts, 1);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(1, 5, 6);
-          cpu_amx_prefetch_part(ahead, pairs, 2, parts);
+          cpu_amx_prefetch_part(ahead, &parts, 2);
           if (four) {
             AMX_LOAD(4, a2 + kp, a_stride);
             AMX_DP(2, 4, 6);
-            cpu_amx_prefetch_part(ahead, pairs, 3, parts);
+            cpu_amx_prefetch_part(ahead, &parts, 3);
             AMX_LOAD(7, a3 + kp, a_stride);
             AMX_DP(3, 7, 6);
           } else {

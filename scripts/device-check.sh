@@ -333,11 +333,13 @@ step_probeab() {
 # 2026-12-07 the compiler deleted (cpu_amx_intrinsics.h): none
 # (-DCPU_AMX_PREFETCH_STEPS=0, the code every earlier AMX figure measured),
 # 4 steps ahead (the default) and 8, on 2 pinned cores and on all cores
-# (CPU_PF_THREADS), each followed by the PyTorch CPU peer at those
-# threads; then (unless CPU_PF_PROBE is empty) the same three in the kernel
+# (CPU_PF_THREADS; CPU_PF_VARIANTS and CPU_PF_TOKENS replace the A/B's
+# variants and tokens), each followed (unless CPU_PF_TORCH is empty) by the
+# PyTorch CPU peer at those threads; then (unless CPU_PF_PROBE is empty) the same three in the kernel
 # probe at 2 threads. The A/B JSON goes to /tmp and back as one archive.
 step_cpupf() {
-  local n t tokens pin variants=(nopf=-DCPU_AMX_PREFETCH_STEPS=0 pf4= pf8=-DCPU_AMX_PREFETCH_STEPS=8)
+  local n t tokens pin
+  local variants=(${CPU_PF_VARIANTS:-nopf=-DCPU_AMX_PREFETCH_STEPS=0 pf4= pf8=-DCPU_AMX_PREFETCH_STEPS=8})
   n=$(nproc)
   { cmake -S . -B build-cpu-pf -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
       cmake --build build-cpu-pf; } >"$out/build-cpu-pf.log" 2>&1
@@ -347,11 +349,12 @@ step_cpupf() {
   timeout 120 ctest --test-dir build-cpu-pf -R 'cpu-amx' -j4 >"$out/ctest-amx.log" 2>&1
   echo "ctest cpu-amx rc=$?"; tail -2 "$out/ctest-amx.log"
   for t in ${CPU_PF_THREADS:-2 $n}; do
-    tokens=128,512
+    tokens=${CPU_PF_TOKENS:-128,512}
     pin=() # 2 threads pinned to 2 cores
     [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
     env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 260 bench/cpu_ab.sh "/tmp/ab$t" \
       mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 "${variants[@]}" | grep -v '^round\|^build'
+    [ -n "${CPU_PF_TORCH-1}" ] || continue
     env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 90 python3 bench/torch_cpu_peer.py \
       --no-install --reps 3 --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$t.json" \
       >"$out/torch$t.log" 2>&1

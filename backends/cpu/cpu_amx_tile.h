@@ -76,15 +76,16 @@
  * of `pairs` k-pairs over [kp_begin, kp_end) in every panel). Past the last
  * panel: the first panel's steps of the K block that follows (its first
  * follow_pairs k-pairs, right after kp_end in the packed panel; see
- * cpu_weight_prefetch), else NULL. */
+ * cpu_weight_prefetch), else NULL. near_done: none within the block. */
 static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t panel_stride,
                                                   int panels, int p, int64_t kp, int64_t kp_begin,
                                                   int64_t kp_end, int pairs, int ahead,
-                                                  int64_t follow_pairs) {
+                                                  int64_t follow_pairs, int near_done) {
   int64_t next = kp + (int64_t)ahead * pairs;
   while (next >= kp_end && ++p < panels)
     next = kp_begin + (next - kp_end);
-  if (p < panels) return (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  if (p < panels)
+    return near_done ? NULL : (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
   if (next - kp_end + pairs <= follow_pairs) return (const char *)(b + next * CPU_PANEL_PAIR);
   return NULL;
 }
@@ -236,6 +237,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       /* The next K block starts right after this one only where this pass
        * ends the block (a block that has a next one is whole steps). */
       const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
+      const int near_done = stream && stream->near_done;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
@@ -243,7 +245,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
         const char *ahead =
             CPU_AMX_PREFETCH_STEPS > 0
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                          CPU_AMX_PREFETCH_STEPS, follow_pairs)
+                                          CPU_AMX_PREFETCH_STEPS, follow_pairs, near_done)
                 : NULL;
         cpu_amx_prefetch_part(ahead, &parts, 0);
         AMX_LOAD(6, w, b_stride);
@@ -345,6 +347,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
       /* As in the 2 x 2 kernel (stream and follow-on in the full steps). */
       const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
       const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
+      const int near_done = stream && stream->near_done;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
       for (int half = 0; half < 2; ++half) {
@@ -360,7 +363,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
           const char *ahead =
               CPU_AMX_PREFETCH_STEPS > 0 && crosses == half
                   ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                            CPU_AMX_PREFETCH_STEPS, follow_pairs)
+                                            CPU_AMX_PREFETCH_STEPS, follow_pairs, near_done)
                   : NULL;
           cpu_amx_prefetch_part(ahead, &parts, 0);
           AMX_LOAD(6, w, b_stride);

@@ -49,6 +49,12 @@
 #ifndef CPU_FOLLOW_NEXT_BLOCK
 #define CPU_FOLLOW_NEXT_BLOCK 1
 #endif
+/* -DCPU_NEAR_FIRST_TILE=1: the row tiles after a K block's first skip
+ * their near weight requests (cpu_weight_prefetch.near_done), for A/B
+ * builds. */
+#ifndef CPU_NEAR_FIRST_TILE
+#define CPU_NEAR_FIRST_TILE 0
+#endif
 /* K blocks on few threads: a GEMM run by at most CPU_FEW_THREADS threads
  * sweeps K blocks of CPU_KC_PAIRS_FEW_THREADS k-pairs instead of
  * CPU_KC_PAIRS. Then a 32-row AMX tile's A slice (16 KiB) and a panel's
@@ -338,9 +344,10 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
       const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
       const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
-                                        r0 + tr == rows ? follow_pairs : 0};
+                                        r0 + tr == rows ? follow_pairs : 0,
+                                        CPU_NEAR_FIRST_TILE && r0 > 0};
       const cpu_weight_prefetch *next_block =
-          next.pairs > 0 || next.follow_pairs > 0 ? &next : NULL;
+          next.pairs > 0 || next.follow_pairs > 0 || next.near_done ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
       if (a_in_place) {
         const uint32_t *a = (const uint32_t *)a_row(pb, run, row0 + r0) + kp0;

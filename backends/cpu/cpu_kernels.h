@@ -145,11 +145,15 @@ typedef enum cpu_a_format {
  *   own slice of each panel (call b + kpairs * CPU_PANEL_PAIR for the first
  *   panel), and a kernel whose prefetch runs ahead of its reads may carry
  *   it on into that block's first steps instead of stopping at the end of
- *   the call (0: none; only for packed weights). */
+ *   the call (0: none; only for packed weights).
+ * - near_done: an earlier row tile of the caller's K block read this
+ *   call's weights, so they wait in L2: a kernel may skip its own requests
+ *   ahead within the block (the follow-on above still runs). */
 typedef struct cpu_weight_prefetch {
   const uint16_t *b;
   int64_t pairs;
   int64_t follow_pairs;
+  int near_done;
 } cpu_weight_prefetch;
 
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,

@@ -68,6 +68,12 @@
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
 #endif
+/* -DCPU_AMX_FAR_STEPS=n (A/B builds): each step also requests into L2 the
+ * B rows n steps ahead, in the same parts, so that a core keeps more lines
+ * in flight than its L1 fill buffers hold (0: none). */
+#ifndef CPU_AMX_FAR_STEPS
+#define CPU_AMX_FAR_STEPS 0
+#endif
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
@@ -108,10 +114,14 @@ static inline cpu_amx_parts cpu_amx_make_parts(int pairs, int parts) {
   return r;
 }
 
-static inline void cpu_amx_prefetch_part(const char *rows, const cpu_amx_parts *parts, int part) {
-  if (!rows) return;
-  for (int line = parts->first_line[part]; line < parts->first_line[part + 1]; ++line)
-    AMX_PREFETCH(rows + 64 * line);
+static inline void cpu_amx_prefetch_part(const char *rows, const char *far,
+                                         const cpu_amx_parts *parts, int part) {
+  if (rows)
+    for (int line = parts->first_line[part]; line < parts->first_line[part + 1]; ++line)
+      AMX_PREFETCH(rows + 64 * line);
+  if (far)
+    for (int line = parts->first_line[part]; line < parts->first_line[part + 1]; ++line)
+      AMX_PREFETCH_L2(far + 64 * line);
 }
 
 /* The K range and step of pass 0 (the full steps of CPU_AMX_PAIRS k-pairs)
@@ -247,18 +257,23 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                           CPU_AMX_PREFETCH_STEPS, follow_pairs, near_done)
                 : NULL;
-        cpu_amx_prefetch_part(ahead, &parts, 0);
+        const char *far =
+            CPU_AMX_FAR_STEPS > 0
+                ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                                          CPU_AMX_FAR_STEPS, follow_pairs, near_done)
+                : NULL;
+        cpu_amx_prefetch_part(ahead, far, &parts, 0);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        if (spread) cpu_amx_prefetch_part(ahead, &parts, 1);
+        if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 1);
         AMX_DP(1, 4, 7);
         if (two) {
-          if (spread) cpu_amx_prefetch_part(ahead, &parts, 2);
+          if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 2);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          if (spread) cpu_amx_prefetch_part(ahead, &parts, 3);
+          if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 3);
           AMX_DP(3, 5, 7);
         }
         cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
@@ -365,18 +380,24 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
                   ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                             CPU_AMX_PREFETCH_STEPS, follow_pairs, near_done)
                   : NULL;
-          cpu_amx_prefetch_part(ahead, &parts, 0);
+          const int far_crosses = kp + (int64_t)CPU_AMX_FAR_STEPS * pairs >= kp_end;
+          const char *far =
+              CPU_AMX_FAR_STEPS > 0 && far_crosses == half
+                  ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                                            CPU_AMX_FAR_STEPS, follow_pairs, near_done)
+                  : NULL;
+          cpu_amx_prefetch_part(ahead, far, &parts, 0);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);
           AMX_DP(0, 4, 6);
-          cpu_amx_prefetch_part(ahead, &parts, 1);
+          cpu_amx_prefetch_part(ahead, far, &parts, 1);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(1, 5, 6);
-          cpu_amx_prefetch_part(ahead, &parts, 2);
+          cpu_amx_prefetch_part(ahead, far, &parts, 2);
           if (four) {
             AMX_LOAD(4, a2 + kp, a_stride);
             AMX_DP(2, 4, 6);
-            cpu_amx_prefetch_part(ahead, &parts, 3);
+            cpu_amx_prefetch_part(ahead, far, &parts, 3);
             AMX_LOAD(7, a3 + kp, a_stride);
             AMX_DP(3, 7, 6);
           } else {

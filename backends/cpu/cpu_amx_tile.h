@@ -96,11 +96,6 @@ static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t pan
   return NULL;
 }
 
-/* Requests part `part` of the step's lines at rows (NULL: nothing). A
- * step's requests go out in parts between its tile
- * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
- * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
- * "CPU AMX path: the weight stream per core"). */
 typedef struct cpu_amx_parts {
   int first_line[5]; /* part i: lines [first_line[i], first_line[i + 1]) */
 } cpu_amx_parts;
@@ -114,6 +109,11 @@ static inline cpu_amx_parts cpu_amx_make_parts(int pairs, int parts) {
   return r;
 }
 
+/* Requests part `part` of the step's lines at rows into L1 and at far into
+ * L2 (NULL: nothing). A step's requests go out in parts between its tile
+ * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
+ * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
+ * "CPU AMX path: the weight stream per core"). */
 static inline void cpu_amx_prefetch_part(const char *rows, const char *far,
                                          const cpu_amx_parts *parts, int part) {
   if (rows)

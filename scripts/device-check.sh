@@ -335,8 +335,10 @@ step_probeab() {
 # 4 steps ahead (the default) and 8, on 2 pinned cores and on all cores
 # (CPU_PF_THREADS; CPU_PF_VARIANTS and CPU_PF_TOKENS replace the A/B's
 # variants and tokens), each followed (unless CPU_PF_TORCH is empty) by the
-# PyTorch CPU peer at those threads; then (unless CPU_PF_PROBE is empty) the same three in the kernel
-# probe at 2 threads. The A/B JSON goes to /tmp and back as one archive.
+# PyTorch CPU peer at those threads; then (unless CPU_PF_PROBE is empty)
+# the same variants in the kernel probe at 2 threads (the probe runs no
+# driver, so driver-only definitions build its base kernel). The A/B JSON
+# goes to /tmp and back as one archive.
 step_cpupf() {
   local n t tokens pin
   local variants=(${CPU_PF_VARIANTS:-nopf=-DCPU_AMX_PREFETCH_STEPS=0 pf4= pf8=-DCPU_AMX_PREFETCH_STEPS=8})

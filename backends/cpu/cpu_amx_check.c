@@ -173,6 +173,9 @@ static void model_request(const char *p, long *lines, long *outside) {
   if (weights_lo && (p < weights_lo || p >= weights_hi))
     __atomic_fetch_add(outside, 1, __ATOMIC_RELAXED);
 }
+/* Requests into L2 are the next-K-block stream, plus the far requests in
+ * builds with -DCPU_AMX_FAR_STEPS (an A/B definition): both count as
+ * stream lines below, and both must fall inside the packed weights. */
 #define AMX_PREFETCH(p) model_request((const char *)(p), &near_lines, &near_outside)
 #define AMX_PREFETCH_L2(p) model_request((const char *)(p), &stream_lines, &stream_outside)
 #include "cpu_amx_tile.h"

@@ -80,6 +80,12 @@ typedef struct variant {
    * first panel's) during a panel's steps: 0 no, 1 into L1, 2 for writing
    * (prefetchw). */
   int c_ahead;
+  /* KERNEL_LIBRARY only: row tiles of this many rows for items of more
+   * than CPU_AMX_ONE_TILE_ROWS (0: CPU_AMX_TILE_ROWS; 64: the 4 x 1 kernel
+   * on 64-row tiles), and near_first: the row tiles after a K block's
+   * first get cpu_weight_prefetch.near_done (-DCPU_NEAR_FIRST_TILE=1). */
+  int library_tile_rows;
+  int near_first;
 } variant;
 
 /* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
@@ -91,6 +97,12 @@ enum { PROBE_HOT_B = 1, PROBE_NO_C = 2 };
 
 static const variant variants[] = {
     {.name = "library", .kernel = KERNEL_LIBRARY},
+    {.name = "library-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1},
+    {.name = "library-tall64", .kernel = KERNEL_LIBRARY, .library_tile_rows = 64},
+    {.name = "library-tall64-near-first",
+     .kernel = KERNEL_LIBRARY,
+     .library_tile_rows = 64,
+     .near_first = 1},
     {.name = "pf4-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 1, .parts = 8},
     {.name = "no-prefetch", .kernel = KERNEL_ONE_PANEL, .every = 1, .parts = 8},
     {.name = "pf2-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 2, .every = 1, .parts = 8},
@@ -274,18 +286,20 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
   /* The probe's own kernel takes 32 rows at most. */
+  const int library_tile_rows = v->library_tile_rows ? v->library_tile_rows : CPU_AMX_TILE_ROWS;
   const int tile_rows = v->kernel != KERNEL_LIBRARY     ? 32
                         : rows <= CPU_AMX_ONE_TILE_ROWS ? rows
-                                                        : CPU_AMX_TILE_ROWS;
+                                                        : library_tile_rows;
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
+      const cpu_weight_prefetch near_done = {.near_done = 1};
       if (v->kernel == KERNEL_LIBRARY)
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
-                          NULL);
+                          v->near_first && r0 > 0 ? &near_done : NULL);
       else
         one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc, r0 == 0);
     }

@@ -10,6 +10,7 @@
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
  *   AMX_PREFETCH_L2(p)     the same hint, into L2 only
+ *   AMX_PREFETCH_C(p)      a hint for an accumulator line (-DCPU_AMX_C_AHEAD)
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -73,6 +74,14 @@
  * in flight than its L1 fill buffers hold (0: none). */
 #ifndef CPU_AMX_FAR_STEPS
 #define CPU_AMX_FAR_STEPS 0
+#endif
+/* -DCPU_AMX_C_AHEAD=1 (T0) or 2 (prefetchw), A/B builds: during a panel's
+ * steps, the 2 x 2 kernel requests the next panel's accumulator lines,
+ * spread evenly over the steps. Where an item has several row tiles, a
+ * panel's accumulators wait in L2 between K blocks, and the panel's first
+ * tile operations wait on their loads (0: none). */
+#ifndef CPU_AMX_C_AHEAD
+#define CPU_AMX_C_AHEAD 0
 #endif
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
@@ -149,6 +158,16 @@ static inline void cpu_amx_stream_step(const char **next, int64_t *credit, int p
     AMX_PREFETCH_L2(*next + 64);
     *next += CPU_PANEL_PAIR * sizeof(uint16_t);
   }
+}
+
+/* The accumulator requests after a step (CPU_AMX_C_AHEAD): the 2 * rows
+ * lines of the next panel's C (two per row: 32 fp32 columns) at next,
+ * c_stride bytes between rows, spread evenly over the panel's `steps`
+ * steps; *line counts those requested. */
+static inline void cpu_amx_c_ahead_step(const char *next, int64_t c_stride, int rows, int64_t steps,
+                                        int *line, int64_t *credit) {
+  for (*credit += 2 * rows; *credit >= steps && *line < 2 * rows; *credit -= steps, ++*line)
+    AMX_PREFETCH_C(next + (*line / 2) * c_stride + (*line % 2) * 64);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -250,6 +269,10 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       const int near_done = stream && stream->near_done;
       const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
       int64_t stream_credit = 0;
+      const char *c_next =
+          CPU_AMX_C_AHEAD && p + 1 < panels ? (const char *)(c0 + CPU_PANEL_COLS) : NULL;
+      int c_line = 0;
+      int64_t c_credit = 0;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead =
@@ -277,6 +300,9 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
           AMX_DP(3, 5, 7);
         }
         cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
+        if (c_next)
+          cpu_amx_c_ahead_step(c_next, c_stride, rows, (kp_end - kp_begin) / pairs, &c_line,
+                               &c_credit);
       }
       cpu_amx_c_close(c0, c1, c_stride, two);
     }

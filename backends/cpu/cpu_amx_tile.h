@@ -160,6 +160,33 @@ static inline void cpu_amx_stream_step(const char **next, int64_t *credit, int p
   }
 }
 
+/* A panel's requests beyond its own next steps, from the caller's
+ * cpu_weight_prefetch (NULL: none) for pass `pass` ending at kp_end of the
+ * call's kpairs: the next-K-block stream's share of the panel, which runs
+ * in the full steps only (a tail, where K is not a multiple of 32, is one
+ * step), stream_pairs k-pairs over the pass's kp_end k-pairs (kp_begin is
+ * 0); the follow-on, only where this pass ends the block (a block that has
+ * a next one is whole steps); and near_done. */
+typedef struct cpu_amx_panel_requests {
+  int64_t stream_pairs, follow_pairs;
+  int near_done;
+  const char *stream_next; /* the stream's next line pair */
+  int64_t stream_credit;
+} cpu_amx_panel_requests;
+
+static inline cpu_amx_panel_requests cpu_amx_panel_requests_for(const cpu_weight_prefetch *stream,
+                                                                int pass, int64_t kp_end,
+                                                                int64_t kpairs, int p,
+                                                                int64_t panel_stride) {
+  cpu_amx_panel_requests r = {0, 0, 0, NULL, 0};
+  if (!stream) return r;
+  r.stream_pairs = pass ? 0 : stream->pairs;
+  r.follow_pairs = kp_end == kpairs ? stream->follow_pairs : 0;
+  r.near_done = stream->near_done;
+  if (r.stream_pairs) r.stream_next = (const char *)(stream->b + p * panel_stride);
+  return r;
+}
+
 /* The accumulator requests after a step (CPU_AMX_C_AHEAD): the 2 * rows
  * lines of the next panel's C (two per row: 32 fp32 columns) at next,
  * c_stride bytes between rows, spread evenly over the panel's `steps`
@@ -259,16 +286,8 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
       const uint16_t *panel = b + p * panel_stride;
       cpu_amx_c_open(c0, c1, c_stride, two, load_c);
-      /* The stream runs in the full steps only (a tail, where K is not a
-       * multiple of 32, is one step): stream_pairs k-pairs over this pass's
-       * kp_end k-pairs (kp_begin is 0). */
-      const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
-      /* The next K block starts right after this one only where this pass
-       * ends the block (a block that has a next one is whole steps). */
-      const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
-      const int near_done = stream && stream->near_done;
-      const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
-      int64_t stream_credit = 0;
+      cpu_amx_panel_requests req =
+          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       const char *c_next =
           CPU_AMX_C_AHEAD && p + 1 < panels ? (const char *)(c0 + CPU_PANEL_COLS) : NULL;
       int c_line = 0;
@@ -278,12 +297,12 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
         const char *ahead =
             CPU_AMX_PREFETCH_STEPS > 0
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                          CPU_AMX_PREFETCH_STEPS, follow_pairs, near_done)
+                                          CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
                 : NULL;
         const char *far =
             CPU_AMX_FAR_STEPS > 0
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                          CPU_AMX_FAR_STEPS, follow_pairs, near_done)
+                                          CPU_AMX_FAR_STEPS, req.follow_pairs, req.near_done)
                 : NULL;
         cpu_amx_prefetch_part(ahead, far, &parts, 0);
         AMX_LOAD(6, w, b_stride);
@@ -299,7 +318,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
           if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 3);
           AMX_DP(3, 5, 7);
         }
-        cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
+        cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
         if (c_next)
           cpu_amx_c_ahead_step(c_next, c_stride, rows, (kp_end - kp_begin) / pairs, &c_line,
                                &c_credit);
@@ -385,12 +404,8 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
     const cpu_amx_parts parts = cpu_amx_make_parts(pairs, four ? 4 : 3);
     for (int p = 0; p < panels; ++p) {
       const uint16_t *panel = b + p * panel_stride;
-      /* As in the 2 x 2 kernel (stream and follow-on in the full steps). */
-      const int64_t stream_pairs = stream && !pass ? stream->pairs : 0;
-      const int64_t follow_pairs = stream && kp_end == kpairs ? stream->follow_pairs : 0;
-      const int near_done = stream && stream->near_done;
-      const char *stream_next = stream_pairs ? (const char *)(stream->b + p * panel_stride) : NULL;
-      int64_t stream_credit = 0;
+      cpu_amx_panel_requests req =
+          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
         cpu_amx_tall_c_open(ch, ldc, four, load_c);
@@ -404,13 +419,13 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
           const char *ahead =
               CPU_AMX_PREFETCH_STEPS > 0 && crosses == half
                   ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                            CPU_AMX_PREFETCH_STEPS, follow_pairs, near_done)
+                                            CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
                   : NULL;
           const int far_crosses = kp + (int64_t)CPU_AMX_FAR_STEPS * pairs >= kp_end;
           const char *far =
               CPU_AMX_FAR_STEPS > 0 && far_crosses == half
                   ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                            CPU_AMX_FAR_STEPS, follow_pairs, near_done)
+                                            CPU_AMX_FAR_STEPS, req.follow_pairs, req.near_done)
                   : NULL;
           cpu_amx_prefetch_part(ahead, far, &parts, 0);
           AMX_LOAD(6, w, b_stride);
@@ -431,7 +446,8 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
             AMX_DP(2, 7, 6);
           }
           if (half == 0)
-            cpu_amx_stream_step(&stream_next, &stream_credit, pairs, stream_pairs, kp_end);
+            cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
+                                kp_end);
         }
         cpu_amx_tall_c_close(ch, ldc, four);
       }

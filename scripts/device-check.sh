@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpupf|cpuphase|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpupf|cpuprobe|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -327,6 +327,22 @@ step_probeab() {
   done
 }
 
+# Every variant of the kernel probe (bench/amx_stream_probe.c) on
+# PROBE_THREADS (default 2) pinned cores, built with K blocks of PROBE_KC
+# k-pairs (default 128, what the driver sweeps on 1-2 threads): the
+# library's kernel with near requests in a block's first row tile only and
+# with 64-row tiles, the accumulator diagnostics and requests, at 1-256 rows.
+step_cpuprobe() {
+  { cmake -S . -B build-probe-kc -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
+      -DMOE_BUILD_TESTS=OFF "-DCMAKE_C_FLAGS=-DCPU_KC_PAIRS=${PROBE_KC:-128}" &&
+      cmake --build build-probe-kc --target amx_stream_probe; } >"$out/probe-kc-build.log" 2>&1
+  echo "probe build rc=$?"
+  OMP_PLACES=cores OMP_PROC_BIND=close timeout 90 ./build-probe-kc/bench/amx_stream_probe \
+    "${PROBE_THREADS:-2}" >"$out/probe-kc.log" 2>&1
+  echo "probe rc=$?"
+  grep -E '^(library|diag|pf4-parts8)' "$out/probe-kc.log" | awk '$2 >= 32'
+}
+
 # The AMX path on the host, most important first: the AMX check and the
 # AMX suite entry (real tiles against the scalar model), then A/Bs with
 # rounds interleaved of the kernel's near weight requests, which until
@@ -338,18 +354,21 @@ step_probeab() {
 # PyTorch CPU peer at those threads; then (unless CPU_PF_PROBE is empty)
 # the same variants in the kernel probe at 2 threads (the probe runs no
 # driver, so driver-only definitions build its base kernel). The A/B JSON
-# goes to /tmp and back as one archive.
+# goes to /tmp and back as one archive. CPU_PF_CHECK=0 skips the build with
+# tests and the two checks (about a minute and a half, for a short call).
 step_cpupf() {
   local n t tokens pin
   local variants=(${CPU_PF_VARIANTS:-nopf=-DCPU_AMX_PREFETCH_STEPS=0 pf4= pf8=-DCPU_AMX_PREFETCH_STEPS=8})
   n=$(nproc)
-  { cmake -S . -B build-cpu-pf -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
-      cmake --build build-cpu-pf; } >"$out/build-cpu-pf.log" 2>&1
-  echo "build rc=$?"
-  timeout 60 ./build-cpu-pf/backends/cpu/moe_cpu_amx_check >"$out/amx-check.log" 2>&1
-  echo "amx check rc=$?"; grep -E 'hardware|passed' "$out/amx-check.log" | head -3
-  timeout 120 ctest --test-dir build-cpu-pf -R 'cpu-amx' -j4 >"$out/ctest-amx.log" 2>&1
-  echo "ctest cpu-amx rc=$?"; tail -2 "$out/ctest-amx.log"
+  if [ "${CPU_PF_CHECK:-1}" != 0 ]; then
+    { cmake -S . -B build-cpu-pf -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release &&
+        cmake --build build-cpu-pf; } >"$out/build-cpu-pf.log" 2>&1
+    echo "build rc=$?"
+    timeout 60 ./build-cpu-pf/backends/cpu/moe_cpu_amx_check >"$out/amx-check.log" 2>&1
+    echo "amx check rc=$?"; grep -E 'hardware|passed' "$out/amx-check.log" | head -3
+    timeout 120 ctest --test-dir build-cpu-pf -R 'cpu-amx' -j4 >"$out/ctest-amx.log" 2>&1
+    echo "ctest cpu-amx rc=$?"; tail -2 "$out/ctest-amx.log"
+  fi
   for t in ${CPU_PF_THREADS:-2 $n}; do
     tokens=${CPU_PF_TOKENS:-128,512}
     pin=() # 2 threads pinned to 2 cores
@@ -409,6 +428,7 @@ for step in "${@:-all}"; do
   cpufloors) step_cpufloors ;;
   probeab) step_probeab ;;
   cpupf) step_cpupf ;;
+  cpuprobe) step_cpuprobe ;;
   cpuphase) step_cpuphase ;;
   python) step_python ;;
   opencl)

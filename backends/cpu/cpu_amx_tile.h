@@ -76,8 +76,9 @@
 #define CPU_AMX_FAR_STEPS 0
 #endif
 /* -DCPU_AMX_C_AHEAD=1 (T0) or 2 (prefetchw), A/B builds: during a panel's
- * steps, the 2 x 2 kernel requests the next panel's accumulator lines,
- * spread evenly over the steps. Where an item has several row tiles, a
+ * steps, the kernel requests the accumulator lines it loads next (the 2 x
+ * 2 kernel: the next panel's; the 4 x 1: the panel's other half, then the
+ * next panel's first), spread evenly over the steps. Where an item has several row tiles, a
  * panel's accumulators wait in L2 between K blocks, and the panel's first
  * tile operations wait on their loads (0: none). */
 #ifndef CPU_AMX_C_AHEAD
@@ -187,14 +188,16 @@ static inline cpu_amx_panel_requests cpu_amx_panel_requests_for(const cpu_weight
   return r;
 }
 
-/* The accumulator requests after a step (CPU_AMX_C_AHEAD): the 2 * rows
- * lines of the next panel's C (two per row: 32 fp32 columns) at next,
- * c_stride bytes between rows, spread evenly over the panel's `steps`
- * steps; *line counts those requested. */
-static inline void cpu_amx_c_ahead_step(const char *next, int64_t c_stride, int rows, int64_t steps,
-                                        int *line, int64_t *credit) {
-  for (*credit += 2 * rows; *credit >= steps && *line < 2 * rows; *credit -= steps, ++*line)
-    AMX_PREFETCH_C(next + (*line / 2) * c_stride + (*line % 2) * 64);
+/* The accumulator requests after a step (CPU_AMX_C_AHEAD): the
+ * rows * per_row lines of the C that the kernel loads next (per_row 2: a
+ * panel's 32 fp32 columns; 1: a 16-column half) at next, c_stride bytes
+ * between rows, spread evenly over the `steps` steps before that load;
+ * *line counts those requested. */
+static inline void cpu_amx_c_ahead_step(const char *next, int64_t c_stride, int rows, int per_row,
+                                        int64_t steps, int *line, int64_t *credit) {
+  const int lines = rows * per_row;
+  for (*credit += lines; *credit >= steps && *line < lines; *credit -= steps, ++*line)
+    AMX_PREFETCH_C(next + (*line / per_row) * c_stride + (*line % per_row) * 64);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -320,7 +323,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
         }
         cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
         if (c_next)
-          cpu_amx_c_ahead_step(c_next, c_stride, rows, (kp_end - kp_begin) / pairs, &c_line,
+          cpu_amx_c_ahead_step(c_next, c_stride, rows, 2, (kp_end - kp_begin) / pairs, &c_line,
                                &c_credit);
       }
       cpu_amx_c_close(c0, c1, c_stride, two);
@@ -409,6 +412,12 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
         cpu_amx_tall_c_open(ch, ldc, four, load_c);
+        /* The accumulators loaded next: this panel's second half, then the
+         * next panel's first (CPU_AMX_C_AHEAD). */
+        const char *c_next =
+            CPU_AMX_C_AHEAD && (half == 0 || p + 1 < panels) ? (const char *)(ch + 16) : NULL;
+        int c_line = 0;
+        int64_t c_credit = 0;
         for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
           const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
           /* A step's request covers both halves' lines: the first half's
@@ -445,6 +454,9 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
             AMX_LOAD(7, a2 + kp, a_stride);
             AMX_DP(2, 7, 6);
           }
+          if (c_next)
+            cpu_amx_c_ahead_step(c_next, ldc * (int64_t)sizeof(float), rows, 1,
+                                 (kp_end - kp_begin) / pairs, &c_line, &c_credit);
           if (half == 0)
             cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
                                 kp_end);

@@ -55,6 +55,12 @@
 #ifndef CPU_NEAR_FIRST_TILE
 #define CPU_NEAR_FIRST_TILE 0
 #endif
+/* The fewest row tiles in a K block for its later tiles to stream the
+ * next block (run_item); -DCPU_STREAM_MIN_TILES=2 for A/B builds, such as
+ * those with 64-row AMX tiles, whose second tile has the work of two. */
+#ifndef CPU_STREAM_MIN_TILES
+#define CPU_STREAM_MIN_TILES 3
+#endif
 /* K blocks on few threads: a GEMM run by at most CPU_FEW_THREADS threads
  * sweeps K blocks of CPU_KC_PAIRS_FEW_THREADS k-pairs instead of
  * CPU_KC_PAIRS. Then a 32-row AMX tile's A slice (16 KiB) and a panel's
@@ -332,9 +338,10 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int tiles = (int)div_up(rows, tile_rows);
     const int first_rows = rows < tile_rows ? rows : tile_rows;
-    const int64_t next_pairs = pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= 3
-                                   ? min64(block_pairs, kpairs_total - kp0 - kpairs)
-                                   : 0;
+    const int64_t next_pairs =
+        pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= CPU_STREAM_MIN_TILES
+            ? min64(block_pairs, kpairs_total - kp0 - kpairs)
+            : 0;
     /* The block's last row tile is followed by the next K block's first:
      * its weight requests may run on into it (cpu_weight_prefetch). */
     const int64_t follow_pairs =

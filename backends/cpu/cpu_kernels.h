@@ -98,9 +98,12 @@ _Static_assert(CPU_KC_PAIRS % 16 == 0, "K blocks of whole AMX tile steps");
 #ifndef CPU_AMX_ONE_TILE_ROWS
 #define CPU_AMX_ONE_TILE_ROWS 48
 #endif
-_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= 32,
-               "an item cut into several AMX tiles: 2 x 2 kernel tiles of whole 16-row blocks");
-_Static_assert(CPU_AMX_ONE_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= CPU_AMX_ONE_TILE_ROWS &&
+/* -DCPU_AMX_TILE_ROWS=64 (A/B builds) cuts larger items into 64-row tiles
+ * of the 4 x 1 kernel instead. */
+_Static_assert(CPU_AMX_TILE_ROWS % 16 == 0 && (CPU_AMX_TILE_ROWS <= 32 || CPU_AMX_TILE_ROWS == 64),
+               "an item cut into several AMX tiles: 2 x 2 kernel tiles of whole 16-row blocks, "
+               "or 4 x 1 kernel tiles of four");
+_Static_assert(CPU_AMX_ONE_TILE_ROWS % 16 == 0 && CPU_AMX_ONE_TILE_ROWS >= 32 &&
                    CPU_AMX_ONE_TILE_ROWS <= 64,
                "one AMX tile of whole 16-row blocks, at most the 4 x 1 kernel's four");
 /* -DCPU_AMX_ROW_BLOCK=1 balances the AMX path's tiles by rows, as the
@@ -124,7 +127,8 @@ _Static_assert(CPU_AMX_ONE_TILE_ROWS % 16 == 0 && CPU_AMX_TILE_ROWS <= CPU_AMX_O
 #define CPU_AMX_MIN_ROWS 4
 /* The largest tile_rows / item_rows of any path (scratch sizing; a chunk
  * may hold up to 1.5 item_rows). */
-#define CPU_TILE_ROWS_MAX CPU_AMX_ONE_TILE_ROWS
+#define CPU_TILE_ROWS_MAX                                                                          \
+  (CPU_AMX_ONE_TILE_ROWS > CPU_AMX_TILE_ROWS ? CPU_AMX_ONE_TILE_ROWS : CPU_AMX_TILE_ROWS)
 #define CPU_ITEM_ROWS_MAX CPU_AMX_ITEM_ROWS
 
 typedef enum cpu_a_format {

@@ -78,9 +78,9 @@
 /* -DCPU_AMX_C_AHEAD=1 (T0) or 2 (prefetchw), A/B builds: during a panel's
  * steps, the kernel requests the accumulator lines it loads next (the 2 x
  * 2 kernel: the next panel's; the 4 x 1: the panel's other half, then the
- * next panel's first), spread evenly over the steps. Where an item has several row tiles, a
- * panel's accumulators wait in L2 between K blocks, and the panel's first
- * tile operations wait on their loads (0: none). */
+ * next panel's first), spread evenly over the steps. Where an item has
+ * several row tiles, a panel's accumulators wait in L2 between K blocks,
+ * and the panel's first tile operations wait on their loads (0: none). */
 #ifndef CPU_AMX_C_AHEAD
 #define CPU_AMX_C_AHEAD 0
 #endif

@@ -84,7 +84,15 @@ _Static_assert(CPU_KC_PAIRS_FEW_THREADS % 16 == 0 && CPU_KC_PAIRS_FEW_THREADS <=
 #define CPU_MIN_ITEMS_PER_THREAD 4
 #endif
 #define CPU_CHUNK_ROWS_MAX (CPU_ITEM_ROWS_MAX * 3 / 2) /* see run_chunks */
-#define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS)
+/* -DCPU_C_TILE_PAD=16 (A/B builds): floats past the group's columns in
+ * each row of the fp32 C tile. Without it the rows are 1 KiB apart, so a
+ * panel's 32 rows fall into 8 of L1's 64 sets, beside the A and weight
+ * lines of the same sets; one more line per row spreads them. */
+#ifndef CPU_C_TILE_PAD
+#define CPU_C_TILE_PAD 0
+#endif
+_Static_assert(CPU_C_TILE_PAD % 16 == 0, "C tile rows stay 64-byte aligned");
+#define C_TILE_LD (CPU_GROUP_PANELS * CPU_PANEL_COLS + CPU_C_TILE_PAD)
 /* The larger of the two A formats at each one's most rows per tile. */
 #define A_F32_BYTES ((size_t)CPU_MR_MAX * CPU_A_STRIDE_F32 * sizeof(float))
 #define A_U32_BYTES ((size_t)CPU_TILE_ROWS_MAX * CPU_A_STRIDE_U32 * sizeof(uint32_t))

@@ -356,7 +356,8 @@ step_cpuprobe() {
 # driver, so driver-only definitions build its base kernel). The A/B JSON
 # goes to /tmp and back as one archive. CPU_PF_CHECK=0 skips the build with
 # tests and the two checks (about a minute and a half, for a short call);
-# CPU_PF_AB_TIMEOUT (default 260 s) bounds each A/B.
+# CPU_PF_AB_TIMEOUT (default 260 s) bounds each A/B, CPU_PF_ROUNDS (default 2)
+# sets its rounds.
 step_cpupf() {
   local n t tokens pin
   local variants=(${CPU_PF_VARIANTS:-nopf=-DCPU_AMX_PREFETCH_STEPS=0 pf4= pf8=-DCPU_AMX_PREFETCH_STEPS=8})
@@ -375,7 +376,7 @@ step_cpupf() {
     pin=() # 2 threads pinned to 2 cores
     [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
     env OMP_NUM_THREADS="$t" "${pin[@]}" timeout "${CPU_PF_AB_TIMEOUT:-260}" bench/cpu_ab.sh "/tmp/ab$t" \
-      mixtral-8x7b,qwen3-30b-a3b "$tokens" 2 "${variants[@]}" | grep -v '^round\|^build'
+      mixtral-8x7b,qwen3-30b-a3b "$tokens" "${CPU_PF_ROUNDS:-2}" "${variants[@]}" | grep -v '^round\|^build'
     [ -n "${CPU_PF_TORCH-1}" ] || continue
     env OMP_NUM_THREADS="$t" "${pin[@]}" timeout 90 python3 bench/torch_cpu_peer.py \
       --no-install --reps 3 --model mixtral-8x7b,qwen3-30b-a3b --tokens 128,512 --json "$out/torch$t.json" \

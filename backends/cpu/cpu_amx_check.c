@@ -173,25 +173,10 @@ static void model_request(const char *p, long *lines, long *outside) {
   if (weights_lo && (p < weights_lo || p >= weights_hi))
     __atomic_fetch_add(outside, 1, __ATOMIC_RELAXED);
 }
-/* Requests into L2 are the next-K-block stream, plus the far requests in
- * builds with -DCPU_AMX_FAR_STEPS (an A/B definition): both count as
- * stream lines below, and both must fall inside the packed weights. */
+/* Requests into L2 are the next-K-block stream: they count as stream
+ * lines below, and must fall inside the packed weights. */
 #define AMX_PREFETCH(p) model_request((const char *)(p), &near_lines, &near_outside)
 #define AMX_PREFETCH_L2(p) model_request((const char *)(p), &stream_lines, &stream_outside)
-/* The accumulator requests of -DCPU_AMX_C_AHEAD builds (an A/B definition)
- * must fall inside the C of the tile call that makes them: its rows by its
- * panels' columns (set by model_tile). */
-static _Thread_local const float *call_c;
-static _Thread_local int64_t call_c_ldc, call_c_rows, call_c_cols;
-static long c_lines, c_outside;
-static void model_c_request(const char *p) {
-  __atomic_fetch_add(&c_lines, 1, __ATOMIC_RELAXED);
-  const int64_t offset = (p - (const char *)call_c) / (int64_t)sizeof(float);
-  const int64_t row = offset / call_c_ldc, col = offset % call_c_ldc;
-  if (p < (const char *)call_c || row >= call_c_rows || col >= call_c_cols)
-    __atomic_fetch_add(&c_outside, 1, __ATOMIC_RELAXED);
-}
-#define AMX_PREFETCH_C(p) model_c_request((const char *)(p))
 #include "cpu_amx_tile.h"
 #include "cpu_amx_probe.h"
 
@@ -212,15 +197,10 @@ static void model_config(const struct cpu_amx_config *cfg) {
   tiles_configured = 1;
 }
 
-static void model_c_bounds(const float *c, int64_t ldc, int rows, int panels) {
-  call_c = c, call_c_ldc = ldc, call_c_rows = rows, call_c_cols = (int64_t)panels * CPU_PANEL_COLS;
-}
-
 static void model_tile(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                        int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                        const cpu_weight_prefetch *prefetch) {
   if (rows < 1 || rows > CPU_TILE_ROWS_MAX) model_fault("rows out of range", rows);
-  model_c_bounds(c, ldc, rows, panels);
   cpu_amx_tile_body(rows, panels, kpairs, a, CPU_A_STRIDE_U32, b, panel_stride, c, ldc, accumulate,
                     prefetch);
 }
@@ -230,7 +210,6 @@ static void model_tile_strided(int rows, int panels, int64_t kpairs, const uint3
                                float *c, int64_t ldc, int accumulate,
                                const cpu_weight_prefetch *prefetch) {
   if (rows < 1 || rows > CPU_TILE_ROWS_MAX) model_fault("rows out of range", rows);
-  model_c_bounds(c, ldc, rows, panels);
   cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                     prefetch);
 }
@@ -615,7 +594,6 @@ static void check_order(void) {
     for (int trial = 0; trial < TRIALS; ++trial, ++probes) {
       cpu_amx_probe_fill(&probe, &state, kind);
       const int rows = 1 + trial % CPU_PROBE_ROWS;
-      model_c_bounds(probe.c_amx, CPU_PROBE_LDC, rows, CPU_PROBE_PANELS);
       same_order &= cpu_amx_probe_same(&probe, rows, cpu_amx_order_tile);
 #ifdef MOE_CPU_HAVE_AVX512BF16
       if (__builtin_cpu_supports("avx512bf16"))
@@ -653,10 +631,6 @@ int main(void) {
   if (model_faults) {
     fprintf(stderr, "FAIL: %d tile operations would fault on hardware\n", model_faults);
     failures++;
-  }
-  if (CPU_AMX_C_AHEAD) {
-    printf("  accumulator requests: %ld lines, %ld outside their call's C\n", c_lines, c_outside);
-    if (c_lines == 0 || c_outside) failures++;
   }
 #ifdef MOE_CPU_HAVE_AMX
   if (cpu_amx_usable()) {

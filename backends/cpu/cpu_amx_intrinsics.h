@@ -53,17 +53,5 @@
     _mm_prefetch((const char *)(p), _MM_HINT_T1);                                                  \
     AMX_KEEP(p);                                                                                   \
   } while (0)
-/* A request for an accumulator line the kernel loads and stores next
- * (-DCPU_AMX_C_AHEAD, cpu_amx_tile.h): 2 asks for it to be written
- * (prefetchw, an asm statement, which the compiler keeps), else T0. */
-#if defined(CPU_AMX_C_AHEAD) && CPU_AMX_C_AHEAD == 2
-#define AMX_PREFETCH_C(p) __asm__ volatile("prefetchw %0" : : "m"(*(const char *)(p)))
-#else
-#define AMX_PREFETCH_C(p)                                                                          \
-  do {                                                                                             \
-    _mm_prefetch((const char *)(p), _MM_HINT_T0);                                                  \
-    AMX_KEEP(p);                                                                                   \
-  } while (0)
-#endif
 
 #endif /* MOE_CPU_AMX_INTRINSICS_H */

@@ -1,6 +1,6 @@
 /*
- * cpu_amx_tile.h - the AMX tile kernel's body, written once against seven
- * tile operations that the includer defines:
+ * cpu_amx_tile.h - the AMX tile kernel's body, written once against the
+ * operations that the includer defines:
  *
  *   AMX_CONFIG(cfg)        load a cpu_amx_config (ldtilecfg; zeroes every tile)
  *   AMX_ZERO(t)            tilezero
@@ -10,7 +10,6 @@
  *   AMX_RELEASE()          tilerelease
  *   AMX_PREFETCH(p)        a cache-line prefetch hint (no effect on results)
  *   AMX_PREFETCH_L2(p)     the same hint, into L2 only
- *   AMX_PREFETCH_C(p)      a hint for an accumulator line (-DCPU_AMX_C_AHEAD)
  *
  * cpu_kernels_amx.c maps them to the intrinsics; cpu_amx_check.c maps them
  * to a scalar model of the instructions (the documented pseudo-code, with
@@ -69,21 +68,10 @@
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
 #endif
-/* -DCPU_AMX_FAR_STEPS=n (A/B builds): each step also requests into L2 the
- * B rows n steps ahead, in the same parts, so that a core keeps more lines
- * in flight than its L1 fill buffers hold (0: none). */
-#ifndef CPU_AMX_FAR_STEPS
-#define CPU_AMX_FAR_STEPS 0
-#endif
-/* -DCPU_AMX_C_AHEAD=1 (T0) or 2 (prefetchw), A/B builds: during a panel's
- * steps, the kernel requests the accumulator lines it loads next (the 2 x
- * 2 kernel: the next panel's; the 4 x 1: the panel's other half, then the
- * next panel's first), spread evenly over the steps. Where an item has
- * several row tiles, a panel's accumulators wait in L2 between K blocks,
- * and the panel's first tile operations wait on their loads (0: none). */
-#ifndef CPU_AMX_C_AHEAD
-#define CPU_AMX_C_AHEAD 0
-#endif
+/* Not here, because they lost on AMX hosts (bench/results.md, "CPU: the
+ * prepared AMX A/Bs measured"): a second request of each step into L2 16
+ * steps ahead (1.03-1.09x the time on 2 cores), requests for the
+ * accumulator lines loaded next (1.03-1.16x). */
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
@@ -119,19 +107,15 @@ static inline cpu_amx_parts cpu_amx_make_parts(int pairs, int parts) {
   return r;
 }
 
-/* Requests part `part` of the step's lines at rows into L1 and at far into
- * L2 (NULL: nothing). A step's requests go out in parts between its tile
+/* Requests part `part` of the step's lines at rows into L1 (NULL:
+ * nothing). A step's requests go out in parts between its tile
  * operations: all at the step's start took 1.1-1.2x the time at 32 rows per
  * tile on a 16-core AMX host (bench/amx_stream_probe.c; bench/results.md,
  * "CPU AMX path: the weight stream per core"). */
-static inline void cpu_amx_prefetch_part(const char *rows, const char *far,
-                                         const cpu_amx_parts *parts, int part) {
+static inline void cpu_amx_prefetch_part(const char *rows, const cpu_amx_parts *parts, int part) {
   if (rows)
     for (int line = parts->first_line[part]; line < parts->first_line[part + 1]; ++line)
       AMX_PREFETCH(rows + 64 * line);
-  if (far)
-    for (int line = parts->first_line[part]; line < parts->first_line[part + 1]; ++line)
-      AMX_PREFETCH_L2(far + 64 * line);
 }
 
 /* The K range and step of pass 0 (the full steps of CPU_AMX_PAIRS k-pairs)
@@ -186,18 +170,6 @@ static inline cpu_amx_panel_requests cpu_amx_panel_requests_for(const cpu_weight
   r.near_done = stream->near_done;
   if (r.stream_pairs) r.stream_next = (const char *)(stream->b + p * panel_stride);
   return r;
-}
-
-/* The accumulator requests after a step (CPU_AMX_C_AHEAD): the
- * rows * per_row lines of the C that the kernel loads next (per_row 2: a
- * panel's 32 fp32 columns; 1: a 16-column half) at next, c_stride bytes
- * between rows, spread evenly over the `steps` steps before that load;
- * *line counts those requested. */
-static inline void cpu_amx_c_ahead_step(const char *next, int64_t c_stride, int rows, int per_row,
-                                        int64_t steps, int *line, int64_t *credit) {
-  const int lines = rows * per_row;
-  for (*credit += lines; *credit >= steps && *line < lines; *credit -= steps, ++*line)
-    AMX_PREFETCH_C(next + (*line / per_row) * c_stride + (*line % per_row) * 64);
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -291,10 +263,6 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       cpu_amx_c_open(c0, c1, c_stride, two, load_c);
       cpu_amx_panel_requests req =
           cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
-      const char *c_next =
-          CPU_AMX_C_AHEAD && p + 1 < panels ? (const char *)(c0 + CPU_PANEL_COLS) : NULL;
-      int c_line = 0;
-      int64_t c_credit = 0;
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead =
@@ -302,29 +270,21 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                           CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
                 : NULL;
-        const char *far =
-            CPU_AMX_FAR_STEPS > 0
-                ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                          CPU_AMX_FAR_STEPS, req.follow_pairs, req.near_done)
-                : NULL;
-        cpu_amx_prefetch_part(ahead, far, &parts, 0);
+        cpu_amx_prefetch_part(ahead, &parts, 0);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 1);
+        if (spread) cpu_amx_prefetch_part(ahead, &parts, 1);
         AMX_DP(1, 4, 7);
         if (two) {
-          if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 2);
+          if (spread) cpu_amx_prefetch_part(ahead, &parts, 2);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          if (spread) cpu_amx_prefetch_part(ahead, far, &parts, 3);
+          if (spread) cpu_amx_prefetch_part(ahead, &parts, 3);
           AMX_DP(3, 5, 7);
         }
         cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
-        if (c_next)
-          cpu_amx_c_ahead_step(c_next, c_stride, rows, 2, (kp_end - kp_begin) / pairs, &c_line,
-                               &c_credit);
       }
       cpu_amx_c_close(c0, c1, c_stride, two);
     }
@@ -412,12 +372,6 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
         cpu_amx_tall_c_open(ch, ldc, four, load_c);
-        /* The accumulators loaded next: this panel's second half, then the
-         * next panel's first (CPU_AMX_C_AHEAD). */
-        const char *c_next =
-            CPU_AMX_C_AHEAD && (half == 0 || p + 1 < panels) ? (const char *)(ch + 16) : NULL;
-        int c_line = 0;
-        int64_t c_credit = 0;
         for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
           const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
           /* A step's request covers both halves' lines: the first half's
@@ -430,33 +384,24 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
                   ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                             CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
                   : NULL;
-          const int far_crosses = kp + (int64_t)CPU_AMX_FAR_STEPS * pairs >= kp_end;
-          const char *far =
-              CPU_AMX_FAR_STEPS > 0 && far_crosses == half
-                  ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                            CPU_AMX_FAR_STEPS, req.follow_pairs, req.near_done)
-                  : NULL;
-          cpu_amx_prefetch_part(ahead, far, &parts, 0);
+          cpu_amx_prefetch_part(ahead, &parts, 0);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);
           AMX_DP(0, 4, 6);
-          cpu_amx_prefetch_part(ahead, far, &parts, 1);
+          cpu_amx_prefetch_part(ahead, &parts, 1);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(1, 5, 6);
-          cpu_amx_prefetch_part(ahead, far, &parts, 2);
+          cpu_amx_prefetch_part(ahead, &parts, 2);
           if (four) {
             AMX_LOAD(4, a2 + kp, a_stride);
             AMX_DP(2, 4, 6);
-            cpu_amx_prefetch_part(ahead, far, &parts, 3);
+            cpu_amx_prefetch_part(ahead, &parts, 3);
             AMX_LOAD(7, a3 + kp, a_stride);
             AMX_DP(3, 7, 6);
           } else {
             AMX_LOAD(7, a2 + kp, a_stride);
             AMX_DP(2, 7, 6);
           }
-          if (c_next)
-            cpu_amx_c_ahead_step(c_next, ldc * (int64_t)sizeof(float), rows, 1,
-                                 (kp_end - kp_begin) / pairs, &c_line, &c_credit);
           if (half == 0)
             cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
                                 kp_end);

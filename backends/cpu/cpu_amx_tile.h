@@ -75,17 +75,6 @@
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
-/* -DCPU_AMX_MULTI_STREAM=n (A/B builds, the 2 x 2 kernel): part i of a
- * step's near requests targets the step n * (i + 1) ahead (n = 2 and four
- * parts: 2, 4, 6 and 8 steps) instead of every part the step
- * CPU_AMX_PREFETCH_STEPS ahead. A step is half a 4 KiB page, so the core's
- * requests then run in four pages at once: on an AMX host's 2 pinned
- * cores, T0 prefetches read 23.1 GB/s per core from four interleaved
- * streams against 15.4 from one (bench/amx_stream_probe), and the kernel
- * streams 12-15 (0: off). */
-#ifndef CPU_AMX_MULTI_STREAM
-#define CPU_AMX_MULTI_STREAM 0
-#endif
 
 /* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
  * of `pairs` k-pairs over [kp_begin, kp_end) in every panel). Past the last
@@ -276,36 +265,25 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
           cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
-#if CPU_AMX_MULTI_STREAM
-        const char *ahead[4];
-        for (int i = 0; i < 4; ++i)
-          ahead[i] = cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end,
-                                             pairs, CPU_AMX_MULTI_STREAM * (i + 1),
-                                             req.follow_pairs, req.near_done);
-#define CPU_AMX_AHEAD(i) ahead[i]
-#else
         const char *ahead =
             CPU_AMX_PREFETCH_STEPS > 0
                 ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
                                           CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
                 : NULL;
-#define CPU_AMX_AHEAD(i) ahead
-#endif
-        cpu_amx_prefetch_part(CPU_AMX_AHEAD(0), &parts, 0);
+        cpu_amx_prefetch_part(ahead, &parts, 0);
         AMX_LOAD(6, w, b_stride);
         AMX_LOAD(7, w + 32, b_stride);
         AMX_LOAD(4, a + kp, a_stride);
         AMX_DP(0, 4, 6);
-        if (spread) cpu_amx_prefetch_part(CPU_AMX_AHEAD(1), &parts, 1);
+        if (spread) cpu_amx_prefetch_part(ahead, &parts, 1);
         AMX_DP(1, 4, 7);
         if (two) {
-          if (spread) cpu_amx_prefetch_part(CPU_AMX_AHEAD(2), &parts, 2);
+          if (spread) cpu_amx_prefetch_part(ahead, &parts, 2);
           AMX_LOAD(5, a1 + kp, a_stride);
           AMX_DP(2, 5, 6);
-          if (spread) cpu_amx_prefetch_part(CPU_AMX_AHEAD(3), &parts, 3);
+          if (spread) cpu_amx_prefetch_part(ahead, &parts, 3);
           AMX_DP(3, 5, 7);
         }
-#undef CPU_AMX_AHEAD
         cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
       }
       cpu_amx_c_close(c0, c1, c_stride, two);

@@ -49,11 +49,17 @@
 #ifndef CPU_FOLLOW_NEXT_BLOCK
 #define CPU_FOLLOW_NEXT_BLOCK 1
 #endif
-/* -DCPU_NEAR_FIRST_TILE=1: the row tiles after a K block's first skip
- * their near weight requests (cpu_weight_prefetch.near_done), for A/B
- * builds. */
+/* Near requests in a K block's first row tile only: on few threads
+ * (CPU_FEW_THREADS), the row tiles after a block's first skip their near
+ * weight requests (cpu_weight_prefetch.near_done), as their weights wait
+ * in L2. On 2 pinned cores of AMX hosts that took 0.96, 0.97 and 0.92x
+ * the time at Mixtral 512 tokens (128 rows per expert: four row tiles per
+ * block) in three calls, and changes nothing where a block has one tile;
+ * on 16 threads it took 1.04x there, so the tiles keep their requests
+ * (bench/results.md, "CPU: the prepared AMX A/Bs measured").
+ * -DCPU_NEAR_FIRST_TILE=0: never, 2: on every thread count (A/B builds). */
 #ifndef CPU_NEAR_FIRST_TILE
-#define CPU_NEAR_FIRST_TILE 0
+#define CPU_NEAR_FIRST_TILE 1
 #endif
 /* The fewest row tiles in a K block for its later tiles to stream the
  * next block (run_item); -DCPU_STREAM_MIN_TILES=2 for A/B builds, such as
@@ -75,7 +81,7 @@
 #ifndef CPU_KC_PAIRS_FEW_THREADS
 #define CPU_KC_PAIRS_FEW_THREADS 128
 #endif
-#define CPU_FEW_THREADS 2
+#define CPU_FEW_THREADS 2 /* see the K blocks above and the near requests */
 _Static_assert(CPU_KC_PAIRS_FEW_THREADS % 16 == 0 && CPU_KC_PAIRS_FEW_THREADS <= CPU_KC_PAIRS,
                "K blocks of whole AMX tile steps, within the scratch's A tile");
 /* Fewest work items per thread before items get fewer panels
@@ -304,8 +310,17 @@ static int tile_rows_for(const cpu_kernel_path *path, int rows) {
   return (int)min64(path->tile_rows, div_up(div_up(rows, tiles), block) * block);
 }
 
+/* How a GEMM call cuts its items, the same for all of them. */
+typedef struct item_blocking {
+  int group_panels;    /* panels per item */
+  int64_t block_pairs; /* k-pairs per K block */
+  int near_first;      /* near requests in a block's first row tile only */
+} item_blocking;
+
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
-                     int group_panels, int64_t block_pairs, unsigned char *scratch) {
+                     const item_blocking *blocking, unsigned char *scratch) {
+  const int group_panels = blocking->group_panels;
+  const int64_t block_pairs = blocking->block_pairs;
   void *a_tile = scratch;
   float *c_tile = (float *)(scratch + A_TILE_BYTES);
   uint16_t *b_group = (uint16_t *)(scratch + A_TILE_BYTES + C_TILE_BYTES);
@@ -360,7 +375,7 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
       const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
                                         r0 + tr == rows ? follow_pairs : 0,
-                                        CPU_NEAR_FIRST_TILE && r0 > 0};
+                                        blocking->near_first && r0 > 0};
       const cpu_weight_prefetch *next_block =
           next.pairs > 0 || next.follow_pairs > 0 || next.near_done ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
@@ -403,9 +418,11 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
     items = count_items(pb, runs, num_runs, group_panels);
   }
   if (items == 0) return;
-  const int64_t block_pairs = CPU_KC_PAIRS_FEW_THREADS > 0 && threads <= CPU_FEW_THREADS
-                                  ? CPU_KC_PAIRS_FEW_THREADS
-                                  : CPU_KC_PAIRS;
+  const int few_threads = threads <= CPU_FEW_THREADS;
+  const item_blocking blocking = {
+      group_panels,
+      CPU_KC_PAIRS_FEW_THREADS > 0 && few_threads ? CPU_KC_PAIRS_FEW_THREADS : CPU_KC_PAIRS,
+      CPU_NEAR_FIRST_TILE == 2 || (CPU_NEAR_FIRST_TILE == 1 && few_threads)};
   if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
   {
@@ -424,7 +441,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
           hi = mid - 1;
       }
       run = lo;
-      run_item(pb, &runs[run], item - runs[run].first_item, group_panels, block_pairs, mine);
+      run_item(pb, &runs[run], item - runs[run].first_item, &blocking, mine);
     }
   }
 }

@@ -68,10 +68,11 @@
 #ifndef CPU_AMX_PREFETCH_STEPS
 #define CPU_AMX_PREFETCH_STEPS 4
 #endif
-/* Not here, because they lost on AMX hosts (bench/results.md, "CPU: the
- * prepared AMX A/Bs measured"): a second request of each step into L2 16
- * steps ahead (1.03-1.09x the time on 2 cores), requests for the
- * accumulator lines loaded next (1.03-1.16x). */
+/* Tried and dropped, as they lost on AMX hosts (bench/results.md, "CPU:
+ * the prepared AMX A/Bs measured"): a second request of each step into L2
+ * 16 steps ahead (1.03-1.09x the time on 2 cores), requests for the
+ * accumulator lines loaded next (1.03-1.16x), and near requests aimed at
+ * four 4 KiB pages at once (1.00-1.07x). */
 #ifndef CPU_AMX_PREFETCH_SPREAD
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif

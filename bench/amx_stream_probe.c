@@ -82,10 +82,14 @@ typedef struct variant {
   int c_ahead;
   /* KERNEL_LIBRARY only: row tiles of this many rows for items of more
    * than CPU_AMX_ONE_TILE_ROWS (0: CPU_AMX_TILE_ROWS; 64: the 4 x 1 kernel
-   * on 64-row tiles), and near_first: the row tiles after a K block's
-   * first get cpu_weight_prefetch.near_done (-DCPU_NEAR_FIRST_TILE=1). */
+   * on 64-row tiles); near_first: the row tiles after a K block's first
+   * get cpu_weight_prefetch.near_done (as the driver on 1-2 threads);
+   * stream: the driver's next-K-block stream and follow-on
+   * (cpu_tile_requests), which shows whether a block's first row tile
+   * finds its weights in L2. */
   int library_tile_rows;
   int near_first;
+  int stream;
 } variant;
 
 /* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
@@ -98,6 +102,8 @@ enum { PROBE_HOT_B = 1, PROBE_NO_C = 2 };
 static const variant variants[] = {
     {.name = "library", .kernel = KERNEL_LIBRARY},
     {.name = "library-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1},
+    {.name = "library-stream", .kernel = KERNEL_LIBRARY, .stream = 1},
+    {.name = "library-stream-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1, .stream = 1},
     {.name = "library-tall64", .kernel = KERNEL_LIBRARY, .library_tile_rows = 64},
     {.name = "library-tall64-near-first",
      .kernel = KERNEL_LIBRARY,
@@ -280,9 +286,9 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
 /* One work item as the driver runs it: K blocks, row tiles of <= 32 (as
  * the AMX path's whole 16-row blocks cut them: 80 rows run as 32 + 32 +
  * 16; the library's kernel takes an item of up to CPU_AMX_ONE_TILE_ROWS
- * rows as one tile, 40 rows through its 4 x 1 kernel), but
- * without the driver's next-K-block stream (cpu_weight_prefetch): each
- * tile's own weight stream is what this probe times. */
+ * rows as one tile, 40 rows through its 4 x 1 kernel). Only the library
+ * variants with `stream` get the driver's next-K-block stream
+ * (cpu_tile_requests); the others time each tile's own weight stream. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
                      const uint16_t *b, float *c, int64_t ldc) {
   /* The probe's own kernel takes 32 rows at most. */
@@ -290,19 +296,25 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
   const int tile_rows = v->kernel != KERNEL_LIBRARY     ? 32
                         : rows <= CPU_AMX_ONE_TILE_ROWS ? rows
                                                         : library_tile_rows;
-  for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS)
+  const int tiles = (rows + tile_rows - 1) / tile_rows;
+  for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS) {
+    const int64_t next_block = v->stream && kp0 + CPU_KC_PAIRS < KPAIRS ? CPU_KC_PAIRS : 0;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
-      const cpu_weight_prefetch near_done = {.near_done = 1};
+      const cpu_weight_prefetch requests =
+          cpu_tile_requests(bt, CPU_KC_PAIRS, tiles >= CPU_STREAM_MIN_TILES ? next_block : 0,
+                            next_block, v->near_first, rows, tile_rows, r0, tr);
+      const int any = requests.pairs > 0 || requests.follow_pairs > 0 || requests.near_done;
       if (v->kernel == KERNEL_LIBRARY)
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
-                          v->near_first && r0 > 0 ? &near_done : NULL);
+                          any ? &requests : NULL);
       else
         one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc, r0 == 0);
     }
+  }
 }
 
 /* The next window of 64 MiB per thread: consecutive passes read different

@@ -61,12 +61,6 @@
 #ifndef CPU_NEAR_FIRST_TILE
 #define CPU_NEAR_FIRST_TILE 1
 #endif
-/* The fewest row tiles in a K block for its later tiles to stream the
- * next block (run_item); -DCPU_STREAM_MIN_TILES=2 for A/B builds, such as
- * those with 64-row AMX tiles, whose second tile has the work of two. */
-#ifndef CPU_STREAM_MIN_TILES
-#define CPU_STREAM_MIN_TILES 3
-#endif
 /* K blocks on few threads: a GEMM run by at most CPU_FEW_THREADS threads
  * sweeps K blocks of CPU_KC_PAIRS_FEW_THREADS k-pairs instead of
  * CPU_KC_PAIRS. Then a 32-row AMX tile's A slice (16 KiB) and a panel's
@@ -360,7 +354,6 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
      * tail tile cannot hide a whole block (one 8-row tile streaming it
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int tiles = (int)div_up(rows, tile_rows);
-    const int first_rows = rows < tile_rows ? rows : tile_rows;
     const int64_t next_pairs =
         pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= CPU_STREAM_MIN_TILES
             ? min64(block_pairs, kpairs_total - kp0 - kpairs)
@@ -371,11 +364,8 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
         pb->b_packed && CPU_FOLLOW_NEXT_BLOCK ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
-      const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
-      const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
-      const cpu_weight_prefetch next = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
-                                        r0 + tr == rows ? follow_pairs : 0,
-                                        blocking->near_first && r0 > 0};
+      const cpu_weight_prefetch next = cpu_tile_requests(
+          b, kpairs, next_pairs, follow_pairs, blocking->near_first, rows, tile_rows, r0, tr);
       const cpu_weight_prefetch *next_block =
           next.pairs > 0 || next.follow_pairs > 0 || next.near_done ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;

@@ -160,6 +160,34 @@ typedef struct cpu_weight_prefetch {
   int near_done;
 } cpu_weight_prefetch;
 
+/* The fewest row tiles in a K block for its later tiles to stream the
+ * next block (cpu_tile_requests); -DCPU_STREAM_MIN_TILES=2 for A/B builds,
+ * such as those with 64-row AMX tiles, whose second tile has the work of
+ * two. */
+#ifndef CPU_STREAM_MIN_TILES
+#define CPU_STREAM_MIN_TILES 3
+#endif
+
+/* The requests of row tile [r0, r0 + tr) of a K block of `rows` rows cut
+ * into tiles of tile_rows, whose weights start at b, kpairs k-pairs per
+ * panel (cpu_gemm.c's run_item; bench/amx_stream_probe.c times the same
+ * plan). next_pairs: the next K block's k-pairs that the block's tiles
+ * after its first stream, in shares by rows (0: none); follow_pairs: the
+ * next block's, for the last tile's follow-on (0: none); near_first: the
+ * tiles after the first skip their near requests. The first tile of an
+ * item's block streams its own weights from memory, so it takes no share. */
+static inline cpu_weight_prefetch cpu_tile_requests(const uint16_t *b, int64_t kpairs,
+                                                    int64_t next_pairs, int64_t follow_pairs,
+                                                    int near_first, int rows, int tile_rows, int r0,
+                                                    int tr) {
+  const int first_rows = rows < tile_rows ? rows : tile_rows;
+  const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
+  const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
+  const cpu_weight_prefetch requests = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
+                                        r0 + tr == rows ? follow_pairs : 0, near_first && r0 > 0};
+  return requests;
+}
+
 typedef void (*cpu_tile_fn)(int rows, int panels, int64_t kpairs, const void *a, const uint16_t *b,
                             int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                             const cpu_weight_prefetch *prefetch);

@@ -306,7 +306,7 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       float *ct = c + r0 * ldc;
       const cpu_weight_prefetch requests =
           cpu_tile_requests(bt, CPU_KC_PAIRS, tiles >= CPU_STREAM_MIN_TILES ? next_block : 0,
-                            next_block, v->near_first, rows, tile_rows, r0, tr);
+                            next_block, v->near_first, kp0 > 0, rows, tile_rows, r0, tr);
       const int any = requests.pairs > 0 || requests.follow_pairs > 0 || requests.near_done;
       if (v->kernel == KERNEL_LIBRARY)
         cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,

@@ -364,8 +364,9 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
         pb->b_packed && CPU_FOLLOW_NEXT_BLOCK ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
-      const cpu_weight_prefetch next = cpu_tile_requests(
-          b, kpairs, next_pairs, follow_pairs, blocking->near_first, rows, tile_rows, r0, tr);
+      const cpu_weight_prefetch next =
+          cpu_tile_requests(b, kpairs, next_pairs, follow_pairs, blocking->near_first, kp0 > 0,
+                            rows, tile_rows, r0, tr);
       const cpu_weight_prefetch *next_block =
           next.pairs > 0 || next.follow_pairs > 0 || next.near_done ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;

@@ -168,6 +168,14 @@ typedef struct cpu_weight_prefetch {
 #define CPU_STREAM_MIN_TILES 3
 #endif
 
+/* -DCPU_STREAM_FIRST_TILE=1 (A/B builds): in an item's K blocks after its
+ * first, whose weights the block before streamed into L2, the first row
+ * tile takes a share of the next block's stream too (shares by rows over
+ * all of the block's tiles). */
+#ifndef CPU_STREAM_FIRST_TILE
+#define CPU_STREAM_FIRST_TILE 0
+#endif
+
 /* The requests of row tile [r0, r0 + tr) of a K block of `rows` rows cut
  * into tiles of tile_rows, whose weights start at b, kpairs k-pairs per
  * panel (cpu_gemm.c's run_item; bench/amx_stream_probe.c times the same
@@ -175,14 +183,19 @@ typedef struct cpu_weight_prefetch {
  * after its first stream, in shares by rows (0: none); follow_pairs: the
  * next block's, for the last tile's follow-on (0: none); near_first: the
  * tiles after the first skip their near requests. The first tile of an
- * item's block streams its own weights from memory, so it takes no share. */
+ * item's first block streams its own weights from memory, so it takes no
+ * share; streamed: the block is not the item's first (CPU_STREAM_FIRST_TILE). */
 static inline cpu_weight_prefetch cpu_tile_requests(const uint16_t *b, int64_t kpairs,
                                                     int64_t next_pairs, int64_t follow_pairs,
-                                                    int near_first, int rows, int tile_rows, int r0,
-                                                    int tr) {
-  const int first_rows = rows < tile_rows ? rows : tile_rows;
-  const int64_t share0 = r0 ? next_pairs * (r0 - first_rows) / (rows - first_rows) : 0;
-  const int64_t share1 = r0 ? next_pairs * (r0 + tr - first_rows) / (rows - first_rows) : 0;
+                                                    int near_first, int streamed, int rows,
+                                                    int tile_rows, int r0, int tr) {
+  const int first_rows =
+      CPU_STREAM_FIRST_TILE && streamed ? 0 : (rows < tile_rows ? rows : tile_rows);
+  int64_t share0 = 0, share1 = 0; /* k-pairs [share0, share1) of next_pairs */
+  if (rows > first_rows && r0 + tr > first_rows) {
+    share0 = next_pairs * (r0 - first_rows) / (rows - first_rows);
+    share1 = next_pairs * (r0 + tr - first_rows) / (rows - first_rows);
+  }
   const cpu_weight_prefetch requests = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
                                         r0 + tr == rows ? follow_pairs : 0, near_first && r0 > 0};
   return requests;

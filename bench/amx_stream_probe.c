@@ -296,7 +296,6 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
   const int tile_rows = v->kernel != KERNEL_LIBRARY     ? 32
                         : rows <= CPU_AMX_ONE_TILE_ROWS ? rows
                                                         : library_tile_rows;
-  const int tiles = (rows + tile_rows - 1) / tile_rows;
   for (int kp0 = 0; kp0 < KPAIRS; kp0 += CPU_KC_PAIRS) {
     const int64_t next_block = v->stream && kp0 + CPU_KC_PAIRS < KPAIRS ? CPU_KC_PAIRS : 0;
     for (int r0 = 0; r0 < rows; r0 += tile_rows) {
@@ -304,15 +303,16 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
-      const cpu_weight_prefetch requests =
-          cpu_tile_requests(bt, CPU_KC_PAIRS, tiles >= CPU_STREAM_MIN_TILES ? next_block : 0,
-                            next_block, v->near_first, kp0 > 0, rows, tile_rows, r0, tr);
-      const int any = requests.pairs > 0 || requests.follow_pairs > 0 || requests.near_done;
-      if (v->kernel == KERNEL_LIBRARY)
-        cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
-                          any ? &requests : NULL);
-      else
+      if (v->kernel != KERNEL_LIBRARY) {
         one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc, r0 == 0);
+        continue;
+      }
+      const cpu_weight_prefetch requests =
+          cpu_tile_requests(bt, CPU_KC_PAIRS, next_block, next_block, v->near_first, kp0 > 0, rows,
+                            tile_rows, r0, tr);
+      const int any = requests.pairs > 0 || requests.follow_pairs > 0 || requests.near_done;
+      cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
+                        any ? &requests : NULL);
     }
   }
 }

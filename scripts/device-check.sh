@@ -330,8 +330,9 @@ step_probeab() {
 # Every variant of the kernel probe (bench/amx_stream_probe.c) on
 # PROBE_THREADS (default 2) pinned cores, built with K blocks of PROBE_KC
 # k-pairs (default 128, what the driver sweeps on 1-2 threads): the
-# library's kernel with near requests in a block's first row tile only and
-# with 64-row tiles, the accumulator diagnostics and requests, at 1-256 rows.
+# library's kernel with near requests in a block's first row tile only,
+# with the driver's next-K-block stream and with 64-row tiles, the
+# accumulator diagnostics and requests, at 1-256 rows.
 step_cpuprobe() {
   { cmake -S . -B build-probe-kc -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
       -DMOE_BUILD_TESTS=OFF "-DCMAKE_C_FLAGS=-DCPU_KC_PAIRS=${PROBE_KC:-128}" &&

@@ -348,16 +348,14 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       b = b_group;
     }
     /* Packed weights: each panel's slice of the next K block follows this
-     * block's. In a block of three or more row tiles, the tiles after the
-     * first request shares of it in proportion to their rows: the first
+     * block's. In a block of CPU_STREAM_MIN_TILES (3) or more row tiles,
+     * the tiles after the first request shares of it in proportion to their
+     * rows (cpu_tile_requests): the first
      * tile of an item streams its own weights from memory, and a short
      * tail tile cannot hide a whole block (one 8-row tile streaming it
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
-    const int tiles = (int)div_up(rows, tile_rows);
     const int64_t next_pairs =
-        pb->b_packed && CPU_NEXT_BLOCK_STREAM && tiles >= CPU_STREAM_MIN_TILES
-            ? min64(block_pairs, kpairs_total - kp0 - kpairs)
-            : 0;
+        pb->b_packed && CPU_NEXT_BLOCK_STREAM ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
     /* The block's last row tile is followed by the next K block's first:
      * its weight requests may run on into it (cpu_weight_prefetch). */
     const int64_t follow_pairs =

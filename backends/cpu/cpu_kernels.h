@@ -160,8 +160,8 @@ typedef struct cpu_weight_prefetch {
   int near_done;
 } cpu_weight_prefetch;
 
-/* The fewest row tiles in a K block for its later tiles to stream the
- * next block (cpu_tile_requests); -DCPU_STREAM_MIN_TILES=2 for A/B builds,
+/* The fewest row tiles in a K block for its tiles to stream the next
+ * block (cpu_tile_requests); -DCPU_STREAM_MIN_TILES=2 for A/B builds,
  * such as those with 64-row AMX tiles, whose second tile has the work of
  * two. */
 #ifndef CPU_STREAM_MIN_TILES
@@ -179,8 +179,10 @@ typedef struct cpu_weight_prefetch {
 /* The requests of row tile [r0, r0 + tr) of a K block of `rows` rows cut
  * into tiles of tile_rows, whose weights start at b, kpairs k-pairs per
  * panel (cpu_gemm.c's run_item; bench/amx_stream_probe.c times the same
- * plan). next_pairs: the next K block's k-pairs that the block's tiles
- * after its first stream, in shares by rows (0: none); follow_pairs: the
+ * plan). next_pairs: the next K block's k-pairs, which a block of at
+ * least CPU_STREAM_MIN_TILES tiles streams from its tiles after the first,
+ * in shares by rows (0: none; a block of fewer tiles has too little work
+ * after its first to hide a whole block); follow_pairs: the
  * next block's, for the last tile's follow-on (0: none); near_first: the
  * tiles after the first skip their near requests. The first tile of an
  * item's first block streams its own weights from memory, so it takes no
@@ -191,8 +193,9 @@ static inline cpu_weight_prefetch cpu_tile_requests(const uint16_t *b, int64_t k
                                                     int tile_rows, int r0, int tr) {
   const int first_rows =
       CPU_STREAM_FIRST_TILE && streamed ? 0 : (rows < tile_rows ? rows : tile_rows);
+  const int tiles = (rows + tile_rows - 1) / tile_rows;
   int64_t share0 = 0, share1 = 0; /* k-pairs [share0, share1) of next_pairs */
-  if (rows > first_rows && r0 + tr > first_rows) {
+  if (tiles >= CPU_STREAM_MIN_TILES && rows > first_rows && r0 + tr > first_rows) {
     share0 = next_pairs * (r0 - first_rows) / (rows - first_rows);
     share1 = next_pairs * (r0 + tr - first_rows) / (rows - first_rows);
   }

@@ -8,7 +8,8 @@
  * compared on the same host state, rounds interleaved, medians printed.
  * Before the kernels, each thread count times the ways a core can request
  * the same bytes without AMX (request_pass): loads, prefetch instructions
- * alone into L1 or L2, loads with a prefetch ahead; one or four streams.
+ * alone into L1 or L2, loads with a prefetch ahead; one, four or eight
+ * streams (eight: the library's woven stream over an item's 8 panels).
  *
  * The forward's streaming points (about 32 rows per expert: Qwen3 512
  * tokens, Mixtral 128) move about 8 GB/s of weights per core on 16-core
@@ -90,6 +91,7 @@ typedef struct variant {
   int library_tile_rows;
   int near_first;
   int stream;
+  int woven; /* with stream: every row tile streams, woven over the panels (CPU_STREAM_WEAVE) */
 } variant;
 
 /* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
@@ -104,6 +106,12 @@ static const variant variants[] = {
     {.name = "library-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1},
     {.name = "library-stream", .kernel = KERNEL_LIBRARY, .stream = 1},
     {.name = "library-stream-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1, .stream = 1},
+    {.name = "library-woven", .kernel = KERNEL_LIBRARY, .stream = 1, .woven = 1},
+    {.name = "library-woven-near-first",
+     .kernel = KERNEL_LIBRARY,
+     .near_first = 1,
+     .stream = 1,
+     .woven = 1},
     {.name = "library-tall64", .kernel = KERNEL_LIBRARY, .library_tile_rows = 64},
     {.name = "library-tall64-near-first",
      .kernel = KERNEL_LIBRARY,
@@ -308,8 +316,8 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
         continue;
       }
       const cpu_weight_prefetch requests =
-          cpu_tile_requests(bt, CPU_KC_PAIRS, next_block, next_block, v->near_first, kp0 > 0, rows,
-                            tile_rows, r0, tr);
+          cpu_tile_requests(bt, CPU_KC_PAIRS, next_block, next_block, v->near_first, kp0 > 0,
+                            v->woven, rows, tile_rows, r0, tr);
       const int any = requests.pairs > 0 || requests.follow_pairs > 0 || requests.near_done;
       cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
                         any ? &requests : NULL);
@@ -353,7 +361,7 @@ typedef enum { REQ_LOAD, REQ_T0, REQ_T2 } request_kind;
 typedef struct request_pattern {
   const char *name;
   request_kind kind;
-  int streams;  /* 1 or 4 */
+  int streams;  /* 1, 4 or 8 */
   int ahead;    /* loads only: also prefetch each line this many bytes ahead (0: no) */
   int ahead_t2; /* that prefetch into L2 (T2) instead of L1 */
   int sparse;   /* that prefetch for one line in `sparse` only (0, 1: every line) */
@@ -365,6 +373,7 @@ static const request_pattern patterns[] = {
     {.name = "prefetch T0, 4 streams", .kind = REQ_T0, .streams = 4},
     {.name = "prefetch T2, 1 stream", .kind = REQ_T2, .streams = 1},
     {.name = "prefetch T2, 4 streams", .kind = REQ_T2, .streams = 4},
+    {.name = "prefetch T2, 8 streams", .kind = REQ_T2, .streams = 8},
     {.name = "load + T0 8 KiB ahead", .kind = REQ_LOAD, .streams = 1, .ahead = 8192},
     {.name = "load + T2 8 KiB ahead", .kind = REQ_LOAD, .streams = 1, .ahead = 8192, .ahead_t2 = 1},
     {.name = "load + T2 32 KiB ahead",

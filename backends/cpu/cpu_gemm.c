@@ -309,6 +309,7 @@ typedef struct item_blocking {
   int group_panels;    /* panels per item */
   int64_t block_pairs; /* k-pairs per K block */
   int near_first;      /* near requests in a block's first row tile only */
+  int woven;           /* every row tile streams the next block, woven (CPU_STREAM_WEAVE) */
 } item_blocking;
 
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
@@ -364,7 +365,7 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const cpu_weight_prefetch next =
           cpu_tile_requests(b, kpairs, next_pairs, follow_pairs, blocking->near_first, kp0 > 0,
-                            rows, tile_rows, r0, tr);
+                            blocking->woven, rows, tile_rows, r0, tr);
       const cpu_weight_prefetch *next_block =
           next.pairs > 0 || next.follow_pairs > 0 || next.near_done ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
@@ -411,7 +412,8 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
   const item_blocking blocking = {
       group_panels,
       CPU_KC_PAIRS_FEW_THREADS > 0 && few_threads ? CPU_KC_PAIRS_FEW_THREADS : CPU_KC_PAIRS,
-      CPU_NEAR_FIRST_TILE == 2 || (CPU_NEAR_FIRST_TILE == 1 && few_threads)};
+      CPU_NEAR_FIRST_TILE == 2 || (CPU_NEAR_FIRST_TILE == 1 && few_threads),
+      CPU_STREAM_WEAVE && pb->path->weaves};
   if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
   {

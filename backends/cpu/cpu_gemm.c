@@ -413,7 +413,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
       group_panels,
       CPU_KC_PAIRS_FEW_THREADS > 0 && few_threads ? CPU_KC_PAIRS_FEW_THREADS : CPU_KC_PAIRS,
       CPU_NEAR_FIRST_TILE == 2 || (CPU_NEAR_FIRST_TILE == 1 && few_threads),
-      CPU_STREAM_WEAVE && pb->path->weaves};
+      pb->path->weaves && (CPU_STREAM_WEAVE == 2 || (CPU_STREAM_WEAVE == 1 && few_threads))};
   if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
   {

@@ -190,7 +190,12 @@ typedef struct cpu_weight_prefetch {
  * in one stream, so a block whose weights the block before wove into L2
  * runs at the rate of four or more. */
 #ifndef CPU_STREAM_WEAVE
-#define CPU_STREAM_WEAVE 0
+#define CPU_STREAM_WEAVE 0 /* 1: on 1-2 threads (CPU_FEW_THREADS); 2: always */
+#endif
+/* The fewest row tiles in a K block for the woven stream; fewer stream as
+ * CPU_STREAM_MIN_TILES says. */
+#ifndef CPU_STREAM_WEAVE_MIN_TILES
+#define CPU_STREAM_WEAVE_MIN_TILES 1
 #endif
 
 /* The requests of row tile [r0, r0 + tr) of a K block of `rows` rows cut
@@ -204,14 +209,16 @@ typedef struct cpu_weight_prefetch {
  * tiles after the first skip their near requests. The first tile of an
  * item's first block streams its own weights from memory, so it takes no
  * share; streamed: the block is not the item's first (CPU_STREAM_FIRST_TILE).
- * woven: every tile streams, woven over the panels (CPU_STREAM_WEAVE). */
+ * woven: every tile streams, woven over the panels (CPU_STREAM_WEAVE), in
+ * blocks of at least CPU_STREAM_WEAVE_MIN_TILES tiles. */
 static inline cpu_weight_prefetch cpu_tile_requests(const uint16_t *b, int64_t kpairs,
                                                     int64_t next_pairs, int64_t follow_pairs,
                                                     int near_first, int streamed, int woven,
                                                     int rows, int tile_rows, int r0, int tr) {
+  const int tiles = (rows + tile_rows - 1) / tile_rows;
+  woven = woven && tiles >= CPU_STREAM_WEAVE_MIN_TILES;
   const int first_rows =
       woven || (CPU_STREAM_FIRST_TILE && streamed) ? 0 : (rows < tile_rows ? rows : tile_rows);
-  const int tiles = (rows + tile_rows - 1) / tile_rows;
   int64_t share0 = 0, share1 = 0; /* k-pairs [share0, share1) of next_pairs */
   if ((woven || tiles >= CPU_STREAM_MIN_TILES) && rows > first_rows && r0 + tr > first_rows) {
     share0 = next_pairs * (r0 - first_rows) / (rows - first_rows);

@@ -2,7 +2,7 @@
 # device-check.sh - on the GPU machine: build every backend for Hopper and
 # run the shared suite on CUDA and on NVIDIA's OpenCL, logs under $OUT (or
 # ./out). Usage: source .devdeps/env.sh; scripts/device-check.sh [build|cuda|
-# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpupf|cpuprobe|cpuphase|python|
+# opencl|huge|sanitize|bench|profile|profile-detail|ab|abbase|tune|invariant|cpu|cpuab|cpufloors|probeab|cpupf|cpupair|cpuprobe|cpuphase|python|
 # all]... Each step prints one summary
 # line; the logs hold the rest. sanitize runs compute-sanitizer's tools over
 # the CUDA suite side by side (memcheck and initcheck with the huge-index
@@ -327,6 +327,38 @@ step_probeab() {
   done
 }
 
+# Paired in-process A/B of the CPU backend's compile-time definitions
+# (bench/pair_ab.c): one libmoe.so per PAIR_VARIANTS "name=defs ..." (defs
+# comma-separated; the first is the baseline), then pair_ab of the
+# baseline against each, PAIR_PAIRS pairs (default 15) at PAIR_TOKENS
+# (default 128,512) of PAIR_MODELS, on each of PAIR_THREADS (default "2
+# 16"; 2 pinned to 2 cores). Forwards alternate within the process, so a
+# shared host's drift weighs on both sides alike.
+step_cpupair() {
+  local variants=(${PAIR_VARIANTS:-base= nofollow=-DCPU_FOLLOW_NEXT_BLOCK=0}) v name defs base="" t pin
+  for v in "${variants[@]}"; do
+    name=${v%%=*} defs=${v#*=}
+    { cmake -S . -B "build-pair-$name" -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \
+        -DMOE_BUILD_TESTS=OFF "-DCMAKE_C_FLAGS=${defs//,/ }" &&
+        cmake --build "build-pair-$name" --target moe pair_ab; } >"$out/pair-build-$name.log" 2>&1
+    echo "pair build $name (${defs//,/ }) rc=$?"
+    base=${base:-$name}
+  done
+  for t in ${PAIR_THREADS:-2 16}; do
+    pin=()
+    [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
+    for v in "${variants[@]:1}"; do
+      name=${v%%=*}
+      echo "== $t threads: $name against $base"
+      env OMP_NUM_THREADS="$t" "${pin[@]}" timeout "${PAIR_TIMEOUT:-200}" \
+        "./build-pair-$base/bench/pair_ab" "$PWD/build-pair-$base/libmoe.so" \
+        "$PWD/build-pair-$name/libmoe.so" --model "${PAIR_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
+        --tokens "${PAIR_TOKENS:-128,512}" --pairs "${PAIR_PAIRS:-15}" 2>&1 |
+        tee "$out/pair-$name-$t.log" | grep '^| [a-z]'
+    done
+  done
+}
+
 # Every variant of the kernel probe (bench/amx_stream_probe.c) on
 # PROBE_THREADS (default 2) pinned cores, built with K blocks of PROBE_KC
 # k-pairs (default 128, what the driver sweeps on 1-2 threads): the
@@ -431,6 +463,7 @@ for step in "${@:-all}"; do
   cpufloors) step_cpufloors ;;
   probeab) step_probeab ;;
   cpupf) step_cpupf ;;
+  cpupair) step_cpupair ;;
   cpuprobe) step_cpuprobe ;;
   cpuphase) step_cpuphase ;;
   python) step_python ;;

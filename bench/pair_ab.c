@@ -274,6 +274,12 @@ int main(int argc, char **argv) {
     fprintf(stderr, "pair_ab: --tokens needs positive counts, --pairs 2..%d\n", MAX_PAIRS);
     return 2;
   }
+  /* The host's state at the start, to tell hosts apart (moe_bench's rooflines). */
+  bench_rooflines roof = {0};
+  char read_what[160] = "";
+  if (bench_cpu_rooflines((size_t)1 << 30, &roof, read_what, sizeof read_what) == 0)
+    printf("host: %s; read %.1f GB/s (%s); peak %.2f TFLOP/s (%s)\n", roof.device, roof.read_gbps,
+           read_what, roof.peak_tflops, roof.peak_what);
   printf("A: %s\nB: %s\n\n", lib_a.path, lib_b.path);
   printf("| model | tokens | A us | B us | B/A (median of pairs) | quartiles | pairs |\n");
   printf("|---|---:|---:|---:|---:|---|---:|\n");

@@ -354,7 +354,7 @@ step_cpupair() {
         "./build-pair-$base/bench/pair_ab" "$PWD/build-pair-$base/libmoe.so" \
         "$PWD/build-pair-$name/libmoe.so" --model "${PAIR_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
         --tokens "${PAIR_TOKENS:-128,512}" --pairs "${PAIR_PAIRS:-15}" 2>&1 |
-        tee "$out/pair-$name-$t.log" | grep '^| [a-z]'
+        tee "$out/pair-$name-$t.log" | grep '^| [a-z]\|^host'
     done
   done
 }

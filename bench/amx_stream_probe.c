@@ -9,7 +9,7 @@
  * Before the kernels, each thread count times the ways a core can request
  * the same bytes without AMX (request_pass): loads, prefetch instructions
  * alone into L1 or L2, loads with a prefetch ahead; one, four or eight
- * streams (eight: the library's woven stream over an item's 8 panels).
+ * streams (eight: one per panel of an item).
  *
  * The forward's streaming points (about 32 rows per expert: Qwen3 512
  * tokens, Mixtral 128) move about 8 GB/s of weights per core on 16-core
@@ -91,7 +91,6 @@ typedef struct variant {
   int library_tile_rows;
   int near_first;
   int stream;
-  int woven; /* with stream: every row tile streams, woven over the panels (CPU_STREAM_WEAVE) */
 } variant;
 
 /* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
@@ -106,12 +105,6 @@ static const variant variants[] = {
     {.name = "library-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1},
     {.name = "library-stream", .kernel = KERNEL_LIBRARY, .stream = 1},
     {.name = "library-stream-near-first", .kernel = KERNEL_LIBRARY, .near_first = 1, .stream = 1},
-    {.name = "library-woven", .kernel = KERNEL_LIBRARY, .stream = 1, .woven = 1},
-    {.name = "library-woven-near-first",
-     .kernel = KERNEL_LIBRARY,
-     .near_first = 1,
-     .stream = 1,
-     .woven = 1},
     {.name = "library-tall64", .kernel = KERNEL_LIBRARY, .library_tile_rows = 64},
     {.name = "library-tall64-near-first",
      .kernel = KERNEL_LIBRARY,
@@ -316,8 +309,8 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
         continue;
       }
       const cpu_weight_prefetch requests =
-          cpu_tile_requests(bt, CPU_KC_PAIRS, next_block, next_block, v->near_first, kp0 > 0,
-                            v->woven, rows, tile_rows, r0, tr);
+          cpu_tile_requests(bt, CPU_KC_PAIRS, next_block, next_block, v->near_first, kp0 > 0, rows,
+                            tile_rows, r0, tr);
       const int any = requests.pairs > 0 || requests.follow_pairs > 0 || requests.near_done;
       cpu_amx_tile_body(tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, PANEL_STRIDE, ct, ldc, 1,
                         any ? &requests : NULL);

@@ -223,7 +223,6 @@ static const cpu_kernel_path model_path = {
     .one_tile_rows = CPU_AMX_ONE_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
-    .weaves = 1,
 };
 
 /* ---- Data and references -------------------------------------------------- */

@@ -137,6 +137,14 @@ static inline cpu_amx_pass cpu_amx_pass_range(int64_t kpairs, int pass) {
 /* The next-K-block stream after a step of `pairs` k-pairs: stream_pairs
  * k-pairs of the panel spread evenly over its kp_end k-pairs, two lines
  * each, into L2. */
+static inline void cpu_amx_stream_step(const char **next, int64_t *credit, int pairs,
+                                       int64_t stream_pairs, int64_t kp_end) {
+  for (*credit += pairs * stream_pairs; *credit >= kp_end; *credit -= kp_end) {
+    AMX_PREFETCH_L2(*next);
+    AMX_PREFETCH_L2(*next + 64);
+    *next += CPU_PANEL_PAIR * sizeof(uint16_t);
+  }
+}
 
 /* A panel's requests beyond its own next steps, from the caller's
  * cpu_weight_prefetch (NULL: none) for pass `pass` ending at kp_end of the
@@ -148,49 +156,21 @@ static inline cpu_amx_pass cpu_amx_pass_range(int64_t kpairs, int pass) {
 typedef struct cpu_amx_panel_requests {
   int64_t stream_pairs, follow_pairs;
   int near_done;
-  const char *stream_next; /* the stream's next line pair (in the first woven panel) */
+  const char *stream_next; /* the stream's next line pair */
   int64_t stream_credit;
-  int woven_panels;     /* panels each streamed k-pair is requested in (1: this one) */
-  int64_t woven_stride; /* bytes between them */
 } cpu_amx_panel_requests;
 
-/* Woven (cpu_weight_prefetch.woven), panel p of `panels` takes slot p of
- * the share's k-pairs and requests each of them in every panel. */
 static inline cpu_amx_panel_requests cpu_amx_panel_requests_for(const cpu_weight_prefetch *stream,
                                                                 int pass, int64_t kp_end,
-                                                                int64_t kpairs, int p, int panels,
+                                                                int64_t kpairs, int p,
                                                                 int64_t panel_stride) {
-  cpu_amx_panel_requests r = {0, 0, 0, NULL, 0, 1, 0};
+  cpu_amx_panel_requests r = {0, 0, 0, NULL, 0};
   if (!stream) return r;
   r.stream_pairs = pass ? 0 : stream->pairs;
   r.follow_pairs = kp_end == kpairs ? stream->follow_pairs : 0;
   r.near_done = stream->near_done;
-  if (!r.stream_pairs) return r;
-  if (stream->woven) {
-    const int64_t slot0 = r.stream_pairs * p / panels, slot1 = r.stream_pairs * (p + 1) / panels;
-    r.stream_next = (const char *)(stream->b + slot0 * CPU_PANEL_PAIR);
-    r.stream_pairs = slot1 - slot0;
-    r.woven_panels = panels;
-    r.woven_stride = panel_stride * (int64_t)sizeof(uint16_t);
-  } else {
-    r.stream_next = (const char *)(stream->b + p * panel_stride);
-  }
+  if (r.stream_pairs) r.stream_next = (const char *)(stream->b + p * panel_stride);
   return r;
-}
-
-/* The next-K-block stream after a step of `pairs` k-pairs: the panel's
- * stream_pairs k-pairs spread evenly over its kp_end k-pairs, two lines
- * each (in each woven panel), into L2. */
-static inline void cpu_amx_stream_step(cpu_amx_panel_requests *req, int pairs, int64_t kp_end) {
-  for (req->stream_credit += pairs * req->stream_pairs; req->stream_credit >= kp_end;
-       req->stream_credit -= kp_end) {
-    const char *line = req->stream_next;
-    for (int q = 0; q < req->woven_panels; ++q, line += req->woven_stride) {
-      AMX_PREFETCH_L2(line);
-      AMX_PREFETCH_L2(line + 64);
-    }
-    req->stream_next += CPU_PANEL_PAIR * sizeof(uint16_t);
-  }
 }
 
 /* The 64-byte operand of ldtilecfg, palette 1. */
@@ -283,7 +263,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
       const uint16_t *panel = b + p * panel_stride;
       cpu_amx_c_open(c0, c1, c_stride, two, load_c);
       cpu_amx_panel_requests req =
-          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panels, panel_stride);
+          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
         const uint16_t *w = panel + kp * CPU_PANEL_PAIR;
         const char *ahead =
@@ -305,7 +285,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
           if (spread) cpu_amx_prefetch_part(ahead, &parts, 3);
           AMX_DP(3, 5, 7);
         }
-        cpu_amx_stream_step(&req, pairs, kp_end);
+        cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
       }
       cpu_amx_c_close(c0, c1, c_stride, two);
     }
@@ -389,7 +369,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
     for (int p = 0; p < panels; ++p) {
       const uint16_t *panel = b + p * panel_stride;
       cpu_amx_panel_requests req =
-          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panels, panel_stride);
+          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
         cpu_amx_tall_c_open(ch, ldc, four, load_c);
@@ -423,7 +403,9 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
             AMX_LOAD(7, a2 + kp, a_stride);
             AMX_DP(2, 7, 6);
           }
-          if (half == 0) cpu_amx_stream_step(&req, pairs, kp_end);
+          if (half == 0)
+            cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
+                                kp_end);
         }
         cpu_amx_tall_c_close(ch, ldc, four);
       }

@@ -309,7 +309,6 @@ typedef struct item_blocking {
   int group_panels;    /* panels per item */
   int64_t block_pairs; /* k-pairs per K block */
   int near_first;      /* near requests in a block's first row tile only */
-  int woven;           /* every row tile streams the next block, woven (CPU_STREAM_WEAVE) */
 } item_blocking;
 
 static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_t local,
@@ -350,10 +349,10 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
     }
     /* Packed weights: each panel's slice of the next K block follows this
      * block's. In a block of CPU_STREAM_MIN_TILES (3) or more row tiles,
-     * the tiles after the first request shares of it in proportion to their
-     * rows (cpu_tile_requests): the first
-     * tile of an item streams its own weights from memory, and a short
-     * tail tile cannot hide a whole block (one 8-row tile streaming it
+     * the tiles request shares of it in proportion to their rows
+     * (cpu_tile_requests), all but the item's very first tile, which
+     * streams its own weights from memory; a short tail tile cannot hide
+     * a whole block (one 8-row tile streaming it
      * took 1.10-1.26x the time at Mixtral 128 tokens on two AMX cores). */
     const int64_t next_pairs =
         pb->b_packed && CPU_NEXT_BLOCK_STREAM ? min64(block_pairs, kpairs_total - kp0 - kpairs) : 0;
@@ -365,7 +364,7 @@ static void run_item(const cpu_gemm_problem *pb, const cpu_gemm_run *run, int64_
       const int tr = rows - r0 < tile_rows ? rows - r0 : tile_rows;
       const cpu_weight_prefetch next =
           cpu_tile_requests(b, kpairs, next_pairs, follow_pairs, blocking->near_first, kp0 > 0,
-                            blocking->woven, rows, tile_rows, r0, tr);
+                            rows, tile_rows, r0, tr);
       const cpu_weight_prefetch *next_block =
           next.pairs > 0 || next.follow_pairs > 0 || next.near_done ? &next : NULL;
       float *c = c_tile + (int64_t)r0 * C_TILE_LD;
@@ -412,8 +411,7 @@ void cpu_gemm_execute(const cpu_gemm_problem *pb, cpu_gemm_run *runs, int64_t nu
   const item_blocking blocking = {
       group_panels,
       CPU_KC_PAIRS_FEW_THREADS > 0 && few_threads ? CPU_KC_PAIRS_FEW_THREADS : CPU_KC_PAIRS,
-      CPU_NEAR_FIRST_TILE == 2 || (CPU_NEAR_FIRST_TILE == 1 && few_threads),
-      pb->path->weaves && (CPU_STREAM_WEAVE == 2 || (CPU_STREAM_WEAVE == 1 && few_threads))};
+      CPU_NEAR_FIRST_TILE == 2 || (CPU_NEAR_FIRST_TILE == 1 && few_threads)};
   if (threads > items) threads = (int)items;
 #pragma omp parallel num_threads(threads)
   {

@@ -152,17 +152,12 @@ typedef enum cpu_a_format {
  *   the call (0: none; only for packed weights).
  * - near_done: an earlier row tile of the caller's K block read this
  *   call's weights, so they wait in L2: a kernel may skip its own requests
- *   ahead within the block (the follow-on above still runs).
- * - woven: the stream's requests interleave over the call's panels (each
- *   panel's steps request a slot of every panel's share) instead of
- *   following panel by panel, so that the core keeps one slow sequential
- *   stream per panel going instead of one fast one (CPU_STREAM_WEAVE). */
+ *   ahead within the block (the follow-on above still runs). */
 typedef struct cpu_weight_prefetch {
   const uint16_t *b;
   int64_t pairs;
   int64_t follow_pairs;
   int near_done;
-  int woven;
 } cpu_weight_prefetch;
 
 /* The fewest row tiles in a K block for its tiles to stream the next
@@ -173,29 +168,16 @@ typedef struct cpu_weight_prefetch {
 #define CPU_STREAM_MIN_TILES 3
 #endif
 
-/* -DCPU_STREAM_FIRST_TILE=1 (A/B builds): in an item's K blocks after its
- * first, whose weights the block before streamed into L2, the first row
- * tile takes a share of the next block's stream too (shares by rows over
- * all of the block's tiles). */
+/* In an item's K blocks after its first, whose weights the block before
+ * streamed into L2, the first row tile takes a share of the next block's
+ * stream too (shares by rows over all of the block's tiles): its weights
+ * come from L2, so it has time to spare. Mixtral 512 tokens (four row
+ * tiles per block) took 0.967 and 0.973 of the time on two cores of an AMX
+ * host in two paired A/Bs (bench/pair_ab.c), 0.993 on 16 threads; points
+ * of one tile per block are unchanged (bench/results.md, "CPU: paired
+ * A/Bs"). -DCPU_STREAM_FIRST_TILE=0: the first tile never takes a share. */
 #ifndef CPU_STREAM_FIRST_TILE
-#define CPU_STREAM_FIRST_TILE 0
-#endif
-
-/* -DCPU_STREAM_WEAVE=1 (A/B builds): on the AMX path, every row tile of a
- * K block, the first and an only one included, takes a share (by rows) of
- * the next block's stream, woven over the panels (cpu_weight_prefetch).
- * Why: a core's requests in one sequential stream reach about 15 GB/s on
- * an AMX host where four interleaved streams reach 23 (bench/results.md,
- * the probe's request patterns); the tile kernel's own requests run ahead
- * in one stream, so a block whose weights the block before wove into L2
- * runs at the rate of four or more. */
-#ifndef CPU_STREAM_WEAVE
-#define CPU_STREAM_WEAVE 0 /* 1: on 1-2 threads (CPU_FEW_THREADS); 2: always */
-#endif
-/* The fewest row tiles in a K block for the woven stream; fewer stream as
- * CPU_STREAM_MIN_TILES says. */
-#ifndef CPU_STREAM_WEAVE_MIN_TILES
-#define CPU_STREAM_WEAVE_MIN_TILES 1
+#define CPU_STREAM_FIRST_TILE 1
 #endif
 
 /* The requests of row tile [r0, r0 + tr) of a K block of `rows` rows cut
@@ -208,25 +190,21 @@ typedef struct cpu_weight_prefetch {
  * next block's, for the last tile's follow-on (0: none); near_first: the
  * tiles after the first skip their near requests. The first tile of an
  * item's first block streams its own weights from memory, so it takes no
- * share; streamed: the block is not the item's first (CPU_STREAM_FIRST_TILE).
- * woven: every tile streams, woven over the panels (CPU_STREAM_WEAVE), in
- * blocks of at least CPU_STREAM_WEAVE_MIN_TILES tiles. */
+ * share; streamed: the block is not the item's first (CPU_STREAM_FIRST_TILE). */
 static inline cpu_weight_prefetch cpu_tile_requests(const uint16_t *b, int64_t kpairs,
                                                     int64_t next_pairs, int64_t follow_pairs,
-                                                    int near_first, int streamed, int woven,
-                                                    int rows, int tile_rows, int r0, int tr) {
-  const int tiles = (rows + tile_rows - 1) / tile_rows;
-  woven = woven && tiles >= CPU_STREAM_WEAVE_MIN_TILES;
+                                                    int near_first, int streamed, int rows,
+                                                    int tile_rows, int r0, int tr) {
   const int first_rows =
-      woven || (CPU_STREAM_FIRST_TILE && streamed) ? 0 : (rows < tile_rows ? rows : tile_rows);
+      CPU_STREAM_FIRST_TILE && streamed ? 0 : (rows < tile_rows ? rows : tile_rows);
+  const int tiles = (rows + tile_rows - 1) / tile_rows;
   int64_t share0 = 0, share1 = 0; /* k-pairs [share0, share1) of next_pairs */
-  if ((woven || tiles >= CPU_STREAM_MIN_TILES) && rows > first_rows && r0 + tr > first_rows) {
+  if (tiles >= CPU_STREAM_MIN_TILES && rows > first_rows && r0 + tr > first_rows) {
     share0 = next_pairs * (r0 - first_rows) / (rows - first_rows);
     share1 = next_pairs * (r0 + tr - first_rows) / (rows - first_rows);
   }
   const cpu_weight_prefetch requests = {b + (kpairs + share0) * CPU_PANEL_PAIR, share1 - share0,
-                                        r0 + tr == rows ? follow_pairs : 0, near_first && r0 > 0,
-                                        woven};
+                                        r0 + tr == rows ? follow_pairs : 0, near_first && r0 > 0};
   return requests;
 }
 
@@ -262,7 +240,6 @@ typedef struct cpu_kernel_path {
    * blocks (cpu_gemm.c's tile_rows_for). 1: rows cost what they are. */
   int row_block;
   int item_rows; /* target rows per work item (<= CPU_ITEM_ROWS_MAX; see run_chunks) */
-  int weaves;    /* the tile kernel can weave the next block's stream (cpu_weight_prefetch) */
 } cpu_kernel_path;
 
 extern const cpu_kernel_path cpu_path_portable;

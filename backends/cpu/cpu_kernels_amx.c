@@ -132,26 +132,12 @@ const char *cpu_amx_split_kernel(void) {
   return amx_split_name;
 }
 
-/* The requests a split tile's vector kernel gets: a woven stream is the
- * AMX kernel's (cpu_weight_prefetch), so a few-row tile, which streams at
- * DRAM speed on its own, drops it. */
-static const cpu_weight_prefetch *split_requests(const cpu_weight_prefetch *prefetch,
-                                                 cpu_weight_prefetch *unwoven) {
-  if (!prefetch || !prefetch->woven) return prefetch;
-  *unwoven = *prefetch;
-  unwoven->pairs = 0;
-  unwoven->woven = 0;
-  return unwoven;
-}
-
 /* Selected only after cpu_amx_usable(), so amx_split_rows is set. */
 static void amx_tile(int rows, int panels, int64_t kpairs, const void *a_packed, const uint16_t *b,
                      int64_t panel_stride, float *c, int64_t ldc, int accumulate,
                      const cpu_weight_prefetch *prefetch) {
   if (rows < amx_split_rows) {
-    cpu_weight_prefetch unwoven;
-    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate,
-                   split_requests(prefetch, &unwoven));
+    amx_split_tile(rows, panels, kpairs, a_packed, b, panel_stride, c, ldc, accumulate, prefetch);
     return;
   }
   cpu_amx_tile_body(rows, panels, kpairs, a_packed, CPU_A_STRIDE_U32, b, panel_stride, c, ldc,
@@ -168,9 +154,7 @@ static void amx_tile_strided(int rows, int panels, int64_t kpairs, const uint32_
     uint32_t packed[(CPU_AMX_MIN_ROWS - 1) * CPU_A_STRIDE_U32];
     for (int r = 0; r < rows; ++r)
       memcpy(packed + r * CPU_A_STRIDE_U32, a + r * a_stride_u32, (size_t)kpairs * sizeof *a);
-    cpu_weight_prefetch unwoven;
-    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate,
-                   split_requests(prefetch, &unwoven));
+    amx_split_tile(rows, panels, kpairs, packed, b, panel_stride, c, ldc, accumulate, prefetch);
     return;
   }
   cpu_amx_tile_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
@@ -188,5 +172,4 @@ const cpu_kernel_path cpu_path_amx = {
     .one_tile_rows = CPU_AMX_ONE_TILE_ROWS,
     .row_block = CPU_AMX_ROW_BLOCK,
     .item_rows = CPU_AMX_ITEM_ROWS,
-    .weaves = 1,
 };

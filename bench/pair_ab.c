@@ -13,10 +13,11 @@
  * The two libraries are loaded with dlopen (RTLD_LOCAL), each with its own
  * state; this tool does not link the library, so each library's calls to
  * its own API resolve to itself. Usage:
- *   pair_ab LIB_A LIB_B [--model NAME[,NAME...]] [--tokens T[,T...]]
- *           [--pairs N] [--option NAME=VALUE]...
+ *   pair_ab LIB_A LIB_B [--model NAME[,NAME...] | --shape H,I,E,K]
+ *           [--tokens T[,T...]] [--pairs N] [--option NAME=VALUE]...
  * (defaults: mixtral-8x7b,qwen3-30b-a3b; 128,512; 15 pairs; CPU backend;
- * threads from OMP_NUM_THREADS).
+ * threads from OMP_NUM_THREADS). --shape: one softmax top-k SwiGLU layer
+ * of hidden H, intermediate I, E experts, top K (the smoke test's).
  */
 #include "bench_cpu.h"
 #include "bench_models.h"
@@ -240,8 +241,8 @@ static int parse_list(const char *s, int64_t *values, int max) {
 
 int main(int argc, char **argv) {
   if (argc < 3) {
-    fprintf(stderr, "usage: pair_ab LIB_A LIB_B [--model NAME[,NAME...]] [--tokens T[,T...]]\n"
-                    "               [--pairs N] [--option NAME=VALUE]...\n");
+    fprintf(stderr, "usage: pair_ab LIB_A LIB_B [--model NAME[,NAME...] | --shape H,I,E,K]\n"
+                    "               [--tokens T[,T...]] [--pairs N] [--option NAME=VALUE]...\n");
     return 2;
   }
   library lib_a, lib_b;
@@ -252,12 +253,14 @@ int main(int argc, char **argv) {
   }
   config_source = &lib_a;
   const char *models = "mixtral-8x7b,qwen3-30b-a3b";
-  int64_t tokens[MAX_TOKEN_COUNTS] = {128, 512};
-  int token_count = 2, pairs = 15, option_count = 0;
+  int64_t tokens[MAX_TOKEN_COUNTS] = {128, 512}, shape[4];
+  int token_count = 2, pairs = 15, option_count = 0, has_shape = 0;
   const char *options[MAX_OPTIONS];
   for (int i = 3; i + 1 < argc; i += 2) {
     if (strcmp(argv[i], "--model") == 0)
       models = argv[i + 1];
+    else if (strcmp(argv[i], "--shape") == 0 && parse_list(argv[i + 1], shape, 4) == 4)
+      has_shape = 1;
     else if (strcmp(argv[i], "--tokens") == 0)
       token_count = parse_list(argv[i + 1], tokens, MAX_TOKEN_COUNTS);
     else if (strcmp(argv[i], "--pairs") == 0)
@@ -283,11 +286,14 @@ int main(int argc, char **argv) {
   printf("A: %s\nB: %s\n\n", lib_a.path, lib_b.path);
   printf("| model | tokens | A us | B us | B/A (median of pairs) | quartiles | pairs |\n");
   printf("|---|---:|---:|---:|---:|---|---:|\n");
-  char *list = strdup(models), *save = NULL;
+  const bench_model custom =
+      has_shape ? bench_model_custom(shape[0], shape[1], (int32_t)shape[2], (int32_t)shape[3])
+                : (bench_model){0};
+  char *list = strdup(has_shape ? custom.name : models), *save = NULL;
   int failed = !list;
   for (char *name = list ? strtok_r(list, ",", &save) : NULL; name && !failed;
        name = strtok_r(NULL, ",", &save)) {
-    const bench_model *model = bench_model_find(name);
+    const bench_model *model = has_shape ? &custom : bench_model_find(name);
     if (!model) {
       fprintf(stderr, "pair_ab: no model %s\n", name);
       failed = 1;

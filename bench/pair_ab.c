@@ -256,7 +256,11 @@ int main(int argc, char **argv) {
   int64_t tokens[MAX_TOKEN_COUNTS] = {128, 512}, shape[4];
   int token_count = 2, pairs = 15, option_count = 0, has_shape = 0;
   const char *options[MAX_OPTIONS];
-  for (int i = 3; i + 1 < argc; i += 2) {
+  for (int i = 3; i < argc; i += 2) {
+    if (i + 1 == argc) {
+      fprintf(stderr, "pair_ab: %s needs a value\n", argv[i]);
+      return 2;
+    }
     if (strcmp(argv[i], "--model") == 0)
       models = argv[i + 1];
     else if (strcmp(argv[i], "--shape") == 0 && parse_list(argv[i + 1], shape, 4) == 4)

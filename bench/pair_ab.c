@@ -136,8 +136,7 @@ static int side_open(side *s, const library *lib, const moe_config *cfg, const m
   if (st == MOE_SUCCESS) st = upload(s, x, (size_t)max_tokens * H * 2, &s->x);
   if (st == MOE_SUCCESS) st = upload(s, logits, (size_t)max_tokens * E * 4, &s->logits);
   if (st == MOE_SUCCESS) st = lib->buffer_create(s->ctx, (size_t)max_tokens * H * 2, &s->out);
-  if (st != MOE_SUCCESS)
-    fprintf(stderr, "pair_ab: %s: %s\n", lib->path, s->ctx ? lib->last_error(s->ctx) : "context");
+  if (st != MOE_SUCCESS) fprintf(stderr, "pair_ab: %s: %s\n", lib->path, lib->last_error(s->ctx));
   return st != MOE_SUCCESS;
 }
 
@@ -189,7 +188,7 @@ static int run_model(const bench_model *model, const library *lib_a, const libra
   float *logits = malloc((size_t)(max_tokens * E) * 4);
   float *w13_bias = NULL, *w2_bias = NULL, *correction = NULL;
   side a = {0}, b = {0};
-  int failed = 1;
+  int failed = 1, out_of_memory = 1; /* until the host copies exist */
   if (!w13 || !w2 || !x || !logits) goto done;
   /* moe_bench's inputs (seed 1): the same weights, inputs and routing. */
   bench_random_bf16(w13, w13_count, 1.0f / sqrtf((float)H), 2);
@@ -210,6 +209,7 @@ static int run_model(const bench_model *model, const library *lib_a, const libra
     bench_random_f32(correction, (size_t)E, 0.1f, 6);
     weights.correction_bias = correction;
   }
+  out_of_memory = 0; /* the libraries print their own errors from here on */
   if (side_open(&a, lib_a, cfg, &weights, max_tokens, x, logits, options, option_count) ||
       side_open(&b, lib_b, cfg, &weights, max_tokens, x, logits, options, option_count))
     goto done;
@@ -219,7 +219,7 @@ static int run_model(const bench_model *model, const library *lib_a, const libra
   for (int i = 0; i < token_count && !failed; ++i)
     failed = run_point(model->name, &a, &b, tokens[i], pairs);
 done:
-  if (failed && (!w13 || !w2 || !x || !logits)) fprintf(stderr, "pair_ab: out of host memory\n");
+  if (out_of_memory) fprintf(stderr, "pair_ab: out of host memory\n");
   side_free(&a);
   side_free(&b);
   free(w13), free(w2), free(x), free(logits), free(w13_bias), free(w2_bias), free(correction);

@@ -241,7 +241,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
     const uint16_t *panel = b + p * PANEL_STRIDE;
     float *c0 = c + p * 32, *c1 = c0 + 16 * ldc;
     const int keep_c = v->probe != PROBE_NO_C;
-    cpu_amx_c_open(c0, c1, ldc * 4, two, keep_c);
+    cpu_amx_c_open(c0, c1, ldc * 4, 16, two, keep_c);
     /* The step's prefetch parts go out at the tile operations' positions
      * (8 with two row blocks, 5 with one), spread evenly: position i issues
      * parts [ceil(i * parts / positions), ceil((i + 1) * parts / positions)). */
@@ -285,7 +285,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
       }
     }
 #undef AT
-    if (keep_c) cpu_amx_c_close(c0, c1, ldc * 4, two);
+    if (keep_c) cpu_amx_c_close(c0, c1, ldc * 4, 16, two);
   }
   AMX_RELEASE();
 }
@@ -318,8 +318,8 @@ static void pair_request(const uint16_t *b, int panels, int q, int step, int ste
  * two panels, 128 KiB or more apart, so a core requests two sequential
  * streams at half the rate each: C1's two cores prefetched 15.4 GB/s per
  * core from one stream and 23.1 from four (bench/results.md, 2026-12-07).
- * Same accumulation order per element, so it could replace the library's
- * kernel bit for bit. rows <= 32, panels even. */
+ * The library's version is cpu_amx_pair_body (-DCPU_AMX_PANEL_PAIRS=1);
+ * this one runs beside the others in one process. rows <= 32, panels even. */
 static void panel_pair(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
                        int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc) {
   const int two = rows > 16, steps = kpairs / CPU_AMX_PAIRS;
@@ -331,12 +331,7 @@ static void panel_pair(const variant *v, int rows, int panels, int kpairs, const
     for (int half = 0; half < 2; ++half) {
       /* C(i, q): row block i of panel p + q's column half; tmm 2i + q. */
       float *c0 = c + p * 32 + 16 * half, *c1 = c0 + 16 * ldc;
-      AMX_LOAD(0, c0, ldc * 4);
-      AMX_LOAD(1, c0 + 32, ldc * 4);
-      if (two) {
-        AMX_LOAD(2, c1, ldc * 4);
-        AMX_LOAD(3, c1 + 32, ldc * 4);
-      }
+      cpu_amx_c_open(c0, c1, ldc * 4, 32, two, 1);
       const int request_half = v->pair_both ? (half == 0 ? 2 : -1) : half;
       for (int step = 0; step < steps; ++step) {
         const uint16_t *w = b + p * PANEL_STRIDE + step * (STEP_BYTES / 2) + 16 * 2 * half;
@@ -353,12 +348,7 @@ static void panel_pair(const variant *v, int rows, int panels, int kpairs, const
           AMX_DP(3, 5, 7);
         }
       }
-      AMX_STORE(0, c0, ldc * 4);
-      AMX_STORE(1, c0 + 32, ldc * 4);
-      if (two) {
-        AMX_STORE(2, c1, ldc * 4);
-        AMX_STORE(3, c1 + 32, ldc * 4);
-      }
+      cpu_amx_c_close(c0, c1, ldc * 4, 32, two);
     }
   AMX_RELEASE();
 }

@@ -204,16 +204,19 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
   }
 }
 
-/* A panel's accumulators C(i, j) (tmm 2i + j; the second row block only
- * when `two`) at c0 (rows 0-15) and c1 (rows 16-31), c_stride bytes apart:
- * loaded (or zeroed when !load) before the panel's steps, stored after. */
-static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int two, int load) {
+/* The 2 x 2 grid's accumulators C(i, j) (tmm 2i + j; the second row block
+ * only when `two`) at c0 (rows 0-15) and c1 (rows 16-31), c_stride bytes
+ * apart, C(i, 1) `second` floats right of C(i, 0) (16: a panel's two
+ * halves; 32: two panels' same half): loaded (or zeroed when !load) before
+ * the steps, stored after. */
+static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int64_t second, int two,
+                                  int load) {
   if (load) {
     AMX_LOAD(0, c0, c_stride);
-    AMX_LOAD(1, c0 + 16, c_stride);
+    AMX_LOAD(1, c0 + second, c_stride);
     if (two) {
       AMX_LOAD(2, c1, c_stride);
-      AMX_LOAD(3, c1 + 16, c_stride);
+      AMX_LOAD(3, c1 + second, c_stride);
     }
   } else {
     AMX_ZERO(0);
@@ -225,12 +228,13 @@ static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int tw
   }
 }
 
-static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int two) {
+static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int64_t second,
+                                   int two) {
   AMX_STORE(0, c0, c_stride);
-  AMX_STORE(1, c0 + 16, c_stride);
+  AMX_STORE(1, c0 + second, c_stride);
   if (two) {
     AMX_STORE(2, c1, c_stride);
-    AMX_STORE(3, c1 + 16, c_stride);
+    AMX_STORE(3, c1 + second, c_stride);
   }
 }
 
@@ -261,7 +265,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
     for (int p = 0; p < panels; ++p) {
       float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
       const uint16_t *panel = b + p * panel_stride;
-      cpu_amx_c_open(c0, c1, c_stride, two, load_c);
+      cpu_amx_c_open(c0, c1, c_stride, 16, two, load_c);
       cpu_amx_panel_requests req =
           cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
@@ -287,7 +291,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
         }
         cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
       }
-      cpu_amx_c_close(c0, c1, c_stride, two);
+      cpu_amx_c_close(c0, c1, c_stride, 16, two);
     }
   }
   AMX_RELEASE();
@@ -414,6 +418,137 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
   AMX_RELEASE();
 }
 
+/* ---- The two-panel walk: -DCPU_AMX_PANEL_PAIRS=1 (A/B builds) ----------- */
+
+/* The 2 x 2 tile grid over two panels' same column half instead of one
+ * panel's two halves: panels p and p + 1, column half 0 over the K range,
+ * then half 1, then the next pair. A step loads what the 2 x 2 kernel's
+ * does (two A tiles, two B tiles for four TDPBF16PS), but its weights come
+ * from two panels 128 KiB or more apart, so a core requests two sequential
+ * streams at half the rate each: two cores of one AMX host ("C1")
+ * prefetched 15.4 GB/s per core from one stream and 23.1 from four
+ * (bench/results.md, 2026-12-07). Each accumulator element sees the same
+ * tdpbf16ps steps in the same order as in the 2 x 2 kernel: the same bits.
+ * Not yet measured on hardware; bench/amx_stream_probe's pair-* variants
+ * time the walk first. */
+#ifndef CPU_AMX_PANEL_PAIRS
+#define CPU_AMX_PANEL_PAIRS 0
+#endif
+
+/* The lines of column half `half` of panels q and q + 1 at the step `ahead`
+ * steps after kp in the walk (this half's next steps; past the range, the
+ * pair's other half, then the next pair's first half; past the last pair,
+ * the first pair's steps of the K block that follows, as far as
+ * follow_pairs reaches: cpu_weight_prefetch), as the first of two panels'
+ * rows (the second is panel_stride further), or NULL. *out_half: the half
+ * they belong to. */
+static inline const char *cpu_amx_pair_target(const uint16_t *b, int64_t panel_stride,
+                                              int pairs_end, int q, int half, int64_t kp,
+                                              int64_t kp_begin, int64_t kp_end, int pairs,
+                                              int ahead, int64_t follow_pairs, int near_done,
+                                              int *out_half) {
+  int64_t next = kp + (int64_t)ahead * pairs;
+  while (next >= kp_end && q < pairs_end) {
+    next = kp_begin + (next - kp_end);
+    if (half == 0)
+      half = 1;
+    else
+      half = 0, q += 2;
+  }
+  *out_half = half;
+  if (q < pairs_end)
+    return near_done ? NULL : (const char *)(b + q * panel_stride + next * CPU_PANEL_PAIR);
+  /* Past the last pair: the next K block starts with the first pair's half 0. */
+  if (half == 0 && next - kp_begin + pairs <= follow_pairs)
+    return (const char *)(b + (kp_end + next - kp_begin) * CPU_PANEL_PAIR);
+  return NULL;
+}
+
+/* Part `part` of a step's requests: the `half` line of each of the step's
+ * `pairs` k-pairs in both panels at rows (request i < pairs: the first
+ * panel's k-pair i; then the second panel's). */
+static inline void cpu_amx_pair_prefetch_part(const char *rows, int64_t panel_stride, int half,
+                                              int pairs, const cpu_amx_parts *parts, int part) {
+  if (!rows) return;
+  for (int i = parts->first_line[part]; i < parts->first_line[part + 1]; ++i) {
+    const int second = i >= pairs;
+    const int64_t panel = second ? panel_stride * (int64_t)sizeof(uint16_t) : 0;
+    AMX_PREFETCH(rows + panel + 128 * (i - second * pairs) + 64 * half);
+  }
+}
+
+static inline void cpu_amx_pair_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                                     float *c, int64_t ldc, int accumulate,
+                                     const cpu_weight_prefetch *stream) {
+  const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
+  const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
+  const int64_t c_stride = ldc * (int64_t)sizeof(float);
+  const int two = rows > 16;
+  const uint32_t *a1 = a + 16 * a_stride_u32;
+  const int pairs_end = panels / 2 * 2; /* panels walked in pairs; an odd last one alone */
+  cpu_amx_config cfg;
+  for (int pass = 0; pass < 2; ++pass) {
+    const cpu_amx_pass range = cpu_amx_pass_range(kpairs, pass);
+    const int64_t kp_begin = range.begin, kp_end = range.end;
+    const int pairs = range.pairs;
+    if (kp_end == kp_begin) continue;
+    cpu_amx_make_config(&cfg, rows, pairs);
+    AMX_CONFIG(&cfg);
+    const int load_c = accumulate || kp_begin > 0;
+    /* A step requests `pairs` lines (one half) of each panel: 2 * pairs in
+     * all, cut in parts as the 2 x 2 kernel's are. */
+    const cpu_amx_parts parts = cpu_amx_make_parts(pairs, two ? 4 : 2);
+    for (int p = 0; p < pairs_end; p += 2)
+      for (int half = 0; half < 2; ++half) {
+        /* C(i, q) = tmm(2i + q): row block i of panel p + q's column half. */
+        float *c0 = c + (int64_t)p * CPU_PANEL_COLS + 16 * half, *c1 = c0 + 16 * ldc;
+        cpu_amx_c_open(c0, c1, c_stride, CPU_PANEL_COLS, two, load_c);
+        cpu_amx_panel_requests req =
+            cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p + half, panel_stride);
+        for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
+          const uint16_t *w = b + p * panel_stride + kp * CPU_PANEL_PAIR + 32 * half;
+          int ahead_half = half;
+          const char *ahead =
+              CPU_AMX_PREFETCH_STEPS > 0
+                  ? cpu_amx_pair_target(b, panel_stride, pairs_end, p, half, kp, kp_begin, kp_end,
+                                        pairs, CPU_AMX_PREFETCH_STEPS, req.follow_pairs,
+                                        req.near_done, &ahead_half)
+                  : NULL;
+          cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 0);
+          AMX_LOAD(6, w, b_stride);
+          AMX_LOAD(7, w + panel_stride, b_stride);
+          AMX_LOAD(4, a + kp, a_stride);
+          AMX_DP(0, 4, 6);
+          cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 1);
+          AMX_DP(1, 4, 7);
+          if (two) {
+            cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 2);
+            AMX_LOAD(5, a1 + kp, a_stride);
+            AMX_DP(2, 5, 6);
+            cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 3);
+            AMX_DP(3, 5, 7);
+          }
+          cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
+                              kp_end);
+        }
+        cpu_amx_c_close(c0, c1, c_stride, CPU_PANEL_COLS, two);
+      }
+  }
+  AMX_RELEASE();
+  if (pairs_end < panels) {
+    /* The odd last panel, alone (its stream share and follow-on shifted to it). */
+    cpu_weight_prefetch last;
+    if (stream) {
+      last = *stream;
+      last.b += pairs_end * panel_stride;
+    }
+    cpu_amx_wide_body(rows, 1, kpairs, a, a_stride_u32, b + pairs_end * panel_stride, panel_stride,
+                      c + (int64_t)pairs_end * CPU_PANEL_COLS, ldc, accumulate,
+                      stream ? &last : NULL);
+  }
+}
+
 /* The tile kernel of cpu_kernels.h for rows <= CPU_TILE_ROWS_MAX. The
  * bits do not depend on which kernel runs: each accumulator element sees
  * the same tdpbf16ps steps in the same order. */
@@ -423,6 +558,9 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                      const cpu_weight_prefetch *stream) {
   if (CPU_TILE_ROWS_MAX > 32 && rows > 32)
     cpu_amx_tall_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
+                      stream);
+  else if (CPU_AMX_PANEL_PAIRS && panels > 1)
+    cpu_amx_pair_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                       stream);
   else
     cpu_amx_wide_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,

@@ -77,22 +77,37 @@
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
 
-/* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
- * of `pairs` k-pairs over [kp_begin, kp_end) in every panel). Past the last
- * panel: the first panel's steps of the K block that follows (its first
- * follow_pairs k-pairs, right after kp_end in the packed panel; see
- * cpu_weight_prefetch), else NULL. near_done: none within the block. */
+/* Where the step `ahead` steps after k-pair kp of segment seg lies, in a
+ * walk of `segments` segments that each sweep [kp_begin, kp_end) in steps
+ * of `pairs` k-pairs (the 2 x 2 kernel: one segment per panel; the
+ * two-panel walk: one per pair of panels and column half). Returns the
+ * segment (< segments) and its k-pair in *next; past the last segment,
+ * `segments` with *next the k-pair in the first panel's packed K, where
+ * the K block that follows it starts at kp_end (its first follow_pairs
+ * k-pairs; see cpu_weight_prefetch); -1 beyond those. */
+static inline int cpu_amx_walk_ahead(int segments, int seg, int64_t kp, int64_t kp_begin,
+                                     int64_t kp_end, int pairs, int ahead, int64_t follow_pairs,
+                                     int64_t *next) {
+  *next = kp + (int64_t)ahead * pairs;
+  while (*next >= kp_end && ++seg < segments)
+    *next = kp_begin + (*next - kp_end);
+  if (seg < segments || *next - kp_end + pairs <= follow_pairs) return seg;
+  return -1;
+}
+
+/* The B rows of the step `ahead` steps after k-pair kp of panel p (this
+ * panel's next steps, then the next panel's first; past the last panel, the
+ * follow-on: cpu_amx_walk_ahead), or NULL. near_done: none within the
+ * block. */
 static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t panel_stride,
                                                   int panels, int p, int64_t kp, int64_t kp_begin,
                                                   int64_t kp_end, int pairs, int ahead,
                                                   int64_t follow_pairs, int near_done) {
-  int64_t next = kp + (int64_t)ahead * pairs;
-  while (next >= kp_end && ++p < panels)
-    next = kp_begin + (next - kp_end);
-  if (p < panels)
-    return near_done ? NULL : (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
-  if (next - kp_end + pairs <= follow_pairs) return (const char *)(b + next * CPU_PANEL_PAIR);
-  return NULL;
+  int64_t next;
+  const int seg =
+      cpu_amx_walk_ahead(panels, p, kp, kp_begin, kp_end, pairs, ahead, follow_pairs, &next);
+  if (seg < 0 || (seg < panels && near_done)) return NULL;
+  return (const char *)(b + (seg < panels ? seg : 0) * panel_stride + next * CPU_PANEL_PAIR);
 }
 
 typedef struct cpu_amx_parts {
@@ -430,38 +445,30 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
  * (bench/results.md, 2026-12-07). Each accumulator element sees the same
  * tdpbf16ps steps in the same order as in the 2 x 2 kernel: the same bits.
  * Not yet measured on hardware; bench/amx_stream_probe's pair-* variants
- * time the walk first. */
+ * time the walk first. A body of its own, beside the 2 x 2 kernel's, so
+ * that the shipped kernel's code stays as measured until this one wins. */
 #ifndef CPU_AMX_PANEL_PAIRS
 #define CPU_AMX_PANEL_PAIRS 0
 #endif
 
-/* The lines of column half `half` of panels q and q + 1 at the step `ahead`
- * steps after kp in the walk (this half's next steps; past the range, the
- * pair's other half, then the next pair's first half; past the last pair,
- * the first pair's steps of the K block that follows, as far as
- * follow_pairs reaches: cpu_weight_prefetch), as the first of two panels'
- * rows (the second is panel_stride further), or NULL. *out_half: the half
- * they belong to. */
+/* The rows of the step `ahead` steps after kp in the two-panel walk, from
+ * pair p's column half `half` (cpu_amx_walk_ahead, one segment per pair and
+ * half: this half's next steps, then the pair's other half, then the next
+ * pair's first half; past the last pair, the follow-on into the next K
+ * block's first pair), as the first panel's (the second is panel_stride
+ * further), or NULL. *out_half: the half they belong to. */
 static inline const char *cpu_amx_pair_target(const uint16_t *b, int64_t panel_stride,
-                                              int pairs_end, int q, int half, int64_t kp,
+                                              int pairs_end, int p, int half, int64_t kp,
                                               int64_t kp_begin, int64_t kp_end, int pairs,
                                               int ahead, int64_t follow_pairs, int near_done,
                                               int *out_half) {
-  int64_t next = kp + (int64_t)ahead * pairs;
-  while (next >= kp_end && q < pairs_end) {
-    next = kp_begin + (next - kp_end);
-    if (half == 0)
-      half = 1;
-    else
-      half = 0, q += 2;
-  }
-  *out_half = half;
-  if (q < pairs_end)
-    return near_done ? NULL : (const char *)(b + q * panel_stride + next * CPU_PANEL_PAIR);
-  /* Past the last pair: the next K block starts with the first pair's half 0. */
-  if (half == 0 && next - kp_begin + pairs <= follow_pairs)
-    return (const char *)(b + (kp_end + next - kp_begin) * CPU_PANEL_PAIR);
-  return NULL;
+  int64_t next;
+  const int seg = cpu_amx_walk_ahead(pairs_end, p + half, kp, kp_begin, kp_end, pairs, ahead,
+                                     follow_pairs, &next);
+  if (seg < 0 || (seg < pairs_end && near_done)) return NULL;
+  *out_half = seg < pairs_end ? seg % 2 : 0;
+  const int panel = seg < pairs_end ? seg - seg % 2 : 0;
+  return (const char *)(b + panel * panel_stride + next * CPU_PANEL_PAIR);
 }
 
 /* Part `part` of a step's requests: the `half` line of each of the step's

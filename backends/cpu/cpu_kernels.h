@@ -184,13 +184,14 @@ typedef struct cpu_weight_prefetch {
  * into tiles of tile_rows, whose weights start at b, kpairs k-pairs per
  * panel (cpu_gemm.c's run_item; bench/amx_stream_probe.c times the same
  * plan). next_pairs: the next K block's k-pairs, which a block of at
- * least CPU_STREAM_MIN_TILES tiles streams from its tiles after the first,
- * in shares by rows (0: none; a block of fewer tiles has too little work
- * after its first to hide a whole block); follow_pairs: the
- * next block's, for the last tile's follow-on (0: none); near_first: the
- * tiles after the first skip their near requests. The first tile of an
- * item's first block streams its own weights from memory, so it takes no
- * share; streamed: the block is not the item's first (CPU_STREAM_FIRST_TILE). */
+ * least CPU_STREAM_MIN_TILES tiles streams from its tiles, in shares by
+ * rows (0: none; a block of fewer tiles has too little work after its
+ * first to hide a whole block); follow_pairs: the next block's, for the
+ * last tile's follow-on (0: none); near_first: the tiles after the first
+ * skip their near requests. streamed: the block is not the item's first,
+ * so its weights came from L2 and its first tile takes a share too
+ * (CPU_STREAM_FIRST_TILE); in an item's first block the first tile streams
+ * its own weights from memory and takes none. */
 static inline cpu_weight_prefetch cpu_tile_requests(const uint16_t *b, int64_t kpairs,
                                                     int64_t next_pairs, int64_t follow_pairs,
                                                     int near_first, int streamed, int rows,

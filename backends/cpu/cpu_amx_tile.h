@@ -341,29 +341,45 @@ static inline void cpu_amx_make_tall_config(cpu_amx_config *cfg, int rows, int p
   cfg->colsb[6] = 16 * 2 * sizeof(uint16_t);
 }
 
-/* One column half's accumulators C(i) at c + 16 i rows: loaded (or zeroed
- * when !load) before the half's steps, stored after. */
-static inline void cpu_amx_tall_c_open(float *c, int64_t ldc, int four, int load) {
+/* One column half's accumulators C(i) = tmm i at c + 16 i rows, i <
+ * blocks: loaded (or zeroed when !load) before the half's steps, stored
+ * after. */
+static inline void cpu_amx_half_c_open(float *c, int64_t ldc, int blocks, int load) {
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
   if (load) {
     AMX_LOAD(0, c, c_stride);
-    AMX_LOAD(1, c + 16 * ldc, c_stride);
-    AMX_LOAD(2, c + 32 * ldc, c_stride);
-    if (four) AMX_LOAD(3, c + 48 * ldc, c_stride);
+    if (blocks > 1) AMX_LOAD(1, c + 16 * ldc, c_stride);
+    if (blocks > 2) AMX_LOAD(2, c + 32 * ldc, c_stride);
+    if (blocks > 3) AMX_LOAD(3, c + 48 * ldc, c_stride);
   } else {
     AMX_ZERO(0);
-    AMX_ZERO(1);
-    AMX_ZERO(2);
-    if (four) AMX_ZERO(3);
+    if (blocks > 1) AMX_ZERO(1);
+    if (blocks > 2) AMX_ZERO(2);
+    if (blocks > 3) AMX_ZERO(3);
   }
 }
 
-static inline void cpu_amx_tall_c_close(float *c, int64_t ldc, int four) {
+static inline void cpu_amx_half_c_close(float *c, int64_t ldc, int blocks) {
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
   AMX_STORE(0, c, c_stride);
-  AMX_STORE(1, c + 16 * ldc, c_stride);
-  AMX_STORE(2, c + 32 * ldc, c_stride);
-  if (four) AMX_STORE(3, c + 48 * ldc, c_stride);
+  if (blocks > 1) AMX_STORE(1, c + 16 * ldc, c_stride);
+  if (blocks > 2) AMX_STORE(2, c + 32 * ldc, c_stride);
+  if (blocks > 3) AMX_STORE(3, c + 48 * ldc, c_stride);
+}
+
+/* The near requests of a step at k-pair kp of column half `half` of panel
+ * p, in a walk that sweeps a panel's K range once per half: a request
+ * covers both halves' lines, so the first half's sweep requests the steps
+ * ahead within the panel, the second's those past its end (the next
+ * panel's first steps, or the follow-on into the next K block). */
+static inline const char *cpu_amx_half_target(const uint16_t *b, int64_t panel_stride, int panels,
+                                              int p, int half, int64_t kp, int64_t kp_begin,
+                                              int64_t kp_end, int pairs,
+                                              const cpu_amx_panel_requests *req) {
+  const int crosses = kp + (int64_t)CPU_AMX_PREFETCH_STEPS * pairs >= kp_end;
+  if (CPU_AMX_PREFETCH_STEPS <= 0 || crosses != half) return NULL;
+  return cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                                 CPU_AMX_PREFETCH_STEPS, req->follow_pairs, req->near_done);
 }
 
 static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
@@ -391,19 +407,11 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
           cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
-        cpu_amx_tall_c_open(ch, ldc, four, load_c);
+        cpu_amx_half_c_open(ch, ldc, 3 + four, load_c);
         for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
           const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
-          /* A step's request covers both halves' lines: the first half's
-           * pass requests the steps ahead within the panel, the second's
-           * those past its end (the next panel's first steps, or the
-           * follow-on into the next K block). */
-          const int crosses = kp + (int64_t)CPU_AMX_PREFETCH_STEPS * pairs >= kp_end;
-          const char *ahead =
-              CPU_AMX_PREFETCH_STEPS > 0 && crosses == half
-                  ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                            CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
-                  : NULL;
+          const char *ahead = cpu_amx_half_target(b, panel_stride, panels, p, half, kp, kp_begin,
+                                                  kp_end, pairs, &req);
           cpu_amx_prefetch_part(ahead, &parts, 0);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);
@@ -426,134 +434,129 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
             cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
                                 kp_end);
         }
-        cpu_amx_tall_c_close(ch, ldc, four);
+        cpu_amx_half_c_close(ch, ldc, 3 + four);
       }
     }
   }
   AMX_RELEASE();
 }
 
-/* ---- The two-panel walk: -DCPU_AMX_PANEL_PAIRS=1 (A/B builds) ----------- */
+/* ---- The alternating half walk: -DCPU_AMX_ALTERNATE=1 (A/B builds) ----- */
 
-/* The 2 x 2 tile grid over two panels' same column half instead of one
- * panel's two halves: panels p and p + 1, column half 0 over the K range,
- * then half 1, then the next pair. A step loads what the 2 x 2 kernel's
- * does (two A tiles, two B tiles for four TDPBF16PS), but its weights come
- * from two panels 128 KiB or more apart, so a core requests two sequential
- * streams at half the rate each: two cores of one AMX host ("C1")
- * prefetched 15.4 GB/s per core from one stream and 23.1 from four
- * (bench/results.md, 2026-12-07). Each accumulator element sees the same
- * tdpbf16ps steps in the same order as in the 2 x 2 kernel: the same bits.
- * Not yet measured on hardware; bench/amx_stream_probe's pair-* variants
- * time the walk first. A body of its own, beside the 2 x 2 kernel's, so
- * that the shipped kernel's code stays as measured until this one wins. */
-#ifndef CPU_AMX_PANEL_PAIRS
-#define CPU_AMX_PANEL_PAIRS 0
+/* rows <= 32, one column half of a panel at a time (as the 4 x 1 kernel
+ * walks), with two sets of operand tiles used on alternate steps: C(i) =
+ * tmm i for row block i; on even steps A(i) = tmm 2 + i and B = tmm 6, on
+ * odd steps A(i) = tmm 4 + i and B = tmm 7. Tiles are not renamed, so in
+ * the 2 x 2 kernel a step's weight tile load waits until the previous
+ * step's last TDPBF16PS has read the tile it overwrites, and the load's
+ * latency (L2 or memory where the request came late) is spent with the
+ * multiplier idle: on two cores of an AMX host the probe's step time grew
+ * by about the TDPBF16PS time of each added row block on top of the memory
+ * time (bench/results.md, 2026-12-07 10:0xZ). Here the next step's loads
+ * write the other set, so they can run under this step's products. The
+ * price: the A tiles are loaded once per column half (twice per panel),
+ * from L1. Each accumulator element sees the same tdpbf16ps steps in the
+ * same order as in the 2 x 2 kernel: the same bits. */
+#ifndef CPU_AMX_ALTERNATE
+#define CPU_AMX_ALTERNATE 0
 #endif
 
-/* The rows of the step `ahead` steps after kp in the two-panel walk, from
- * pair p's column half `half` (cpu_amx_walk_ahead, one segment per pair and
- * half: this half's next steps, then the pair's other half, then the next
- * pair's first half; past the last pair, the follow-on into the next K
- * block's first pair), as the first panel's (the second is panel_stride
- * further), or NULL. *out_half: the half they belong to. */
-static inline const char *cpu_amx_pair_target(const uint16_t *b, int64_t panel_stride,
-                                              int pairs_end, int p, int half, int64_t kp,
-                                              int64_t kp_begin, int64_t kp_end, int pairs,
-                                              int ahead, int64_t follow_pairs, int near_done,
-                                              int *out_half) {
-  int64_t next;
-  const int seg = cpu_amx_walk_ahead(pairs_end, p + half, kp, kp_begin, kp_end, pairs, ahead,
-                                     follow_pairs, &next);
-  if (seg < 0 || (seg < pairs_end && near_done)) return NULL;
-  *out_half = seg < pairs_end ? seg % 2 : 0;
-  const int panel = seg < pairs_end ? seg - seg % 2 : 0;
-  return (const char *)(b + panel * panel_stride + next * CPU_PANEL_PAIR);
+/* The alternating walk's near requests. CPU_AMX_ALTERNATE=1: the 4 x 1
+ * kernel's (cpu_amx_half_target: a step's 32 lines, CPU_AMX_PREFETCH_STEPS
+ * ahead, in the first half's sweep), so memory is asked for nothing while
+ * the second half reads the panel again from L1. =2: an even request
+ * stream instead, one unit of 8 k-pairs (16 lines) per half-step over the
+ * whole walk, as if the walk consumed the panel's K range at one unit per
+ * half-step; the first half consumes two units per step, so the lead is
+ * the half's steps plus CPU_AMX_PREFETCH_STEPS units, and a panel's first
+ * half of rows is asked for during the previous panel's second half. */
+static inline const char *cpu_amx_even_target(const uint16_t *b, int64_t panel_stride, int panels,
+                                              int p, int half, int64_t kp, int64_t kp_begin,
+                                              int64_t kp_end, int pairs,
+                                              const cpu_amx_panel_requests *req) {
+  enum { UNIT = CPU_AMX_PAIRS / 2 };
+  if (CPU_AMX_PREFETCH_STEPS <= 0 || pairs != CPU_AMX_PAIRS) return NULL;
+  const int64_t steps = (kp_end - kp_begin) / pairs;
+  const int64_t kp_even = kp_begin + (half * steps + (kp - kp_begin) / pairs) * UNIT;
+  return cpu_amx_prefetch_target(b, panel_stride, panels, p, kp_even, kp_begin, kp_end, UNIT,
+                                 (int)steps + CPU_AMX_PREFETCH_STEPS, req->follow_pairs,
+                                 req->near_done);
 }
 
-/* Part `part` of a step's requests: the `half` line of each of the step's
- * `pairs` k-pairs in both panels at rows (request i < pairs: the first
- * panel's k-pair i; then the second panel's). */
-static inline void cpu_amx_pair_prefetch_part(const char *rows, int64_t panel_stride, int half,
-                                              int pairs, const cpu_amx_parts *parts, int part) {
-  if (!rows) return;
-  for (int i = parts->first_line[part]; i < parts->first_line[part + 1]; ++i) {
-    const int second = i >= pairs;
-    const int64_t panel = second ? panel_stride * (int64_t)sizeof(uint16_t) : 0;
-    AMX_PREFETCH(rows + panel + 128 * (i - second * pairs) + 64 * half);
+static inline void cpu_amx_make_alt_config(cpu_amx_config *cfg, int rows, int pairs) {
+  memset(cfg, 0, sizeof *cfg);
+  cfg->palette = 1;
+  for (int i = 0; i < 2; ++i) {
+    const int r = rows - 16 * i;
+    if (r <= 0) continue;
+    const uint8_t block_rows = (uint8_t)(r > 16 ? 16 : r);
+    cfg->rows[i] = block_rows;
+    cfg->colsb[i] = 16 * sizeof(float);
+    cfg->rows[2 + i] = cfg->rows[4 + i] = block_rows;
+    cfg->colsb[2 + i] = cfg->colsb[4 + i] = (uint16_t)(pairs * sizeof(uint32_t));
+  }
+  for (int j = 0; j < 2; ++j) {
+    cfg->rows[6 + j] = (uint8_t)pairs;
+    cfg->colsb[6 + j] = 16 * 2 * sizeof(uint16_t);
   }
 }
 
-static inline void cpu_amx_pair_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
-                                     int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                     float *c, int64_t ldc, int accumulate,
-                                     const cpu_weight_prefetch *stream) {
+static inline void cpu_amx_alt_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
+                                    int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
+                                    float *c, int64_t ldc, int accumulate,
+                                    const cpu_weight_prefetch *stream) {
   const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
   const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
-  const int64_t c_stride = ldc * (int64_t)sizeof(float);
   const int two = rows > 16;
   const uint32_t *a1 = a + 16 * a_stride_u32;
-  const int pairs_end = panels / 2 * 2; /* panels walked in pairs; an odd last one alone */
   cpu_amx_config cfg;
   for (int pass = 0; pass < 2; ++pass) {
     const cpu_amx_pass range = cpu_amx_pass_range(kpairs, pass);
     const int64_t kp_begin = range.begin, kp_end = range.end;
     const int pairs = range.pairs;
     if (kp_end == kp_begin) continue;
-    cpu_amx_make_config(&cfg, rows, pairs);
+    cpu_amx_make_alt_config(&cfg, rows, pairs);
     AMX_CONFIG(&cfg);
     const int load_c = accumulate || kp_begin > 0;
-    /* A step requests `pairs` lines (one half) of each panel: 2 * pairs in
-     * all, cut in parts as the 2 x 2 kernel's are. */
-    const cpu_amx_parts parts = cpu_amx_make_parts(pairs, two ? 4 : 2);
-    for (int p = 0; p < pairs_end; p += 2)
+    const int even = CPU_AMX_ALTERNATE == 2;
+    const cpu_amx_parts parts = cpu_amx_make_parts(even ? CPU_AMX_PAIRS / 2 : pairs, 2);
+    for (int p = 0; p < panels; ++p) {
+      const uint16_t *panel = b + p * panel_stride;
+      cpu_amx_panel_requests req =
+          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int half = 0; half < 2; ++half) {
-        /* C(i, q) = tmm(2i + q): row block i of panel p + q's column half. */
-        float *c0 = c + (int64_t)p * CPU_PANEL_COLS + 16 * half, *c1 = c0 + 16 * ldc;
-        cpu_amx_c_open(c0, c1, c_stride, CPU_PANEL_COLS, two, load_c);
-        cpu_amx_panel_requests req =
-            cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p + half, panel_stride);
-        for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
-          const uint16_t *w = b + p * panel_stride + kp * CPU_PANEL_PAIR + 32 * half;
-          int ahead_half = half;
-          const char *ahead =
-              CPU_AMX_PREFETCH_STEPS > 0
-                  ? cpu_amx_pair_target(b, panel_stride, pairs_end, p, half, kp, kp_begin, kp_end,
-                                        pairs, CPU_AMX_PREFETCH_STEPS, req.follow_pairs,
-                                        req.near_done, &ahead_half)
-                  : NULL;
-          cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 0);
-          AMX_LOAD(6, w, b_stride);
-          AMX_LOAD(7, w + panel_stride, b_stride);
-          AMX_LOAD(4, a + kp, a_stride);
-          AMX_DP(0, 4, 6);
-          cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 1);
-          AMX_DP(1, 4, 7);
-          if (two) {
-            cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 2);
-            AMX_LOAD(5, a1 + kp, a_stride);
-            AMX_DP(2, 5, 6);
-            cpu_amx_pair_prefetch_part(ahead, panel_stride, ahead_half, pairs, &parts, 3);
-            AMX_DP(3, 5, 7);
-          }
-          cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
-                              kp_end);
+        float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
+        cpu_amx_half_c_open(ch, ldc, 1 + two, load_c);
+        /* Tile numbers are immediates: a step per tile set, two per turn. */
+#define CPU_AMX_ALT_STEP(TILE_A0, TILE_A1, TILE_B)                                                  \
+  do {                                                                                             \
+    const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;                                   \
+    const char *ahead =                                                                            \
+        (even ? cpu_amx_even_target : cpu_amx_half_target)(b, panel_stride, panels, p, half, kp,   \
+                                                           kp_begin, kp_end, pairs, &req);         \
+    cpu_amx_prefetch_part(ahead, &parts, 0);                                                       \
+    AMX_LOAD(TILE_B, w, b_stride);                                                                 \
+    AMX_LOAD(TILE_A0, a + kp, a_stride);                                                           \
+    AMX_DP(0, TILE_A0, TILE_B);                                                                    \
+    cpu_amx_prefetch_part(ahead, &parts, 1);                                                       \
+    if (two) {                                                                                     \
+      AMX_LOAD(TILE_A1, a1 + kp, a_stride);                                                        \
+      AMX_DP(1, TILE_A1, TILE_B);                                                                  \
+    }                                                                                              \
+    if (half == 0)                                                                                 \
+      cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);  \
+    kp += pairs;                                                                                   \
+  } while (0)
+        for (int64_t kp = kp_begin; kp < kp_end;) {
+          CPU_AMX_ALT_STEP(2, 3, 6);
+          if (kp < kp_end) CPU_AMX_ALT_STEP(4, 5, 7);
         }
-        cpu_amx_c_close(c0, c1, c_stride, CPU_PANEL_COLS, two);
+#undef CPU_AMX_ALT_STEP
+        cpu_amx_half_c_close(ch, ldc, 1 + two);
       }
+    }
   }
   AMX_RELEASE();
-  if (pairs_end < panels) {
-    /* The odd last panel, alone (its stream share and follow-on shifted to it). */
-    cpu_weight_prefetch last;
-    if (stream) {
-      last = *stream;
-      last.b += pairs_end * panel_stride;
-    }
-    cpu_amx_wide_body(rows, 1, kpairs, a, a_stride_u32, b + pairs_end * panel_stride, panel_stride,
-                      c + (int64_t)pairs_end * CPU_PANEL_COLS, ldc, accumulate,
-                      stream ? &last : NULL);
-  }
 }
 
 /* The tile kernel of cpu_kernels.h for rows <= CPU_TILE_ROWS_MAX. The
@@ -566,8 +569,8 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
   if (CPU_TILE_ROWS_MAX > 32 && rows > 32)
     cpu_amx_tall_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                       stream);
-  else if (CPU_AMX_PANEL_PAIRS && panels > 1)
-    cpu_amx_pair_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
+  else if (CPU_AMX_ALTERNATE)
+    cpu_amx_alt_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                       stream);
   else
     cpu_amx_wide_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,

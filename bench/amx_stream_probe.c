@@ -61,7 +61,7 @@ enum {
 
 /* A variant of the tile kernel: how it prefetches the weights. Kernel KERNEL_LIBRARY is
  * cpu_amx_tile_body as compiled into the library (its prefetch fixed at build time). */
-typedef enum { KERNEL_LIBRARY, KERNEL_ONE_PANEL, KERNEL_PANEL_PAIR } kernel_kind;
+typedef enum { KERNEL_LIBRARY, KERNEL_ONE_PANEL } kernel_kind;
 typedef struct variant {
   const char *name;
   kernel_kind kernel;
@@ -91,9 +91,6 @@ typedef struct variant {
   int library_tile_rows;
   int near_first;
   int stream;
-  /* KERNEL_PANEL_PAIR only: the half-0 pass requests both halves' lines
-   * (else each pass requests its own half's). */
-  int pair_both;
 } variant;
 
 /* PROBE_HOT_B: the same prefetches, but the B tiles loaded from one L1-hot
@@ -114,9 +111,6 @@ static const variant variants[] = {
      .library_tile_rows = 64,
      .near_first = 1},
     {.name = "pf4-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 1, .parts = 8},
-    {.name = "pair-pf4", .kernel = KERNEL_PANEL_PAIR, .ahead = 4},
-    {.name = "pair-pf4-both", .kernel = KERNEL_PANEL_PAIR, .ahead = 4, .pair_both = 1},
-    {.name = "pair-pf8", .kernel = KERNEL_PANEL_PAIR, .ahead = 8},
     {.name = "no-prefetch", .kernel = KERNEL_ONE_PANEL, .every = 1, .parts = 8},
     {.name = "pf2-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 2, .every = 1, .parts = 8},
     {.name = "load4-parts8",
@@ -290,69 +284,6 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
   AMX_RELEASE();
 }
 
-/* Requests into L1 the lines of the step `ahead` steps after `step` of
- * panel q in panel_pair's walk (a pair's column half 0 over the K block,
- * then half 1, then the next pair): `half` 0 or 1, that half's 16 lines
- * of the step (past the block's end: the other half's first steps, then
- * the next pair's); 2, all 32 lines (past the end: the next pair's). */
-static void pair_request(const uint16_t *b, int panels, int q, int step, int steps, int ahead,
-                         int half) {
-  int next = step + ahead;
-  if (next >= steps) {
-    next -= steps;
-    if (half == 0)
-      half = 1;
-    else
-      q += 2, half = half == 1 ? 0 : 2;
-  }
-  if (q >= panels) return;
-  const char *rows = (const char *)(b + q * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
-  for (int line = 0; line < 2 * CPU_AMX_PAIRS; ++line)
-    if (half == 2 || line % 2 == half) _mm_prefetch(rows + 64 * line, _MM_HINT_T0);
-}
-
-/* The 2 x 2 tile grid over two panels at once instead of one panel's two
- * column halves: row blocks i by panels p and p + 1, for column half 0
- * over the K block, then half 1. A step loads the same tiles as the
- * library's (two A, two B for four TDPBF16PS), but the weights come from
- * two panels, 128 KiB or more apart, so a core requests two sequential
- * streams at half the rate each: C1's two cores prefetched 15.4 GB/s per
- * core from one stream and 23.1 from four (bench/results.md, 2026-12-07).
- * The library's version is cpu_amx_pair_body (-DCPU_AMX_PANEL_PAIRS=1);
- * this one runs beside the others in one process. rows <= 32, panels even. */
-static void panel_pair(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
-                       int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc) {
-  const int two = rows > 16, steps = kpairs / CPU_AMX_PAIRS;
-  const uint32_t *a1 = a + 16 * lda_u32;
-  cpu_amx_config cfg;
-  cpu_amx_make_config(&cfg, rows, CPU_AMX_PAIRS);
-  AMX_CONFIG(&cfg);
-  for (int p = 0; p + 1 < panels; p += 2)
-    for (int half = 0; half < 2; ++half) {
-      /* C(i, q): row block i of panel p + q's column half; tmm 2i + q. */
-      float *c0 = c + p * 32 + 16 * half, *c1 = c0 + 16 * ldc;
-      cpu_amx_c_open(c0, c1, ldc * 4, 32, two, 1);
-      const int request_half = v->pair_both ? (half == 0 ? 2 : -1) : half;
-      for (int step = 0; step < steps; ++step) {
-        const uint16_t *w = b + p * PANEL_STRIDE + step * (STEP_BYTES / 2) + 16 * 2 * half;
-        if (request_half >= 0) pair_request(b, panels, p, step, steps, v->ahead, request_half);
-        AMX_LOAD(6, w, 128);
-        AMX_LOAD(7, w + PANEL_STRIDE, 128);
-        AMX_LOAD(4, a + step * CPU_AMX_PAIRS, lda_u32 * 4);
-        AMX_DP(0, 4, 6);
-        if (request_half >= 0) pair_request(b, panels, p + 1, step, steps, v->ahead, request_half);
-        AMX_DP(1, 4, 7);
-        if (two) {
-          AMX_LOAD(5, a1 + step * CPU_AMX_PAIRS, lda_u32 * 4);
-          AMX_DP(2, 5, 6);
-          AMX_DP(3, 5, 7);
-        }
-      }
-      cpu_amx_c_close(c0, c1, ldc * 4, 32, two);
-    }
-  AMX_RELEASE();
-}
-
 /* One work item as the driver runs it: K blocks, row tiles of <= 32 (as
  * the AMX path's whole 16-row blocks cut them: 80 rows run as 32 + 32 +
  * 16; the library's kernel takes an item of up to CPU_AMX_ONE_TILE_ROWS
@@ -373,10 +304,6 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       const uint32_t *at = a + r0 * lda_u32 + kp0;
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
-      if (v->kernel == KERNEL_PANEL_PAIR) {
-        panel_pair(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc);
-        continue;
-      }
       if (v->kernel != KERNEL_LIBRARY) {
         one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc, r0 == 0);
         continue;

@@ -235,7 +235,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
     const uint16_t *panel = b + p * PANEL_STRIDE;
     float *c0 = c + p * 32, *c1 = c0 + 16 * ldc;
     const int keep_c = v->probe != PROBE_NO_C;
-    cpu_amx_c_open(c0, c1, ldc * 4, 16, two, keep_c);
+    cpu_amx_c_open(c0, c1, ldc * 4, two, keep_c);
     /* The step's prefetch parts go out at the tile operations' positions
      * (8 with two row blocks, 5 with one), spread evenly: position i issues
      * parts [ceil(i * parts / positions), ceil((i + 1) * parts / positions)). */
@@ -279,7 +279,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
       }
     }
 #undef AT
-    if (keep_c) cpu_amx_c_close(c0, c1, ldc * 4, 16, two);
+    if (keep_c) cpu_amx_c_close(c0, c1, ldc * 4, two);
   }
   AMX_RELEASE();
 }

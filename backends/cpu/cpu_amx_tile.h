@@ -78,9 +78,8 @@
 #endif
 
 /* Where the step `ahead` steps after k-pair kp of segment seg lies, in a
- * walk of `segments` segments that each sweep [kp_begin, kp_end) in steps
- * of `pairs` k-pairs (the 2 x 2 kernel: one segment per panel; the
- * two-panel walk: one per pair of panels and column half). Returns the
+ * walk of `segments` segments (panels) that each sweep [kp_begin, kp_end)
+ * in steps of `pairs` k-pairs. Returns the
  * segment (< segments) and its k-pair in *next; past the last segment,
  * `segments` with *next the k-pair in the first panel's packed K, where
  * the K block that follows it starts at kp_end (its first follow_pairs
@@ -221,11 +220,10 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
 
 /* The 2 x 2 grid's accumulators C(i, j) (tmm 2i + j; the second row block
  * only when `two`) at c0 (rows 0-15) and c1 (rows 16-31), c_stride bytes
- * apart, C(i, 1) `second` floats right of C(i, 0) (16: a panel's two
- * halves; 32: two panels' same half): loaded (or zeroed when !load) before
- * the steps, stored after. */
-static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int64_t second, int two,
-                                  int load) {
+ * apart, C(i, 1) 16 floats right of C(i, 0) (the panel's second column
+ * half): loaded (or zeroed when !load) before the steps, stored after. */
+static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int two, int load) {
+  const int64_t second = 16;
   if (load) {
     AMX_LOAD(0, c0, c_stride);
     AMX_LOAD(1, c0 + second, c_stride);
@@ -243,8 +241,8 @@ static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int64_
   }
 }
 
-static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int64_t second,
-                                   int two) {
+static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int two) {
+  const int64_t second = 16;
   AMX_STORE(0, c0, c_stride);
   AMX_STORE(1, c0 + second, c_stride);
   if (two) {
@@ -280,7 +278,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
     for (int p = 0; p < panels; ++p) {
       float *c0 = c + (int64_t)p * CPU_PANEL_COLS, *c1 = c0 + 16 * ldc;
       const uint16_t *panel = b + p * panel_stride;
-      cpu_amx_c_open(c0, c1, c_stride, 16, two, load_c);
+      cpu_amx_c_open(c0, c1, c_stride, two, load_c);
       cpu_amx_panel_requests req =
           cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
@@ -306,7 +304,7 @@ static inline void cpu_amx_wide_body(int rows, int panels, int64_t kpairs, const
         }
         cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);
       }
-      cpu_amx_c_close(c0, c1, c_stride, 16, two);
+      cpu_amx_c_close(c0, c1, c_stride, two);
     }
   }
   AMX_RELEASE();
@@ -341,45 +339,29 @@ static inline void cpu_amx_make_tall_config(cpu_amx_config *cfg, int rows, int p
   cfg->colsb[6] = 16 * 2 * sizeof(uint16_t);
 }
 
-/* One column half's accumulators C(i) = tmm i at c + 16 i rows, i <
- * blocks: loaded (or zeroed when !load) before the half's steps, stored
- * after. */
-static inline void cpu_amx_half_c_open(float *c, int64_t ldc, int blocks, int load) {
+/* One column half's accumulators C(i) at c + 16 i rows: loaded (or zeroed
+ * when !load) before the half's steps, stored after. */
+static inline void cpu_amx_tall_c_open(float *c, int64_t ldc, int four, int load) {
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
   if (load) {
     AMX_LOAD(0, c, c_stride);
-    if (blocks > 1) AMX_LOAD(1, c + 16 * ldc, c_stride);
-    if (blocks > 2) AMX_LOAD(2, c + 32 * ldc, c_stride);
-    if (blocks > 3) AMX_LOAD(3, c + 48 * ldc, c_stride);
+    AMX_LOAD(1, c + 16 * ldc, c_stride);
+    AMX_LOAD(2, c + 32 * ldc, c_stride);
+    if (four) AMX_LOAD(3, c + 48 * ldc, c_stride);
   } else {
     AMX_ZERO(0);
-    if (blocks > 1) AMX_ZERO(1);
-    if (blocks > 2) AMX_ZERO(2);
-    if (blocks > 3) AMX_ZERO(3);
+    AMX_ZERO(1);
+    AMX_ZERO(2);
+    if (four) AMX_ZERO(3);
   }
 }
 
-static inline void cpu_amx_half_c_close(float *c, int64_t ldc, int blocks) {
+static inline void cpu_amx_tall_c_close(float *c, int64_t ldc, int four) {
   const int64_t c_stride = ldc * (int64_t)sizeof(float);
   AMX_STORE(0, c, c_stride);
-  if (blocks > 1) AMX_STORE(1, c + 16 * ldc, c_stride);
-  if (blocks > 2) AMX_STORE(2, c + 32 * ldc, c_stride);
-  if (blocks > 3) AMX_STORE(3, c + 48 * ldc, c_stride);
-}
-
-/* The near requests of a step at k-pair kp of column half `half` of panel
- * p, in a walk that sweeps a panel's K range once per half: a request
- * covers both halves' lines, so the first half's sweep requests the steps
- * ahead within the panel, the second's those past its end (the next
- * panel's first steps, or the follow-on into the next K block). */
-static inline const char *cpu_amx_half_target(const uint16_t *b, int64_t panel_stride, int panels,
-                                              int p, int half, int64_t kp, int64_t kp_begin,
-                                              int64_t kp_end, int pairs,
-                                              const cpu_amx_panel_requests *req) {
-  const int crosses = kp + (int64_t)CPU_AMX_PREFETCH_STEPS * pairs >= kp_end;
-  if (CPU_AMX_PREFETCH_STEPS <= 0 || crosses != half) return NULL;
-  return cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
-                                 CPU_AMX_PREFETCH_STEPS, req->follow_pairs, req->near_done);
+  AMX_STORE(1, c + 16 * ldc, c_stride);
+  AMX_STORE(2, c + 32 * ldc, c_stride);
+  if (four) AMX_STORE(3, c + 48 * ldc, c_stride);
 }
 
 static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
@@ -407,11 +389,19 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
           cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
       for (int half = 0; half < 2; ++half) {
         float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
-        cpu_amx_half_c_open(ch, ldc, 3 + four, load_c);
+        cpu_amx_tall_c_open(ch, ldc, four, load_c);
         for (int64_t kp = kp_begin; kp < kp_end; kp += pairs) {
           const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;
-          const char *ahead = cpu_amx_half_target(b, panel_stride, panels, p, half, kp, kp_begin,
-                                                  kp_end, pairs, &req);
+          /* A step's request covers both halves' lines: the first half's
+           * pass requests the steps ahead within the panel, the second's
+           * those past its end (the next panel's first steps, or the
+           * follow-on into the next K block). */
+          const int crosses = kp + (int64_t)CPU_AMX_PREFETCH_STEPS * pairs >= kp_end;
+          const char *ahead =
+              CPU_AMX_PREFETCH_STEPS > 0 && crosses == half
+                  ? cpu_amx_prefetch_target(b, panel_stride, panels, p, kp, kp_begin, kp_end, pairs,
+                                            CPU_AMX_PREFETCH_STEPS, req.follow_pairs, req.near_done)
+                  : NULL;
           cpu_amx_prefetch_part(ahead, &parts, 0);
           AMX_LOAD(6, w, b_stride);
           AMX_LOAD(4, a + kp, a_stride);
@@ -434,125 +424,7 @@ static inline void cpu_amx_tall_body(int rows, int panels, int64_t kpairs, const
             cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs,
                                 kp_end);
         }
-        cpu_amx_half_c_close(ch, ldc, 3 + four);
-      }
-    }
-  }
-  AMX_RELEASE();
-}
-
-/* ---- The alternating half walk: -DCPU_AMX_ALTERNATE=1 (A/B builds) ----- */
-
-/* rows <= 32, one column half of a panel at a time (as the 4 x 1 kernel
- * walks), with two sets of operand tiles used on alternate steps: C(i) =
- * tmm i for row block i; on even steps A(i) = tmm 2 + i and B = tmm 6, on
- * odd steps A(i) = tmm 4 + i and B = tmm 7. Tiles are not renamed, so in
- * the 2 x 2 kernel a step's weight tile load waits until the previous
- * step's last TDPBF16PS has read the tile it overwrites, and the load's
- * latency (L2 or memory where the request came late) is spent with the
- * multiplier idle: on two cores of an AMX host the probe's step time grew
- * by about the TDPBF16PS time of each added row block on top of the memory
- * time (bench/results.md, 2026-12-07 10:0xZ). Here the next step's loads
- * write the other set, so they can run under this step's products. The
- * price: the A tiles are loaded once per column half (twice per panel),
- * from L1. Each accumulator element sees the same tdpbf16ps steps in the
- * same order as in the 2 x 2 kernel: the same bits. */
-#ifndef CPU_AMX_ALTERNATE
-#define CPU_AMX_ALTERNATE 0
-#endif
-
-/* The alternating walk's near requests. CPU_AMX_ALTERNATE=1: the 4 x 1
- * kernel's (cpu_amx_half_target: a step's 32 lines, CPU_AMX_PREFETCH_STEPS
- * ahead, in the first half's sweep), so memory is asked for nothing while
- * the second half reads the panel again from L1. =2: an even request
- * stream instead, one unit of 8 k-pairs (16 lines) per half-step over the
- * whole walk, as if the walk consumed the panel's K range at one unit per
- * half-step; the first half consumes two units per step, so the lead is
- * the half's steps plus CPU_AMX_PREFETCH_STEPS units, and a panel's first
- * half of rows is asked for during the previous panel's second half. */
-static inline const char *cpu_amx_even_target(const uint16_t *b, int64_t panel_stride, int panels,
-                                              int p, int half, int64_t kp, int64_t kp_begin,
-                                              int64_t kp_end, int pairs,
-                                              const cpu_amx_panel_requests *req) {
-  enum { UNIT = CPU_AMX_PAIRS / 2 };
-  if (CPU_AMX_PREFETCH_STEPS <= 0 || pairs != CPU_AMX_PAIRS) return NULL;
-  const int64_t steps = (kp_end - kp_begin) / pairs;
-  const int64_t kp_even = kp_begin + (half * steps + (kp - kp_begin) / pairs) * UNIT;
-  return cpu_amx_prefetch_target(b, panel_stride, panels, p, kp_even, kp_begin, kp_end, UNIT,
-                                 (int)steps + CPU_AMX_PREFETCH_STEPS, req->follow_pairs,
-                                 req->near_done);
-}
-
-static inline void cpu_amx_make_alt_config(cpu_amx_config *cfg, int rows, int pairs) {
-  memset(cfg, 0, sizeof *cfg);
-  cfg->palette = 1;
-  for (int i = 0; i < 2; ++i) {
-    const int r = rows - 16 * i;
-    if (r <= 0) continue;
-    const uint8_t block_rows = (uint8_t)(r > 16 ? 16 : r);
-    cfg->rows[i] = block_rows;
-    cfg->colsb[i] = 16 * sizeof(float);
-    cfg->rows[2 + i] = cfg->rows[4 + i] = block_rows;
-    cfg->colsb[2 + i] = cfg->colsb[4 + i] = (uint16_t)(pairs * sizeof(uint32_t));
-  }
-  for (int j = 0; j < 2; ++j) {
-    cfg->rows[6 + j] = (uint8_t)pairs;
-    cfg->colsb[6 + j] = 16 * 2 * sizeof(uint16_t);
-  }
-}
-
-static inline void cpu_amx_alt_body(int rows, int panels, int64_t kpairs, const uint32_t *a,
-                                    int64_t a_stride_u32, const uint16_t *b, int64_t panel_stride,
-                                    float *c, int64_t ldc, int accumulate,
-                                    const cpu_weight_prefetch *stream) {
-  const int64_t a_stride = a_stride_u32 * (int64_t)sizeof(uint32_t);
-  const int64_t b_stride = CPU_PANEL_PAIR * (int64_t)sizeof(uint16_t);
-  const int two = rows > 16;
-  const uint32_t *a1 = a + 16 * a_stride_u32;
-  cpu_amx_config cfg;
-  for (int pass = 0; pass < 2; ++pass) {
-    const cpu_amx_pass range = cpu_amx_pass_range(kpairs, pass);
-    const int64_t kp_begin = range.begin, kp_end = range.end;
-    const int pairs = range.pairs;
-    if (kp_end == kp_begin) continue;
-    cpu_amx_make_alt_config(&cfg, rows, pairs);
-    AMX_CONFIG(&cfg);
-    const int load_c = accumulate || kp_begin > 0;
-    const int even = CPU_AMX_ALTERNATE == 2;
-    const cpu_amx_parts parts = cpu_amx_make_parts(even ? CPU_AMX_PAIRS / 2 : pairs, 2);
-    for (int p = 0; p < panels; ++p) {
-      const uint16_t *panel = b + p * panel_stride;
-      cpu_amx_panel_requests req =
-          cpu_amx_panel_requests_for(stream, pass, kp_end, kpairs, p, panel_stride);
-      for (int half = 0; half < 2; ++half) {
-        float *ch = c + (int64_t)p * CPU_PANEL_COLS + 16 * half;
-        cpu_amx_half_c_open(ch, ldc, 1 + two, load_c);
-        /* Tile numbers are immediates: a step per tile set, two per turn. */
-#define CPU_AMX_ALT_STEP(TILE_A0, TILE_A1, TILE_B)                                                  \
-  do {                                                                                             \
-    const uint16_t *w = panel + kp * CPU_PANEL_PAIR + 32 * half;                                   \
-    const char *ahead =                                                                            \
-        (even ? cpu_amx_even_target : cpu_amx_half_target)(b, panel_stride, panels, p, half, kp,   \
-                                                           kp_begin, kp_end, pairs, &req);         \
-    cpu_amx_prefetch_part(ahead, &parts, 0);                                                       \
-    AMX_LOAD(TILE_B, w, b_stride);                                                                 \
-    AMX_LOAD(TILE_A0, a + kp, a_stride);                                                           \
-    AMX_DP(0, TILE_A0, TILE_B);                                                                    \
-    cpu_amx_prefetch_part(ahead, &parts, 1);                                                       \
-    if (two) {                                                                                     \
-      AMX_LOAD(TILE_A1, a1 + kp, a_stride);                                                        \
-      AMX_DP(1, TILE_A1, TILE_B);                                                                  \
-    }                                                                                              \
-    if (half == 0)                                                                                 \
-      cpu_amx_stream_step(&req.stream_next, &req.stream_credit, pairs, req.stream_pairs, kp_end);  \
-    kp += pairs;                                                                                   \
-  } while (0)
-        for (int64_t kp = kp_begin; kp < kp_end;) {
-          CPU_AMX_ALT_STEP(2, 3, 6);
-          if (kp < kp_end) CPU_AMX_ALT_STEP(4, 5, 7);
-        }
-#undef CPU_AMX_ALT_STEP
-        cpu_amx_half_c_close(ch, ldc, 1 + two);
+        cpu_amx_tall_c_close(ch, ldc, four);
       }
     }
   }
@@ -568,9 +440,6 @@ static inline void cpu_amx_tile_body(int rows, int panels, int64_t kpairs, const
                                      const cpu_weight_prefetch *stream) {
   if (CPU_TILE_ROWS_MAX > 32 && rows > 32)
     cpu_amx_tall_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
-                      stream);
-  else if (CPU_AMX_ALTERNATE)
-    cpu_amx_alt_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,
                       stream);
   else
     cpu_amx_wide_body(rows, panels, kpairs, a, a_stride_u32, b, panel_stride, c, ldc, accumulate,

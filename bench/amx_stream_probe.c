@@ -81,6 +81,15 @@ typedef struct variant {
    * first panel's) during a panel's steps: 0 no, 1 into L1, 2 for writing
    * (prefetchw). */
   int c_ahead;
+  /* KERNEL_ONE_PANEL: an item's weights as `streams` (2 or 4) regions far
+   * apart, consecutive tile steps in visiting order round-robin over them
+   * (0, 1: one contiguous item, as the library packs it). The same steps
+   * in the same order, with full 128-byte rows, but a core reads several
+   * sequential streams at once: two cores of a C1-class host prefetched
+   * 15.4 GB/s per core from one stream and 23.1 from four (bench/results.md,
+   * 2026-12-07), where the library's kernel streams 11-13 at 32 rows. A
+   * packing layout, if it wins here. */
+  int streams;
   /* KERNEL_LIBRARY only: row tiles of this many rows for items of more
    * than CPU_AMX_ONE_TILE_ROWS (0: CPU_AMX_TILE_ROWS; 64: the 4 x 1 kernel
    * on 64-row tiles); near_first: the row tiles after a K block's first
@@ -111,6 +120,30 @@ static const variant variants[] = {
      .library_tile_rows = 64,
      .near_first = 1},
     {.name = "pf4-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 4, .every = 1, .parts = 8},
+    {.name = "pf4-parts8-2streams",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .streams = 2},
+    {.name = "pf4-parts8-4streams",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 4,
+     .every = 1,
+     .parts = 8,
+     .streams = 4},
+    {.name = "pf8-parts8-2streams",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 8,
+     .every = 1,
+     .parts = 8,
+     .streams = 2},
+    {.name = "pf8-parts8-4streams",
+     .kernel = KERNEL_ONE_PANEL,
+     .ahead = 8,
+     .every = 1,
+     .parts = 8,
+     .streams = 4},
     {.name = "no-prefetch", .kernel = KERNEL_ONE_PANEL, .every = 1, .parts = 8},
     {.name = "pf2-parts8", .kernel = KERNEL_ONE_PANEL, .ahead = 2, .every = 1, .parts = 8},
     {.name = "load4-parts8",
@@ -189,16 +222,34 @@ static const variant variants[] = {
 };
 enum { VARIANTS = sizeof variants / sizeof variants[0] };
 
+/* Where KERNEL_ONE_PANEL finds an item's weights for the K block at
+ * global tile step g0 of each panel: contiguous panels PANEL_STRIDE apart
+ * (streams < 2), or round-robin over `streams` regions region_stride
+ * apart (variant.streams). */
+typedef struct item_weights {
+  const uint16_t *item;
+  int g0, streams;
+  int64_t region_stride; /* uint16 */
+} item_weights;
+
+/* The B rows of step `step` of the K block in panel p. */
+static const uint16_t *step_rows(const item_weights *w, int p, int step) {
+  const int64_t g = w->g0 + step;
+  if (w->streams < 2) return w->item + p * PANEL_STRIDE + g * (STEP_BYTES / 2);
+  const int64_t linear = (int64_t)p * (KPAIRS / CPU_AMX_PAIRS) + g;
+  return w->item + linear % w->streams * w->region_stride + linear / w->streams * (STEP_BYTES / 2);
+}
+
 /* Part `part` of `parts` of the lines of panel p's tile step `step`
  * (steps of the K block in [0, steps)), `ahead` steps later in visiting
  * order (this panel's next steps, then the next panel's first). */
-static void prefetch_lines(const uint16_t *b, int panels, int p, int step, int steps, int ahead,
+static void prefetch_lines(const item_weights *w, int panels, int p, int step, int steps, int ahead,
                            int every_lines, int hint, int part, int parts) {
   int next = step + ahead;
   while (next >= steps && ++p < panels)
     next -= steps;
   if (p >= panels) return;
-  const char *lines = (const char *)(b + p * PANEL_STRIDE + (int64_t)next * STEP_BYTES / 2);
+  const char *lines = (const char *)step_rows(w, p, next);
   const int every = 64 * every_lines;
   const int begin = STEP_BYTES / parts * part, end = begin + STEP_BYTES / parts;
   if (hint == 2) /* loaded and dropped: the asm keeps the load */
@@ -212,7 +263,7 @@ static void prefetch_lines(const uint16_t *b, int panels, int p, int step, int s
       _mm_prefetch(lines + off, _MM_HINT_T0);
 }
 
-static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p, int step,
+static void prefetch_part(const variant *v, const item_weights *b, int panels, int p, int step,
                           int steps, int part, int parts) {
   if (v->ahead > 0)
     prefetch_lines(b, panels, p, step, steps, v->ahead, v->every, v->hint, part, parts);
@@ -225,14 +276,14 @@ static void prefetch_part(const variant *v, const uint16_t *b, int panels, int p
 /* The library's loop with a run-time prefetch: one panel at a time, rows
  * <= 32 as two 16-row blocks. */
 static void one_panel(const variant *v, int rows, int panels, int kpairs, const uint32_t *a,
-                      int64_t lda_u32, const uint16_t *b, float *c, int64_t ldc, int first_tile) {
+                      int64_t lda_u32, const item_weights *b, float *c, int64_t ldc,
+                      int first_tile) {
   const int two = rows > 16, steps = kpairs / CPU_AMX_PAIRS;
   const uint32_t *a1 = a + 16 * lda_u32;
   cpu_amx_config cfg;
   cpu_amx_make_config(&cfg, rows, CPU_AMX_PAIRS);
   AMX_CONFIG(&cfg);
   for (int p = 0; p < panels; ++p) {
-    const uint16_t *panel = b + p * PANEL_STRIDE;
     float *c0 = c + p * 32, *c1 = c0 + 16 * ldc;
     const int keep_c = v->probe != PROBE_NO_C;
     cpu_amx_c_open(c0, c1, ldc * 4, two, keep_c);
@@ -250,7 +301,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
      * the next row tile's first (the probe's C has room for it). */
     const float *c_next = p + 1 < panels ? c0 + 32 : c + 32 * ldc;
     for (int step = 0; step < steps; ++step) {
-      const uint16_t *w = v->probe == PROBE_HOT_B ? hot : panel + step * (STEP_BYTES / 2);
+      const uint16_t *w = v->probe == PROBE_HOT_B ? hot : step_rows(b, p, step);
       for (int r = step * 32 / steps; v->c_ahead && r < (step + 1) * 32 / steps; ++r)
         for (int half = 0; half < 2; ++half) {
           const char *line = (const char *)(c_next + r * ldc + 16 * half);
@@ -291,7 +342,7 @@ static void one_panel(const variant *v, int rows, int panels, int kpairs, const 
  * variants with `stream` get the driver's next-K-block stream
  * (cpu_tile_requests); the others time each tile's own weight stream. */
 static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_u32,
-                     const uint16_t *b, float *c, int64_t ldc) {
+                     const uint16_t *b, int64_t region_stride, float *c, int64_t ldc) {
   /* The probe's own kernel takes 32 rows at most. */
   const int library_tile_rows = v->library_tile_rows ? v->library_tile_rows : CPU_AMX_TILE_ROWS;
   const int tile_rows = v->kernel != KERNEL_LIBRARY     ? 32
@@ -305,7 +356,8 @@ static void run_item(const variant *v, int rows, const uint32_t *a, int64_t lda_
       const uint16_t *bt = b + kp0 * CPU_PANEL_PAIR;
       float *ct = c + r0 * ldc;
       if (v->kernel != KERNEL_LIBRARY) {
-        one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, bt, ct, ldc, r0 == 0);
+        const item_weights w = {b, kp0 / CPU_AMX_PAIRS, v->streams, region_stride};
+        one_panel(v, tr, PANELS, CPU_KC_PAIRS, at, lda_u32, &w, ct, ldc, r0 == 0);
         continue;
       }
       const cpu_weight_prefetch requests =
@@ -338,8 +390,14 @@ static double timed_pass(const variant *v, int rows, int threads, const uint16_t
     const int id = omp_get_thread_num();
     const uint32_t *a = a_all + (int64_t)id * 256 * lda_u32;
     float *c = c_all + (int64_t)id * 256 * PANELS * 32;
-    for (int64_t i = id * per; i < (id + 1) * per; ++i)
-      run_item(v, rows, a, lda_u32, window + i * (ITEM_BYTES / 2), c, PANELS * 32);
+    /* variant.streams: the thread's part of the window as that many
+     * regions, each item's share of each at item / streams. */
+    const int streams = v->streams > 1 ? v->streams : 1;
+    const int64_t region_stride = per * (ITEM_BYTES / 2) / streams;
+    const uint16_t *mine = window + id * per * (ITEM_BYTES / 2);
+    for (int64_t i = 0; i < per; ++i)
+      run_item(v, rows, a, lda_u32, mine + i * (ITEM_BYTES / 2 / streams), region_stride, c,
+               PANELS * 32);
   }
   return omp_get_wtime() - t0;
 }

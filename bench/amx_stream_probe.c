@@ -1,7 +1,8 @@
 /*
  * amx_stream_probe.c - how fast one core streams packed weights through
  * AMX tiles: the CPU backend's AMX kernel body (cpu_amx_tile.h) and
- * candidate variants of its weight prefetch, on synthetic work
+ * candidate variants of its weight prefetch and of the weights' layout
+ * (variant.streams), on synthetic work
  * items shaped like the library's (8 panels of 32 columns, K = 2048 in
  * blocks of CPU_KC_PAIRS k-pairs; -DPROBE_KPAIRS=2048 or 7168 for
  * Mixtral's GEMM1 or GEMM2 items), all in one process so that they are

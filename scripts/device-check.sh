@@ -364,7 +364,8 @@ step_cpupair() {
 # k-pairs (default 128, what the driver sweeps on 1-2 threads): the
 # library's kernel with near requests in a block's first row tile only,
 # with the driver's next-K-block stream and with 64-row tiles, the
-# accumulator diagnostics and requests, at
+# accumulator diagnostics and requests, an item's weights as 2 or 4
+# interleaved regions (*-2streams, *-4streams), at
 # 1-256 rows; the console gets the request patterns' rates too.
 step_cpuprobe() {
   { cmake -S . -B build-probe-kc -G Ninja -DMOE_BACKEND=cpu -DCMAKE_BUILD_TYPE=Release \

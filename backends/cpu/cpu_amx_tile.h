@@ -223,13 +223,12 @@ static inline void cpu_amx_make_config(cpu_amx_config *cfg, int rows, int pairs)
  * apart, C(i, 1) 16 floats right of C(i, 0) (the panel's second column
  * half): loaded (or zeroed when !load) before the steps, stored after. */
 static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int two, int load) {
-  const int64_t second = 16;
   if (load) {
     AMX_LOAD(0, c0, c_stride);
-    AMX_LOAD(1, c0 + second, c_stride);
+    AMX_LOAD(1, c0 + 16, c_stride);
     if (two) {
       AMX_LOAD(2, c1, c_stride);
-      AMX_LOAD(3, c1 + second, c_stride);
+      AMX_LOAD(3, c1 + 16, c_stride);
     }
   } else {
     AMX_ZERO(0);
@@ -242,12 +241,11 @@ static inline void cpu_amx_c_open(float *c0, float *c1, int64_t c_stride, int tw
 }
 
 static inline void cpu_amx_c_close(float *c0, float *c1, int64_t c_stride, int two) {
-  const int64_t second = 16;
   AMX_STORE(0, c0, c_stride);
-  AMX_STORE(1, c0 + second, c_stride);
+  AMX_STORE(1, c0 + 16, c_stride);
   if (two) {
     AMX_STORE(2, c1, c_stride);
-    AMX_STORE(3, c1 + second, c_stride);
+    AMX_STORE(3, c1 + 16, c_stride);
   }
 }
 

@@ -77,36 +77,23 @@
 #define CPU_AMX_PREFETCH_SPREAD 1
 #endif
 
-/* Where the step `ahead` steps after k-pair kp of segment seg lies, in a
- * walk of `segments` segments (panels) that each sweep [kp_begin, kp_end)
- * in steps of `pairs` k-pairs. Returns the
- * segment (< segments) and its k-pair in *next; past the last segment,
- * `segments` with *next the k-pair in the first panel's packed K, where
- * the K block that follows it starts at kp_end (its first follow_pairs
- * k-pairs; see cpu_weight_prefetch); -1 beyond those. */
-static inline int cpu_amx_walk_ahead(int segments, int seg, int64_t kp, int64_t kp_begin,
-                                     int64_t kp_end, int pairs, int ahead, int64_t follow_pairs,
-                                     int64_t *next) {
-  *next = kp + (int64_t)ahead * pairs;
-  while (*next >= kp_end && ++seg < segments)
-    *next = kp_begin + (*next - kp_end);
-  if (seg < segments || *next - kp_end + pairs <= follow_pairs) return seg;
-  return -1;
-}
-
-/* The B rows of the step `ahead` steps after k-pair kp of panel p (this
- * panel's next steps, then the next panel's first; past the last panel, the
- * follow-on: cpu_amx_walk_ahead), or NULL. near_done: none within the
- * block. */
+/* The B rows of the step `ahead` steps after k-pair kp of panel p (steps
+ * of `pairs` k-pairs over [kp_begin, kp_end) in every panel: this panel's
+ * next steps, then the next panel's first). Past the last panel: the first
+ * panel's steps of the K block that follows (its first follow_pairs
+ * k-pairs, right after kp_end in the packed panel; see
+ * cpu_weight_prefetch), else NULL. near_done: none within the block. */
 static inline const char *cpu_amx_prefetch_target(const uint16_t *b, int64_t panel_stride,
                                                   int panels, int p, int64_t kp, int64_t kp_begin,
                                                   int64_t kp_end, int pairs, int ahead,
                                                   int64_t follow_pairs, int near_done) {
-  int64_t next;
-  const int seg =
-      cpu_amx_walk_ahead(panels, p, kp, kp_begin, kp_end, pairs, ahead, follow_pairs, &next);
-  if (seg < 0 || (seg < panels && near_done)) return NULL;
-  return (const char *)(b + (seg < panels ? seg : 0) * panel_stride + next * CPU_PANEL_PAIR);
+  int64_t next = kp + (int64_t)ahead * pairs;
+  while (next >= kp_end && ++p < panels)
+    next = kp_begin + (next - kp_end);
+  if (p < panels)
+    return near_done ? NULL : (const char *)(b + p * panel_stride + next * CPU_PANEL_PAIR);
+  if (next - kp_end + pairs <= follow_pairs) return (const char *)(b + next * CPU_PANEL_PAIR);
+  return NULL;
 }
 
 typedef struct cpu_amx_parts {

@@ -88,8 +88,9 @@ typedef struct variant {
    * in the same order, with full 128-byte rows, but a core reads several
    * sequential streams at once: two cores of a C1-class host prefetched
    * 15.4 GB/s per core from one stream and 23.1 from four (bench/results.md,
-   * 2026-12-07), where the library's kernel streams 11-13 at 32 rows. A
-   * packing layout, if it wins here. */
+   * 2026-12-07), where the library's kernel streams 11-13 at 32 rows. On
+   * four hosts it gained at most 5% over this kernel and never beat the
+   * library's, so the packing stays (bench/results.md, 2026-12-07 11:35Z). */
   int streams;
   /* KERNEL_LIBRARY only: row tiles of this many rows for items of more
    * than CPU_AMX_ONE_TILE_ROWS (0: CPU_AMX_TILE_ROWS; 64: the 4 x 1 kernel

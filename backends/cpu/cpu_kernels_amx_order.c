@@ -41,7 +41,9 @@ static inline __attribute__((always_inline)) __m512 odd_of(__m512i pairs) {
 /* MR (<= 3) rows x NP (1 or 4) panels. */
 static inline __attribute__((always_inline)) void
 tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const uint16_t *b,
-            int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
+            int64_t panel_stride, cpu_panel_requests *requests, float *c, int64_t ldc,
+            int accumulate) {
+  (void)requests; /* decode tiles: each weight stream is requested 16 k-pairs ahead */
   __m512 acc[CPU_AMX_MIN_ROWS - 1][8];
   cpu_acc_load(MR, NP, acc, c, ldc, accumulate);
 
@@ -74,7 +76,7 @@ CPU_DECODE_BLOCKS(CPU_DEFINE_BLOCK)
 
 _Static_assert(CPU_AMX_MIN_ROWS == 4, "the blocks above cover 1..3 rows");
 
-static const cpu_block_fn one_panel[CPU_AMX_MIN_ROWS] = {NULL, tile_1x1, tile_2x1, tile_3x1};
+static const cpu_panel_fn one_panel[CPU_AMX_MIN_ROWS] = {NULL, tile_1x1, tile_2x1, tile_3x1};
 static const cpu_block_fn four_panels[CPU_AMX_MIN_ROWS] = CPU_FOUR_PANEL_TABLE;
 
 /* The FMAs run in out-of-line functions, so the compiler cannot move any of
@@ -84,7 +86,7 @@ static __attribute__((noinline)) void all_panels(int rows, int panels, int64_t k
                                                  int64_t panel_stride, float *c, int64_t ldc,
                                                  int accumulate) {
   cpu_run_panels(four_panels[rows], one_panel[rows], panels, kpairs, a, b, panel_stride, c, ldc,
-                 accumulate);
+                 accumulate, NULL);
 }
 
 void cpu_amx_order_tile(int rows, int panels, int64_t kpairs, const void *a_packed,

@@ -24,20 +24,12 @@
 #define VECS_8(X) X(0) X(1) X(2) X(3) X(4) X(5) X(6) X(7)
 
 /* MR (<= 12) rows x 1 panel: 2*MR accumulators, the panel's two vectors
- * widened once per k-pair and reused by every row. While it computes, it
- * requests into L2 the next panel (so that the first tile of an item
- * streams its weights from DRAM under the FMAs; after the last panel, the
- * next K block's first, when the caller reads it next) and, spread evenly over
- * its k-pairs, the stream_pairs k-pairs at `stream`: its share of the next
- * K block (cpu_weight_prefetch). */
+ * widened once per k-pair and reused by every row, with the panel's
+ * requests (cpu_panel_request). */
 static inline __attribute__((always_inline)) void
 tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
-                 const uint16_t *next_panel, const uint16_t *stream, int64_t stream_pairs, float *c,
-                 int64_t ldc, int accumulate) {
+                 cpu_panel_requests *requests, float *c, int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
-  /* stream_pairs k-pairs spread evenly over the kpairs steps, at most one
-   * per step: a share of the next K block is no longer than this block. */
-  int64_t stream_credit = 0;
 #define DECLARE(r)                                                                                 \
   __m512 acc##r##_lo = _mm512_setzero_ps(), acc##r##_hi = _mm512_setzero_ps();                     \
   if (MR > r && accumulate) {                                                                      \
@@ -47,16 +39,7 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
   ROWS_12(DECLARE)
 #undef DECLARE
   for (int64_t kp = 0; kp < kpairs; ++kp) {
-    const uint16_t *next = next_panel + kp * CPU_PANEL_PAIR;
-    _mm_prefetch((const char *)next, _MM_HINT_T1);
-    _mm_prefetch((const char *)(next + 32), _MM_HINT_T1);
-    stream_credit += stream_pairs;
-    if (stream_credit >= kpairs) {
-      stream_credit -= kpairs;
-      _mm_prefetch((const char *)stream, _MM_HINT_T1);
-      _mm_prefetch((const char *)(stream + 32), _MM_HINT_T1);
-      stream += CPU_PANEL_PAIR;
-    }
+    cpu_panel_request(requests, kp, kpairs);
     const __m512i w_lo = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR));
     const __m512i w_hi = _mm512_loadu_si512((const void *)(b + kp * CPU_PANEL_PAIR + 32));
     const __m512 odd_lo = _mm512_castsi512_ps(_mm512_and_si512(w_lo, odd_mask));
@@ -136,47 +119,25 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
 #undef STORE_RV
 }
 
-/* The blocks of cpu_tile_blocks.h: one panel with the next weights to
- * prefetch (tile_rows_1panel), or four (tile_rows_4panels). */
-#define DEFINE_BLOCK(MR, NP) DEFINE_BLOCK_##NP(MR)
-#define DEFINE_BLOCK_1(MR)                                                                         \
-  static void tile_##MR##x1(int64_t kpairs, const float *a, const uint16_t *b,                     \
-                            const uint16_t *next, const uint16_t *stream, int64_t stream_pairs,    \
-                            float *c, int64_t ldc, int accumulate) {                               \
-    tile_rows_1panel(MR, kpairs, a, b, next, stream, stream_pairs, c, ldc, accumulate);            \
-  }
-#define DEFINE_BLOCK_4(MR)                                                                         \
-  static void tile_##MR##x4(int64_t kpairs, const void *a, const uint16_t *b,                      \
-                            int64_t panel_stride, float *c, int64_t ldc, int accumulate) {         \
-    tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);                         \
-  }
+/* The blocks of cpu_tile_blocks.h: one panel (tile_rows_1panel) or four
+ * (tile_rows_4panels). */
+static inline __attribute__((always_inline)) void
+tile_kernel(const int MR, const int NP, int64_t kpairs, const float *a, const uint16_t *b,
+            int64_t panel_stride, cpu_panel_requests *requests, float *c, int64_t ldc,
+            int accumulate) {
+  if (NP == 1)
+    tile_rows_1panel(MR, kpairs, a, b, requests, c, ldc, accumulate);
+  else
+    tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);
+}
 
-typedef void (*one_panel_fn)(int64_t, const float *, const uint16_t *, const uint16_t *,
-                             const uint16_t *, int64_t, float *, int64_t, int);
-
-CPU_DEFINE_ALL_BLOCKS(DEFINE_BLOCK, one_panel_fn)
+CPU_DEFINE_ALL_BLOCKS(CPU_DEFINE_BLOCK)
 
 static void avx512_tile(int rows, int panels, int64_t kpairs, const void *a_packed,
                         const uint16_t *b, int64_t panel_stride, float *c, int64_t ldc,
                         int accumulate, const cpu_weight_prefetch *prefetch) {
-  const float *a = a_packed;
-  int p = 0;
-  if (rows <= 3)
-    for (; p + 4 <= panels; p += 4)
-      four_panels[rows](kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc,
-                        accumulate);
-  /* After the last panel: the first panel's next K block, when the caller
-   * reads a whole one next (cpu_weight_prefetch.follow_pairs). */
-  const uint16_t *after_last = prefetch && prefetch->follow_pairs >= kpairs
-                                   ? b + kpairs * CPU_PANEL_PAIR
-                                   : b + (panels - 1) * panel_stride;
-  for (; p < panels; ++p) {
-    const uint16_t *panel = b + p * panel_stride;
-    const uint16_t *next = p + 1 < panels ? panel + panel_stride : after_last;
-    const int stream = prefetch && prefetch->pairs > 0;
-    one_panel[rows](kpairs, a, panel, next, stream ? prefetch->b + p * panel_stride : panel,
-                    stream ? prefetch->pairs : 0, c + p * CPU_PANEL_COLS, ldc, accumulate);
-  }
+  cpu_run_panels(rows <= 3 ? four_panels[rows] : NULL, one_panel[rows], panels, kpairs, a_packed, b,
+                 panel_stride, c, ldc, accumulate, prefetch);
 }
 
 const cpu_kernel_path cpu_path_avx512 = {

@@ -3,8 +3,9 @@
  * cpu_kernels_avx512bf16.c, cpu_kernels_amx_order.c) share around their
  * always-inline register-block bodies: the blocks (rows x panels) they
  * instantiate, the tables of those blocks by rows, the accumulator loads
- * and stores of the kernels that keep their accumulators in an array, and
- * the loop that runs a tile call's panels through the blocks. Included by
+ * and stores of the kernels that keep their accumulators in an array, the
+ * weight requests of a one-panel block, and the loop that runs a tile
+ * call's panels through the blocks. Included by
  * those files only, each compiling it with its own instruction-set flags.
  * Nothing here changes a kernel's order of operations (cpu_kernels.h).
  */
@@ -34,31 +35,71 @@
   { NULL, tile_1x4, tile_2x4, tile_3x4 }
 
 /* Every block of a path that takes tiles of up to CPU_MR_MAX rows, made by
- * DEFINE(MR, NP), and their tables by rows: one_panel (of ONE_TYPE) and
- * four_panels. */
-#define CPU_DEFINE_ALL_BLOCKS(DEFINE, ONE_TYPE)                                                    \
+ * DEFINE(MR, NP) (CPU_DEFINE_BLOCK), and their tables by rows: one_panel
+ * and four_panels. */
+#define CPU_DEFINE_ALL_BLOCKS(DEFINE)                                                              \
   CPU_DECODE_BLOCKS(DEFINE)                                                                        \
   CPU_PREFILL_BLOCKS(DEFINE)                                                                       \
-  static const ONE_TYPE one_panel[CPU_MR_MAX + 1] = {                                              \
+  static const cpu_panel_fn one_panel[CPU_MR_MAX + 1] = {                                          \
       NULL,     tile_1x1, tile_2x1, tile_3x1,  tile_4x1,  tile_5x1, tile_6x1,                      \
       tile_7x1, tile_8x1, tile_9x1, tile_10x1, tile_11x1, tile_12x1};                              \
   static const cpu_block_fn four_panels[4] = CPU_FOUR_PANEL_TABLE;
 
 _Static_assert(CPU_MR_MAX == 12, "CPU_PREFILL_BLOCKS and CPU_DEFINE_ALL_BLOCKS end at 12 rows");
 
-/* A block: panel_stride apart, NP panels of B at b; MR rows of packed A at
- * a; C at c. */
+/* What a one-panel block requests into L2 while it computes: the next
+ * panel's k-pairs, a line pair per step, so that an item's first row tile
+ * streams its weights from memory under the arithmetic (after the last
+ * panel: the next K block's first, when the caller reads it next); and,
+ * spread evenly over its steps, stream_pairs k-pairs at `stream`, its share
+ * of the next K block (cpu_weight_prefetch). credit starts at 0. Hints
+ * only: no result depends on them. */
+typedef struct cpu_panel_requests {
+  const uint16_t *next;
+  const uint16_t *stream;
+  int64_t stream_pairs, credit;
+} cpu_panel_requests;
+
+/* The requests of step kp of a panel's kpairs: at most one stream pair per
+ * step, as a share of the next K block is no longer than this block. */
+static inline __attribute__((always_inline)) void cpu_panel_request(cpu_panel_requests *r,
+                                                                    int64_t kp, int64_t kpairs) {
+  const uint16_t *next = r->next + kp * CPU_PANEL_PAIR;
+  _mm_prefetch((const char *)next, _MM_HINT_T1);
+  _mm_prefetch((const char *)(next + 32), _MM_HINT_T1);
+  r->credit += r->stream_pairs;
+  if (r->credit >= kpairs) {
+    r->credit -= kpairs;
+    _mm_prefetch((const char *)r->stream, _MM_HINT_T1);
+    _mm_prefetch((const char *)(r->stream + 32), _MM_HINT_T1);
+    r->stream += CPU_PANEL_PAIR;
+  }
+}
+
+/* A four-panel block: panel_stride apart, NP panels of B at b; MR rows of
+ * packed A at a; C at c. */
 typedef void (*cpu_block_fn)(int64_t kpairs, const void *a, const uint16_t *b, int64_t panel_stride,
                              float *c, int64_t ldc, int accumulate);
+/* A one-panel block: the panel at b, with its requests. */
+typedef void (*cpu_panel_fn)(int64_t kpairs, const void *a, const uint16_t *b,
+                             cpu_panel_requests requests, float *c, int64_t ldc, int accumulate);
 
 /* The block tile_<MR>x<NP> of a file whose body is
  *   tile_kernel(const int MR, const int NP, int64_t kpairs, const A_TYPE *a,
- *               const uint16_t *b, int64_t panel_stride, float *c,
- *               int64_t ldc, int accumulate). */
-#define CPU_DEFINE_BLOCK(MR, NP)                                                                   \
-  static void tile_##MR##x##NP(int64_t kpairs, const void *a, const uint16_t *b,                   \
-                               int64_t panel_stride, float *c, int64_t ldc, int accumulate) {      \
-    tile_kernel(MR, NP, kpairs, a, b, panel_stride, c, ldc, accumulate);                           \
+ *               const uint16_t *b, int64_t panel_stride,
+ *               cpu_panel_requests *requests, float *c, int64_t ldc,
+ *               int accumulate)
+ * (requests: NULL for four panels). */
+#define CPU_DEFINE_BLOCK(MR, NP) CPU_DEFINE_BLOCK_##NP(MR)
+#define CPU_DEFINE_BLOCK_1(MR)                                                                     \
+  static void tile_##MR##x1(int64_t kpairs, const void *a, const uint16_t *b,                      \
+                            cpu_panel_requests requests, float *c, int64_t ldc, int accumulate) {  \
+    tile_kernel(MR, 1, kpairs, a, b, 0, &requests, c, ldc, accumulate);                            \
+  }
+#define CPU_DEFINE_BLOCK_4(MR)                                                                     \
+  static void tile_##MR##x4(int64_t kpairs, const void *a, const uint16_t *b,                      \
+                            int64_t panel_stride, float *c, int64_t ldc, int accumulate) {         \
+    tile_kernel(MR, 4, kpairs, a, b, panel_stride, NULL, c, ldc, accumulate);                      \
   }
 
 /* The MR x 2 NP accumulators (16 columns each) of an array-based block:
@@ -83,16 +124,30 @@ cpu_acc_store(const int MR, const int NP, __m512 (*acc)[8], float *c, int64_t ld
 }
 
 /* The panels of one tile call: groups of four through four (when not
- * NULL), the rest one at a time through one. */
-static inline void cpu_run_panels(cpu_block_fn four, cpu_block_fn one, int panels, int64_t kpairs,
+ * NULL), the rest one at a time through one, each requesting the panel
+ * after it and its share of the caller's next-K-block stream (prefetch,
+ * may be NULL: cpu_weight_prefetch). */
+static inline void cpu_run_panels(cpu_block_fn four, cpu_panel_fn one, int panels, int64_t kpairs,
                                   const void *a, const uint16_t *b, int64_t panel_stride, float *c,
-                                  int64_t ldc, int accumulate) {
+                                  int64_t ldc, int accumulate,
+                                  const cpu_weight_prefetch *prefetch) {
   int p = 0;
   if (four)
     for (; p + 4 <= panels; p += 4)
       four(kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc, accumulate);
-  for (; p < panels; ++p)
-    one(kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc, accumulate);
+  /* After the last panel: the first panel's next K block, when the caller
+   * reads a whole one next (cpu_weight_prefetch.follow_pairs). */
+  const uint16_t *after_last = prefetch && prefetch->follow_pairs >= kpairs
+                                   ? b + kpairs * CPU_PANEL_PAIR
+                                   : b + (panels - 1) * panel_stride;
+  const int stream = prefetch && prefetch->pairs > 0;
+  for (; p < panels; ++p) {
+    const uint16_t *panel = b + p * panel_stride;
+    const cpu_panel_requests requests = {p + 1 < panels ? panel + panel_stride : after_last,
+                                         stream ? prefetch->b + p * panel_stride : panel,
+                                         stream ? prefetch->pairs : 0, 0};
+    one(kpairs, a, panel, requests, c + p * CPU_PANEL_COLS, ldc, accumulate);
+  }
 }
 
 #endif /* MOE_CPU_TILE_BLOCKS_H */

@@ -18,7 +18,9 @@
 #include <stddef.h>
 
 /* Software prefetch distance for the weight streams, in k-pairs. */
+#ifndef CPU_PREFETCH_PAIRS
 #define CPU_PREFETCH_PAIRS 16
+#endif
 
 /* The blocks, as X(MR, NP): MR rows x NP panels, each instantiated as a
  * function tile_<MR>x<NP> of its own so that the compiler sees constant

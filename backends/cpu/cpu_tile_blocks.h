@@ -78,8 +78,8 @@ static inline __attribute__((always_inline)) void cpu_panel_request(cpu_panel_re
   }
 }
 
-/* A four-panel block: panel_stride apart, NP panels of B at b; MR rows of
- * packed A at a; C at c. */
+/* A four-panel block: four panels of B at b, panel_stride apart; MR rows
+ * of packed A at a; C at c. */
 typedef void (*cpu_block_fn)(int64_t kpairs, const void *a, const uint16_t *b, int64_t panel_stride,
                              float *c, int64_t ldc, int accumulate);
 /* A one-panel block: the panel at b, with its requests. */

@@ -332,8 +332,10 @@ step_probeab() {
 # comma-separated; the first is the baseline), then pair_ab of the
 # baseline against each, PAIR_PAIRS pairs (default 15) at PAIR_TOKENS
 # (default 128,512) of PAIR_MODELS, on each of PAIR_THREADS (default "2
-# 16"; 2 pinned to 2 cores). Forwards alternate within the process, so a
-# shared host's drift weighs on both sides alike.
+# 16"; 2 pinned to 2 cores), once per entry of PAIR_OPTIONS ("default" or
+# a context option such as cpu.kernels=avx512bf16; default: default).
+# Forwards alternate within the process, so a shared host's drift weighs on
+# both sides alike.
 step_cpupair() {
   local variants=(${PAIR_VARIANTS:-base= nofollow=-DCPU_FOLLOW_NEXT_BLOCK=0}) v name defs base="" t pin
   for v in "${variants[@]}"; do
@@ -344,17 +346,22 @@ step_cpupair() {
     echo "pair build $name (${defs//,/ }) rc=$?"
     base=${base:-$name}
   done
-  for t in ${PAIR_THREADS:-2 16}; do
-    pin=()
-    [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
-    for v in "${variants[@]:1}"; do
-      name=${v%%=*}
-      echo "== $t threads: $name against $base"
-      env OMP_NUM_THREADS="$t" "${pin[@]}" timeout "${PAIR_TIMEOUT:-200}" \
-        "./build-pair-$base/bench/pair_ab" "$PWD/build-pair-$base/libmoe.so" \
-        "$PWD/build-pair-$name/libmoe.so" --model "${PAIR_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
-        --tokens "${PAIR_TOKENS:-128,512}" --pairs "${PAIR_PAIRS:-15}" 2>&1 |
-        tee "$out/pair-$name-$t.log" | grep '^| [a-z]\|^host'
+  local option extra
+  for option in ${PAIR_OPTIONS:-default}; do
+    extra=()
+    [ "$option" = default ] || extra=(--option "$option")
+    for t in ${PAIR_THREADS:-2 16}; do
+      pin=()
+      [ "$t" = 2 ] && pin=(OMP_PLACES=cores OMP_PROC_BIND=close)
+      for v in "${variants[@]:1}"; do
+        name=${v%%=*}
+        echo "== $t threads, $option: $name against $base"
+        env OMP_NUM_THREADS="$t" "${pin[@]}" timeout "${PAIR_TIMEOUT:-200}" \
+          "./build-pair-$base/bench/pair_ab" "$PWD/build-pair-$base/libmoe.so" \
+          "$PWD/build-pair-$name/libmoe.so" --model "${PAIR_MODELS:-mixtral-8x7b,qwen3-30b-a3b}" \
+          --tokens "${PAIR_TOKENS:-128,512}" --pairs "${PAIR_PAIRS:-15}" "${extra[@]}" 2>&1 |
+          tee "$out/pair-$name-$t-${option//[=.]/-}.log" | grep '^| [a-z]\|^host'
+      done
     done
   done
 }

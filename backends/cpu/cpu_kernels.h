@@ -243,6 +243,26 @@ typedef struct cpu_kernel_path {
   int item_rows; /* target rows per work item (<= CPU_ITEM_ROWS_MAX; see run_chunks) */
 } cpu_kernel_path;
 
+/* Request distances of the vector kernels' four-panel (decode) blocks, in
+ * k-pairs of a weight stream (128 bytes each). Paired A/Bs of 64 against
+ * 16 (bench/results.md, 2026-12-07): 0.87-0.98x the time at 1 and 16
+ * tokens on a 2-vCPU AMD EPYC (AVX-512 BF16 and AVX-512F), but 1.01-1.05x
+ * on an AMX Xeon's AVX-512 BF16 path and level on its AMX path (whose
+ * decode tiles run these blocks); 128 lost to 64 on the EPYC. -D
+ * overrides either, for A/B builds. */
+#ifndef CPU_PREFETCH_PAIRS
+#define CPU_PREFETCH_PAIRS 16
+#endif
+#ifndef CPU_PREFETCH_PAIRS_AMD
+#define CPU_PREFETCH_PAIRS_AMD 64
+#endif
+
+/* How many k-pairs ahead the vector kernels' four-panel (decode) blocks
+ * request each weight stream on this CPU: CPU_PREFETCH_PAIRS_AMD on AMD,
+ * CPU_PREFETCH_PAIRS elsewhere (above). Depends only on the CPU, and
+ * changes no result. */
+int cpu_decode_request_pairs(void);
+
 extern const cpu_kernel_path cpu_path_portable;
 #ifdef MOE_CPU_HAVE_AVX512
 extern const cpu_kernel_path cpu_path_avx512;

@@ -21,7 +21,8 @@
  *
  * Streaming: like the AVX-512 decode kernels, rows x 4 panels per pass (8
  * independent accumulators per row while four weight streams flow), with
- * software prefetch 16 k-pairs ahead; leftover panels one at a time.
+ * software prefetch cpu_decode_request_pairs() k-pairs ahead; leftover
+ * panels one at a time.
  */
 #include "cpu_tile_blocks.h"
 
@@ -41,9 +42,9 @@ static inline __attribute__((always_inline)) __m512 odd_of(__m512i pairs) {
 /* MR (<= 3) rows x NP (1 or 4) panels. */
 static inline __attribute__((always_inline)) void
 tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const uint16_t *b,
-            int64_t panel_stride, cpu_panel_requests *requests, float *c, int64_t ldc,
-            int accumulate) {
-  (void)requests; /* decode tiles: each weight stream is requested 16 k-pairs ahead */
+            int64_t panel_stride, int ahead_pairs, cpu_panel_requests *requests, float *c,
+            int64_t ldc, int accumulate) {
+  (void)requests; /* decode tiles: each weight stream is requested ahead_pairs ahead */
   __m512 acc[CPU_AMX_MIN_ROWS - 1][8];
   cpu_acc_load(MR, NP, acc, c, ldc, accumulate);
 
@@ -58,7 +59,7 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const
 #pragma GCC unroll 8
     for (int v = 0; v < 2 * NP; ++v) {
       const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;
-      _mm_prefetch((const char *)(src + CPU_PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);
+      _mm_prefetch((const char *)(src + ahead_pairs * CPU_PANEL_PAIR), _MM_HINT_T0);
       const __m512i w = _mm512_loadu_si512((const void *)src);
       const __m512 w_even = even_of(w), w_odd = odd_of(w);
 #pragma GCC unroll 3

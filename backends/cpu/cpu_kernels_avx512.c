@@ -77,7 +77,7 @@ tile_rows_1panel(const int MR, int64_t kpairs, const float *a, const uint16_t *b
  * independent FMA chains while four weight streams flow (decode). */
 static inline __attribute__((always_inline)) void
 tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *b,
-                  int64_t panel_stride, float *c, int64_t ldc, int accumulate) {
+                  int64_t panel_stride, int ahead_pairs, float *c, int64_t ldc, int accumulate) {
   const __m512i odd_mask = _mm512_set1_epi32((int)0xffff0000u);
 #define DECLARE_RV(r, v)                                                                           \
   __m512 acc##r##_##v = _mm512_setzero_ps();                                                       \
@@ -101,7 +101,7 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
 #define STEP(v)                                                                                    \
   {                                                                                                \
     const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;         \
-    _mm_prefetch((const char *)(src + CPU_PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);          \
+    _mm_prefetch((const char *)(src + ahead_pairs * CPU_PANEL_PAIR), _MM_HINT_T0);                 \
     const __m512i w = _mm512_loadu_si512((const void *)src);                                       \
     const __m512 odd = _mm512_castsi512_ps(_mm512_and_si512(w, odd_mask));                         \
     const __m512 even = _mm512_castsi512_ps(_mm512_slli_epi32(w, 16));                             \
@@ -123,12 +123,12 @@ tile_rows_4panels(const int MR, int64_t kpairs, const float *a, const uint16_t *
  * (tile_rows_4panels). */
 static inline __attribute__((always_inline)) void
 tile_kernel(const int MR, const int NP, int64_t kpairs, const float *a, const uint16_t *b,
-            int64_t panel_stride, cpu_panel_requests *requests, float *c, int64_t ldc,
-            int accumulate) {
+            int64_t panel_stride, int ahead_pairs, cpu_panel_requests *requests, float *c,
+            int64_t ldc, int accumulate) {
   if (NP == 1)
     tile_rows_1panel(MR, kpairs, a, b, requests, c, ldc, accumulate);
   else
-    tile_rows_4panels(MR, kpairs, a, b, panel_stride, c, ldc, accumulate);
+    tile_rows_4panels(MR, kpairs, a, b, panel_stride, ahead_pairs, c, ldc, accumulate);
 }
 
 CPU_DEFINE_ALL_BLOCKS(CPU_DEFINE_BLOCK)

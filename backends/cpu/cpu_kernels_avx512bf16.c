@@ -19,8 +19,8 @@
 
 static inline __attribute__((always_inline)) void
 tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const uint16_t *b,
-            int64_t panel_stride, cpu_panel_requests *requests, float *c, int64_t ldc,
-            int accumulate) {
+            int64_t panel_stride, int ahead_pairs, cpu_panel_requests *requests, float *c,
+            int64_t ldc, int accumulate) {
   __m512 acc[CPU_MR_MAX][8];
   cpu_acc_load(MR, NP, acc, c, ldc, accumulate);
 
@@ -30,8 +30,7 @@ tile_kernel(const int MR, const int NP, int64_t kpairs, const uint32_t *a, const
 #pragma GCC unroll 8
     for (int v = 0; v < 2 * NP; ++v) {
       const uint16_t *src = b + (v / 2) * panel_stride + kp * CPU_PANEL_PAIR + (v % 2) * 32;
-      if (NP > 1)
-        _mm_prefetch((const char *)(src + CPU_PREFETCH_PAIRS * CPU_PANEL_PAIR), _MM_HINT_T0);
+      if (NP > 1) _mm_prefetch((const char *)(src + ahead_pairs * CPU_PANEL_PAIR), _MM_HINT_T0);
       w[v] = (__m512bh)_mm512_loadu_si512((const void *)src);
     }
 #pragma GCC unroll 12

@@ -17,11 +17,6 @@
 #include <immintrin.h>
 #include <stddef.h>
 
-/* Software prefetch distance for the weight streams, in k-pairs. */
-#ifndef CPU_PREFETCH_PAIRS
-#define CPU_PREFETCH_PAIRS 16
-#endif
-
 /* The blocks, as X(MR, NP): MR rows x NP panels, each instantiated as a
  * function tile_<MR>x<NP> of its own so that the compiler sees constant
  * trip counts and keeps every accumulator in a register. Decode tiles
@@ -78,30 +73,32 @@ static inline __attribute__((always_inline)) void cpu_panel_request(cpu_panel_re
   }
 }
 
-/* A four-panel block: four panels of B at b, panel_stride apart; MR rows
- * of packed A at a; C at c. */
+/* A four-panel block: four panels of B at b, panel_stride apart, each
+ * stream requested ahead_pairs k-pairs ahead (cpu_decode_request_pairs);
+ * MR rows of packed A at a; C at c. */
 typedef void (*cpu_block_fn)(int64_t kpairs, const void *a, const uint16_t *b, int64_t panel_stride,
-                             float *c, int64_t ldc, int accumulate);
+                             int ahead_pairs, float *c, int64_t ldc, int accumulate);
 /* A one-panel block: the panel at b, with its requests. */
 typedef void (*cpu_panel_fn)(int64_t kpairs, const void *a, const uint16_t *b,
                              cpu_panel_requests requests, float *c, int64_t ldc, int accumulate);
 
 /* The block tile_<MR>x<NP> of a file whose body is
  *   tile_kernel(const int MR, const int NP, int64_t kpairs, const A_TYPE *a,
- *               const uint16_t *b, int64_t panel_stride,
+ *               const uint16_t *b, int64_t panel_stride, int ahead_pairs,
  *               cpu_panel_requests *requests, float *c, int64_t ldc,
  *               int accumulate)
- * (requests: NULL for four panels). */
+ * (one panel: requests; four: ahead_pairs, requests NULL). */
 #define CPU_DEFINE_BLOCK(MR, NP) CPU_DEFINE_BLOCK_##NP(MR)
 #define CPU_DEFINE_BLOCK_1(MR)                                                                     \
   static void tile_##MR##x1(int64_t kpairs, const void *a, const uint16_t *b,                      \
                             cpu_panel_requests requests, float *c, int64_t ldc, int accumulate) {  \
-    tile_kernel(MR, 1, kpairs, a, b, 0, &requests, c, ldc, accumulate);                            \
+    tile_kernel(MR, 1, kpairs, a, b, 0, 0, &requests, c, ldc, accumulate);                         \
   }
 #define CPU_DEFINE_BLOCK_4(MR)                                                                     \
   static void tile_##MR##x4(int64_t kpairs, const void *a, const uint16_t *b,                      \
-                            int64_t panel_stride, float *c, int64_t ldc, int accumulate) {         \
-    tile_kernel(MR, 4, kpairs, a, b, panel_stride, NULL, c, ldc, accumulate);                      \
+                            int64_t panel_stride, int ahead_pairs, float *c, int64_t ldc,          \
+                            int accumulate) {                                                      \
+    tile_kernel(MR, 4, kpairs, a, b, panel_stride, ahead_pairs, NULL, c, ldc, accumulate);         \
   }
 
 /* The MR x 2 NP accumulators (16 columns each) of an array-based block:
@@ -134,9 +131,12 @@ static inline void cpu_run_panels(cpu_block_fn four, cpu_panel_fn one, int panel
                                   int64_t ldc, int accumulate,
                                   const cpu_weight_prefetch *prefetch) {
   int p = 0;
-  if (four)
+  if (four) {
+    const int ahead_pairs = cpu_decode_request_pairs();
     for (; p + 4 <= panels; p += 4)
-      four(kpairs, a, b + p * panel_stride, panel_stride, c + p * CPU_PANEL_COLS, ldc, accumulate);
+      four(kpairs, a, b + p * panel_stride, panel_stride, ahead_pairs, c + p * CPU_PANEL_COLS, ldc,
+           accumulate);
+  }
   /* After the last panel: the first panel's next K block, when the caller
    * reads a whole one next (cpu_weight_prefetch.follow_pairs). */
   const uint16_t *after_last = prefetch && prefetch->follow_pairs >= kpairs

@@ -123,6 +123,7 @@ static int cpu_vendor_is(const char *vendor) {
 #endif
 }
 
+/* cpu_decode_request_pairs (cpu_kernels.h): set once per process. */
 static int decode_request_pairs = CPU_PREFETCH_PAIRS;
 static void decode_request_pairs_init(void) {
   if (cpu_vendor_is("AuthenticAMD")) decode_request_pairs = CPU_PREFETCH_PAIRS_AMD;
